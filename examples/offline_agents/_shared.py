@@ -1,0 +1,1 @@
+"""Helpers shared by the offline agents; skipped by discovery (leading underscore)."""

@@ -1,0 +1,32 @@
+"""OpenRTC dispatch: route every LiveKit call to the right voice agent over Redis streams.
+
+The data path is LiveKit -> :mod:`openrtc.dispatcher` -> Redis stream ->
+:mod:`openrtc.worker` -> room. Agents are plain ``livekit.agents.Agent``
+subclasses registered in an :class:`AgentPool`; :func:`resolve_agent` picks
+one per job by the six-step chain in :mod:`openrtc.routing`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from openrtc.agents import AgentConfig, AgentPool, ProviderValue, agent_config
+from openrtc.errors import OpenRTCError
+from openrtc.routing import Route, RoutingTable, resolve_agent
+
+try:
+    __version__ = version("openrtc")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "AgentConfig",
+    "AgentPool",
+    "OpenRTCError",
+    "ProviderValue",
+    "Route",
+    "RoutingTable",
+    "__version__",
+    "agent_config",
+    "resolve_agent",
+]

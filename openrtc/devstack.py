@@ -1,0 +1,235 @@
+"""Local Redis and LiveKit servers on loopback, for ``openrtc dev``, tests and benchmarks.
+
+These are the real servers (Debian's ``redis-server`` and a ``livekit-server``
+binary built from source by ``scripts/livekit-server.sh``), started as child
+processes on free loopback ports. A missing binary raises
+:class:`~openrtc.errors.ConfigError` naming the script that installs it: tests
+that need a server fail loudly, they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+from openrtc.errors import ConfigError
+
+__all__ = ["LiveKitServer", "RedisServer", "find_livekit_binary"]
+
+LIVEKIT_VERSION: Final = "v1.13.5"
+_SETUP_HINT: Final = "run scripts/setup.sh (it installs redis-server and builds livekit-server)"
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def find_livekit_binary() -> Path:
+    """The livekit-server binary: ``$LIVEKIT_SERVER_BIN``, else the build cache."""
+    explicit = os.environ.get("LIVEKIT_SERVER_BIN")
+    if explicit:
+        path = Path(explicit)
+    else:
+        cache = Path(
+            os.environ.get("OPENRTC_CACHE_DIR")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openrtc"
+        )
+        path = cache / f"livekit-server-{LIVEKIT_VERSION}"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise ConfigError(f"livekit-server not found at {path}: {_SETUP_HINT}.")
+    return path
+
+
+def _wait_until(
+    check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen[bytes]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"{what} exited with code {proc.returncode} while starting.")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise ConfigError(f"{what} did not become ready within {timeout:.0f}s.")
+
+
+@dataclass
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port; no persistence."""
+
+    port: int = field(default_factory=_free_port)
+    log_path: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server (again, after :meth:`stop`) and wait until it answers PING."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ConfigError(f"redis-server is not installed: {_SETUP_HINT}.")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="openrtc-redis-")
+        self._log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def ping() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+
+        _wait_until(ping, "redis-server", timeout, self._proc)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL); its data is gone."""
+        _terminate(self._proc)
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        """Stop and remove the working directory."""
+        self.stop()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class LiveKitServer:
+    """A single-node ``livekit-server`` on free loopback ports.
+
+    Loopback ICE candidates are enabled (``rtc.enable_loopback_candidate``);
+    without them a client on this machine connects but never receives media.
+    """
+
+    api_key: str = "devkey"
+    api_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    port: int = field(default_factory=_free_port)
+    rtc_tcp_port: int = field(default_factory=_free_port)
+    rtc_udp_port: int = field(default_factory=lambda: _free_port(socket.SOCK_DGRAM))
+    log_path: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients and agent workers connect to."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP URL for the server API (``livekit-api``)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def config_yaml(self) -> str:
+        """The server configuration, passed through ``--config-body``."""
+        return (
+            f"port: {self.port}\n"
+            "bind_addresses: [127.0.0.1]\n"
+            "rtc:\n"
+            f"  tcp_port: {self.rtc_tcp_port}\n"
+            f"  udp_port: {self.rtc_udp_port}\n"
+            "  use_external_ip: false\n"
+            "  node_ip: 127.0.0.1\n"
+            "  enable_loopback_candidate: true\n"
+            "logging:\n"
+            "  level: info\n"
+        )
+
+    def start(self, timeout: float = 30.0) -> LiveKitServer:
+        """Start the server (again, after :meth:`stop`) and wait until it serves HTTP."""
+        binary = find_livekit_binary()
+        self._log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ)
+        # Keys travel by environment, not argv, so `ps` does not show the secret.
+        env["LIVEKIT_KEYS"] = f"{self.api_key}: {self.api_secret}"
+        self._proc = subprocess.Popen(
+            [str(binary), "--config-body", self.config_yaml()],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(self.http_url, timeout=0.5) as response:
+                return bool(response.status == 200)
+
+        _wait_until(healthy, "livekit-server", timeout, self._proc)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server; rooms and registered workers are gone."""
+        _terminate(self._proc)
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        """Same as :meth:`stop`."""
+        self.stop()
+
+    def __enter__(self) -> LiveKitServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
