@@ -197,12 +197,21 @@ class AgentPool:
         name = validate_agent_name(name)
         if name in self._agents:
             existing = self._agents[name]
-            where = f" (from {existing.source_path.name})" if existing.source_path else ""
+            where = ""
+            if existing.source_path is not None:
+                where = f" (from {existing.source_path.name}"
+                if source_path is not None:
+                    where += f"; again in {Path(source_path).name}"
+                where += ")"
             raise AgentRegistryError(f"Agent '{name}' is already registered{where}.")
         if not (isinstance(agent_cls, type) and issubclass(agent_cls, Agent)):
             raise AgentRegistryError(
                 f"Agent '{name}': {agent_cls!r} is not a livekit.agents.Agent subclass."
             )
+        if greeting is not None:
+            if not isinstance(greeting, str):
+                raise AgentRegistryError(f"Agent '{name}': greeting must be a string.")
+            greeting = greeting.strip() or None
         d_stt, d_llm, d_tts, d_greeting = self._defaults
         config = AgentConfig(
             name=name,
@@ -221,12 +230,16 @@ class AgentPool:
     def discover(self, agents_dir: str | Path) -> list[AgentConfig]:
         """Import every agent module of ``agents_dir`` and register its agent.
 
-        Modules load in sorted file-name order, skipping ``_*.py``. Each must
-        define one local ``Agent`` subclass (or mark one with ``@agent_config``).
+        Modules load in sorted file-name order, skipping ``_*.py`` and hidden
+        files (editor lock files). Each must define one local ``Agent``
+        subclass (or mark one with ``@agent_config``). All or nothing: if any
+        module fails, the pool is left as it was. A directory without agent
+        modules registers nothing; whoever needs an agent then says so (the
+        routing chain raises "No agents are registered in the pool.").
 
         Raises:
-            AgentDiscoveryError: the directory is missing or holds no agent
-                module, a module fails to import, or defines no agent.
+            AgentDiscoveryError: the directory is missing, a module fails to
+                import, or defines no agent.
             AgentRegistryError: two modules yield the same agent name, or a
                 file stem is not a valid name.
         """
@@ -234,11 +247,18 @@ class AgentPool:
         if not directory.is_dir():
             what = "is not a directory" if directory.exists() else "does not exist"
             raise AgentDiscoveryError(f"Agents directory {str(directory)!r} {what}.")
-        paths = sorted(p for p in directory.glob("*.py") if not p.name.startswith("_"))
+        paths = sorted(p for p in directory.glob("*.py") if not p.name.startswith(("_", ".")))
         if not paths:
-            raise AgentDiscoveryError(
-                f"Agents directory {str(directory)!r} holds no agent modules (*.py)."
-            )
+            logger.warning("Agents directory %s holds no agent modules (*.py).", directory)
+        before = dict(self._agents)
+        try:
+            return self._discover_paths(paths)
+        except BaseException:
+            self._agents = before
+            self._table = None
+            raise
+
+    def _discover_paths(self, paths: list[Path]) -> list[AgentConfig]:
         added = []
         for path in paths:
             agent_cls = _agent_class_of(_import_file(path), path)
@@ -318,6 +338,10 @@ def _import_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except BaseException as exc:
         sys.modules.pop(module_name, None)
+        if isinstance(exc, SystemExit):
+            raise AgentDiscoveryError(
+                f"Agent module {path.name} called sys.exit({exc.code!r}) while importing."
+            ) from None
         if not isinstance(exc, Exception):
             raise
         detail = f"{type(exc).__name__}: {exc}"
@@ -331,14 +355,17 @@ def _agent_class_of(module: ModuleType, path: Path) -> type[Agent]:
     """The module's agent: the decorated one, the only one, or the most derived."""
     from livekit.agents import Agent
 
-    local = [
-        value
-        for value in vars(module).values()
-        if isinstance(value, type)
-        and issubclass(value, Agent)
-        and value is not Agent
-        and value.__module__ == module.__name__
-    ]
+    # dict.fromkeys: a class bound to two names (``Default = MyAgent``) is one agent.
+    local = list(
+        dict.fromkeys(
+            value
+            for value in vars(module).values()
+            if isinstance(value, type)
+            and issubclass(value, Agent)
+            and value is not Agent
+            and value.__module__ == module.__name__
+        )
+    )
     if not local:
         raise AgentDiscoveryError(
             f"Agent module {path.name} defines no livekit.agents.Agent subclass."

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command from README.md: set up, then lint, type-check and run the
+# whole suite against real Redis and LiveKit servers (started by the tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy
+echo "== pytest"
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+if [[ $status -eq 5 ]]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit $status

@@ -1,0 +1,401 @@
+"""The ``openrtc`` command line: ``list``, ``route``, ``--version`` and its error handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from openrtc.cli import app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_AGENTS = REPO_ROOT / "examples" / "agents"
+OFFLINE_AGENTS = REPO_ROOT / "examples" / "offline_agents"
+
+# click >= 8.2 (the installed one) always captures stderr apart from stdout:
+# result.stdout / result.stderr, and result.output interleaves both.
+runner = CliRunner()
+
+_CLEAN_ENV = {"OPENRTC_AGENTS_DIR": None, "OPENRTC_LOG_LEVEL": None, "NO_COLOR": "1"}
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def invoke(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+    result = runner.invoke(
+        app, [str(a) for a in args], env={**_CLEAN_ENV, **(env or {})}, catch_exceptions=False
+    )
+    assert "Traceback" not in result.output
+    return result
+
+
+OFFLINE_ROWS = [
+    {
+        "name": "dental",
+        "class": "dental.py:OfflineDental",
+        "stt": None,
+        "llm": None,
+        "tts": None,
+        "greeting": "Bright Smile Dental, offline line.",
+    },
+    {
+        "name": "restaurant",
+        "class": "restaurant.py:OfflineRestaurant",
+        "stt": None,
+        "llm": None,
+        "tts": None,
+        "greeting": None,
+    },
+    {
+        "name": "support",
+        "class": "support.py:OfflineSupport",
+        "stt": None,
+        "llm": None,
+        "tts": None,
+        "greeting": "Support desk, offline line.",
+    },
+]
+
+
+# --------------------------------------------------------------------------- list
+
+
+def test_list_table_names_every_agent_in_order() -> None:
+    result = invoke("list", "--agents-dir", OFFLINE_AGENTS)
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    out = _ANSI.sub("", result.stdout)
+    assert "registration order" in out
+    positions = [out.find(f" {name} ") for name in ("dental", "restaurant", "support")]
+    assert all(p >= 0 for p in positions), out
+    assert positions == sorted(positions), out
+    assert "Bright Smile" in out
+
+
+def test_list_plain() -> None:
+    result = invoke("list", "--agents-dir", OFFLINE_AGENTS, "--plain")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "dental\tdental.py:OfflineDental\t-\t-\t-\tBright Smile Dental, offline line.",
+        "restaurant\trestaurant.py:OfflineRestaurant\t-\t-\t-\t-",
+        "support\tsupport.py:OfflineSupport\t-\t-\t-\tSupport desk, offline line.",
+    ]
+
+
+def test_list_plain_shows_providers() -> None:
+    result = invoke("list", "--agents-dir", EXAMPLE_AGENTS, "--plain")
+
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [row[:5] for row in rows] == [
+        [
+            "dental",
+            "dental.py:DentalReceptionist",
+            "deepgram/nova-3",
+            "openai/gpt-4.1-mini",
+            "cartesia/sonic-2",
+        ],
+        [
+            "restaurant",
+            "restaurant.py:RestaurantHost",
+            "deepgram/nova-3",
+            "openai/gpt-4.1-mini",
+            "cartesia/sonic-2",
+        ],
+    ]
+    assert all(len(row) == 6 for row in rows)
+
+
+def test_list_json() -> None:
+    result = invoke("list", "--agents-dir", OFFLINE_AGENTS, "--json")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"agents": OFFLINE_ROWS}
+
+
+def test_list_json_with_providers() -> None:
+    result = invoke("list", "--agents-dir", EXAMPLE_AGENTS, "--json")
+
+    assert result.exit_code == 0, result.output
+    agents = json.loads(result.stdout)["agents"]
+    assert [a["name"] for a in agents] == ["dental", "restaurant"]
+    assert agents[0] == {
+        "name": "dental",
+        "class": "dental.py:DentalReceptionist",
+        "stt": "deepgram/nova-3",
+        "llm": "openai/gpt-4.1-mini",
+        "tts": "cartesia/sonic-2",
+        "greeting": "Thanks for calling Bright Smile Dental. How can I help you today?",
+    }
+
+
+def test_agents_dir_from_environment() -> None:
+    result = invoke("list", "--plain", env={"OPENRTC_AGENTS_DIR": str(OFFLINE_AGENTS)})
+
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [
+        "dental",
+        "restaurant",
+        "support",
+    ]
+
+
+def test_default_agents_dir_is_agents_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    missing = invoke("list")
+    assert missing.exit_code == 1
+    assert missing.stderr == "error: Agents directory 'agents' does not exist.\n"
+
+    shutil.copytree(OFFLINE_AGENTS, tmp_path / "agents")
+    found = invoke("list", "--json")
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout) == {"agents": OFFLINE_ROWS}
+
+
+# --------------------------------------------------------------------------- route
+
+ROUTES = [
+    (["--room", "dental-call-1234"], "dental", 5, "room name prefix"),
+    (["--room", "restaurant-room-42"], "restaurant", 5, "room name prefix"),
+    (["--room", "general-chat"], "dental", 6, "default fallback"),
+    ([], "dental", 6, "default fallback"),
+    (["--job-metadata", '{"agent": "restaurant"}'], "restaurant", 1, "job metadata"),
+    (["--job-metadata", '{"demo": "restaurant"}'], "restaurant", 2, "job metadata"),
+    (["--room-metadata", '{"agent": "restaurant"}'], "restaurant", 3, "room metadata"),
+    (["--room-metadata", '{"demo": "restaurant"}'], "restaurant", 4, "room metadata"),
+    # Earlier steps win over later ones.
+    (
+        ["--job-metadata", '{"demo": "restaurant"}', "--room-metadata", '{"agent": "dental"}'],
+        "restaurant",
+        2,
+        "job metadata",
+    ),
+    (
+        ["--room-metadata", '{"agent": "restaurant"}', "--room", "dental-call-1"],
+        "restaurant",
+        3,
+        "room metadata",
+    ),
+    (["--job-metadata", "not json", "--room", "restaurant-1"], "restaurant", 5, "room name prefix"),
+]
+
+
+@pytest.mark.parametrize(("args", "agent", "step", "source"), ROUTES)
+def test_route_json(args: list[str], agent: str, step: int, source: str) -> None:
+    result = invoke("route", "--agents-dir", EXAMPLE_AGENTS, *args, "--json")
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert json.loads(result.stdout) == {"agent": agent, "step": step, "source": source}
+
+
+@pytest.mark.parametrize(("args", "agent", "step", "source"), ROUTES)
+def test_route_human_names_agent_and_step(
+    args: list[str], agent: str, step: int, source: str
+) -> None:
+    result = invoke("route", "--agents-dir", EXAMPLE_AGENTS, *args)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"agent: {agent}"
+    assert lines[1].startswith(f"step:  {step} (")
+    assert len(lines) > 2
+    assert all(line.startswith("  step") for line in lines[2:])
+
+
+def test_route_human_explains_a_prefix_match() -> None:
+    result = invoke("route", "--agents-dir", EXAMPLE_AGENTS, "--room", "dental-call-1234")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == textwrap.dedent(
+        """\
+        agent: dental
+        step:  5 (room name prefix)
+          steps 1-2: job metadata empty
+          steps 3-4: room metadata empty
+          step 5: room 'dental-call-1234' starts with 'dental-'
+        """
+    )
+
+
+def test_route_human_explains_the_default() -> None:
+    result = invoke("route", "--agents-dir", EXAMPLE_AGENTS, "--room", "general-chat")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == textwrap.dedent(
+        """\
+        agent: dental
+        step:  6 (default (first registered agent))
+          steps 1-2: job metadata empty
+          steps 3-4: room metadata empty
+          step 5: no registered '<agent>-' prefix on room 'general-chat'
+          step 6: default to the first registered agent, 'dental'
+        """
+    )
+
+
+def test_route_human_explains_job_metadata() -> None:
+    result = invoke(
+        "route", "--agents-dir", EXAMPLE_AGENTS, "--job-metadata", '{"demo": "restaurant"}'
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == textwrap.dedent(
+        """\
+        agent: restaurant
+        step:  2 (job metadata "demo" key)
+          step 1: job metadata: no "agent" key
+          step 2: job metadata "demo" names 'restaurant', registered
+        """
+    )
+
+
+# --------------------------------------------------------------------------- route errors
+
+
+@pytest.mark.parametrize(
+    ("option", "metadata", "where"),
+    [
+        ("--job-metadata", '{"agent": "ghost"}', "job metadata"),
+        ("--job-metadata", '{"demo": "ghost"}', "job metadata"),
+        ("--room-metadata", '{"agent": "ghost"}', "room metadata"),
+        ("--room-metadata", '{"demo": "ghost"}', "room metadata"),
+    ],
+)
+def test_route_unknown_agent(option: str, metadata: str, where: str) -> None:
+    message = f"Unknown agent 'ghost' requested via {where}."
+
+    result = invoke("route", "--agents-dir", EXAMPLE_AGENTS, option, metadata, "--room", "dental-1")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == f"error: {message}\n"
+
+    as_json = invoke(
+        "route", "--agents-dir", EXAMPLE_AGENTS, option, metadata, "--room", "dental-1", "--json"
+    )
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout) == {"error": message}
+    assert as_json.stderr == f"error: {message}\n"
+
+
+def test_route_with_an_empty_registry(tmp_path: Path) -> None:
+    (tmp_path / "_shared.py").write_text("", encoding="utf-8")
+
+    result = invoke("route", "--agents-dir", tmp_path, "--room", "dental-1")
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == "error: No agents are registered in the pool.\n"
+
+    as_json = invoke("route", "--agents-dir", tmp_path, "--json")
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout) == {"error": "No agents are registered in the pool."}
+
+
+def test_list_with_an_empty_registry(tmp_path: Path) -> None:
+    result = invoke("list", "--agents-dir", tmp_path)
+    assert result.exit_code == 0
+    assert f"No agents in {tmp_path}" in result.stdout
+    assert json.loads(invoke("list", "--agents-dir", tmp_path, "--json").stdout) == {"agents": []}
+
+
+@pytest.mark.parametrize("command", ["route", "list"])
+def test_missing_directory(tmp_path: Path, command: str) -> None:
+    missing = tmp_path / "nowhere"
+
+    result = invoke(command, "--agents-dir", missing, "--json")
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == f"error: Agents directory {str(missing)!r} does not exist.\n"
+    assert "Traceback" not in result.output
+
+
+def test_agents_dir_that_is_a_file() -> None:
+    path = EXAMPLE_AGENTS / "dental.py"
+    result = invoke("list", "--agents-dir", path)
+    assert result.exit_code == 1
+    assert result.stderr == f"error: Agents directory {str(path)!r} is not a directory.\n"
+
+
+def test_broken_module_is_reported_by_file_name(tmp_path: Path) -> None:
+    (tmp_path / "dental.py").write_text(
+        "from livekit.agents import Agent\n\nclass Dental(Agent):\n    pass\n", encoding="utf-8"
+    )
+    (tmp_path / "wonky.py").write_text("raise RuntimeError('boom')\n", encoding="utf-8")
+
+    for command in ("list", "route"):
+        result = invoke(command, "--agents-dir", tmp_path)
+        assert result.exit_code == 1
+        assert result.stdout == ""
+        assert result.stderr == (
+            "error: Failed to import agent module wonky.py: RuntimeError: boom\n"
+        )
+
+
+def test_duplicate_agent_names_are_reported(tmp_path: Path) -> None:
+    for filename in ("a.py", "b.py"):
+        (tmp_path / filename).write_text(
+            "from livekit.agents import Agent\nfrom openrtc import agent_config\n\n"
+            '@agent_config(name="dental")\nclass Dental(Agent):\n    pass\n',
+            encoding="utf-8",
+        )
+
+    result = invoke("list", "--agents-dir", tmp_path)
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "error: Agent 'dental' is already registered (from a.py; again in b.py).\n"
+    )
+
+
+def test_unknown_log_level() -> None:
+    result = invoke("--log-level", "chatty", "list", "--agents-dir", OFFLINE_AGENTS)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == "error: unknown log level 'chatty'\n"
+
+
+# --------------------------------------------------------------------------- version, script
+
+
+def test_version() -> None:
+    with (REPO_ROOT / "pyproject.toml").open("rb") as f:
+        expected = tomllib.load(f)["project"]["version"]
+
+    result = invoke("--version")
+
+    assert result.exit_code == 0
+    assert result.stdout == f"openrtc {expected}\n"
+
+
+def test_console_script_entry_point() -> None:
+    script = shutil.which("openrtc", path=os.path.dirname(sys.executable))
+    assert script is not None, f"no openrtc console script next to {sys.executable}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRTC_")}
+
+    completed = subprocess.run(
+        [script, "list", "--agents-dir", str(OFFLINE_AGENTS), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == {"agents": OFFLINE_ROWS}
