@@ -66,22 +66,37 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_SERVICES = frozenset({"dispatcher", "worker", "dev"})
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     log_level: Annotated[
-        str,
-        typer.Option("--log-level", envvar="OPENRTC_LOG_LEVEL", help="DEBUG, INFO, WARNING..."),
-    ] = "WARNING",
+        str | None,
+        typer.Option(
+            "--log-level",
+            envvar="OPENRTC_LOG_LEVEL",
+            help="DEBUG, INFO, WARNING... [default: INFO for services, WARNING otherwise]",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
     ] = False,
 ) -> None:
+    if log_level is None:
+        log_level = "INFO" if ctx.invoked_subcommand in _SERVICES else "WARNING"
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         _fail(f"unknown log level {log_level!r}", 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # Third-party chatter stays at WARNING unless DEBUG was asked for.
+    if level > logging.DEBUG:
+        for noisy in ("livekit", "aiohttp", "asyncio"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 @app.command("list")
@@ -144,6 +159,111 @@ def route(
     typer.echo(f"step:  {result.step} ({STEP_SOURCES[result.step]})")
     for line in explain_route(job, pool.routing_table):
         typer.echo(f"  {line}")
+
+
+LiveKitUrl = Annotated[
+    str, typer.Option("--livekit-url", envvar="LIVEKIT_URL", help="LiveKit server URL.")
+]
+ApiKey = Annotated[
+    str, typer.Option("--api-key", envvar="LIVEKIT_API_KEY", help="LiveKit API key.")
+]
+ApiSecret = Annotated[
+    str,
+    typer.Option(
+        "--api-secret",
+        envvar="LIVEKIT_API_SECRET",
+        help="LiveKit API secret (prefer the variable: flags show in `ps`).",
+        show_default=False,
+    ),
+]
+RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="REDIS_URL", help="Redis URL.")]
+Namespace = Annotated[
+    str, typer.Option("--namespace", envvar="OPENRTC_NAMESPACE", help="Redis key namespace.")
+]
+
+
+def _run_service(service: Any) -> None:
+    """Run a service until it stops; SIGTERM/SIGINT drain it, a second signal aborts."""
+    import signal
+
+    import anyio
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    count = 0
+                    async for signum in signals:
+                        count += 1
+                        if count == 1:
+                            logging.getLogger("openrtc").info(
+                                "%s: stopping gracefully (again to abort)",
+                                signal.Signals(signum).name,
+                            )
+                            service.request_stop()
+                        else:
+                            tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_signals)
+            await service.run()
+            tg.cancel_scope.cancel()
+
+    anyio.run(serve)
+
+
+@app.command("dispatcher")
+def dispatcher(
+    agents_dir: AgentsDir = Path("agents"),
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    namespace: Namespace = "openrtc",
+    agent_name: Annotated[
+        str,
+        typer.Option(
+            "--agent-name",
+            envvar="OPENRTC_AGENT_NAME",
+            help="Name to register with LiveKit: empty for automatic dispatch, "
+            "a name for explicit dispatch to it.",
+        ),
+    ] = "",
+    when_no_worker: Annotated[
+        str,
+        typer.Option(
+            "--when-no-worker",
+            envvar="OPENRTC_WHEN_NO_WORKER",
+            help="queue (wait for an autoscaler; expire to the dead letters) or reject.",
+        ),
+    ] = "queue",
+    max_backlog: Annotated[
+        int,
+        typer.Option(
+            "--max-backlog",
+            envvar="OPENRTC_MAX_BACKLOG",
+            help="Jobs an agent may have waiting beyond free worker slots.",
+        ),
+    ] = 100,
+) -> None:
+    """Register with LiveKit and publish each routed job to its agent's Redis stream."""
+    from openrtc.dispatcher import Dispatcher
+    from openrtc.settings import DispatcherSettings, LiveKitSettings
+
+    pool = _load_pool(agents_dir)
+    try:
+        settings = DispatcherSettings(
+            livekit=LiveKitSettings(livekit_url, api_key, api_secret),
+            redis_url=redis_url,
+            namespace=namespace,
+            agent_name=agent_name,
+            when_no_worker=when_no_worker,  # type: ignore[arg-type]  # validated in settings
+            max_backlog=max_backlog,
+        )
+        service = Dispatcher(settings, pool)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+    _run_service(service)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "STEP_SOURCES",
     "Route",
     "RoutingTable",
+    "UnknownAgentError",
     "explain_route",
     "resolve_agent",
 ]
@@ -68,6 +69,20 @@ _STEP_SOURCE_LABELS: Final = (
 )
 
 _NO_AGENTS: Final = "No agents are registered in the pool."
+
+
+class UnknownAgentError(ValueError):
+    """Metadata names an agent that is not registered (a ``ValueError``).
+
+    The message is exactly ``Unknown agent '<name>' requested via <source>.``;
+    the attributes carry the same facts for the dead-letter entry.
+    """
+
+    def __init__(self, agent: str, step: int, source: str) -> None:
+        super().__init__(f"Unknown agent '{agent}' requested via {source}.")
+        self.agent = agent
+        self.step = step
+        self.source = source
 
 
 class Route(NamedTuple):
@@ -222,7 +237,7 @@ def _from_metadata(metadata: Any, table: RoutingTable, first_step: int) -> Route
             return None
     route = table._routes[step].get(name)
     if route is None:
-        raise ValueError(f"Unknown agent '{name}' requested via {_STEP_SOURCE_LABELS[step]}.")
+        raise UnknownAgentError(name, step, _STEP_SOURCE_LABELS[step])
     return route
 
 
@@ -240,9 +255,10 @@ def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
         The matching :class:`Route`.
 
     Raises:
-        ValueError: job or room metadata names an agent that is not registered:
-            ``Unknown agent '<name>' requested via job metadata.`` (or ``room
-            metadata``). There is deliberately no fallback.
+        UnknownAgentError: (a ``ValueError``) job or room metadata names an
+            agent that is not registered: ``Unknown agent '<name>' requested
+            via job metadata.`` (or ``room metadata``). There is deliberately
+            no fallback.
         RuntimeError: no agents are registered.
     """
     table = agents if isinstance(agents, RoutingTable) else RoutingTable(agents)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 
-from openrtc.routing import Route, RoutingTable, explain_route, resolve_agent
+from openrtc.routing import Route, RoutingTable, UnknownAgentError, explain_route, resolve_agent
 
 AGENTS = ("dental", "restaurant", "support")
 TABLE = RoutingTable(AGENTS)
@@ -381,3 +381,11 @@ def test_arbitrary_text_never_crashes(metadata: str, room_metadata: str, room: s
     else:
         assert isinstance(outcome, ValueError)
         assert UNKNOWN_AGENT.fullmatch(str(outcome))
+
+
+def test_unknown_agent_error_carries_its_facts() -> None:
+    with pytest.raises(UnknownAgentError) as excinfo:
+        resolve_agent(job(room_metadata='{"demo": " ghost "}'), TABLE)
+    error = excinfo.value
+    assert isinstance(error, ValueError)
+    assert (error.agent, error.step, error.source) == ("ghost", 4, "room metadata")

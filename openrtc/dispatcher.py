@@ -1,0 +1,716 @@
+"""The dispatcher: LiveKit's agent-worker protocol in, per-agent Redis streams out.
+
+One process, one readable set of loops under one task group:
+
+- **livekit**: keep one registered ``/agent`` socket (reconnect with capped,
+  jittered exponential backoff); answer each ``AvailabilityRequest`` at once
+  from routing plus the cached membership view (no I/O on the answer path);
+  hand each ``JobAssignment`` to the enqueuer; relay ``JobTermination`` to the
+  job's workers; report load.
+- **enqueue**: batch every assignment that arrives together into one Redis
+  pipeline (one Lua script per job, de-duplicated by job id).
+- **status**: relay workers' status events for jobs this socket holds as
+  ``UpdateJobStatus``.
+- **membership**: heartbeat, and refresh each agent's workers and backlog.
+
+A job naming an unknown agent is accepted, dead-lettered (once, even with
+several dispatchers) and immediately failed with the routing error, so LiveKit
+records the error and offers the job to nobody else (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from livekit.protocol import agent as proto
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from openrtc.admission import AdmissionPolicy
+from openrtc.agents import AgentPool
+from openrtc.errors import ConfigError
+from openrtc.keys import Keys
+from openrtc.livekit_protocol import AgentSocket, ProtocolError, SocketClosed, open_agent_socket
+from openrtc.membership import AgentLoad, heartbeat, leave, read_agent_loads
+from openrtc.messages import (
+    AcceptArguments,
+    DeadReason,
+    JobMessage,
+    JobStatus,
+    MalformedEntry,
+    StatusEvent,
+)
+from openrtc.routing import Route, UnknownAgentError, resolve_agent
+from openrtc.settings import DispatcherSettings, redact_url
+from openrtc.streams import EnqueueResult, StreamStore, connect_redis
+
+__all__ = ["AGENT_ATTRIBUTE", "Dispatcher", "DispatcherStats"]
+
+logger = logging.getLogger("openrtc.dispatcher")
+
+#: Participant attribute naming the agent a participant runs.
+AGENT_ATTRIBUTE: Final = "openrtc.agent"
+#: An accepted job whose assignment has not arrived after this long is dropped
+#: from memory (LiveKit gave up on it: our answer was late or the socket died).
+OFFER_TTL: Final = 15.0
+#: Most assignments written to Redis in one pipeline.
+MAX_BATCH: Final = 512
+
+_STATUS_TO_PROTO: Final = {
+    JobStatus.RUNNING: proto.JobStatus.JS_RUNNING,
+    JobStatus.SUCCESS: proto.JobStatus.JS_SUCCESS,
+    JobStatus.FAILED: proto.JobStatus.JS_FAILED,
+}
+_CONNECTION_ERRORS: Final = (
+    SocketClosed,
+    ProtocolError,
+    OSError,
+    aiohttp.ClientError,
+    TimeoutError,
+)
+
+
+@dataclass(slots=True)
+class DispatcherStats:
+    """Counters since start, for logs, ``openrtc status`` and the benchmarks."""
+
+    offered: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    unknown_agent: int = 0
+    enqueued: int = 0
+    duplicates: int = 0
+    enqueue_failed: int = 0
+    statuses_relayed: int = 0
+    terminations: int = 0
+    reconnects: int = 0
+
+
+@dataclass(slots=True)
+class _Offer:
+    """A job we said yes to, waiting for its assignment."""
+
+    job: proto.Job
+    route: Route | None
+    error: UnknownAgentError | None
+    received_at: float
+    routed_at: float
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One job on its way to Redis."""
+
+    message: JobMessage
+    deadline: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: EnqueueResult | None = None
+    error: BaseException | None = None
+
+
+class _StateLog:
+    """Logs a component's state only when it changes (no log flood on a flapping link)."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._state: str | None = None
+
+    def set(self, state: str, detail: str = "", *, level: int = logging.INFO) -> None:
+        if state != self._state:
+            self._state = state
+            logger.log(level, "%s %s%s", self._what, state, f": {detail}" if detail else "")
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
+    """Capped exponential backoff with full jitter (attempt 0 is the first retry)."""
+    ceiling = min(maximum, initial * math.pow(2, attempt))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class Dispatcher:
+    """Registers with LiveKit and publishes each routed job to its agent's stream.
+
+    Args:
+        settings: connection and policy settings.
+        pool: the registered agents (routing order is registration order).
+        redis: an existing client to use (tests, benchmarks); by default one is
+            made from ``settings.redis_url`` and closed on exit.
+        clock: time source for timestamps (tests).
+    """
+
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        pool: AgentPool,
+        *,
+        redis: Redis | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if len(pool) == 0:
+            raise ConfigError("No agents are registered in the pool.")
+        self.settings = settings
+        self.pool = pool
+        self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
+        self.policy = AdmissionPolicy(settings.when_no_worker, settings.max_backlog)
+        self.stats = DispatcherStats()
+        self._table = pool.routing_table
+        self._clock = clock
+        self._own_redis = redis is None
+        self._redis = redis or connect_redis(
+            settings.redis_url, client_name=f"openrtc:{settings.dispatcher_id}"
+        )
+        self.store = StreamStore(
+            self._redis,
+            self.keys,
+            stream_maxlen=settings.stream_maxlen,
+            dedup_ttl=settings.dedup_ttl,
+        )
+        self._socket: AgentSocket | None = None
+        self._offers: dict[str, _Offer] = {}
+        # Jobs assigned on the current socket and enqueued: job id -> agent.
+        # LiveKit forgets a socket's jobs when it drops, and so do we.
+        self._held: dict[str, str] = {}
+        self._loads: dict[str, AgentLoad] = {}
+        self._redis_ok = False
+        self._groups_ready = False
+        self._draining = False
+        self._stop = anyio.Event()
+        self._registered = anyio.Event()
+        self._inflight = 0
+        self._inflight_done = anyio.Event()
+        self._send_pending, self._receive_pending = anyio.create_memory_object_stream[_Pending](
+            max_buffer_size=100_000
+        )
+        self._livekit_state = _StateLog("LiveKit connection")
+        self._redis_state = _StateLog("Redis")
+        self._tg: TaskGroup | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def registered(self) -> anyio.Event:
+        """Set once the first registration with LiveKit succeeded."""
+        return self._registered
+
+    @property
+    def livekit_worker_id(self) -> str | None:
+        """The id LiveKit gave the current registration, if connected."""
+        return self._socket.worker_id if self._socket else None
+
+    @property
+    def draining(self) -> bool:
+        """True once a stop was requested: new jobs are refused."""
+        return self._draining
+
+    def _is_draining(self) -> bool:
+        # A call, not an attribute read, so that type narrowing does not assume
+        # the flag cannot change while the loop awaits.
+        return self._draining
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop: refuse new jobs, flush in-flight ones, unregister."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`request_stop` (or cancellation)."""
+        logger.info(
+            "dispatcher %s starting: agents %s, LiveKit %s, Redis %s, namespace %r, "
+            "registering as agent name %r, when no worker: %s",
+            self.settings.dispatcher_id,
+            ", ".join(self._table.names),
+            self.settings.livekit.url,
+            redact_url(self.settings.redis_url),
+            self.settings.namespace,
+            self.settings.agent_name,
+            self.settings.when_no_worker,
+        )
+        try:
+            async with aiohttp.ClientSession() as http, anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._refresh_membership()
+                tg.start_soon(self._membership_loop)
+                tg.start_soon(self._enqueue_loop)
+                tg.start_soon(self._status_loop)
+                tg.start_soon(self._livekit_loop, http)
+                task_status.started()
+                await self._stop.wait()
+                await self._drain()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                with contextlib.suppress(RedisError, OSError):
+                    await leave(
+                        self._redis,
+                        registry_key=self.keys.dispatchers,
+                        record_key=self.keys.dispatcher(self.settings.dispatcher_id),
+                        member=self.settings.dispatcher_id,
+                    )
+                if self._own_redis:
+                    await self._redis.aclose()
+            logger.info("dispatcher %s stopped", self.settings.dispatcher_id)
+
+    async def _drain(self) -> None:
+        self._draining = True
+        logger.info("draining: refusing new jobs, flushing %d in flight", self._inflight)
+        socket = self._socket
+        if socket is not None:
+            await self._send_quietly(
+                socket,
+                proto.WorkerMessage(
+                    update_worker=proto.UpdateWorkerStatus(
+                        status=proto.WorkerStatus.WS_FULL, draining=True, job_count=len(self._held)
+                    )
+                ),
+            )
+        with anyio.move_on_after(self.settings.enqueue_timeout + 1):
+            while self._inflight:
+                self._inflight_done = anyio.Event()
+                await self._inflight_done.wait()
+        if socket is not None:
+            await socket.close()
+
+    # -- LiveKit -------------------------------------------------------------
+
+    async def _livekit_loop(self, http: aiohttp.ClientSession) -> None:
+        attempt = 0
+        while not self._is_draining():
+            connected_at = None
+            try:
+                async with open_agent_socket(
+                    http, self.settings.livekit, agent_name=self.settings.agent_name
+                ) as socket:
+                    connected_at = time.monotonic()
+                    self._socket = socket
+                    self._livekit_state.set(
+                        "registered", f"worker id {socket.worker_id} at {self.settings.livekit.url}"
+                    )
+                    self._registered.set()
+                    await self._serve_socket(socket)
+            except _CONNECTION_ERRORS as exc:
+                if self._is_draining():
+                    break
+                self._livekit_state.set("lost", _describe(exc), level=logging.WARNING)
+            finally:
+                self._socket = None
+                if self._held or self._offers:
+                    logger.info(
+                        "LiveKit forgets the %d jobs of a dropped socket; running calls go on",
+                        len(self._held),
+                    )
+                self._held.clear()
+                self._offers.clear()
+            if self._is_draining():
+                break
+            if connected_at is not None and time.monotonic() - connected_at > 30:
+                attempt = 0
+            delay = backoff_delay(
+                attempt, self.settings.reconnect_initial, self.settings.reconnect_max
+            )
+            attempt += 1
+            self.stats.reconnects += 1
+            logger.debug("reconnecting to LiveKit in %.2fs (attempt %d)", delay, attempt)
+            await anyio.sleep(delay)
+
+    async def _serve_socket(self, socket: AgentSocket) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._report_load_loop, socket)
+                await self._receive(socket)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+
+    async def _receive(self, socket: AgentSocket) -> None:
+        async for message in socket.messages():
+            kind = message.WhichOneof("message")
+            if kind == "availability":
+                await socket.send(self._answer(message.availability))
+            elif kind == "assignment":
+                self._start(self._on_assignment, socket, message.assignment)
+            elif kind == "termination":
+                self._start(self._on_termination, message.termination.job_id)
+            elif kind in ("pong", "register"):
+                continue
+            else:
+                logger.warning("ignoring unexpected server message %r", kind)
+
+    def _start(self, func: Callable[..., Any], *args: Any) -> None:
+        # Handlers run in the dispatcher's task group, not the connection's: an
+        # enqueue that is under way when the socket drops still completes, and
+        # the caller is still served.
+        assert self._tg is not None
+        self._inflight += 1
+        self._tg.start_soon(self._tracked, func, *args)
+
+    async def _tracked(self, func: Callable[..., Any], *args: Any) -> None:
+        try:
+            await func(*args)
+        except Exception:
+            logger.exception("handler %s failed", getattr(func, "__name__", func))
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._inflight_done.set()
+
+    def _answer(self, request: proto.AvailabilityRequest) -> proto.WorkerMessage:
+        """The availability answer: routing and the cached view only, no I/O."""
+        received = self._clock()
+        job = request.job
+        self.stats.offered += 1
+        response = proto.WorkerMessage()
+        answer = response.availability
+        answer.job_id = job.id
+        if self._draining:
+            answer.available = False
+            self.stats.rejected += 1
+            return response
+        try:
+            route: Route | None = resolve_agent(job, self._table)
+            error = None
+        except UnknownAgentError as exc:
+            route, error = None, exc
+        if route is not None:
+            admission = self.policy.decide(self._loads.get(route.agent), redis_ok=self._redis_ok)
+            if not admission.accept:
+                self.stats.rejected += 1
+                logger.warning(
+                    "job %s (room %s) for agent '%s' answered unavailable: %s",
+                    job.id,
+                    job.room.name,
+                    route.agent,
+                    admission.reason,
+                )
+                answer.available = False
+                return response
+            name = route.agent
+        else:
+            assert error is not None
+            self.stats.unknown_agent += 1
+            logger.error(
+                "job %s (room %s): %s The job goes to the dead letters.",
+                job.id,
+                job.room.name,
+                error,
+            )
+            name = f"unknown agent {error.agent}"[:64]
+            self._start(self._dead_letter_unknown, job, error)
+        self._offers[job.id] = _Offer(job, route, error, received, self._clock())
+        answer.available = True
+        answer.participant_identity = f"agent-{job.id}"
+        answer.participant_name = name
+        if route is not None:
+            answer.participant_attributes[AGENT_ATTRIBUTE] = route.agent
+            self.stats.accepted += 1
+        return response
+
+    async def _on_assignment(self, socket: AgentSocket, assignment: proto.JobAssignment) -> None:
+        job = assignment.job
+        offer = self._offers.pop(job.id, None)
+        if offer is None:
+            # Assigned without an offer we remember (e.g. across a reconnect):
+            # route it again from what the assignment carries.
+            now = self._clock()
+            try:
+                offer = _Offer(job, resolve_agent(job, self._table), None, now, now)
+            except UnknownAgentError as exc:
+                offer = _Offer(job, None, exc, now, now)
+                await self._dead_letter_unknown(job, exc)
+        if offer.error is not None:
+            await self._fail(socket, job.id, str(offer.error))
+            return
+        assert offer.route is not None
+        message = self._job_message(job, offer)
+        pending = _Pending(message, deadline=time.monotonic() + self.settings.enqueue_timeout)
+        await self._send_pending.send(pending)
+        with anyio.move_on_after(self.settings.enqueue_timeout + 0.5):
+            await pending.done.wait()
+        if pending.result is None:
+            self.stats.enqueue_failed += 1
+            reason = _describe(pending.error) if pending.error else "timed out"
+            error = (
+                f"openrtc: could not enqueue job for agent '{message.agent}' "
+                f"(Redis: {reason}); the call is not served."
+            )
+            logger.error("job %s (room %s): %s", job.id, job.room.name, error)
+            await self._fail(socket, job.id, error)
+            return
+        if pending.result.outcome == "duplicate":
+            self.stats.duplicates += 1
+            logger.warning(
+                "job %s already enqueued (entry %s); not enqueued again",
+                job.id,
+                pending.result.entry_id,
+            )
+        else:
+            self.stats.enqueued += 1
+            logger.info(
+                "job %s (room %s) -> %s (entry %s, step %d: %s)",
+                job.id,
+                job.room.name,
+                self.keys.jobs(message.agent),
+                pending.result.entry_id,
+                offer.route.step,
+                offer.route.source,
+            )
+        if socket is self._socket:
+            self._held[job.id] = message.agent
+
+    def _job_message(self, job: proto.Job, offer: _Offer) -> JobMessage:
+        assert offer.route is not None
+        stored = proto.Job()
+        stored.CopyFrom(job)
+        # The room snapshot carries the room's TURN password and the job its
+        # server-side state: neither belongs at rest in a stream.
+        stored.room.ClearField("turn_password")
+        stored.ClearField("state")
+        agent = offer.route.agent
+        return JobMessage(
+            job=stored,
+            agent=agent,
+            accept=AcceptArguments(
+                identity=f"agent-{job.id}",
+                name=agent,
+                metadata="",
+                attributes={AGENT_ATTRIBUTE: agent},
+            ),
+            livekit_url=self.settings.livekit.ws_url,
+            step=offer.route.step,
+            source=offer.route.source,
+            dispatcher_id=self.settings.dispatcher_id,
+            received_at=offer.received_at,
+            routed_at=offer.routed_at,
+        )
+
+    async def _dead_letter_unknown(self, job: proto.Job, error: UnknownAgentError) -> None:
+        stored = proto.Job()
+        stored.CopyFrom(job)
+        stored.room.ClearField("turn_password")
+        stored.ClearField("state")
+        original = {
+            b"v": b"1",
+            b"job_id": job.id.encode(),
+            b"agent": error.agent.encode(),
+            b"room": job.room.name.encode(),
+            b"job": stored.SerializeToString(),
+            b"url": self.settings.livekit.ws_url.encode(),
+            b"step": str(error.step).encode(),
+            b"source": error.source.encode(),
+            b"dispatcher": self.settings.dispatcher_id.encode(),
+        }
+        try:
+            with anyio.fail_after(self.settings.enqueue_timeout):
+                entry = await self.store.dead_letter(
+                    DeadReason.UNKNOWN_AGENT,
+                    str(error),
+                    original=original,
+                    origin="dispatcher",
+                    once_for_job=job.id,
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.error(
+                "job %s: could not write its dead letter (%s): %s", job.id, _describe(exc), error
+            )
+            return
+        if entry is not None:
+            logger.error("job %s dead-lettered as %s (%s)", job.id, entry, self.keys.dead_letter)
+
+    async def _fail(self, socket: AgentSocket, job_id: str, error: str) -> None:
+        await self._send_quietly(
+            socket,
+            proto.WorkerMessage(
+                update_job=proto.UpdateJobStatus(
+                    job_id=job_id, status=proto.JobStatus.JS_FAILED, error=error
+                )
+            ),
+        )
+
+    async def _send_quietly(self, socket: AgentSocket, message: proto.WorkerMessage) -> None:
+        try:
+            await socket.send(message)
+        except SocketClosed:
+            logger.debug("socket closed before %s could be sent", message.WhichOneof("message"))
+
+    async def _on_termination(self, job_id: str) -> None:
+        agent = self._held.pop(job_id, None)
+        if agent is None:
+            offer = self._offers.pop(job_id, None)
+            agent = offer.route.agent if offer and offer.route else None
+        if agent is None:
+            logger.debug("termination for job %s that this dispatcher does not hold", job_id)
+            return
+        self.stats.terminations += 1
+        try:
+            with anyio.fail_after(self.settings.enqueue_timeout):
+                await self.store.publish_termination(agent, job_id, "livekit")
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.error("job %s: termination not delivered to workers: %s", job_id, _describe(exc))
+            return
+        logger.info("job %s terminated by LiveKit; told %s workers", job_id, agent)
+
+    async def _report_load_loop(self, socket: AgentSocket) -> None:
+        while True:
+            load = self.policy.reported_load(self._loads)
+            status = (
+                proto.WorkerStatus.WS_FULL if self._draining else proto.WorkerStatus.WS_AVAILABLE
+            )
+            await socket.send(
+                proto.WorkerMessage(
+                    update_worker=proto.UpdateWorkerStatus(
+                        status=status, load=load, job_count=len(self._held)
+                    )
+                )
+            )
+            await anyio.sleep(self.settings.load_interval)
+
+    # -- Redis ---------------------------------------------------------------
+
+    async def _enqueue_loop(self) -> None:
+        async with self._receive_pending:
+            async for first in self._receive_pending:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._receive_pending.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                now = time.monotonic()
+                live = [p for p in batch if p.deadline > now]
+                for stale in batch:
+                    if stale.deadline <= now:
+                        stale.error = TimeoutError("waited too long for Redis")
+                        stale.done.set()
+                if not live:
+                    continue
+                try:
+                    with anyio.fail_after(max(p.deadline for p in live) - now):
+                        results = await self.store.enqueue([p.message for p in live])
+                except Exception as exc:  # every failure is reported per job
+                    self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                    for p in live:
+                        p.error = exc
+                        p.done.set()
+                    continue
+                for p, result in zip(live, results, strict=True):
+                    p.result = result
+                    p.done.set()
+
+    async def _status_loop(self) -> None:
+        key = self.keys.status(self.settings.dispatcher_id)
+        last_id = b"0-0"
+        while True:
+            try:
+                replies: Any = await self._redis.xread({key: last_id}, count=256, block=1000)
+            except (RedisError, OSError) as exc:
+                self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                await anyio.sleep(1)
+                continue
+            if not replies:
+                continue
+            for entry_id, fields in replies[0][1]:
+                last_id = entry_id
+                try:
+                    event = StatusEvent.decode(fields)
+                except MalformedEntry as exc:
+                    logger.warning("ignoring malformed status event %s: %s", entry_id, exc)
+                    continue
+                await self._relay(event)
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.xtrim(key, minid=last_id)
+
+    async def _relay(self, event: StatusEvent) -> None:
+        socket = self._socket
+        if socket is None or event.job_id not in self._held:
+            logger.debug("status %s for job %s not held here: dropped", event.status, event.job_id)
+            return
+        if event.status in (JobStatus.SUCCESS, JobStatus.FAILED):
+            self._held.pop(event.job_id, None)
+        self.stats.statuses_relayed += 1
+        logger.info(
+            "job %s %s%s",
+            event.job_id,
+            event.status.value,
+            f": {event.error}" if event.error else "",
+        )
+        await self._send_quietly(
+            socket,
+            proto.WorkerMessage(
+                update_job=proto.UpdateJobStatus(
+                    job_id=event.job_id, status=_STATUS_TO_PROTO[event.status], error=event.error
+                )
+            ),
+        )
+
+    async def _membership_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.heartbeat_interval)
+            await self._refresh_membership()
+            cutoff = self._clock() - OFFER_TTL
+            for job_id in [j for j, o in self._offers.items() if o.received_at < cutoff]:
+                self._offers.pop(job_id, None)
+                logger.warning("job %s was accepted but never assigned by LiveKit", job_id)
+
+    async def _refresh_membership(self) -> None:
+        try:
+            with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
+                if not self._groups_ready:
+                    for name in self._table.names:
+                        await self.store.ensure_group(name)
+                    self._groups_ready = True
+                await heartbeat(
+                    self._redis,
+                    registry_key=self.keys.dispatchers,
+                    record_key=self.keys.dispatcher(self.settings.dispatcher_id),
+                    member=self.settings.dispatcher_id,
+                    fields={
+                        "livekit_worker_id": self.livekit_worker_id or "",
+                        "agents": ",".join(self._table.names),
+                        "agent_name": self.settings.agent_name,
+                        "held_jobs": len(self._held),
+                        "draining": int(self._draining),
+                    },
+                    ttl=self.settings.membership_ttl,
+                )
+                self._loads = await read_agent_loads(self._redis, self.keys, self._table.names)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_ok = False
+            self._groups_ready = False  # a restarted Redis has lost them
+            self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+            return
+        self._redis_ok = True
+        self._redis_state.set("connected", redact_url(self.settings.redis_url))
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error inside a task group's exception group, if there is one.
+
+    A connection's task group fails as a whole when its socket dies; the
+    reconnect loop wants that error, not a group around it.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

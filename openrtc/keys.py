@@ -1,0 +1,71 @@
+"""Every Redis key and group name openrtc uses, in one place.
+
+All keys live under a namespace (default ``openrtc``). Per-agent keys carry
+the agent's name as one segment; with ``cluster=True`` that segment is wrapped
+in a hash tag (``openrtc:jobs:{dental}``) so that all of one agent's keys land
+in one Redis Cluster slot and the multi-key scripts in :mod:`openrtc.streams`
+stay legal. On a single Redis (the default) keys read exactly as in the design:
+``openrtc:jobs:dental``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+#: The one consumer group on every job stream.
+WORKERS_GROUP: Final = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one namespace."""
+
+    namespace: str = "openrtc"
+    cluster: bool = False
+
+    def _agent(self, agent: str) -> str:
+        return f"{{{agent}}}" if self.cluster else agent
+
+    def jobs(self, agent: str) -> str:
+        """Stream of jobs routed to ``agent`` (consumer group :data:`WORKERS_GROUP`)."""
+        return f"{self.namespace}:jobs:{self._agent(agent)}"
+
+    def job(self, agent: str, job_id: str) -> str:
+        """Hash recording one job: dedup marker, stream entry id, state, who runs it."""
+        return f"{self.namespace}:job:{self._agent(agent)}:{job_id}"
+
+    def control(self, agent: str) -> str:
+        """Stream of control events (terminations) for ``agent``'s workers."""
+        return f"{self.namespace}:control:{self._agent(agent)}"
+
+    def workers(self, agent: str) -> str:
+        """Sorted set of live workers of ``agent``, scored by heartbeat expiry (unix s)."""
+        return f"{self.namespace}:workers:{self._agent(agent)}"
+
+    def worker(self, worker_id: str) -> str:
+        """Hash describing one worker: agent, capacity, running jobs, host, pid."""
+        return f"{self.namespace}:worker:{worker_id}"
+
+    @property
+    def dead_letter(self) -> str:
+        """Stream of jobs that cannot be served."""
+        return f"{self.namespace}:dead-letter"
+
+    def status(self, dispatcher_id: str) -> str:
+        """Stream of job status events for the dispatcher holding those jobs' socket."""
+        return f"{self.namespace}:status:{dispatcher_id}"
+
+    @property
+    def dispatchers(self) -> str:
+        """Sorted set of live dispatchers, scored by heartbeat expiry (unix s)."""
+        return f"{self.namespace}:dispatchers"
+
+    def dispatcher(self, dispatcher_id: str) -> str:
+        """Hash describing one dispatcher: LiveKit worker id, agents, load, host, pid."""
+        return f"{self.namespace}:dispatcher:{dispatcher_id}"
+
+    @property
+    def agents(self) -> str:
+        """Set of agent names that have (had) a job stream: what ``status`` scans."""
+        return f"{self.namespace}:agents"

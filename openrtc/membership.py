@@ -1,0 +1,157 @@
+"""Who is alive, and how loaded each agent is: heartbeats in Redis.
+
+Dispatchers and workers each keep a hash describing themselves (with a TTL)
+and a score in a sorted set equal to their heartbeat's expiry time. Readers
+drop members whose expiry has passed, so a process killed with ``kill -9``
+disappears within ``membership_ttl`` seconds without anyone cleaning up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from openrtc.keys import WORKERS_GROUP, Keys
+
+__all__ = ["AgentLoad", "heartbeat", "leave", "read_agent_loads"]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLoad:
+    """One agent's live capacity and queue, as the dispatcher sees it."""
+
+    agent: str
+    workers: int = 0
+    capacity: int = 0
+    running: int = 0
+    #: Entries not yet delivered to any worker.
+    backlog: int = 0
+    #: Entries delivered and not yet acknowledged (running, or being reclaimed).
+    pending: int = 0
+
+    @property
+    def free(self) -> int:
+        """Sessions the live workers can still start."""
+        return max(0, self.capacity - self.running)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+async def heartbeat(
+    redis: Redis,
+    *,
+    registry_key: str,
+    record_key: str,
+    member: str,
+    fields: Mapping[str, str | int | float],
+    ttl: float,
+) -> None:
+    """Refresh one member: its record hash (with TTL) and its expiry score."""
+    expires = time.time() + ttl
+    record: dict[Any, Any] = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "heartbeat_at": f"{time.time():.3f}",
+        **fields,
+    }
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(record_key, mapping=record)
+    pipe.expire(record_key, max(1, int(ttl * 3)))
+    pipe.zadd(registry_key, {member: expires})
+    await pipe.execute()
+
+
+async def leave(redis: Redis, *, registry_key: str, record_key: str, member: str) -> None:
+    """Remove a member at a clean shutdown (others need not wait for its TTL)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.zrem(registry_key, member)
+    pipe.delete(record_key)
+    await pipe.execute()
+
+
+async def live_members(redis: Redis, registry_key: str) -> list[str]:
+    """Members whose heartbeat has not expired (expired ones are removed)."""
+    now = time.time()
+    pipe = redis.pipeline(transaction=False)
+    pipe.zremrangebyscore(registry_key, "-inf", now)
+    pipe.zrange(registry_key, 0, -1)
+    _, members = await pipe.execute()
+    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+
+async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> dict[str, AgentLoad]:
+    """Live workers, capacity, running sessions, backlog and pending per agent.
+
+    Two round trips whatever the number of agents: one for the membership
+    sets and the streams' group info, one for the workers' records.
+    """
+    now = time.time()
+    pipe = redis.pipeline(transaction=False)
+    for agent in agents:
+        pipe.zremrangebyscore(keys.workers(agent), "-inf", now)
+        pipe.zrange(keys.workers(agent), 0, -1)
+        pipe.xinfo_groups(keys.jobs(agent))
+        pipe.xlen(keys.jobs(agent))
+    replies = await pipe.execute(raise_on_error=False)
+
+    members: dict[str, list[bytes]] = {}
+    queue: dict[str, tuple[int, int]] = {}
+    for i, agent in enumerate(agents):
+        _, worker_ids, groups, length = replies[i * 4 : i * 4 + 4]
+        if isinstance(worker_ids, Exception):
+            raise worker_ids
+        members[agent] = list(worker_ids)
+        backlog = pending = 0
+        if not isinstance(groups, Exception):
+            for group in groups:
+                name = group.get("name")
+                if name in (WORKERS_GROUP, WORKERS_GROUP.encode()):
+                    pending = _int(group.get("pending"))
+                    lag = group.get("lag")
+                    # Redis reports no lag when deletions make it unknowable;
+                    # workers delete acknowledged entries, so what is left in
+                    # the stream is exactly the backlog plus the pending.
+                    backlog = _int(lag) if lag is not None else max(0, _int(length) - pending)
+        elif not isinstance(length, Exception):
+            backlog = _int(length)  # stream without a group yet: all of it waits
+        queue[agent] = (backlog, pending)
+
+    pipe = redis.pipeline(transaction=False)
+    order: list[tuple[str, int]] = []
+    for agent, worker_ids in members.items():
+        for worker_id in worker_ids:
+            pipe.hmget(keys.worker(worker_id.decode()), ["capacity", "running"])
+            order.append((agent, 0))
+    records = await pipe.execute() if order else []
+
+    totals: dict[str, list[int]] = {agent: [0, 0, 0] for agent in agents}
+    for (agent, _), record in zip(order, records, strict=True):
+        capacity, running = record
+        if capacity is None:  # record expired between the two round trips
+            continue
+        t = totals[agent]
+        t[0] += 1
+        t[1] += _int(capacity)
+        t[2] += _int(running)
+    return {
+        agent: AgentLoad(
+            agent=agent,
+            workers=totals[agent][0],
+            capacity=totals[agent][1],
+            running=totals[agent][2],
+            backlog=queue[agent][0],
+            pending=queue[agent][1],
+        )
+        for agent in agents
+    }

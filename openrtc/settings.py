@@ -1,0 +1,122 @@
+"""Settings as plain data: what the services need, with no behaviour attached.
+
+Configuration follows LiveKit's conventions (``LIVEKIT_URL``,
+``LIVEKIT_API_KEY``, ``LIVEKIT_API_SECRET``) plus ``REDIS_URL``; the CLI maps
+flags and environment variables onto these classes. Secrets are kept out of
+every ``repr`` so a settings object can be logged safely.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from openrtc.errors import ConfigError
+
+NoWorkerPolicy = Literal["queue", "reject"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (Redis URLs may carry one)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def new_instance_id(prefix: str) -> str:
+    """A readable unique id for a process: ``<prefix>-<host>-<pid>-<random>``."""
+    host = socket.gethostname().split(".")[0][:24] or "host"
+    return f"{prefix}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class LiveKitSettings:
+    """Where the LiveKit server is and the credentials to act as an agent worker."""
+
+    url: str
+    api_key: str
+    api_secret: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        missing = [
+            name
+            for name, value in (
+                ("LIVEKIT_URL", self.url),
+                ("LIVEKIT_API_KEY", self.api_key),
+                ("LIVEKIT_API_SECRET", self.api_secret),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (set the variable or pass the flag)")
+        if not self.url.startswith(("ws://", "wss://", "http://", "https://")):
+            raise ConfigError(
+                f"LIVEKIT_URL must start with ws://, wss://, http:// or https://: {self.url!r}"
+            )
+
+    @property
+    def ws_url(self) -> str:
+        """The URL with a WebSocket scheme, as rooms and the /agent endpoint want it."""
+        if self.url.startswith("http"):
+            return "ws" + self.url[4:]
+        return self.url
+
+    @property
+    def http_url(self) -> str:
+        """The URL with an HTTP scheme, as the server API wants it."""
+        if self.url.startswith("ws"):
+            return "http" + self.url[2:]
+        return self.url
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherSettings:
+    """Everything one dispatcher process needs. Times are seconds."""
+
+    livekit: LiveKitSettings
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "openrtc"
+    #: Name registered with LiveKit. Empty: automatic dispatch (every new room);
+    #: a name: explicit dispatch to that name only (see LIVEKIT.md).
+    agent_name: str = ""
+    dispatcher_id: str = field(default_factory=lambda: new_instance_id("dispatcher"))
+    #: A job for an agent with no live worker: ``queue`` it (an autoscaler may
+    #: start one; it expires to the dead letters if none does) or ``reject`` it
+    #: (answer unavailable so LiveKit can try another dispatcher).
+    when_no_worker: NoWorkerPolicy = "queue"
+    #: Jobs an agent may have waiting beyond its workers' free slots before new
+    #: ones are answered unavailable.
+    max_backlog: int = 100
+    #: How long an assignment may wait for Redis before it is failed towards LiveKit.
+    enqueue_timeout: float = 2.0
+    #: Cap on job stream length (approximate MAXLEN); entries past it are trimmed.
+    stream_maxlen: int = 10_000
+    #: How long a job id is remembered for de-duplication.
+    dedup_ttl: float = 24 * 3600.0
+    heartbeat_interval: float = 1.0
+    #: A dispatcher or worker that has not heartbeated for this long is gone.
+    membership_ttl: float = 5.0
+    #: How often the load is reported to LiveKit (livekit-agents uses 2.5 s).
+    load_interval: float = 2.5
+    reconnect_initial: float = 0.25
+    reconnect_max: float = 10.0
+    cluster_keys: bool = False
+
+    def __post_init__(self) -> None:
+        if self.when_no_worker not in ("queue", "reject"):
+            raise ConfigError(
+                f"when_no_worker must be 'queue' or 'reject', not {self.when_no_worker!r}"
+            )
+        if self.max_backlog < 0:
+            raise ConfigError("max_backlog must be >= 0")
+        if not 0 < self.enqueue_timeout <= 10:
+            raise ConfigError("enqueue_timeout must be in (0, 10] seconds")

@@ -1,0 +1,183 @@
+"""The Redis stream layer: enqueue jobs, dead letters, status and control events.
+
+Job streams are ``<ns>:jobs:<agent>`` with one consumer group, ``workers``.
+The dispatcher adds entries through one Lua script per job that checks and
+writes the job's record hash (de-duplication by LiveKit job id) and the
+stream entry atomically, so the same job is never enqueued twice, even when an
+add is retried after a lost reply. Streams are capped with an approximate
+MAXLEN as a safety net; workers delete entries once acknowledged, so in normal
+operation a stream holds only waiting and running jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.messages import DeadReason, JobMessage, StatusEvent, dead_letter_fields
+
+__all__ = ["EnqueueResult", "StreamStore", "connect_redis"]
+
+logger = logging.getLogger("openrtc.streams")
+
+#: Cap on the dead-letter, status and control streams (approximate MAXLEN).
+SIDE_STREAM_MAXLEN: Final = 10_000
+
+# KEYS: job record hash, job stream. ARGV: record ttl (s), stream maxlen,
+# dispatcher id, then the entry's field/value pairs.
+# Returns {1, id} when added, {0, id} when the job was already enqueued.
+_ENQUEUE_LUA: Final = """
+local existing = redis.call('HGET', KEYS[1], 'entry')
+if existing then
+  return {0, existing}
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return {1, id}
+"""
+
+
+def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
+    """A redis-py asyncio client with timeouts short enough to fail fast.
+
+    Responses stay bytes: job entries carry a serialized protobuf.
+    """
+    client: Redis = Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=5.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=10,
+        client_name=client_name,
+    )
+    return client
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """Where a job went: ``queued`` (new entry) or ``duplicate`` (already there)."""
+
+    outcome: Literal["queued", "duplicate"]
+    entry_id: str
+
+
+class StreamStore:
+    """Stream operations shared by the dispatcher, the workers and the CLI."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        stream_maxlen: int = 10_000,
+        dedup_ttl: float = 24 * 3600.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._maxlen = stream_maxlen
+        self._dedup_ttl = int(dedup_ttl)
+        self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        self._known_groups: set[str] = set()
+
+    async def ensure_group(self, agent: str) -> None:
+        """Create ``agent``'s stream and consumer group if missing (idempotent).
+
+        The group starts at ``0`` so entries added before it existed (for
+        example while Redis was restarted under a running dispatcher) are
+        delivered, not skipped.
+        """
+        stream = self.keys.jobs(agent)
+        try:
+            await self.redis.xgroup_create(stream, WORKERS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        await self.redis.sadd(self.keys.agents, agent)
+
+    async def enqueue(self, messages: Sequence[JobMessage]) -> list[EnqueueResult]:
+        """Add jobs to their agents' streams in one round trip, de-duplicated by job id."""
+        if not messages:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for message in messages:
+            args: list[Any] = [self._dedup_ttl, self._maxlen, message.dispatcher_id]
+            for key, value in message.encode().items():
+                args.append(key)
+                args.append(value)
+            await self._enqueue(
+                keys=[self.keys.job(message.agent, message.job_id), self.keys.jobs(message.agent)],
+                args=args,
+                client=pipe,
+            )
+        replies = await pipe.execute()
+        results = []
+        for reply in replies:
+            added, entry_id = reply
+            results.append(EnqueueResult("queued" if added == 1 else "duplicate", _text(entry_id)))
+        return results
+
+    async def dead_letter(
+        self,
+        reason: DeadReason,
+        error: str,
+        *,
+        original: Mapping[bytes, bytes],
+        origin: str = "",
+        origin_id: str = "",
+        once_for_job: str | None = None,
+    ) -> str | None:
+        """Add a dead letter; returns its entry id.
+
+        With ``once_for_job``, a job id already dead-lettered is not added
+        again and ``None`` is returned: several dispatchers, or a retried
+        write, leave exactly one entry.
+        """
+        if once_for_job is not None:
+            marker = f"{self.keys.dead_letter}:seen:{once_for_job}"
+            if not await self.redis.set(marker, b"1", nx=True, ex=self._dedup_ttl):
+                return None
+        fields: dict[Any, Any] = dead_letter_fields(
+            reason, error, original=original, origin=origin, origin_id=origin_id
+        )
+        entry_id = await self.redis.xadd(
+            self.keys.dead_letter, fields, maxlen=SIDE_STREAM_MAXLEN, approximate=True
+        )
+        return _text(entry_id)
+
+    async def publish_status(self, dispatcher_id: str, event: StatusEvent) -> None:
+        """Send a job status event to the dispatcher that holds the job's socket."""
+        await self.redis.xadd(
+            self.keys.status(dispatcher_id),
+            dict[Any, Any](event.encode()),
+            maxlen=SIDE_STREAM_MAXLEN,
+            approximate=True,
+        )
+
+    async def publish_termination(self, agent: str, job_id: str, reason: str) -> None:
+        """Tell ``agent``'s workers that LiveKit terminated ``job_id``.
+
+        Both a control event (for the worker running it now) and a mark on the
+        job record (for a worker that reclaims the job later) are written.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(
+            self.keys.control(agent),
+            {b"type": b"terminate", b"job_id": job_id.encode(), b"reason": reason.encode()},
+            maxlen=SIDE_STREAM_MAXLEN,
+            approximate=True,
+        )
+        record = self.keys.job(agent, job_id)
+        pipe.hset(record, b"terminated", reason.encode())
+        pipe.expire(record, self._dedup_ttl)
+        await pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
