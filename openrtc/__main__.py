@@ -1,0 +1,5 @@
+"""``python -m openrtc``: the same as the ``openrtc`` command."""
+
+from openrtc.cli import main
+
+main()

@@ -1,0 +1,323 @@
+"""The dispatcher against the real LiveKit server and a real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from livekit import api
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from openrtc.agents import AgentPool
+from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.dispatcher import Dispatcher
+from openrtc.keys import Keys
+from openrtc.messages import JobMessage
+from openrtc.settings import DispatcherSettings, LiveKitSettings
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def settings_for(
+    livekit: LiveKitServer, redis_url: str, namespace: str, **overrides: Any
+) -> DispatcherSettings:
+    base: dict[str, Any] = {
+        "livekit": LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret),
+        "redis_url": redis_url,
+        "namespace": namespace,
+        "heartbeat_interval": 0.2,
+        "reconnect_initial": 0.05,
+        "reconnect_max": 0.5,
+    }
+    base.update(overrides)
+    return DispatcherSettings(**base)
+
+
+@asynccontextmanager
+async def running(settings: DispatcherSettings) -> AsyncIterator[Dispatcher]:
+    dispatcher = Dispatcher(settings, AgentPool.from_directory(OFFLINE_AGENTS))
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.run)
+        with anyio.fail_after(10):
+            await dispatcher.registered.wait()
+        try:
+            yield dispatcher
+        finally:
+            dispatcher.request_stop()
+
+
+@asynccontextmanager
+async def livekit_api(livekit: LiveKitServer) -> AsyncIterator[api.LiveKitAPI]:
+    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lkapi:
+        yield lkapi
+
+
+async def entries(redis: Redis, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    result: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(key)
+    return result
+
+
+async def wait_for(
+    predicate: Callable[[], Any], *, within: float = 10.0, interval: float = 0.05
+) -> Any:
+    with anyio.fail_after(within):
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            await anyio.sleep(interval)
+
+
+async def test_room_metadata_routes_to_the_agents_stream(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    room = unique("lobby")
+    async with running(settings_for(livekit_server, redis_server.url, ns)) as dispatcher:
+        async with livekit_api(livekit_server) as lkapi:
+            created = await lkapi.room.create_room(
+                api.CreateRoomRequest(name=room, metadata='{"agent": "dental"}')
+            )
+            found = await wait_for(lambda: entries(redis, keys.jobs("dental")))
+        await anyio.sleep(0.3)  # nothing else trickles in
+        assert len(await entries(redis, keys.jobs("dental"))) == 1
+        message = JobMessage.decode(found[0][1])
+        assert message.agent == "dental"
+        assert (message.step, message.source) == (3, "room metadata")
+        assert message.job.room.name == room
+        assert message.job.room.sid == created.sid
+        assert message.job.room.metadata == '{"agent": "dental"}'
+        assert message.accept.identity == f"agent-{message.job_id}"
+        assert message.accept.attributes == {"openrtc.agent": "dental"}
+        assert message.livekit_url == livekit_server.url
+        assert message.dispatcher_id == dispatcher.settings.dispatcher_id
+        assert message.received_at <= message.routed_at <= message.enqueued_at
+        # No bearer credential at rest: no token, no TURN password.
+        raw = b"".join(found[0][1].values())
+        assert message.job.room.turn_password == ""
+        assert b"token" not in b"".join(found[0][1].keys())
+        assert not await entries(redis, keys.jobs("restaurant"))
+        assert not await entries(redis, keys.dead_letter)
+        assert livekit_server.api_secret.encode() not in raw
+
+
+async def test_room_name_prefix_routes_to_restaurant(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    room = f"restaurant-room-42-{uuid.uuid4().hex[:6]}"
+    async with (
+        running(settings_for(livekit_server, redis_server.url, ns)),
+        livekit_api(livekit_server) as lkapi,
+    ):
+        await lkapi.room.create_room(api.CreateRoomRequest(name=room))
+        found = await wait_for(lambda: entries(redis, keys.jobs("restaurant")))
+    message = JobMessage.decode(found[0][1])
+    assert (message.agent, message.step, message.room) == ("restaurant", 5, room)
+    assert not await entries(redis, keys.jobs("dental"))
+
+
+async def test_explicit_dispatch_reaches_a_named_dispatcher(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    name = unique("openrtc-explicit")
+    room = unique("call")
+    settings = settings_for(livekit_server, redis_server.url, ns, agent_name=name)
+    async with running(settings), livekit_api(livekit_server) as lkapi:
+        await lkapi.room.create_room(api.CreateRoomRequest(name=room))
+        await lkapi.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(
+                agent_name=name, room=room, metadata='{"agent": "support", "caller": "+1555"}'
+            )
+        )
+        found = await wait_for(lambda: entries(redis, keys.jobs("support")))
+    message = JobMessage.decode(found[0][1])
+    assert (message.agent, message.step, message.source) == ("support", 1, "job metadata")
+    assert message.job.metadata == '{"agent": "support", "caller": "+1555"}'
+    assert message.job.agent_name == name
+
+
+async def test_unknown_agent_goes_to_the_dead_letters_once(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    room = unique("lobby")
+    # Two dispatchers: LiveKit must still hand the job to only one of them.
+    async with (
+        running(settings_for(livekit_server, redis_server.url, ns)),
+        running(settings_for(livekit_server, redis_server.url, ns)),
+    ):
+        async with livekit_api(livekit_server) as lkapi:
+            await lkapi.room.create_room(
+                api.CreateRoomRequest(name=room, metadata='{"agent": "ghost"}')
+            )
+            dead = await wait_for(lambda: entries(redis, keys.dead_letter))
+        await anyio.sleep(1.0)
+    dead = await entries(redis, keys.dead_letter)
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"reason"] == b"unknown-agent"
+    assert fields[b"error"] == b"Unknown agent 'ghost' requested via room metadata."
+    assert fields[b"agent"] == b"ghost"
+    assert fields[b"room"] == room.encode()
+    assert fields[b"source"] == b"room metadata"
+    for agent in ("dental", "restaurant", "support"):
+        assert not await entries(redis, keys.jobs(agent))
+    # The server recorded the failure with our error (it logs every job end).
+    job_id = fields[b"job_id"].decode()
+    assert livekit_server.log_path is not None
+
+    def server_logged_failure() -> bool:
+        log = livekit_server.log_path.read_text(errors="replace")  # type: ignore[union-attr]
+        return any(
+            job_id in line and "JS_FAILED" in line and "Unknown agent" in line
+            for line in log.splitlines()
+        )
+
+    async def logged() -> bool:
+        return server_logged_failure()
+
+    await wait_for(logged, within=5)
+
+
+async def test_two_dispatchers_enqueue_each_job_exactly_once(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    rooms = [f"dental-call-{uuid.uuid4().hex[:8]}" for _ in range(16)]
+    async with (
+        running(settings_for(livekit_server, redis_server.url, ns)) as first,
+        running(settings_for(livekit_server, redis_server.url, ns)) as second,
+    ):
+        async with livekit_api(livekit_server) as lkapi:
+            for room in rooms:
+                await lkapi.room.create_room(api.CreateRoomRequest(name=room))
+
+            async def all_there() -> bool:
+                return len(await entries(redis, keys.jobs("dental"))) >= len(rooms)
+
+            await wait_for(all_there)
+        await anyio.sleep(0.5)
+        found = [JobMessage.decode(f) for _, f in await entries(redis, keys.jobs("dental"))]
+        assert sorted(m.room for m in found) == sorted(rooms)
+        assert len({m.job_id for m in found}) == len(rooms)
+        assert first.stats.enqueued + second.stats.enqueued == len(rooms)
+
+
+async def test_survives_livekit_and_redis_restarts(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    own_livekit = LiveKitServer(log_path=livekit_server.log_path)
+    own_redis = RedisServer()
+    own_livekit.start()
+    own_redis.start()
+    client = Redis.from_url(own_redis.url)
+    try:
+        async with running(settings_for(own_livekit, own_redis.url, ns)) as dispatcher:
+            first_id = dispatcher.livekit_worker_id
+            own_livekit.stop()
+            own_livekit.start()
+
+            async def reregistered() -> bool:
+                worker = dispatcher.livekit_worker_id
+                return worker is not None and worker != first_id
+
+            await wait_for(reregistered, within=15)
+            async with livekit_api(own_livekit) as lkapi:
+                await lkapi.room.create_room(api.CreateRoomRequest(name="dental-after-lk"))
+                await wait_for(lambda: entries(client, keys.jobs("dental")))
+
+                own_redis.stop()
+                await anyio.sleep(0.5)
+                own_redis.start()  # empty: the data and the consumer groups are gone
+
+                async def redis_back() -> bool:
+                    try:  # the groups are made again once the dispatcher sees Redis back
+                        return bool(await client.exists(keys.jobs("support")))
+                    except RedisConnectionError:
+                        return False
+
+                await wait_for(redis_back, within=10)
+                await lkapi.room.create_room(api.CreateRoomRequest(name="dental-after-redis"))
+                found = await wait_for(lambda: entries(client, keys.jobs("dental")))
+                assert [JobMessage.decode(f).room for _, f in found] == ["dental-after-redis"]
+                groups = await client.xinfo_groups(keys.jobs("dental"))
+                assert [g["name"] for g in groups] == [b"workers"]
+    finally:
+        await client.aclose()
+        own_redis.close()
+        own_livekit.close()
+
+
+def test_cli_dispatcher_exits_zero_on_sigterm(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    env = dict(
+        os.environ,
+        LIVEKIT_URL=livekit_server.url,
+        LIVEKIT_API_KEY=livekit_server.api_key,
+        LIVEKIT_API_SECRET=livekit_server.api_secret,
+        REDIS_URL=redis_server.url,
+        OPENRTC_NAMESPACE=unique("ns"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openrtc", "dispatcher", "--agents-dir", str(OFFLINE_AGENTS)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "LiveKit connection registered" in line:
+                break
+        else:
+            pytest.fail("dispatcher never registered")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    assert livekit_server.api_secret not in out
+
+
+def test_cli_dispatcher_refuses_missing_settings(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEKIT_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "openrtc", "dispatcher", "--agents-dir", str(OFFLINE_AGENTS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "missing LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
