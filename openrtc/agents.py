@@ -117,6 +117,10 @@ class AgentConfig:
     greeting: str | None = None
     session_kwargs: Mapping[str, Any] = field(default_factory=dict)
     source_path: Path | None = None
+    #: Called once per worker process before its first session, with the
+    #: livekit-agents ``JobProcess`` (load VAD models into ``proc.userdata``).
+    #: Discovered from a module-level ``prewarm(proc)`` function.
+    prewarm: Callable[[Any], Any] | None = None
 
     @property
     def class_label(self) -> str:
@@ -185,6 +189,7 @@ class AgentPool:
         greeting: str | None = None,
         session_kwargs: Mapping[str, Any] | None = None,
         source_path: str | Path | None = None,
+        prewarm: Callable[[Any], Any] | None = None,
     ) -> AgentConfig:
         """Register ``agent_cls`` under ``name`` and return its configuration.
 
@@ -222,6 +227,7 @@ class AgentPool:
             greeting=d_greeting if greeting is None else greeting,
             session_kwargs=dict(session_kwargs or {}),
             source_path=None if source_path is None else Path(source_path).resolve(),
+            prewarm=prewarm,
         )
         self._agents[name] = config
         self._table = None
@@ -261,7 +267,9 @@ class AgentPool:
     def _discover_paths(self, paths: list[Path]) -> list[AgentConfig]:
         added = []
         for path in paths:
-            agent_cls = _agent_class_of(_import_file(path), path)
+            module = _import_file(path)
+            agent_cls = _agent_class_of(module, path)
+            prewarm = getattr(module, "prewarm", None)
             marker: _Decorated | None = agent_cls.__dict__.get(_CONFIG_ATTR)
             if marker is None:
                 marker = _Decorated(None, None, None, None, None)
@@ -283,6 +291,7 @@ class AgentPool:
                     tts=marker.tts,
                     greeting=marker.greeting,
                     source_path=path,
+                    prewarm=prewarm if callable(prewarm) else None,
                 )
             )
             logger.debug("Discovered agent '%s' (%s) in %s.", name, agent_cls.__name__, path)

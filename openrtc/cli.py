@@ -266,6 +266,84 @@ def dispatcher(
     _run_service(service)
 
 
+@app.command("worker")
+def worker(
+    agent: Annotated[str, typer.Option("--agent", help="The agent this worker serves.")],
+    agents_dir: AgentsDir = Path("agents"),
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    namespace: Namespace = "openrtc",
+    concurrency: Annotated[
+        int,
+        typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
+    ] = 10,
+    isolation: Annotated[
+        str,
+        typer.Option(
+            "--isolation",
+            envvar="OPENRTC_ISOLATION",
+            help="coroutine (sessions share this process) or process (one child per session).",
+        ),
+    ] = "coroutine",
+    lease: Annotated[
+        float,
+        typer.Option(
+            "--lease",
+            envvar="OPENRTC_LEASE",
+            help="Seconds without renewal after which another worker takes a call over.",
+        ),
+    ] = 5.0,
+    max_deliveries: Annotated[
+        int,
+        typer.Option(
+            "--max-deliveries",
+            envvar="OPENRTC_MAX_DELIVERIES",
+            help="Deliveries after which a job goes to the dead letters.",
+        ),
+    ] = 5,
+    max_queue_age: Annotated[
+        float,
+        typer.Option(
+            "--max-queue-age",
+            envvar="OPENRTC_MAX_QUEUE_AGE",
+            help="Seconds a job may wait before it expires to the dead letters.",
+        ),
+    ] = 30.0,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout",
+            envvar="OPENRTC_DRAIN_TIMEOUT",
+            help="On SIGTERM, seconds running calls may go on before others take them over.",
+        ),
+    ] = 60.0,
+) -> None:
+    """Consume one agent's stream and run its sessions in their rooms."""
+    from openrtc.settings import LiveKitSettings, WorkerSettings
+    from openrtc.worker import Worker
+
+    pool = _load_pool(agents_dir)
+    try:
+        settings = WorkerSettings(
+            livekit=LiveKitSettings(livekit_url, api_key, api_secret),
+            agent=agent,
+            redis_url=redis_url,
+            namespace=namespace,
+            concurrency=concurrency,
+            isolation=isolation,  # type: ignore[arg-type]  # validated in settings
+            lease=lease,
+            max_deliveries=max_deliveries,
+            max_queue_age=max_queue_age,
+            drain_timeout=drain_timeout,
+        )
+        service = Worker(settings, pool)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+    _run_service(service)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

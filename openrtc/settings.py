@@ -120,3 +120,51 @@ class DispatcherSettings:
             raise ConfigError("max_backlog must be >= 0")
         if not 0 < self.enqueue_timeout <= 10:
             raise ConfigError("enqueue_timeout must be in (0, 10] seconds")
+
+
+Isolation = Literal["coroutine", "process"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """Everything one worker process needs. Times are seconds."""
+
+    livekit: LiveKitSettings
+    agent: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "openrtc"
+    worker_id: str = field(default_factory=lambda: new_instance_id("worker"))
+    #: Sessions at once in this worker.
+    concurrency: int = 10
+    #: ``coroutine``: sessions share this process and its prewarmed models
+    #: (the default: density). ``process``: one child process per session.
+    isolation: Isolation = "coroutine"
+    #: A running job's claim lapses after this long without renewal; another
+    #: worker then takes the call over. Renewed every ``lease / 3``.
+    lease: float = 5.0
+    #: Deliveries after which a job goes to the dead letters (``max-deliveries``).
+    max_deliveries: int = 5
+    #: A job that waited longer than this before any worker started it goes to
+    #: the dead letters as ``expired`` instead of starting late.
+    max_queue_age: float = 30.0
+    #: On SIGTERM, how long running sessions may go on before they are left
+    #: for other workers to take over.
+    drain_timeout: float = 60.0
+    heartbeat_interval: float = 1.0
+    membership_ttl: float = 5.0
+    #: Warm child processes kept ready in ``process`` isolation.
+    idle_processes: int = 1
+    #: A worker that took a call over ignores LiveKit's termination of the
+    #: replaced participant for this long (it is caused by the takeover itself).
+    takeover_grace: float = 10.0
+    cluster_keys: bool = False
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError("concurrency must be >= 1")
+        if self.isolation not in ("coroutine", "process"):
+            raise ConfigError(f"isolation must be 'coroutine' or 'process', not {self.isolation!r}")
+        if self.lease <= 0.3:
+            raise ConfigError("lease must be more than 0.3 seconds")
+        if self.max_deliveries < 1:
+            raise ConfigError("max_deliveries must be >= 1")

@@ -181,3 +181,142 @@ class StreamStore:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# KEYS: job stream. ARGV: group, consumer, entry ids...
+# Renews this consumer's claim on each entry it still owns (XCLAIM ... JUSTID
+# resets the idle time without counting a delivery) and returns the ids it no
+# longer owns: another worker reclaimed them, so this one must step aside.
+_RENEW_LUA: Final = """
+local lost = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
+
+# KEYS: job stream. ARGV: group, consumer, min idle ms, count.
+# XAUTOCLAIM plus each claimed entry's delivery count, in one round trip.
+# Returns {entries, counts, deleted ids}.
+_RECLAIM_LUA: Final = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
+local entries = r[2]
+local counts = {}
+for i, e in ipairs(entries) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+  counts[i] = p[1] and p[1][4] or 1
+end
+return {entries, counts, r[3] or {}}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry handed to this worker, and how often it has been delivered."""
+
+    entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int
+
+
+class JobConsumer:
+    """One worker's side of an agent's job stream (consumer group ``workers``)."""
+
+    def __init__(self, store: StreamStore, agent: str, consumer: str) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.agent = agent
+        self.consumer = consumer
+        self.stream = store.keys.jobs(agent)
+        self._renew = self.redis.register_script(_RENEW_LUA)
+        self._reclaim = self.redis.register_script(_RECLAIM_LUA)
+
+    async def read(self, count: int, block_ms: int) -> list[Delivery]:
+        """New entries (never delivered before), at most ``count``.
+
+        A missing group (Redis restarted empty) is created again from ``0``.
+        """
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                WORKERS_GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.store.ensure_group(self.agent)
+            return []
+        if not reply:
+            return []
+        return [
+            Delivery(_text(entry_id), dict(fields or {}), 1) for entry_id, fields in _entries(reply)
+        ]
+
+    async def reclaim(self, min_idle: float, count: int) -> list[Delivery]:
+        """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours."""
+        try:
+            entries, counts, _deleted = await self._reclaim(
+                keys=[self.stream],
+                args=[WORKERS_GROUP, self.consumer, int(min_idle * 1000), count],
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.store.ensure_group(self.agent)
+            return []
+        result = []
+        for (entry_id, flat), deliveries in zip(entries, counts, strict=True):
+            if flat is None:  # trimmed while pending; nothing to serve
+                await self.ack(_text(entry_id))
+                continue
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            result.append(Delivery(_text(entry_id), fields, int(deliveries)))
+        return result
+
+    async def renew(self, entry_ids: Sequence[str]) -> list[str]:
+        """Extend the lease on ``entry_ids``; returns those this consumer lost."""
+        if not entry_ids:
+            return []
+        lost = await self._renew(
+            keys=[self.stream], args=[WORKERS_GROUP, self.consumer, *entry_ids]
+        )
+        return [_text(x) for x in lost]
+
+    async def ack(self, entry_id: str) -> None:
+        """Acknowledge and delete an entry: the job is finished with."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(self.stream, WORKERS_GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)
+        await pipe.execute()
+
+    async def dead_letter(self, delivery: Delivery, reason: DeadReason, error: str) -> str | None:
+        """Move an entry to the dead letters (then acknowledge it): never blocks the stream."""
+        entry = await self.store.dead_letter(
+            reason, error, original=delivery.fields, origin=self.stream, origin_id=delivery.entry_id
+        )
+        await self.ack(delivery.entry_id)
+        return entry
+
+    async def job_record(self, job_id: str) -> dict[str, str]:
+        """The job's record hash (state, worker, terminated, last error...)."""
+        raw = await self.redis.hgetall(self.store.keys.job(self.agent, job_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def update_record(self, job_id: str, **fields: str | int | float) -> None:
+        """Update the job's record, keeping its expiry."""
+        key = self.store.keys.job(self.agent, job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        mapping: dict[Any, Any] = dict(fields)
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, self.store._dedup_ttl)
+        await pipe.execute()
+
+
+def _entries(reply: Any) -> list[tuple[Any, Any]]:
+    # XREADGROUP's RESP2 reply: [[stream, [(id, fields), ...]], ...]
+    return [entry for _, entries in reply for entry in entries]

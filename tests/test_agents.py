@@ -912,10 +912,15 @@ def test_offline_example_agents_directory() -> None:
         "OfflineRestaurant",
         "OfflineSupport",
     ]
-    restaurant = pool.get("restaurant")  # no decorator: named by its file stem
-    assert restaurant.greeting is None
-    assert pool.get("dental").greeting == "Bright Smile Dental, offline line."
-    assert pool.get("support").greeting == "Support desk, offline line."
-    assert all(c.stt is None and c.llm is None and c.tts is None for c in pool)
+    restaurant = pool.get("restaurant")  # decorated without a name: named by its file stem
+    assert restaurant.greeting == "Trattoria Luca, offline line. A table for how many?"
+    assert (
+        pool.get("dental").greeting
+        == "Bright Smile Dental, offline line. How can we help you today?"
+    )
+    assert pool.get("support").greeting == "Support desk, offline line. Tell us what went wrong."
+    # Offline: no cloud STT or LLM; the voice is the local tone TTS.
+    assert all(c.stt is None and c.llm is None for c in pool)
+    assert all(type(c.tts).__name__ == "ToneTTS" for c in pool)
     assert all(c.source_path is not None and c.source_path.parent == OFFLINE_AGENTS for c in pool)
     assert (OFFLINE_AGENTS / "_shared.py").exists()  # present, but skipped

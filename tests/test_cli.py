@@ -44,24 +44,24 @@ OFFLINE_ROWS = [
         "class": "dental.py:OfflineDental",
         "stt": None,
         "llm": None,
-        "tts": None,
-        "greeting": "Bright Smile Dental, offline line.",
+        "tts": "openrtc.ToneTTS(tones)",
+        "greeting": "Bright Smile Dental, offline line. How can we help you today?",
     },
     {
         "name": "restaurant",
         "class": "restaurant.py:OfflineRestaurant",
         "stt": None,
         "llm": None,
-        "tts": None,
-        "greeting": None,
+        "tts": "openrtc.ToneTTS(tones)",
+        "greeting": "Trattoria Luca, offline line. A table for how many?",
     },
     {
         "name": "support",
         "class": "support.py:OfflineSupport",
         "stt": None,
         "llm": None,
-        "tts": None,
-        "greeting": "Support desk, offline line.",
+        "tts": "openrtc.ToneTTS(tones)",
+        "greeting": "Support desk, offline line. Tell us what went wrong.",
     },
 ]
 
@@ -86,10 +86,10 @@ def test_list_plain() -> None:
     result = invoke("list", "--agents-dir", OFFLINE_AGENTS, "--plain")
 
     assert result.exit_code == 0, result.output
+    tone = "openrtc.ToneTTS(tones)"
     assert result.stdout.splitlines() == [
-        "dental\tdental.py:OfflineDental\t-\t-\t-\tBright Smile Dental, offline line.",
-        "restaurant\trestaurant.py:OfflineRestaurant\t-\t-\t-\t-",
-        "support\tsupport.py:OfflineSupport\t-\t-\t-\tSupport desk, offline line.",
+        "\t".join((str(row["name"]), str(row["class"]), "-", "-", tone, str(row["greeting"])))
+        for row in OFFLINE_ROWS
     ]
 
 

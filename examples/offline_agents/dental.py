@@ -5,9 +5,14 @@ from __future__ import annotations
 from livekit.agents import Agent
 
 from openrtc import agent_config
+from openrtc.tone_tts import ToneTTS
 
 
-@agent_config(name="dental", greeting="Bright Smile Dental, offline line.")
+@agent_config(
+    name="dental",
+    tts=ToneTTS(),
+    greeting="Bright Smile Dental, offline line. How can we help you today?",
+)
 class OfflineDental(Agent):
     def __init__(self) -> None:
         super().__init__(instructions="Offline dental receptionist.")

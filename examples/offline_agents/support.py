@@ -5,9 +5,12 @@ from __future__ import annotations
 from livekit.agents import Agent
 
 from openrtc import agent_config
+from openrtc.tone_tts import ToneTTS
 
 
-@agent_config(name="support", greeting="Support desk, offline line.")
+@agent_config(
+    name="support", tts=ToneTTS(), greeting="Support desk, offline line. Tell us what went wrong."
+)
 class OfflineSupport(Agent):
     def __init__(self) -> None:
         super().__init__(instructions="Offline support agent.")

@@ -1,0 +1,191 @@
+"""``process`` isolation: one child process per session, as livekit-agents runs jobs.
+
+The parent keeps ``idle_processes`` children warm (imports done, agents
+discovered, prewarm run) so a job does not wait for Python to start. A child
+serves exactly one session and exits. Parent and child talk in JSON lines:
+the child's stdout carries ``ready``, ``joined`` and the ``outcome``; its stdin
+carries the job and, later, a ``stop``. A child whose stdin closes (its
+worker died) leaves the room at once, so a killed worker never leaves a
+second agent behind when a peer takes the call over.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import sys
+from typing import Any, Final
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+from anyio.streams.text import TextReceiveStream
+
+from openrtc.agents import AgentConfig
+from openrtc.messages import JobMessage
+from openrtc.session import SessionControl, SessionOutcome
+from openrtc.settings import WorkerSettings
+
+__all__ = ["ProcessRunner"]
+
+logger = logging.getLogger("openrtc.worker.process")
+
+READY_TIMEOUT: Final = 60.0
+EXIT_GRACE: Final = 15.0
+
+
+class _Lines:
+    """JSON lines from a child's stdout."""
+
+    def __init__(self, stream: ByteReceiveStream) -> None:
+        self._text = TextReceiveStream(stream)
+        self._buffer = ""
+
+    async def next(self) -> dict[str, Any] | None:
+        while "\n" not in self._buffer:
+            try:
+                self._buffer += await self._text.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return None
+        line, self._buffer = self._buffer.split("\n", 1)
+        try:
+            value = json.loads(line)
+        except ValueError:
+            logger.warning("ignoring a stray line from a session process: %.120s", line)
+            return await self.next()
+        return value if isinstance(value, dict) else await self.next()
+
+
+class _Child:
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        assert process.stdout is not None
+        self.lines = _Lines(process.stdout)
+
+    async def send(self, value: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send((json.dumps(value) + "\n").encode())
+
+    async def kill(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                self.process.kill()
+            await self.process.wait()
+
+
+class ProcessRunner:
+    """Runs each session in a child process from a small warm pool."""
+
+    def __init__(self, config: AgentConfig, settings: WorkerSettings) -> None:
+        if config.source_path is None:
+            raise ValueError("process isolation needs agents discovered from a directory")
+        self._config = config
+        self._settings = settings
+        self._idle: list[_Child] = []
+        self._lock = anyio.Lock()
+
+    def _command(self) -> list[str]:
+        assert self._config.source_path is not None
+        return [
+            sys.executable,
+            "-m",
+            "openrtc.session_child",
+            str(self._config.source_path.parent),
+            self._config.name,
+        ]
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Credentials by environment, never argv (`ps` shows argv).
+        env["LIVEKIT_URL"] = self._settings.livekit.url
+        env["LIVEKIT_API_KEY"] = self._settings.livekit.api_key
+        env["LIVEKIT_API_SECRET"] = self._settings.livekit.api_secret
+        return env
+
+    async def _spawn(self) -> _Child:
+        process = await anyio.open_process(self._command(), env=self._env(), stderr=None)
+        child = _Child(process)
+        with anyio.fail_after(READY_TIMEOUT):
+            first = await child.lines.next()
+        if not first or not first.get("ready"):
+            await child.kill()
+            error = (first or {}).get("error", f"exit code {process.returncode}")
+            raise RuntimeError(f"session process failed to start: {error}")
+        return child
+
+    async def prepare(self) -> None:
+        for _ in range(self._settings.idle_processes):
+            self._idle.append(await self._spawn())
+
+    async def _acquire(self) -> _Child:
+        async with self._lock:
+            while self._idle:
+                child = self._idle.pop()
+                if child.process.returncode is None:
+                    return child
+            return await self._spawn()
+
+    async def _refill(self) -> None:
+        async with self._lock:
+            if len(self._idle) < self._settings.idle_processes:
+                try:
+                    self._idle.append(await self._spawn())
+                except Exception:
+                    logger.exception("could not start a warm session process")
+
+    async def run(
+        self, message: JobMessage, control: SessionControl, *, worker_id: str
+    ) -> SessionOutcome:
+        try:
+            child = await self._acquire()
+        except Exception as exc:
+            return SessionOutcome("failed", "no session process", str(exc))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._refill)
+                await child.send(
+                    {
+                        "worker_id": worker_id,
+                        "fields": {
+                            k.decode(): base64.b64encode(v).decode()
+                            for k, v in message.encode().items()
+                        },
+                    }
+                )
+
+                async def forward_stop() -> None:
+                    await control.wait_stop()
+                    await child.send({"stop": control.stop_reason, "takeover": control.takeover})
+
+                tg.start_soon(forward_stop)
+                outcome = await self._outcome(child, control)
+                tg.cancel_scope.cancel()
+            return outcome
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(EXIT_GRACE) as scope:
+                # EOF on stdin ends the child's reader thread, so it can exit.
+                if child.process.stdin is not None:
+                    await child.process.stdin.aclose()
+                await child.process.wait()
+            if scope.cancelled_caught:
+                await child.kill()
+
+    async def _outcome(self, child: _Child, control: SessionControl) -> SessionOutcome:
+        while True:
+            event = await child.lines.next()
+            if event is None:
+                code = await child.process.wait()
+                return SessionOutcome(
+                    "failed", "session process died", f"session process exited with code {code}"
+                )
+            if event.get("joined"):
+                control.joined.set()
+            elif "outcome" in event:
+                o = event["outcome"]
+                return SessionOutcome(o["status"], o.get("reason", ""), o.get("error", ""))
+
+    async def aclose(self) -> None:
+        for child in self._idle:
+            await child.kill()
+        self._idle.clear()

@@ -1,0 +1,241 @@
+"""Run one job's agent session in its room, as livekit-agents' own job runner would.
+
+This is the worker's seam into livekit-agents. It builds the same objects the
+framework's job process builds (``RunningJobInfo``, ``JobProcess``,
+``JobContext``) so the user's agent code runs unchanged: ``get_job_context()``
+and ``ctx.job`` give the real job id and metadata, tools, ``on_enter`` and node
+hooks work. Those constructors are not public API, which is why
+``pyproject.toml`` pins livekit-agents to one minor series and
+``tests/test_session_seam.py`` fails loudly when an upgrade moves them.
+
+The room token is minted here from the API secret the worker holds, for the
+identity the dispatcher answered LiveKit with: the stream never carries a
+bearer credential (docs/architecture.md, "Tokens").
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import anyio
+from livekit import api, rtc
+from livekit.agents import AgentSession
+from livekit.agents.job import (
+    JobAcceptArguments,
+    JobContext,
+    JobExecutorType,
+    JobProcess,
+    RunningJobInfo,
+    _JobContextVar,
+)
+from livekit.agents.utils import http_context
+
+from openrtc.agents import AgentConfig
+from openrtc.messages import JobMessage
+from openrtc.settings import LiveKitSettings
+
+__all__ = ["SessionControl", "SessionOutcome", "mint_token", "new_job_process", "run_session"]
+
+logger = logging.getLogger("openrtc.session")
+
+#: The attribute LiveKit stamps on an agent's token with its registered name.
+LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
+TOKEN_TTL: Final = datetime.timedelta(hours=6)
+CLOSE_TIMEOUT: Final = 10.0
+
+
+@dataclass
+class SessionOutcome:
+    """How a session ended.
+
+    ``success``: the call ended (room deleted, caller left, terminated) and the
+    job is done. ``failed``: the agent could not run (``error`` says why); the
+    job may be retried. ``taken_over``: another worker joined with the job's
+    identity; this one steps aside without acknowledging anything.
+    """
+
+    status: Literal["success", "failed", "taken_over"]
+    reason: str
+    error: str = ""
+
+
+@dataclass
+class SessionControl:
+    """The worker's handle on a running session."""
+
+    joined: anyio.Event = field(default_factory=anyio.Event)
+    _stop: anyio.Event = field(default_factory=anyio.Event)
+    stop_reason: str = ""
+    takeover: bool = False
+
+    def stop(self, reason: str, *, takeover: bool = False) -> None:
+        """End the session (idempotent; the first reason wins)."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self.takeover = takeover
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def wait_stop(self) -> None:
+        await self._stop.wait()
+
+
+def new_job_process(isolation: Literal["coroutine", "process"]) -> JobProcess:
+    """The per-process object livekit-agents hands to prewarm functions."""
+    executor = JobExecutorType.PROCESS if isolation == "process" else JobExecutorType.THREAD
+    return JobProcess(executor_type=executor, user_arguments=None, http_proxy=None)
+
+
+def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
+    """A room token equivalent to the one LiveKit minted for the dispatcher's answer."""
+    attributes = dict(message.accept.attributes)
+    attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
+    return (
+        api.AccessToken(credentials.api_key, credentials.api_secret)
+        .with_identity(message.accept.identity)
+        .with_name(message.accept.name)
+        .with_metadata(message.accept.metadata)
+        .with_attributes(attributes)
+        .with_kind("agent")
+        .with_ttl(TOKEN_TTL)
+        .with_grants(
+            api.VideoGrants(
+                room_join=True,
+                room=message.room,
+                agent=True,
+                can_publish=True,
+                can_subscribe=True,
+                can_publish_data=True,
+                can_update_own_metadata=True,
+            )
+        )
+        .to_jwt()
+    )
+
+
+async def run_session(
+    message: JobMessage,
+    config: AgentConfig,
+    credentials: LiveKitSettings,
+    proc: JobProcess,
+    control: SessionControl,
+    *,
+    worker_id: str,
+) -> SessionOutcome:
+    """Join the job's room as its agent and run the agent until the call ends."""
+    info = RunningJobInfo(
+        accept_arguments=JobAcceptArguments(
+            name=message.accept.name,
+            identity=message.accept.identity,
+            metadata=message.accept.metadata,
+            attributes=dict(message.accept.attributes),
+        ),
+        job=message.job,
+        url=message.livekit_url or credentials.ws_url,
+        token=mint_token(credentials, message),
+        worker_id=worker_id,
+        fake_job=False,
+    )
+    room = rtc.Room()
+    ended = anyio.Event()
+    end: dict[str, Any] = {}
+
+    def finish(reason: str, **extra: Any) -> None:
+        if not ended.is_set():
+            end.update(reason=reason, **extra)
+            ended.set()
+
+    @room.on("disconnected")
+    def _on_disconnected(reason: Any = None) -> None:
+        name = str(reason)
+        if isinstance(reason, int):
+            name = rtc.DisconnectReason.Name(reason)  # type: ignore[arg-type]
+        finish(f"room disconnected ({name})", disconnect=name)
+
+    ctx = JobContext(
+        proc=proc,
+        info=info,
+        room=room,
+        on_connect=lambda: None,
+        on_shutdown=lambda reason: finish(reason or "shutdown requested by the agent"),
+        inference_executor=None,  # type: ignore[arg-type]  # only turn detectors use it
+    )
+    ctx._on_setup()
+    context_token = _JobContextVar.set(ctx)
+    http_context._new_session_ctx()
+    session: AgentSession[Any] | None = None
+    try:
+        try:
+            session = AgentSession(
+                stt=config.stt,  # type: ignore[arg-type]
+                llm=config.llm,  # type: ignore[arg-type]
+                tts=config.tts,  # type: ignore[arg-type]
+                vad=proc.userdata.get("vad"),
+                **dict(config.session_kwargs),
+            )
+            session.on("close", lambda event: finish(f"session closed ({event.reason.value})"))
+            await ctx.connect()
+            control.joined.set()
+            # Agents are constructed without arguments, as livekit-agents' examples
+            # and the PyPI openrtc package do.
+            agent = config.agent_cls()  # type: ignore[call-arg]
+            await session.start(agent=agent, room=room)
+            if config.greeting:
+                session.say(config.greeting)
+        except Exception as exc:
+            logger.exception("job %s: the agent failed to start", message.job_id)
+            return SessionOutcome("failed", "agent failed to start", f"{type(exc).__name__}: {exc}")
+
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_told() -> None:
+                await control.wait_stop()
+                finish(control.stop_reason)
+
+            tg.start_soon(stop_when_told)
+            await ended.wait()
+            tg.cancel_scope.cancel()
+
+        if control.takeover or end.get("disconnect") == "DUPLICATE_IDENTITY":
+            return SessionOutcome("taken_over", end["reason"])
+        return SessionOutcome("success", end["reason"])
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _close(ctx, room, session, end.get("reason", "worker stopping"))
+            _JobContextVar.reset(context_token)
+
+
+async def _close(
+    ctx: JobContext, room: rtc.Room, session: AgentSession[Any] | None, reason: str
+) -> None:
+    with anyio.move_on_after(CLOSE_TIMEOUT) as scope:
+        if session is not None:
+            try:
+                await session.aclose()
+            except Exception:
+                logger.exception("closing the agent session failed")
+        for callback in list(ctx._shutdown_callbacks):
+            try:
+                await callback(reason)
+            except Exception:
+                logger.exception("a shutdown callback failed")
+        try:
+            await room.disconnect()
+        except Exception:
+            logger.exception("leaving the room failed")
+        try:
+            await ctx._on_cleanup()
+        except Exception:
+            logger.exception("job context cleanup failed")
+        try:
+            await http_context._close_http_ctx()
+        except Exception:
+            logger.exception("closing the session's HTTP client failed")
+    if scope.cancelled_caught:
+        logger.warning("closing the session took more than %.0fs; abandoned", CLOSE_TIMEOUT)
