@@ -1,0 +1,257 @@
+"""Calls end to end: real LiveKit, real Redis, dispatcher, workers, a caller in the room."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from livekit import api, rtc
+from redis.asyncio import Redis
+
+from openrtc.agents import AgentPool
+from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.dispatcher import Dispatcher
+from openrtc.keys import Keys
+from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
+from openrtc.worker import Worker
+from tests.callers import caller_in
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def creds(livekit: LiveKitServer) -> LiveKitSettings:
+    return LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret)
+
+
+@asynccontextmanager
+async def dispatching(livekit: LiveKitServer, redis_url: str, ns: str) -> AsyncIterator[Dispatcher]:
+    dispatcher = Dispatcher(
+        DispatcherSettings(
+            livekit=creds(livekit), redis_url=redis_url, namespace=ns, heartbeat_interval=0.2
+        ),
+        AgentPool.from_directory(OFFLINE_AGENTS),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.run)
+        with anyio.fail_after(10):
+            await dispatcher.registered.wait()
+        try:
+            yield dispatcher
+        finally:
+            dispatcher.request_stop()
+
+
+@asynccontextmanager
+async def serving(
+    livekit: LiveKitServer, redis_url: str, ns: str, agent: str, **overrides: Any
+) -> AsyncIterator[Worker]:
+    settings = WorkerSettings(
+        livekit=creds(livekit),
+        agent=agent,
+        redis_url=redis_url,
+        namespace=ns,
+        heartbeat_interval=0.2,
+        **{"drain_timeout": 5.0, **overrides},
+    )
+    worker = Worker(settings, AgentPool.from_directory(overrides.pop("agents_dir", OFFLINE_AGENTS)))
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.request_stop()
+
+
+def worker_process(
+    livekit: LiveKitServer, redis_url: str, ns: str, agent: str, *args: str
+) -> subprocess.Popen[str]:
+    env = dict(
+        os.environ,
+        LIVEKIT_URL=livekit.url,
+        LIVEKIT_API_KEY=livekit.api_key,
+        LIVEKIT_API_SECRET=livekit.api_secret,
+        REDIS_URL=redis_url,
+        OPENRTC_NAMESPACE=ns,
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "openrtc",
+            "worker",
+            "--agent",
+            agent,
+            "--agents-dir",
+            str(OFFLINE_AGENTS),
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+async def wait_member(redis: Redis, keys: Keys, agent: str, count: int = 1) -> list[bytes]:
+    with anyio.fail_after(30):
+        while True:
+            members: list[bytes] = await redis.zrange(keys.workers(agent), 0, -1)
+            if len(members) >= count:
+                return members
+            await anyio.sleep(0.05)
+
+
+async def create_room(livekit: LiveKitServer, name: str, metadata: str = "") -> None:
+    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
+        await lk.room.create_room(api.CreateRoomRequest(name=name, metadata=metadata))
+
+
+async def delete_room(livekit: LiveKitServer, name: str) -> None:
+    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
+        await lk.room.delete_room(api.DeleteRoomRequest(room=name))
+
+
+@pytest.mark.parametrize("isolation", ["coroutine", "process"])
+async def test_calls_reach_the_right_agent_and_end_cleanly(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    isolation: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="openrtc")
+    ns = unique("ns")
+    keys = Keys(ns)
+    dental_room = unique("lobby")
+    restaurant_room = f"restaurant-room-42-{uuid.uuid4().hex[:6]}"
+    async with (
+        dispatching(livekit_server, redis_server.url, ns) as dispatcher,
+        serving(livekit_server, redis_server.url, ns, "dental", isolation=isolation) as dental,
+        serving(livekit_server, redis_server.url, ns, "restaurant") as restaurant,
+    ):
+        await create_room(livekit_server, dental_room, '{"agent": "dental"}')
+        async with caller_in(livekit_server, dental_room) as caller:
+            agent = await caller.wait_agent(within=20)
+            assert agent.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+            assert agent.attributes.get("openrtc.agent") == "dental"
+            assert agent.identity.startswith("agent-AJ_")
+            with anyio.fail_after(20):
+                await caller.heard.wait()  # the greeting, as audio the caller receives
+            assert [r.message.room for r in dental._running.values()] == [dental_room]
+
+            await create_room(livekit_server, restaurant_room)
+            async with caller_in(livekit_server, restaurant_room, "caller-2") as caller2:
+                other = await caller2.wait_agent(within=20)
+                assert other.attributes.get("openrtc.agent") == "restaurant"
+
+            job_id = agent.identity.removeprefix("agent-")
+            await delete_room(livekit_server, dental_room)
+
+            with anyio.fail_after(20):
+                while dental.stats.succeeded < 1 or dispatcher.stats.statuses_relayed < 2:
+                    await anyio.sleep(0.05)
+        assert caller.max_agents_at_once == 1
+        assert f"job {job_id} success" in caplog.text  # the dispatcher relayed it to LiveKit
+        assert dental.stats.started == 1
+        assert restaurant.stats.started == 1
+        # Acknowledged and deleted: nothing pending, nothing left in the stream.
+        assert await redis.xlen(keys.jobs("dental")) == 0
+        record = await redis.hgetall(keys.job("dental", job_id))
+        assert record[b"state"] == b"done"
+
+
+async def test_a_killed_worker_s_call_comes_back_within_the_lease(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    lease = 2.0
+    room = unique("dental-call")
+    async with dispatching(livekit_server, redis_server.url, ns):
+        first = worker_process(
+            livekit_server, redis_server.url, ns, "dental", "--lease", str(lease)
+        )
+        try:
+            await wait_member(redis, keys, "dental")
+            await create_room(livekit_server, room)
+            async with caller_in(livekit_server, room) as caller:
+                original = await caller.wait_agent(within=20)
+                async with serving(
+                    livekit_server, redis_server.url, ns, "dental", lease=lease
+                ) as second:
+                    await wait_member(redis, keys, "dental", 2)
+                    first.send_signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    first.wait(5)
+                    replacement = await caller.wait_agent(within=30, other_than=original.sid)
+                    back_after = replacement.at - killed_at
+                    assert replacement.identity == original.identity
+                    assert replacement.attributes.get("openrtc.agent") == "dental"
+                    assert second.stats.reclaimed == 1
+                    # Within a lease, plus a reclaim scan and the join itself.
+                    assert back_after < lease + 3.0, back_after
+                    await anyio.sleep(lease * 2)
+                    # The replacement stays; it is never taken over while it lives.
+                    assert [a.sid for a in caller.agents()] == [replacement.sid]
+                    assert second.stats.taken_over == 0
+                    assert len(second._running) == 1
+        finally:
+            if first.poll() is None:
+                first.kill()
+
+
+async def test_drain_lets_the_call_finish_and_leaves_queued_jobs_to_others(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    busy_room, queued_room = unique("dental-busy"), unique("dental-queued")
+    async with dispatching(livekit_server, redis_server.url, ns):
+        draining = worker_process(
+            livekit_server, redis_server.url, ns, "dental", "--concurrency", "1"
+        )
+        try:
+            await wait_member(redis, keys, "dental")
+            await create_room(livekit_server, busy_room)
+            async with caller_in(livekit_server, busy_room) as busy_caller:
+                busy_agent = await busy_caller.wait_agent(within=20)
+                draining.send_signal(signal.SIGTERM)
+                await anyio.sleep(0.5)
+                await create_room(livekit_server, queued_room)
+                async with caller_in(livekit_server, queued_room, "caller-2") as queued_caller:
+                    await anyio.sleep(2.0)
+                    assert queued_caller.agents() == []  # the draining worker took nothing
+                    async with serving(livekit_server, redis_server.url, ns, "dental") as other:
+                        await queued_caller.wait_agent(within=20)
+                        assert other.stats.started == 1
+                        # The draining worker's call is still on, with the same agent.
+                        assert [a.sid for a in busy_caller.agents()] == [busy_agent.sid]
+                        assert draining.poll() is None
+                        await delete_room(livekit_server, busy_room)
+                        out, _ = await anyio.to_thread.run_sync(
+                            lambda: draining.communicate(timeout=30)
+                        )
+                        assert draining.returncode == 0, out
+                        assert "ended: room disconnected (ROOM_DELETED)" in out
+                        assert livekit_server.api_secret not in out
+        finally:
+            if draining.poll() is None:
+                draining.kill()
