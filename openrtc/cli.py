@@ -344,6 +344,335 @@ def worker(
     _run_service(service)
 
 
+def _with_redis(redis_url: str, work: Any) -> Any:
+    """Run ``work(redis)`` against Redis, turning connection errors into one line."""
+    import anyio
+    from redis.exceptions import RedisError
+
+    from openrtc.settings import redact_url
+    from openrtc.streams import connect_redis
+
+    async def go() -> Any:
+        client = connect_redis(redis_url)
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    try:
+        return anyio.run(go)
+    except (RedisError, OSError) as exc:
+        _fail(f"Redis at {redact_url(redis_url)}: {exc}")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.0f}m"
+
+
+@app.command("status")
+def status(
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    namespace: Namespace = "openrtc",
+    agents_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--agents-dir",
+            envvar="OPENRTC_AGENTS_DIR",
+            help="Also list these agents, even before they have a stream.",
+        ),
+    ] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Streams, backlog, pending jobs, live workers and dispatchers, dead letters."""
+    from openrtc.keys import Keys
+    from openrtc.monitor import read_status
+
+    names = _load_pool(agents_dir).list_agents() if agents_dir and agents_dir.is_dir() else []
+    result = _with_redis(redis_url, lambda r: read_status(r, Keys(namespace), names))
+    if json_output:
+        _print_json(result.to_json())
+        return
+    table = Table(title=f"Agents (namespace {namespace!r})", title_justify="left")
+    for column in ("agent", "workers", "running/capacity", "backlog", "pending", "oldest waiting"):
+        table.add_column(column)
+    for agent in result.agents:
+        table.add_row(
+            agent.agent,
+            str(len(agent.workers)),
+            f"{agent.running}/{agent.capacity}",
+            str(agent.backlog),
+            str(agent.pending),
+            _age(agent.oldest_waiting_age),
+        )
+    _out.print(table)
+    workers = Table(title="Workers", title_justify="left")
+    for column in ("worker", "agent", "running/capacity", "isolation", "host", "heartbeat"):
+        workers.add_column(column)
+    for agent in result.agents:
+        for w in agent.workers:
+            state = " (draining)" if w.draining else ""
+            workers.add_row(
+                w.id,
+                agent.agent,
+                f"{w.running}/{w.capacity}{state}",
+                w.isolation,
+                f"{w.host}:{w.pid}",
+                f"{w.heartbeat_age:.1f}s ago",
+            )
+    _out.print(workers)
+    dispatchers = Table(title="Dispatchers", title_justify="left")
+    for column in ("dispatcher", "LiveKit worker", "agent name", "held jobs", "heartbeat"):
+        dispatchers.add_column(column)
+    for d in result.dispatchers:
+        dispatchers.add_row(
+            d.id + (" (draining)" if d.draining else ""),
+            d.livekit_worker_id or "(not registered)",
+            repr(d.agent_name),
+            str(d.held_jobs),
+            f"{d.heartbeat_age:.1f}s ago",
+        )
+    _out.print(dispatchers)
+    _out.print(f"dead letters: {result.dead_letters}  (openrtc dlq list)")
+
+
+dlq = typer.Typer(help="Inspect, replay and purge the dead letters.", no_args_is_help=True)
+app.add_typer(dlq, name="dlq")
+
+
+@dlq.command("list")
+def dlq_list(
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    namespace: Namespace = "openrtc",
+    count: Annotated[int, typer.Option("--count", "-n", help="Most entries to show.")] = 50,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="unknown-agent, malformed, expired, ...")
+    ] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """The newest dead letters, one line each."""
+    from openrtc.keys import Keys
+    from openrtc.monitor import list_dead_letters
+
+    letters = _with_redis(
+        redis_url,
+        lambda r: list_dead_letters(r, Keys(namespace), count=count, reason=reason, agent=agent),
+    )
+    if json_output:
+        _print_json({"dead_letters": [d.summary() for d in letters]})
+        return
+    if not letters:
+        typer.echo("No dead letters.")
+        return
+    table = Table(
+        title=f"Dead letters (newest first, namespace {namespace!r})", title_justify="left"
+    )
+    for column in ("id", "age", "reason", "agent", "job", "room", "error"):
+        table.add_column(column, overflow="fold")
+    import time as _time
+
+    for d in letters:
+        table.add_row(
+            d.id,
+            _age(_time.time() - d.dead_at) if d.dead_at else "-",
+            d.reason,
+            d.agent,
+            d.job_id,
+            d.room,
+            d.error,
+        )
+    _out.print(table)
+
+
+@dlq.command("show")
+def dlq_show(
+    entry_id: Annotated[str, typer.Argument(help="The dead letter's entry id.")],
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    namespace: Namespace = "openrtc",
+) -> None:
+    """One dead letter in full (JSON), the job decoded, credentials redacted."""
+    from openrtc.keys import Keys
+    from openrtc.monitor import list_dead_letters
+
+    letters = _with_redis(
+        redis_url, lambda r: list_dead_letters(r, Keys(namespace), ids=[entry_id])
+    )
+    if not letters:
+        _fail(f"no dead letter {entry_id!r}")
+    _print_json(letters[0].detail())
+
+
+@dlq.command("replay")
+def dlq_replay(
+    entry_ids: Annotated[list[str] | None, typer.Argument(help="Entry ids to replay.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every listed entry.")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="With --all: only these.")] = None,
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Send to this agent instead of the original.")
+    ] = None,
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    namespace: Namespace = "openrtc",
+    json_output: JsonFlag = False,
+) -> None:
+    """Put dead letters back on their agent's stream as new jobs."""
+    from openrtc.agents import validate_agent_name
+    from openrtc.keys import Keys
+    from openrtc.monitor import list_dead_letters, replay_dead_letters
+
+    if not entry_ids and not replay_all:
+        _fail("name entry ids, or pass --all", 2)
+    if agent is not None:
+        try:
+            agent = validate_agent_name(agent)
+        except OpenRTCError as exc:
+            _fail(str(exc), 2)
+    keys = Keys(namespace)
+
+    async def work(r: Any) -> list[tuple[str, str]]:
+        letters = await list_dead_letters(r, keys, ids=entry_ids or [], reason=reason, count=10_000)
+        unroutable = [d.id for d in letters if not (agent or d.agent)]
+        if unroutable:
+            raise typer.BadParameter(f"entries without an agent need --agent: {unroutable}")
+        return await replay_dead_letters(r, keys, letters, agent=agent)
+
+    try:
+        moved = _with_redis(redis_url, work)
+    except typer.BadParameter as exc:
+        _fail(str(exc), 2)
+    if json_output:
+        _print_json({"replayed": [{"dead_letter": a, "entry": b} for a, b in moved]})
+        return
+    for old, new in moved:
+        typer.echo(f"{old} -> {new}")
+    typer.echo(f"replayed {len(moved)} dead letter(s)")
+
+
+@dlq.command("purge")
+def dlq_purge(
+    entry_ids: Annotated[list[str] | None, typer.Argument(help="Entry ids to delete.")] = None,
+    purge_all: Annotated[bool, typer.Option("--all", help="Delete every dead letter.")] = False,
+    older_than: Annotated[
+        float | None, typer.Option("--older-than", help="Delete those older than N seconds.")
+    ] = None,
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
+    namespace: Namespace = "openrtc",
+) -> None:
+    """Delete dead letters (by id, by age, or --all)."""
+    from openrtc.keys import Keys
+    from openrtc.monitor import purge_dead_letters
+
+    if not entry_ids and not purge_all and older_than is None:
+        _fail("name entry ids, or pass --older-than or --all", 2)
+    removed = _with_redis(
+        redis_url,
+        lambda r: purge_dead_letters(
+            r, Keys(namespace), ids=entry_ids or [], older_than=older_than
+        ),
+    )
+    typer.echo(f"deleted {removed} dead letter(s)")
+
+
+@app.command("call")
+def call(
+    room: Annotated[str, typer.Option("--room", help="Room to call into.")],
+    metadata: Annotated[
+        str | None,
+        typer.Option("--metadata", help="Create the room first, with this metadata."),
+    ] = None,
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for an agent.")] = 20.0,
+    listen: Annotated[float, typer.Option("--listen", help="Seconds to wait for audio.")] = 10.0,
+    delete: Annotated[
+        bool, typer.Option("--delete/--keep", help="Delete the room afterwards.")
+    ] = True,
+    json_output: JsonFlag = False,
+) -> None:
+    """Join a room as a caller and report which agent answered and whether it was heard."""
+    import dataclasses
+
+    import anyio
+
+    from openrtc.caller import place_call
+    from openrtc.settings import LiveKitSettings
+
+    try:
+        credentials = LiveKitSettings(livekit_url, api_key, api_secret)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+    try:
+        result = anyio.run(
+            lambda: place_call(
+                credentials, room, metadata=metadata, wait=wait, listen=listen, delete_room=delete
+            )
+        )
+    except Exception as exc:
+        _fail(f"call failed: {type(exc).__name__}: {exc}")
+    if json_output:
+        _print_json({**dataclasses.asdict(result), "ok": result.ok})
+    elif result.agent is None:
+        typer.echo(f"{room}: {result.error}")
+    else:
+        heard = f"heard after {result.heard_after:.2f}s" if result.heard_after else "not heard"
+        typer.echo(
+            f"{room}: agent '{result.agent}' ({result.identity}) joined after "
+            f"{result.joined_after:.2f}s, {heard}"
+        )
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command("dev")
+def dev(
+    agents_dir: AgentsDir = Path("agents"),
+    env_file: Annotated[
+        Path, typer.Option("--env-file", help="Where to write the stack's settings (mode 0600).")
+    ] = Path(".openrtc/dev.env"),
+    isolation: Annotated[
+        str, typer.Option("--isolation", help="coroutine or process.")
+    ] = "coroutine",
+) -> None:
+    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent."""
+    import anyio
+
+    from openrtc.dev import dev_stack, write_env_file
+
+    pool = _load_pool(agents_dir)
+    if len(pool) == 0:
+        _fail("No agents are registered in the pool.")
+    if isolation not in ("coroutine", "process"):
+        _fail(f"--isolation must be coroutine or process, not {isolation!r}", 2)
+
+    async def serve() -> None:
+        import signal
+
+        async with dev_stack(
+            agents_dir,
+            isolation="process" if isolation == "process" else "coroutine",
+            log_dir=env_file.parent / "logs",
+        ) as stack:
+            write_env_file(env_file, stack)
+            typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
+            typer.echo(f"Redis    {stack.redis.url}")
+            typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
+            typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
+            typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
+            typer.echo("Ctrl-C stops everything.")
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+
+    try:
+        anyio.run(serve)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -172,12 +172,17 @@ async def run_session(
     session: AgentSession[Any] | None = None
     try:
         try:
+            options = dict(config.session_kwargs)
+            if config.stt is None and config.llm is None:
+                # Nothing to detect turns with: say so, instead of livekit-agents
+                # warning on every session that its turn detector has no VAD.
+                options.setdefault("turn_detection", "manual")
             session = AgentSession(
                 stt=config.stt,  # type: ignore[arg-type]
                 llm=config.llm,  # type: ignore[arg-type]
                 tts=config.tts,  # type: ignore[arg-type]
                 vad=proc.userdata.get("vad"),
-                **dict(config.session_kwargs),
+                **options,
             )
             session.on("close", lambda event: finish(f"session closed ({event.reason.value})"))
             await ctx.connect()

@@ -1,53 +1,86 @@
-"""End-to-end demo on this machine: real LiveKit and Redis servers, the offline agents.
+"""The main job end to end, on this machine: calls routed to the right agents.
 
-Run through ``bash scripts/demo.sh``. It starts both servers on loopback, creates
-the seed's rooms on LiveKit, reads each room back from the server as a dispatched
-job would carry it, and routes it through the six-step chain, exactly as the
-dispatcher does on every ``AvailabilityRequest``.
+Run through ``bash scripts/demo.sh``. It starts real LiveKit and Redis servers,
+a dispatcher and one worker per offline example agent (``openrtc dev``), then
+places the seed's calls: each room is created on LiveKit, a caller joins it, and
+the demo reports which agent answered, how fast, and whether it was heard. A room
+naming an unknown agent ends in the dead letters. Nothing needs a cloud key.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import sys
 from pathlib import Path
 
-from livekit import api
-from livekit.protocol.agent import Job
+import anyio
 
-from openrtc import AgentPool
-from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.caller import place_call
+from openrtc.dev import dev_stack
+from openrtc.keys import Keys
+from openrtc.monitor import list_dead_letters, read_status
+from openrtc.streams import connect_redis
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = [
-    ("dental-call-1234", ""),
-    ("restaurant-room-42", ""),
-    ("general-chat", ""),
-    ("lobby-7", '{"agent": "support"}'),
-    ("lobby-8", '{"agent": "ghost"}'),
+CALLS = [  # room, room metadata, expected agent
+    ("dental-call-1234", "", "dental"),
+    ("restaurant-room-42", "", "restaurant"),
+    ("general-chat", "", "dental"),
+    ("lobby-7", '{"agent": "support"}', "support"),
 ]
+GHOST = ("lobby-8", '{"agent": "ghost"}')
 
 
 async def main() -> int:
-    pool = AgentPool.from_directory(ROOT / "examples" / "offline_agents")
-    print(f"agents (registration order): {', '.join(pool.list_agents())}")
-    with RedisServer() as redis_server, LiveKitServer() as livekit:
-        print(f"livekit-server {livekit.url}   redis-server {redis_server.url}")
-        async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
-            for name, metadata in ROOMS:
-                await lk.room.create_room(api.CreateRoomRequest(name=name, metadata=metadata))
-            listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[n for n, _ in ROOMS]))
-            by_name = {room.name: room for room in listed.rooms}
-            for name, _ in ROOMS:
-                job = Job(id=f"AJ_demo_{name}", room=by_name[name])
-                try:
-                    route = pool.resolve(job)
-                except ValueError as exc:
-                    print(f"  {name:<20} -> dead letter: {exc}")
-                else:
-                    print(f"  {name:<20} -> {route.agent:<11} step {route.step} ({route.source})")
-    return 0
+    failures = 0
+    log_dir = ROOT / ".openrtc" / "demo-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=log_dir / "demo.log",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    async with dev_stack(ROOT / "examples" / "offline_agents", log_dir=log_dir) as stack:
+        print(f"LiveKit {stack.livekit.url}, Redis {stack.redis.url}")
+        print(f"agents: {', '.join(w.settings.agent for w in stack.workers)} (one worker each)\n")
+        for room, metadata, expected in CALLS:
+            result = await place_call(stack.credentials, room, metadata=metadata, delete_room=True)
+            ok = result.ok and result.agent == expected
+            failures += not ok
+            heard = f"heard after {result.heard_after:.2f}s" if result.heard_after else "NOT heard"
+            print(
+                f"  {'ok ' if ok else 'BAD'} {room:<20} -> {result.agent or '(nobody)':<11}"
+                f" joined after {result.joined_after or 0:.2f}s, {heard}"
+                + (f"  [{result.error}]" if result.error else "")
+            )
+        ghost = await place_call(
+            stack.credentials, GHOST[0], metadata=GHOST[1], wait=3, listen=0, delete_room=True
+        )
+        redis = connect_redis(stack.redis.url)
+        try:
+            keys = Keys(stack.namespace)
+            letters = await list_dead_letters(redis, keys)
+            print(f"  {'ok ' if ghost.agent is None else 'BAD'} {GHOST[0]:<20} -> nobody;", end=" ")
+            print(
+                f"dead letter: {letters[0].reason}: {letters[0].error}"
+                if letters
+                else "NO dead letter"
+            )
+            failures += ghost.agent is not None or not letters
+            status = await read_status(redis, keys)
+        finally:
+            await redis.aclose()
+        print("\nafter the calls:")
+        for agent in status.agents:
+            print(
+                f"  {agent.agent:<11} workers {len(agent.workers)}, running {agent.running}, "
+                f"backlog {agent.backlog}, pending {agent.pending}"
+            )
+        print(f"  dispatcher: {stack.dispatcher.stats}")
+    print("\nall calls answered by the right agent" if not failures else f"\n{failures} FAILED")
+    print(f"logs: {log_dir}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(anyio.run(main))

@@ -20,12 +20,12 @@ from livekit import api, rtc
 from redis.asyncio import Redis
 
 from openrtc.agents import AgentPool
+from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.dispatcher import Dispatcher
 from openrtc.keys import Keys
 from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
 from openrtc.worker import Worker
-from tests.callers import caller_in
 
 pytestmark = pytest.mark.anyio
 
@@ -148,7 +148,7 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
         serving(livekit_server, redis_server.url, ns, "restaurant") as restaurant,
     ):
         await create_room(livekit_server, dental_room, '{"agent": "dental"}')
-        async with caller_in(livekit_server, dental_room) as caller:
+        async with caller_in(creds(livekit_server), dental_room) as caller:
             agent = await caller.wait_agent(within=20)
             assert agent.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
             assert agent.attributes.get("openrtc.agent") == "dental"
@@ -158,7 +158,7 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
             assert [r.message.room for r in dental._running.values()] == [dental_room]
 
             await create_room(livekit_server, restaurant_room)
-            async with caller_in(livekit_server, restaurant_room, "caller-2") as caller2:
+            async with caller_in(creds(livekit_server), restaurant_room, "caller-2") as caller2:
                 other = await caller2.wait_agent(within=20)
                 assert other.attributes.get("openrtc.agent") == "restaurant"
 
@@ -192,7 +192,7 @@ async def test_a_killed_worker_s_call_comes_back_within_the_lease(
         try:
             await wait_member(redis, keys, "dental")
             await create_room(livekit_server, room)
-            async with caller_in(livekit_server, room) as caller:
+            async with caller_in(creds(livekit_server), room) as caller:
                 original = await caller.wait_agent(within=20)
                 async with serving(
                     livekit_server, redis_server.url, ns, "dental", lease=lease
@@ -231,12 +231,14 @@ async def test_drain_lets_the_call_finish_and_leaves_queued_jobs_to_others(
         try:
             await wait_member(redis, keys, "dental")
             await create_room(livekit_server, busy_room)
-            async with caller_in(livekit_server, busy_room) as busy_caller:
+            async with caller_in(creds(livekit_server), busy_room) as busy_caller:
                 busy_agent = await busy_caller.wait_agent(within=20)
                 draining.send_signal(signal.SIGTERM)
                 await anyio.sleep(0.5)
                 await create_room(livekit_server, queued_room)
-                async with caller_in(livekit_server, queued_room, "caller-2") as queued_caller:
+                async with caller_in(
+                    creds(livekit_server), queued_room, "caller-2"
+                ) as queued_caller:
                     await anyio.sleep(2.0)
                     assert queued_caller.agents() == []  # the draining worker took nothing
                     async with serving(livekit_server, redis_server.url, ns, "dental") as other:

@@ -1,4 +1,8 @@
-"""A test caller: joins a room on the real LiveKit server and watches the agent."""
+"""A caller: joins a room like a person would and reports the agent that answers.
+
+Used by ``openrtc call`` (smoke-test a deployment: did the right agent join,
+and can it be heard?), by the demo, and by the end-to-end tests.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,18 @@ import anyio
 import numpy as np
 from livekit import api, rtc
 
-from openrtc.devstack import LiveKitServer
+from openrtc.settings import LiveKitSettings
+
+__all__ = ["AgentSighting", "CallResult", "Caller", "caller_in", "place_call"]
+
+#: A frame counts as heard when a sample exceeds this (comfort noise does not).
+LOUD: int = 1000
 
 
 @dataclass
 class AgentSighting:
+    """An agent participant as the caller first saw it."""
+
     identity: str
     sid: str
     kind: int
@@ -34,6 +45,7 @@ class Caller:
     heard: anyio.Event = field(default_factory=anyio.Event)
 
     def agents(self) -> list[rtc.RemoteParticipant]:
+        """Agent participants in the room now."""
         return [
             p
             for p in self.room.remote_participants.values()
@@ -54,7 +66,7 @@ class Caller:
 
 @asynccontextmanager
 async def caller_in(
-    livekit: LiveKitServer, room: str, identity: str = "caller"
+    livekit: LiveKitSettings, room: str, identity: str = "caller"
 ) -> AsyncIterator[Caller]:
     """Join ``room`` as a standard participant and record every agent that shows up."""
     token = (
@@ -99,12 +111,12 @@ async def caller_in(
         await track_arrived.wait()
         async for event in rtc.AudioStream(tracks[-1], sample_rate=48000, num_channels=1):
             samples = np.frombuffer(event.frame.data, dtype=np.int16)
-            if samples.size and int(np.abs(samples).max()) > 1000:
+            if samples.size and int(np.abs(samples).max()) > LOUD:
                 caller.loud_frames += 1
                 if caller.loud_frames >= 10:
                     caller.heard.set()
 
-    await lk_room.connect(livekit.url, token)
+    await lk_room.connect(livekit.ws_url, token)
     for p in lk_room.remote_participants.values():
         _on_join(p)
     try:
@@ -117,3 +129,65 @@ async def caller_in(
     finally:
         with anyio.CancelScope(shield=True):
             await lk_room.disconnect()
+
+
+@dataclass
+class CallResult:
+    """What one call found."""
+
+    room: str
+    agent: str | None = None
+    identity: str | None = None
+    kind_agent: bool = False
+    joined_after: float | None = None
+    heard_after: float | None = None
+    loud_frames: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.agent is not None and self.heard_after is not None
+
+
+async def place_call(
+    livekit: LiveKitSettings,
+    room: str,
+    *,
+    metadata: str | None = None,
+    identity: str = "openrtc-caller",
+    wait: float = 20.0,
+    listen: float = 10.0,
+    delete_room: bool = False,
+) -> CallResult:
+    """Create ``room`` (when ``metadata`` is given), join it, and report who answers.
+
+    The call waits up to ``wait`` seconds for an agent participant and up to
+    ``listen`` more for its audio, then leaves (and deletes the room if asked).
+    """
+    result = CallResult(room=room)
+    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
+        if metadata is not None:
+            await lk.room.create_room(api.CreateRoomRequest(name=room, metadata=metadata))
+        started = time.monotonic()
+        try:
+            async with caller_in(livekit, room, identity) as caller:
+                try:
+                    sighting = await caller.wait_agent(within=wait)
+                except TimeoutError:
+                    result.error = f"no agent joined within {wait:.0f}s"
+                else:
+                    result.identity = sighting.identity
+                    result.agent = sighting.attributes.get("openrtc.agent", "")
+                    result.kind_agent = sighting.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+                    result.joined_after = round(sighting.at - started, 3)
+                    with anyio.move_on_after(listen):
+                        await caller.heard.wait()
+                        result.heard_after = round(time.monotonic() - started, 3)
+                    if result.heard_after is None:
+                        result.error = f"the agent was not heard within {listen:.0f}s"
+                result.loud_frames = caller.loud_frames
+        finally:
+            if delete_room:
+                with anyio.CancelScope(shield=True):
+                    await lk.room.delete_room(api.DeleteRoomRequest(room=room))
+    return result

@@ -1,0 +1,116 @@
+"""``openrtc dev``: the whole stack on one machine.
+
+Real Redis and LiveKit servers on free loopback ports (:mod:`openrtc.devstack`),
+one dispatcher, and one worker per registered agent, in this process. The
+connection settings are written to an env file readable only by you; the API
+secret is never printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from openrtc.agents import AgentPool
+from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.dispatcher import Dispatcher
+from openrtc.settings import DispatcherSettings, Isolation, LiveKitSettings, WorkerSettings
+from openrtc.worker import Worker
+
+__all__ = ["DevStack", "dev_stack", "write_env_file"]
+
+logger = logging.getLogger("openrtc.dev")
+
+
+@dataclass
+class DevStack:
+    """The running pieces."""
+
+    redis: RedisServer
+    livekit: LiveKitServer
+    dispatcher: Dispatcher
+    workers: list[Worker]
+    namespace: str
+
+    @property
+    def credentials(self) -> LiveKitSettings:
+        return LiveKitSettings(self.livekit.url, self.livekit.api_key, self.livekit.api_secret)
+
+
+def write_env_file(path: Path, stack: DevStack) -> None:
+    """Write the stack's settings as ``KEY=value`` lines, mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            f"LIVEKIT_URL={stack.livekit.url}\n"
+            f"LIVEKIT_API_KEY={stack.livekit.api_key}\n"
+            f"LIVEKIT_API_SECRET={stack.livekit.api_secret}\n"
+            f"REDIS_URL={stack.redis.url}\n"
+            f"OPENRTC_NAMESPACE={stack.namespace}\n"
+        )
+
+
+@asynccontextmanager
+async def dev_stack(
+    agents_dir: str | Path,
+    *,
+    namespace: str = "openrtc",
+    concurrency: int = 10,
+    isolation: Isolation = "coroutine",
+    log_dir: Path | None = None,
+) -> AsyncIterator[DevStack]:
+    """Start servers, a dispatcher and a worker per agent; stop them all on exit."""
+    pool = AgentPool.from_directory(agents_dir)
+    if len(pool) == 0:
+        from openrtc.errors import ConfigError
+
+        raise ConfigError("No agents are registered in the pool.")
+    if log_dir is not None:
+        await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
+    redis = RedisServer(log_path=log_dir / "redis.log" if log_dir else None)
+    livekit = LiveKitServer(log_path=log_dir / "livekit.log" if log_dir else None)
+    await anyio.to_thread.run_sync(redis.start)
+    try:
+        await anyio.to_thread.run_sync(livekit.start)
+        credentials = LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret)
+        dispatcher = Dispatcher(
+            DispatcherSettings(livekit=credentials, redis_url=redis.url, namespace=namespace),
+            pool,
+        )
+        workers = [
+            Worker(
+                WorkerSettings(
+                    livekit=credentials,
+                    agent=name,
+                    redis_url=redis.url,
+                    namespace=namespace,
+                    concurrency=concurrency,
+                    isolation=isolation,
+                    drain_timeout=5.0,
+                ),
+                pool,
+            )
+            for name in pool.list_agents()
+        ]
+        async with anyio.create_task_group() as tg:
+            for worker in workers:
+                await tg.start(worker.run)
+            await tg.start(dispatcher.run)
+            with anyio.fail_after(15):
+                await dispatcher.registered.wait()
+            try:
+                yield DevStack(redis, livekit, dispatcher, workers, namespace)
+            finally:
+                dispatcher.request_stop()
+                for worker in workers:
+                    worker.request_stop()
+    finally:
+        livekit.close()
+        redis.close()

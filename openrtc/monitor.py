@@ -1,0 +1,322 @@
+"""What operators read: stream backlog, live workers and dispatchers, dead letters.
+
+Everything here is read from Redis, which holds all shared state; nothing
+needs a running dispatcher. Used by ``openrtc status`` and ``openrtc dlq``.
+Dead letters are shown with credentials redacted (a job entry carries none,
+but an entry is user input and is treated as such).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from google.protobuf.json_format import MessageToDict
+from livekit.protocol.agent import Job
+from redis.asyncio import Redis
+
+from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.membership import live_members
+from openrtc.messages import DEAD_LETTER_FIELDS
+
+__all__ = [
+    "AgentStatus",
+    "DeadLetter",
+    "StackStatus",
+    "list_dead_letters",
+    "purge_dead_letters",
+    "read_status",
+    "replay_dead_letters",
+]
+
+_SECRET_MARKERS: Final = ("token", "secret", "password", "turn_password")
+
+
+def _s(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(_s(value))
+    except ValueError:
+        return 0.0
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """``value`` with anything that looks like a credential replaced by ``***``."""
+    if any(marker in key.lower() for marker in _SECRET_MARKERS):
+        return "***" if value else value
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    return value
+
+
+@dataclass
+class WorkerInfo:
+    """One live worker."""
+
+    id: str
+    capacity: int
+    running: int
+    isolation: str
+    host: str
+    pid: str
+    heartbeat_age: float
+    draining: bool
+
+
+@dataclass
+class AgentStatus:
+    """One agent's stream and workers."""
+
+    agent: str
+    stream: str
+    length: int = 0
+    backlog: int = 0
+    pending: int = 0
+    oldest_waiting_age: float | None = None
+    consumers: int = 0
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return sum(w.capacity for w in self.workers)
+
+    @property
+    def running(self) -> int:
+        return sum(w.running for w in self.workers)
+
+
+@dataclass
+class DispatcherInfo:
+    """One live dispatcher."""
+
+    id: str
+    livekit_worker_id: str
+    agent_name: str
+    agents: str
+    held_jobs: int
+    host: str
+    heartbeat_age: float
+    draining: bool
+
+
+@dataclass
+class StackStatus:
+    """Everything ``openrtc status`` shows."""
+
+    namespace: str
+    agents: list[AgentStatus]
+    dispatchers: list[DispatcherInfo]
+    dead_letters: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready, with the derived totals included."""
+        data = asdict(self)
+        for agent, raw in zip(self.agents, data["agents"], strict=True):
+            raw["capacity"] = agent.capacity
+            raw["running"] = agent.running
+        return data
+
+
+async def read_status(redis: Redis, keys: Keys, agents: Iterable[str] = ()) -> StackStatus:
+    """Read the whole picture: every agent that has a stream, plus ``agents``."""
+    now = time.time()
+    known = {_s(a) for a in await redis.smembers(keys.agents)}
+    names = list(dict.fromkeys([*agents, *sorted(known)]))
+    statuses = []
+    for name in names:
+        status = AgentStatus(agent=name, stream=keys.jobs(name))
+        pipe = redis.pipeline(transaction=False)
+        pipe.xlen(status.stream)
+        pipe.xinfo_groups(status.stream)
+        replies = await pipe.execute(raise_on_error=False)
+        if not isinstance(replies[0], Exception):
+            status.length = int(replies[0])
+        if not isinstance(replies[1], Exception):
+            for group in replies[1]:
+                if _s(group.get("name")) != WORKERS_GROUP:
+                    continue
+                status.pending = int(group.get("pending") or 0)
+                status.consumers = int(group.get("consumers") or 0)
+                lag = group.get("lag")
+                status.backlog = (
+                    int(lag) if lag is not None else max(0, status.length - status.pending)
+                )
+                last = _s(group.get("last-delivered-id")) or "0-0"
+                waiting = await redis.xrange(status.stream, min=f"({last}", count=1)
+                if waiting:
+                    first_ms = int(_s(waiting[0][0]).split("-")[0])
+                    status.oldest_waiting_age = max(0.0, now - first_ms / 1000)
+        for worker_id in await live_members(redis, keys.workers(name)):
+            raw = {_s(k): _s(v) for k, v in (await redis.hgetall(keys.worker(worker_id))).items()}
+            if not raw:
+                continue
+            status.workers.append(
+                WorkerInfo(
+                    id=worker_id,
+                    capacity=int(raw.get("capacity") or 0),
+                    running=int(raw.get("running") or 0),
+                    isolation=raw.get("isolation", ""),
+                    host=raw.get("host", ""),
+                    pid=raw.get("pid", ""),
+                    heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
+                    draining=raw.get("draining") == "1",
+                )
+            )
+        statuses.append(status)
+    dispatchers = []
+    for dispatcher_id in await live_members(redis, keys.dispatchers):
+        raw = {
+            _s(k): _s(v) for k, v in (await redis.hgetall(keys.dispatcher(dispatcher_id))).items()
+        }
+        if not raw:
+            continue
+        dispatchers.append(
+            DispatcherInfo(
+                id=dispatcher_id,
+                livekit_worker_id=raw.get("livekit_worker_id", ""),
+                agent_name=raw.get("agent_name", ""),
+                agents=raw.get("agents", ""),
+                held_jobs=int(raw.get("held_jobs") or 0),
+                host=raw.get("host", ""),
+                heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
+                draining=raw.get("draining") == "1",
+            )
+        )
+    return StackStatus(
+        namespace=keys.namespace,
+        agents=statuses,
+        dispatchers=dispatchers,
+        dead_letters=int(await redis.xlen(keys.dead_letter)),
+    )
+
+
+@dataclass
+class DeadLetter:
+    """One dead-letter entry, decoded for people."""
+
+    id: str
+    reason: str
+    error: str
+    agent: str
+    job_id: str
+    room: str
+    source: str
+    origin: str
+    dead_at: float
+    fields: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line view (no payload)."""
+        data = asdict(self)
+        data.pop("fields")
+        return data
+
+    def detail(self) -> dict[str, Any]:
+        """Everything, with the job decoded and credentials redacted."""
+        data = self.summary()
+        data["fields"] = redact(self.fields)
+        return data
+
+
+def _decode_entry(entry_id: Any, raw: Mapping[bytes, bytes]) -> DeadLetter:
+    fields: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _s(key)
+        if name == "job":
+            job = Job()
+            try:
+                job.ParseFromString(value)
+                fields["job"] = MessageToDict(job, preserving_proto_field_name=True)
+            except Exception:
+                fields["job"] = f"<{len(value)} bytes, not a Job>"
+        else:
+            fields[name] = _s(value)
+    return DeadLetter(
+        id=_s(entry_id),
+        reason=fields.get("reason", ""),
+        error=fields.get("error", ""),
+        agent=fields.get("agent", ""),
+        job_id=fields.get("job_id", ""),
+        room=fields.get("room", ""),
+        source=fields.get("source", ""),
+        origin=fields.get("origin", ""),
+        dead_at=_float(fields.get("dead_at")),
+        fields=fields,
+    )
+
+
+async def list_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    count: int = 50,
+    reason: str | None = None,
+    agent: str | None = None,
+    ids: Sequence[str] = (),
+) -> list[DeadLetter]:
+    """Newest first, optionally filtered; or exactly ``ids``."""
+    entries: list[Any] = []
+    if ids:
+        for entry_id in ids:
+            entries.extend(await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id) or [])
+    else:
+        entries = list(await redis.xrevrange(keys.dead_letter, count=max(count * 10, count)) or [])
+    letters = [_decode_entry(i, f) for i, f in entries]
+    letters = [
+        d
+        for d in letters
+        if (reason is None or d.reason == reason) and (agent is None or d.agent == agent)
+    ]
+    return letters if ids else letters[:count]
+
+
+async def replay_dead_letters(
+    redis: Redis, keys: Keys, letters: Sequence[DeadLetter], *, agent: str | None = None
+) -> list[tuple[str, str]]:
+    """Put dead letters back on their agent's stream, as new jobs; returns (old, new) ids.
+
+    The original entry is re-added without the dead-letter fields, its
+    ``enqueued_at`` set to now (or it would expire again at once), and the job's
+    record reset so the worker treats it as never started.
+    """
+    moved = []
+    for letter in letters:
+        raw_entries: Any = await redis.xrange(keys.dead_letter, min=letter.id, max=letter.id)
+        if not raw_entries:
+            continue
+        raw: Mapping[bytes, bytes] = raw_entries[0][1]
+        fields: dict[Any, Any] = {k: v for k, v in raw.items() if k not in DEAD_LETTER_FIELDS}
+        target = agent or letter.agent
+        fields[b"agent"] = target.encode()
+        fields[b"enqueued_at"] = f"{time.time():.6f}".encode()
+        pipe = redis.pipeline(transaction=True)
+        pipe.delete(keys.job(target, letter.job_id))
+        pipe.xadd(keys.jobs(target), fields)
+        pipe.xdel(keys.dead_letter, letter.id)
+        pipe.sadd(keys.agents, target)
+        replies = await pipe.execute()
+        moved.append((letter.id, _s(replies[1])))
+    return moved
+
+
+async def purge_dead_letters(
+    redis: Redis, keys: Keys, *, ids: Sequence[str] = (), older_than: float | None = None
+) -> int:
+    """Delete dead letters: ``ids``, or those older than ``older_than`` seconds, or all."""
+    if ids:
+        return int(await redis.xdel(keys.dead_letter, *ids))
+    if older_than is not None:
+        cutoff_ms = int((time.time() - older_than) * 1000)
+        return int(await redis.xtrim(keys.dead_letter, minid=f"{cutoff_ms}-0", approximate=False))
+    count = int(await redis.xlen(keys.dead_letter))
+    await redis.delete(keys.dead_letter)
+    return count
