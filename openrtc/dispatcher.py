@@ -180,6 +180,9 @@ class Dispatcher:
         # Jobs assigned on the current socket and enqueued: job id -> agent.
         # LiveKit forgets a socket's jobs when it drops, and so do we.
         self._held: dict[str, str] = {}
+        # Jobs whose assignment is being written to Redis: job id -> agent. A
+        # termination may arrive right behind its assignment.
+        self._assigning: dict[str, str] = {}
         self._loads: dict[str, AgentLoad] = {}
         self._redis_ok = False
         self._groups_ready = False
@@ -334,13 +337,20 @@ class Dispatcher:
         async for message in socket.messages():
             kind = message.WhichOneof("message")
             if kind == "availability":
-                await socket.send(self._answer(message.availability))
+                # Quietly: when the socket has just died, the frames already
+                # received behind this one (assignments among them) are still
+                # handled; the iterator ends with SocketClosed after them.
+                await self._send_quietly(socket, self._answer(message.availability))
             elif kind == "assignment":
                 self._start(self._on_assignment, socket, message.assignment)
             elif kind == "termination":
                 self._start(self._on_termination, message.termination.job_id)
             elif kind in ("pong", "register"):
                 continue
+            elif kind == "go_away":
+                # The server is going down: re-register (with backoff) rather
+                # than wait for the socket to be cut.
+                raise SocketClosed("server sent go_away")
             else:
                 logger.warning("ignoring unexpected server message %r", kind)
 
@@ -431,9 +441,13 @@ class Dispatcher:
         assert offer.route is not None
         message = self._job_message(job, offer)
         pending = _Pending(message, deadline=time.monotonic() + self.settings.enqueue_timeout)
-        await self._send_pending.send(pending)
-        with anyio.move_on_after(self.settings.enqueue_timeout + 0.5):
-            await pending.done.wait()
+        self._assigning[job.id] = message.agent
+        try:
+            await self._send_pending.send(pending)
+            with anyio.move_on_after(self.settings.enqueue_timeout + 0.5):
+                await pending.done.wait()
+        finally:
+            self._assigning.pop(job.id, None)
         if pending.result is None:
             self.stats.enqueue_failed += 1
             reason = _describe(pending.error) if pending.error else "timed out"
@@ -541,7 +555,7 @@ class Dispatcher:
             logger.debug("socket closed before %s could be sent", message.WhichOneof("message"))
 
     async def _on_termination(self, job_id: str) -> None:
-        agent = self._held.pop(job_id, None)
+        agent = self._held.pop(job_id, None) or self._assigning.get(job_id)
         if agent is None:
             offer = self._offers.pop(job_id, None)
             agent = offer.route.agent if offer and offer.route else None
@@ -563,12 +577,18 @@ class Dispatcher:
             status = (
                 proto.WorkerStatus.WS_FULL if self._draining else proto.WorkerStatus.WS_AVAILABLE
             )
-            await socket.send(
+            # Quietly: a dead socket is noticed by the receive loop, which
+            # first handles what was already received.
+            await self._send_quietly(
+                socket,
                 proto.WorkerMessage(
                     update_worker=proto.UpdateWorkerStatus(
-                        status=status, load=load, job_count=len(self._held)
+                        status=status,
+                        load=load,
+                        job_count=len(self._held),
+                        draining=self._draining,
                     )
-                )
+                ),
             )
             await anyio.sleep(self.settings.load_interval)
 
@@ -595,6 +615,10 @@ class Dispatcher:
                     with anyio.fail_after(max(p.deadline for p in live) - now):
                         results = await self.store.enqueue([p.message for p in live])
                 except Exception as exc:  # every failure is reported per job
+                    if isinstance(exc, (RedisError, OSError, TimeoutError)):
+                        # Answer the next offers unavailable right away, not
+                        # only after the next membership refresh notices.
+                        self._redis_ok = False
                     self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
                     for p in live:
                         p.error = exc
@@ -681,6 +705,10 @@ class Dispatcher:
                     ttl=self.settings.membership_ttl,
                 )
                 self._loads = await read_agent_loads(self._redis, self.keys, self._table.names)
+                for load in self._loads.values():
+                    if not load.has_group:
+                        # Redis restarted empty (or someone deleted the stream).
+                        await self.store.ensure_group(load.agent)
         except (RedisError, OSError, TimeoutError) as exc:
             self._redis_ok = False
             self._groups_ready = False  # a restarted Redis has lost them

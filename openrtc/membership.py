@@ -34,6 +34,8 @@ class AgentLoad:
     backlog: int = 0
     #: Entries delivered and not yet acknowledged (running, or being reclaimed).
     pending: int = 0
+    #: Whether the stream has its consumer group (a restarted Redis has none).
+    has_group: bool = True
 
     @property
     def free(self) -> int:
@@ -106,17 +108,19 @@ async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> d
     replies = await pipe.execute(raise_on_error=False)
 
     members: dict[str, list[bytes]] = {}
-    queue: dict[str, tuple[int, int]] = {}
+    queue: dict[str, tuple[int, int, bool]] = {}
     for i, agent in enumerate(agents):
         _, worker_ids, groups, length = replies[i * 4 : i * 4 + 4]
         if isinstance(worker_ids, Exception):
             raise worker_ids
         members[agent] = list(worker_ids)
         backlog = pending = 0
+        has_group = False
         if not isinstance(groups, Exception):
             for group in groups:
                 name = group.get("name")
                 if name in (WORKERS_GROUP, WORKERS_GROUP.encode()):
+                    has_group = True
                     pending = _int(group.get("pending"))
                     lag = group.get("lag")
                     # Redis reports no lag when deletions make it unknowable;
@@ -125,7 +129,7 @@ async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> d
                     backlog = _int(lag) if lag is not None else max(0, _int(length) - pending)
         elif not isinstance(length, Exception):
             backlog = _int(length)  # stream without a group yet: all of it waits
-        queue[agent] = (backlog, pending)
+        queue[agent] = (backlog, pending, has_group)
 
     pipe = redis.pipeline(transaction=False)
     order: list[tuple[str, int]] = []
@@ -152,6 +156,7 @@ async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> d
             running=totals[agent][2],
             backlog=queue[agent][0],
             pending=queue[agent][1],
+            has_group=queue[agent][2],
         )
         for agent in agents
     }

@@ -51,6 +51,8 @@ class WorkerConn:
     job_updates: list[proto.UpdateJobStatus] = field(default_factory=list)
     worker_updates: list[proto.UpdateWorkerStatus] = field(default_factory=list)
     late_answers: list[str] = field(default_factory=list)
+    #: Job ids whose assignment frame was written to this socket.
+    assigned: list[str] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -62,6 +64,8 @@ class StandIn:
         self.workers: list[WorkerConn] = []
         self.registered = asyncio.Event()
         self.frames_received = 0
+        #: The bearer tokens workers presented, in connection order.
+        self.tokens: list[str] = []
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -101,8 +105,10 @@ class StandIn:
     # -- the endpoint ---------------------------------------------------------
 
     async def _agent(self, request: web.Request) -> web.WebSocketResponse:
-        if not request.headers.get("Authorization", "").startswith("Bearer "):
+        authorization = request.headers.get("Authorization", "")
+        if not authorization.startswith("Bearer "):
             raise web.HTTPUnauthorized()
+        self.tokens.append(authorization.removeprefix("Bearer "))
         ws = web.WebSocketResponse(heartbeat=None)
         await ws.prepare(request)
         first = await ws.receive()
@@ -200,17 +206,25 @@ class StandIn:
             worker.availability.pop(job.id, None)
             return None
         if assign and answer.available and not answer.terminate:
-            assigned = proto.Job()
-            assigned.CopyFrom(job)
-            assigned.state.status = proto.JobStatus.JS_RUNNING
-            assigned.state.participant_identity = answer.participant_identity
-            assigned.state.worker_id = worker.worker_id
-            await worker.ws.send_bytes(
-                proto.ServerMessage(
-                    assignment=proto.JobAssignment(job=assigned, token="standin.jwt.token")
-                ).SerializeToString()
-            )
+            await self.assign(job, worker, identity=answer.participant_identity)
         return answer
+
+    async def assign(
+        self, job: proto.Job, worker: WorkerConn | None = None, *, identity: str = ""
+    ) -> None:
+        """Send ``job``'s assignment (after an accept, or unsolicited) as the server does."""
+        worker = worker or self.workers[0]
+        assigned = proto.Job()
+        assigned.CopyFrom(job)
+        assigned.state.status = proto.JobStatus.JS_RUNNING
+        assigned.state.participant_identity = identity or f"agent-{job.id}"
+        assigned.state.worker_id = worker.worker_id
+        await worker.ws.send_bytes(
+            proto.ServerMessage(
+                assignment=proto.JobAssignment(job=assigned, token="standin.jwt.token")
+            ).SerializeToString()
+        )
+        worker.assigned.append(job.id)
 
     async def terminate(self, job_id: str, worker: WorkerConn | None = None) -> None:
         worker = worker or self.workers[0]
