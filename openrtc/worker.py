@@ -298,12 +298,14 @@ class Worker:
         """Decide what an entry becomes: a session, a dead letter, or nothing."""
         try:
             message = JobMessage.decode(delivery.fields)
-            if message.agent != self.settings.agent:
-                raise MalformedEntry(
-                    f"entry for agent '{message.agent}' on agent '{self.settings.agent}' stream"
-                )
         except MalformedEntry as exc:
             await self._dead_letter(delivery, DeadReason.MALFORMED, str(exc), None)
+            return
+        if message.agent != self.settings.agent:
+            # A real job on the wrong stream: nobody will serve it, so its
+            # dispatcher is told it failed, like any other dead-lettered job.
+            error = f"entry for agent '{message.agent}' on agent '{self.settings.agent}' stream"
+            await self._dead_letter(delivery, DeadReason.MALFORMED, error, message)
             return
         try:
             record = await self.consumer.job_record(message.job_id)
@@ -472,7 +474,10 @@ class Worker:
     async def _lease_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.lease / 3)
-            ids = [e for e, r in self._running.items() if not r.control.stopping]
+            # A session stopping for a takeover (lease lost, drain timeout) is
+            # left to lapse; one ending for good (terminated) stays ours until
+            # it is acknowledged, however long its agent takes to hang up.
+            ids = [e for e, r in self._running.items() if not r.control.takeover]
             if not ids:
                 continue
             try:
