@@ -78,6 +78,7 @@ class RedisServer:
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+    _started: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -85,7 +86,21 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server (again, after :meth:`stop`) and wait until it answers PING."""
+        """Start the server (again, after :meth:`stop`) and wait until it answers PING.
+
+        A first start whose port was taken meanwhile is retried on a fresh port.
+        """
+        for attempt in range(3):
+            try:
+                return self._launch(timeout)
+            except ConfigError:
+                if self._started or attempt == 2:
+                    raise
+                self.stop()
+                self.port = _free_port()
+        raise AssertionError("unreachable")
+
+    def _launch(self, timeout: float) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ConfigError(f"redis-server is not installed: {_SETUP_HINT}.")
@@ -118,6 +133,7 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
 
         _wait_until(ping, "redis-server", timeout, self._proc)
+        self._started = True
         return self
 
     def stop(self) -> None:
@@ -158,6 +174,7 @@ class LiveKitServer:
     log_path: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+    _started: bool = field(default=False, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -185,7 +202,24 @@ class LiveKitServer:
         )
 
     def start(self, timeout: float = 30.0) -> LiveKitServer:
-        """Start the server (again, after :meth:`stop`) and wait until it serves HTTP."""
+        """Start the server (again, after :meth:`stop`) and wait until it serves HTTP.
+
+        A first start whose ports were taken in the meantime (another process
+        grabbed a port between our check and the server's bind) is retried on
+        fresh ports; a restart keeps its ports, since clients know them.
+        """
+        for attempt in range(3):
+            try:
+                return self._launch(timeout)
+            except ConfigError:
+                if self._started or attempt == 2:
+                    raise
+                self.stop()
+                self.port, self.rtc_tcp_port = _free_port(), _free_port()
+                self.rtc_udp_port = _free_port(socket.SOCK_DGRAM)
+        raise AssertionError("unreachable")
+
+    def _launch(self, timeout: float) -> LiveKitServer:
         binary = find_livekit_binary()
         self._log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ)
@@ -203,6 +237,7 @@ class LiveKitServer:
                 return bool(response.status == 200)
 
         _wait_until(healthy, "livekit-server", timeout, self._proc)
+        self._started = True
         return self
 
     def stop(self) -> None:

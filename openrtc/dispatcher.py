@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ from openrtc.messages import (
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
 from openrtc.streams import EnqueueResult, StreamStore, connect_redis
+from openrtc.supervision import StateLog, backoff_delay, describe, unwrap_group
 
 __all__ = ["AGENT_ATTRIBUTE", "Dispatcher", "DispatcherStats"]
 
@@ -118,25 +117,6 @@ class _Pending:
     error: BaseException | None = None
 
 
-class _StateLog:
-    """Logs a component's state only when it changes (no log flood on a flapping link)."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._state: str | None = None
-
-    def set(self, state: str, detail: str = "", *, level: int = logging.INFO) -> None:
-        if state != self._state:
-            self._state = state
-            logger.log(level, "%s %s%s", self._what, state, f": {detail}" if detail else "")
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
-    """Capped exponential backoff with full jitter (attempt 0 is the first retry)."""
-    ceiling = min(maximum, initial * math.pow(2, attempt))
-    return random.uniform(ceiling / 2, ceiling)
-
-
 class Dispatcher:
     """Registers with LiveKit and publishes each routed job to its agent's stream.
 
@@ -194,8 +174,8 @@ class Dispatcher:
         self._send_pending, self._receive_pending = anyio.create_memory_object_stream[_Pending](
             max_buffer_size=100_000
         )
-        self._livekit_state = _StateLog("LiveKit connection")
-        self._redis_state = _StateLog("Redis")
+        self._livekit_state = StateLog("LiveKit connection", logger)
+        self._redis_state = StateLog("Redis", logger)
         self._tg: TaskGroup | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -302,7 +282,7 @@ class Dispatcher:
             except _CONNECTION_ERRORS as exc:
                 if self._is_draining():
                     break
-                self._livekit_state.set("lost", _describe(exc), level=logging.WARNING)
+                self._livekit_state.set("lost", describe(exc), level=logging.WARNING)
             finally:
                 self._socket = None
                 if self._held or self._offers:
@@ -450,7 +430,7 @@ class Dispatcher:
             self._assigning.pop(job.id, None)
         if pending.result is None:
             self.stats.enqueue_failed += 1
-            reason = _describe(pending.error) if pending.error else "timed out"
+            reason = describe(pending.error) if pending.error else "timed out"
             error = (
                 f"openrtc: could not enqueue job for agent '{message.agent}' "
                 f"(Redis: {reason}); the call is not served."
@@ -532,7 +512,7 @@ class Dispatcher:
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             logger.error(
-                "job %s: could not write its dead letter (%s): %s", job.id, _describe(exc), error
+                "job %s: could not write its dead letter (%s): %s", job.id, describe(exc), error
             )
             return
         if entry is not None:
@@ -567,7 +547,7 @@ class Dispatcher:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 await self.store.publish_termination(agent, job_id, "livekit")
         except (RedisError, OSError, TimeoutError) as exc:
-            logger.error("job %s: termination not delivered to workers: %s", job_id, _describe(exc))
+            logger.error("job %s: termination not delivered to workers: %s", job_id, describe(exc))
             return
         logger.info("job %s terminated by LiveKit; told %s workers", job_id, agent)
 
@@ -619,7 +599,7 @@ class Dispatcher:
                         # Answer the next offers unavailable right away, not
                         # only after the next membership refresh notices.
                         self._redis_ok = False
-                    self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                    self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                     for p in live:
                         p.error = exc
                         p.done.set()
@@ -635,7 +615,7 @@ class Dispatcher:
             try:
                 replies: Any = await self._redis.xread({key: last_id}, count=256, block=1000)
             except (RedisError, OSError) as exc:
-                self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(1)
                 continue
             if not replies:
@@ -712,33 +692,7 @@ class Dispatcher:
         except (RedisError, OSError, TimeoutError) as exc:
             self._redis_ok = False
             self._groups_ready = False  # a restarted Redis has lost them
-            self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+            self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
             return
         self._redis_ok = True
         self._redis_state.set("connected", redact_url(self.settings.redis_url))
-
-
-def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real error inside a task group's exception group, if there is one.
-
-    A connection's task group fails as a whole when its socket dies; the
-    reconnect loop wants that error, not a group around it.
-    """
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
-
-    collect(group)
-    return leaves[0] if len(leaves) == 1 else group
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -33,7 +33,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from openrtc.agents import AgentConfig, AgentPool
-from openrtc.dispatcher import _describe, _StateLog
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import heartbeat, leave
@@ -41,6 +40,7 @@ from openrtc.messages import DeadReason, JobMessage, JobStatus, MalformedEntry, 
 from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
+from openrtc.supervision import StateLog, describe
 
 __all__ = ["SessionRunner", "Worker", "WorkerStats"]
 
@@ -171,10 +171,11 @@ class Worker:
         self.runner = runner
         self._gate = _Gate(settings.concurrency)
         self._running: dict[str, _Running] = {}  # by entry id
+        self._checking: set[str] = set()  # entries accepted, not yet running
         self._draining = False
         self._stop = anyio.Event()
         self._ready = anyio.Event()
-        self._redis_state = _StateLog("Redis")
+        self._redis_state = StateLog("Redis", logger)
         self._tg: TaskGroup | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -260,7 +261,7 @@ class Worker:
             try:
                 return await func(*args)
             except (RedisError, OSError) as exc:
-                self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -285,7 +286,7 @@ class Worker:
                     deliveries = await self.consumer.read(self._gate.free, block)
                 self._redis_state.set("connected", redact_url(self.settings.redis_url))
             except (RedisError, OSError) as exc:
-                self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
                 continue
             for delivery in deliveries:
@@ -318,10 +319,19 @@ class Worker:
             await self._dead_letter(
                 delivery,
                 DeadReason.MAX_DELIVERIES,
-                f"delivered {delivery.deliveries} times (limit {self.settings.max_deliveries});"
-                f" last error: {error}",
+                f"gave up after {delivery.deliveries - 1} deliveries"
+                f" (max {self.settings.max_deliveries}); last error: {error}",
                 message,
             )
+            return
+        if record.get("terminated") and not started_before:
+            # Terminated while it waited (its dispatch was deleted, the room
+            # closed): nobody should join. A call that had started is another
+            # matter: the termination is then the dead worker's agent leaving,
+            # and the takeover below is what the caller needs.
+            logger.info("job %s was terminated before it started; not joining", message.job_id)
+            await self._finish(delivery, message, "done")
+            await self._status(message, JobStatus.SUCCESS, "")
             return
         waited = self._clock() - message.enqueued_at
         if not started_before and waited > self.settings.max_queue_age:
@@ -332,7 +342,13 @@ class Worker:
                 message,
             )
             return
-        if not await self._room_is_live(message):
+        # The room check is a LiveKit API call: keep the lease meanwhile.
+        self._checking.add(delivery.entry_id)
+        try:
+            live = await self._room_is_live(message)
+        finally:
+            self._checking.discard(delivery.entry_id)
+        if not live:
             logger.info("job %s: room %s is gone; nothing to join", message.job_id, message.room)
             await self._finish(delivery, message, "done")
             await self._status(message, JobStatus.SUCCESS, "")
@@ -398,7 +414,15 @@ class Worker:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(mark_joined)
-                outcome = await self.runner.run(message, control, worker_id=self.settings.worker_id)
+                try:
+                    outcome = await self.runner.run(
+                        message, control, worker_id=self.settings.worker_id
+                    )
+                except Exception as exc:  # a runner bug must not take the worker down
+                    logger.exception("job %s: the session runner failed", message.job_id)
+                    outcome = SessionOutcome(
+                        "failed", "session runner error", f"{type(exc).__name__}: {exc}"
+                    )
                 tg.cancel_scope.cancel()
             await self._settle(running, outcome)
         finally:
@@ -478,13 +502,14 @@ class Worker:
             # left to lapse; one ending for good (terminated) stays ours until
             # it is acknowledged, however long its agent takes to hang up.
             ids = [e for e, r in self._running.items() if not r.control.takeover]
+            ids.extend(self._checking)
             if not ids:
                 continue
             try:
                 with anyio.fail_after(self.settings.lease / 3):
                     lost = await self.consumer.renew(ids)
             except (RedisError, OSError, TimeoutError) as exc:
-                self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 continue
             for entry_id in lost:
                 running = self._running.get(entry_id)
@@ -499,7 +524,7 @@ class Worker:
             try:
                 reply: Any = await self._redis.xread({key: last_id}, count=100, block=READ_BLOCK_MS)
             except (RedisError, OSError) as exc:
-                self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
                 continue
             for entry_id, fields in reply[0][1] if reply else []:
@@ -527,7 +552,7 @@ class Worker:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self._beat()
             except (RedisError, OSError, TimeoutError) as exc:
-                self._redis_state.set("unreachable", _describe(exc), level=logging.ERROR)
+                self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 
     async def _beat(self) -> None:
         s = self.settings

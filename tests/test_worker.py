@@ -414,7 +414,7 @@ async def test_poison_entries_are_dead_lettered_and_never_block_the_stream(
                 assert letter[b"reason"] == b"max-deliveries"
                 assert letter[b"job_id"] == doomed.job_id.encode()
                 error = letter[b"error"].decode()
-                assert "limit 2" in error
+                assert "(max 2)" in error
                 assert "last error: RuntimeError: no prompt configured for this line" in error
                 assert await entry_gone(redis, keys.jobs("broken"), doomed_entry.entry_id)
                 # Exactly max_deliveries attempts, then the dead letters.
