@@ -43,6 +43,12 @@ class Caller:
     max_agents_at_once: int = 0
     loud_frames: int = 0
     heard: anyio.Event = field(default_factory=anyio.Event)
+    _changed: anyio.Event = field(default_factory=anyio.Event, repr=False)
+
+    def _participants_changed(self) -> None:
+        self.max_agents_at_once = max(self.max_agents_at_once, len(self.agents()))
+        self._changed.set()
+        self._changed = anyio.Event()
 
     def agents(self) -> list[rtc.RemoteParticipant]:
         """Agent participants in the room now."""
@@ -56,12 +62,17 @@ class Caller:
         """The next agent participant (optionally one with a different sid)."""
         with anyio.fail_after(within):
             while True:
+                present = {p.sid for p in self.agents()}
                 for sighting in reversed(self.sightings):
-                    if sighting.sid != other_than and any(
-                        p.sid == sighting.sid for p in self.agents()
-                    ):
+                    if sighting.sid != other_than and sighting.sid in present:
                         return sighting
-                await anyio.sleep(0.02)
+                await self._changed.wait()
+
+    async def wait_no_agent(self, *, within: float = 15.0) -> None:
+        """Until no agent participant is left in the room."""
+        with anyio.fail_after(within):
+            while self.agents():
+                await self._changed.wait()
 
 
 @asynccontextmanager
@@ -78,16 +89,17 @@ async def caller_in(
     lk_room = rtc.Room()
     caller = Caller(lk_room)
 
-    def count() -> None:
-        caller.max_agents_at_once = max(caller.max_agents_at_once, len(caller.agents()))
-
     @lk_room.on("participant_connected")
     def _on_join(p: rtc.RemoteParticipant) -> None:
         if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
             caller.sightings.append(
                 AgentSighting(p.identity, p.sid, p.kind, dict(p.attributes), time.monotonic())
             )
-        count()
+        caller._participants_changed()
+
+    @lk_room.on("participant_disconnected")
+    def _on_leave(p: rtc.RemoteParticipant) -> None:
+        caller._participants_changed()
 
     @lk_room.on("participant_attributes_changed")
     def _on_attrs(changed: dict[str, str], p: rtc.Participant) -> None:

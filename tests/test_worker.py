@@ -16,18 +16,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from livekit import api, rtc
+from livekit import api
 from livekit.protocol.agent import Job, JobType
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from openrtc.agents import AgentPool
+from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.errors import ConfigError
 from openrtc.keys import WORKERS_GROUP, Keys
@@ -278,78 +278,6 @@ class Probe(Agent):
 )
 
 
-# -- a caller in the room ------------------------------------------------------
-
-
-@dataclass
-class Sighting:
-    identity: str
-    sid: str
-    attributes: dict[str, str]
-    at: float
-
-
-@dataclass
-class Caller:
-    """Agent participants a caller saw in its room."""
-
-    room: rtc.Room
-    sightings: list[Sighting] = field(default_factory=list)
-    max_agents_at_once: int = 0
-
-    def agents(self) -> list[rtc.RemoteParticipant]:
-        return [
-            p
-            for p in self.room.remote_participants.values()
-            if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-        ]
-
-    async def wait_agent(self, *, within: float = 15.0) -> Sighting:
-        with anyio.fail_after(within):
-            while True:
-                for sighting in reversed(self.sightings):
-                    if any(p.sid == sighting.sid for p in self.agents()):
-                        return sighting
-                await anyio.sleep(0.02)
-
-    async def wait_no_agent(self, *, within: float = 15.0) -> None:
-        with anyio.fail_after(within):
-            while self.agents():
-                await anyio.sleep(0.02)
-
-
-@asynccontextmanager
-async def caller_in(
-    livekit: LiveKitServer, room: str, identity: str = "caller"
-) -> AsyncIterator[Caller]:
-    token = (
-        api.AccessToken(livekit.api_key, livekit.api_secret)
-        .with_identity(identity)
-        .with_grants(api.VideoGrants(room_join=True, room=room))
-        .to_jwt()
-    )
-    lk_room = rtc.Room()
-    caller = Caller(lk_room)
-
-    @lk_room.on("participant_connected")
-    def _on_join(p: rtc.RemoteParticipant) -> None:
-        if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
-            caller.sightings.append(
-                Sighting(p.identity, p.sid, dict(p.attributes), time.monotonic())
-            )
-        caller.max_agents_at_once = max(caller.max_agents_at_once, len(caller.agents()))
-
-    with anyio.fail_after(15):
-        await lk_room.connect(livekit.url, token)
-    for p in lk_room.remote_participants.values():
-        _on_join(p)
-    try:
-        yield caller
-    finally:
-        with anyio.CancelScope(shield=True):
-            await lk_room.disconnect()
-
-
 # -- 1. poison -----------------------------------------------------------------
 
 
@@ -387,7 +315,7 @@ async def test_poison_entries_are_dead_lettered_and_never_block_the_stream(
             good = job_message(livekit_server, dental_room, "dental", dispatcher)
             [good_entry] = await store.enqueue([good])
 
-            async with caller_in(livekit_server, dental_room.name) as caller:
+            async with caller_in(creds(livekit_server), dental_room.name) as caller:
                 # The stream is not blocked: the good job behind the junk is served.
                 agent = await caller.wait_agent(within=20)
                 assert agent.identity == f"agent-{good.job_id}"
@@ -463,8 +391,8 @@ async def test_a_job_that_waited_too_long_expires_instead_of_starting(
     )
     with anyio.fail_after(TEST_BUDGET):
         async with (
-            caller_in(livekit_server, stale_room.name) as stale_caller,
-            caller_in(livekit_server, fresh_room.name, "caller-2") as fresh_caller,
+            caller_in(creds(livekit_server), stale_room.name) as stale_caller,
+            caller_in(creds(livekit_server), fresh_room.name, "caller-2") as fresh_caller,
         ):
             [stale_entry] = await store.enqueue([stale])
             async with working(
@@ -518,7 +446,7 @@ async def test_a_termination_from_livekit_ends_the_session_and_it_stays_ended(
                 pool=AgentPool.from_directory(agents),
                 lease=lease,
             ) as worker,
-            caller_in(livekit_server, room.name) as caller,
+            caller_in(creds(livekit_server), room.name) as caller,
         ):
             [entry] = await store.enqueue([message])
             agent = await caller.wait_agent(within=20)
@@ -561,7 +489,7 @@ async def test_a_long_call_is_never_redelivered_while_its_worker_lives(
         async with (
             working(livekit_server, redis_server.url, ns, "dental", lease=lease) as first,
             working(livekit_server, redis_server.url, ns, "dental", lease=lease) as second,
-            caller_in(livekit_server, room.name) as caller,
+            caller_in(creds(livekit_server), room.name) as caller,
         ):
             [entry] = await store.enqueue([message])
             agent = await caller.wait_agent(within=20)
@@ -606,7 +534,7 @@ async def test_a_job_whose_room_is_gone_is_finished_without_joining(
     gone_job = job_message(livekit_server, gone, "dental", dispatcher)
     old_job = job_message(livekit_server, old, "dental", dispatcher)
     with anyio.fail_after(TEST_BUDGET):
-        async with caller_in(livekit_server, namesake.name) as caller:
+        async with caller_in(creds(livekit_server), namesake.name) as caller:
             entries = await store.enqueue([gone_job, old_job])
             async with working(livekit_server, redis_server.url, ns, "dental") as worker:
                 for job in (gone_job, old_job):
@@ -702,7 +630,7 @@ async def test_the_worker_survives_a_redis_restart(
                 room = await new_room(livekit_server, unique("dental-after"))
                 message = job_message(livekit_server, room, "dental", dispatcher)
                 await StreamStore(redis, keys).enqueue([message])
-                async with caller_in(livekit_server, room.name) as caller:
+                async with caller_in(creds(livekit_server), room.name) as caller:
                     agent = await caller.wait_agent(within=20)
                     assert agent.identity == f"agent-{message.job_id}"
                     await delete_room(livekit_server, room.name)
@@ -751,7 +679,7 @@ async def test_membership_shows_capacity_and_running_calls_and_is_left_on_stop(
             assert later is not None
             assert later > score
 
-            async with caller_in(livekit_server, room.name) as caller:
+            async with caller_in(creds(livekit_server), room.name) as caller:
                 await StreamStore(redis, keys).enqueue([message])
                 await caller.wait_agent(within=20)
 
@@ -802,7 +730,7 @@ async def test_the_agent_sees_the_real_job(
                 pool=AgentPool.from_directory(agents),
                 isolation=isolation,
             ),
-            caller_in(livekit_server, room.name) as caller,
+            caller_in(creds(livekit_server), room.name) as caller,
         ):
             await StreamStore(redis, keys).enqueue([message])
             await caller.wait_agent(within=30)
