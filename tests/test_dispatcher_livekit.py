@@ -18,49 +18,12 @@ from livekit import api
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from openrtc.agents import AgentPool
 from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.dispatcher import Dispatcher
 from openrtc.keys import Keys
 from openrtc.messages import JobMessage
-from openrtc.settings import DispatcherSettings, LiveKitSettings
+from tests.stack import OFFLINE_AGENTS, dispatcher_settings, dispatching, unique
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def settings_for(
-    livekit: LiveKitServer, redis_url: str, namespace: str, **overrides: Any
-) -> DispatcherSettings:
-    base: dict[str, Any] = {
-        "livekit": LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret),
-        "redis_url": redis_url,
-        "namespace": namespace,
-        "heartbeat_interval": 0.2,
-        "reconnect_initial": 0.05,
-        "reconnect_max": 0.5,
-    }
-    base.update(overrides)
-    return DispatcherSettings(**base)
-
-
-@asynccontextmanager
-async def running(settings: DispatcherSettings) -> AsyncIterator[Dispatcher]:
-    dispatcher = Dispatcher(settings, AgentPool.from_directory(OFFLINE_AGENTS))
-    async with anyio.create_task_group() as tg:
-        await tg.start(dispatcher.run)
-        with anyio.fail_after(10):
-            await dispatcher.registered.wait()
-        try:
-            yield dispatcher
-        finally:
-            dispatcher.request_stop()
 
 
 @asynccontextmanager
@@ -91,7 +54,7 @@ async def test_room_metadata_routes_to_the_agents_stream(
     ns = unique("ns")
     keys = Keys(ns)
     room = unique("lobby")
-    async with running(settings_for(livekit_server, redis_server.url, ns)) as dispatcher:
+    async with dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as dispatcher:
         async with livekit_api(livekit_server) as lkapi:
             created = await lkapi.room.create_room(
                 api.CreateRoomRequest(name=room, metadata='{"agent": "dental"}')
@@ -126,7 +89,7 @@ async def test_room_name_prefix_routes_to_restaurant(
     keys = Keys(ns)
     room = f"restaurant-room-42-{uuid.uuid4().hex[:6]}"
     async with (
-        running(settings_for(livekit_server, redis_server.url, ns)),
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)),
         livekit_api(livekit_server) as lkapi,
     ):
         await lkapi.room.create_room(api.CreateRoomRequest(name=room))
@@ -143,8 +106,8 @@ async def test_explicit_dispatch_reaches_a_named_dispatcher(
     keys = Keys(ns)
     name = unique("openrtc-explicit")
     room = unique("call")
-    settings = settings_for(livekit_server, redis_server.url, ns, agent_name=name)
-    async with running(settings), livekit_api(livekit_server) as lkapi:
+    settings = dispatcher_settings(livekit_server, redis_server.url, ns, agent_name=name)
+    async with dispatching(settings), livekit_api(livekit_server) as lkapi:
         await lkapi.room.create_room(api.CreateRoomRequest(name=room))
         await lkapi.agent_dispatch.create_dispatch(
             api.CreateAgentDispatchRequest(
@@ -166,8 +129,8 @@ async def test_unknown_agent_goes_to_the_dead_letters_once(
     room = unique("lobby")
     # Two dispatchers: LiveKit must still hand the job to only one of them.
     async with (
-        running(settings_for(livekit_server, redis_server.url, ns)),
-        running(settings_for(livekit_server, redis_server.url, ns)),
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)),
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)),
     ):
         async with livekit_api(livekit_server) as lkapi:
             await lkapi.room.create_room(
@@ -209,8 +172,8 @@ async def test_two_dispatchers_enqueue_each_job_exactly_once(
     keys = Keys(ns)
     rooms = [f"dental-call-{uuid.uuid4().hex[:8]}" for _ in range(16)]
     async with (
-        running(settings_for(livekit_server, redis_server.url, ns)) as first,
-        running(settings_for(livekit_server, redis_server.url, ns)) as second,
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as first,
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as second,
     ):
         async with livekit_api(livekit_server) as lkapi:
             for room in rooms:
@@ -238,7 +201,7 @@ async def test_survives_livekit_and_redis_restarts(
     own_redis.start()
     client = Redis.from_url(own_redis.url)
     try:
-        async with running(settings_for(own_livekit, own_redis.url, ns)) as dispatcher:
+        async with dispatching(dispatcher_settings(own_livekit, own_redis.url, ns)) as dispatcher:
             first_id = dispatcher.livekit_worker_id
             own_livekit.stop()
             own_livekit.start()

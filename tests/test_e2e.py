@@ -9,75 +9,27 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
-from livekit import api, rtc
+from livekit import rtc
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.dispatcher import Dispatcher
 from openrtc.keys import Keys
-from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
-from openrtc.worker import Worker
+from tests.stack import (
+    OFFLINE_AGENTS,
+    creds,
+    delete_room,
+    dispatcher_settings,
+    dispatching,
+    new_room,
+    unique,
+    working,
+)
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def creds(livekit: LiveKitServer) -> LiveKitSettings:
-    return LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret)
-
-
-@asynccontextmanager
-async def dispatching(livekit: LiveKitServer, redis_url: str, ns: str) -> AsyncIterator[Dispatcher]:
-    dispatcher = Dispatcher(
-        DispatcherSettings(
-            livekit=creds(livekit), redis_url=redis_url, namespace=ns, heartbeat_interval=0.2
-        ),
-        AgentPool.from_directory(OFFLINE_AGENTS),
-    )
-    async with anyio.create_task_group() as tg:
-        await tg.start(dispatcher.run)
-        with anyio.fail_after(10):
-            await dispatcher.registered.wait()
-        try:
-            yield dispatcher
-        finally:
-            dispatcher.request_stop()
-
-
-@asynccontextmanager
-async def serving(
-    livekit: LiveKitServer, redis_url: str, ns: str, agent: str, **overrides: Any
-) -> AsyncIterator[Worker]:
-    settings = WorkerSettings(
-        livekit=creds(livekit),
-        agent=agent,
-        redis_url=redis_url,
-        namespace=ns,
-        heartbeat_interval=0.2,
-        **{"drain_timeout": 5.0, **overrides},
-    )
-    worker = Worker(settings, AgentPool.from_directory(overrides.pop("agents_dir", OFFLINE_AGENTS)))
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.request_stop()
 
 
 def worker_process(
@@ -119,16 +71,6 @@ async def wait_member(redis: Redis, keys: Keys, agent: str, count: int = 1) -> l
             await anyio.sleep(0.05)
 
 
-async def create_room(livekit: LiveKitServer, name: str, metadata: str = "") -> None:
-    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
-        await lk.room.create_room(api.CreateRoomRequest(name=name, metadata=metadata))
-
-
-async def delete_room(livekit: LiveKitServer, name: str) -> None:
-    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
-        await lk.room.delete_room(api.DeleteRoomRequest(room=name))
-
-
 @pytest.mark.parametrize("isolation", ["coroutine", "process"])
 async def test_calls_reach_the_right_agent_and_end_cleanly(
     livekit_server: LiveKitServer,
@@ -143,11 +85,11 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
     dental_room = unique("lobby")
     restaurant_room = f"restaurant-room-42-{uuid.uuid4().hex[:6]}"
     async with (
-        dispatching(livekit_server, redis_server.url, ns) as dispatcher,
-        serving(livekit_server, redis_server.url, ns, "dental", isolation=isolation) as dental,
-        serving(livekit_server, redis_server.url, ns, "restaurant") as restaurant,
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as dispatcher,
+        working(livekit_server, redis_server.url, ns, "dental", isolation=isolation) as dental,
+        working(livekit_server, redis_server.url, ns, "restaurant") as restaurant,
     ):
-        await create_room(livekit_server, dental_room, '{"agent": "dental"}')
+        await new_room(livekit_server, dental_room, '{"agent": "dental"}')
         async with caller_in(creds(livekit_server), dental_room) as caller:
             agent = await caller.wait_agent(within=20)
             assert agent.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
@@ -157,7 +99,7 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
                 await caller.heard.wait()  # the greeting, as audio the caller receives
             assert [r.message.room for r in dental._running.values()] == [dental_room]
 
-            await create_room(livekit_server, restaurant_room)
+            await new_room(livekit_server, restaurant_room)
             async with caller_in(creds(livekit_server), restaurant_room, "caller-2") as caller2:
                 other = await caller2.wait_agent(within=20)
                 assert other.attributes.get("openrtc.agent") == "restaurant"
@@ -186,16 +128,16 @@ async def test_a_killed_worker_s_call_comes_back_within_the_lease(
     keys = Keys(ns)
     lease = 2.0
     room = unique("dental-call")
-    async with dispatching(livekit_server, redis_server.url, ns):
+    async with dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)):
         first = worker_process(
             livekit_server, redis_server.url, ns, "dental", "--lease", str(lease)
         )
         try:
             await wait_member(redis, keys, "dental")
-            await create_room(livekit_server, room)
+            await new_room(livekit_server, room)
             async with caller_in(creds(livekit_server), room) as caller:
                 original = await caller.wait_agent(within=20)
-                async with serving(
+                async with working(
                     livekit_server, redis_server.url, ns, "dental", lease=lease
                 ) as second:
                     await wait_member(redis, keys, "dental", 2)
@@ -225,24 +167,24 @@ async def test_drain_lets_the_call_finish_and_leaves_queued_jobs_to_others(
     ns = unique("ns")
     keys = Keys(ns)
     busy_room, queued_room = unique("dental-busy"), unique("dental-queued")
-    async with dispatching(livekit_server, redis_server.url, ns):
+    async with dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)):
         draining = worker_process(
             livekit_server, redis_server.url, ns, "dental", "--concurrency", "1"
         )
         try:
             await wait_member(redis, keys, "dental")
-            await create_room(livekit_server, busy_room)
+            await new_room(livekit_server, busy_room)
             async with caller_in(creds(livekit_server), busy_room) as busy_caller:
                 busy_agent = await busy_caller.wait_agent(within=20)
                 draining.send_signal(signal.SIGTERM)
                 await anyio.sleep(0.5)
-                await create_room(livekit_server, queued_room)
+                await new_room(livekit_server, queued_room)
                 async with caller_in(
                     creds(livekit_server), queued_room, "caller-2"
                 ) as queued_caller:
                     await anyio.sleep(2.0)
                     assert queued_caller.agents() == []  # the draining worker took nothing
-                    async with serving(livekit_server, redis_server.url, ns, "dental") as other:
+                    async with working(livekit_server, redis_server.url, ns, "dental") as other:
                         await queued_caller.wait_agent(within=20)
                         assert other.stats.started == 1
                         # The draining worker's call is still on, with the same agent.

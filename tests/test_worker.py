@@ -14,8 +14,6 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +33,15 @@ from openrtc.messages import AcceptArguments, JobMessage, JobStatus, StatusEvent
 from openrtc.settings import LiveKitSettings, WorkerSettings
 from openrtc.streams import StreamStore, connect_redis
 from openrtc.worker import Worker
+from tests.stack import OFFLINE_AGENTS, creds, delete_room, live_rooms, new_room, unique, working
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
 #: Every test's whole body runs under this bound (each wait inside has a tighter one).
 TEST_BUDGET = 60.0
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def creds(livekit: LiveKitServer) -> LiveKitSettings:
-    return LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret)
-
-
-async def new_room(livekit: LiveKitServer, name: str, metadata: str = "") -> api.Room:
-    """A room on the real server; its ``sid`` is what a job's room snapshot carries."""
-    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
-        return await lk.room.create_room(api.CreateRoomRequest(name=name, metadata=metadata))
-
-
-async def delete_room(livekit: LiveKitServer, name: str) -> None:
-    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
-        await lk.room.delete_room(api.DeleteRoomRequest(room=name))
-
-
-async def live_rooms(livekit: LiveKitServer, name: str) -> list[api.Room]:
-    async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
-        reply = await lk.room.list_rooms(api.ListRoomsRequest(names=[name]))
-    return list(reply.rooms)
 
 
 def job_message(
@@ -103,34 +75,6 @@ def job_message(
         routed_at=now,
         enqueued_at=enqueued_at,
     )
-
-
-@asynccontextmanager
-async def working(
-    livekit: LiveKitServer,
-    redis_url: str,
-    ns: str,
-    agent: str,
-    *,
-    pool: AgentPool | None = None,
-    **overrides: Any,
-) -> AsyncIterator[Worker]:
-    """A worker serving ``agent`` (from ``pool``, default the offline agents) until exit."""
-    settings = WorkerSettings(
-        livekit=creds(livekit),
-        agent=agent,
-        redis_url=redis_url,
-        namespace=ns,
-        **{"heartbeat_interval": 0.2, "drain_timeout": 5.0, **overrides},
-    )
-    worker = Worker(settings, pool or AgentPool.from_directory(OFFLINE_AGENTS))
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(60):
-            await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            worker.request_stop()
 
 
 async def statuses(redis: Redis, keys: Keys, dispatcher_id: str) -> list[StatusEvent]:
