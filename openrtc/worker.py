@@ -172,6 +172,7 @@ class Worker:
         self._gate = _Gate(settings.concurrency)
         self._running: dict[str, _Running] = {}  # by entry id
         self._checking: set[str] = set()  # entries accepted, not yet running
+        self._lkapi: api.LiveKitAPI | None = None
         self._draining = False
         self._stop = anyio.Event()
         self._ready = anyio.Event()
@@ -233,6 +234,8 @@ class Worker:
                         member=s.worker_id,
                     )
                 await self.runner.aclose()
+                if self._lkapi is not None:
+                    await self._lkapi.aclose()
                 if self._own_redis:
                     await self._redis.aclose()
             logger.info("worker %s stopped", s.worker_id)
@@ -374,11 +377,16 @@ class Worker:
         it, waiting for a caller who has hung up. On an API error we assume
         the room is there: a worker that cannot check must not drop calls.
         """
-        creds = self.settings.livekit
+        if self._lkapi is None:
+            creds = self.settings.livekit
+            # One client for the worker's life: a fresh one per job would pay
+            # a TCP connect on every call's critical path.
+            self._lkapi = api.LiveKitAPI(creds.http_url, creds.api_key, creds.api_secret)
         try:
             with anyio.fail_after(3):
-                async with api.LiveKitAPI(creds.http_url, creds.api_key, creds.api_secret) as lk:
-                    rooms = await lk.room.list_rooms(api.ListRoomsRequest(names=[message.room]))
+                rooms = await self._lkapi.room.list_rooms(
+                    api.ListRoomsRequest(names=[message.room])
+                )
         except Exception as exc:
             logger.warning("job %s: cannot check room %s: %s", message.job_id, message.room, exc)
             return True
@@ -388,17 +396,20 @@ class Worker:
         message, delivery, control = running.message, running.delivery, running.control
         self.stats.started += 1
         try:
-            try:
-                await self.consumer.update_record(
-                    message.job_id,
-                    state="running",
-                    worker=self.settings.worker_id,
-                    attempt=delivery.deliveries,
-                    started_at=f"{self._clock():.3f}",
-                )
-            except (RedisError, OSError) as exc:
-                logger.warning("job %s: record not updated: %s", message.job_id, exc)
-            await self._status(message, JobStatus.RUNNING, "")
+
+            async def announce() -> None:
+                # Off the join's critical path: the session connects meanwhile.
+                try:
+                    await self.consumer.update_record(
+                        message.job_id,
+                        state="running",
+                        worker=self.settings.worker_id,
+                        attempt=delivery.deliveries,
+                        started_at=f"{self._clock():.6f}",
+                    )
+                except (RedisError, OSError) as exc:
+                    logger.warning("job %s: record not updated: %s", message.job_id, exc)
+                await self._status(message, JobStatus.RUNNING, "")
 
             async def mark_joined() -> None:
                 await control.joined.wait()
@@ -413,17 +424,19 @@ class Worker:
                 )
 
             async with anyio.create_task_group() as tg:
-                tg.start_soon(mark_joined)
-                try:
-                    outcome = await self.runner.run(
-                        message, control, worker_id=self.settings.worker_id
-                    )
-                except Exception as exc:  # a runner bug must not take the worker down
-                    logger.exception("job %s: the session runner failed", message.job_id)
-                    outcome = SessionOutcome(
-                        "failed", "session runner error", f"{type(exc).__name__}: {exc}"
-                    )
-                tg.cancel_scope.cancel()
+                tg.start_soon(announce)
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(mark_joined)
+                    try:
+                        outcome = await self.runner.run(
+                            message, control, worker_id=self.settings.worker_id
+                        )
+                    except Exception as exc:  # a runner bug must not take the worker down
+                        logger.exception("job %s: the session runner failed", message.job_id)
+                        outcome = SessionOutcome(
+                            "failed", "session runner error", f"{type(exc).__name__}: {exc}"
+                        )
+                    watch.cancel_scope.cancel()
             await self._settle(running, outcome)
         finally:
             self._running.pop(delivery.entry_id, None)
