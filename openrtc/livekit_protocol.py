@@ -55,7 +55,7 @@ class AgentSocket:
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, registration: Registration) -> None:
         self._ws = ws
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self.registration = registration
 
     @property

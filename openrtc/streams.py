@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import DeadReason, JobMessage, StatusEvent, dead_letter_fields
@@ -84,6 +84,7 @@ class StreamStore:
         self._maxlen = stream_maxlen
         self._dedup_ttl = int(dedup_ttl)
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        self._enqueue_loaded = False
         self._known_groups: set[str] = set()
 
     async def ensure_group(self, agent: str) -> None:
@@ -105,20 +106,39 @@ class StreamStore:
         """Add jobs to their agents' streams in one round trip, de-duplicated by job id."""
         if not messages:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for message in messages:
-            args: list[Any] = [self._dedup_ttl, self._maxlen, message.dispatcher_id]
-            for key, value in message.encode().items():
-                args.append(key)
-                args.append(value)
-            await self._enqueue(
-                keys=[self.keys.job(message.agent, message.job_id), self.keys.jobs(message.agent)],
-                args=args,
-                client=pipe,
-            )
-        replies = await pipe.execute()
+        for attempt in range(2):
+            if not self._enqueue_loaded:
+                self._enqueue.sha = await self.redis.script_load(_ENQUEUE_LUA)
+                self._enqueue_loaded = True
+            # EVALSHA queued directly: redis-py's Script object would add a
+            # SCRIPT EXISTS round trip to every pipeline.
+            pipe = self.redis.pipeline(transaction=False)
+            for message in messages:
+                args: list[Any] = [
+                    "EVALSHA",
+                    self._enqueue.sha,
+                    2,
+                    self.keys.job(message.agent, message.job_id),
+                    self.keys.jobs(message.agent),
+                    self._dedup_ttl,
+                    self._maxlen,
+                    message.dispatcher_id,
+                ]
+                for key, value in message.encode().items():
+                    args.append(key)
+                    args.append(value)
+                pipe.execute_command(*args)
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                # Redis lost its script cache (restart, SCRIPT FLUSH): load it
+                # and write again; the script's de-duplication makes it safe.
+                self._enqueue_loaded = False
+                continue
+            break
         results = []
         for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
             added, entry_id = reply
             results.append(EnqueueResult("queued" if added == 1 else "duplicate", _text(entry_id)))
         return results
