@@ -1,0 +1,1291 @@
+"""Memory density: one worker's resident memory at 1, 10 and 50 real concurrent sessions.
+
+Run from the repository root::
+
+    .venv/bin/python bench/density.py                  # 1, 10, 50 sessions; three workers
+    .venv/bin/python bench/density.py --check          # exit 1 if the goal is missed
+    .venv/bin/python bench/density.py --sessions 1,5 --systems coroutine,process
+
+One run, on this machine, against a real ``livekit-server`` and a real
+``redis-server`` (``openrtc.devstack``, free loopback ports). Three workers are
+measured one after the other, each serving the offline dental agent
+(``examples/offline_agents/dental.py``: a tone TTS greeting, no STT or LLM):
+
+* **openrtc coroutine**: ``openrtc worker --agent dental --isolation coroutine
+  --concurrency 50 --max-queue-age 300 --lease 30`` (a subprocess), fed by
+  enqueuing jobs on its Redis stream directly (``StreamStore.enqueue``, the
+  entries the dispatcher writes);
+* **openrtc process**: the same with ``--isolation process``: one child process
+  per session, plus one warm idle child;
+* **plain livekit-agents**: ``_plain_density_worker.py start``, an
+  ``AgentServer`` with an explicit agent name, dispatched with
+  ``agent_dispatch.create_dispatch``; one job process per session (forked from
+  livekit-agents' forkserver), plus one warm idle process.
+
+For each session the bench creates a room, joins it as a caller and
+dispatches the job. The caller subscribes to the agent and, with
+``--caller-audio tone``, also publishes a quiet 400 Hz tone (8 kHz mono) that
+the agent subscribes to. A session counts once the caller saw an agent
+participant and its peer connection receives the agent's audio RTP packets
+(and, with the tone, the agent subscribed to it and its packets go out);
+greetings heard are counted too. After sampling, the server is asked as
+well: every room holds exactly one agent participant (kind AGENT) publishing
+audio, and no other room is in use. Sessions are added in batches
+(``--batch``), each verified before the next; all stay up until the worker
+is stopped. A call whose audio never flows (a WebRTC transport that never
+carries media, now and then on a loaded machine) is hung up and replaced; the
+report counts them.
+
+Memory is resident set size (``VmRSS``) summed over the worker process and
+every descendant (``psutil`` walks the tree; values from ``/proc``), sampled
+``--samples`` times a second apart once the tree's process count has been
+still for ``--settle`` seconds; the median is reported. Summed RSS counts a
+page shared by several processes (shared libraries, copy-on-write pages after
+a fork) once per process, so the proportional set size (``Pss``, shared pages
+divided among their sharers) is reported beside it.
+
+Three things keep a 2-core machine from measuring a collapse instead of
+memory; none changes what a session holds in memory:
+
+* callers only listen by default: with the tone, each session costs the worker
+  about twice the CPU (decoding, resampling, gain control), and 50 of them
+  with 50 callers need more than two cores;
+* the script re-runs itself without CAP_SYS_NICE (``--allow-realtime`` keeps
+  it), so libwebrtc's audio threads cannot take SCHED_FIFO and starve the
+  event loops, Redis and livekit-server (:func:`_drop_realtime`);
+* openrtc workers get ``--lease 30`` (``--lease``): with the default 5 s a
+  stalled event loop lets the worker reclaim its own running calls (see
+  bench/README.md).
+
+Goal: 50 sessions in one coroutine-mode worker use at most a fifth of the
+resident memory of 50 process-mode sessions (total RSS of the worker tree,
+idle warm processes included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import IO, Any, Final, Protocol
+
+import anyio
+import numpy as np
+import psutil
+from anyio.abc import TaskGroup, TaskStatus
+from livekit import api, rtc
+from livekit.protocol import agent as proto
+from livekit.protocol import models
+
+from openrtc.devstack import LIVEKIT_VERSION, LiveKitServer, RedisServer
+from openrtc.dispatcher import AGENT_ATTRIBUTE
+from openrtc.keys import Keys
+from openrtc.messages import AcceptArguments, JobMessage
+from openrtc.settings import LiveKitSettings
+from openrtc.streams import StreamStore, connect_redis
+
+BENCH_DIR: Final = Path(__file__).resolve().parent
+REPO_ROOT: Final = BENCH_DIR.parent
+OFFLINE_AGENTS: Final = REPO_ROOT / "examples" / "offline_agents"
+PLAIN_WORKER: Final = BENCH_DIR / "_plain_density_worker.py"
+AGENT: Final = "dental"
+PLAIN_AGENT_NAME: Final = "dental-plain"
+#: Coroutine mode at 50 sessions must use at most 1/GOAL of process mode's memory.
+GOAL: Final = 5.0
+MB: Final = 1024 * 1024
+
+#: The caller's tone: low rate, quiet, 100 ms frames (40 whole cycles each).
+TONE_RATE: Final = 8000
+TONE_HZ: Final = 400
+TONE_FRAME_MS: Final = 100
+TONE_AMPLITUDE: Final = 2000
+#: A frame of the agent's audio is loud when a sample exceeds this (ToneTTS peaks at 9000).
+LOUD: Final = 1000
+HEARD_FRAMES: Final = 10
+
+WORKER_READY_TIMEOUT: Final = 120.0
+CALLER_START_TIMEOUT: Final = 30.0
+CALLER_ATTEMPTS: Final = 3
+#: A call whose agent joined this long ago without audio flowing both ways is broken.
+MEDIA_TIMEOUT: Final = 45.0
+STOP_GRACE: Final = 30.0
+SETTLE_LIMIT: Final = 120.0
+
+
+class BenchError(RuntimeError):
+    """The run could not measure what it claims to; the message says why."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+_T0 = time.monotonic()
+
+
+# -- servers -----------------------------------------------------------------
+
+
+class BenchLiveKitServer(LiveKitServer):
+    """``openrtc.devstack.LiveKitServer`` that advertises a loopback STUN address.
+
+    With no STUN server configured, livekit-server tells every client to use
+    its public defaults (``stun.l.google.com``, ``global.stun.twilio.com``...),
+    and libwebrtc resolves those names for each peer connection, one blocking
+    ``AsyncResolver`` thread per name and address family. On a machine whose
+    DNS does not answer (this benchmark's sandbox), each such thread waits 5 s
+    or more, and connecting ten rooms at once leaves ~500 of them in the
+    process, in the caller process and the worker alike: thread stacks in the
+    sample and a CPU spike that delays the joins. ``127.0.0.1:9`` (discard)
+    needs no DNS and fails at once; media uses the loopback host candidates,
+    as before. Nothing else in the server configuration changes.
+    """
+
+    def config_yaml(self) -> str:
+        anchor = "  enable_loopback_candidate: true\n"
+        base = super().config_yaml()
+        assert anchor in base, "openrtc.devstack changed its LiveKit configuration"
+        return base.replace(anchor, anchor + "  stun_servers: ['127.0.0.1:9']\n")
+
+
+# -- memory ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One look at a process tree. Sizes in bytes."""
+
+    rss: int
+    pss: int
+    processes: int
+    threads: int
+    #: The worker process alone (not its children).
+    main_rss: int
+    main_anon: int
+    main_file: int
+    #: CPU seconds used so far by the processes seen (user + system).
+    cpu_seconds: float = 0.0
+    at: float = 0.0
+    #: The machine's 1-minute load average.
+    load: float = 0.0
+    #: CPU use of the tree between the first and last sample, in % of one core.
+    cpu_percent: float = 0.0
+
+
+def _read_kb(path: str, names: Sequence[str]) -> dict[str, int]:
+    values: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in names:
+                values[key] = int(rest.split()[0])
+    return values
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants (empty once it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def sample_tree(pid: int) -> Sample:
+    """RSS and PSS summed over ``pid`` and its descendants, from ``/proc``."""
+    rss = pss = threads = processes = 0
+    cpu = 0.0
+    main = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    for process in tree(pid):
+        try:
+            status = _read_kb(
+                f"/proc/{process.pid}/status", ("VmRSS", "RssAnon", "RssFile", "Threads")
+            )
+            rollup = _read_kb(f"/proc/{process.pid}/smaps_rollup", ("Pss",))
+            times = process.cpu_times()
+        except (psutil.Error, FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue  # exited while we looked
+        if "VmRSS" not in status:
+            continue  # a zombie
+        processes += 1
+        rss += status["VmRSS"] * 1024
+        pss += rollup.get("Pss", 0) * 1024
+        threads += status.get("Threads", 0)  # a count, not kB
+        cpu += times.user + times.system
+        if process.pid == pid:
+            main = status
+    return Sample(
+        rss=rss,
+        pss=pss,
+        processes=processes,
+        threads=threads,
+        main_rss=main.get("VmRSS", 0) * 1024,
+        main_anon=main.get("RssAnon", 0) * 1024,
+        main_file=main.get("RssFile", 0) * 1024,
+        cpu_seconds=cpu,
+        at=time.monotonic(),
+        load=os.getloadavg()[0],
+    )
+
+
+def median_sample(samples: Sequence[Sample]) -> Sample:
+    """Field by field medians; CPU use over the whole sampling window."""
+
+    def med(get: Callable[[Sample], int]) -> int:
+        return int(statistics.median(get(s) for s in samples))
+
+    return Sample(
+        rss=med(lambda s: s.rss),
+        pss=med(lambda s: s.pss),
+        processes=med(lambda s: s.processes),
+        threads=med(lambda s: s.threads),
+        main_rss=med(lambda s: s.main_rss),
+        main_anon=med(lambda s: s.main_anon),
+        main_file=med(lambda s: s.main_file),
+        load=max(s.load for s in samples),
+        cpu_percent=_cpu_percent(samples[0], samples[-1]),
+    )
+
+
+def _cpu_percent(first: Sample, last: Sample) -> float:
+    elapsed = last.at - first.at
+    if elapsed <= 0:
+        return 0.0
+    return max(0.0, 100 * (last.cpu_seconds - first.cpu_seconds) / elapsed)
+
+
+# -- the worker under test ---------------------------------------------------
+
+
+class Service:
+    """A worker subprocess in a session of its own (Ctrl-C here does not reach it).
+
+    Every process of its tree seen while it runs is remembered, so :meth:`kill`
+    also ends children left behind by a parent that already exited. Processes
+    are ended one by one through ``psutil``, which checks a pid still names the
+    process it saw (no pid reuse accidents), never by process group or name.
+    """
+
+    def __init__(self, label: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.label = label
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._seen: dict[int, psutil.Process] = {}
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _SERVICES.append(self)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            code = self.proc.returncode if self.proc else None
+            raise BenchError(f"{self.label}: the worker exited (code {code}); see {self.log_path}")
+
+    def remember(self) -> list[psutil.Process]:
+        processes = tree(self.pid) if self.alive() else []
+        for p in processes:
+            self._seen.setdefault(p.pid, p)
+        return processes
+
+    def sample(self) -> Sample:
+        self.remember()
+        return sample_tree(self.pid)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    async def stop(self) -> None:
+        """SIGTERM (the worker drains), then SIGKILL whatever is left after the grace."""
+        if self.alive():
+            self.remember()
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(STOP_GRACE):
+                while self.alive():
+                    self.remember()
+                    await anyio.sleep(0.2)
+            if self.alive():
+                log(f"{self.label}: still running {STOP_GRACE:.0f}s after SIGTERM; killing it")
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every process of its tree still running; reap the worker."""
+        self.remember()
+        for process in self._seen.values():
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    process.kill()
+            except psutil.Error:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log(f"{self.label}: pid {self.proc.pid} did not exit after SIGKILL")
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+#: Every service started, for the last-resort kill when the event loop is gone.
+_SERVICES: list[Service] = []
+
+
+# -- callers -----------------------------------------------------------------
+
+
+def _tone_frame() -> rtc.AudioFrame:
+    samples = TONE_RATE * TONE_FRAME_MS // 1000
+    t = np.arange(samples) / TONE_RATE
+    pcm = (np.sin(2 * np.pi * TONE_HZ * t) * TONE_AMPLITUDE).astype(np.int16)
+    return rtc.AudioFrame(pcm.tobytes(), TONE_RATE, 1, samples)
+
+
+def _rtp_packets(stats: rtc.room.RtcStats) -> tuple[int, int]:
+    """Audio RTP packets received from the room and sent to it, per the peer connections."""
+    received = sent = 0
+    # With one peer connection for both directions (livekit-server 1.13 and
+    # this SDK negotiate it), everything is in publisher_stats.
+    for stat in [*stats.publisher_stats, *stats.subscriber_stats]:
+        kind = stat.WhichOneof("stats")
+        if kind == "inbound_rtp" and stat.inbound_rtp.stream.kind == "audio":
+            received += stat.inbound_rtp.received.packets_received
+        elif kind == "outbound_rtp" and stat.outbound_rtp.stream.kind == "audio":
+            sent += stat.outbound_rtp.sent.packets_sent
+    return received, sent
+
+
+@dataclass
+class Call:
+    """One room with a caller in it: publishes a tone, listens for the agent.
+
+    Verified when an agent participant joined, the caller's peer connection
+    receives audio RTP packets from it, and (with a tone) the agent subscribed
+    to the tone while the caller's connection sends its packets. Hearing the
+    greeting is recorded too; it is not required, because the agent says it
+    once, right after it publishes, and on a loaded machine the caller's
+    subscription is sometimes set up only after the greeting is over.
+    """
+
+    index: int
+    room: str
+    sid: str = ""
+    #: Publish the tone (else the caller only listens).
+    tone: bool = True
+    agent_joined: anyio.Event = field(default_factory=anyio.Event)
+    #: Audio RTP packets arrive from the agent.
+    agent_audio: anyio.Event = field(default_factory=anyio.Event)
+    #: The agent subscribed to the caller's tone (and the tone's packets go out).
+    subscribed: anyio.Event = field(default_factory=anyio.Event)
+    tone_sent: anyio.Event = field(default_factory=anyio.Event)
+    #: The greeting: ``HEARD_FRAMES`` loud frames of the agent's audio.
+    heard: anyio.Event = field(default_factory=anyio.Event)
+    leave: anyio.Event = field(default_factory=anyio.Event)
+    loud_frames: int = 0
+    #: Every agent participant seen in the room (more than one: the session restarted).
+    agent_sids: set[str] = field(default_factory=set)
+    agent_joined_at: float | None = None
+
+    @property
+    def verified(self) -> bool:
+        tone_ok = not self.tone or (self.subscribed.is_set() and self.tone_sent.is_set())
+        return self.agent_joined.is_set() and self.agent_audio.is_set() and tone_ok
+
+    def problem(self) -> str:
+        """What is missing, for a log line."""
+        missing = [
+            name
+            for name, done in (
+                ("agent joined", self.agent_joined.is_set()),
+                ("audio packets from the agent", self.agent_audio.is_set()),
+                ("tone subscribed by the agent", self.subscribed.is_set() or not self.tone),
+                ("tone packets sent", self.tone_sent.is_set() or not self.tone),
+            )
+            if not done
+        ]
+        return "no " + ", no ".join(missing) if missing else "nothing missing"
+
+    async def run(self, creds: LiveKitSettings, *, task_status: TaskStatus[None]) -> None:
+        """Join, publish the tone, report started; stay until :attr:`leave`."""
+        token = (
+            api.AccessToken(creds.api_key, creds.api_secret)
+            .with_identity(f"caller-{self.index}")
+            .with_grants(api.VideoGrants(room_join=True, room=self.room))
+            .to_jwt()
+        )
+        room = rtc.Room()
+        streams: list[rtc.AudioStream] = []
+        track_arrived = anyio.Event()
+
+        def is_agent(p: rtc.Participant) -> bool:
+            return bool(getattr(p, "kind", None) == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
+
+        @room.on("participant_connected")
+        def _joined(p: rtc.RemoteParticipant) -> None:
+            if is_agent(p):
+                self.agent_sids.add(p.sid)
+                if self.agent_joined_at is None:
+                    self.agent_joined_at = time.monotonic()
+                self.agent_joined.set()
+
+        @room.on("track_subscribed")
+        def _track(track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
+            if track.kind == rtc.TrackKind.KIND_AUDIO and is_agent(p) and not streams:
+                # Made here, not in the listening task, to miss as little as possible.
+                streams.append(rtc.AudioStream(track, sample_rate=16000, num_channels=1))
+                track_arrived.set()
+
+        @room.on("local_track_subscribed")
+        def _subscribed(_track: rtc.Track) -> None:
+            self.subscribed.set()  # the only other participant is the agent
+
+        async def listen() -> None:
+            await track_arrived.wait()
+            stream = streams[0]
+            try:
+                async for event in stream:
+                    pcm = np.frombuffer(event.frame.data, dtype=np.int16).astype(np.int32)
+                    if pcm.size and int(np.abs(pcm).max()) > LOUD:
+                        self.loud_frames += 1
+                        if self.loud_frames >= HEARD_FRAMES:
+                            self.heard.set()
+                            return  # stop decoding; the subscription stays
+            finally:
+                await stream.aclose()
+
+        async def watch_packets() -> None:
+            while not (self.agent_audio.is_set() and (self.tone_sent.is_set() or not self.tone)):
+                await anyio.sleep(1.0)
+                received, sent = _rtp_packets(await room.get_rtc_stats())
+                if received > 0:
+                    self.agent_audio.set()
+                if sent > 0:
+                    self.tone_sent.set()
+
+        source = rtc.AudioSource(TONE_RATE, 1)
+        frame = _tone_frame()
+
+        async def feed() -> None:
+            while True:  # capture_frame waits while the source's 1 s queue is full
+                await source.capture_frame(frame)
+
+        try:
+            await room.connect(creds.ws_url, token)
+            for p in room.remote_participants.values():
+                _joined(p)
+            if self.tone:
+                track = rtc.LocalAudioTrack.create_audio_track("tone", source)
+                options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+                await room.local_participant.publish_track(track, options)
+            async with anyio.create_task_group() as tg:
+                if self.tone:
+                    tg.start_soon(feed)
+                tg.start_soon(listen)
+                tg.start_soon(watch_packets)
+                task_status.started()
+                await self.leave.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                for stream in streams:
+                    await stream.aclose()
+                await room.disconnect()
+                await source.aclose()
+
+
+# -- the three workers ---------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    livekit: LiveKitServer
+    redis: RedisServer
+    creds: LiveKitSettings
+    log_dir: Path
+    concurrency: int
+    lease: float = 30.0
+
+    def base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            LIVEKIT_URL=self.creds.ws_url,
+            LIVEKIT_API_KEY=self.creds.api_key,
+            LIVEKIT_API_SECRET=self.creds.api_secret,
+        )
+        env.pop("OPENRTC_LOG_LEVEL", None)
+        return env
+
+
+class Target(Protocol):
+    key: str
+    label: str
+
+    def service(self) -> Service: ...
+
+    async def ready(self, service: Service) -> None: ...
+
+    async def dispatch(self, calls: Sequence[Call]) -> None: ...
+
+
+class OpenRTCTarget:
+    """``openrtc worker`` fed by enqueuing its jobs on Redis directly."""
+
+    def __init__(self, stack: Stack, isolation: str) -> None:
+        self.stack = stack
+        self.isolation = isolation
+        self.key = isolation
+        self.label = f"openrtc {isolation}"
+        self.keys = Keys(f"density-{isolation}-{secrets.token_hex(3)}")
+
+    def service(self) -> Service:
+        argv = [
+            sys.executable,
+            "-m",
+            "openrtc",
+            "worker",
+            "--agent",
+            AGENT,
+            "--agents-dir",
+            str(OFFLINE_AGENTS),
+            "--isolation",
+            self.isolation,
+            "--concurrency",
+            str(self.stack.concurrency),
+            "--max-queue-age",
+            "300",
+            "--lease",
+            f"{self.stack.lease:g}",
+        ]
+        env = self.stack.base_env()
+        env.update(REDIS_URL=self.stack.redis.url, OPENRTC_NAMESPACE=self.keys.namespace)
+        return Service(self.label, argv, env, self.stack.log_dir / f"worker-{self.key}.log")
+
+    async def ready(self, service: Service) -> None:
+        """The worker heartbeats once its runner is prepared (the warm child is up)."""
+        redis = connect_redis(self.stack.redis.url)
+        try:
+            with anyio.fail_after(WORKER_READY_TIMEOUT):
+                while not await redis.zrange(self.keys.workers(AGENT), 0, -1):
+                    service.check_alive()
+                    await anyio.sleep(0.2)
+        finally:
+            await redis.aclose()
+
+    async def dispatch(self, calls: Sequence[Call]) -> None:
+        now = time.time()
+        messages = []
+        for call in calls:
+            job_id = f"AJ_{secrets.token_hex(6)}"
+            job = proto.Job(
+                id=job_id,
+                type=proto.JobType.JT_ROOM,
+                room=models.Room(sid=call.sid, name=call.room),
+            )
+            messages.append(
+                JobMessage(
+                    job=job,
+                    agent=AGENT,
+                    accept=AcceptArguments(
+                        identity=f"agent-{job_id}",
+                        name=AGENT,
+                        attributes={AGENT_ATTRIBUTE: AGENT},
+                    ),
+                    livekit_url=self.stack.creds.ws_url,
+                    step=0,
+                    source="bench",
+                    dispatcher_id="",  # no dispatcher: no status events
+                    received_at=now,
+                    routed_at=now,
+                )
+            )
+        redis = connect_redis(self.stack.redis.url)
+        try:
+            results = await StreamStore(redis, self.keys).enqueue(messages)
+        finally:
+            await redis.aclose()
+        if any(r.outcome != "queued" for r in results):
+            raise BenchError(f"{self.label}: not every job was enqueued: {results}")
+
+
+class PlainTarget:
+    """A plain livekit-agents worker, dispatched explicitly by agent name."""
+
+    key = "plain"
+    label = "plain livekit-agents"
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.agent_name = f"{PLAIN_AGENT_NAME}-{secrets.token_hex(3)}"
+
+    def service(self) -> Service:
+        argv = [sys.executable, str(PLAIN_WORKER), "start", "--log-level", "INFO"]
+        env = self.stack.base_env()
+        env["DENSITY_AGENT_NAME"] = self.agent_name
+        env["DENSITY_CAPACITY"] = str(self.stack.concurrency)
+        return Service(self.label, argv, env, self.stack.log_dir / "worker-plain.log")
+
+    async def ready(self, service: Service) -> None:
+        """livekit-agents registers after its warm idle process is up."""
+        with anyio.fail_after(WORKER_READY_TIMEOUT):
+            while "registered worker" not in service.log_path.read_text(errors="replace"):
+                service.check_alive()
+                await anyio.sleep(0.2)
+
+    async def dispatch(self, calls: Sequence[Call]) -> None:
+        c = self.stack.creds
+        async with api.LiveKitAPI(c.http_url, c.api_key, c.api_secret) as lk:
+            for call in calls:
+                await lk.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(agent_name=self.agent_name, room=call.room)
+                )
+
+
+# -- one worker, level by level ------------------------------------------------
+
+
+@dataclass
+class Result:
+    key: str
+    label: str
+    baseline: Sample | None = None
+    levels: dict[int, Sample] = field(default_factory=dict)
+    ramp_seconds: dict[int, float] = field(default_factory=dict)
+    #: Agent participants that joined a room after its first one (restarted sessions).
+    rejoins: int = 0
+    #: Calls hung up and replaced because audio never flowed both ways.
+    replaced: int = 0
+    #: Greetings heard by the callers of the sessions up at the last level.
+    heard: int = 0
+
+
+@dataclass
+class Options:
+    levels: list[int]
+    settle: float
+    samples: int
+    join_timeout: float | None
+    batch: int = 10
+    tone: bool = True
+
+
+async def settle_and_sample(service: Service, options: Options) -> Sample:
+    """Wait until the tree's process count is still for ``settle`` s; median of samples."""
+    still_since = time.monotonic()
+    count = -1
+    with anyio.move_on_after(SETTLE_LIMIT):
+        while time.monotonic() - still_since < options.settle:
+            service.check_alive()
+            now_count = len(service.remember())
+            if now_count != count:
+                count, still_since = now_count, time.monotonic()
+            await anyio.sleep(0.25)
+    samples = []
+    for i in range(options.samples):
+        if i:
+            await anyio.sleep(1.0)
+        service.check_alive()
+        samples.append(await anyio.to_thread.run_sync(service.sample))
+    return median_sample(samples)
+
+
+async def open_calls(stack: Stack, tg: TaskGroup, calls: Sequence[Call]) -> None:
+    """Create each room and put its caller in it, a few at a time."""
+    c = stack.creds
+    limiter = anyio.CapacityLimiter(8)
+    async with api.LiveKitAPI(c.http_url, c.api_key, c.api_secret) as lk:
+
+        async def one(call: Call) -> None:
+            async with limiter:
+                room = await lk.room.create_room(
+                    api.CreateRoomRequest(name=call.room, empty_timeout=600)
+                )
+                call.sid = room.sid
+                for attempt in range(1, CALLER_ATTEMPTS + 1):
+                    # On a busy machine livekit-rtc sometimes loses the race between
+                    # its local_track_published event and publish_track's reply
+                    # (a KeyError logged by livekit.rtc.room), and publish_track never
+                    # returns. A new attempt reconnects from scratch.
+                    with anyio.move_on_after(CALLER_START_TIMEOUT):
+                        await tg.start(call.run, c)
+                        return
+                    if attempt == CALLER_ATTEMPTS:
+                        raise BenchError(
+                            f"caller {call.index} could not join and publish in room "
+                            f"{call.room} in {CALLER_ATTEMPTS} attempts"
+                        )
+                    log(
+                        f"  caller {call.index}: not in its room after "
+                        f"{CALLER_START_TIMEOUT:.0f}s; trying again"
+                    )
+
+        async with anyio.create_task_group() as opening:
+            for call in calls:
+                opening.start_soon(one, call)
+
+
+async def check_rooms(stack: Stack, label: str, calls: Sequence[Call]) -> None:
+    """Ask the server: exactly one agent participant, publishing audio, in every room."""
+    agent_kind = models.ParticipantInfo.Kind.Value("AGENT")
+    audio = models.TrackType.Value("AUDIO")
+    c = stack.creds
+    problems = []
+    agents = 0
+    async with api.LiveKitAPI(c.http_url, c.api_key, c.api_secret) as lk:
+        for call in calls:
+            reply = await lk.room.list_participants(api.ListParticipantsRequest(room=call.room))
+            found = [p for p in reply.participants if p.kind == agent_kind]
+            agents += len(found)
+            callers = [p for p in reply.participants if p.identity == f"caller-{call.index}"]
+            if len(found) != 1 or not any(t.type == audio for t in found[0].tracks):
+                problems.append(f"{call.room}: {len(found)} agent participant(s)")
+            elif not callers:
+                problems.append(f"{call.room}: the caller is not in the room")
+            elif call.tone and not any(t.type == audio for t in callers[0].tracks):
+                problems.append(f"{call.room}: the caller is not publishing its tone")
+        rooms = await lk.room.list_rooms(api.ListRoomsRequest())
+    ours = {call.room for call in calls}
+    strays = [r.name for r in rooms.rooms if r.num_participants and r.name not in ours]
+    if problems or agents != len(calls) or strays:
+        raise BenchError(
+            f"{label}: {agents} agent participants for {len(calls)} sessions; "
+            f"{'; '.join(problems[:5])}; other rooms in use: {', '.join(strays) or 'none'}"
+        )
+
+
+async def delete_rooms(stack: Stack, calls: Sequence[Call]) -> None:
+    c = stack.creds
+    async with api.LiveKitAPI(c.http_url, c.api_key, c.api_secret) as lk:
+        for call in calls:
+            if call.sid:
+                try:
+                    await lk.room.delete_room(api.DeleteRoomRequest(room=call.room))
+                except Exception as exc:
+                    log(f"could not delete room {call.room}: {exc}")
+
+
+def _count(calls: Sequence[Call], event: str) -> int:
+    return sum(getattr(c, event).is_set() for c in calls)
+
+
+@dataclass
+class Ramp:
+    """The calls of one worker's run: adds them a batch at a time, replaces broken ones.
+
+    A call is broken when its agent joined but, ``MEDIA_TIMEOUT`` later, audio
+    does not flow both ways (see :class:`Call`): on a loaded machine a WebRTC
+    transport now and then never carries media (LiveKit logs ``publish time
+    out`` or subscription timeouts for it). Such a call is hung
+    up, its room deleted (so its session ends) and a new call dispatched in
+    its place; the report counts them. A worker that never sends an agent at
+    all is not helped: that fails the run.
+    """
+
+    stack: Stack
+    target: Target
+    options: Options
+    service: Service
+    tg: TaskGroup
+    calls: list[Call] = field(default_factory=list)
+    dropped: list[Call] = field(default_factory=list)
+    replaced: int = 0
+    max_replaced: int = 3
+
+    def _new(self, count: int) -> list[Call]:
+        first = len(self.calls) + len(self.dropped)
+        return [
+            Call(
+                i,
+                f"density-{self.target.key}-{i:03d}-{secrets.token_hex(3)}",
+                tone=self.options.tone,
+            )
+            for i in range(first, first + count)
+        ]
+
+    async def _start(self, count: int) -> None:
+        new = self._new(count)
+        self.calls.extend(new)
+        await open_calls(self.stack, self.tg, new)
+        await self.target.dispatch(new)
+
+    async def grow_to(self, level: int) -> None:
+        """Add calls a batch at a time; each batch is verified before the next starts."""
+        while len(self.calls) < level:
+            count = min(self.options.batch, level - len(self.calls))
+            await self._start(count)
+            await self._verify(self.options.join_timeout or 60.0 + 6.0 * count)
+
+    async def _verify(self, within: float) -> None:
+        label = self.target.label
+        deadline = time.monotonic() + within
+        next_report = time.monotonic() + 15
+        while not all(c.verified for c in self.calls):
+            self.service.check_alive()
+            now = time.monotonic()
+            for call in list(self.calls):
+                joined = call.agent_joined_at
+                if not call.verified and joined is not None and now - joined > MEDIA_TIMEOUT:
+                    await self._replace(call)
+                    deadline = max(deadline, time.monotonic() + 60.0)
+            state = (
+                f"{len(self.calls)} calls: {_count(self.calls, 'agent_joined')} agents joined, "
+                f"{_count(self.calls, 'agent_audio')} sending audio, "
+                f"{_count(self.calls, 'subscribed')} subscribed to the caller's tone, "
+                f"{_count(self.calls, 'heard')} greetings heard"
+            )
+            if now > deadline:
+                raise BenchError(
+                    f"{label}: after {within:.0f}s only {state}; worker log "
+                    f"{self.service.log_path}:\n{self.service.log_tail()}"
+                )
+            if now >= next_report:
+                log(f"  {label}: {state}")
+                next_report = now + 15
+            await anyio.sleep(0.2)
+
+    async def _replace(self, call: Call) -> None:
+        self.replaced += 1
+        problem = call.problem()
+        if self.replaced > self.max_replaced:
+            raise BenchError(
+                f"{self.target.label}: call in {call.room}: {problem} "
+                f"{MEDIA_TIMEOUT:.0f}s after its agent joined, and "
+                f"{self.max_replaced} calls were replaced already"
+            )
+        log(
+            f"  {self.target.label}: call in {call.room}: {problem} {MEDIA_TIMEOUT:.0f}s "
+            f"after its agent joined; hanging up and placing another"
+        )
+        call.leave.set()
+        self.calls.remove(call)
+        self.dropped.append(call)
+        with anyio.fail_after(30):
+            await delete_rooms(self.stack, [call])
+        await self._start(1)
+
+
+async def measure(stack: Stack, target: Target, options: Options) -> Result:
+    result = Result(target.key, target.label)
+    service = target.service()
+    log(f"{target.label}: starting the worker ({' '.join(service.argv[1:])})")
+    service.start()
+    ramp: Ramp | None = None
+    try:
+        async with anyio.create_task_group() as calls_tg:
+            ramp = Ramp(
+                stack,
+                target,
+                options,
+                service,
+                calls_tg,
+                max_replaced=max(3, max(options.levels) // 10),
+            )
+            try:
+                started = time.monotonic()
+                await target.ready(service)
+                log(f"{target.label}: ready after {time.monotonic() - started:.1f}s")
+                result.baseline = await settle_and_sample(service, options)
+                log(f"{target.label}: idle {_describe(result.baseline)}")
+                for level in options.levels:
+                    added = level - len(ramp.calls)
+                    started = time.monotonic()
+                    await ramp.grow_to(level)
+                    result.ramp_seconds[level] = time.monotonic() - started
+                    sample = await settle_and_sample(service, options)
+                    await check_rooms(stack, target.label, ramp.calls)
+                    result.levels[level] = sample
+                    result.rejoins = sum(len(c.agent_sids) - 1 for c in ramp.calls)
+                    result.replaced = ramp.replaced
+                    result.heard = _count(ramp.calls, "heard")
+                    log(
+                        f"{target.label}: {level} session(s) verified "
+                        f"({added} added in {result.ramp_seconds[level]:.1f}s): "
+                        f"{_describe(sample)}"
+                    )
+            finally:
+                for call in ramp.calls:
+                    call.leave.set()  # callers hang up; the task group waits for them
+    finally:
+        with anyio.CancelScope(shield=True):
+            if ramp is not None:
+                with anyio.move_on_after(30):
+                    await delete_rooms(stack, ramp.calls)  # whatever session is left ends
+            await service.stop()
+        log(f"{target.label}: stopped")
+    return result
+
+
+def _describe(s: Sample) -> str:
+    return (
+        f"RSS {s.rss / MB:.1f} MB, PSS {s.pss / MB:.1f} MB, "
+        f"{s.processes} process(es), {s.threads} threads, CPU {s.cpu_percent:.0f}% of a core, "
+        f"load {s.load:.1f}"
+    )
+
+
+# -- report ------------------------------------------------------------------
+
+
+def marginal(result: Result, get: Callable[[Sample], int]) -> float | None:
+    if len(result.levels) < 2:
+        return None
+    low, high = min(result.levels), max(result.levels)
+    return (get(result.levels[high]) - get(result.levels[low])) / (high - low) / MB
+
+
+LABEL_WIDTH: Final = 34
+COLUMN_WIDTH: Final = 22
+
+
+def table(results: Sequence[Result], title: str, get: Callable[[Sample], int]) -> list[str]:
+    lines = [title, f"{'':{LABEL_WIDTH}}" + "".join(f"{r.label:>{COLUMN_WIDTH}}" for r in results)]
+
+    def row(name: str, values: Sequence[str]) -> None:
+        lines.append(f"{name:{LABEL_WIDTH}}" + "".join(f"{v:>{COLUMN_WIDTH}}" for v in values))
+
+    def mb(sample: Sample | None) -> str:
+        return f"{get(sample) / MB:.1f}" if sample is not None else "-"
+
+    row("baseline (idle worker)", [mb(r.baseline) for r in results])
+    levels = sorted({lvl for r in results for lvl in r.levels})
+    for level in levels:
+        row(
+            f"{level} session{'s' if level != 1 else ''}",
+            [mb(r.levels.get(level)) for r in results],
+        )
+    if len(levels) >= 2:
+        lo, hi = levels[0], levels[-1]
+        values = []
+        for r in results:
+            m = marginal(r, get)
+            values.append(f"{m:.2f}" if m is not None else "-")
+        row(f"marginal MB/session ({hi}-{lo})/{hi - lo}", values)
+    return lines
+
+
+def report(results: Sequence[Result], options: Options, elapsed: float) -> bool | None:
+    """Print the tables; return whether the goal is met (None: not measured)."""
+    top = max(options.levels)
+    tone = (
+        ", the caller's tone subscribed by the agent and its packets sent" if options.tone else ""
+    )
+    priority = (
+        "realtime (SCHED_FIFO) allowed"
+        if _has_capability(CAP_SYS_NICE)
+        else "normal priority (no CAP_SYS_NICE)"
+    )
+    print()
+    print(
+        f"Memory of one worker serving the offline dental agent (Python "
+        f"{platform.python_version()}, livekit-agents {version('livekit-agents')}, livekit "
+        f"{version('livekit')}, livekit-server {LIVEKIT_VERSION}; {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 1024**3:.0f} GiB RAM)"
+    )
+    print(
+        f"Callers {'publish a tone and listen' if options.tone else 'only listen'}; sessions "
+        f"started {options.batch} at a time; libwebrtc audio threads at {priority}. Every session "
+        f"verified: agent joined, its audio packets reach the caller{tone}; the server shows one "
+        f"agent participant publishing audio in every room. Median of {options.samples} samples "
+        f"after the process count was still for {options.settle:.0f}s."
+    )
+    print()
+    for title, get in (
+        ("RSS, MB (summed over the worker and all its child processes)", _rss),
+        ("PSS, MB (shared pages divided among the processes sharing them)", _pss),
+    ):
+        for line in table(results, title, get):
+            print(line)
+        print()
+
+    def row(name: str, cell: Callable[[Result], str]) -> None:
+        print(f"{name:{LABEL_WIDTH}}" + "".join(f"{cell(r):>{COLUMN_WIDTH}}" for r in results))
+
+    def at_top(fmt: Callable[[Sample], str]) -> Callable[[Result], str]:
+        return lambda r: fmt(r.levels[top]) if top in r.levels else "-"
+
+    print(f"At {top} sessions")
+    row("", lambda r: r.label)
+    row("processes", at_top(lambda s: f"{s.processes}"))
+    row("threads", at_top(lambda s: f"{s.threads}"))
+    row("worker process alone: RSS, MB", at_top(lambda s: f"{s.main_rss / MB:.1f}"))
+    row("  anonymous, MB", at_top(lambda s: f"{s.main_anon / MB:.1f}"))
+    row("  file-backed, MB", at_top(lambda s: f"{s.main_file / MB:.1f}"))
+    row("CPU while sampled, % of a core", at_top(lambda s: f"{s.cpu_percent:.0f}"))
+    row("machine load average (1 min)", at_top(lambda s: f"{s.load:.1f}"))
+    row("time to start all sessions, s", lambda r: f"{sum(r.ramp_seconds.values()):.0f}")
+    row("agents that joined a room twice", lambda r: f"{r.rejoins}")
+    row("greetings heard by the callers", lambda r: f"{r.heard}")
+    row("calls replaced (no audio)", lambda r: f"{r.replaced}")
+    print()
+
+    by_key = {r.key: r for r in results}
+    verdict: bool | None = None
+    co, pr, plain = by_key.get("coroutine"), by_key.get("process"), by_key.get("plain")
+    if co and pr and top in co.levels and top in pr.levels:
+        ratio = co.levels[top].rss / pr.levels[top].rss
+        verdict = ratio <= 1 / GOAL
+        print(
+            f"coroutine / process, RSS at {top} sessions: {ratio:.3f} "
+            f"({1 / ratio:.1f}x less; goal: at most 1/{GOAL:.0f} = {1 / GOAL:.3f}) -> "
+            f"{'met' if verdict else 'MISSED'}"
+        )
+        print(
+            f"coroutine / process, PSS at {top} sessions: "
+            f"{co.levels[top].pss / pr.levels[top].pss:.3f}"
+        )
+    if co and plain and top in co.levels and top in plain.levels:
+        print(
+            f"coroutine / plain livekit-agents at {top} sessions: RSS "
+            f"{co.levels[top].rss / plain.levels[top].rss:.3f}, PSS "
+            f"{co.levels[top].pss / plain.levels[top].pss:.3f}"
+        )
+    print(f"run time {elapsed:.0f}s")
+    return verdict
+
+
+def _rss(s: Sample) -> int:
+    return s.rss
+
+
+def _pss(s: Sample) -> int:
+    return s.pss
+
+
+# -- main ----------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", default="1,10,50", help="session levels (default 1,10,50)")
+    parser.add_argument(
+        "--systems",
+        default="coroutine,process,plain",
+        help="which workers to measure, in order (default coroutine,process,plain)",
+    )
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="seconds of quiet before sampling"
+    )
+    parser.add_argument("--samples", type=int, default=5, help="samples per level, 1 s apart")
+    parser.add_argument(
+        "--join-timeout",
+        type=float,
+        default=None,
+        help="seconds for a batch's sessions to be verified (default 60 + 6 per session)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=10,
+        help="sessions started at a time; each batch is verified before the next (default 10)",
+    )
+    parser.add_argument(
+        "--caller-audio",
+        choices=("tone", "listen"),
+        default="listen",
+        help="callers only listen (default), or also publish a tone the agent subscribes to",
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        help="openrtc workers' --lease, seconds (default 30; openrtc's own default is 5)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help=f"exit 1 unless coroutine <= process/{GOAL:.0f}"
+    )
+    parser.add_argument("--log-dir", type=Path, help="keep server and worker logs here")
+    parser.add_argument(
+        "--allow-realtime",
+        action="store_true",
+        help="keep CAP_SYS_NICE (as root, libwebrtc's audio threads then run SCHED_FIFO)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        levels = sorted({int(x) for x in args.sessions.split(",") if x.strip()})
+    except ValueError:
+        parser.error("--sessions: comma-separated integers")
+    if not levels or levels[0] < 1:
+        parser.error("--sessions: levels must be >= 1")
+    args.levels = levels
+    args.system_keys = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.system_keys) - {"coroutine", "process", "plain"}
+    if unknown or not args.system_keys:
+        parser.error(f"--systems: choose from coroutine, process, plain (not {sorted(unknown)})")
+    if args.check and not {"coroutine", "process"} <= set(args.system_keys):
+        parser.error("--check needs both coroutine and process in --systems")
+    if args.samples < 1:
+        parser.error("--samples must be >= 1")
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
+    return args
+
+
+async def run(args: argparse.Namespace, stack: Stack) -> list[Result]:
+    options = options_from(args)
+    results = []
+    for key in args.system_keys:
+        target: Target = PlainTarget(stack) if key == "plain" else OpenRTCTarget(stack, key)
+        results.append(await measure(stack, target, options))
+    return results
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(
+        args.levels,
+        args.settle,
+        args.samples,
+        args.join_timeout,
+        batch=args.batch,
+        tone=args.caller_audio == "tone",
+    )
+
+
+def _bench_error(exc: BaseException) -> BenchError | None:
+    """The BenchError in ``exc``, however deep in exception groups."""
+    if isinstance(exc, BenchError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _bench_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+#: Linux capability number of CAP_SYS_NICE.
+CAP_SYS_NICE: Final = 23
+
+
+def _has_capability(bit: int) -> bool:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+def _drop_realtime() -> None:
+    """Re-run this script without CAP_SYS_NICE (see ``--allow-realtime``).
+
+    libwebrtc asks for SCHED_FIFO (priority 49) for every audio encoder and
+    audio source thread, two per session, and gets it when the process may
+    (root, or CAP_SYS_NICE). Fifty sessions then put a hundred realtime
+    threads in the worker and as many in this process's callers; on two busy
+    cores they starve every ordinary thread (the worker's event loop, Redis,
+    livekit-server) for seconds at a time, and the run measures a collapse
+    instead of memory. Without the capability the threads run at normal
+    priority, as in a container that runs as non-root. Memory is not affected.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log("setpriv not found: running with realtime audio threads")
+        return
+    log("re-running without CAP_SYS_NICE: audio threads at normal priority")
+    os.execv(
+        setpriv,
+        [
+            setpriv,
+            "--bounding-set",
+            "-sys_nice",
+            "--inh-caps",
+            "-sys_nice",
+            "--",
+            sys.executable,
+            *sys.argv,
+        ],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.allow_realtime and argv is None and _has_capability(CAP_SYS_NICE):
+        _drop_realtime()
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up as on Ctrl-C
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="openrtc-density-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    redis = RedisServer()
+    livekit = BenchLiveKitServer(log_path=log_dir / "livekit.log")
+    started = time.monotonic()
+    ok = False
+    try:
+        redis.start()
+        livekit.start()
+        stack = Stack(
+            livekit=livekit,
+            redis=redis,
+            creds=LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret),
+            log_dir=log_dir,
+            concurrency=max(args.levels),
+            lease=args.lease,
+        )
+        log(f"servers up: livekit {livekit.url}, redis {redis.url}; logs in {log_dir}")
+        results = anyio.run(run, args, stack)
+        ok = True
+    except Exception as exc:
+        error = _bench_error(exc)
+        if error is None:
+            raise
+        log(f"FAILED: {error}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        for service in _SERVICES:
+            service.kill()
+        livekit.close()
+        redis.close()
+        if ok and args.log_dir is None:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        elif not ok:
+            log(f"logs kept in {log_dir}")
+    verdict = report(results, options_from(args), time.monotonic() - started)
+    if args.check and not verdict:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
