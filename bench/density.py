@@ -79,7 +79,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Any, Final, Protocol
+from typing import IO, Any, Final, Protocol, TypeVar
 
 import anyio
 import numpy as np
@@ -120,12 +120,18 @@ CALLER_START_TIMEOUT: Final = 30.0
 CALLER_ATTEMPTS: Final = 3
 #: A call whose agent joined this long ago without audio flowing both ways is broken.
 MEDIA_TIMEOUT: Final = 45.0
+#: A call with no agent this long after its dispatch is dispatched again (plain only).
+REDISPATCH_AFTER: Final = 20.0
+MAX_REDISPATCHES: Final = 3
 STOP_GRACE: Final = 30.0
 SETTLE_LIMIT: Final = 120.0
 
 
 class BenchError(RuntimeError):
     """The run could not measure what it claims to; the message says why."""
+
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 def log(message: str) -> None:
@@ -421,6 +427,8 @@ class Call:
     #: Every agent participant seen in the room (more than one: the session restarted).
     agent_sids: set[str] = field(default_factory=set)
     agent_joined_at: float | None = None
+    dispatched_at: float = 0.0
+    redispatches: int = 0
 
     @property
     def verified(self) -> bool:
@@ -562,6 +570,8 @@ class Target(Protocol):
 
     async def dispatch(self, calls: Sequence[Call]) -> None: ...
 
+    async def redispatch(self, call: Call) -> bool: ...
+
 
 class OpenRTCTarget:
     """``openrtc worker`` fed by enqueuing its jobs on Redis directly."""
@@ -642,6 +652,10 @@ class OpenRTCTarget:
         if any(r.outcome != "queued" for r in results):
             raise BenchError(f"{self.label}: not every job was enqueued: {results}")
 
+    async def redispatch(self, call: Call) -> bool:
+        """Nothing to do: a job waits on its stream until the worker has a free slot."""
+        return False
+
 
 class PlainTarget:
     """A plain livekit-agents worker, dispatched explicitly by agent name."""
@@ -675,6 +689,17 @@ class PlainTarget:
                     api.CreateAgentDispatchRequest(agent_name=self.agent_name, room=call.room)
                 )
 
+    async def redispatch(self, call: Call) -> bool:
+        """Dispatch again: LiveKit gives a worker ~3 s to accept a job, then drops it.
+
+        On a loaded machine the worker process sometimes answers too late
+        (livekit-server logs ``failed to assign job to worker ... context
+        deadline exceeded``, ``retry: false``); the job is gone and the room
+        would wait forever.
+        """
+        await self.dispatch([call])
+        return True
+
 
 # -- one worker, level by level ------------------------------------------------
 
@@ -690,6 +715,8 @@ class Result:
     rejoins: int = 0
     #: Calls hung up and replaced because audio never flowed both ways.
     replaced: int = 0
+    #: Dispatches repeated because no agent came (LiveKit dropped the job).
+    redispatched: int = 0
     #: Greetings heard by the callers of the sessions up at the last level.
     heard: int = 0
 
@@ -824,6 +851,7 @@ class Ramp:
     calls: list[Call] = field(default_factory=list)
     dropped: list[Call] = field(default_factory=list)
     replaced: int = 0
+    redispatched: int = 0
     max_replaced: int = 3
 
     def _new(self, count: int) -> list[Call]:
@@ -842,6 +870,8 @@ class Ramp:
         self.calls.extend(new)
         await open_calls(self.stack, self.tg, new)
         await self.target.dispatch(new)
+        for call in new:
+            call.dispatched_at = time.monotonic()
 
     async def grow_to(self, level: int) -> None:
         """Add calls a batch at a time; each batch is verified before the next starts."""
@@ -852,16 +882,34 @@ class Ramp:
 
     async def _verify(self, within: float) -> None:
         label = self.target.label
-        deadline = time.monotonic() + within
-        next_report = time.monotonic() + 15
+        started = time.monotonic()
+        deadline = started + within
+        next_report = started + 15
         while not all(c.verified for c in self.calls):
             self.service.check_alive()
             now = time.monotonic()
             for call in list(self.calls):
+                if (
+                    call.agent_joined_at is None
+                    and now - call.dispatched_at > REDISPATCH_AFTER
+                    and call.redispatches < MAX_REDISPATCHES
+                    and await self.target.redispatch(call)
+                ):
+                    call.redispatches += 1
+                    call.dispatched_at = time.monotonic()
+                    self.redispatched += 1
+                    deadline = max(deadline, call.dispatched_at + 60.0)
+                    log(
+                        f"  {label}: no agent in {call.room} {REDISPATCH_AFTER:.0f}s after "
+                        "its dispatch; dispatched again"
+                    )
                 joined = call.agent_joined_at
                 if not call.verified and joined is not None and now - joined > MEDIA_TIMEOUT:
                     await self._replace(call)
                     deadline = max(deadline, time.monotonic() + 60.0)
+                elif not call.verified and joined is not None:
+                    # Never give up on a call that may still be replaced.
+                    deadline = max(deadline, joined + MEDIA_TIMEOUT + 5.0)
             state = (
                 f"{len(self.calls)} calls: {_count(self.calls, 'agent_joined')} agents joined, "
                 f"{_count(self.calls, 'agent_audio')} sending audio, "
@@ -870,8 +918,8 @@ class Ramp:
             )
             if now > deadline:
                 raise BenchError(
-                    f"{label}: after {within:.0f}s only {state}; worker log "
-                    f"{self.service.log_path}:\n{self.service.log_tail()}"
+                    f"{label}: {now - started:.0f}s after the batch started only {state}; "
+                    f"worker log {self.service.log_path}:\n{self.service.log_tail()}"
                 )
             if now >= next_report:
                 log(f"  {label}: {state}")
@@ -931,6 +979,7 @@ async def measure(stack: Stack, target: Target, options: Options) -> Result:
                     result.levels[level] = sample
                     result.rejoins = sum(len(c.agent_sids) - 1 for c in ramp.calls)
                     result.replaced = ramp.replaced
+                    result.redispatched = ramp.redispatched
                     result.heard = _count(ramp.calls, "heard")
                     log(
                         f"{target.label}: {level} session(s) verified "
@@ -1051,6 +1100,7 @@ def report(results: Sequence[Result], options: Options, elapsed: float) -> bool 
     row("agents that joined a room twice", lambda r: f"{r.rejoins}")
     row("greetings heard by the callers", lambda r: f"{r.heard}")
     row("calls replaced (no audio)", lambda r: f"{r.replaced}")
+    row("dispatches repeated (job lost)", lambda r: f"{r.redispatched}")
     print()
 
     by_key = {r.key: r for r in results}
@@ -1175,13 +1225,13 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
-def _bench_error(exc: BaseException) -> BenchError | None:
-    """The BenchError in ``exc``, however deep in exception groups."""
-    if isinstance(exc, BenchError):
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first ``kind`` exception in ``exc``, however deep in exception groups."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _bench_error(inner)
+            found = _find(inner, kind)
             if found is not None:
                 return found
     return None
@@ -1263,15 +1313,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"servers up: livekit {livekit.url}, redis {redis.url}; logs in {log_dir}")
         results = anyio.run(run, args, stack)
         ok = True
-    except Exception as exc:
-        error = _bench_error(exc)
-        if error is None:
-            raise
-        log(f"FAILED: {error}")
-        return 2
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+    except BaseException as exc:
+        error = _find(exc, BenchError)
+        if error is not None:
+            log(f"FAILED: {error}")
+            return 2
+        if _find(exc, KeyboardInterrupt) is not None:
+            log("interrupted")
+            return 130
+        raise
     finally:
         for service in _SERVICES:
             service.kill()

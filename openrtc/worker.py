@@ -300,6 +300,10 @@ class Worker:
 
     async def _accept(self, delivery: Delivery) -> None:
         """Decide what an entry becomes: a session, a dead letter, or nothing."""
+        if delivery.entry_id in self._running or delivery.entry_id in self._checking:
+            # Our own call, reclaimed because a renewal was late: the XAUTOCLAIM
+            # just renewed it. Never a second session for one job.
+            return
         try:
             message = JobMessage.decode(delivery.fields)
         except MalformedEntry as exc:
