@@ -24,10 +24,10 @@ for like with ``openrtc worker --isolation process --concurrency 50``:
 * admission by job count, as openrtc's ``--concurrency``: the reported load is
   0 below ``DENSITY_CAPACITY`` (default 50) running jobs and 1 at it, and
   ``load_threshold`` is infinite. The default load is the machine's CPU use,
-  and livekit-server weighs and refuses workers by the load they report: on
-  two busy cores it reached 1 at 20 sessions and LiveKit stopped dispatching
-  ("not dispatching agent job since no worker is available"); a load of
-  ``jobs / 50`` still lost every dispatch past 40 sessions (0.8).
+  and livekit-server weighs and skips workers by the load they report: on two
+  busy cores the CPU load neared 1 at about 20 sessions and LiveKit stopped
+  offering jobs; with a load of ``jobs / 50`` it silently dropped every
+  dispatch past 40 sessions (load 0.8).
 
 ``initialize_process_timeout`` is 60 s instead of 10 s: starting dozens of job
 processes on two busy cores can take longer, and a timed-out start would only
