@@ -486,9 +486,7 @@ class Dispatcher:
         # The room snapshot carries the room's TURN password and the job its
         # server-side state: neither belongs at rest in a stream. The
         # assignment is ours alone, so they are cleared in place.
-        stored = job
-        stored.room.ClearField("turn_password")
-        stored.ClearField("state")
+        stored = _without_secrets(job)
         agent = offer.route.agent
         return JobMessage(
             job=stored,
@@ -508,10 +506,9 @@ class Dispatcher:
         )
 
     async def _dead_letter_unknown(self, job: proto.Job, error: UnknownAgentError) -> None:
-        stored = proto.Job()
-        stored.CopyFrom(job)
-        stored.room.ClearField("turn_password")
-        stored.ClearField("state")
+        copy = proto.Job()
+        copy.CopyFrom(job)  # the job is still in use: its assignment may follow
+        stored = _without_secrets(copy)
         original = {
             b"v": b"1",
             b"job_id": job.id.encode(),
@@ -717,3 +714,13 @@ class Dispatcher:
             return
         self._redis_ok = True
         self._redis_state.set("connected", redact_url(self.settings.redis_url))
+
+
+def _without_secrets(job: proto.Job) -> proto.Job:
+    """``job`` (changed in place) without the room's TURN password and the server state.
+
+    Neither belongs at rest in a stream or a dead letter.
+    """
+    job.room.ClearField("turn_password")
+    job.ClearField("state")
+    return job
