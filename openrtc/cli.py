@@ -188,26 +188,23 @@ def _run_service(service: Any) -> None:
 
     import anyio
 
+    from openrtc.supervision import stop_signals
+
     async def serve() -> None:
-        async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as scope:
 
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    count = 0
-                    async for signum in signals:
-                        count += 1
-                        if count == 1:
-                            logging.getLogger("openrtc").info(
-                                "%s: stopping gracefully (again to abort)",
-                                signal.Signals(signum).name,
-                            )
-                            service.request_stop()
-                        else:
-                            tg.cancel_scope.cancel()
+            def stop(signum: signal.Signals) -> None:
+                logging.getLogger("openrtc").info(
+                    "%s: stopping gracefully (again to abort)", signum.name
+                )
+                service.request_stop()
 
-            tg.start_soon(watch_signals)
-            await service.run()
-            tg.cancel_scope.cancel()
+            def abort(signum: signal.Signals) -> None:
+                logging.getLogger("openrtc").warning("%s again: aborting", signum.name)
+                scope.cancel()
+
+            with stop_signals(stop, abort):
+                await service.run()
 
     anyio.run(serve)
 
@@ -649,7 +646,7 @@ def dev(
         _fail(f"--isolation must be coroutine or process, not {isolation!r}", 2)
 
     async def serve() -> None:
-        import signal
+        from openrtc.supervision import stop_signals
 
         async with dev_stack(
             agents_dir,
@@ -663,9 +660,9 @@ def dev(
             typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
             typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
             typer.echo("Ctrl-C stops everything.")
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
+            stopped = anyio.Event()
+            with stop_signals(lambda _: stopped.set(), lambda _: stopped.set()):
+                await stopped.wait()
 
     try:
         anyio.run(serve)

@@ -71,10 +71,16 @@ def _wait_until(
 
 @dataclass
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port; no persistence."""
+    """A throwaway ``redis-server`` on a free loopback port.
+
+    No persistence by default (a restart loses everything); with
+    ``appendonly=True`` it runs durable as shipped configurations do (AOF,
+    fsync every second), and a restart keeps what it had.
+    """
 
     port: int = field(default_factory=_free_port)
     log_path: Path | None = None
+    appendonly: bool = False
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
@@ -117,7 +123,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 self._dir.name,
                 "--protected-mode",

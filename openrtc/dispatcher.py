@@ -149,12 +149,7 @@ class Dispatcher:
         self._redis = redis or connect_redis(
             settings.redis_url, client_name=f"openrtc:{settings.dispatcher_id}"
         )
-        self.store = StreamStore(
-            self._redis,
-            self.keys,
-            stream_maxlen=settings.stream_maxlen,
-            dedup_ttl=settings.dedup_ttl,
-        )
+        self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
         self._socket: AgentSocket | None = None
         self._offers: dict[str, _Offer] = {}
         # Jobs assigned on the current socket and enqueued: job id -> agent.

@@ -98,8 +98,6 @@ class DispatcherSettings:
     max_backlog: int = 100
     #: How long an assignment may wait for Redis before it is failed towards LiveKit.
     enqueue_timeout: float = 2.0
-    #: Cap on job stream length (approximate MAXLEN); entries past it are trimmed.
-    stream_maxlen: int = 10_000
     #: How long a job id is remembered for de-duplication.
     dedup_ttl: float = 24 * 3600.0
     heartbeat_interval: float = 1.0

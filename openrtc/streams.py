@@ -4,9 +4,10 @@ Job streams are ``<ns>:jobs:<agent>`` with one consumer group, ``workers``.
 The dispatcher adds entries through one Lua script per job that checks and
 writes the job's record hash (de-duplication by LiveKit job id) and the
 stream entry atomically, so the same job is never enqueued twice, even when an
-add is retried after a lost reply. Streams are capped with an approximate
-MAXLEN as a safety net; workers delete entries once acknowledged, so in normal
-operation a stream holds only waiting and running jobs.
+add is retried after a lost reply. Job streams are never trimmed: a stream
+holds only waiting and running jobs (workers delete entries once
+acknowledged), and its size is bounded by the dispatcher's admission policy
+(``max_backlog``), so a running call's entry can never be cut.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from openrtc.keys import WORKERS_GROUP, Keys
@@ -29,16 +33,21 @@ logger = logging.getLogger("openrtc.streams")
 #: Cap on the dead-letter, status and control streams (approximate MAXLEN).
 SIDE_STREAM_MAXLEN: Final = 10_000
 
-# KEYS: job record hash, job stream. ARGV: record ttl (s), stream maxlen,
-# dispatcher id, then the entry's field/value pairs.
+# KEYS: job record hash, job stream. ARGV: record ttl (s), dispatcher id,
+# then the entry's field/value pairs.
 # Returns {1, id} when added, {0, id} when the job was already enqueued.
+# No MAXLEN: trimming would cut the oldest entries, running calls included.
+# ``queued_at`` is Redis's own clock (ms), so a job's age is judged by one
+# clock, not by whichever host's wall clock enqueued it.
 _ENQUEUE_LUA: Final = """
 local existing = redis.call('HGET', KEYS[1], 'entry')
 if existing then
   return {0, existing}
 end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
-redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3])
+local t = redis.call('TIME')
+local now = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
+local id = redis.call('XADD', KEYS[2], '*', 'queued_at', now, unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {1, id}
 """
@@ -47,7 +56,10 @@ return {1, id}
 def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
     """A redis-py asyncio client with timeouts short enough to fail fast.
 
-    Responses stay bytes: job entries carry a serialized protobuf.
+    Responses stay bytes: job entries carry a serialized protobuf. A command
+    that meets a closed connection (Redis restarted or failed over since the
+    connection was pooled) is sent again on a fresh one, twice at most; a
+    timeout is not retried, since the command may have run.
     """
     client: Redis = Redis.from_url(
         url,
@@ -56,6 +68,8 @@ def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
         socket_connect_timeout=2.0,
         health_check_interval=10,
         client_name=client_name,
+        retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), 2),
+        retry_on_error=[RedisConnectionError],
     )
     return client
 
@@ -76,13 +90,12 @@ class StreamStore:
         redis: Redis,
         keys: Keys,
         *,
-        stream_maxlen: int = 10_000,
         dedup_ttl: float = 24 * 3600.0,
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self._maxlen = stream_maxlen
-        self._dedup_ttl = int(dedup_ttl)
+        #: Seconds a job record (and with it the job id's de-duplication) lives.
+        self.dedup_ttl = int(dedup_ttl)
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
         self._enqueue_loaded = False
         self._known_groups: set[str] = set()
@@ -120,8 +133,7 @@ class StreamStore:
                     2,
                     self.keys.job(message.agent, message.job_id),
                     self.keys.jobs(message.agent),
-                    self._dedup_ttl,
-                    self._maxlen,
+                    self.dedup_ttl,
                     message.dispatcher_id,
                 ]
                 for key, value in message.encode().items():
@@ -161,7 +173,7 @@ class StreamStore:
         """
         if once_for_job is not None:
             marker = f"{self.keys.dead_letter}:seen:{once_for_job}"
-            if not await self.redis.set(marker, b"1", nx=True, ex=self._dedup_ttl):
+            if not await self.redis.set(marker, b"1", nx=True, ex=self.dedup_ttl):
                 return None
         fields: dict[Any, Any] = dead_letter_fields(
             reason, error, original=original, origin=origin, origin_id=origin_id
@@ -195,7 +207,7 @@ class StreamStore:
         )
         record = self.keys.job(agent, job_id)
         pipe.hset(record, b"terminated", reason.encode())
-        pipe.expire(record, self._dedup_ttl)
+        pipe.expire(record, self.dedup_ttl)
         await pipe.execute()
 
 
@@ -203,22 +215,84 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-# KEYS: job stream. ARGV: group, consumer, entry ids...
+# KEYS: job stream, then the job record of each entry id (same order).
+# ARGV: group, consumer, entry ids...
 # Renews this consumer's claim on each entry it still owns (XCLAIM ... JUSTID
-# resets the idle time without counting a delivery) and returns the ids it no
-# longer owns: another worker reclaimed them, so this one must step aside.
+# resets the idle time without counting a delivery). Returns {lost, forgotten}:
+# - lost: another worker owns the entry now, or its record says the job moved
+#   on (another worker ran it, or it is done): this worker must step aside.
+# - forgotten: nobody owns the entry and the record does not say it moved on:
+#   Redis lost it (a restart without persistence, a failover that dropped the
+#   last writes). The call is still ours; the worker writes it back.
 _RENEW_LUA: Final = """
-local lost = {}
+local lost, forgotten = {}, {}
 for i = 3, #ARGV do
   local id = ARGV[i]
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if p[1] and p[1][2] == ARGV[2] then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  local owner = ok and p[1] and p[1][2] or false
+  if owner == ARGV[2] then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-  else
+  elseif owner then
     table.insert(lost, id)
+  else
+    local rec = redis.call('HMGET', KEYS[i - 1], 'worker', 'state')
+    if (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then
+      table.insert(lost, id)
+    else
+      table.insert(forgotten, id)
+    end
   end
 end
-return lost
+return {lost, forgotten}
+"""
+
+# KEYS: job stream, job record. ARGV: group, consumer, record ttl (s), then the
+# entry's field/value pairs. Writes a call Redis forgot back as an entry pending
+# on this consumer, so a later crash of this worker is still recovered by a
+# peer. The entry must not also be delivered as new: the group's last-delivered
+# id is moved onto it, and the entries that were waiting behind the old
+# position are re-added after it (same fields, same order), so they are still
+# delivered exactly once. Returns the new entry id.
+_WRITE_BACK_LUA: Final = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+local last = '0-0'
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local g = {}
+  for j = 1, #info, 2 do g[info[j]] = info[j + 1] end
+  if g['name'] == group then last = g['last-delivered-id'] end
+end
+local waiting = redis.call('XRANGE', stream, '(' .. last, '+')
+if last == '0-0' then waiting = redis.call('XRANGE', stream, '-', '+') end
+local id = redis.call('XADD', stream, '*', unpack(ARGV, 4))
+redis.call('XCLAIM', stream, group, consumer, 0, id, 'FORCE', 'JUSTID')
+for _, e in ipairs(waiting) do
+  redis.call('XADD', stream, '*', unpack(e[2]))
+  redis.call('XDEL', stream, e[1])
+end
+redis.call('XGROUP', 'SETID', stream, group, id)
+redis.call('HSET', KEYS[2], 'entry', id, 'state', 'running', 'worker', consumer)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return id
+"""
+
+# KEYS: job stream, job record. ARGV: group, consumer, entry id.
+# Hands an entry this consumer holds but never started back to the stream as
+# a new, waiting entry (same fields): a draining worker holds no unstarted job,
+# and a peer reads it at once instead of after a lease. Returns the new id, or
+# false when the entry is no longer ours.
+_RELEASE_LUA: Final = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then return false end
+local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+if not e[1] then return false end
+local id = redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'entry', id)
+end
+return id
 """
 
 # KEYS: job stream. ARGV: group, consumer, min idle ms, count.
@@ -234,6 +308,14 @@ for i, e in ipairs(entries) do
 end
 return {entries, counts, r[3] or {}}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a lease renewal found: entries taken by another worker, entries Redis forgot."""
+
+    lost: list[str]
+    forgotten: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +338,8 @@ class JobConsumer:
         self.stream = store.keys.jobs(agent)
         self._renew = self.redis.register_script(_RENEW_LUA)
         self._reclaim = self.redis.register_script(_RECLAIM_LUA)
+        self._write_back = self.redis.register_script(_WRITE_BACK_LUA)
+        self._release = self.redis.register_script(_RELEASE_LUA)
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
         """New entries (never delivered before), at most ``count``.
@@ -298,14 +382,44 @@ class JobConsumer:
             result.append(Delivery(_text(entry_id), fields, int(deliveries)))
         return result
 
-    async def renew(self, entry_ids: Sequence[str]) -> list[str]:
-        """Extend the lease on ``entry_ids``; returns those this consumer lost."""
-        if not entry_ids:
-            return []
-        lost = await self._renew(
-            keys=[self.stream], args=[WORKERS_GROUP, self.consumer, *entry_ids]
+    async def renew(self, held: Mapping[str, str]) -> Renewal:
+        """Extend the lease on the entries in ``held`` (entry id -> job id).
+
+        Says which entries another worker took (step aside) and which Redis
+        forgot (write them back with :meth:`write_back`).
+        """
+        if not held:
+            return Renewal([], [])
+        ids = list(held)
+        records = [self.store.keys.job(self.agent, held[i]) for i in ids]
+        lost, forgotten = await self._renew(
+            keys=[self.stream, *records], args=[WORKERS_GROUP, self.consumer, *ids]
         )
-        return [_text(x) for x in lost]
+        return Renewal([_text(x) for x in lost], [_text(x) for x in forgotten])
+
+    async def write_back(self, job_id: str, fields: Mapping[bytes, bytes]) -> str:
+        """Re-create a running call's entry (pending on this consumer) and record.
+
+        For a call Redis forgot: without it a later crash of this worker would
+        leave the call with nobody to take it over. Returns the new entry id.
+        """
+        flat: list[bytes] = []
+        for key, value in fields.items():
+            flat.append(key)
+            flat.append(value)
+        entry_id = await self._write_back(
+            keys=[self.stream, self.store.keys.job(self.agent, job_id)],
+            args=[WORKERS_GROUP, self.consumer, self.store.dedup_ttl, *flat],
+        )
+        return _text(entry_id)
+
+    async def release(self, entry_id: str, job_id: str) -> str | None:
+        """Give an entry this worker holds but never started back as a waiting one."""
+        new_id = await self._release(
+            keys=[self.stream, self.store.keys.job(self.agent, job_id)],
+            args=[WORKERS_GROUP, self.consumer, entry_id],
+        )
+        return _text(new_id) if new_id else None
 
     async def ack(self, entry_id: str) -> None:
         """Acknowledge and delete an entry: the job is finished with."""
@@ -333,7 +447,7 @@ class JobConsumer:
         pipe = self.redis.pipeline(transaction=False)
         mapping: dict[Any, Any] = dict(fields)
         pipe.hset(key, mapping=mapping)
-        pipe.expire(key, self.store._dedup_ttl)
+        pipe.expire(key, self.store.dedup_ttl)
         await pipe.execute()
 
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 
-__all__ = ["StateLog", "backoff_delay", "describe", "unwrap_group"]
+__all__ = ["StateLog", "backoff_delay", "describe", "stop_signals", "unwrap_group"]
+
+#: The signals that stop a service: the first drains it, a second aborts.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StateLog:
@@ -54,3 +62,35 @@ def describe(exc: BaseException | None) -> str:
         return "unknown error"
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+@contextmanager
+def stop_signals(
+    on_stop: Callable[[signal.Signals], None], on_abort: Callable[[signal.Signals], None]
+) -> Iterator[None]:
+    """Call ``on_stop`` in the running event loop at the first SIGTERM/SIGINT, ``on_abort`` after.
+
+    A plain ``signal.signal`` handler, not asyncio's ``add_signal_handler``:
+    asyncio learns of a signal only from a byte the C handler writes to the
+    loop's self-pipe, and that pipe is the one every ``call_soon_threadsafe``
+    writes to. Under heavy native callback load (livekit's FFI thread) the pipe
+    is full, the byte is dropped and the signal is lost for good. A Python
+    handler runs in the main thread whatever the pipe holds, and its
+    ``call_soon_threadsafe`` is queued even when its own wake-up byte is
+    dropped: a full pipe means the loop is about to wake anyway.
+    """
+    loop = asyncio.get_running_loop()
+    received = 0
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal received
+        received += 1
+        callback = on_stop if received == 1 else on_abort
+        loop.call_soon_threadsafe(callback, signal.Signals(signum))
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -3,11 +3,14 @@
 One readable set of loops under one task group (``openrtc worker --agent dental``):
 
 - **consume**: read new entries while there are free slots; reclaim entries
-  whose holder stopped renewing (a worker that died); each becomes a session,
-  or a dead letter (``malformed``, ``expired``, ``max-deliveries``).
-- **lease**: renew the claim on every running entry every ``lease / 3``; an
-  entry this worker no longer owns means another worker took the call over,
-  so the local session steps aside.
+  whose holder stopped renewing (a worker that died); each is checked (its
+  room still there?) concurrently with the others and becomes a session, or a
+  dead letter (``malformed``, ``expired``, ``max-deliveries``).
+- **lease**: renew the claim on every entry this worker holds, from the read
+  that delivered it until it is acknowledged or released, every ``lease / 3``.
+  An entry another worker now owns means that worker took the call over, so
+  the local session steps aside; an entry Redis forgot (a restart without
+  persistence) is written back, and the call goes on.
 - **control**: LiveKit's terminations, relayed by the dispatcher, end sessions.
 - **heartbeat**: capacity and running sessions, for the dispatcher's
   backpressure and ``openrtc status``.
@@ -20,6 +23,7 @@ over by its peers within about one lease; a living worker's calls never are.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +44,7 @@ from openrtc.messages import DeadReason, JobMessage, JobStatus, MalformedEntry, 
 from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
-from openrtc.supervision import StateLog, describe
+from openrtc.supervision import StateLog, backoff_delay, describe
 
 __all__ = ["SessionRunner", "Worker", "WorkerStats"]
 
@@ -50,6 +54,10 @@ logger = logging.getLogger("openrtc.worker")
 READ_BLOCK_MS: Final = 1000
 #: How often entries of dead workers are looked for.
 RECLAIM_INTERVAL: Final = 1.0
+#: Room checks (LiveKit API calls) one worker runs at once.
+ROOM_CHECKS: Final = 8
+#: Longest wait for one room check; past it the room is assumed to be there.
+ROOM_CHECK_TIMEOUT: Final = 3.0
 
 
 class SessionRunner(Protocol):
@@ -101,12 +109,31 @@ class WorkerStats:
 
 
 @dataclass(slots=True)
-class _Running:
-    message: JobMessage
+class _Claim:
+    """An entry this worker holds: leased from its read until acknowledged or released."""
+
     delivery: Delivery
-    control: SessionControl
+    message: JobMessage | None = None
+    #: Set once its session starts.
+    control: SessionControl | None = None
     joined_at: float = 0.0
     reclaimed: bool = False
+    #: Another worker owns the entry now: never start it, step aside if running.
+    lost: bool = False
+    #: Being acknowledged, dead-lettered or released: no more renewals.
+    settled: bool = False
+
+    @property
+    def entry_id(self) -> str:
+        return self.delivery.entry_id
+
+    @property
+    def renewable(self) -> bool:
+        # A session stopping for a takeover (lease lost, drain timeout) is left
+        # to lapse; one ending for good (terminated) stays ours until it is
+        # acknowledged, however long its agent takes to hang up.
+        stepping_aside = self.control is not None and self.control.takeover
+        return not (self.settled or self.lost or stepping_aside)
 
 
 @dataclass(slots=True)
@@ -170,13 +197,19 @@ class Worker:
                 runner = CoroutineRunner(self.config, settings)
         self.runner = runner
         self._gate = _Gate(settings.concurrency)
-        self._running: dict[str, _Running] = {}  # by entry id
-        self._checking: set[str] = set()  # entries accepted, not yet running
+        # Every entry held, by entry id: being checked, or running a session.
+        self._claims: dict[str, _Claim] = {}
+        self._room_checks = anyio.CapacityLimiter(ROOM_CHECKS)
         self._lkapi: api.LiveKitAPI | None = None
         self._draining = False
         self._stop = anyio.Event()
         self._ready = anyio.Event()
+        self._startup: anyio.CancelScope | None = None
         self._redis_state = StateLog("Redis", logger)
+        # After Redis comes back from an outage every holder's entries look
+        # idle for the outage's length: no reclaiming until they had a lease
+        # to renew them.
+        self._reclaim_after = 0.0
         self._tg: TaskGroup | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -187,13 +220,24 @@ class Worker:
         return self._ready
 
     @property
+    def running(self) -> list[JobMessage]:
+        """The jobs whose sessions run now."""
+        return [c.message for c in self._claims.values() if c.control and c.message]
+
+    @property
     def running_jobs(self) -> list[str]:
         """Job ids of the sessions running now."""
-        return [r.message.job_id for r in self._running.values()]
+        return [m.job_id for m in self.running]
 
     def request_stop(self) -> None:
-        """Drain: stop taking jobs, let running calls finish up to ``drain_timeout``."""
+        """Drain: stop taking jobs, let running calls finish up to ``drain_timeout``.
+
+        Honoured in every state: a worker still waiting for Redis at start-up
+        stops at once.
+        """
         self._stop.set()
+        if self._startup is not None:
+            self._startup.cancel()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` and the drain are done (or cancellation)."""
@@ -210,11 +254,18 @@ class Worker:
             s.namespace,
         )
         try:
-            await self.runner.prepare()
+            with anyio.CancelScope() as self._startup:
+                if self._stop.is_set():
+                    self._startup.cancel()
+                await self.runner.prepare()
+                await self._until_redis(self.store.ensure_group, s.agent)
+                await self._until_redis(self._beat)
+            self._startup = None
+            if self._stop.is_set():
+                logger.info("stop requested while starting; nothing to drain")
+                return
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await self._until_redis(self.store.ensure_group, s.agent)
-                await self._beat()
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._lease_loop)
                 tg.start_soon(self._control_loop)
@@ -242,36 +293,40 @@ class Worker:
 
     async def _drain(self) -> None:
         self._draining = True
-        count = len(self._running)
+        count = len(self.running)
         logger.info(
             "draining: no new jobs; %d running session(s) may go on for up to %.0fs",
             count,
             self.settings.drain_timeout,
         )
+        # Entries still being checked are released by their check (never
+        # started while draining); running sessions may finish.
         with anyio.move_on_after(self.settings.drain_timeout):
-            while self._running:
+            while self._claims:
                 await self._gate.changed.wait()
-        if self._running:
+        if self._claims:
             # Not acknowledged: their entries stay pending, and another worker
             # takes the calls over once the lease lapses.
-            logger.warning("drain timeout: leaving %d call(s) to other workers", len(self._running))
-            for running in self._running.values():
-                running.control.stop("worker drain timeout", takeover=True)
+            logger.warning("drain timeout: leaving %d call(s) to other workers", len(self._claims))
+            for claim in self._claims.values():
+                if claim.control is not None:
+                    claim.control.stop("worker drain timeout", takeover=True)
 
     async def _until_redis(self, func: Callable[..., Any], *args: Any) -> Any:
-        delay = 0.1
+        attempt = 0
         while True:
             try:
                 return await func(*args)
             except (RedisError, OSError) as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await anyio.sleep(backoff_delay(attempt, 0.1, 2.0))
+                attempt += 1
 
     # -- consuming -----------------------------------------------------------
 
     async def _consume_loop(self) -> None:
         last_reclaim = 0.0
+        outage = False
         while not self._is_draining():
             if self._gate.free <= 0:
                 with anyio.move_on_after(RECLAIM_INTERVAL):
@@ -280,99 +335,151 @@ class Worker:
             try:
                 deliveries: list[Delivery] = []
                 now = time.monotonic()
-                if now - last_reclaim >= RECLAIM_INTERVAL:
+                if now - last_reclaim >= RECLAIM_INTERVAL and now >= self._reclaim_after:
                     last_reclaim = now
                     deliveries = await self.consumer.reclaim(self.settings.lease, self._gate.free)
-                    self.stats.reclaimed += len(deliveries)
                 if not deliveries:
                     block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
                     deliveries = await self.consumer.read(self._gate.free, block)
+                if outage:
+                    outage = False
+                    self._reclaim_after = time.monotonic() + self.settings.lease
                 self._redis_state.set("connected", redact_url(self.settings.redis_url))
             except (RedisError, OSError) as exc:
+                outage = True
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
                 continue
             for delivery in deliveries:
-                await self._accept(delivery)
+                if delivery.entry_id in self._claims:
+                    # Our own entry, reclaimed because a renewal was late: the
+                    # XAUTOCLAIM just renewed it. Never a second session for one job.
+                    continue
+                if delivery.deliveries > 1:
+                    self.stats.reclaimed += 1
+                # Held (and leased) from this moment: its check may be slow.
+                claim = _Claim(delivery)
+                self._claims[delivery.entry_id] = claim
+                self._gate.take()
+                assert self._tg is not None
+                self._tg.start_soon(self._accept, claim)
 
     def _is_draining(self) -> bool:
         return self._draining
 
-    async def _accept(self, delivery: Delivery) -> None:
-        """Decide what an entry becomes: a session, a dead letter, or nothing."""
-        if delivery.entry_id in self._running or delivery.entry_id in self._checking:
-            # Our own call, reclaimed because a renewal was late: the XAUTOCLAIM
-            # just renewed it. Never a second session for one job.
-            return
+    def _drop(self, claim: _Claim) -> None:
+        """Forget a claim and free its slot."""
+        if self._claims.get(claim.entry_id) is claim:
+            del self._claims[claim.entry_id]
+            self._gate.give()
+
+    async def _accept(self, claim: _Claim) -> None:
+        """Decide what a held entry becomes: a session, a dead letter, or nothing."""
+        started = False
+        try:
+            started = await self._check(claim)
+        finally:
+            if not started:
+                self._drop(claim)
+
+    async def _check(self, claim: _Claim) -> bool:
+        """Checks an entry and starts its session; False when it did not start one."""
+        delivery = claim.delivery
         try:
             message = JobMessage.decode(delivery.fields)
         except MalformedEntry as exc:
-            await self._dead_letter(delivery, DeadReason.MALFORMED, str(exc), None)
-            return
+            await self._dead_letter(claim, DeadReason.MALFORMED, str(exc), None)
+            return False
+        claim.message = message
         if message.agent != self.settings.agent:
             # A real job on the wrong stream: nobody will serve it, so its
             # dispatcher is told it failed, like any other dead-lettered job.
             error = f"entry for agent '{message.agent}' on agent '{self.settings.agent}' stream"
-            await self._dead_letter(delivery, DeadReason.MALFORMED, error, message)
-            return
+            await self._dead_letter(claim, DeadReason.MALFORMED, error, message)
+            return False
         try:
             record = await self.consumer.job_record(message.job_id)
         except (RedisError, OSError) as exc:
             logger.error("job %s: cannot read its record (%s); retried later", message.job_id, exc)
-            return  # still pending on us: reclaimed after the lease
+            claim.lost = True  # not renewed: reclaimed after the lease
+            return False
         started_before = record.get("state") == "running"
         if delivery.deliveries > self.settings.max_deliveries:
             error = record.get("last_error") or "no error recorded"
             await self._dead_letter(
-                delivery,
+                claim,
                 DeadReason.MAX_DELIVERIES,
                 f"gave up after {delivery.deliveries - 1} deliveries"
                 f" (max {self.settings.max_deliveries}); last error: {error}",
                 message,
             )
-            return
+            return False
         if record.get("terminated") and not started_before:
             # Terminated while it waited (its dispatch was deleted, the room
             # closed): nobody should join. A call that had started is another
             # matter: the termination is then the dead worker's agent leaving,
             # and the takeover below is what the caller needs.
             logger.info("job %s was terminated before it started; not joining", message.job_id)
-            await self._finish(delivery, message, "done")
+            await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
-            return
+            return False
         waited = self._clock() - message.enqueued_at
         if not started_before and waited > self.settings.max_queue_age:
             await self._dead_letter(
-                delivery,
+                claim,
                 DeadReason.EXPIRED,
                 f"waited {waited:.1f}s for a worker (limit {self.settings.max_queue_age:.0f}s)",
                 message,
             )
-            return
-        # The room check is a LiveKit API call: keep the lease meanwhile.
-        self._checking.add(delivery.entry_id)
-        try:
+            return False
+        # Concurrently with the rest of the batch, each bounded: a slow LiveKit
+        # API delays calls, it does not let their leases lapse.
+        async with self._room_checks:
             live = await self._room_is_live(message)
-        finally:
-            self._checking.discard(delivery.entry_id)
+        if claim.lost:
+            logger.warning(
+                "job %s: another worker took the entry while its room was checked; not joining",
+                message.job_id,
+            )
+            return False
+        if self._draining:
+            await self._release(claim, message)
+            return False
         if not live:
             logger.info("job %s: room %s is gone; nothing to join", message.job_id, message.room)
-            await self._finish(delivery, message, "done")
+            await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
-            return
-        reclaimed = delivery.deliveries > 1
-        if reclaimed:
+            return False
+        claim.reclaimed = delivery.deliveries > 1
+        if claim.reclaimed:
             logger.warning(
                 "job %s (room %s): taking the call over (delivery %d)",
                 message.job_id,
                 message.room,
                 delivery.deliveries,
             )
-        running = _Running(message, delivery, SessionControl(), reclaimed=reclaimed)
-        self._running[delivery.entry_id] = running
-        self._gate.take()
+        claim.control = SessionControl()
         assert self._tg is not None
-        self._tg.start_soon(self._serve, running)
+        self._tg.start_soon(self._serve, claim)
+        return True
+
+    async def _release(self, claim: _Claim, message: JobMessage) -> None:
+        """Hand an unstarted entry back to the stream, for a peer to read at once."""
+        claim.settled = True
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                new_id = await self.consumer.release(claim.entry_id, message.job_id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Still pending on us and no longer renewed: a peer reclaims it
+            # after the lease.
+            logger.warning("job %s: not released (%s); left to the lease", message.job_id, exc)
+            return
+        logger.info(
+            "job %s: draining, handed back unstarted (entry %s -> %s)",
+            message.job_id,
+            claim.entry_id,
+            new_id,
+        )
 
     async def _room_is_live(self, message: JobMessage) -> bool:
         """Does the job's room still exist (the same room, not a namesake)?
@@ -387,7 +494,7 @@ class Worker:
             # a TCP connect on every call's critical path.
             self._lkapi = api.LiveKitAPI(creds.http_url, creds.api_key, creds.api_secret)
         try:
-            with anyio.fail_after(3):
+            with anyio.fail_after(ROOM_CHECK_TIMEOUT):
                 rooms = await self._lkapi.room.list_rooms(
                     api.ListRoomsRequest(names=[message.room])
                 )
@@ -396,8 +503,10 @@ class Worker:
             return True
         return any(r.sid == message.job.room.sid or not message.job.room.sid for r in rooms.rooms)
 
-    async def _serve(self, running: _Running) -> None:
-        message, delivery, control = running.message, running.delivery, running.control
+    async def _serve(self, claim: _Claim) -> None:
+        message, control = claim.message, claim.control
+        assert message is not None
+        assert control is not None
         self.stats.started += 1
         try:
 
@@ -408,7 +517,7 @@ class Worker:
                         message.job_id,
                         state="running",
                         worker=self.settings.worker_id,
-                        attempt=delivery.deliveries,
+                        attempt=claim.delivery.deliveries,
                         started_at=f"{self._clock():.6f}",
                     )
                 except (RedisError, OSError) as exc:
@@ -417,7 +526,7 @@ class Worker:
 
             async def mark_joined() -> None:
                 await control.joined.wait()
-                running.joined_at = time.monotonic()
+                claim.joined_at = time.monotonic()
                 logger.info(
                     "job %s: agent '%s' joined room %s as %s (%.0f ms after enqueue)",
                     message.job_id,
@@ -441,13 +550,11 @@ class Worker:
                             "failed", "session runner error", f"{type(exc).__name__}: {exc}"
                         )
                     watch.cancel_scope.cancel()
-            await self._settle(running, outcome)
+            await self._settle(claim, message, outcome)
         finally:
-            self._running.pop(delivery.entry_id, None)
-            self._gate.give()
+            self._drop(claim)
 
-    async def _settle(self, running: _Running, outcome: SessionOutcome) -> None:
-        message, delivery = running.message, running.delivery
+    async def _settle(self, claim: _Claim, message: JobMessage, outcome: SessionOutcome) -> None:
         if outcome.status == "taken_over":
             self.stats.taken_over += 1
             logger.warning(
@@ -458,10 +565,11 @@ class Worker:
             return
         if outcome.status == "failed":
             self.stats.failed += 1
+            claim.settled = True
             logger.error(
                 "job %s: session failed (delivery %d of %d): %s",
                 message.job_id,
-                delivery.deliveries,
+                claim.delivery.deliveries,
                 self.settings.max_deliveries,
                 outcome.error,
             )
@@ -472,19 +580,25 @@ class Worker:
             return
         self.stats.succeeded += 1
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
-        await self._finish(delivery, message, "done")
+        await self._finish(claim, message)
         await self._status(message, JobStatus.SUCCESS, "")
 
-    async def _finish(self, delivery: Delivery, message: JobMessage, state: str) -> None:
+    async def _finish(self, claim: _Claim, message: JobMessage) -> None:
+        """The job is done with: acknowledge (and delete) its entry, mark its record."""
+        # Settled first: a renewal racing the ack must not take the vanished
+        # entry for one Redis forgot and write it back.
+        claim.settled = True
         try:
-            await self._until_redis(self.consumer.ack, delivery.entry_id)
-            await self.consumer.update_record(message.job_id, state=state)
+            await self._until_redis(self.consumer.ack, claim.entry_id)
+            await self.consumer.update_record(message.job_id, state="done")
         except (RedisError, OSError) as exc:
             logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
     async def _dead_letter(
-        self, delivery: Delivery, reason: DeadReason, error: str, message: JobMessage | None
+        self, claim: _Claim, reason: DeadReason, error: str, message: JobMessage | None
     ) -> None:
+        claim.settled = True
+        delivery = claim.delivery
         self.stats.dead_lettered += 1
         job = message.job_id if message else "?"
         logger.error(
@@ -515,24 +629,58 @@ class Worker:
     async def _lease_loop(self) -> None:
         while True:
             await anyio.sleep(self.settings.lease / 3)
-            # A session stopping for a takeover (lease lost, drain timeout) is
-            # left to lapse; one ending for good (terminated) stays ours until
-            # it is acknowledged, however long its agent takes to hang up.
-            ids = [e for e, r in self._running.items() if not r.control.takeover]
-            ids.extend(self._checking)
-            if not ids:
+            held = {
+                c.entry_id: c.message.job_id if c.message else ""
+                for c in self._claims.values()
+                if c.renewable
+            }
+            if not held:
                 continue
             try:
                 with anyio.fail_after(self.settings.lease / 3):
-                    lost = await self.consumer.renew(ids)
+                    renewal = await self.consumer.renew(held)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 continue
-            for entry_id in lost:
-                running = self._running.get(entry_id)
-                if running is not None:
-                    logger.warning("job %s: lease lost to another worker", running.message.job_id)
-                    running.control.stop("lease lost", takeover=True)
+            for entry_id in renewal.lost:
+                claim = self._claims.get(entry_id)
+                if claim is None or claim.settled:
+                    continue
+                claim.lost = True
+                if claim.control is not None and claim.message is not None:
+                    logger.warning("job %s: lease lost to another worker", claim.message.job_id)
+                    claim.control.stop("lease lost", takeover=True)
+            for entry_id in renewal.forgotten:
+                claim = self._claims.get(entry_id)
+                if claim is not None and not claim.settled:
+                    await self._write_back(claim)
+
+    async def _write_back(self, claim: _Claim) -> None:
+        """Redis forgot a call this worker holds: put its entry and record back, ours."""
+        if claim.message is None:
+            return  # not even decoded yet: it will be dropped by its own check
+        old = claim.entry_id
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                new = await self.consumer.write_back(claim.message.job_id, claim.delivery.fields)
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.warning("job %s: entry not written back yet: %s", claim.message.job_id, exc)
+            return
+        if claim.settled:
+            # It ended while being written back: the new entry is done with too.
+            with contextlib.suppress(RedisError, OSError):
+                await self.consumer.ack(new)
+            return
+        if self._claims.get(old) is claim:
+            del self._claims[old]
+            self._claims[new] = claim
+        claim.delivery = dataclasses.replace(claim.delivery, entry_id=new)
+        logger.warning(
+            "job %s: Redis had lost its entry (restarted without persistence?); "
+            "written back as %s, the call goes on",
+            claim.message.job_id,
+            new,
+        )
 
     async def _control_loop(self) -> None:
         key = self.keys.control(self.settings.agent)
@@ -550,17 +698,18 @@ class Worker:
                     self._terminate(fields.get(b"job_id", b"").decode(errors="replace"))
 
     def _terminate(self, job_id: str) -> None:
-        for running in self._running.values():
-            if running.message.job_id != job_id:
+        for claim in self._claims.values():
+            running = claim.control
+            if running is None or claim.message is None or claim.message.job_id != job_id:
                 continue
-            since_join = time.monotonic() - running.joined_at if running.joined_at else 0.0
-            if running.reclaimed and since_join < self.settings.takeover_grace:
+            since_join = time.monotonic() - claim.joined_at if claim.joined_at else 0.0
+            if claim.reclaimed and since_join < self.settings.takeover_grace:
                 # Our joining with the job's identity removed the previous
                 # agent participant, and LiveKit reports exactly that.
                 logger.info("job %s: termination caused by our takeover; ignored", job_id)
                 return
             logger.info("job %s: terminated by LiveKit", job_id)
-            running.control.stop("terminated by LiveKit")
+            running.stop("terminated by LiveKit")
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -581,7 +730,7 @@ class Worker:
             fields={
                 "agent": s.agent,
                 "capacity": 0 if self._draining else s.concurrency,
-                "running": len(self._running),
+                "running": len(self.running),
                 "isolation": s.isolation,
                 "jobs": ",".join(self.running_jobs),
                 "draining": int(self._draining),

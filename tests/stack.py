@@ -83,11 +83,16 @@ async def working(
     agent: str,
     *,
     pool: AgentPool | None = None,
+    via: LiveKitSettings | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Worker]:
-    """A worker serving ``agent`` (from ``pool``, default the offline agents) until exit."""
+    """A worker serving ``agent`` (from ``pool``, default the offline agents) until exit.
+
+    ``via``: the LiveKit URL and keys the worker uses, when not ``livekit``'s
+    own (a fault-injecting proxy in front of it).
+    """
     settings = WorkerSettings(
-        livekit=creds(livekit),
+        livekit=via or creds(livekit),
         agent=agent,
         redis_url=redis_url,
         namespace=ns,

@@ -97,7 +97,7 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
             assert agent.identity.startswith("agent-AJ_")
             with anyio.fail_after(20):
                 await caller.heard.wait()  # the greeting, as audio the caller receives
-            assert [r.message.room for r in dental._running.values()] == [dental_room]
+            assert [m.room for m in dental.running] == [dental_room]
 
             await new_room(livekit_server, restaurant_room)
             async with caller_in(creds(livekit_server), restaurant_room, "caller-2") as caller2:
@@ -155,7 +155,7 @@ async def test_a_killed_worker_s_call_comes_back_within_the_lease(
                     # The replacement stays; it is never taken over while it lives.
                     assert [a.sid for a in caller.agents()] == [replacement.sid]
                     assert second.stats.taken_over == 0
-                    assert len(second._running) == 1
+                    assert len(second.running) == 1
         finally:
             if first.poll() is None:
                 first.kill()

@@ -1,0 +1,344 @@
+"""Faults combined the way production combines them, against real LiveKit and Redis.
+
+Calls running while Redis restarts (with and without persistence), a LiveKit
+API that answers slowly while entries are held, a stream far past its old cap
+with calls running, and signals that must always stop a service: each of these
+once broke the queue's promise (no call lost, never two agents at once).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from openrtc.caller import Caller, caller_in
+from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.messages import JobMessage
+from openrtc.settings import LiveKitSettings
+from openrtc.streams import StreamStore, connect_redis
+from tests.faults import slow_api
+from tests.stack import OFFLINE_AGENTS, ROOT, creds, delete_room, new_room, unique, working
+from tests.test_worker import job_message, wait_until
+
+pytestmark = pytest.mark.anyio
+
+TEST_BUDGET = 90.0
+
+
+async def pending_on(redis: Redis, stream: str, consumer: str) -> list[str]:
+    """Entry ids pending on ``consumer`` in the workers group."""
+    rows = await redis.xpending_range(stream, WORKERS_GROUP, "-", "+", 1000, consumername=consumer)
+    return [row["message_id"].decode() for row in rows]
+
+
+async def jobs_pending_on(redis: Redis, stream: str, consumer: str) -> set[str]:
+    """Job ids of the entries pending on ``consumer``."""
+    jobs = set()
+    for entry_id in await pending_on(redis, stream, consumer):
+        for _, fields in await redis.xrange(stream, entry_id, entry_id):
+            jobs.add(fields[b"job_id"].decode())
+    return jobs
+
+
+# -- Redis restarts under running calls -------------------------------------------
+
+
+@pytest.mark.parametrize("appendonly", [False, True], ids=["no-persistence", "aof"])
+async def test_running_calls_go_on_through_a_redis_restart(
+    livekit_server: LiveKitServer, tmp_path: Path, appendonly: bool
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    stream = keys.jobs("dental")
+    lease = 1.5
+    server = RedisServer(log_path=tmp_path / "redis.log", appendonly=appendonly)
+    with server, anyio.fail_after(TEST_BUDGET):
+        redis = connect_redis(server.url)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(redis.aclose)
+            worker = await stack.enter_async_context(
+                working(livekit_server, server.url, ns, "dental", lease=lease, drain_timeout=0.5)
+            )
+            rooms = [await new_room(livekit_server, unique("dental-restart")) for _ in range(3)]
+            messages = [job_message(livekit_server, r, "dental", dispatcher) for r in rooms]
+            callers: list[Caller] = [
+                await stack.enter_async_context(caller_in(creds(livekit_server), r.name))
+                for r in rooms
+            ]
+            await StreamStore(redis, keys).enqueue(messages)
+            agents = [await c.wait_agent(within=20) for c in callers]
+
+            await anyio.to_thread.run_sync(server.stop)
+            await anyio.sleep(1.0)  # renewals fail meanwhile
+            await anyio.to_thread.run_sync(server.start)
+            await anyio.sleep(lease * 3)  # several renewals after Redis is back
+
+            # Every call went on: nobody stepped aside, nobody left.
+            job_ids = {m.job_id for m in messages}
+            assert set(worker.running_jobs) == job_ids
+            assert worker.stats.taken_over == 0
+            for caller, agent in zip(callers, agents, strict=True):
+                assert [a.sid for a in caller.agents()] == [agent.sid]
+            # And Redis knows them again, as this worker's: a crash of it now is
+            # still recovered.
+            me = worker.settings.worker_id
+            assert await jobs_pending_on(redis, stream, me) == job_ids
+            for message in messages:
+                record = await redis.hgetall(keys.job("dental", message.job_id))
+                assert record[b"worker"] == me.encode()
+                assert record[b"state"] == b"running"
+
+            # A peer takes them over when this worker goes without hanging up
+            # (its drain times out at once and leaves the calls pending).
+            peer = await stack.enter_async_context(
+                working(livekit_server, server.url, ns, "dental", lease=lease)
+            )
+            await stack.enter_async_context(_stopped(worker))
+            for caller, agent in zip(callers, agents, strict=True):
+                back = await caller.wait_agent(within=15, other_than=agent.sid)
+                assert back.identity == agent.identity
+            assert set(peer.running_jobs) == job_ids
+            for room in rooms:
+                await delete_room(livekit_server, room.name)
+
+
+class _stopped:
+    """Stop ``worker`` on entry (an async context so it sits in the exit stack's order)."""
+
+    def __init__(self, worker: object) -> None:
+        self.worker = worker
+
+    async def __aenter__(self) -> None:
+        self.worker.request_stop()  # type: ignore[attr-defined]
+        with anyio.fail_after(10):
+            while self.worker.running_jobs:  # type: ignore[attr-defined]
+                await anyio.sleep(0.05)
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+# -- a slow LiveKit API --------------------------------------------------------------
+
+
+async def test_a_slow_livekit_api_never_lets_held_entries_lapse(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    lease = 1.5
+    rooms = [await new_room(livekit_server, unique("dental-slow")) for _ in range(2)]
+    messages = [job_message(livekit_server, r, "dental", dispatcher) for r in rooms]
+    with anyio.fail_after(TEST_BUDGET):
+        # The API answers after 4 s; a room check gives up after 3 s and
+        # assumes the room is there, so each check takes 3 s, two leases.
+        async with slow_api(livekit_server.port, 4.0) as proxy:
+            slow_creds = LiveKitSettings(
+                proxy.url, livekit_server.api_key, livekit_server.api_secret
+            )
+            async with working(
+                livekit_server,
+                redis_server.url,
+                ns,
+                "dental",
+                lease=lease,
+                concurrency=2,
+                via=slow_creds,
+            ) as slow:
+                await StreamStore(redis, keys).enqueue(messages)
+                stream = keys.jobs("dental")
+
+                async def both_held() -> bool:
+                    return len(await pending_on(redis, stream, slow.settings.worker_id)) == 2
+
+                await wait_until("both entries held by the slow worker", both_held, 10)
+                # A healthy peer joins meanwhile: it must find nothing to take.
+                async with working(
+                    livekit_server, redis_server.url, ns, "dental", lease=lease
+                ) as peer:
+
+                    async def both_started() -> bool:
+                        return slow.stats.started + peer.stats.started >= 2
+
+                    await wait_until("both jobs started", both_started, 20)
+                    await anyio.sleep(lease * 2)  # a double start would show by now
+                    assert proxy.api_requests >= 2
+                    assert slow.stats.started == 2, "the slow worker lost a held entry"
+                    assert peer.stats.started == 0, "a held entry was taken over"
+                    assert slow.stats.taken_over == 0
+                    for room in rooms:
+                        await delete_room(livekit_server, room.name)
+
+
+async def test_a_drain_hands_entries_still_being_checked_back_at_once(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("dental-drain-check"))
+    message = job_message(livekit_server, room, "dental", dispatcher)
+    lease = 5.0
+    with anyio.fail_after(TEST_BUDGET):
+        async with slow_api(livekit_server.port, 4.0) as proxy:
+            slow_creds = LiveKitSettings(
+                proxy.url, livekit_server.api_key, livekit_server.api_secret
+            )
+            async with working(
+                livekit_server,
+                redis_server.url,
+                ns,
+                "dental",
+                lease=lease,
+                isolation="process",
+                via=slow_creds,
+                idle_processes=1,
+            ) as draining:
+                await StreamStore(redis, keys).enqueue([message])
+
+                async def held() -> bool:
+                    return proxy.api_requests >= 1  # its room check is under way
+
+                await wait_until("the room check under way", held, 10)
+                stopped_at = time.monotonic()
+                draining.request_stop()  # what SIGTERM does
+                async with (
+                    caller_in(creds(livekit_server), room.name) as caller,
+                    working(livekit_server, redis_server.url, ns, "dental", lease=lease) as peer,
+                ):
+                    agent = await caller.wait_agent(within=15)
+                    # Handed back, not left to lapse: served well within a lease.
+                    assert time.monotonic() - stopped_at < lease
+                    assert agent.identity == f"agent-{message.job_id}"
+                    assert peer.running_jobs == [message.job_id]
+                    assert draining.stats.started == 0
+                    await delete_room(livekit_server, room.name)
+
+
+# -- the stream cap ------------------------------------------------------------------
+
+
+async def test_job_streams_are_never_trimmed_under_running_calls(
+    livekit_server: LiveKitServer, redis: Redis
+) -> None:
+    keys = Keys(unique("ns"))
+    store = StreamStore(redis, keys)
+    stream = keys.jobs("dental")
+    await store.ensure_group("dental")
+    room = await new_room(livekit_server, unique("dental-cap"))
+
+    def batch(n: int) -> list[JobMessage]:
+        return [job_message(livekit_server, room, "dental", "d") for _ in range(n)]
+
+    await store.enqueue(batch(10))
+    running = await redis.xreadgroup(WORKERS_GROUP, "w1", {stream: ">"}, count=10)
+    running_ids = [entry_id for entry_id, _ in running[0][1]]
+    # Far past the old MAXLEN ~ 10,000 safety net.
+    for _ in range(11):
+        await store.enqueue(batch(1_000))
+    assert await redis.xlen(stream) == 11_010
+    for entry_id in running_ids:
+        assert await redis.xrange(stream, entry_id, entry_id), "a running call's entry was cut"
+    assert len(await pending_on(redis, stream, "w1")) == 10
+    await delete_room(livekit_server, room.name)
+
+
+# -- signals ---------------------------------------------------------------------------
+
+SIGNAL_UNDER_FLOOD = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys, threading, time
+    from openrtc.supervision import stop_signals
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        with stop_signals(lambda s: stopped.set(), lambda s: None):
+            # As livekit's FFI thread does under load: call_soon_threadsafe from
+            # another thread while the loop is busy, until its self-pipe is full.
+            def flood() -> None:
+                for _ in range(400_000):
+                    loop.call_soon_threadsafe(lambda: None)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            thread = threading.Thread(target=flood)
+            loop.call_soon(lambda: (thread.start(), thread.join()))  # the loop is busy meanwhile
+            try:
+                await asyncio.wait_for(stopped.wait(), 10)
+            except asyncio.TimeoutError:
+                print("signal lost")
+                sys.exit(1)
+        print("stopped")
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_stop_signal_is_never_lost_under_callback_load(tmp_path: Path) -> None:
+    script = tmp_path / "flood.py"
+    script.write_text(SIGNAL_UNDER_FLOOD)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.stdout.strip() == "stopped", result.stdout + result.stderr
+    assert result.returncode == 0
+
+
+def test_a_worker_waiting_for_redis_stops_on_sigterm(livekit_server: LiveKitServer) -> None:
+    closed_port = RedisServer().port  # nothing listens there
+    env = {
+        **os.environ,
+        "LIVEKIT_URL": livekit_server.url,
+        "LIVEKIT_API_KEY": livekit_server.api_key,
+        "LIVEKIT_API_SECRET": livekit_server.api_secret,
+        "REDIS_URL": f"redis://127.0.0.1:{closed_port}/0",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "openrtc",
+            "worker",
+            "--agent",
+            "dental",
+            "--agents-dir",
+            str(OFFLINE_AGENTS),
+            "--drain-timeout",
+            "2",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        seen = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            seen.append(line)
+            if "Redis unreachable" in line:
+                break
+        else:
+            raise AssertionError("the worker never said Redis was unreachable:\n" + "".join(seen))
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=2 + 5)
+        assert code == 0, "".join(seen) + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
