@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 import orjson
 from google.protobuf.message import DecodeError
@@ -308,7 +308,7 @@ class ControlEvent:
         return cls(job_id=job_id, reason=bounded(reason, ID_MAX))
 
 
-def decode_job_record(raw: Mapping[bytes, bytes]) -> dict[str, str]:
+def decode_job_record(raw: Mapping[Any, Any]) -> dict[str, str]:
     """A job record hash (``<ns>:job:<agent>:<job id>``) as text; never raises.
 
     The record only advises (state, worker, last error, terminated), so what
@@ -319,11 +319,11 @@ def decode_job_record(raw: Mapping[bytes, bytes]) -> dict[str, str]:
     record: dict[str, str] = {}
     for key, value in raw.items():
         try:
-            name = key.decode()
-        except (UnicodeDecodeError, AttributeError):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+        except UnicodeDecodeError:
             continue
-        if isinstance(value, bytes):
-            record[name] = bounded(value.decode(errors="replace"))
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        record[name] = bounded(text)
     return record
 
 

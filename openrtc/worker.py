@@ -36,7 +36,15 @@ from openrtc.agents import AgentConfig, AgentPool
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import heartbeat, leave
-from openrtc.messages import DeadReason, JobMessage, JobStatus, MalformedEntry, StatusEvent
+from openrtc.messages import (
+    ControlEvent,
+    DeadReason,
+    JobMessage,
+    JobStatus,
+    MalformedEntry,
+    StatusEvent,
+    peek_job_header,
+)
 from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
@@ -293,7 +301,17 @@ class Worker:
                 await anyio.sleep(0.5)
                 continue
             for delivery in deliveries:
-                await self._accept(delivery)
+                try:
+                    await self._accept(delivery)
+                except Exception:
+                    # No entry may stop the worker. Left pending and not
+                    # renewed, it comes back after a lease, counted, until
+                    # max-deliveries sends it to the dead letters undecoded.
+                    logger.exception(
+                        "entry %s (delivery %d): unexpected error; left for redelivery",
+                        delivery.entry_id,
+                        delivery.deliveries,
+                    )
 
     def _is_draining(self) -> bool:
         return self._draining
@@ -303,6 +321,11 @@ class Worker:
         if delivery.entry_id in self._running or delivery.entry_id in self._checking:
             # Our own call, reclaimed because a renewal was late: the XAUTOCLAIM
             # just renewed it. Never a second session for one job.
+            return
+        if delivery.deliveries > self.settings.max_deliveries:
+            # Before anything is decoded: an entry that stops whoever reads
+            # it must still reach the dead letters.
+            await self._give_up(delivery)
             return
         try:
             message = JobMessage.decode(delivery.fields)
@@ -321,16 +344,6 @@ class Worker:
             logger.error("job %s: cannot read its record (%s); retried later", message.job_id, exc)
             return  # still pending on us: reclaimed after the lease
         started_before = record.get("state") == "running"
-        if delivery.deliveries > self.settings.max_deliveries:
-            error = record.get("last_error") or "no error recorded"
-            await self._dead_letter(
-                delivery,
-                DeadReason.MAX_DELIVERIES,
-                f"gave up after {delivery.deliveries - 1} deliveries"
-                f" (max {self.settings.max_deliveries}); last error: {error}",
-                message,
-            )
-            return
         if record.get("terminated") and not started_before:
             # Terminated while it waited (its dispatch was deleted, the room
             # closed): nobody should join. A call that had started is another
@@ -373,6 +386,29 @@ class Worker:
         self._gate.take()
         assert self._tg is not None
         self._tg.start_soon(self._serve, running)
+
+    async def _give_up(self, delivery: Delivery) -> None:
+        """Dead-letter an entry past ``max_deliveries`` without decoding its job.
+
+        Only the plain ``job_id`` and ``dispatcher`` fields are peeked at
+        (never raising), for the last error in the job's record and for the
+        dispatcher that must hear the job failed.
+        """
+        job_id, dispatcher_id = peek_job_header(delivery.fields)
+        error = "no error recorded"
+        if job_id:
+            try:
+                error = (await self.consumer.job_record(job_id)).get("last_error") or error
+            except (RedisError, OSError) as exc:
+                logger.warning("job %s: cannot read its record (%s)", job_id, exc)
+        reason = (
+            f"gave up after {delivery.deliveries - 1} deliveries"
+            f" (max {self.settings.max_deliveries}); last error: {error}"
+        )
+        if await self._dead_letter(delivery, DeadReason.MAX_DELIVERIES, reason, None, job_id):
+            await self._publish(
+                dispatcher_id, job_id, JobStatus.FAILED, f"{DeadReason.MAX_DELIVERIES}: {reason}"
+            )
 
     async def _room_is_live(self, message: JobMessage) -> bool:
         """Does the job's room still exist (the same room, not a namesake)?
@@ -483,10 +519,16 @@ class Worker:
             logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
     async def _dead_letter(
-        self, delivery: Delivery, reason: DeadReason, error: str, message: JobMessage | None
-    ) -> None:
+        self,
+        delivery: Delivery,
+        reason: DeadReason,
+        error: str,
+        message: JobMessage | None,
+        job_id: str = "",
+    ) -> bool:
+        """Move the entry to the dead letters; tell its dispatcher if ``message``."""
         self.stats.dead_lettered += 1
-        job = message.job_id if message else "?"
+        job = message.job_id if message else job_id or "?"
         logger.error(
             "entry %s (job %s) -> dead letters (%s): %s", delivery.entry_id, job, reason, error
         )
@@ -494,21 +536,26 @@ class Worker:
             await self._until_redis(self.consumer.dead_letter, delivery, reason, error)
         except Exception:
             logger.exception("entry %s could not be dead-lettered", delivery.entry_id)
-            return
+            return False
         if message is not None:
             await self._status(message, JobStatus.FAILED, f"{reason}: {error}")
+        return True
 
     async def _status(self, message: JobMessage, status: JobStatus, error: str) -> None:
-        if not message.dispatcher_id:
+        await self._publish(message.dispatcher_id, message.job_id, status, error)
+
+    async def _publish(
+        self, dispatcher_id: str, job_id: str, status: JobStatus, error: str
+    ) -> None:
+        if not dispatcher_id or not job_id:
             return
         try:
             with anyio.fail_after(2):
                 await self.store.publish_status(
-                    message.dispatcher_id,
-                    StatusEvent(message.job_id, status, error, self.settings.worker_id),
+                    dispatcher_id, StatusEvent(job_id, status, error, self.settings.worker_id)
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("job %s: status %s not sent: %s", message.job_id, status, exc)
+            logger.warning("job %s: status %s not sent: %s", job_id, status, exc)
 
     # -- leases, control, membership -------------------------------------------
 
@@ -546,8 +593,12 @@ class Worker:
                 continue
             for entry_id, fields in reply[0][1] if reply else []:
                 last_id = entry_id
-                if fields.get(b"type") == b"terminate":
-                    self._terminate(fields.get(b"job_id", b"").decode(errors="replace"))
+                try:
+                    event = ControlEvent.decode(fields)
+                except MalformedEntry as exc:
+                    logger.warning("ignoring malformed control event %s: %s", entry_id, exc)
+                    continue
+                self._terminate(event.job_id)
 
     def _terminate(self, job_id: str) -> None:
         for running in self._running.values():

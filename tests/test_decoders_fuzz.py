@@ -49,7 +49,7 @@ NASTY: list[bytes] = [
     b"\xed\xa0\x80",  # a UTF-8-encoded lone surrogate
     "²".encode(),  # str.isdigit() is true, int() raises
     "٣".encode(),  # an Arabic-Indic digit: int() accepts it
-    "１".encode(),  # a full-width digit
+    "\uff11".encode(),  # a full-width digit
     b"nan",
     b"inf",
     b"-inf",
@@ -106,9 +106,7 @@ values = st.one_of(
     st.binary(max_size=64),
     st.text(max_size=64).map(lambda t: t.encode("utf-8", "surrogatepass")),
     json_values.map(_json_bytes),
-    st.builds(
-        _mangled_job, st.binary(max_size=8), st.integers(0, 30), st.integers(0, 80)
-    ),
+    st.builds(_mangled_job, st.binary(max_size=8), st.integers(0, 30), st.integers(0, 80)),
 )
 
 
