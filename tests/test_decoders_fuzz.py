@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -33,12 +34,26 @@ from openrtc.messages import (
     peek_job_header,
 )
 from openrtc.monitor import _decode_entry
+from openrtc.routing import SHOWN_NAME_MAX, UnknownAgentError, resolve_agent
 
 FUZZ = settings(
     max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+@dataclass
+class _Room:
+    name: str
+    metadata: str
+
+
+@dataclass
+class _Job:
+    room: _Room
+    metadata: str = ""
+
 
 # -- hostile values --------------------------------------------------------------
 
@@ -317,3 +332,30 @@ def test_a_reason_is_cut_to_its_bound() -> None:
     reason = str(MalformedEntry("y" * 5000))
     assert len(reason) == ERROR_TEXT_MAX
     assert reason.endswith("... (5000 chars)")
+
+
+# -- unknown agent names (issue 7, item 9) ---------------------------------------------
+
+
+@FUZZ
+@given(st.text(min_size=1, max_size=300))
+def test_unknown_agent_names_are_quoted_whole_up_to_the_bound(name: str) -> None:
+    error = UnknownAgentError(name, 3, "room metadata")
+    if len(name) <= SHOWN_NAME_MAX:
+        # Within the bound: exactly the documented message (DESIGN.md).
+        assert str(error) == f"Unknown agent '{name}' requested via room metadata."
+        assert error.agent == name
+    else:
+        assert error.agent == f"{name[:SHOWN_NAME_MAX]}…({len(name)} chars)"
+        assert str(error) == f"Unknown agent '{error.agent}' requested via room metadata."
+    assert error.agent_length == len(name)
+
+
+def test_a_megabyte_name_from_room_metadata_is_cut() -> None:
+    name = "n" * 1_000_000
+    metadata = json.dumps({"agent": name})
+    with pytest.raises(UnknownAgentError) as excinfo:
+        resolve_agent(_Job(_Room("lobby", metadata)), ["dental"])
+    message = str(excinfo.value)
+    assert message == f"Unknown agent '{'n' * 64}…(1000000 chars)' requested via room metadata."
+    assert excinfo.value.agent_length == 1_000_000
