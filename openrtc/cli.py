@@ -30,7 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_out = Console(highlight=False, soft_wrap=True)
+# No markup: every cell is data from Redis ("[/x]" in a room name would raise).
+_out = Console(highlight=False, soft_wrap=True, markup=False)
 
 AgentsDir = Annotated[
     Path,

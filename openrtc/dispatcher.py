@@ -640,7 +640,12 @@ class Dispatcher:
                 except MalformedEntry as exc:
                     logger.warning("ignoring malformed status event %s: %s", entry_id, exc)
                     continue
-                await self._relay(event)
+                try:
+                    await self._relay(event)
+                except Exception:
+                    # Whatever one event holds, it must not stop the loop that
+                    # relays every other job's status (and the dispatcher).
+                    logger.exception("status event %s not relayed", entry_id)
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.xtrim(key, minid=last_id)
 

@@ -89,7 +89,9 @@ async def live_members(redis: Redis, registry_key: str) -> list[str]:
     pipe.zremrangebyscore(registry_key, "-inf", now)
     pipe.zrange(registry_key, 0, -1)
     _, members = await pipe.execute()
-    return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+    # A member that is not UTF-8 (written by hand) names no record: it reads
+    # as a worker without one, never as an error that stops the reader.
+    return [m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in members]
 
 
 async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> dict[str, AgentLoad]:
@@ -135,7 +137,7 @@ async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> d
     order: list[tuple[str, int]] = []
     for agent, worker_ids in members.items():
         for worker_id in worker_ids:
-            pipe.hmget(keys.worker(worker_id.decode()), ["capacity", "running"])
+            pipe.hmget(keys.worker(worker_id.decode(errors="replace")), ["capacity", "running"])
             order.append((agent, 0))
     records = await pipe.execute() if order else []
 

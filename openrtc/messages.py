@@ -8,27 +8,61 @@ identity themselves (docs/architecture.md, "Tokens").
 Decoding never trusts its input: anything missing, mistyped or from a newer
 schema raises :class:`MalformedEntry` with a reason, which the consumer turns
 into a ``malformed`` dead letter instead of crashing or blocking the stream.
+No other exception leaves a decoder, whatever the bytes (``tests/
+test_decoders_fuzz.py`` fuzzes each one), and every reason is bounded to
+:data:`ERROR_TEXT_MAX` characters: it is written to logs and dead letters.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 import orjson
 from google.protobuf.message import DecodeError
 from livekit.protocol.agent import Job
 
+from openrtc.agents import NAME_PATTERN
+
 SCHEMA_VERSION: Final = 1
 
 Fields = Mapping[bytes, bytes]
 
+#: The longest reason, status error or record value this module hands on.
+ERROR_TEXT_MAX: Final = 1000
+#: The longest job id or dispatcher id taken from an entry (LiveKit's are ~15).
+ID_MAX: Final = 128
+#: Timestamps as ``encode`` writes them (``%.6f``): no exponent, nan or inf.
+_NUMBER: Final = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+#: Anything past this is no unix time (the year 5138).
+_TIMESTAMP_MAX: Final = 1e11
+#: Routing steps 1-6; 0 when an entry does not say.
+_STEP: Final = re.compile(r"[0-6]")
+
 
 class MalformedEntry(ValueError):
-    """A stream entry that cannot be decoded; the message says why."""
+    """A stream entry that cannot be decoded; the message says why (bounded)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(bounded(reason))
+
+
+def bounded(text: str, limit: int = ERROR_TEXT_MAX) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text)} chars)"
+    return text[: max(0, limit - len(note))] + note
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A piece of an untrusted value for a reason: quoted, escaped, short."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def _text(fields: Fields, name: str, *, required: bool = True) -> str:
@@ -44,13 +78,26 @@ def _text(fields: Fields, name: str, *, required: bool = True) -> str:
 
 
 def _float(fields: Fields, name: str) -> float:
+    """A unix time as ``encode`` writes it; 0.0 when absent."""
     text = _text(fields, name, required=False)
     if not text:
         return 0.0
-    try:
-        return float(text)
-    except ValueError:
-        raise MalformedEntry(f"field {name!r} is not a number: {text[:40]!r}") from None
+    # float() alone takes "nan", "inf", "1e999" and "1_0": a nan enqueue time
+    # never expires, so only our own plain decimal form is accepted.
+    if not _NUMBER.fullmatch(text):
+        raise MalformedEntry(f"field {name!r} is not a number: {_shown(text)}")
+    value = float(text)
+    if not (math.isfinite(value) and value < _TIMESTAMP_MAX):
+        raise MalformedEntry(f"field {name!r} is out of range: {_shown(text)}")
+    return value
+
+
+def _id(fields: Fields, name: str, *, required: bool = True) -> str:
+    """An id that names keys and appears in every log line: short and printable."""
+    text = _text(fields, name, required=required)
+    if len(text) > ID_MAX or not text.isprintable():
+        raise MalformedEntry(f"field {name!r} is not an id: {_shown(text)}")
+    return text
 
 
 def _check_version(fields: Fields) -> None:
@@ -130,14 +177,23 @@ class JobMessage:
             job.ParseFromString(raw_job)
         except DecodeError as exc:
             raise MalformedEntry(f"field 'job' is not a serialized Job: {exc}") from None
+        except Exception as exc:  # the C parser's other complaints (nesting, sizes)
+            raise MalformedEntry(
+                f"field 'job' is not a serialized Job: {type(exc).__name__}"
+            ) from None
         if not job.id or not job.room.name:
             raise MalformedEntry("job has no id or no room name")
-        job_id = _text(fields, "job_id")
+        job_id = _id(fields, "job_id")
         if job_id != job.id:
-            raise MalformedEntry(f"job_id {job_id!r} does not match the job ({job.id!r})")
+            raise MalformedEntry(
+                f"job_id {_shown(job_id)} does not match the job ({_shown(job.id)})"
+            )
+        agent = _text(fields, "agent")
+        if not NAME_PATTERN.fullmatch(agent):
+            raise MalformedEntry(f"field 'agent' is not an agent name: {_shown(agent)}")
         try:
             attributes = orjson.loads(fields.get(b"attributes") or b"{}")
-        except orjson.JSONDecodeError:
+        except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
             raise MalformedEntry("field 'attributes' is not JSON") from None
         if not isinstance(attributes, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
@@ -147,11 +203,15 @@ class JobMessage:
         if not identity:
             raise MalformedEntry("empty participant identity")
         step_text = _text(fields, "step", required=False) or "0"
-        if not step_text.isdigit():
-            raise MalformedEntry(f"field 'step' is not an integer: {step_text[:10]!r}")
+        # Not str.isdigit(): "²" passes it and int() raises, a ValueError that
+        # killed every worker which read the entry.
+        if not step_text.isascii() or not step_text.isdecimal():
+            raise MalformedEntry(f"field 'step' is not an integer: {_shown(step_text, 10)}")
+        if not _STEP.fullmatch(step_text):
+            raise MalformedEntry(f"field 'step' is not a routing step: {_shown(step_text, 10)}")
         return cls(
             job=job,
-            agent=_text(fields, "agent"),
+            agent=agent,
             accept=AcceptArguments(
                 identity=identity,
                 name=_text(fields, "name", required=False),
@@ -161,7 +221,7 @@ class JobMessage:
             livekit_url=_text(fields, "url"),
             step=int(step_text),
             source=_text(fields, "source", required=False),
-            dispatcher_id=_text(fields, "dispatcher", required=False),
+            dispatcher_id=_id(fields, "dispatcher", required=False),
             received_at=_float(fields, "received_at"),
             routed_at=_float(fields, "routed_at"),
             enqueued_at=_float(fields, "enqueued_at"),
@@ -187,12 +247,12 @@ class StatusEvent:
     at: float = field(default_factory=time.time)
 
     def encode(self) -> dict[bytes, bytes]:
-        """Stream entry fields."""
+        """Stream entry fields (the error bounded to :data:`ERROR_TEXT_MAX`)."""
         return {
             b"v": b"1",
             b"job_id": self.job_id.encode(),
             b"status": self.status.value.encode(),
-            b"error": self.error.encode(),
+            b"error": bounded(self.error).encode(),
             b"worker": self.worker_id.encode(),
             b"at": f"{self.at:.6f}".encode(),
         }
@@ -205,14 +265,87 @@ class StatusEvent:
         try:
             parsed = JobStatus(status)
         except ValueError:
-            raise MalformedEntry(f"unknown status {status[:20]!r}") from None
+            raise MalformedEntry(f"unknown status {_shown(status, 20)}") from None
+        job_id = _id(fields, "job_id")
+        if not job_id:
+            raise MalformedEntry("empty job id")
         return cls(
-            job_id=_text(fields, "job_id"),
+            job_id=job_id,
             status=parsed,
-            error=_text(fields, "error", required=False),
-            worker_id=_text(fields, "worker", required=False),
+            # Relayed to LiveKit as it is: a megabyte here would be a
+            # megabyte on the dispatcher's one socket.
+            error=bounded(_text(fields, "error", required=False)),
+            worker_id=bounded(_text(fields, "worker", required=False), ID_MAX),
             at=_float(fields, "at"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ControlEvent:
+    """LiveKit terminated a job, for the workers of its agent (``<ns>:control:<agent>``)."""
+
+    job_id: str
+    reason: str = ""
+
+    def encode(self) -> dict[bytes, bytes]:
+        """Stream entry fields."""
+        return {
+            b"type": b"terminate",
+            b"job_id": self.job_id.encode(),
+            b"reason": bounded(self.reason, ID_MAX).encode(),
+        }
+
+    @classmethod
+    def decode(cls, fields: Fields) -> ControlEvent:
+        """Parse stream entry fields; raises :class:`MalformedEntry`."""
+        kind = _text(fields, "type")
+        if kind != "terminate":
+            raise MalformedEntry(f"unknown control event type {_shown(kind, 20)}")
+        job_id = _id(fields, "job_id")
+        if not job_id:
+            raise MalformedEntry("empty job id")
+        reason = _text(fields, "reason", required=False)
+        return cls(job_id=job_id, reason=bounded(reason, ID_MAX))
+
+
+def decode_job_record(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A job record hash (``<ns>:job:<agent>:<job id>``) as text; never raises.
+
+    The record only advises (state, worker, last error, terminated), so what
+    cannot be read is left out or replaced rather than refused: a key that is
+    not UTF-8 is dropped, a value is decoded with replacement characters and
+    cut to :data:`ERROR_TEXT_MAX`.
+    """
+    record: dict[str, str] = {}
+    for key, value in raw.items():
+        try:
+            name = key.decode() if isinstance(key, bytes) else str(key)
+        except UnicodeDecodeError:
+            continue
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        record[name] = bounded(text)
+    return record
+
+
+def peek_job_header(fields: Fields) -> tuple[str, str]:
+    """``(job id, dispatcher id)`` of a job entry without decoding it; never raises.
+
+    For an entry given up on before it is decoded (``max-deliveries``): the
+    ids say whose record holds the last error and which dispatcher to tell.
+    An id that is not short printable UTF-8 reads as ``""``.
+    """
+
+    def peek(name: bytes) -> str:
+        raw = fields.get(name)
+        if not isinstance(raw, bytes) or len(raw) > ID_MAX:
+            return ""
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            return ""
+        return text if text.isprintable() else ""
+
+    return peek(b"job_id"), peek(b"dispatcher")
 
 
 class DeadReason(StrEnum):

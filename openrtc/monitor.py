@@ -8,6 +8,7 @@ but an entry is user input and is treated as such).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,10 +42,19 @@ def _s(value: Any) -> str:
 
 
 def _float(value: Any) -> float:
+    # Records and dead letters are read as they are: garbage reads as 0.
     try:
-        return float(_s(value))
+        number = float(_s(value))
     except ValueError:
         return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(_s(value) or 0)
+    except ValueError:
+        return 0
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -162,8 +172,8 @@ async def read_status(redis: Redis, keys: Keys, agents: Iterable[str] = ()) -> S
             status.workers.append(
                 WorkerInfo(
                     id=worker_id,
-                    capacity=int(raw.get("capacity") or 0),
-                    running=int(raw.get("running") or 0),
+                    capacity=_int(raw.get("capacity")),
+                    running=_int(raw.get("running")),
                     isolation=raw.get("isolation", ""),
                     host=raw.get("host", ""),
                     pid=raw.get("pid", ""),
@@ -185,7 +195,7 @@ async def read_status(redis: Redis, keys: Keys, agents: Iterable[str] = ()) -> S
                 livekit_worker_id=raw.get("livekit_worker_id", ""),
                 agent_name=raw.get("agent_name", ""),
                 agents=raw.get("agents", ""),
-                held_jobs=int(raw.get("held_jobs") or 0),
+                held_jobs=_int(raw.get("held_jobs")),
                 host=raw.get("host", ""),
                 heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
                 draining=raw.get("draining") == "1",

@@ -33,12 +33,14 @@ from typing import Any, Final, NamedTuple, Protocol
 import orjson
 
 __all__ = [
+    "SHOWN_NAME_MAX",
     "STEP_SOURCES",
     "Route",
     "RoutingTable",
     "UnknownAgentError",
     "explain_route",
     "resolve_agent",
+    "shown_name",
 ]
 
 logger = logging.getLogger("openrtc.routing")
@@ -71,16 +73,38 @@ _STEP_SOURCE_LABELS: Final = (
 _NO_AGENTS: Final = "No agents are registered in the pool."
 
 
+#: The longest unknown name quoted whole: the longest name that can be
+#: registered (``agents.NAME_PATTERN``), so nothing servable is ever cut.
+SHOWN_NAME_MAX: Final = 64
+
+
+def shown_name(name: str) -> str:
+    """``name`` as errors quote it: whole up to :data:`SHOWN_NAME_MAX` characters.
+
+    A longer one (room metadata can hold a megabyte) is cut, with an ellipsis
+    and its length: ``<first 64 chars>…(1048576 chars)``.
+    """
+    if len(name) <= SHOWN_NAME_MAX:
+        return name
+    return f"{name[:SHOWN_NAME_MAX]}…({len(name)} chars)"
+
+
 class UnknownAgentError(ValueError):
     """Metadata names an agent that is not registered (a ``ValueError``).
 
     The message is exactly ``Unknown agent '<name>' requested via <source>.``;
-    the attributes carry the same facts for the dead-letter entry.
+    the attributes carry the same facts for the dead-letter entry. The name is
+    requester input of any length, and this message goes to logs, the dead
+    letters and LiveKit's ``JS_FAILED``: ``.agent`` and the message hold it
+    bounded by :func:`shown_name` (whole when it could be registered at all);
+    ``.agent_length`` is its real length.
     """
 
     def __init__(self, agent: str, step: int, source: str) -> None:
-        super().__init__(f"Unknown agent '{agent}' requested via {source}.")
-        self.agent = agent
+        shown = shown_name(agent)
+        super().__init__(f"Unknown agent '{shown}' requested via {source}.")
+        self.agent = shown
+        self.agent_length = len(agent)
         self.step = step
         self.source = source
 
@@ -322,7 +346,7 @@ def explain_route(job: _JobLike, agents: RoutingTable | Iterable[str]) -> list[s
                 lines.append(f"step {step}: {where}: {_describe_value(key, value)}")
                 continue
             verdict = "registered" if name in table else "NOT registered: the job is rejected"
-            lines.append(f"step {step}: {where} \"{key}\" names '{name}', {verdict}")
+            lines.append(f"step {step}: {where} \"{key}\" names '{shown_name(name)}', {verdict}")
             return lines
     room_name = job.room.name
     match = table.prefix_match(room_name) if isinstance(room_name, str) else None

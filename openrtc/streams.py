@@ -24,7 +24,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import DeadReason, JobMessage, StatusEvent, dead_letter_fields
+from openrtc.messages import (
+    ControlEvent,
+    DeadReason,
+    JobMessage,
+    StatusEvent,
+    dead_letter_fields,
+    decode_job_record,
+)
 
 __all__ = ["EnqueueResult", "StreamStore", "connect_redis"]
 
@@ -201,7 +208,7 @@ class StreamStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(
             self.keys.control(agent),
-            {b"type": b"terminate", b"job_id": job_id.encode(), b"reason": reason.encode()},
+            dict[Any, Any](ControlEvent(job_id, reason).encode()),
             maxlen=SIDE_STREAM_MAXLEN,
             approximate=True,
         )
@@ -437,9 +444,13 @@ class JobConsumer:
         return entry
 
     async def job_record(self, job_id: str) -> dict[str, str]:
-        """The job's record hash (state, worker, terminated, last error...)."""
+        """The job's record hash (state, worker, terminated, last error...); never garbage.
+
+        Decoded by :func:`~openrtc.messages.decode_job_record`: a value that is
+        not UTF-8 is replaced, not raised on (it stopped the worker).
+        """
         raw = await self.redis.hgetall(self.store.keys.job(self.agent, job_id))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return decode_job_record(raw)
 
     async def update_record(self, job_id: str, **fields: str | int | float) -> None:
         """Update the job's record, keeping its expiry."""

@@ -40,7 +40,15 @@ from openrtc.agents import AgentConfig, AgentPool
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import heartbeat, leave
-from openrtc.messages import DeadReason, JobMessage, JobStatus, MalformedEntry, StatusEvent
+from openrtc.messages import (
+    ControlEvent,
+    DeadReason,
+    JobMessage,
+    JobStatus,
+    MalformedEntry,
+    StatusEvent,
+    peek_job_header,
+)
 from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
@@ -58,6 +66,11 @@ RECLAIM_INTERVAL: Final = 1.0
 ROOM_CHECKS: Final = 8
 #: Longest wait for one room check; past it the room is assumed to be there.
 ROOM_CHECK_TIMEOUT: Final = 3.0
+
+
+def _small_count(text: str) -> int:
+    """A count from a job record (data anyone could write): 0 unless plain digits."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
 
 
 class SessionRunner(Protocol):
@@ -378,6 +391,16 @@ class Worker:
         started = False
         try:
             started = await self._check(claim)
+        except Exception:
+            # No entry may stop the worker. Left pending and no longer renewed,
+            # it comes back after a lease, counted, until max-deliveries sends
+            # it to the dead letters undecoded.
+            claim.settled = True
+            logger.exception(
+                "entry %s (delivery %d): unexpected error; left for redelivery",
+                claim.entry_id,
+                claim.delivery.deliveries,
+            )
         finally:
             if not started:
                 self._drop(claim)
@@ -385,6 +408,8 @@ class Worker:
     async def _check(self, claim: _Claim) -> bool:
         """Checks an entry and starts its session; False when it did not start one."""
         delivery = claim.delivery
+        if delivery.deliveries > self.settings.max_deliveries and await self._give_up(claim):
+            return False
         try:
             message = JobMessage.decode(delivery.fields)
         except MalformedEntry as exc:
@@ -404,16 +429,6 @@ class Worker:
             claim.lost = True  # not renewed: reclaimed after the lease
             return False
         started_before = record.get("state") == "running"
-        if delivery.deliveries > self.settings.max_deliveries:
-            error = record.get("last_error") or "no error recorded"
-            await self._dead_letter(
-                claim,
-                DeadReason.MAX_DELIVERIES,
-                f"gave up after {delivery.deliveries - 1} deliveries"
-                f" (max {self.settings.max_deliveries}); last error: {error}",
-                message,
-            )
-            return False
         if record.get("terminated") and not started_before:
             # Terminated while it waited (its dispatch was deleted, the room
             # closed): nobody should join. A call that had started is another
@@ -481,6 +496,39 @@ class Worker:
             new_id,
         )
 
+    async def _give_up(self, claim: _Claim) -> bool:
+        """Dead-letter an entry past ``max_deliveries`` without decoding its job.
+
+        Only the plain ``job_id`` and ``dispatcher`` fields are peeked at
+        (never raising), for the job's record and for the dispatcher that
+        must hear the job failed. Deliveries that moved a call which had been
+        running well (a crash or a deploy after its session lived a lease)
+        do not count: the record's ``healthy`` field is the delivery count at
+        the last such point, so a long call moved by rolling deploys is never
+        given up. Returns False when the entry is not given up.
+        """
+        delivery = claim.delivery
+        job_id, dispatcher_id = peek_job_header(delivery.fields)
+        record: dict[str, str] = {}
+        if job_id:
+            try:
+                record = await self.consumer.job_record(job_id)
+            except (RedisError, OSError) as exc:
+                logger.warning("job %s: cannot read its record (%s)", job_id, exc)
+        failed_tries = delivery.deliveries - _small_count(record.get("healthy", ""))
+        if failed_tries <= self.settings.max_deliveries:
+            return False
+        error = record.get("last_error") or "no error recorded"
+        reason = (
+            f"gave up after {failed_tries - 1} deliveries"
+            f" (max {self.settings.max_deliveries}); last error: {error}"
+        )
+        if await self._dead_letter(claim, DeadReason.MAX_DELIVERIES, reason, None, job_id):
+            await self._publish(
+                dispatcher_id, job_id, JobStatus.FAILED, f"{DeadReason.MAX_DELIVERIES}: {reason}"
+            )
+        return True
+
     async def _room_is_live(self, message: JobMessage) -> bool:
         """Does the job's room still exist (the same room, not a namesake)?
 
@@ -535,6 +583,15 @@ class Worker:
                     message.accept.identity,
                     (self._clock() - message.enqueued_at) * 1000,
                 )
+                # A session that lived a lease is no crash loop: the deliveries
+                # so far were takeovers of a working call, not failures.
+                await anyio.sleep(self.settings.lease)
+                try:
+                    await self.consumer.update_record(
+                        message.job_id, healthy=claim.delivery.deliveries
+                    )
+                except (RedisError, OSError) as exc:
+                    logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(announce)
@@ -595,12 +652,18 @@ class Worker:
             logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
     async def _dead_letter(
-        self, claim: _Claim, reason: DeadReason, error: str, message: JobMessage | None
-    ) -> None:
+        self,
+        claim: _Claim,
+        reason: DeadReason,
+        error: str,
+        message: JobMessage | None,
+        job_id: str = "",
+    ) -> bool:
+        """Move the entry to the dead letters; tell its dispatcher if ``message``."""
         claim.settled = True
         delivery = claim.delivery
         self.stats.dead_lettered += 1
-        job = message.job_id if message else "?"
+        job = message.job_id if message else job_id or "?"
         logger.error(
             "entry %s (job %s) -> dead letters (%s): %s", delivery.entry_id, job, reason, error
         )
@@ -608,21 +671,26 @@ class Worker:
             await self._until_redis(self.consumer.dead_letter, delivery, reason, error)
         except Exception:
             logger.exception("entry %s could not be dead-lettered", delivery.entry_id)
-            return
+            return False
         if message is not None:
             await self._status(message, JobStatus.FAILED, f"{reason}: {error}")
+        return True
 
     async def _status(self, message: JobMessage, status: JobStatus, error: str) -> None:
-        if not message.dispatcher_id:
+        await self._publish(message.dispatcher_id, message.job_id, status, error)
+
+    async def _publish(
+        self, dispatcher_id: str, job_id: str, status: JobStatus, error: str
+    ) -> None:
+        if not dispatcher_id or not job_id:
             return
         try:
             with anyio.fail_after(2):
                 await self.store.publish_status(
-                    message.dispatcher_id,
-                    StatusEvent(message.job_id, status, error, self.settings.worker_id),
+                    dispatcher_id, StatusEvent(job_id, status, error, self.settings.worker_id)
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("job %s: status %s not sent: %s", message.job_id, status, exc)
+            logger.warning("job %s: status %s not sent: %s", job_id, status, exc)
 
     # -- leases, control, membership -------------------------------------------
 
@@ -694,8 +762,12 @@ class Worker:
                 continue
             for entry_id, fields in reply[0][1] if reply else []:
                 last_id = entry_id
-                if fields.get(b"type") == b"terminate":
-                    self._terminate(fields.get(b"job_id", b"").decode(errors="replace"))
+                try:
+                    event = ControlEvent.decode(fields)
+                except MalformedEntry as exc:
+                    logger.warning("ignoring malformed control event %s: %s", entry_id, exc)
+                    continue
+                self._terminate(event.job_id)
 
     def _terminate(self, job_id: str) -> None:
         for claim in self._claims.values():
