@@ -23,6 +23,8 @@ from google.protobuf.message import DecodeError
 from livekit.protocol.agent import Job
 
 SCHEMA_VERSION: Final = 1
+#: Participant attribute naming the agent a participant runs.
+AGENT_ATTRIBUTE: Final = "openrtc.agent"
 
 Fields = Mapping[bytes, bytes]
 
@@ -69,6 +71,22 @@ class AcceptArguments:
     name: str
     metadata: str = ""
     attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+def accept_arguments(job_id: str, agent: str) -> AcceptArguments:
+    """How ``agent`` appears in the room of job ``job_id``: the one rule for every job entry.
+
+    The dispatcher builds new entries with it, and ``openrtc dlq replay``
+    rebuilds a dead letter's with it, so a replayed job joins exactly as a
+    fresh one would. An empty ``agent`` (a job nobody can serve yet) gets no
+    agent attribute.
+    """
+    return AcceptArguments(
+        identity=f"agent-{job_id}",
+        name=agent,
+        metadata="",
+        attributes={AGENT_ATTRIBUTE: agent} if agent else {},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +245,10 @@ class DeadReason(StrEnum):
 
 #: Fields a dead letter adds on top of the original entry's fields.
 DEAD_LETTER_FIELDS: Final = (b"reason", b"error", b"dead_at", b"origin", b"origin_id")
+#: On an ``unknown-agent`` dead letter (whose ``agent`` is empty): the name the
+#: job asked for, bounded like an agent name plus room to show it was cut.
+REQUESTED_AGENT_FIELD: Final = b"requested_agent"
+REQUESTED_AGENT_MAX: Final = 80
 
 
 def dead_letter_fields(
@@ -253,4 +275,32 @@ def dead_letter_fields(
             b"origin_id": origin_id.encode(),
         }
     )
+    return entry
+
+
+def replay_entry(letter: Fields, *, agent: str, now: float) -> dict[bytes, bytes]:
+    """The job entry a dead letter becomes when replayed to ``agent``.
+
+    Everything that made it dead is reset: the dead-letter fields go, the
+    agent is ``agent``, the accept arguments follow :func:`accept_arguments`
+    (an ``unknown-agent`` letter has none for the new agent; an entry from an
+    older version may lack them) keeping the original metadata, and
+    ``enqueued_at`` is ``now`` (else an ``expired`` letter expires again). The
+    delivery count starts afresh with the new entry, and the job's record is
+    reset by the replay script (:mod:`openrtc.monitor`).
+    """
+    entry = {
+        k: v
+        for k, v in letter.items()
+        if k not in DEAD_LETTER_FIELDS and k != REQUESTED_AGENT_FIELD
+    }
+    job_id = entry.get(b"job_id", b"").decode(errors="replace")
+    accept = accept_arguments(job_id, agent)
+    entry.setdefault(b"v", str(SCHEMA_VERSION).encode())
+    entry[b"agent"] = agent.encode()
+    entry[b"identity"] = accept.identity.encode()
+    entry[b"name"] = accept.name.encode()
+    entry.setdefault(b"metadata", accept.metadata.encode())
+    entry[b"attributes"] = orjson.dumps(dict(accept.attributes))
+    entry[b"enqueued_at"] = f"{now:.6f}".encode()
     return entry
