@@ -71,10 +71,15 @@ def _wait_until(
 
 @dataclass
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port; no persistence."""
+    """A throwaway ``redis-server`` on a free loopback port; no persistence.
+
+    ``args`` are passed after the defaults (a later directive wins), e.g.
+    ``("--appendonly", "yes")`` or ``("--replicaof", "127.0.0.1", "6379")``.
+    """
 
     port: int = field(default_factory=_free_port)
     log_path: Path | None = None
+    args: tuple[str, ...] = ()
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
@@ -122,6 +127,7 @@ class RedisServer:
                 self._dir.name,
                 "--protected-mode",
                 "yes",
+                *self.args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,

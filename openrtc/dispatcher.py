@@ -52,6 +52,7 @@ from openrtc.messages import (
     StatusEvent,
     accept_arguments,
 )
+from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
 from openrtc.streams import EnqueueResult, StreamStore, connect_redis
@@ -166,6 +167,7 @@ class Dispatcher:
         self._assigning: dict[str, str] = {}
         self._loads: dict[str, AgentLoad] = {}
         self._redis_ok = False
+        self._durability_checked = False
         self._groups_ready = False
         self._draining = False
         self._stop = anyio.Event()
@@ -522,9 +524,7 @@ class Dispatcher:
         copy.CopyFrom(job)  # the job is still in use: its assignment may follow
         message = self._job_message(copy, offer)
         original = message.encode()
-        original[REQUESTED_AGENT_FIELD] = error.agent[:REQUESTED_AGENT_MAX].encode(
-            errors="replace"
-        )
+        original[REQUESTED_AGENT_FIELD] = error.agent[:REQUESTED_AGENT_MAX].encode(errors="replace")
         try:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 entry = await self.store.dead_letter(
@@ -719,6 +719,9 @@ class Dispatcher:
             return
         self._redis_ok = True
         self._redis_state.set("connected", redact_url(self.settings.redis_url))
+        if not self._durability_checked:
+            self._durability_checked = True  # once: at start-up, when Redis first answers
+            await check_durability(self._redis, logger)
 
 
 def _without_secrets(job: proto.Job) -> proto.Job:

@@ -37,6 +37,7 @@ from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import heartbeat, leave
 from openrtc.messages import DeadReason, JobMessage, JobStatus, MalformedEntry, StatusEvent
+from openrtc.redis_health import check_durability
 from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
@@ -214,6 +215,7 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await self._until_redis(self.store.ensure_group, s.agent)
+                await check_durability(self._redis, logger)
                 await self._beat()
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._lease_loop)

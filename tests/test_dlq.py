@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
@@ -139,9 +140,7 @@ async def test_an_expired_dead_letter_replays(
                 while not await redis.xlen(keys.jobs("dental")):
                     await anyio.sleep(0.05)
             await anyio.sleep(2.5)  # nobody serves dental yet: the job grows old
-            async with working(
-                livekit_server, redis_server.url, ns, "dental", max_queue_age=2.0
-            ):
+            async with working(livekit_server, redis_server.url, ns, "dental", max_queue_age=2.0):
                 letter = await wait_letter(redis, keys, "expired")
                 assert caller.agents() == []
                 await replay_and_answer(redis_server, ns, letter.id, caller, letter.job_id)
@@ -218,7 +217,7 @@ async def test_purge_racing_replay_loses_no_letter_and_doubles_no_job(
             nonlocal purged
             for letter in letters[::3]:
                 purged += await purge_dead_letters(client, keys, ids=[letter.id])
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
             purged += await purge_dead_letters(client, keys)  # all that are left
 
         async def write() -> None:
