@@ -245,6 +245,15 @@ def dispatcher(
             help="Jobs an agent may have waiting beyond free worker slots.",
         ),
     ] = 100,
+    wait_replicas: Annotated[
+        int,
+        typer.Option(
+            "--wait-replicas",
+            envvar="OPENRTC_WAIT_REPLICAS",
+            help="Replicas that must have each job before it counts as enqueued (Redis WAIT); "
+            "0 = off.",
+        ),
+    ] = 0,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -259,6 +268,7 @@ def dispatcher(
             agent_name=agent_name,
             when_no_worker=when_no_worker,  # type: ignore[arg-type]  # validated in settings
             max_backlog=max_backlog,
+            wait_replicas=wait_replicas,
         )
         service = Dispatcher(settings, pool)
     except OpenRTCError as exc:

@@ -156,6 +156,8 @@ class Dispatcher:
             self.keys,
             stream_maxlen=settings.stream_maxlen,
             dedup_ttl=settings.dedup_ttl,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout=settings.wait_timeout,
         )
         self._socket: AgentSocket | None = None
         self._offers: dict[str, _Offer] = {}

@@ -12,6 +12,7 @@ operation a stream holds only waiting and running jobs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -78,8 +79,16 @@ class StreamStore:
         *,
         stream_maxlen: int = 10_000,
         dedup_ttl: float = 24 * 3600.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
     ) -> None:
         self.redis = redis
+        # WAIT after each enqueue pipeline: the jobs are acknowledged only once
+        # that many replicas have them (or the timeout passed), so a failover
+        # right after does not lose them. 0: off (docs/architecture.md).
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = int(wait_timeout * 1000)
+        self._under_replicated_logged = 0.0
         self.keys = keys
         self._maxlen = stream_maxlen
         self._dedup_ttl = int(dedup_ttl)
@@ -128,6 +137,8 @@ class StreamStore:
                     args.append(key)
                     args.append(value)
                 pipe.execute_command(*args)
+            if self._wait_replicas:
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 # Redis lost its script cache (restart, SCRIPT FLUSH): load it
@@ -135,6 +146,8 @@ class StreamStore:
                 self._enqueue_loaded = False
                 continue
             break
+        if self._wait_replicas:
+            self._check_replicated(replies.pop())
         results = []
         for reply in replies:
             if isinstance(reply, Exception):
@@ -142,6 +155,22 @@ class StreamStore:
             added, entry_id = reply
             results.append(EnqueueResult("queued" if added == 1 else "duplicate", _text(entry_id)))
         return results
+
+    def _check_replicated(self, acked: Any) -> None:
+        # The jobs are on the primary either way: failing them now would lose
+        # calls Redis already holds, so a shortfall is reported, not raised.
+        if isinstance(acked, int) and acked >= self._wait_replicas:
+            return
+        now = time.monotonic()
+        if now - self._under_replicated_logged >= 10.0:
+            self._under_replicated_logged = now
+            logger.warning(
+                "enqueued jobs reached %s of %d replicas within %d ms (WAIT): "
+                "a failover now could lose them",
+                acked if isinstance(acked, int) else f"? ({acked})",
+                self._wait_replicas,
+                self._wait_timeout_ms,
+            )
 
     async def dead_letter(
         self,

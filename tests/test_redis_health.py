@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -10,7 +11,10 @@ import pytest
 from redis.asyncio import Redis
 
 from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.keys import Keys
 from openrtc.redis_health import check_durability
+from openrtc.streams import StreamStore
+from tests.test_monitor import message
 from tests.stack import dispatcher_settings, dispatching, unique, working
 
 pytestmark = pytest.mark.anyio
@@ -91,3 +95,37 @@ async def test_the_check_reads_info_when_config_is_refused_and_gives_up_quietly(
         assert "not checked" in caplog.records[0].getMessage()
     finally:
         await limited.aclose()
+
+
+async def test_enqueue_waits_for_a_replica_and_reports_a_shortfall(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="openrtc.streams")
+    keys = Keys(unique("ns"))
+    with RedisServer(args=DURABLE) as primary:
+        redis = Redis.from_url(primary.url)
+        try:
+            alone = StreamStore(redis, keys, wait_replicas=1, wait_timeout=0.3)
+            started = time.monotonic()
+            (result,) = await alone.enqueue([message("dental", "dental-1")])
+            assert result.outcome == "queued"  # kept on the primary
+            assert time.monotonic() - started >= 0.25
+            assert any("0 of 1 replicas" in r.getMessage() for r in caplog.records)
+
+            with RedisServer(args=("--replicaof", "127.0.0.1", str(primary.port))) as replica:
+                copy = Redis.from_url(replica.url)
+                try:
+                    with anyio.fail_after(20):
+                        while (await copy.info("replication"))["master_link_status"] != "up":
+                            await anyio.sleep(0.05)
+                    caplog.clear()
+                    store = StreamStore(redis, keys, wait_replicas=1, wait_timeout=5.0)
+                    started = time.monotonic()
+                    await store.enqueue([message("dental", "dental-2")])
+                    assert time.monotonic() - started < 2.0
+                    assert await copy.xlen(keys.jobs("dental")) == 2  # on the replica already
+                    assert caplog.records == []
+                finally:
+                    await copy.aclose()
+        finally:
+            await redis.aclose()
