@@ -14,8 +14,8 @@ from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
 from openrtc.redis_health import check_durability
 from openrtc.streams import StreamStore
-from tests.test_monitor import message
 from tests.stack import dispatcher_settings, dispatching, unique, working
+from tests.test_monitor import message
 
 pytestmark = pytest.mark.anyio
 
