@@ -55,6 +55,7 @@ def build(agents_dir: Path, max_backlog: int) -> Dispatcher:
         redis_url=os.environ["REDIS_URL"],
         namespace=os.environ["OPENRTC_NAMESPACE"],
         max_backlog=max_backlog,
+        wait_replicas=int(os.environ.get("OPENRTC_WAIT_REPLICAS") or 0),
     )
     return Dispatcher(settings, AgentPool.from_directory(agents_dir))
 

@@ -243,6 +243,15 @@ def dispatcher(
             help="Jobs an agent may have waiting beyond free worker slots.",
         ),
     ] = 100,
+    wait_replicas: Annotated[
+        int,
+        typer.Option(
+            "--wait-replicas",
+            envvar="OPENRTC_WAIT_REPLICAS",
+            help="Replicas that must have each job before it counts as enqueued (Redis WAIT); "
+            "0 = off.",
+        ),
+    ] = 0,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -257,6 +266,7 @@ def dispatcher(
             agent_name=agent_name,
             when_no_worker=when_no_worker,  # type: ignore[arg-type]  # validated in settings
             max_backlog=max_backlog,
+            wait_replicas=wait_replicas,
         )
         service = Dispatcher(settings, pool)
     except OpenRTCError as exc:
@@ -478,7 +488,7 @@ def dlq_list(
             d.id,
             _age(_time.time() - d.dead_at) if d.dead_at else "-",
             d.reason,
-            d.agent,
+            d.agent or (f"({d.requested_agent}?)" if d.requested_agent else ""),
             d.job_id,
             d.room,
             d.error,
@@ -530,23 +540,45 @@ def dlq_replay(
             _fail(str(exc), 2)
     keys = Keys(namespace)
 
-    async def work(r: Any) -> list[tuple[str, str]]:
+    async def work(r: Any) -> list[Any]:
         letters = await list_dead_letters(r, keys, ids=entry_ids or [], reason=reason, count=10_000)
         unroutable = [d.id for d in letters if not (agent or d.agent)]
         if unroutable:
-            raise typer.BadParameter(f"entries without an agent need --agent: {unroutable}")
+            raise typer.BadParameter(
+                f"entries without an agent (unknown-agent) need --agent: {unroutable}"
+            )
         return await replay_dead_letters(r, keys, letters, agent=agent)
 
     try:
-        moved = _with_redis(redis_url, work)
+        results = _with_redis(redis_url, work)
     except typer.BadParameter as exc:
         _fail(str(exc), 2)
+    replayed = [r for r in results if r.outcome == "replayed"]
+    skipped = [r for r in results if r.outcome != "replayed"]
     if json_output:
-        _print_json({"replayed": [{"dead_letter": a, "entry": b} for a, b in moved]})
+        _print_json(
+            {
+                "replayed": [
+                    {"dead_letter": r.dead_letter, "entry": r.entry, "agent": r.agent}
+                    for r in replayed
+                ],
+                "skipped": [
+                    {"dead_letter": r.dead_letter, "reason": r.outcome, "entry": r.entry}
+                    for r in skipped
+                ],
+            }
+        )
         return
-    for old, new in moved:
-        typer.echo(f"{old} -> {new}")
-    typer.echo(f"replayed {len(moved)} dead letter(s)")
+    for r in replayed:
+        typer.echo(f"{r.dead_letter} -> {r.entry} ({r.agent})")
+    for r in skipped:
+        why = {
+            "gone": "no longer there (replayed or purged meanwhile)",
+            "already-queued": f"its job is queued or running already as {r.entry}",
+            "no-job-id": "it carries no job id",
+        }[r.outcome]
+        typer.echo(f"{r.dead_letter} skipped: {why}")
+    typer.echo(f"replayed {len(replayed)} dead letter(s)")
 
 
 @dlq.command("purge")

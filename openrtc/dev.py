@@ -74,7 +74,12 @@ async def dev_stack(
         raise ConfigError("No agents are registered in the pool.")
     if log_dir is not None:
         await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
-    redis = RedisServer(log_path=log_dir / "redis.log" if log_dir else None)
+    # Durable like a deployment (AOF in the server's temporary directory), so
+    # the services' start-up check has nothing to warn about.
+    redis = RedisServer(
+        log_path=log_dir / "redis.log" if log_dir else None,
+        appendonly=True,
+    )
     livekit = LiveKitServer(log_path=log_dir / "livekit.log" if log_dir else None)
     await anyio.to_thread.run_sync(redis.start)
     try:

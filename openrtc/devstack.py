@@ -75,12 +75,15 @@ class RedisServer:
 
     No persistence by default (a restart loses everything); with
     ``appendonly=True`` it runs durable as shipped configurations do (AOF,
-    fsync every second), and a restart keeps what it had.
+    fsync every second), and a restart keeps what it had. ``args`` are passed
+    after the defaults (a later directive wins), e.g. ``("--replicaof",
+    "127.0.0.1", "6379")``.
     """
 
     port: int = field(default_factory=_free_port)
     log_path: Path | None = None
     appendonly: bool = False
+    args: tuple[str, ...] = ()
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
@@ -130,6 +133,7 @@ class RedisServer:
                 self._dir.name,
                 "--protected-mode",
                 "yes",
+                *self.args,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -42,13 +42,17 @@ from openrtc.keys import Keys
 from openrtc.livekit_protocol import AgentSocket, ProtocolError, SocketClosed, open_agent_socket
 from openrtc.membership import AgentLoad, heartbeat, leave, read_agent_loads
 from openrtc.messages import (
-    AcceptArguments,
+    AGENT_ATTRIBUTE,
+    REQUESTED_AGENT_FIELD,
+    REQUESTED_AGENT_MAX,
     DeadReason,
     JobMessage,
     JobStatus,
     MalformedEntry,
     StatusEvent,
+    accept_arguments,
 )
+from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
 from openrtc.streams import EnqueueResult, StreamStore, connect_redis
@@ -58,8 +62,6 @@ __all__ = ["AGENT_ATTRIBUTE", "Dispatcher", "DispatcherStats"]
 
 logger = logging.getLogger("openrtc.dispatcher")
 
-#: Participant attribute naming the agent a participant runs.
-AGENT_ATTRIBUTE: Final = "openrtc.agent"
 #: An accepted job whose assignment has not arrived after this long is dropped
 #: from memory (LiveKit gave up on it: our answer was late or the socket died).
 OFFER_TTL: Final = 15.0
@@ -149,7 +151,13 @@ class Dispatcher:
         self._redis = redis or connect_redis(
             settings.redis_url, client_name=f"openrtc:{settings.dispatcher_id}"
         )
-        self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
+        self.store = StreamStore(
+            self._redis,
+            self.keys,
+            dedup_ttl=settings.dedup_ttl,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout=settings.wait_timeout,
+        )
         self._socket: AgentSocket | None = None
         self._offers: dict[str, _Offer] = {}
         # Jobs assigned on the current socket and enqueued: job id -> agent.
@@ -160,6 +168,7 @@ class Dispatcher:
         self._assigning: dict[str, str] = {}
         self._loads: dict[str, AgentLoad] = {}
         self._redis_ok = False
+        self._durability_checked = False
         self._groups_ready = False
         self._draining = False
         self._stop = anyio.Event()
@@ -393,8 +402,10 @@ class Dispatcher:
                 error,
             )
             name = f"unknown agent {error.agent}"[:64]
-            self._start(self._dead_letter_unknown, job, error)
-        self._offers[job.id] = _Offer(job, route, error, received, self._clock())
+        offer = _Offer(job, route, error, received, self._clock())
+        if error is not None:
+            self._start(self._dead_letter_unknown, offer)
+        self._offers[job.id] = offer
         answer.available = True
         answer.participant_identity = f"agent-{job.id}"
         answer.participant_name = name
@@ -415,7 +426,7 @@ class Dispatcher:
                 offer = _Offer(job, resolve_agent(job, self._table), None, now, now)
             except UnknownAgentError as exc:
                 offer = _Offer(job, None, exc, now, now)
-                self._start(self._dead_letter_unknown, job, exc)
+                self._start(self._dead_letter_unknown, offer)
         if offer.error is not None:
             self._start(self._fail, socket, job.id, str(offer.error))
             return
@@ -477,44 +488,44 @@ class Dispatcher:
                 self._inflight_done.set()
 
     def _job_message(self, job: proto.Job, offer: _Offer) -> JobMessage:
-        assert offer.route is not None
-        # The room snapshot carries the room's TURN password and the job its
-        # server-side state: neither belongs at rest in a stream. The
-        # assignment is ours alone, so they are cleared in place.
+        """The job's stream entry; for an unknown agent, the same with no agent.
+
+        The room snapshot carries the room's TURN password and the job its
+        server-side state: neither belongs at rest in a stream. The assignment
+        is ours alone, so they are cleared in place.
+        """
         stored = _without_secrets(job)
-        agent = offer.route.agent
+        if offer.route is not None:
+            agent, step, source = offer.route.agent, offer.route.step, offer.route.source
+        else:
+            assert offer.error is not None
+            agent, step, source = "", offer.error.step, offer.error.source
         return JobMessage(
             job=stored,
             agent=agent,
-            accept=AcceptArguments(
-                identity=f"agent-{job.id}",
-                name=agent,
-                metadata="",
-                attributes={AGENT_ATTRIBUTE: agent},
-            ),
+            accept=accept_arguments(job.id, agent),
             livekit_url=self.settings.livekit.ws_url,
-            step=offer.route.step,
-            source=offer.route.source,
+            step=step,
+            source=source,
             dispatcher_id=self.settings.dispatcher_id,
             received_at=offer.received_at,
             routed_at=offer.routed_at,
         )
 
-    async def _dead_letter_unknown(self, job: proto.Job, error: UnknownAgentError) -> None:
+    async def _dead_letter_unknown(self, offer: _Offer) -> None:
+        """Dead-letter a job for an unknown agent as a whole job entry, for no agent.
+
+        Built by :meth:`_job_message` like every entry, so ``openrtc dlq
+        replay --agent X`` makes it a job for X that a worker serves; the name
+        the job asked for is kept beside it (bounded: it is user input).
+        """
+        error, job = offer.error, offer.job
+        assert error is not None
         copy = proto.Job()
         copy.CopyFrom(job)  # the job is still in use: its assignment may follow
-        stored = _without_secrets(copy)
-        original = {
-            b"v": b"1",
-            b"job_id": job.id.encode(),
-            b"agent": error.agent.encode(),
-            b"room": job.room.name.encode(),
-            b"job": stored.SerializeToString(),
-            b"url": self.settings.livekit.ws_url.encode(),
-            b"step": str(error.step).encode(),
-            b"source": error.source.encode(),
-            b"dispatcher": self.settings.dispatcher_id.encode(),
-        }
+        message = self._job_message(copy, offer)
+        original = message.encode()
+        original[REQUESTED_AGENT_FIELD] = error.agent[:REQUESTED_AGENT_MAX].encode(errors="replace")
         try:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 entry = await self.store.dead_letter(
@@ -714,6 +725,9 @@ class Dispatcher:
             return
         self._redis_ok = True
         self._redis_state.set("connected", redact_url(self.settings.redis_url))
+        if not self._durability_checked:
+            self._durability_checked = True  # once: at start-up, when Redis first answers
+            await check_durability(self._redis, logger)
 
 
 def _without_secrets(job: proto.Job) -> proto.Job:

@@ -30,6 +30,12 @@ from livekit.protocol.agent import Job
 from openrtc.agents import NAME_PATTERN
 
 SCHEMA_VERSION: Final = 1
+#: Set on every job entry by the script that adds it, from Redis's own clock
+#: (unix ms): a job's age is judged by one clock, not by the wall clock of
+#: whichever host enqueued it.
+QUEUED_AT_FIELD: Final = "queued_at"
+#: Participant attribute naming the agent a participant runs.
+AGENT_ATTRIBUTE: Final = "openrtc.agent"
 
 Fields = Mapping[bytes, bytes]
 
@@ -92,6 +98,16 @@ def _float(fields: Fields, name: str) -> float:
     return value
 
 
+def _millis(fields: Fields, name: str) -> int:
+    """A unix time in whole milliseconds, as Redis's clock gives it; 0 when absent."""
+    text = _text(fields, name, required=False)
+    if not text:
+        return 0
+    if not (text.isascii() and text.isdecimal() and len(text) <= 14):
+        raise MalformedEntry(f"field {name!r} is not a time in ms: {_shown(text)}")
+    return int(text)
+
+
 def _id(fields: Fields, name: str, *, required: bool = True) -> str:
     """An id that names keys and appears in every log line: short and printable."""
     text = _text(fields, name, required=required)
@@ -118,6 +134,22 @@ class AcceptArguments:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
+def accept_arguments(job_id: str, agent: str) -> AcceptArguments:
+    """How ``agent`` appears in the room of job ``job_id``: the one rule for every job entry.
+
+    The dispatcher builds new entries with it, and ``openrtc dlq replay``
+    rebuilds a dead letter's with it, so a replayed job joins exactly as a
+    fresh one would. An empty ``agent`` (a job nobody can serve yet) gets no
+    agent attribute.
+    """
+    return AcceptArguments(
+        identity=f"agent-{job_id}",
+        name=agent,
+        metadata="",
+        attributes={AGENT_ATTRIBUTE: agent} if agent else {},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class JobMessage:
     """One job routed to one agent, as it travels on ``<ns>:jobs:<agent>``."""
@@ -132,6 +164,9 @@ class JobMessage:
     received_at: float
     routed_at: float
     enqueued_at: float = 0.0
+    #: When the entry reached the stream, by Redis's own clock (0.0 when the
+    #: entry predates the field); stamped by the enqueue script, never encoded.
+    queued_at: float = 0.0
 
     @property
     def job_id(self) -> str:
@@ -225,6 +260,7 @@ class JobMessage:
             received_at=_float(fields, "received_at"),
             routed_at=_float(fields, "routed_at"),
             enqueued_at=_float(fields, "enqueued_at"),
+            queued_at=_millis(fields, QUEUED_AT_FIELD) / 1000,
         )
 
 
@@ -360,6 +396,10 @@ class DeadReason(StrEnum):
 
 #: Fields a dead letter adds on top of the original entry's fields.
 DEAD_LETTER_FIELDS: Final = (b"reason", b"error", b"dead_at", b"origin", b"origin_id")
+#: On an ``unknown-agent`` dead letter (whose ``agent`` is empty): the name the
+#: job asked for, bounded like an agent name plus room to show it was cut.
+REQUESTED_AGENT_FIELD: Final = b"requested_agent"
+REQUESTED_AGENT_MAX: Final = 80
 
 
 def dead_letter_fields(
@@ -386,4 +426,33 @@ def dead_letter_fields(
             b"origin_id": origin_id.encode(),
         }
     )
+    return entry
+
+
+def replay_entry(letter: Fields, *, agent: str, now: float) -> dict[bytes, bytes]:
+    """The job entry a dead letter becomes when replayed to ``agent``.
+
+    Everything that made it dead is reset: the dead-letter fields go, the
+    agent is ``agent``, the accept arguments follow :func:`accept_arguments`
+    (an ``unknown-agent`` letter has none for the new agent; an entry from an
+    older version may lack them) keeping the original metadata, and
+    ``enqueued_at`` is ``now`` (else an ``expired`` letter expires again). The
+    delivery count starts afresh with the new entry, and the job's record is
+    reset by the replay script (:mod:`openrtc.monitor`).
+    """
+    entry = {
+        k: v
+        for k, v in letter.items()
+        if k not in DEAD_LETTER_FIELDS and k != REQUESTED_AGENT_FIELD
+    }
+    job_id = entry.get(b"job_id", b"").decode(errors="replace")
+    accept = accept_arguments(job_id, agent)
+    entry.setdefault(b"v", str(SCHEMA_VERSION).encode())
+    entry[b"agent"] = agent.encode()
+    entry[b"identity"] = accept.identity.encode()
+    entry[b"name"] = accept.name.encode()
+    entry.setdefault(b"metadata", accept.metadata.encode())
+    entry[b"attributes"] = orjson.dumps(dict(accept.attributes))
+    entry[b"enqueued_at"] = f"{now:.6f}".encode()
+    entry.pop(QUEUED_AT_FIELD.encode(), None)  # the replay stamps a fresh one
     return entry

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from google.protobuf.json_format import MessageToDict
 from livekit.protocol.agent import Job
@@ -20,11 +20,13 @@ from redis.asyncio import Redis
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.membership import live_members
-from openrtc.messages import DEAD_LETTER_FIELDS
+from openrtc.messages import QUEUED_AT_FIELD, replay_entry
+from openrtc.streams import STAMP_NOW_LUA, StreamStore
 
 __all__ = [
     "AgentStatus",
     "DeadLetter",
+    "Replay",
     "StackStatus",
     "list_dead_letters",
     "purge_dead_letters",
@@ -223,6 +225,8 @@ class DeadLetter:
     origin: str
     dead_at: float
     fields: dict[str, Any]
+    #: For ``unknown-agent``: the name the job asked for (``agent`` is empty).
+    requested_agent: str = ""
 
     def summary(self) -> dict[str, Any]:
         """The one-line view (no payload)."""
@@ -261,6 +265,7 @@ def _decode_entry(entry_id: Any, raw: Mapping[bytes, bytes]) -> DeadLetter:
         origin=fields.get("origin", ""),
         dead_at=_float(fields.get("dead_at")),
         fields=fields,
+        requested_agent=fields.get("requested_agent", ""),
     )
 
 
@@ -289,44 +294,118 @@ async def list_dead_letters(
     return letters if ids else letters[:count]
 
 
-async def replay_dead_letters(
-    redis: Redis, keys: Keys, letters: Sequence[DeadLetter], *, agent: str | None = None
-) -> list[tuple[str, str]]:
-    """Put dead letters back on their agent's stream, as new jobs; returns (old, new) ids.
+# KEYS: the dead-letter stream, the job's record hash, the job stream. That is
+# one agent's keys plus the dead-letter stream: under Redis Cluster the
+# dead-letter stream would have to share the agent's hash slot (one
+# dead-letter stream per agent, hash-tagged), since a script may only touch
+# keys of one slot. ARGV: dead letter id, record ttl (s), dispatcher id, then
+# the job entry's field/value pairs.
+# Returns {1, new id} when replayed; {0, ""} when the letter is gone (replayed
+# or purged by someone else meanwhile); {2, entry} when the job is already
+# queued or running as entry (another dead letter of the same job was
+# replayed): the letter stays, and no job is enqueued twice.
+_REPLAY_LUA: Final = f"""
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
+  return {{0, ''}}
+end
+local live = redis.call('HGET', KEYS[2], 'entry')
+if live and #redis.call('XRANGE', KEYS[3], live, live) > 0 then
+  return {{2, live}}
+end
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+{STAMP_NOW_LUA}
+local id = redis.call('XADD', KEYS[3], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3],
+  'replayed_from', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {{1, id}}
+"""
 
-    The original entry is re-added without the dead-letter fields, its
-    ``enqueued_at`` set to now (or it would expire again at once), and the job's
-    record reset so the worker treats it as never started.
+ReplayOutcome = Literal["replayed", "gone", "already-queued", "no-job-id"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What replaying one dead letter did."""
+
+    dead_letter: str
+    outcome: ReplayOutcome
+    #: The new job entry (``replayed``) or the job's live entry (``already-queued``).
+    entry: str = ""
+    agent: str = ""
+
+
+async def replay_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    letters: Sequence[DeadLetter],
+    *,
+    agent: str | None = None,
+    dedup_ttl: float = 24 * 3600.0,
+) -> list[Replay]:
+    """Put dead letters back on their agent's stream (or ``agent``'s), as new jobs.
+
+    Each letter is moved by one script that checks it still exists, deletes
+    it, resets the job's record and adds the job (:func:`messages.replay_entry`:
+    fresh ``enqueued_at``, accept arguments rebuilt for the agent, a new entry
+    so the delivery count starts again). Concurrent replays and purges of the
+    same letter therefore never enqueue a job twice nor lose a letter: whoever
+    comes second finds it ``gone``.
     """
-    moved = []
+    script = redis.register_script(_REPLAY_LUA)
+    results = []
     for letter in letters:
+        target = agent or letter.agent
         raw_entries: Any = await redis.xrange(keys.dead_letter, min=letter.id, max=letter.id)
         if not raw_entries:
+            results.append(Replay(letter.id, "gone"))
             continue
         raw: Mapping[bytes, bytes] = raw_entries[0][1]
-        fields: dict[Any, Any] = {k: v for k, v in raw.items() if k not in DEAD_LETTER_FIELDS}
-        target = agent or letter.agent
-        fields[b"agent"] = target.encode()
-        fields[b"enqueued_at"] = f"{time.time():.6f}".encode()
-        pipe = redis.pipeline(transaction=True)
-        pipe.delete(keys.job(target, letter.job_id))
-        pipe.xadd(keys.jobs(target), fields)
-        pipe.xdel(keys.dead_letter, letter.id)
-        pipe.sadd(keys.agents, target)
-        replies = await pipe.execute()
-        moved.append((letter.id, _s(replies[1])))
-    return moved
+        if not letter.job_id:
+            results.append(Replay(letter.id, "no-job-id"))
+            continue
+        await StreamStore(redis, keys).ensure_group(target)
+        fields = replay_entry(raw, agent=target, now=time.time())
+        args: list[Any] = [letter.id, int(dedup_ttl), fields.get(b"dispatcher", b"")]
+        for key, value in fields.items():
+            args += [key, value]
+        code, entry = await script(
+            keys=[keys.dead_letter, keys.job(target, letter.job_id), keys.jobs(target)], args=args
+        )
+        outcomes: dict[int, ReplayOutcome] = {1: "replayed", 2: "already-queued"}
+        outcome = outcomes.get(int(code), "gone")
+        results.append(Replay(letter.id, outcome, _s(entry), target))
+    return results
 
 
 async def purge_dead_letters(
     redis: Redis, keys: Keys, *, ids: Sequence[str] = (), older_than: float | None = None
 ) -> int:
-    """Delete dead letters: ``ids``, or those older than ``older_than`` seconds, or all."""
+    """Delete dead letters: ``ids``, or those older than ``older_than`` seconds, or all.
+
+    Only letters listed here are deleted, by id: one added meanwhile is kept,
+    and one replayed meanwhile is not counted. Returns how many were deleted.
+    """
     if ids:
         return int(await redis.xdel(keys.dead_letter, *ids))
+    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
+    if not newest:
+        return 0
+    upper = _s(newest[0][0])
     if older_than is not None:
         cutoff_ms = int((time.time() - older_than) * 1000)
-        return int(await redis.xtrim(keys.dead_letter, minid=f"{cutoff_ms}-0", approximate=False))
-    count = int(await redis.xlen(keys.dead_letter))
-    await redis.delete(keys.dead_letter)
-    return count
+        upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
+    deleted, start = 0, "-"
+    while True:
+        page: Any = await redis.xrange(keys.dead_letter, min=start, max=upper, count=500)
+        if not page:
+            return deleted
+        page_ids = [_s(i) for i, _ in page]
+        deleted += int(await redis.xdel(keys.dead_letter, *page_ids))
+        start = f"({page_ids[-1]}"
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -108,8 +108,17 @@ class DispatcherSettings:
     reconnect_initial: float = 0.25
     reconnect_max: float = 10.0
     cluster_keys: bool = False
+    #: Replicas that must have each enqueued job before it counts as written
+    #: (Redis ``WAIT`` after each enqueue pipeline); 0 = off. A shortfall
+    #: within ``wait_timeout`` is logged, the job is kept.
+    wait_replicas: int = 0
+    wait_timeout: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.wait_replicas < 0:
+            raise ConfigError("wait_replicas must be >= 0")
+        if not 0 < self.wait_timeout < self.enqueue_timeout:
+            raise ConfigError("wait_timeout must be in (0, enqueue_timeout) seconds")
         if self.when_no_worker not in ("queue", "reject"):
             raise ConfigError(
                 f"when_no_worker must be 'queue' or 'reject', not {self.when_no_worker!r}"

@@ -13,6 +13,7 @@ acknowledged), and its size is bounded by the dispatcher's admission policy
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -25,6 +26,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import (
+    QUEUED_AT_FIELD,
     ControlEvent,
     DeadReason,
     JobMessage,
@@ -40,23 +42,27 @@ logger = logging.getLogger("openrtc.streams")
 #: Cap on the dead-letter, status and control streams (approximate MAXLEN).
 SIDE_STREAM_MAXLEN: Final = 10_000
 
+#: Lua that sets ``now`` to Redis's clock in unix ms, for ``QUEUED_AT_FIELD``.
+STAMP_NOW_LUA: Final = """
+local t = redis.call('TIME')
+local now = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
+"""
+
 # KEYS: job record hash, job stream. ARGV: record ttl (s), dispatcher id,
 # then the entry's field/value pairs.
 # Returns {1, id} when added, {0, id} when the job was already enqueued.
 # No MAXLEN: trimming would cut the oldest entries, running calls included.
-# ``queued_at`` is Redis's own clock (ms), so a job's age is judged by one
-# clock, not by whichever host's wall clock enqueued it.
-_ENQUEUE_LUA: Final = """
+
+_ENQUEUE_LUA: Final = f"""
 local existing = redis.call('HGET', KEYS[1], 'entry')
 if existing then
-  return {0, existing}
+  return {{0, existing}}
 end
-local t = redis.call('TIME')
-local now = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
-local id = redis.call('XADD', KEYS[2], '*', 'queued_at', now, unpack(ARGV, 3))
+{STAMP_NOW_LUA}
+local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 3))
 redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-return {1, id}
+return {{1, id}}
 """
 
 
@@ -98,8 +104,16 @@ class StreamStore:
         keys: Keys,
         *,
         dedup_ttl: float = 24 * 3600.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
     ) -> None:
         self.redis = redis
+        # WAIT after each enqueue pipeline: the jobs are acknowledged only once
+        # that many replicas have them (or the timeout passed), so a failover
+        # right after does not lose them. 0: off (docs/architecture.md).
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = int(wait_timeout * 1000)
+        self._under_replicated_logged = 0.0
         self.keys = keys
         #: Seconds a job record (and with it the job id's de-duplication) lives.
         self.dedup_ttl = int(dedup_ttl)
@@ -147,6 +161,8 @@ class StreamStore:
                     args.append(key)
                     args.append(value)
                 pipe.execute_command(*args)
+            if self._wait_replicas:
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 # Redis lost its script cache (restart, SCRIPT FLUSH): load it
@@ -154,6 +170,8 @@ class StreamStore:
                 self._enqueue_loaded = False
                 continue
             break
+        if self._wait_replicas:
+            self._check_replicated(replies.pop())
         results = []
         for reply in replies:
             if isinstance(reply, Exception):
@@ -161,6 +179,22 @@ class StreamStore:
             added, entry_id = reply
             results.append(EnqueueResult("queued" if added == 1 else "duplicate", _text(entry_id)))
         return results
+
+    def _check_replicated(self, acked: Any) -> None:
+        # The jobs are on the primary either way: failing them now would lose
+        # calls Redis already holds, so a shortfall is reported, not raised.
+        if isinstance(acked, int) and acked >= self._wait_replicas:
+            return
+        now = time.monotonic()
+        if now - self._under_replicated_logged >= 10.0:
+            self._under_replicated_logged = now
+            logger.warning(
+                "enqueued jobs reached %s of %d replicas within %d ms (WAIT): "
+                "a failover now could lose them",
+                acked if isinstance(acked, int) else f"? ({acked})",
+                self._wait_replicas,
+                self._wait_timeout_ms,
+            )
 
     async def dead_letter(
         self,

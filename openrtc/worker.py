@@ -49,6 +49,7 @@ from openrtc.messages import (
     StatusEvent,
     peek_job_header,
 )
+from openrtc.redis_health import check_durability
 from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
@@ -223,6 +224,8 @@ class Worker:
         # idle for the outage's length: no reclaiming until they had a lease
         # to renew them.
         self._reclaim_after = 0.0
+        #: Redis's clock minus this host's, measured with each heartbeat.
+        self._redis_clock_offset = 0.0
         self._tg: TaskGroup | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -272,7 +275,9 @@ class Worker:
                     self._startup.cancel()
                 await self.runner.prepare()
                 await self._until_redis(self.store.ensure_group, s.agent)
+                await check_durability(self._redis, logger)
                 await self._until_redis(self._beat)
+                await self._until_redis(self._measure_redis_clock)
             self._startup = None
             if self._stop.is_set():
                 logger.info("stop requested while starting; nothing to drain")
@@ -438,7 +443,7 @@ class Worker:
             await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
             return False
-        waited = self._clock() - message.enqueued_at
+        waited = self._age(message)
         if not started_before and waited > self.settings.max_queue_age:
             await self._dead_letter(
                 claim,
@@ -477,6 +482,18 @@ class Worker:
         assert self._tg is not None
         self._tg.start_soon(self._serve, claim)
         return True
+
+    def _age(self, message: JobMessage) -> float:
+        """How long the job has waited, by Redis's clock (one clock for every host)."""
+        if message.queued_at:
+            return self._clock() + self._redis_clock_offset - message.queued_at
+        return self._clock() - message.enqueued_at  # an entry from before the stamp
+
+    async def _measure_redis_clock(self) -> None:
+        before = self._clock()
+        seconds, micros = await self._redis.time()
+        after = self._clock()
+        self._redis_clock_offset = seconds + micros / 1e6 - (before + after) / 2
 
     async def _release(self, claim: _Claim, message: JobMessage) -> None:
         """Hand an unstarted entry back to the stream, for a peer to read at once."""
@@ -789,6 +806,7 @@ class Worker:
             try:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self._beat()
+                    await self._measure_redis_clock()
             except (RedisError, OSError, TimeoutError) as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 

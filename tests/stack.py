@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ async def working(
     *,
     pool: AgentPool | None = None,
     via: LiveKitSettings | None = None,
+    clock: Callable[[], float] = time.time,
     **overrides: Any,
 ) -> AsyncIterator[Worker]:
     """A worker serving ``agent`` (from ``pool``, default the offline agents) until exit.
@@ -98,7 +100,7 @@ async def working(
         namespace=ns,
         **{"heartbeat_interval": 0.2, "drain_timeout": 5.0, **overrides},
     )
-    worker = Worker(settings, pool or AgentPool.from_directory(OFFLINE_AGENTS))
+    worker = Worker(settings, pool or AgentPool.from_directory(OFFLINE_AGENTS), clock=clock)
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(60):
             await tg.start(worker.run)

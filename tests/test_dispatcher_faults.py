@@ -587,7 +587,10 @@ async def test_an_unknown_agent_is_failed_and_dead_lettered_once(
         assert dead[b"job_id"] == job.id.encode()
         assert dead[b"room"] == b"dental-sounds-like-an-agent"
         assert dead[b"source"] == b"job metadata"
-        assert dead[b"agent"] == b"ghost"
+        # The whole job entry, for no agent; `dlq replay --agent X` names one.
+        assert dead[b"agent"] == b""
+        assert dead[b"requested_agent"] == b"ghost"
+        assert dead[b"identity"] == f"agent-{job.id}".encode()
         original = proto.Job()
         original.ParseFromString(dead[b"job"])
         assert original.id == job.id

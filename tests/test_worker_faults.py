@@ -342,3 +342,34 @@ def test_a_worker_waiting_for_redis_stops_on_sigterm(livekit_server: LiveKitServ
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- clocks ------------------------------------------------------------------------------
+
+
+async def test_a_jobs_age_is_judged_by_redis_clock_not_the_hosts(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("dental-clock"))
+    # Enqueued by a dispatcher whose clock is an hour behind; served by a worker
+    # whose clock is ten minutes ahead. The job has waited no time at all.
+    message = job_message(
+        livekit_server, room, "dental", dispatcher, enqueued_at=time.time() - 3600
+    )
+    with anyio.fail_after(TEST_BUDGET):
+        async with caller_in(creds(livekit_server), room.name) as caller:
+            await StreamStore(redis, keys).enqueue([message])
+            async with working(
+                livekit_server,
+                redis_server.url,
+                ns,
+                "dental",
+                max_queue_age=30.0,
+                clock=lambda: time.time() + 600,
+            ) as worker:
+                agent = await caller.wait_agent(within=20)
+                assert agent.identity == f"agent-{message.job_id}"
+                assert worker.stats.dead_lettered == 0
+                await delete_room(livekit_server, room.name)
