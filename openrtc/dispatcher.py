@@ -44,7 +44,6 @@ from openrtc.membership import AgentLoad, heartbeat, leave, read_agent_loads
 from openrtc.messages import (
     AGENT_ATTRIBUTE,
     REQUESTED_AGENT_FIELD,
-    REQUESTED_AGENT_MAX,
     DeadReason,
     JobMessage,
     JobStatus,
@@ -525,7 +524,8 @@ class Dispatcher:
         copy.CopyFrom(job)  # the job is still in use: its assignment may follow
         message = self._job_message(copy, offer)
         original = message.encode()
-        original[REQUESTED_AGENT_FIELD] = error.agent[:REQUESTED_AGENT_MAX].encode(errors="replace")
+        # Already bounded: UnknownAgentError quotes at most a name's longest form.
+        original[REQUESTED_AGENT_FIELD] = error.agent.encode(errors="replace")
         try:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 entry = await self.store.dead_letter(

@@ -397,9 +397,8 @@ class DeadReason(StrEnum):
 #: Fields a dead letter adds on top of the original entry's fields.
 DEAD_LETTER_FIELDS: Final = (b"reason", b"error", b"dead_at", b"origin", b"origin_id")
 #: On an ``unknown-agent`` dead letter (whose ``agent`` is empty): the name the
-#: job asked for, bounded like an agent name plus room to show it was cut.
+#: job asked for, as bounded by :class:`openrtc.routing.UnknownAgentError`.
 REQUESTED_AGENT_FIELD: Final = b"requested_agent"
-REQUESTED_AGENT_MAX: Final = 80
 
 
 def dead_letter_fields(

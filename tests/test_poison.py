@@ -262,7 +262,7 @@ async def test_an_unknown_agent_name_of_any_length_is_bounded_everywhere(
         [(_, letter)] = await client.xrange(keys.dead_letter)
         assert letter[b"reason"] == b"unknown-agent"
         assert letter[b"error"] == expected.encode()
-        assert letter[b"agent"] == f"{'g' * 64}…(100000 chars)".encode()
+        assert letter[b"requested_agent"] == f"{'g' * 64}…(100000 chars)".encode()
     logged = [r.getMessage() for r in caplog.records]
     assert any(expected in line for line in logged)
     assert not [line for line in logged if "g" * 65 in line]
