@@ -71,10 +71,17 @@ def _wait_until(
 
 @dataclass
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port; no persistence."""
+    """A throwaway ``redis-server`` on a free loopback port; no persistence by default.
+
+    With ``appendonly`` set (before a :meth:`start`), the server keeps an
+    append-only file (``appendfsync everysec``) in :attr:`data_dir`, so a
+    restart on the same port finds its data again, as a durable deployment
+    would. A :meth:`stop` keeps the directory; :meth:`wipe` empties it.
+    """
 
     port: int = field(default_factory=_free_port)
     log_path: Path | None = None
+    appendonly: bool = False
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _dir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
@@ -84,6 +91,22 @@ class RedisServer:
     def url(self) -> str:
         """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The server's working directory (its AOF lives here), once started."""
+        return Path(self._dir.name) if self._dir is not None else None
+
+    def wipe(self) -> None:
+        """Delete the stopped server's files, so its next start begins empty."""
+        if self._proc is not None:
+            raise RuntimeError("stop the server before wiping its data")
+        if self._dir is not None:
+            for path in Path(self._dir.name).iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server (again, after :meth:`stop`) and wait until it answers PING.
@@ -117,7 +140,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 self._dir.name,
                 "--protected-mode",
