@@ -220,6 +220,8 @@ class CallRecord:
     max_agents_caller: int = 0
     max_agents_sampled: int = 0
     double_sample: list[str] = field(default_factory=list)
+    #: (wall time, [(identity, sid)]) of every server list of the room's agents.
+    sampled: list[tuple[float, list[tuple[str, str]]]] = field(default_factory=list)
     samples: int = 0
     job_ids: list[str] = field(default_factory=list)
     # Filled in by the ledger.
@@ -450,6 +452,7 @@ class Harness:
                     return
             agents = [p for p in reply.participants if p.kind == api.ParticipantInfo.Kind.AGENT]
             call.samples += 1
+            call.sampled.append((time.time(), [(p.identity, p.sid) for p in agents]))
             call.max_agents_sampled = max(call.max_agents_sampled, len(agents))
             for p in agents:
                 job = p.identity.removeprefix("agent-")
@@ -593,7 +596,7 @@ class Harness:
 
     async def fault(self, fault: Fault, redis: Redis) -> None:
         if fault.kind == "kill":
-            slot = self.rng.choice([w[0] for w in WORKERS])
+            slot = self.rng.choice(await self.busy_workers(redis) or [w[0] for w in WORKERS])
             fault.target = self.kill(slot)
             fault.detail = "SIGKILL to its process group; replacement in 1s"
             await asyncio.sleep(1.0)
@@ -667,6 +670,22 @@ class Harness:
                 + ("" if registered else " (NOT ALL within 30s)")
             )
         fault.end = time.time()
+
+    async def busy_workers(self, redis: Redis) -> list[str]:
+        """Worker slots running at least one call now (their Redis records), in slot order."""
+        busy: list[str] = []
+        try:
+            for slot, agent, _, _ in WORKERS:
+                child = self.children[slot]
+                pid = child.proc.pid if child.proc else None
+                members: Any = await redis.zrange(KEYS.workers(agent), 0, -1)
+                for member in members:
+                    record: Any = await redis.hgetall(KEYS.worker(member.decode()))
+                    if record.get(b"pid") == str(pid).encode() and int(record.get(b"running", 0)):
+                        busy.append(slot)
+        except Exception:
+            return []
+        return busy
 
     async def registered_since(self, since: float, limit: float) -> bool:
         """Wait until every dispatcher logged a LiveKit registration after ``since``."""
@@ -863,7 +882,7 @@ def blame(h: Harness, rec: CallRecord, t: float, joins: list[Join]) -> tuple[str
     serving = [j for j in joins if j.at <= t]
     worker = serving[-1].worker if serving else ""
     for f in h.faults:
-        if f.kind == "kill" and f.target == worker and f.at - 1 <= t <= f.at + BLAME_WINDOW:
+        if f.kind == "kill" and f.target == worker and f.at <= t <= f.at + BLAME_WINDOW:
             return "kill", f
     for f in h.self_exits:
         if f.target == worker and f.at - BLAME_WINDOW <= t <= f.at + BLAME_WINDOW:
@@ -875,6 +894,31 @@ def blame(h: Harness, rec: CallRecord, t: float, joins: list[Join]) -> tuple[str
         f = recent[-1]
         return f.kind, f
     return "no fault", None
+
+
+def agent_back(rec: CallRecord, gone: float, sid: str, end: float) -> float | None:
+    """When an agent was in the room again after ``sid`` left at ``gone``, if before ``end``.
+
+    The caller's SDK misses participants after it rejoins a restarted server,
+    so the server's sampled lists count too: another agent, or the same one
+    still listed 2 s later (the caller's leave was then its own reconnect).
+    """
+    times = [e.at for e in rec.events if e.kind == "join" and gone < e.at <= end]
+    for t, agents in rec.sampled:
+        if gone < t <= end and any(s != sid or t > gone + 2 for _i, s in agents):
+            times.append(t)
+            break
+    return min(times) if times else None
+
+
+def fault_during(h: Harness, start: float, end: float) -> str:
+    """The faults whose time overlaps [start, end], by kind."""
+    kinds = [
+        f.kind
+        for f in h.faults + h.self_exits
+        if f.at <= end and (f.end or f.at) + BLAME_WINDOW >= start
+    ]
+    return ", ".join(dict.fromkeys(kinds)) or "no fault"
 
 
 def build_ledger(h: Harness) -> Ledger:
@@ -897,17 +941,18 @@ def build_ledger(h: Harness) -> Ledger:
             answer.append(rec.joined_at - rec.created_at)
         gaps: list[tuple[float, float | None]] = []  # (agent gone, agent back)
         present: set[str] = set()
+        skip_until = 0.0
         for e in rec.events:
             if e.at > end:
                 break
             if e.kind == "join":
-                if not present and gaps and gaps[-1][1] is None:
-                    gaps[-1] = (gaps[-1][0], e.at)
                 present.add(e.sid)
-            else:
-                present.discard(e.sid)
-                if not present:
-                    gaps.append((e.at, None))
+                continue
+            present.discard(e.sid)
+            if not present and e.at >= skip_until:
+                back = agent_back(rec, e.at, e.sid, end)
+                gaps.append((e.at, back))
+                skip_until = back if back is not None else float("inf")
         # A departure in the caller's last half second is the hang-up racing the agent.
         gaps = [g for g in gaps if g[1] is not None or g[0] < end - 0.5]
         causes = [blame(h, rec, gone, room_joins) for gone, _ in gaps]
@@ -923,14 +968,23 @@ def build_ledger(h: Harness) -> Ledger:
         elif rec.error:
             rec.outcome = "refused by LiveKit"
             rec.detail = rec.error
-        elif not rec.events:
+        elif not rec.events and not any(agents for _t, agents in rec.sampled):
+            for fields in h.accepted.values():
+                job = fields.get("job_id", "")
+                if fields.get("room") == rec.room and job not in rec.job_ids:
+                    rec.job_ids.append(job)
             if rec.room in dead_by_room:
                 rec.outcome = f"dead-lettered ({', '.join(sorted(set(dead_by_room[rec.room])))})"
             elif rec.room in refused:
                 rec.outcome = "refused by LiveKit"
                 rec.detail = "; ".join(refused[rec.room][:2])
             else:
-                rec.outcome = "UNACCOUNTED: no agent ever"
+                accepted = "accepted, " if rec.job_ids else ""
+                rec.outcome = f"UNACCOUNTED: {accepted}no agent ever"
+                during = fault_during(h, rec.created_at or 0.0, end)
+                rec.detail = (
+                    f"jobs {', '.join(rec.job_ids) or 'none in the streams'}; during {during}"
+                )
         elif gaps and gaps[-1][1] is None:
             kind, fault = causes[-1]
             rec.outcome = f"UNACCOUNTED: dropped after {kind}"
