@@ -108,6 +108,8 @@ WORKERS: Final = (
 DISPATCHERS: Final = ("d1", "d2")
 #: A departure this long after a fault is blamed on it.
 BLAME_WINDOW: Final = 15.0
+#: A call hung up this soon after its worker's kill had no time to be taken over.
+RECOVERY_BOUND: Final = 15.0
 LOG_TIME: Final = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 UNAVAILABLE: Final = re.compile(
     r"job (\S+) \(room (\S+)\) for agent '[^']*' answered unavailable: (.*)"
@@ -276,7 +278,7 @@ class Plan:
 
 
 SHORT: Final = Plan(
-    calls=50, period=80, concurrency=12, min_duration=4, max_duration=14, kills=3, slow_for=12
+    calls=50, period=80, concurrency=12, min_duration=8, max_duration=20, kills=3, slow_for=12
 )
 FULL: Final = Plan(
     calls=220, period=300, concurrency=20, min_duration=5, max_duration=30, kills=10, slow_for=30
@@ -911,6 +913,34 @@ def agent_back(rec: CallRecord, gone: float, sid: str, end: float) -> float | No
     return min(times) if times else None
 
 
+def killed_under(
+    h: Harness, rec: CallRecord, joins: list[Join], end: float
+) -> list[tuple[Fault, float | None]]:
+    """The kills of the worker serving this call while it was up, each with when a new agent came.
+
+    A SIGKILLed agent's participant lingers (the server waits for it to
+    resume), so recovery is a participant the room had not had before the
+    kill: the taker's, with the same identity and a new sid.
+    """
+    out: list[tuple[Fault, float | None]] = []
+    for f in h.faults:
+        if f.kind != "kill" or not (rec.joined_at or end) <= f.at <= end:
+            continue
+        serving = [j for j in joins if j.at <= f.at]
+        if not serving or serving[-1].worker != f.target:
+            continue
+        before = {e.sid for e in rec.events if e.at <= f.at}
+        before |= {sid for t, agents in rec.sampled if t <= f.at for _i, sid in agents}
+        times = [
+            e.at for e in rec.events if e.kind == "join" and e.at > f.at and e.sid not in before
+        ]
+        times += [
+            t for t, agents in rec.sampled if t > f.at and any(s not in before for _i, s in agents)
+        ]
+        out.append((f, min(times) if times else None))
+    return out
+
+
 def fault_during(h: Harness, start: float, end: float) -> str:
     """The faults whose time overlaps [start, end], by kind."""
     kinds = [
@@ -996,6 +1026,23 @@ def build_ledger(h: Harness) -> Ledger:
                 rec.outcome = (
                     f"dead-lettered after a drop ({', '.join(sorted(set(dead_by_room[rec.room])))})"
                 )
+        elif kills := killed_under(h, rec, room_joins, end):
+            outcomes_here = []
+            for fault, back in kills:
+                if back is not None:
+                    rec.recovery.append(back - fault.at)
+                    recovery.append(back - fault.at)
+                    outcomes_here.append("recovered")
+                elif end - fault.at < RECOVERY_BOUND:
+                    outcomes_here.append("served, worker killed shortly before the hang-up")
+                else:
+                    outcomes_here.append("UNACCOUNTED: not recovered after its worker's kill")
+            rec.outcome = sorted(outcomes_here, key=lambda o: o.startswith("UNACC"))[-1]
+            rec.detail = "; ".join(
+                f"{f.target} killed at {f.at - h.t0:.1f}s, "
+                + (f"new agent {b - f.at:.1f}s later" if b else f"hung up {end - f.at:.1f}s later")
+                for f, b in kills
+            )
         elif gaps:
             kill_gaps = [
                 (gone, back, fault)
