@@ -306,7 +306,7 @@ class Harness:
         self.self_exits: list[Fault] = []
         self.accepted: dict[str, dict[str, str]] = {}  # entry id -> fields (job streams)
         self.dead: list[dict[str, str]] = []
-        self.garbage: dict[str, str] = {}  # entry id -> stream
+        self.garbage: dict[str, str] = {}  # "<stream> <entry id>" -> stream
         self.aof_lost: list[str] = []
         self.aof_checked = 0
         self.t0 = 0.0
@@ -436,7 +436,7 @@ class Harness:
                     if key == KEYS.dead_letter:
                         fields["_id"] = eid
                         self.dead.append(fields)
-                    elif eid not in self.garbage:
+                    elif f"{key} {eid}" not in self.garbage:
                         self.accepted.setdefault(eid, fields)
             await asyncio.sleep(1.0)
 
@@ -711,7 +711,7 @@ class Harness:
             entries: Any = await redis.xrange(KEYS.jobs(agent), "-", "+")
             for entry_id, raw in entries:
                 eid = entry_id.decode()
-                if eid in self.garbage:
+                if f"{KEYS.jobs(agent)} {eid}" in self.garbage:
                     continue
                 job = raw.get(b"job_id", b"").decode(errors="replace")
                 out[eid] = KEYS.job(agent, job) if job else ""
@@ -742,7 +742,7 @@ class Harness:
                 variants.append(bad_utf8)
             for fields in variants:
                 entry_id = await redis.xadd(stream, fields)  # type: ignore[arg-type]
-                self.garbage[entry_id.decode()] = stream
+                self.garbage[f"{stream} {entry_id.decode()}"] = stream
                 count += 1
         return f"{count} garbage entries XADDed to {', '.join(KEYS.jobs(a) for a in AGENTS)}"
 
@@ -801,9 +801,10 @@ class Harness:
 
     async def garbage_outcome(self, redis: Redis) -> Counter[str]:
         out: Counter[str] = Counter()
-        dead = {d.get("origin_id") for d in self.dead}
-        for eid, stream in self.garbage.items():
-            if eid in dead:
+        dead = {f"{d.get('origin')} {d.get('origin_id')}" for d in self.dead}
+        for key, stream in self.garbage.items():
+            eid = key.split(" ", 1)[1]
+            if key in dead:
                 out["dead-lettered"] += 1
                 continue
             try:
@@ -1093,7 +1094,7 @@ def report(h: Harness, ledger: Ledger, wall: float) -> bool:
     if ledger.recovery:
         r = ledger.recovery
         print(
-            f"recovery (worker SIGKILL -> agent back in the room), {len(r)} calls: "
+            f"recovery (worker SIGKILL -> new agent in the room), {len(r)} kills of a call: "
             f"p50 {statistics.median(r):.2f}s  p99 {percentile(r, 99):.2f}s  max {max(r):.2f}s"
         )
     else:
