@@ -71,13 +71,14 @@ def _wait_until(
 
 @dataclass
 class RedisServer:
-    """A throwaway ``redis-server`` on a free loopback port.
+    """A throwaway ``redis-server`` on a free loopback port; no persistence by default.
 
-    No persistence by default (a restart loses everything); with
-    ``appendonly=True`` it runs durable as shipped configurations do (AOF,
-    fsync every second), and a restart keeps what it had. ``args`` are passed
-    after the defaults (a later directive wins), e.g. ``("--replicaof",
-    "127.0.0.1", "6379")``.
+    With ``appendonly`` set (before a :meth:`start`), the server keeps an
+    append-only file (``appendfsync everysec``) in :attr:`data_dir`, so a
+    restart on the same port finds its data again, as a durable deployment
+    would. A :meth:`stop` keeps the directory; :meth:`wipe` empties it.
+    ``args`` are passed after the defaults (a later directive wins), e.g.
+    ``("--replicaof", "127.0.0.1", "6379")``.
     """
 
     port: int = field(default_factory=_free_port)
@@ -93,6 +94,22 @@ class RedisServer:
     def url(self) -> str:
         """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The server's working directory (its AOF lives here), once started."""
+        return Path(self._dir.name) if self._dir is not None else None
+
+    def wipe(self) -> None:
+        """Delete the stopped server's files, so its next start begins empty."""
+        if self._proc is not None:
+            raise RuntimeError("stop the server before wiping its data")
+        if self._dir is not None:
+            for path in Path(self._dir.name).iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server (again, after :meth:`stop`) and wait until it answers PING.

@@ -1,0 +1,45 @@
+"""The chaos ledger's short run: ~50 real calls through every fault, every call accounted for.
+
+``bench/chaos.py --short --check`` starts its own ``livekit-server`` and
+``redis-server`` (with AOF) and its own dispatchers and workers as separate
+processes, then SIGKILLs workers, restarts a dispatcher, Redis (with and
+without persistence) and LiveKit, slows the LiveKit API down and injects
+garbage entries while calls run. It runs as a subprocess so that its SIGKILLs
+and server restarts cannot touch this session's servers. The seed fixes every
+random choice (call times, agents, durations, kill targets and times); the
+guarantees are not relaxed for the test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LOG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(420)
+def test_short_chaos_run_accounts_for_every_call() -> None:
+    logs = LOG_DIR / "chaos"
+    env = dict(os.environ)
+    # The package under test is this checkout's, in the harness's children too.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    argv = [sys.executable, str(ROOT / "bench" / "chaos.py"), "--short", "--check"]
+    proc = subprocess.run(
+        [*argv, "--seed", "1", "--log-dir", str(logs)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    report = f"{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "chaos ledger:" in proc.stdout, report
+    assert proc.returncode == 0, report
