@@ -14,19 +14,30 @@ The policy is plain data (:class:`AdmissionPolicy`) over the membership view
 - **Live workers**: accept while ``backlog < free slots + max_backlog``.
 
 The load reported to LiveKit is the share of live worker capacity in use over
-all agents (0 when no capacity is known, so that queueing keeps working);
-``WS_FULL`` only while draining.
+all agents (0 when no capacity is known), scaled below
+:data:`LIVEKIT_LOAD_THRESHOLD`; ``WS_FULL`` only while draining. LiveKit never
+asks a worker whose load is at its threshold: it drops the job for good ("no
+servers available"), so a dispatcher reporting its busy workers' real share
+lost every call that arrived while they were busy, instead of queueing it.
+Turning a job away is admission's decision, per job and with a logged reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from openrtc.membership import AgentLoad
 from openrtc.settings import NoWorkerPolicy
 
-__all__ = ["Admission", "AdmissionPolicy"]
+__all__ = ["LIVEKIT_LOAD_THRESHOLD", "Admission", "AdmissionPolicy"]
+
+#: LiveKit's default worker load threshold: at or above it a worker is never
+#: offered a job (livekit-server ``pkg/agent``, livekit-agents ``load_threshold``).
+LIVEKIT_LOAD_THRESHOLD: Final = 0.7
+#: The highest load a dispatcher reports: under the threshold with room to spare.
+REPORTED_LOAD_MAX: Final = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +76,13 @@ class AdmissionPolicy:
 
     @staticmethod
     def reported_load(loads: Mapping[str, AgentLoad]) -> float:
-        """Share of live capacity in use, in [0, 1]; 0 when no capacity is known."""
+        """Share of live capacity in use, scaled into [0, :data:`REPORTED_LOAD_MAX`].
+
+        0 when no capacity is known. Never at LiveKit's threshold, whatever
+        the workers' load: see the module docstring.
+        """
         capacity = sum(load.capacity for load in loads.values())
         if capacity <= 0:
             return 0.0
         running = sum(load.running for load in loads.values())
-        return min(1.0, max(0.0, running / capacity))
+        return min(1.0, max(0.0, running / capacity)) * REPORTED_LOAD_MAX

@@ -32,6 +32,7 @@ from livekit.protocol import agent as proto
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from openrtc.admission import REPORTED_LOAD_MAX
 from openrtc.agents import AgentPool
 from openrtc.devstack import RedisServer
 from openrtc.dispatcher import AGENT_ATTRIBUTE, Dispatcher
@@ -794,11 +795,13 @@ async def test_backlog_beyond_free_slots_flips_answers_and_load_is_reported(
         assert (await offer(standin, make_job("dental-again"), worker)).available
 
         await eventually(
-            lambda: any(abs(u.load - 0.3) < 1e-6 for u in worker.worker_updates),
+            lambda: any(
+                abs(u.load - 0.3 * REPORTED_LOAD_MAX) < 1e-6 for u in worker.worker_updates
+            ),
             "the load reported",
         )
         latest = worker.worker_updates[-1]
-        assert latest.load == pytest.approx(0.3)
+        assert latest.load == pytest.approx(0.3 * REPORTED_LOAD_MAX)
         assert latest.status == proto.WorkerStatus.WS_AVAILABLE
         assert not latest.draining
 

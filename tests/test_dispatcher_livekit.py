@@ -284,3 +284,44 @@ def test_cli_dispatcher_refuses_missing_settings(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "missing LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_rooms_are_still_dispatched_while_every_worker_is_busy(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """LiveKit skips, without asking, a worker whose load is at its threshold (0.7).
+
+    The dispatcher once reported its workers' share in use as its load, so
+    with every worker busy LiveKit dropped each new room's job for good
+    ("no servers available"), never asking the dispatcher, which would have
+    queued it. Busy workers must mean a queue, not lost calls.
+    """
+    from openrtc.caller import caller_in
+    from tests.stack import creds, delete_room, working
+
+    ns = unique("ns")
+    keys = Keys(ns)
+    settings = dispatcher_settings(livekit_server, redis_server.url, ns, load_interval=0.2)
+    with anyio.fail_after(60):
+        async with (
+            dispatching(settings),
+            working(livekit_server, redis_server.url, ns, "dental", concurrency=1) as worker,
+            livekit_api(livekit_server) as lkapi,
+        ):
+            first = unique("dental-busy")
+            await lkapi.room.create_room(api.CreateRoomRequest(name=first))
+            async with caller_in(creds(livekit_server), first) as caller:
+                await caller.wait_agent(within=20)
+                assert len(worker.running_jobs) == 1  # its one slot is taken
+                await anyio.sleep(1.0)  # loads refreshed and reported meanwhile
+                second = unique("dental-queued")
+                await lkapi.room.create_room(api.CreateRoomRequest(name=second))
+
+                async def queued() -> bool:
+                    found = await entries(redis, keys.jobs("dental"))
+                    rooms = [JobMessage.decode(f).job.room.name for _, f in found]
+                    return second in rooms
+
+                await wait_for(queued, within=10)
+                await delete_room(livekit_server, second)
+                await delete_room(livekit_server, first)
