@@ -66,6 +66,8 @@ logger = logging.getLogger("openrtc.dispatcher")
 OFFER_TTL: Final = 15.0
 #: Most assignments written to Redis in one pipeline.
 MAX_BATCH: Final = 512
+#: Jobs whose failed enqueue may have landed, remembered until Redis answers.
+MAX_UNSURE: Final = 10_000
 
 _STATUS_TO_PROTO: Final = {
     JobStatus.RUNNING: proto.JobStatus.JS_RUNNING,
@@ -162,6 +164,8 @@ class Dispatcher:
         # Jobs assigned on the current socket and enqueued: job id -> agent.
         # LiveKit forgets a socket's jobs when it drops, and so do we.
         self._held: dict[str, str] = {}
+        # Jobs failed towards LiveKit whose enqueue may have landed: job id -> agent.
+        self._unsure: dict[str, str] = {}
         # Jobs whose assignment is being written to Redis: job id -> agent. A
         # termination may arrive right behind its assignment.
         self._assigning: dict[str, str] = {}
@@ -459,6 +463,11 @@ class Dispatcher:
                 )
                 logger.error("job %s (room %s): %s", message.job_id, message.room, text)
                 self._start(self._fail, pending.socket, message.job_id, text)
+                # The write may still have landed (a lost reply, a Redis that
+                # ran it late): once Redis answers, the job is marked
+                # terminated, so no worker joins a call LiveKit has failed.
+                if len(self._unsure) < MAX_UNSURE:
+                    self._unsure[message.job_id] = message.agent
                 return
             if result.outcome == "duplicate":
                 self.stats.duplicates += 1
@@ -533,7 +542,7 @@ class Dispatcher:
                     str(error),
                     original=original,
                     origin="dispatcher",
-                    once_for_job=job.id,
+                    once_for=job.id,
                 )
         except (RedisError, OSError, TimeoutError) as exc:
             logger.error(
@@ -725,6 +734,19 @@ class Dispatcher:
             return
         self._redis_ok = True
         self._redis_state.set("connected", redact_url(self.settings.redis_url))
+        await self._settle_unsure()
+
+    async def _settle_unsure(self) -> None:
+        """Mark the jobs failed towards LiveKit whose enqueue may have landed anyway."""
+        while self._unsure:
+            job_id, agent = next(iter(self._unsure.items()))
+            try:
+                with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
+                    await self.store.publish_termination(agent, job_id, "enqueue failed")
+            except (RedisError, OSError, TimeoutError):
+                return  # next refresh
+            del self._unsure[job_id]
+            logger.info("job %s: marked terminated (its enqueue had failed)", job_id)
         if not self._durability_checked:
             self._durability_checked = True  # once: at start-up, when Redis first answers
             await check_durability(self._redis, logger)

@@ -52,6 +52,10 @@ class Keys:
         """Stream of jobs that cannot be served."""
         return f"{self.namespace}:dead-letter"
 
+    def dead_letter_seen(self, tag: str) -> str:
+        """Marker (with expiry) that one job or one entry was dead-lettered already."""
+        return f"{self.namespace}:dead-letter:seen:{tag}"
+
     def status(self, dispatcher_id: str) -> str:
         """Stream of job status events for the dispatcher holding those jobs' socket."""
         return f"{self.namespace}:status:{dispatcher_id}"

@@ -45,6 +45,8 @@ logger = logging.getLogger("openrtc.session")
 LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
 TOKEN_TTL: Final = datetime.timedelta(hours=6)
 CLOSE_TIMEOUT: Final = 10.0
+#: After a reconnect, how long the room's new sid may take to arrive.
+ROOM_SID_WAIT: Final = 5.0
 
 
 @dataclass
@@ -151,6 +153,12 @@ async def run_session(
             end.update(reason=reason, **extra)
             ended.set()
 
+    reconnected = [anyio.Event()]  # the current one; replaced after each is seen
+
+    @room.on("reconnected")
+    def _on_reconnected() -> None:
+        reconnected[-1].set()
+
     @room.on("disconnected")
     def _on_disconnected(reason: Any = None) -> None:
         name = str(reason)
@@ -203,7 +211,24 @@ async def run_session(
                 await control.wait_stop()
                 finish(control.stop_reason)
 
+            async def leave_a_replaced_room() -> None:
+                # A LiveKit server that restarted has forgotten the room and
+                # this job: the room the caller rejoins is a new one (new sid)
+                # whose own new job brings its agent. Two agents would talk
+                # over each other, so the job of the room that is gone ends.
+                while True:
+                    await reconnected[-1].wait()
+                    reconnected.append(anyio.Event())
+                    with anyio.move_on_after(ROOM_SID_WAIT):
+                        while True:
+                            sid = room._info.sid  # updated by the server, no event
+                            if sid and message.job.room.sid and sid != message.job.room.sid:
+                                finish(f"room replaced by the server (now {sid})")
+                                return
+                            await anyio.sleep(0.1)
+
             tg.start_soon(stop_when_told)
+            tg.start_soon(leave_a_replaced_room)
             await ended.wait()
             tg.cancel_scope.cancel()
 

@@ -164,6 +164,9 @@ class WorkerSettings:
     #: A worker that took a call over ignores LiveKit's termination of the
     #: replaced participant for this long (it is caused by the takeover itself).
     takeover_grace: float = 10.0
+    #: A consumer in the group that holds nothing and has not read for this
+    #: long belongs to a worker that is gone: it is removed from the group.
+    forget_consumers_after: float = 300.0
     cluster_keys: bool = False
 
     def __post_init__(self) -> None:

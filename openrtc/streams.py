@@ -41,6 +41,20 @@ logger = logging.getLogger("openrtc.streams")
 
 #: Cap on the dead-letter, status and control streams (approximate MAXLEN).
 SIDE_STREAM_MAXLEN: Final = 10_000
+#: A dispatcher's status stream expires this long after its last event, so the
+#: streams of dispatchers that are gone do not pile up.
+STATUS_STREAM_TTL: Final = 3600
+
+# KEYS: marker, dead-letter stream. ARGV: marker ttl (s), maxlen, then the
+# letter's field/value pairs. Adds the letter unless the marker says it was
+# added already: a retried write (the reply lost, the ack after it failed)
+# leaves one letter, never two, and never none.
+_DEAD_LETTER_ONCE_LUA: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+  return false
+end
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+"""
 
 #: Lua that sets ``now`` to Redis's clock in unix ms, for ``QUEUED_AT_FIELD``.
 STAMP_NOW_LUA: Final = """
@@ -118,6 +132,7 @@ class StreamStore:
         #: Seconds a job record (and with it the job id's de-duplication) lives.
         self.dedup_ttl = int(dedup_ttl)
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        self._dead_letter_once = redis.register_script(_DEAD_LETTER_ONCE_LUA)
         self._enqueue_loaded = False
         self._known_groups: set[str] = set()
 
@@ -204,34 +219,37 @@ class StreamStore:
         original: Mapping[bytes, bytes],
         origin: str = "",
         origin_id: str = "",
-        once_for_job: str | None = None,
+        once_for: str | None = None,
     ) -> str | None:
         """Add a dead letter; returns its entry id.
 
-        With ``once_for_job``, a job id already dead-lettered is not added
-        again and ``None`` is returned: several dispatchers, or a retried
-        write, leave exactly one entry.
+        With ``once_for`` (a job id, or an entry's stream and id), a letter
+        already added under that tag is not added again and ``None`` is
+        returned: several dispatchers, or a retried write, leave exactly one.
         """
-        if once_for_job is not None:
-            marker = f"{self.keys.dead_letter}:seen:{once_for_job}"
-            if not await self.redis.set(marker, b"1", nx=True, ex=self.dedup_ttl):
-                return None
         fields: dict[Any, Any] = dead_letter_fields(
             reason, error, original=original, origin=origin, origin_id=origin_id
         )
-        entry_id = await self.redis.xadd(
-            self.keys.dead_letter, fields, maxlen=SIDE_STREAM_MAXLEN, approximate=True
+        if once_for is None:
+            entry_id = await self.redis.xadd(
+                self.keys.dead_letter, fields, maxlen=SIDE_STREAM_MAXLEN, approximate=True
+            )
+            return _text(entry_id)
+        flat: list[Any] = [self.dedup_ttl, SIDE_STREAM_MAXLEN]
+        for key, value in fields.items():
+            flat += [key, value]
+        added = await self._dead_letter_once(
+            keys=[self.keys.dead_letter_seen(once_for), self.keys.dead_letter], args=flat
         )
-        return _text(entry_id)
+        return _text(added) if added else None
 
     async def publish_status(self, dispatcher_id: str, event: StatusEvent) -> None:
         """Send a job status event to the dispatcher that holds the job's socket."""
-        await self.redis.xadd(
-            self.keys.status(dispatcher_id),
-            dict[Any, Any](event.encode()),
-            maxlen=SIDE_STREAM_MAXLEN,
-            approximate=True,
-        )
+        key = self.keys.status(dispatcher_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(key, dict[Any, Any](event.encode()), maxlen=SIDE_STREAM_MAXLEN, approximate=True)
+        pipe.expire(key, STATUS_STREAM_TTL)
+        await pipe.execute()
 
     async def publish_termination(self, agent: str, job_id: str, reason: str) -> None:
         """Tell ``agent``'s workers that LiveKit terminated ``job_id``.
@@ -336,6 +354,33 @@ end
 return id
 """
 
+# KEYS: job stream. ARGV: group, min idle ms, a consumer to keep (the caller).
+# Deletes consumers with nothing pending that have not read for min idle ms:
+# checked and deleted in one step, so no entry is ever dropped with them.
+_FORGET_CONSUMERS_LUA: Final = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return {} end
+local removed = {}
+for _, c in ipairs(consumers) do
+  local f = {}
+  for j = 1, #c, 2 do f[c[j]] = c[j + 1] end
+  if f['pending'] == 0 and f['idle'] >= tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    table.insert(removed, f['name'])
+  end
+end
+return removed
+"""
+
+# KEYS: job stream. ARGV: group, consumer. Deletes the consumer if nothing is
+# pending on it. Returns 1 when deleted.
+_LEAVE_GROUP_LUA: Final = """
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if not ok or #p > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 # KEYS: job stream. ARGV: group, consumer, min idle ms, count.
 # XAUTOCLAIM plus each claimed entry's delivery count, in one round trip.
 # Returns {entries, counts, deleted ids}.
@@ -380,6 +425,8 @@ class JobConsumer:
         self._renew = self.redis.register_script(_RENEW_LUA)
         self._reclaim = self.redis.register_script(_RECLAIM_LUA)
         self._write_back = self.redis.register_script(_WRITE_BACK_LUA)
+        self._forget = self.redis.register_script(_FORGET_CONSUMERS_LUA)
+        self._leave = self.redis.register_script(_LEAVE_GROUP_LUA)
         self._release = self.redis.register_script(_RELEASE_LUA)
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
@@ -470,12 +517,36 @@ class JobConsumer:
         await pipe.execute()
 
     async def dead_letter(self, delivery: Delivery, reason: DeadReason, error: str) -> str | None:
-        """Move an entry to the dead letters (then acknowledge it): never blocks the stream."""
+        """Move an entry to the dead letters (then acknowledge it): never blocks the stream.
+
+        Safe to retry as a whole: the letter is added once per entry, however
+        often the acknowledgement after it has to be tried again.
+        """
         entry = await self.store.dead_letter(
-            reason, error, original=delivery.fields, origin=self.stream, origin_id=delivery.entry_id
+            reason,
+            error,
+            original=delivery.fields,
+            origin=self.stream,
+            origin_id=delivery.entry_id,
+            once_for=f"{self.stream}/{delivery.entry_id}",
         )
         await self.ack(delivery.entry_id)
         return entry
+
+    async def forget_consumers(self, idle: float) -> list[str]:
+        """Remove consumers of workers that are gone: nothing pending, idle ``idle`` s.
+
+        A living worker reads every second, so it is never that idle; one
+        whose calls are still pending is kept until peers reclaim them.
+        """
+        removed = await self._forget(
+            keys=[self.stream], args=[WORKERS_GROUP, int(idle * 1000), self.consumer]
+        )
+        return [_text(name) for name in removed]
+
+    async def leave_group(self) -> bool:
+        """Remove this worker's own consumer, if it holds nothing (a clean exit)."""
+        return bool(await self._leave(keys=[self.stream], args=[WORKERS_GROUP, self.consumer]))
 
     async def job_record(self, job_id: str) -> dict[str, str]:
         """The job's record hash (state, worker, terminated, last error...); never garbage.

@@ -296,6 +296,9 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 with contextlib.suppress(RedisError, OSError):
+                    # Nothing left pending on it: its consumer need not outlive it.
+                    await self.consumer.leave_group()
+                with contextlib.suppress(RedisError, OSError):
                     await leave(
                         self._redis,
                         registry_key=self.keys.workers(s.agent),
@@ -344,6 +347,7 @@ class Worker:
 
     async def _consume_loop(self) -> None:
         last_reclaim = 0.0
+        last_forget = time.monotonic()
         outage = False
         while not self._is_draining():
             if self._gate.free <= 0:
@@ -359,6 +363,13 @@ class Worker:
                 if not deliveries:
                     block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
                     deliveries = await self.consumer.read(self._gate.free, block)
+                if now - last_forget >= self.settings.forget_consumers_after / 2:
+                    last_forget = now
+                    gone = await self.consumer.forget_consumers(
+                        self.settings.forget_consumers_after
+                    )
+                    if gone:
+                        logger.info("removed consumers of workers that are gone: %s", gone)
                 if outage:
                     outage = False
                     self._reclaim_after = time.monotonic() + self.settings.lease

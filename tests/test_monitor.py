@@ -121,15 +121,13 @@ async def test_dead_letters_list_show_replay_purge(redis_server: RedisServer, re
             DeadReason.UNKNOWN_AGENT,
             "Unknown agent 'ghost' requested via job metadata.",
             original={**message("ghost", "lobby").encode(), b"token": b"eyJhbGciOi.secret"},
-            once_for_job="AJ_ghost",
+            once_for="AJ_ghost",
         ),
     ]
     assert all(ids)
     # Exactly once per job id.
     assert (
-        await store.dead_letter(
-            DeadReason.UNKNOWN_AGENT, "again", original={}, once_for_job="AJ_ghost"
-        )
+        await store.dead_letter(DeadReason.UNKNOWN_AGENT, "again", original={}, once_for="AJ_ghost")
         is None
     )
 

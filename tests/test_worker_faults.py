@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from livekit import api
 from redis.asyncio import Redis
 
 from openrtc.caller import Caller, caller_in
@@ -373,3 +374,54 @@ async def test_a_jobs_age_is_judged_by_redis_clock_not_the_hosts(
                 assert agent.identity == f"agent-{message.job_id}"
                 assert worker.stats.dead_lettered == 0
                 await delete_room(livekit_server, room.name)
+
+
+# -- LiveKit restarts ------------------------------------------------------------------
+
+
+async def test_a_livekit_restart_leaves_one_agent_per_room(
+    redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """The restarted server forgot the room and its job; the caller's room is new.
+
+    The room comes back (new sid) when the caller reconnects, and LiveKit
+    dispatches it as a new job, whose agent joins. The old job's session
+    reconnects too: it must leave, or the caller hears two agents.
+    """
+    from tests.stack import dispatcher_settings, dispatching
+
+    ns = unique("ns")
+    server = LiveKitServer(log_path=tmp_path / "livekit.log")
+    with server, anyio.fail_after(TEST_BUDGET):
+        settings = dispatcher_settings(server, redis_server.url, ns)
+        async with (
+            dispatching(settings),
+            working(server, redis_server.url, ns, "dental") as worker,
+        ):
+            room = await new_room(server, unique("dental-lk-restart"))
+            async with caller_in(creds(server), room.name) as caller:
+                first = await caller.wait_agent(within=20)
+                await anyio.to_thread.run_sync(server.stop)
+                await anyio.to_thread.run_sync(server.start)
+                # The dispatcher registers again; the caller rejoins a new room.
+                await caller.wait_agent(within=30, other_than=first.sid)
+
+                async def agents_in_room() -> list[str]:
+                    async with api.LiveKitAPI(
+                        server.http_url, server.api_key, server.api_secret
+                    ) as lk:
+                        reply = await lk.room.list_participants(
+                            api.ListParticipantsRequest(room=room.name)
+                        )
+                    return [p.identity for p in reply.participants if p.identity != "caller"]
+
+                # The old session's reconnect comes within seconds, if at all;
+                # its agent may overlap the new one only until its room's new
+                # sid is known.
+                agents: list[str] = []
+                for _ in range(20):
+                    await anyio.sleep(0.5)
+                    agents = await agents_in_room()
+                assert len(agents) == 1, agents
+                assert worker.running_jobs == [agents[0].removeprefix("agent-")]
+                await delete_room(server, room.name)
