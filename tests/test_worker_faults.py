@@ -425,3 +425,70 @@ async def test_a_livekit_restart_leaves_one_agent_per_room(
                 assert len(agents) == 1, agents
                 assert worker.running_jobs == [agents[0].removeprefix("agent-")]
                 await delete_room(server, room.name)
+
+
+# -- smaller ways to lose or double work ---------------------------------------------
+
+
+async def test_a_retried_dead_letter_is_written_once(
+    livekit_server: LiveKitServer, redis: Redis
+) -> None:
+    from openrtc.messages import DeadReason
+    from openrtc.streams import JobConsumer
+
+    keys = Keys(unique("ns"))
+    store = StreamStore(redis, keys)
+    await store.ensure_group("dental")
+    room = await new_room(livekit_server, unique("dental-dl-once"))
+    await store.enqueue([job_message(livekit_server, room, "dental", "d")])
+    consumer = JobConsumer(store, "dental", "w1")
+    [delivery] = await consumer.read(1, 100)
+    # The worker retries the whole move when the acknowledgement after the
+    # letter fails: the letter must not be added a second time.
+    await consumer.dead_letter(delivery, DeadReason.MALFORMED, "bad")
+    await consumer.dead_letter(delivery, DeadReason.MALFORMED, "bad")
+    assert await redis.xlen(keys.dead_letter) == 1
+    await delete_room(livekit_server, room.name)
+
+
+async def test_keys_and_consumers_of_workers_that_are_gone_do_not_pile_up(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    stream = keys.jobs("dental")
+    with anyio.fail_after(TEST_BUDGET):
+        for _ in range(4):  # short-lived workers, each leaving cleanly
+            async with working(livekit_server, redis_server.url, ns, "dental"):
+                pass
+        assert await redis.xinfo_consumers(stream, WORKERS_GROUP) == []
+        # Workers that crashed: one holding nothing, one whose call is pending.
+        room = await new_room(livekit_server, unique("dental-gone"))
+        await StreamStore(redis, keys).enqueue(
+            [job_message(livekit_server, room, "dental", dispatcher) for _ in range(2)]
+        )
+        await redis.xreadgroup(WORKERS_GROUP, "crashed-busy", {stream: ">"}, count=1)
+        done = await redis.xreadgroup(WORKERS_GROUP, "crashed-idle", {stream: ">"}, count=1)
+        await redis.xack(stream, WORKERS_GROUP, done[0][1][0][0])
+        async with working(
+            livekit_server, redis_server.url, ns, "dental", forget_consumers_after=1.0, lease=60
+        ) as live:
+
+            async def consumers() -> set[str]:
+                rows = await redis.xinfo_consumers(stream, WORKERS_GROUP)
+                return {row["name"].decode() for row in rows}
+
+            async def idle_one_gone() -> bool:
+                # The one whose call is pending stays until a peer reclaims it.
+                return await consumers() <= {"crashed-busy", live.settings.worker_id}
+
+            await wait_until("the idle consumer of a gone worker removed", idle_one_gone, 10)
+            assert "crashed-busy" in await consumers()
+            # A status stream expires when its dispatcher is gone.
+            from openrtc.messages import JobStatus, StatusEvent
+
+            await StreamStore(redis, keys).publish_status(
+                dispatcher, StatusEvent("AJ_x", JobStatus.RUNNING)
+            )
+            assert 0 < await redis.ttl(keys.status(dispatcher)) <= 3600
+        await delete_room(livekit_server, room.name)
