@@ -41,6 +41,7 @@ from openrtc.membership import heartbeat
 from openrtc.messages import JobMessage, JobStatus, StatusEvent
 from openrtc.settings import DispatcherSettings, LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
+from tests.faults import slow_replies
 from tests.standin import StandIn, WorkerConn, make_job, running_standin
 
 pytestmark = pytest.mark.anyio
@@ -892,3 +893,42 @@ async def test_no_secret_reaches_redis_or_the_logs(
     assert "dental-secret" in logged  # the log was captured at all
     for secret in secrets:
         assert secret not in logged, f"{secret[:12]}... logged"
+
+
+async def test_a_job_failed_towards_livekit_is_never_served_if_its_enqueue_landed_late(
+    standin: StandIn, pool: AgentPool, redis_server: RedisServer, client: Redis
+) -> None:
+    """Redis ran the enqueue, but its answer came after the dispatcher gave up.
+
+    A proxy holds Redis's reply past ``enqueue_timeout``: the dispatcher fails
+    the job towards LiveKit though its entry landed. LiveKit and Redis must
+    then agree: the job is marked terminated, so no worker joins a call that
+    LiveKit has failed.
+    """
+    async with slow_replies(redis_server.port) as proxy:
+        settings = make_settings(standin, proxy.redis_url, enqueue_timeout=0.5, wait_timeout=0.2)
+        keys = Keys(settings.namespace)
+        own = connect_redis(proxy.redis_url)
+        async with serving(settings, pool, own) as dispatcher:
+            (worker,) = await standin.wait_registered()
+            # A first job loads the enqueue script: later ones are one EVALSHA.
+            assert (await offer(standin, make_job("dental-first"), worker)).available
+            await eventually(lambda: dispatcher.stats.enqueued == 1, "the first job enqueued")
+            job = make_job("dental-late")
+            assert (await standin.offer(job, worker, assign=False)) is not None
+            proxy.reply_delay = 2.0
+            await standin.assign(job, worker)
+            await eventually(lambda: bool(updates_for(worker, job.id)), "the job failed")
+            proxy.reply_delay = 0.0
+            (update,) = updates_for(worker, job.id)
+            assert update.status == proto.JobStatus.JS_FAILED
+            assert job.id in [m.job_id for m in await stream_jobs(client, keys, "dental")]
+
+            async def marked() -> bool:
+                return b"terminated" in await client.hgetall(keys.job("dental", job.id))
+
+            await eventually(marked, "the job marked terminated", within=10)
+            control = await client.xrange(keys.control("dental"))
+            assert [fields[b"job_id"] for _, fields in control] == [job.id.encode()]
+            assert dispatcher.stats.enqueue_failed == 1
+        await own.aclose()
