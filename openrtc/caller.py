@@ -21,6 +21,8 @@ __all__ = ["AgentSighting", "CallResult", "Caller", "caller_in", "place_call"]
 
 #: A frame counts as heard when a sample exceeds this (comfort noise does not).
 LOUD: int = 1000
+#: Seconds leaving a room may take before the caller gives up on a clean exit.
+CLOSE_TIMEOUT: float = 10.0
 
 
 @dataclass
@@ -119,9 +121,13 @@ async def caller_in(
             tracks.append(track)
             track_arrived.set()
 
+    streams: list[rtc.AudioStream] = []
+
     async def listen() -> None:
         await track_arrived.wait()
-        async for event in rtc.AudioStream(tracks[-1], sample_rate=48000, num_channels=1):
+        stream = rtc.AudioStream(tracks[-1], sample_rate=48000, num_channels=1)
+        streams.append(stream)
+        async for event in stream:
             samples = np.frombuffer(event.frame.data, dtype=np.int16)
             if samples.size and int(np.abs(samples).max()) > LOUD:
                 caller.loud_frames += 1
@@ -140,7 +146,24 @@ async def caller_in(
                 tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await lk_room.disconnect()
+            await _leave(lk_room, streams)
+
+
+async def _leave(room: rtc.Room, streams: list[rtc.AudioStream]) -> None:
+    """Leave so that nothing native is left running when the process exits.
+
+    Order matters. An audio stream left open keeps the FFI's threads calling
+    back into Python (a frame every 10 ms) until the interpreter shuts down;
+    a native thread that calls in while it finalizes is unwound through Rust
+    frames that cannot unwind, and the process aborts ("panic in a function
+    that cannot unwind") after the call itself went fine. So: close the
+    streams (waits for their native task to end), then leave the room and
+    wait for the disconnect to complete.
+    """
+    with anyio.move_on_after(CLOSE_TIMEOUT):
+        for stream in streams:
+            await stream.aclose()
+        await room.disconnect()
 
 
 @dataclass

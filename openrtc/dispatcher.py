@@ -48,6 +48,7 @@ from openrtc.messages import (
     JobStatus,
     MalformedEntry,
     StatusEvent,
+    agent_identity,
 )
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
@@ -401,7 +402,7 @@ class Dispatcher:
             self._start(self._dead_letter_unknown, job, error)
         self._offers[job.id] = _Offer(job, route, error, received, self._clock())
         answer.available = True
-        answer.participant_identity = f"agent-{job.id}"
+        answer.participant_identity = agent_identity(job.id)
         answer.participant_name = name
         if route is not None:
             answer.participant_attributes[AGENT_ATTRIBUTE] = route.agent
@@ -492,7 +493,7 @@ class Dispatcher:
             job=stored,
             agent=agent,
             accept=AcceptArguments(
-                identity=f"agent-{job.id}",
+                identity=agent_identity(job.id),
                 name=agent,
                 metadata="",
                 attributes={AGENT_ATTRIBUTE: agent},

@@ -31,6 +31,15 @@ class MalformedEntry(ValueError):
     """A stream entry that cannot be decoded; the message says why."""
 
 
+def agent_identity(job_id: str) -> str:
+    """The participant identity of a job's agent (livekit-agents' own rule).
+
+    The dispatcher answers LiveKit with it and workers refuse entries that
+    carry any other: an entry must not make an agent join as someone else.
+    """
+    return f"agent-{job_id}"
+
+
 def _text(fields: Fields, name: str, *, required: bool = True) -> str:
     raw = fields.get(name.encode())
     if raw is None:
@@ -78,6 +87,8 @@ class JobMessage:
     job: Job
     agent: str
     accept: AcceptArguments
+    #: The dispatcher's LiveKit URL, informational only: a worker connects to
+    #: its own configured server, never to a URL an entry names.
     livekit_url: str
     step: int
     source: str
@@ -144,17 +155,27 @@ class JobMessage:
         ):
             raise MalformedEntry("field 'attributes' is not an object of strings")
         identity = _text(fields, "identity")
-        if not identity:
-            raise MalformedEntry("empty participant identity")
+        if identity != agent_identity(job.id):
+            raise MalformedEntry(
+                f"participant identity {identity[:80]!r} is not the job's"
+                f" ({agent_identity(job.id)!r})"
+            )
+        room = _text(fields, "room")
+        if room != job.room.name:
+            raise MalformedEntry(f"room {room[:80]!r} is not the job's room ({job.room.name!r})")
+        agent = _text(fields, "agent")
+        name = _text(fields, "name", required=False)
+        if name != agent:
+            raise MalformedEntry(f"participant name {name[:80]!r} is not the agent's ({agent!r})")
         step_text = _text(fields, "step", required=False) or "0"
         if not step_text.isdigit():
             raise MalformedEntry(f"field 'step' is not an integer: {step_text[:10]!r}")
         return cls(
             job=job,
-            agent=_text(fields, "agent"),
+            agent=agent,
             accept=AcceptArguments(
                 identity=identity,
-                name=_text(fields, "name", required=False),
+                name=name,
                 metadata=_text(fields, "metadata", required=False),
                 attributes=attributes,
             ),

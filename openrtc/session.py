@@ -8,9 +8,11 @@ hooks work. Those constructors are not public API, which is why
 ``pyproject.toml`` pins livekit-agents to one minor series and
 ``tests/test_session_seam.py`` fails loudly when an upgrade moves them.
 
-The room token is minted here from the API secret the worker holds, for the
-identity the dispatcher answered LiveKit with: the stream never carries a
-bearer credential (docs/architecture.md, "Tokens").
+The room token is minted by the worker from the API secret it holds, for the
+identity the dispatcher answered LiveKit with, and used only against the
+worker's own configured LiveKit URL: the stream never carries a bearer
+credential and an entry never decides where one is sent (docs/architecture.md,
+"Tokens"). A ``process``-isolation child receives the token, not the secret.
 """
 
 from __future__ import annotations
@@ -34,16 +36,26 @@ from livekit.agents.job import (
 from livekit.agents.utils import http_context
 
 from openrtc.agents import AgentConfig
-from openrtc.messages import JobMessage
+from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 
-__all__ = ["SessionControl", "SessionOutcome", "mint_token", "new_job_process", "run_session"]
+__all__ = [
+    "RoomAccess",
+    "SessionControl",
+    "SessionOutcome",
+    "mint_token",
+    "new_job_process",
+    "room_access",
+    "run_session",
+]
 
 logger = logging.getLogger("openrtc.session")
 
 #: The attribute LiveKit stamps on an agent's token with its registered name.
 LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
-TOKEN_TTL: Final = datetime.timedelta(hours=6)
+#: LiveKit's own agent token lifetime (``BuildAgentToken``). Long calls need no
+#: more: the server sends connected participants a refreshed token every 5 min.
+TOKEN_TTL: Final = datetime.timedelta(hours=1)
 CLOSE_TIMEOUT: Final = 10.0
 
 
@@ -92,8 +104,29 @@ def new_job_process(isolation: Literal["coroutine", "process"]) -> JobProcess:
     return JobProcess(executor_type=executor, user_arguments=None, http_proxy=None)
 
 
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    """Where a session connects and the room token it connects with."""
+
+    url: str
+    token: str = field(repr=False)
+
+
 def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
-    """A room token equivalent to the one LiveKit minted for the dispatcher's answer."""
+    """A room token equivalent to the one LiveKit minted for the dispatcher's answer.
+
+    Kind AGENT, valid :data:`TOKEN_TTL`, for the job's room and the job's agent
+    identity only: raises ``ValueError`` for a message that names another
+    identity or agent (decoding already refuses those entries; this is the
+    last line before a credential is signed).
+    """
+    expected = agent_identity(message.job_id)
+    if message.accept.identity != expected:
+        raise ValueError(
+            f"participant identity {message.accept.identity[:80]!r} is not the job's ({expected!r})"
+        )
+    if message.accept.name != message.agent:
+        raise ValueError(f"participant name {message.accept.name[:80]!r} is not the agent's")
     attributes = dict(message.accept.attributes)
     attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
     return (
@@ -119,16 +152,27 @@ def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
     )
 
 
+def room_access(credentials: LiveKitSettings, message: JobMessage) -> RoomAccess:
+    """The worker's own LiveKit URL and a token for the job (``message.livekit_url`` is unused)."""
+    return RoomAccess(credentials.ws_url, mint_token(credentials, message))
+
+
 async def run_session(
     message: JobMessage,
     config: AgentConfig,
-    credentials: LiveKitSettings,
+    access: LiveKitSettings | RoomAccess,
     proc: JobProcess,
     control: SessionControl,
     *,
     worker_id: str,
 ) -> SessionOutcome:
-    """Join the job's room as its agent and run the agent until the call ends."""
+    """Join the job's room as its agent and run the agent until the call ends.
+
+    ``access``: the worker's credentials (the token is minted here), or a
+    :class:`RoomAccess` minted by the parent of a session process.
+    """
+    if isinstance(access, LiveKitSettings):
+        access = room_access(access, message)
     info = RunningJobInfo(
         accept_arguments=JobAcceptArguments(
             name=message.accept.name,
@@ -137,8 +181,8 @@ async def run_session(
             attributes=dict(message.accept.attributes),
         ),
         job=message.job,
-        url=message.livekit_url or credentials.ws_url,
-        token=mint_token(credentials, message),
+        url=access.url,
+        token=access.token,
         worker_id=worker_id,
         fake_job=False,
     )
