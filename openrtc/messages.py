@@ -163,19 +163,15 @@ class JobMessage:
         room = _text(fields, "room")
         if room != job.room.name:
             raise MalformedEntry(f"room {room[:80]!r} is not the job's room ({job.room.name!r})")
-        agent = _text(fields, "agent")
-        name = _text(fields, "name", required=False)
-        if name != agent:
-            raise MalformedEntry(f"participant name {name[:80]!r} is not the agent's ({agent!r})")
         step_text = _text(fields, "step", required=False) or "0"
         if not step_text.isdigit():
             raise MalformedEntry(f"field 'step' is not an integer: {step_text[:10]!r}")
         return cls(
             job=job,
-            agent=agent,
+            agent=_text(fields, "agent"),
             accept=AcceptArguments(
                 identity=identity,
-                name=name,
+                name=_text(fields, "name", required=False),
                 metadata=_text(fields, "metadata", required=False),
                 attributes=attributes,
             ),

@@ -117,22 +117,21 @@ def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
 
     Kind AGENT, valid :data:`TOKEN_TTL`, for the job's room and the job's agent
     identity only: raises ``ValueError`` for a message that names another
-    identity or agent (decoding already refuses those entries; this is the
-    last line before a credential is signed).
+    identity (decoding already refuses those entries; this is the last line
+    before a credential is signed). The participant name is the routed agent's
+    name, whatever the entry says (``dlq replay --agent`` changes the agent).
     """
     expected = agent_identity(message.job_id)
     if message.accept.identity != expected:
         raise ValueError(
             f"participant identity {message.accept.identity[:80]!r} is not the job's ({expected!r})"
         )
-    if message.accept.name != message.agent:
-        raise ValueError(f"participant name {message.accept.name[:80]!r} is not the agent's")
     attributes = dict(message.accept.attributes)
     attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
     return (
         api.AccessToken(credentials.api_key, credentials.api_secret)
         .with_identity(message.accept.identity)
-        .with_name(message.accept.name)
+        .with_name(message.agent)
         .with_metadata(message.accept.metadata)
         .with_attributes(attributes)
         .with_kind("agent")
@@ -175,7 +174,7 @@ async def run_session(
         access = room_access(access, message)
     info = RunningJobInfo(
         accept_arguments=JobAcceptArguments(
-            name=message.accept.name,
+            name=message.agent,
             identity=message.accept.identity,
             metadata=message.accept.metadata,
             attributes=dict(message.accept.attributes),
