@@ -17,12 +17,21 @@ from livekit import api, rtc
 
 from openrtc.settings import LiveKitSettings
 
-__all__ = ["AgentSighting", "CallResult", "Caller", "caller_in", "place_call"]
+__all__ = [
+    "AgentSighting",
+    "CallResult",
+    "Caller",
+    "caller_in",
+    "close_native_runtime",
+    "place_call",
+]
 
 #: A frame counts as heard when a sample exceeds this (comfort noise does not).
 LOUD: int = 1000
 #: Seconds leaving a room may take before the caller gives up on a clean exit.
 CLOSE_TIMEOUT: float = 10.0
+#: Seconds for native callbacks already under way to finish once the runtime is disposed.
+CALLBACK_GRACE: float = 0.2
 
 
 @dataclass
@@ -164,6 +173,30 @@ async def _leave(room: rtc.Room, streams: list[rtc.AudioStream]) -> None:
         for stream in streams:
             await stream.aclose()
         await room.disconnect()
+
+
+def close_native_runtime() -> None:
+    """Stop LiveKit's native runtime calling into Python; for a process about to exit.
+
+    livekit-rtc disposes its runtime from an ``atexit`` hook, but its threads
+    still call into Python for a few milliseconds after a room is left (room
+    teardown events, log batches). One that arrives while the interpreter
+    finalizes is ended by CPython with ``pthread_exit``, whose forced unwind
+    through Rust frames aborts the process ("panic in a function that cannot
+    unwind", SIGABRT) after the work succeeded. Disposing here, while the
+    interpreter is whole, stops new callbacks; letting go of the GIL for a
+    moment lets those already under way finish. No ``livekit.rtc`` object may
+    be used afterwards.
+    """
+    from livekit.rtc import _ffi_client
+
+    client = _ffi_client.FfiClient._instance
+    # A private hook of the pinned livekit-rtc: without it, fall back to atexit.
+    dispose = getattr(client, "_dispose", None)
+    if dispose is None:
+        return
+    dispose()
+    time.sleep(CALLBACK_GRACE)
 
 
 @dataclass

@@ -150,7 +150,10 @@ class ProcessRunner:
     async def run(
         self, message: JobMessage, control: SessionControl, *, worker_id: str
     ) -> SessionOutcome:
-        access = room_access(self._settings.livekit, message)
+        try:
+            access = room_access(self._settings.livekit, message)
+        except ValueError as exc:
+            return SessionOutcome("failed", "no room token for this job", str(exc))
         try:
             child = await self._acquire()
         except Exception as exc:

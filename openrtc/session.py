@@ -171,7 +171,10 @@ async def run_session(
     :class:`RoomAccess` minted by the parent of a session process.
     """
     if isinstance(access, LiveKitSettings):
-        access = room_access(access, message)
+        try:
+            access = room_access(access, message)
+        except ValueError as exc:
+            return SessionOutcome("failed", "no room token for this job", str(exc))
     info = RunningJobInfo(
         accept_arguments=JobAcceptArguments(
             name=message.agent,
