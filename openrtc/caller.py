@@ -17,10 +17,21 @@ from livekit import api, rtc
 
 from openrtc.settings import LiveKitSettings
 
-__all__ = ["AgentSighting", "CallResult", "Caller", "caller_in", "place_call"]
+__all__ = [
+    "AgentSighting",
+    "CallResult",
+    "Caller",
+    "caller_in",
+    "close_native_runtime",
+    "place_call",
+]
 
 #: A frame counts as heard when a sample exceeds this (comfort noise does not).
 LOUD: int = 1000
+#: Seconds leaving a room may take before the caller gives up on a clean exit.
+CLOSE_TIMEOUT: float = 10.0
+#: Seconds for native callbacks already under way to finish once the runtime is disposed.
+CALLBACK_GRACE: float = 0.2
 
 
 @dataclass
@@ -119,9 +130,13 @@ async def caller_in(
             tracks.append(track)
             track_arrived.set()
 
+    streams: list[rtc.AudioStream] = []
+
     async def listen() -> None:
         await track_arrived.wait()
-        async for event in rtc.AudioStream(tracks[-1], sample_rate=48000, num_channels=1):
+        stream = rtc.AudioStream(tracks[-1], sample_rate=48000, num_channels=1)
+        streams.append(stream)
+        async for event in stream:
             samples = np.frombuffer(event.frame.data, dtype=np.int16)
             if samples.size and int(np.abs(samples).max()) > LOUD:
                 caller.loud_frames += 1
@@ -140,7 +155,48 @@ async def caller_in(
                 tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await lk_room.disconnect()
+            await _leave(lk_room, streams)
+
+
+async def _leave(room: rtc.Room, streams: list[rtc.AudioStream]) -> None:
+    """Leave so that nothing native is left running when the process exits.
+
+    Order matters. An audio stream left open keeps the FFI's threads calling
+    back into Python (a frame every 10 ms) until the interpreter shuts down;
+    a native thread that calls in while it finalizes is unwound through Rust
+    frames that cannot unwind, and the process aborts ("panic in a function
+    that cannot unwind") after the call itself went fine. So: close the
+    streams (waits for their native task to end), then leave the room and
+    wait for the disconnect to complete.
+    """
+    with anyio.move_on_after(CLOSE_TIMEOUT):
+        for stream in streams:
+            await stream.aclose()
+        await room.disconnect()
+
+
+def close_native_runtime() -> None:
+    """Stop LiveKit's native runtime calling into Python; for a process about to exit.
+
+    livekit-rtc disposes its runtime from an ``atexit`` hook, but its threads
+    still call into Python for a few milliseconds after a room is left (room
+    teardown events, log batches). One that arrives while the interpreter
+    finalizes is ended by CPython with ``pthread_exit``, whose forced unwind
+    through Rust frames aborts the process ("panic in a function that cannot
+    unwind", SIGABRT) after the work succeeded. Disposing here, while the
+    interpreter is whole, stops new callbacks; letting go of the GIL for a
+    moment lets those already under way finish. No ``livekit.rtc`` object may
+    be used afterwards.
+    """
+    from livekit.rtc import _ffi_client
+
+    client = _ffi_client.FfiClient._instance
+    # A private hook of the pinned livekit-rtc: without it, fall back to atexit.
+    dispose = getattr(client, "_dispose", None)
+    if dispose is None:
+        return
+    dispose()
+    time.sleep(CALLBACK_GRACE)
 
 
 @dataclass

@@ -628,7 +628,7 @@ def call(
 
     import anyio
 
-    from openrtc.caller import place_call
+    from openrtc.caller import close_native_runtime, place_call
     from openrtc.settings import LiveKitSettings
 
     try:
@@ -643,6 +643,10 @@ def call(
         )
     except Exception as exc:
         _fail(f"call failed: {type(exc).__name__}: {exc}")
+    finally:
+        # Before any exit path: an abort at interpreter shutdown would turn
+        # this call's result into a crash.
+        close_native_runtime()
     if json_output:
         _print_json({**dataclasses.asdict(result), "ok": result.ok})
     elif result.agent is None:

@@ -8,8 +8,10 @@ secret is never printed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,17 +46,30 @@ class DevStack:
 
 
 def write_env_file(path: Path, stack: DevStack) -> None:
-    """Write the stack's settings as ``KEY=value`` lines, mode 0600."""
+    """Write the stack's settings as ``KEY=value`` lines, mode 0600, atomically.
+
+    A new file (``mkstemp`` creates it 0600) replaces whatever was there, so an
+    older file's looser mode, or a symlink to somewhere else, never receives
+    the secret, and a reader never sees half a file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(
-            f"LIVEKIT_URL={stack.livekit.url}\n"
-            f"LIVEKIT_API_KEY={stack.livekit.api_key}\n"
-            f"LIVEKIT_API_SECRET={stack.livekit.api_secret}\n"
-            f"REDIS_URL={stack.redis.url}\n"
-            f"OPENRTC_NAMESPACE={stack.namespace}\n"
-        )
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(
+                f"LIVEKIT_URL={stack.livekit.url}\n"
+                f"LIVEKIT_API_KEY={stack.livekit.api_key}\n"
+                f"LIVEKIT_API_SECRET={stack.livekit.api_secret}\n"
+                f"REDIS_URL={stack.redis.url}\n"
+                f"OPENRTC_NAMESPACE={stack.namespace}\n"
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 @asynccontextmanager

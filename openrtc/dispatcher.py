@@ -50,6 +50,7 @@ from openrtc.messages import (
     MalformedEntry,
     StatusEvent,
     accept_arguments,
+    agent_identity,
 )
 from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
@@ -410,7 +411,7 @@ class Dispatcher:
             self._start(self._dead_letter_unknown, offer)
         self._offers[job.id] = offer
         answer.available = True
-        answer.participant_identity = f"agent-{job.id}"
+        answer.participant_identity = agent_identity(job.id)
         answer.participant_name = name
         if route is not None:
             answer.participant_attributes[AGENT_ATTRIBUTE] = route.agent

@@ -71,6 +71,15 @@ def _shown(text: str, limit: int = 40) -> str:
     return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
+def agent_identity(job_id: str) -> str:
+    """The participant identity of a job's agent (livekit-agents' own rule).
+
+    The dispatcher answers LiveKit with it and workers refuse entries that
+    carry any other: an entry must not make an agent join as someone else.
+    """
+    return f"agent-{job_id}"
+
+
 def _text(fields: Fields, name: str, *, required: bool = True) -> str:
     raw = fields.get(name.encode())
     if raw is None:
@@ -143,7 +152,7 @@ def accept_arguments(job_id: str, agent: str) -> AcceptArguments:
     agent attribute.
     """
     return AcceptArguments(
-        identity=f"agent-{job_id}",
+        identity=agent_identity(job_id),
         name=agent,
         metadata="",
         attributes={AGENT_ATTRIBUTE: agent} if agent else {},
@@ -157,6 +166,8 @@ class JobMessage:
     job: Job
     agent: str
     accept: AcceptArguments
+    #: The dispatcher's LiveKit URL, informational only: a worker connects to
+    #: its own configured server, never to a URL an entry names.
     livekit_url: str
     step: int
     source: str
@@ -235,8 +246,14 @@ class JobMessage:
         ):
             raise MalformedEntry("field 'attributes' is not an object of strings")
         identity = _text(fields, "identity")
-        if not identity:
-            raise MalformedEntry("empty participant identity")
+        if identity != agent_identity(job.id):
+            raise MalformedEntry(
+                f"participant identity {identity[:80]!r} is not the job's"
+                f" ({agent_identity(job.id)!r})"
+            )
+        room = _text(fields, "room")
+        if room != job.room.name:
+            raise MalformedEntry(f"room {room[:80]!r} is not the job's room ({job.room.name!r})")
         step_text = _text(fields, "step", required=False) or "0"
         # Not str.isdigit(): "²" passes it and int() raises, a ValueError that
         # killed every worker which read the entry.

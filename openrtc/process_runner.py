@@ -7,6 +7,11 @@ the child's stdout carries ``ready``, ``joined`` and the ``outcome``; its stdin
 carries the job and, later, a ``stop``. A child whose stdin closes (its
 worker died) leaves the room at once, so a killed worker never leaves a
 second agent behind when a peer takes the call over.
+
+A child needs a room, not the API: the parent mints the job's room token and
+sends it with its own LiveKit URL; the API key and secret never reach a
+child's environment or stdin. Anything else a child prints on stdout (agent
+code may ``print``) is skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from anyio.streams.text import TextReceiveStream
 
 from openrtc.agents import AgentConfig
 from openrtc.messages import JobMessage
-from openrtc.session import SessionControl, SessionOutcome
+from openrtc.session import SessionControl, SessionOutcome, room_access
 from openrtc.settings import WorkerSettings
 
 __all__ = ["ProcessRunner"]
@@ -33,6 +38,8 @@ logger = logging.getLogger("openrtc.worker.process")
 
 READY_TIMEOUT: Final = 60.0
 EXIT_GRACE: Final = 15.0
+#: What a child must not inherit from the worker's environment.
+PARENT_ONLY_ENV: Final = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 
 
 class _Lines:
@@ -41,20 +48,29 @@ class _Lines:
     def __init__(self, stream: ByteReceiveStream) -> None:
         self._text = TextReceiveStream(stream)
         self._buffer = ""
+        self._stray = 0
 
     async def next(self) -> dict[str, Any] | None:
-        while "\n" not in self._buffer:
+        """The next JSON object line; ``None`` at end of output. Other lines are skipped."""
+        # A loop, not recursion: a child may print any number of stray lines.
+        while True:
+            while "\n" not in self._buffer:
+                try:
+                    self._buffer += await self._text.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    return None
+            line, self._buffer = self._buffer.split("\n", 1)
             try:
-                self._buffer += await self._text.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                return None
-        line, self._buffer = self._buffer.split("\n", 1)
-        try:
-            value = json.loads(line)
-        except ValueError:
-            logger.warning("ignoring a stray line from a session process: %.120s", line)
-            return await self.next()
-        return value if isinstance(value, dict) else await self.next()
+                value = json.loads(line)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                return value
+            self._stray += 1
+            # Once per child at warning level: agent code printing to stdout
+            # is worth knowing about, not worth a log line per print.
+            log = logger.warning if self._stray == 1 else logger.debug
+            log("ignoring stray stdout from a session process (not JSON): %.120s", line)
 
 
 class _Child:
@@ -96,11 +112,8 @@ class ProcessRunner:
         ]
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # Credentials by environment, never argv (`ps` shows argv).
+        env = {k: v for k, v in os.environ.items() if k not in PARENT_ONLY_ENV}
         env["LIVEKIT_URL"] = self._settings.livekit.url
-        env["LIVEKIT_API_KEY"] = self._settings.livekit.api_key
-        env["LIVEKIT_API_SECRET"] = self._settings.livekit.api_secret
         return env
 
     async def _spawn(self) -> _Child:
@@ -138,6 +151,10 @@ class ProcessRunner:
         self, message: JobMessage, control: SessionControl, *, worker_id: str
     ) -> SessionOutcome:
         try:
+            access = room_access(self._settings.livekit, message)
+        except ValueError as exc:
+            return SessionOutcome("failed", "no room token for this job", str(exc))
+        try:
             child = await self._acquire()
         except Exception as exc:
             return SessionOutcome("failed", "no session process", str(exc))
@@ -147,6 +164,8 @@ class ProcessRunner:
                 await child.send(
                     {
                         "worker_id": worker_id,
+                        "url": access.url,
+                        "token": access.token,
                         "fields": {
                             k.decode(): base64.b64encode(v).decode()
                             for k, v in message.encode().items()

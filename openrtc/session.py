@@ -8,9 +8,11 @@ hooks work. Those constructors are not public API, which is why
 ``pyproject.toml`` pins livekit-agents to one minor series and
 ``tests/test_session_seam.py`` fails loudly when an upgrade moves them.
 
-The room token is minted here from the API secret the worker holds, for the
-identity the dispatcher answered LiveKit with: the stream never carries a
-bearer credential (docs/architecture.md, "Tokens").
+The room token is minted by the worker from the API secret it holds, for the
+identity the dispatcher answered LiveKit with, and used only against the
+worker's own configured LiveKit URL: the stream never carries a bearer
+credential and an entry never decides where one is sent (docs/architecture.md,
+"Tokens"). A ``process``-isolation child receives the token, not the secret.
 """
 
 from __future__ import annotations
@@ -34,16 +36,26 @@ from livekit.agents.job import (
 from livekit.agents.utils import http_context
 
 from openrtc.agents import AgentConfig
-from openrtc.messages import JobMessage
+from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 
-__all__ = ["SessionControl", "SessionOutcome", "mint_token", "new_job_process", "run_session"]
+__all__ = [
+    "RoomAccess",
+    "SessionControl",
+    "SessionOutcome",
+    "mint_token",
+    "new_job_process",
+    "room_access",
+    "run_session",
+]
 
 logger = logging.getLogger("openrtc.session")
 
 #: The attribute LiveKit stamps on an agent's token with its registered name.
 LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
-TOKEN_TTL: Final = datetime.timedelta(hours=6)
+#: LiveKit's own agent token lifetime (``BuildAgentToken``). Long calls need no
+#: more: the server sends connected participants a refreshed token every 5 min.
+TOKEN_TTL: Final = datetime.timedelta(hours=1)
 CLOSE_TIMEOUT: Final = 10.0
 #: After a reconnect, how long the room's new sid may take to arrive.
 ROOM_SID_WAIT: Final = 5.0
@@ -94,14 +106,34 @@ def new_job_process(isolation: Literal["coroutine", "process"]) -> JobProcess:
     return JobProcess(executor_type=executor, user_arguments=None, http_proxy=None)
 
 
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    """Where a session connects and the room token it connects with."""
+
+    url: str
+    token: str = field(repr=False)
+
+
 def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
-    """A room token equivalent to the one LiveKit minted for the dispatcher's answer."""
+    """A room token equivalent to the one LiveKit minted for the dispatcher's answer.
+
+    Kind AGENT, valid :data:`TOKEN_TTL`, for the job's room and the job's agent
+    identity only: raises ``ValueError`` for a message that names another
+    identity (decoding already refuses those entries; this is the last line
+    before a credential is signed). The participant name is the routed agent's
+    name, whatever the entry says (``dlq replay --agent`` changes the agent).
+    """
+    expected = agent_identity(message.job_id)
+    if message.accept.identity != expected:
+        raise ValueError(
+            f"participant identity {message.accept.identity[:80]!r} is not the job's ({expected!r})"
+        )
     attributes = dict(message.accept.attributes)
     attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
     return (
         api.AccessToken(credentials.api_key, credentials.api_secret)
         .with_identity(message.accept.identity)
-        .with_name(message.accept.name)
+        .with_name(message.agent)
         .with_metadata(message.accept.metadata)
         .with_attributes(attributes)
         .with_kind("agent")
@@ -121,26 +153,40 @@ def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
     )
 
 
+def room_access(credentials: LiveKitSettings, message: JobMessage) -> RoomAccess:
+    """The worker's own LiveKit URL and a token for the job (``message.livekit_url`` is unused)."""
+    return RoomAccess(credentials.ws_url, mint_token(credentials, message))
+
+
 async def run_session(
     message: JobMessage,
     config: AgentConfig,
-    credentials: LiveKitSettings,
+    access: LiveKitSettings | RoomAccess,
     proc: JobProcess,
     control: SessionControl,
     *,
     worker_id: str,
 ) -> SessionOutcome:
-    """Join the job's room as its agent and run the agent until the call ends."""
+    """Join the job's room as its agent and run the agent until the call ends.
+
+    ``access``: the worker's credentials (the token is minted here), or a
+    :class:`RoomAccess` minted by the parent of a session process.
+    """
+    if isinstance(access, LiveKitSettings):
+        try:
+            access = room_access(access, message)
+        except ValueError as exc:
+            return SessionOutcome("failed", "no room token for this job", str(exc))
     info = RunningJobInfo(
         accept_arguments=JobAcceptArguments(
-            name=message.accept.name,
+            name=message.agent,
             identity=message.accept.identity,
             metadata=message.accept.metadata,
             attributes=dict(message.accept.attributes),
         ),
         job=message.job,
-        url=message.livekit_url or credentials.ws_url,
-        token=mint_token(credentials, message),
+        url=access.url,
+        token=access.token,
         worker_id=worker_id,
         fake_job=False,
     )

@@ -1,7 +1,8 @@
 """Child process of ``process`` isolation: one session, then exit.
 
 ``python -m openrtc.session_child AGENTS_DIR AGENT``; see
-:mod:`openrtc.process_runner` for the line protocol.
+:mod:`openrtc.process_runner` for the line protocol. The job line carries the
+room URL and token the worker minted: a child never holds the API secret.
 """
 
 from __future__ import annotations
@@ -25,16 +26,10 @@ def _emit(value: dict[str, Any]) -> None:
 async def _serve(agents_dir: str, agent: str) -> int:
     from openrtc.agents import AgentPool
     from openrtc.messages import JobMessage
-    from openrtc.session import SessionControl, new_job_process, run_session
-    from openrtc.settings import LiveKitSettings
+    from openrtc.session import RoomAccess, SessionControl, new_job_process, run_session
 
     try:
         config = AgentPool.from_directory(agents_dir).get(agent)
-        credentials = LiveKitSettings(
-            os.environ.get("LIVEKIT_URL", ""),
-            os.environ.get("LIVEKIT_API_KEY", ""),
-            os.environ.get("LIVEKIT_API_SECRET", ""),
-        )
         proc = new_job_process("process")
         if config.prewarm is not None:
             config.prewarm(proc)
@@ -61,6 +56,7 @@ async def _serve(agents_dir: str, agent: str) -> int:
         return 0  # the worker went away before giving us a job
     job = json.loads(first)
     message = JobMessage.decode({k.encode(): base64.b64decode(v) for k, v in job["fields"].items()})
+    access = RoomAccess(job["url"], job["token"])
     control = SessionControl()
 
     async with anyio.create_task_group() as tg:
@@ -82,7 +78,7 @@ async def _serve(agents_dir: str, agent: str) -> int:
         tg.start_soon(watch_stdin)
         tg.start_soon(report_joined)
         outcome = await run_session(
-            message, config, credentials, proc, control, worker_id=job["worker_id"]
+            message, config, access, proc, control, worker_id=job["worker_id"]
         )
         _emit(
             {
