@@ -51,9 +51,12 @@ call from others), and why a dispatcher refused a job. Outcomes:
   the caller stayed and never came back (*dropped*, with the fault it
   followed).
 
-``--check`` fails unless: 0 unaccounted calls, 0 rooms with two agent
-participants at once, 0 accepted jobs lost across the AOF Redis restart,
-0 running calls ended by the Redis restart without persistence.
+``--check`` fails unless: 0 unaccounted calls, 0 rooms with two agents of
+one job at once, 0 rooms where agents of two jobs overlap for over a second
+(after a LiveKit restart the room and its job are new, and the old job's
+agent leaves once the new one is there; the longest overlap is printed),
+0 accepted jobs lost across the AOF Redis restart, 0 running calls ended by
+the Redis restart without persistence.
 """
 
 from __future__ import annotations
@@ -874,10 +877,45 @@ def grep_logs(process_logs: dict[str, Path], needles: Sequence[str], limit: int 
 class Ledger:
     outcomes: Counter[str]
     unaccounted: list[CallRecord]
+    #: Rooms where two participants of one job were present at once (a double serve).
     double_rooms: list[CallRecord]
+    #: Rooms where agents of two jobs overlapped longer than MAX_OVERLAP (after a
+    #: LiveKit restart the room is new and so is its job; the old job's agent
+    #: must leave once the new one is there).
+    overlap_rooms: list[CallRecord]
+    #: The longest overlap of two agents in any room, seconds.
+    max_overlap: float
     nonaof_ended: list[CallRecord]
     recovery: list[float]
     answer: list[float]
+
+
+#: Longest a caller may hear two agents (of different jobs) at once.
+MAX_OVERLAP = 1.0
+
+
+def overlaps(rec: CallRecord) -> tuple[bool, float]:
+    """From the caller's view: were two sessions of one job present at once, and
+    the longest stretch (s) with two or more agent participants present."""
+    present: dict[str, str] = {}
+    same_job = False
+    longest = 0.0
+    since: float | None = None
+    for event in sorted(rec.events, key=lambda e: e.at):
+        if event.kind == "join":
+            present[event.sid] = event.identity
+        else:
+            present.pop(event.sid, None)
+        identities = list(present.values())
+        same_job = same_job or len(identities) != len(set(identities))
+        if len(present) > 1 and since is None:
+            since = event.at
+        elif len(present) <= 1 and since is not None:
+            longest = max(longest, event.at - since)
+            since = None
+    if since is not None:
+        longest = max(longest, (rec.hung_up_at or since) - since)
+    return same_job, longest
 
 
 def blame(h: Harness, rec: CallRecord, t: float, joins: list[Join]) -> tuple[str, Fault | None]:
@@ -1068,8 +1106,13 @@ def build_ledger(h: Harness) -> Ledger:
         if rec.outcome.startswith("UNACCOUNTED"):
             unaccounted.append(rec)
         outcomes[rec.outcome] += 1
-    double = [r for r in h.calls if r.max_agents_sampled > 1 or r.max_agents_caller > 1]
-    return Ledger(outcomes, unaccounted, double, nonaof_ended, recovery, answer)
+    measured = {id(r): overlaps(r) for r in h.calls}
+    double = [r for r in h.calls if measured[id(r)][0]]
+    long_overlap = [r for r in h.calls if measured[id(r)][1] > MAX_OVERLAP]
+    max_overlap = max((m[1] for m in measured.values()), default=0.0)
+    return Ledger(
+        outcomes, unaccounted, double, long_overlap, max_overlap, nonaof_ended, recovery, answer
+    )
 
 
 def report(h: Harness, ledger: Ledger, wall: float) -> bool:
@@ -1114,14 +1157,23 @@ def report(h: Harness, ledger: Ledger, wall: float) -> bool:
     print()
     checks = [
         ("calls unaccounted for", len(ledger.unaccounted)),
-        ("rooms with two agent participants at once", len(ledger.double_rooms)),
+        ("rooms with two agents of one job at once", len(ledger.double_rooms)),
+        (
+            f"rooms with agents of two jobs at once for over {MAX_OVERLAP:.0f}s "
+            f"(longest {ledger.max_overlap:.2f}s)",
+            len(ledger.overlap_rooms),
+        ),
         (f"accepted jobs lost across the AOF Redis restart (of {h.aof_checked})", len(h.aof_lost)),
         ("running calls ended by the Redis restart without persistence", len(ledger.nonaof_ended)),
     ]
     print("guarantees")
     for label, n in checks:
         print(f"  {label:<70}{n:>5}  {'ok' if n == 0 else 'BROKEN'}")
-    for title, recs in (("unaccounted", ledger.unaccounted), ("two agents", ledger.double_rooms)):
+    for title, recs in (
+        ("unaccounted", ledger.unaccounted),
+        ("two agents of one job", ledger.double_rooms),
+        ("agents of two jobs overlapping", ledger.overlap_rooms),
+    ):
         if not recs:
             continue
         print(f"\n{title}: (room, outcome, detail, evidence)")

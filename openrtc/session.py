@@ -36,7 +36,7 @@ from livekit.agents.job import (
 from livekit.agents.utils import http_context
 
 from openrtc.agents import AgentConfig
-from openrtc.messages import JobMessage, agent_identity
+from openrtc.messages import AGENT_ATTRIBUTE, JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 
 __all__ = [
@@ -57,8 +57,9 @@ LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
 #: more: the server sends connected participants a refreshed token every 5 min.
 TOKEN_TTL: Final = datetime.timedelta(hours=1)
 CLOSE_TIMEOUT: Final = 10.0
-#: After a reconnect, how long the room's new sid may take to arrive.
-ROOM_SID_WAIT: Final = 5.0
+#: After a reconnect or an agent joining, how long to look for the room's new sid.
+ROOM_SID_WAIT: Final = 10.0
+ROOM_SID_POLL: Final = 0.1
 
 
 @dataclass
@@ -199,11 +200,38 @@ async def run_session(
             end.update(reason=reason, **extra)
             ended.set()
 
-    reconnected = [anyio.Event()]  # the current one; replaced after each is seen
+    # Set on what may show this session's room was replaced: a reconnect, an
+    # agent joining. The current event; replaced after each is seen.
+    changed = [anyio.Event()]
 
     @room.on("reconnected")
     def _on_reconnected() -> None:
-        reconnected[-1].set()
+        changed[-1].set()
+
+    @room.on("participant_connected")
+    def _on_participant(participant: rtc.RemoteParticipant) -> None:
+        if participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            changed[-1].set()
+
+    def replaced_by() -> str:
+        """The identity of the agent that serves this room now, if it was replaced.
+
+        A LiveKit server that restarted has forgotten the room and this job:
+        the room the caller rejoined is a new one (new sid), which LiveKit
+        dispatched as a new job. Once that job's agent (ours, another job) is
+        in the room, this session is the one LiveKit no longer knows.
+        """
+        sid = room._info.sid  # kept current by the server's updates; no public event
+        if not (sid and message.job.room.sid and sid != message.job.room.sid):
+            return ""
+        for other in room.remote_participants.values():
+            if (
+                other.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+                and other.identity != message.accept.identity
+                and other.attributes.get(AGENT_ATTRIBUTE) == message.agent
+            ):
+                return other.identity
+        return ""
 
     @room.on("disconnected")
     def _on_disconnected(reason: Any = None) -> None:
@@ -258,20 +286,18 @@ async def run_session(
                 finish(control.stop_reason)
 
             async def leave_a_replaced_room() -> None:
-                # A LiveKit server that restarted has forgotten the room and
-                # this job: the room the caller rejoins is a new one (new sid)
-                # whose own new job brings its agent. Two agents would talk
-                # over each other, so the job of the room that is gone ends.
+                # Two agents would talk over each other. Until the new job's
+                # agent is there, this one keeps the caller company: LiveKit
+                # may not have dispatched the new room at all.
                 while True:
-                    await reconnected[-1].wait()
-                    reconnected.append(anyio.Event())
-                    with anyio.move_on_after(ROOM_SID_WAIT):
-                        while True:
-                            sid = room._info.sid  # updated by the server, no event
-                            if sid and message.job.room.sid and sid != message.job.room.sid:
-                                finish(f"room replaced by the server (now {sid})")
-                                return
-                            await anyio.sleep(0.1)
+                    await changed[-1].wait()
+                    changed.append(anyio.Event())
+                    # The room's new sid comes with no event: look a while.
+                    for _ in range(int(ROOM_SID_WAIT / ROOM_SID_POLL)):
+                        if successor := replaced_by():
+                            finish(f"room replaced by the server; {successor} serves it now")
+                            return
+                        await anyio.sleep(ROOM_SID_POLL)
 
             tg.start_soon(stop_when_told)
             tg.start_soon(leave_a_replaced_room)

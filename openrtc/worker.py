@@ -41,6 +41,7 @@ from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import heartbeat, leave
 from openrtc.messages import (
+    AGENT_ATTRIBUTE,
     ControlEvent,
     DeadReason,
     JobMessage,
@@ -466,7 +467,7 @@ class Worker:
         # Concurrently with the rest of the batch, each bounded: a slow LiveKit
         # API delays calls, it does not let their leases lapse.
         async with self._room_checks:
-            live = await self._room_is_live(message)
+            room = await self._check_room(message)
         if claim.lost:
             logger.warning(
                 "job %s: another worker took the entry while its room was checked; not joining",
@@ -476,8 +477,18 @@ class Worker:
         if self._draining:
             await self._release(claim, message)
             return False
-        if not live:
-            logger.info("job %s: room %s is gone; nothing to join", message.job_id, message.room)
+        if room != "live":
+            if room == "gone":
+                logger.info(
+                    "job %s: room %s is gone; nothing to join", message.job_id, message.room
+                )
+            else:
+                logger.warning(
+                    "job %s: room %s already has its agent (%s); not joining a second",
+                    message.job_id,
+                    message.room,
+                    room,
+                )
             await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
             return False
@@ -557,12 +568,16 @@ class Worker:
             )
         return True
 
-    async def _room_is_live(self, message: JobMessage) -> bool:
-        """Does the job's room still exist (the same room, not a namesake)?
+    async def _check_room(self, message: JobMessage) -> str:
+        """``live``, ``gone``, or the identity of the agent of ours already serving it.
 
-        Joining a deleted room would create it again with only the agent in
-        it, waiting for a caller who has hung up. On an API error we assume
-        the room is there: a worker that cannot check must not drop calls.
+        ``gone``: the job's room (the same room, not a namesake) no longer
+        exists; joining would create it again with only the agent in it,
+        waiting for a caller who has hung up. An agent of ours with another
+        identity already in the room is the previous job's, back after a
+        LiveKit restart made the room (and this job) anew: a second agent
+        would talk over it. On an API error the room is assumed live: a worker
+        that cannot check must not drop calls.
         """
         if self._lkapi is None:
             creds = self.settings.livekit
@@ -574,10 +589,29 @@ class Worker:
                 rooms = await self._lkapi.room.list_rooms(
                     api.ListRoomsRequest(names=[message.room])
                 )
+                same = [
+                    r
+                    for r in rooms.rooms
+                    if r.sid == message.job.room.sid or not message.job.room.sid
+                ]
+                if not same:
+                    return "gone"
+                if same[0].num_participants < 2:
+                    return "live"  # the caller alone: the usual case, one API call
+                people = await self._lkapi.room.list_participants(
+                    api.ListParticipantsRequest(room=message.room)
+                )
         except Exception as exc:
             logger.warning("job %s: cannot check room %s: %s", message.job_id, message.room, exc)
-            return True
-        return any(r.sid == message.job.room.sid or not message.job.room.sid for r in rooms.rooms)
+            return "live"
+        for p in people.participants:
+            if (
+                p.kind == api.ParticipantInfo.Kind.AGENT
+                and p.identity != message.accept.identity
+                and p.attributes.get(AGENT_ATTRIBUTE) == message.agent
+            ):
+                return p.identity
+        return "live"
 
     async def _serve(self, claim: _Claim) -> None:
         message, control = claim.message, claim.control
