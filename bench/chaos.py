@@ -46,7 +46,9 @@ call from others), and why a dispatcher refused a job. Outcomes:
 * **dead-lettered**: no agent at the end, and a dead letter names the room;
 * **refused by LiveKit**: no agent, and the room could not be created, the
   caller could not join, or a dispatcher logged why it refused the job;
-* **cut by the LiveKit restart**: the server went away under the caller;
+* **cut by the LiveKit restart**: the server went away under the caller, or
+  took the agent with it and the caller hung up before the restarted server
+  could dispatch the room again (``REDISPATCH_BOUND``, 10 s);
 * **UNACCOUNTED**: none of the above: the agent never came, or it left while
   the caller stayed and never came back (*dropped*, with the fault it
   followed).
@@ -890,8 +892,12 @@ class Ledger:
     answer: list[float]
 
 
+#: After a LiveKit restart, how long the room may take to be dispatched again:
+#: the caller rejoins (its SDK's backoff), the dispatchers register again.
+REDISPATCH_BOUND: Final = 10.0
+
 #: Longest a caller may hear two agents (of different jobs) at once.
-MAX_OVERLAP = 1.0
+MAX_OVERLAP: Final = 1.0
 
 
 def overlaps(rec: CallRecord) -> tuple[bool, float]:
@@ -1054,6 +1060,20 @@ def build_ledger(h: Harness) -> Ledger:
                 rec.detail = (
                     f"jobs {', '.join(rec.job_ids) or 'none in the streams'}; during {during}"
                 )
+        elif (
+            gaps
+            and gaps[-1][1] is None
+            and livekit_restart
+            and livekit_restart.at - 1 <= gaps[-1][0] <= (livekit_restart.end or 0.0)
+            and end <= (livekit_restart.end or 0.0) + REDISPATCH_BOUND
+        ):
+            # The agent went with the server, and the caller hung up before a
+            # restarted server could dispatch the room again: nobody could serve it.
+            rec.outcome = "cut by the LiveKit restart"
+            rec.detail = (
+                f"agent left with the server at {gaps[-1][0] - h.t0:.1f}s; caller hung up "
+                f"{end - (livekit_restart.end or 0.0):.1f}s after it was back"
+            )
         elif gaps and gaps[-1][1] is None:
             kind, fault = causes[-1]
             rec.outcome = f"UNACCOUNTED: dropped after {kind}"
