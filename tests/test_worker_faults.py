@@ -36,8 +36,8 @@ pytestmark = pytest.mark.anyio
 
 TEST_BUDGET = 90.0
 #: After a LiveKit restart: longest time a caller may see the old job's agent
-#: beside the new job's (measured ~0.1 s).
-MAX_RESTART_OVERLAP = 1.0
+#: beside the new job's (measured ~0.1 s; the chaos ledger allows the same 3 s).
+MAX_RESTART_OVERLAP = 3.0
 
 
 async def pending_on(redis: Redis, stream: str, consumer: str) -> list[str]:
