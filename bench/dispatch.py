@@ -75,7 +75,7 @@ from redis.asyncio import Redis  # noqa: E402
 
 from openrtc.devstack import RedisServer  # noqa: E402
 from openrtc.keys import Keys  # noqa: E402
-from openrtc.messages import AcceptArguments, JobMessage  # noqa: E402
+from openrtc.messages import JobMessage, accept_arguments  # noqa: E402
 from openrtc.streams import StreamStore  # noqa: E402
 from tests.standin import StandIn, WorkerConn, make_job, running_standin  # noqa: E402
 
@@ -527,9 +527,7 @@ def store_messages(planned: Sequence[Planned]) -> list[JobMessage]:
         stored = proto.Job()
         stored.CopyFrom(p.job)
         stored.room.ClearField("turn_password")
-        accept = AcceptArguments(
-            identity=f"agent-{p.job.id}", name=p.agent, attributes={"openrtc.agent": p.agent}
-        )
+        accept = accept_arguments(p.job.id, p.agent)
         messages.append(
             JobMessage(
                 job=stored,

@@ -21,6 +21,7 @@ from openrtc import __version__
 from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
+from openrtc.settings import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
 
 app = typer.Typer(
     name="openrtc",
@@ -216,8 +217,8 @@ def dispatcher(
     livekit_url: LiveKitUrl = "",
     api_key: ApiKey = "",
     api_secret: ApiSecret = "",
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     agent_name: Annotated[
         str,
         typer.Option(
@@ -281,8 +282,8 @@ def worker(
     livekit_url: LiveKitUrl = "",
     api_key: ApiKey = "",
     api_secret: ApiSecret = "",
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     concurrency: Annotated[
         int,
         typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
@@ -355,10 +356,9 @@ def worker(
 def _with_redis(redis_url: str, work: Any) -> Any:
     """Run ``work(redis)`` against Redis, turning connection errors into one line."""
     import anyio
-    from redis.exceptions import RedisError
 
     from openrtc.settings import redact_url
-    from openrtc.streams import connect_redis
+    from openrtc.streams import REDIS_DOWN, connect_redis
 
     async def go() -> Any:
         client = connect_redis(redis_url)
@@ -369,7 +369,7 @@ def _with_redis(redis_url: str, work: Any) -> Any:
 
     try:
         return anyio.run(go)
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         _fail(f"Redis at {redact_url(redis_url)}: {exc}")
 
 
@@ -383,8 +383,8 @@ def _age(seconds: float | None) -> str:
 
 @app.command("status")
 def status(
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     agents_dir: Annotated[
         Path | None,
         typer.Option(
@@ -453,8 +453,8 @@ app.add_typer(dlq, name="dlq")
 
 @dlq.command("list")
 def dlq_list(
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     count: Annotated[int, typer.Option("--count", "-n", help="Most entries to show.")] = 50,
     reason: Annotated[
         str | None, typer.Option("--reason", help="unknown-agent, malformed, expired, ...")
@@ -499,8 +499,8 @@ def dlq_list(
 @dlq.command("show")
 def dlq_show(
     entry_id: Annotated[str, typer.Argument(help="The dead letter's entry id.")],
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """One dead letter in full (JSON), the job decoded, credentials redacted."""
     from openrtc.keys import Keys
@@ -522,8 +522,8 @@ def dlq_replay(
     agent: Annotated[
         str | None, typer.Option("--agent", help="Send to this agent instead of the original.")
     ] = None,
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     json_output: JsonFlag = False,
 ) -> None:
     """Put dead letters back on their agent's stream as new jobs."""
@@ -588,8 +588,8 @@ def dlq_purge(
     older_than: Annotated[
         float | None, typer.Option("--older-than", help="Delete those older than N seconds.")
     ] = None,
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """Delete dead letters (by id, by age, or --all)."""
     from openrtc.keys import Keys

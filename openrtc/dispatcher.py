@@ -33,7 +33,6 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit.protocol import agent as proto
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from openrtc.admission import AdmissionPolicy
 from openrtc.agents import AgentPool
@@ -55,7 +54,7 @@ from openrtc.messages import (
 from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
-from openrtc.streams import EnqueueResult, StreamStore, connect_redis
+from openrtc.streams import REDIS_DOWN, EnqueueResult, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe, unwrap_group
 
 __all__ = ["AGENT_ATTRIBUTE", "Dispatcher", "DispatcherStats"]
@@ -244,7 +243,7 @@ class Dispatcher:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_DOWN):
                     await leave(
                         self._redis,
                         registry_key=self.keys.dispatchers,
@@ -545,7 +544,7 @@ class Dispatcher:
                     origin="dispatcher",
                     once_for=job.id,
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.error(
                 "job %s: could not write its dead letter (%s): %s", job.id, describe(exc), error
             )
@@ -581,7 +580,7 @@ class Dispatcher:
         try:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 await self.store.publish_termination(agent, job_id, "livekit")
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.error("job %s: termination not delivered to workers: %s", job_id, describe(exc))
             return
         logger.info("job %s terminated by LiveKit; told %s workers", job_id, agent)
@@ -631,7 +630,7 @@ class Dispatcher:
                     with anyio.fail_after(max(p.deadline for p in live) - now):
                         results = await self.store.enqueue([p.message for p in live])
                 except Exception as exc:  # every failure is reported per job
-                    if isinstance(exc, (RedisError, OSError, TimeoutError)):
+                    if isinstance(exc, REDIS_DOWN):
                         # Answer the next offers unavailable right away, not
                         # only after the next membership refresh notices.
                         self._redis_ok = False
@@ -648,7 +647,7 @@ class Dispatcher:
         while True:
             try:
                 replies: Any = await self._redis.xread({key: last_id}, count=256, block=1000)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(1)
                 continue
@@ -667,7 +666,7 @@ class Dispatcher:
                     # Whatever one event holds, it must not stop the loop that
                     # relays every other job's status (and the dispatcher).
                     logger.exception("status event %s not relayed", entry_id)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_DOWN):
                 await self._redis.xtrim(key, minid=last_id)
 
     async def _relay(self, event: StatusEvent) -> None:
@@ -728,7 +727,7 @@ class Dispatcher:
                     if not load.has_group:
                         # Redis restarted empty (or someone deleted the stream).
                         await self.store.ensure_group(load.agent)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             self._redis_ok = False
             self._groups_ready = False  # a restarted Redis has lost them
             self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
@@ -744,7 +743,7 @@ class Dispatcher:
             try:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self.store.publish_termination(agent, job_id, "enqueue failed")
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_DOWN:
                 return  # next refresh
             del self._unsure[job_id]
             logger.info("job %s: marked terminated (its enqueue had failed)", job_id)

@@ -34,7 +34,6 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from openrtc.agents import AgentConfig, AgentPool
 from openrtc.errors import ConfigError
@@ -53,7 +52,7 @@ from openrtc.messages import (
 from openrtc.redis_health import check_durability
 from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
 from openrtc.settings import WorkerSettings, redact_url
-from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
+from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 
 __all__ = ["SessionRunner", "Worker", "WorkerStats"]
@@ -201,7 +200,7 @@ class Worker:
         self._redis = redis or connect_redis(
             settings.redis_url, client_name=f"openrtc:{settings.worker_id}"
         )
-        self.store = StreamStore(self._redis, self.keys)
+        self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
         if runner is None:
             if settings.isolation == "process":
@@ -296,10 +295,10 @@ class Worker:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_DOWN):
                     # Nothing left pending on it: its consumer need not outlive it.
                     await self.consumer.leave_group()
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_DOWN):
                     await leave(
                         self._redis,
                         registry_key=self.keys.workers(s.agent),
@@ -339,7 +338,7 @@ class Worker:
         while True:
             try:
                 return await func(*args)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(backoff_delay(attempt, 0.1, 2.0))
                 attempt += 1
@@ -375,7 +374,7 @@ class Worker:
                     outage = False
                     self._reclaim_after = time.monotonic() + self.settings.lease
                 self._redis_state.set("connected", redact_url(self.settings.redis_url))
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 outage = True
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
@@ -441,7 +440,7 @@ class Worker:
             return False
         try:
             record = await self.consumer.job_record(message.job_id)
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             logger.error("job %s: cannot read its record (%s); retried later", message.job_id, exc)
             claim.lost = True  # not renewed: reclaimed after the lease
             return False
@@ -523,7 +522,7 @@ class Worker:
         try:
             with anyio.fail_after(self.settings.lease / 3):
                 new_id = await self.consumer.release(claim.entry_id, message.job_id)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             # Still pending on us and no longer renewed: a peer reclaims it
             # after the lease.
             logger.warning("job %s: not released (%s); left to the lease", message.job_id, exc)
@@ -552,7 +551,7 @@ class Worker:
         if job_id:
             try:
                 record = await self.consumer.job_record(job_id)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 logger.warning("job %s: cannot read its record (%s)", job_id, exc)
         failed_tries = delivery.deliveries - _small_count(record.get("healthy", ""))
         if failed_tries <= self.settings.max_deliveries:
@@ -630,7 +629,7 @@ class Worker:
                         attempt=claim.delivery.deliveries,
                         started_at=f"{self._clock():.6f}",
                     )
-                except (RedisError, OSError) as exc:
+                except REDIS_DOWN as exc:
                     logger.warning("job %s: record not updated: %s", message.job_id, exc)
                 await self._status(message, JobStatus.RUNNING, "")
 
@@ -652,7 +651,7 @@ class Worker:
                     await self.consumer.update_record(
                         message.job_id, healthy=claim.delivery.deliveries
                     )
-                except (RedisError, OSError) as exc:
+                except REDIS_DOWN as exc:
                     logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
             async with anyio.create_task_group() as tg:
@@ -692,7 +691,7 @@ class Worker:
                 self.settings.max_deliveries,
                 outcome.error,
             )
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_DOWN):
                 await self.consumer.update_record(message.job_id, last_error=outcome.error)
             # Left pending and no longer renewed: after the lease it is
             # delivered again, to this worker or another, until the limit.
@@ -710,7 +709,7 @@ class Worker:
         try:
             await self._until_redis(self.consumer.ack, claim.entry_id)
             await self.consumer.update_record(message.job_id, state="done")
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
     async def _dead_letter(
@@ -751,7 +750,7 @@ class Worker:
                 await self.store.publish_status(
                     dispatcher_id, StatusEvent(job_id, status, error, self.settings.worker_id)
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.warning("job %s: status %s not sent: %s", job_id, status, exc)
 
     # -- leases, control, membership -------------------------------------------
@@ -769,7 +768,7 @@ class Worker:
             try:
                 with anyio.fail_after(self.settings.lease / 3):
                     renewal = await self.consumer.renew(held)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 continue
             for entry_id in renewal.lost:
@@ -793,12 +792,12 @@ class Worker:
         try:
             with anyio.fail_after(self.settings.lease / 3):
                 new = await self.consumer.write_back(claim.message.job_id, claim.delivery.fields)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.warning("job %s: entry not written back yet: %s", claim.message.job_id, exc)
             return
         if claim.settled:
             # It ended while being written back: the new entry is done with too.
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_DOWN):
                 await self.consumer.ack(new)
             return
         if self._claims.get(old) is claim:
@@ -818,7 +817,7 @@ class Worker:
         while True:
             try:
                 reply: Any = await self._redis.xread({key: last_id}, count=100, block=READ_BLOCK_MS)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
                 continue
@@ -852,7 +851,7 @@ class Worker:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self._beat()
                     await self._measure_redis_clock()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 
     async def _beat(self) -> None:

@@ -38,7 +38,7 @@ from openrtc.devstack import RedisServer
 from openrtc.dispatcher import AGENT_ATTRIBUTE, Dispatcher
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.membership import heartbeat
-from openrtc.messages import JobMessage, JobStatus, StatusEvent
+from openrtc.messages import JobMessage, JobStatus, StatusEvent, agent_identity
 from openrtc.settings import DispatcherSettings, LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
 from tests.faults import slow_replies
@@ -231,7 +231,7 @@ async def test_reconnects_after_a_dropped_socket_and_serves_new_jobs(
         for job in after:
             answer = await offer(standin, job, second)
             assert answer.available
-            assert answer.participant_identity == f"agent-{job.id}"
+            assert answer.participant_identity == agent_identity(job.id)
         # LiveKit may offer a job again; it is not enqueued a second time.
         assert (await offer(standin, before[0], second)).available
         await eventually(lambda: dispatcher.stats.enqueued == 7, "3 more jobs enqueued")
@@ -310,7 +310,7 @@ async def test_malformed_and_unexpected_messages_are_survived(
 
         (stored,) = await stream_jobs(client, keys, "restaurant")
         assert stored.job_id == stray.id
-        assert stored.accept.identity == f"agent-{stray.id}"
+        assert stored.accept.identity == agent_identity(stray.id)
         assert stored.accept.attributes == {AGENT_ATTRIBUTE: "restaurant"}
         assert stored.step == 5
         assert not stored.job.HasField("state")
@@ -576,7 +576,7 @@ async def test_an_unknown_agent_is_failed_and_dead_lettered_once(
 
         answer = await offer(standin, job, first)
         assert answer.available
-        assert answer.participant_identity == f"agent-{job.id}"
+        assert answer.participant_identity == agent_identity(job.id)
         await eventually(lambda: bool(updates_for(first, job.id)), "the job failed")
         (update,) = updates_for(first, job.id)
         assert update.status == proto.JobStatus.JS_FAILED
@@ -592,7 +592,7 @@ async def test_an_unknown_agent_is_failed_and_dead_lettered_once(
         # The whole job entry, for no agent; `dlq replay --agent X` names one.
         assert dead[b"agent"] == b""
         assert dead[b"requested_agent"] == b"ghost"
-        assert dead[b"identity"] == f"agent-{job.id}".encode()
+        assert dead[b"identity"] == agent_identity(job.id).encode()
         original = proto.Job()
         original.ParseFromString(dead[b"job"])
         assert original.id == job.id

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
-from openrtc.messages import JobMessage
+from openrtc.messages import AGENT_ATTRIBUTE, JobMessage, agent_identity
 from tests.stack import OFFLINE_AGENTS, dispatcher_settings, dispatching, unique
 
 pytestmark = pytest.mark.anyio
@@ -68,8 +68,8 @@ async def test_room_metadata_routes_to_the_agents_stream(
         assert message.job.room.name == room
         assert message.job.room.sid == created.sid
         assert message.job.room.metadata == '{"agent": "dental"}'
-        assert message.accept.identity == f"agent-{message.job_id}"
-        assert message.accept.attributes == {"openrtc.agent": "dental"}
+        assert message.accept.identity == agent_identity(message.job_id)
+        assert message.accept.attributes == {AGENT_ATTRIBUTE: "dental"}
         assert message.livekit_url == livekit_server.url
         assert message.dispatcher_id == dispatcher.settings.dispatcher_id
         assert message.received_at <= message.routed_at <= message.enqueued_at

@@ -22,7 +22,7 @@ from openrtc.agents import AgentPool
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent
+from openrtc.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
 from openrtc.streams import StreamStore, connect_redis
 from tests.stack import OFFLINE_AGENTS, creds, delete_room, new_room, unique, working
 from tests.standin import StandIn, make_job, running_standin
@@ -100,7 +100,7 @@ async def test_garbage_in_front_of_real_jobs_is_dead_lettered_and_the_worker_ser
 
             async with working(livekit_server, redis_server.url, ns, "dental") as worker:
                 agent = await caller.wait_agent(within=20)
-                assert agent.identity == f"agent-{good.job_id}"
+                assert agent.identity == agent_identity(good.job_id)
                 dead = await wait_dead_letters(redis, keys, len(entries))
                 reasons = {
                     "superscript step": "field 'step' is not an integer: '²'",
@@ -136,7 +136,7 @@ async def test_garbage_in_front_of_real_jobs_is_dead_lettered_and_the_worker_ser
                 later = job_message(livekit_server, later_room, "dental", dispatcher)
                 await store.enqueue([later])
                 later_agent = await later_caller.wait_agent(within=20)
-                assert later_agent.identity == f"agent-{later.job_id}"
+                assert later_agent.identity == agent_identity(later.job_id)
                 assert worker.stats.started == 2
                 await delete_room(livekit_server, later_room.name)
                 await wait_status(redis, keys, dispatcher, later.job_id, JobStatus.SUCCESS)

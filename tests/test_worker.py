@@ -29,7 +29,14 @@ from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.errors import ConfigError
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import AcceptArguments, JobMessage, JobStatus, StatusEvent
+from openrtc.messages import (
+    AGENT_ATTRIBUTE,
+    JobMessage,
+    JobStatus,
+    StatusEvent,
+    accept_arguments,
+    agent_identity,
+)
 from openrtc.settings import LiveKitSettings, WorkerSettings
 from openrtc.streams import StreamStore, connect_redis
 from openrtc.worker import Worker
@@ -61,12 +68,7 @@ def job_message(
     return JobMessage(
         job=job,
         agent=agent,
-        accept=AcceptArguments(
-            identity=f"agent-{job.id}",
-            name=agent,
-            metadata="",
-            attributes={"openrtc.agent": agent},
-        ),
+        accept=accept_arguments(job.id, agent),
         livekit_url=livekit.url,
         step=3,
         source="room metadata",
@@ -262,8 +264,8 @@ async def test_poison_entries_are_dead_lettered_and_never_block_the_stream(
             async with caller_in(creds(livekit_server), dental_room.name) as caller:
                 # The stream is not blocked: the good job behind the junk is served.
                 agent = await caller.wait_agent(within=20)
-                assert agent.identity == f"agent-{good.job_id}"
-                assert agent.attributes.get("openrtc.agent") == "dental"
+                assert agent.identity == agent_identity(good.job_id)
+                assert agent.attributes.get(AGENT_ATTRIBUTE) == "dental"
 
                 dead = await wait_dead_letters(redis, keys, 5, within=20)
                 expected = {
@@ -392,7 +394,7 @@ async def test_a_termination_from_livekit_ends_the_session_and_it_stays_ended(
         ):
             [entry] = await store.enqueue([message])
             agent = await caller.wait_agent(within=20)
-            assert agent.identity == f"agent-{message.job_id}"
+            assert agent.identity == agent_identity(message.job_id)
             await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.RUNNING)
 
             await store.publish_termination("slowbye", message.job_id, "livekit")
@@ -574,7 +576,7 @@ async def test_the_worker_survives_a_redis_restart(
                 await StreamStore(redis, keys).enqueue([message])
                 async with caller_in(creds(livekit_server), room.name) as caller:
                     agent = await caller.wait_agent(within=20)
-                    assert agent.identity == f"agent-{message.job_id}"
+                    assert agent.identity == agent_identity(message.job_id)
                     await delete_room(livekit_server, room.name)
                     await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
                 assert worker.stats.started == 1
@@ -687,7 +689,7 @@ async def test_the_agent_sees_the_real_job(
             assert seen["room"] == room.name == seen["connected_room"]
             assert seen["room_sid"] == room.sid
             assert seen["room_metadata"] == '{"agent": "probe"}'
-            assert seen["identity"] == f"agent-{message.job_id}"
-            assert seen["attributes"]["openrtc.agent"] == "probe"
+            assert seen["identity"] == agent_identity(message.job_id)
+            assert seen["attributes"][AGENT_ATTRIBUTE] == "probe"
             await delete_room(livekit_server, room.name)
             await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)

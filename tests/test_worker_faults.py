@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from openrtc.caller import Caller, caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import JobMessage
+from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
 from tests.faults import slow_api
@@ -223,7 +223,7 @@ async def test_a_drain_hands_entries_still_being_checked_back_at_once(
                     agent = await caller.wait_agent(within=15)
                     # Handed back, not left to lapse: served well within a lease.
                     assert time.monotonic() - stopped_at < lease
-                    assert agent.identity == f"agent-{message.job_id}"
+                    assert agent.identity == agent_identity(message.job_id)
                     assert peer.running_jobs == [message.job_id]
                     assert draining.stats.started == 0
                     await delete_room(livekit_server, room.name)
@@ -374,7 +374,7 @@ async def test_a_jobs_age_is_judged_by_redis_clock_not_the_hosts(
                 clock=lambda: time.time() + 600,
             ) as worker:
                 agent = await caller.wait_agent(within=20)
-                assert agent.identity == f"agent-{message.job_id}"
+                assert agent.identity == agent_identity(message.job_id)
                 assert worker.stats.dead_lettered == 0
                 await delete_room(livekit_server, room.name)
 
