@@ -22,6 +22,7 @@ from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
 from openrtc.settings import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
+from openrtc.supervision import freeze_imports
 
 app = typer.Typer(
     name="openrtc",
@@ -272,6 +273,7 @@ def dispatcher(
         service = Dispatcher(settings, pool)
     except OpenRTCError as exc:
         _fail(str(exc))
+    freeze_imports()
     _run_service(service)
 
 
@@ -701,6 +703,7 @@ def dev(
             with stop_signals(lambda _: stopped.set(), lambda _: stopped.set()):
                 await stopped.wait()
 
+    freeze_imports()
     try:
         anyio.run(serve)
     except OpenRTCError as exc:

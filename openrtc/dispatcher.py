@@ -21,7 +21,6 @@ records the error and offers the job to nobody else (docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -224,11 +223,6 @@ class Dispatcher:
             self.settings.agent_name,
             self.settings.when_no_worker,
         )
-        # What is imported by now (livekit-agents and its dependencies) lives as
-        # long as the process: keep it out of the collector's full passes, which
-        # otherwise stall the event loop for ~100 ms under load.
-        gc.collect()
-        gc.freeze()
         try:
             async with aiohttp.ClientSession() as http, anyio.create_task_group() as tg:
                 self._tg = tg

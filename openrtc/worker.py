@@ -28,14 +28,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentConfig, AgentPool
+from openrtc.acceptance import Action, Verdict, judge
+from openrtc.agents import AgentPool
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import heartbeat, leave
@@ -50,12 +51,13 @@ from openrtc.messages import (
     peek_job_header,
 )
 from openrtc.redis_health import check_durability
-from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
+from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
+from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 
-__all__ = ["SessionRunner", "Worker", "WorkerStats"]
+__all__ = ["Worker", "WorkerStats"]
 
 logger = logging.getLogger("openrtc.worker")
 
@@ -67,47 +69,6 @@ RECLAIM_INTERVAL: Final = 1.0
 ROOM_CHECKS: Final = 8
 #: Longest wait for one room check; past it the room is assumed to be there.
 ROOM_CHECK_TIMEOUT: Final = 3.0
-
-
-def _small_count(text: str) -> int:
-    """A count from a job record (data anyone could write): 0 unless plain digits."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
-
-
-class SessionRunner(Protocol):
-    """Runs one session to its end: in this process, or in a child process."""
-
-    async def prepare(self) -> None: ...
-
-    async def run(
-        self, message: JobMessage, control: SessionControl, *, worker_id: str
-    ) -> SessionOutcome: ...
-
-    async def aclose(self) -> None: ...
-
-
-class CoroutineRunner:
-    """Sessions as tasks in this process, sharing one prewarmed ``JobProcess``."""
-
-    def __init__(self, config: AgentConfig, settings: WorkerSettings) -> None:
-        self._config = config
-        self._settings = settings
-        self._proc = new_job_process("coroutine")
-
-    async def prepare(self) -> None:
-        if self._config.prewarm is not None:
-            logger.info("prewarming agent '%s'", self._config.name)
-            await anyio.to_thread.run_sync(self._config.prewarm, self._proc)
-
-    async def run(
-        self, message: JobMessage, control: SessionControl, *, worker_id: str
-    ) -> SessionOutcome:
-        return await run_session(
-            message, self._config, self._settings.livekit, self._proc, control, worker_id=worker_id
-        )
-
-    async def aclose(self) -> None:
-        return None
 
 
 @dataclass(slots=True)
@@ -204,8 +165,6 @@ class Worker:
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
         if runner is None:
             if settings.isolation == "process":
-                from openrtc.process_runner import ProcessRunner
-
                 runner = ProcessRunner(self.config, settings)
             else:
                 runner = CoroutineRunner(self.config, settings)
@@ -422,46 +381,47 @@ class Worker:
                 self._drop(claim)
 
     async def _check(self, claim: _Claim) -> bool:
-        """Checks an entry and starts its session; False when it did not start one."""
+        """Checks an entry and starts its session; False when it did not start one.
+
+        The decision is :func:`openrtc.acceptance.judge`'s; here are its reads
+        (the job's record, then the entry decoded) and what follows from it.
+        """
         delivery = claim.delivery
-        if delivery.deliveries > self.settings.max_deliveries and await self._give_up(claim):
+        job_id, dispatcher_id = peek_job_header(delivery.fields)
+        record = await self._job_record(job_id)
+        message: JobMessage | MalformedEntry | None = None
+        verdict = self._judge(delivery, message, record)
+        if verdict.action is Action.DECODE:
+            try:
+                message = JobMessage.decode(delivery.fields)
+            except MalformedEntry as exc:
+                message = exc
+            verdict = self._judge(delivery, message, record)
+        if isinstance(message, JobMessage):
+            claim.message = message
+        else:
+            message = None
+        if verdict.action is Action.DEAD_LETTER:
+            assert verdict.reason is not None
+            if (
+                await self._dead_letter(claim, verdict.reason, verdict.error, message, job_id)
+                and message is None
+                and verdict.reason is DeadReason.MAX_DELIVERIES
+            ):
+                # Given up on undecoded: its dispatcher is told from the peeked ids.
+                await self._publish(
+                    dispatcher_id, job_id, JobStatus.FAILED, f"{verdict.reason}: {verdict.error}"
+                )
             return False
-        try:
-            message = JobMessage.decode(delivery.fields)
-        except MalformedEntry as exc:
-            await self._dead_letter(claim, DeadReason.MALFORMED, str(exc), None)
-            return False
-        claim.message = message
-        if message.agent != self.settings.agent:
-            # A real job on the wrong stream: nobody will serve it, so its
-            # dispatcher is told it failed, like any other dead-lettered job.
-            error = f"entry for agent '{message.agent}' on agent '{self.settings.agent}' stream"
-            await self._dead_letter(claim, DeadReason.MALFORMED, error, message)
-            return False
-        try:
-            record = await self.consumer.job_record(message.job_id)
-        except REDIS_DOWN as exc:
-            logger.error("job %s: cannot read its record (%s); retried later", message.job_id, exc)
+        assert message is not None
+        if verdict.action is Action.RETRY:
+            logger.error("job %s: %s; retried later", message.job_id, verdict.error)
             claim.lost = True  # not renewed: reclaimed after the lease
             return False
-        started_before = record.get("state") == "running"
-        if record.get("terminated") and not started_before:
-            # Terminated while it waited (its dispatch was deleted, the room
-            # closed): nobody should join. A call that had started is another
-            # matter: the termination is then the dead worker's agent leaving,
-            # and the takeover below is what the caller needs.
-            logger.info("job %s was terminated before it started; not joining", message.job_id)
+        if verdict.action is Action.FINISH:
+            logger.info("job %s was %s; not joining", message.job_id, verdict.error)
             await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
-            return False
-        waited = self._age(message)
-        if not started_before and waited > self.settings.max_queue_age:
-            await self._dead_letter(
-                claim,
-                DeadReason.EXPIRED,
-                f"waited {waited:.1f}s for a worker (limit {self.settings.max_queue_age:.0f}s)",
-                message,
-            )
             return False
         # Concurrently with the rest of the batch, each bounded: a slow LiveKit
         # API delays calls, it does not let their leases lapse.
@@ -504,11 +464,30 @@ class Worker:
         self._tg.start_soon(self._serve, claim)
         return True
 
-    def _age(self, message: JobMessage) -> float:
-        """How long the job has waited, by Redis's clock (one clock for every host)."""
-        if message.queued_at:
-            return self._clock() + self._redis_clock_offset - message.queued_at
-        return self._clock() - message.enqueued_at  # an entry from before the stamp
+    def _judge(
+        self,
+        delivery: Delivery,
+        message: JobMessage | MalformedEntry | None,
+        record: dict[str, str] | None,
+    ) -> Verdict:
+        return judge(
+            delivery.deliveries,
+            message,
+            record,
+            self._clock(),
+            self.settings,
+            redis_offset=self._redis_clock_offset,
+        )
+
+    async def _job_record(self, job_id: str) -> dict[str, str] | None:
+        """The job's record; ``{}`` without a job id, ``None`` when Redis does not answer."""
+        if not job_id:
+            return {}
+        try:
+            return await self.consumer.job_record(job_id)
+        except REDIS_DOWN as exc:
+            logger.warning("job %s: cannot read its record (%s)", job_id, exc)
+            return None
 
     async def _measure_redis_clock(self) -> None:
         before = self._clock()
@@ -533,39 +512,6 @@ class Worker:
             claim.entry_id,
             new_id,
         )
-
-    async def _give_up(self, claim: _Claim) -> bool:
-        """Dead-letter an entry past ``max_deliveries`` without decoding its job.
-
-        Only the plain ``job_id`` and ``dispatcher`` fields are peeked at
-        (never raising), for the job's record and for the dispatcher that
-        must hear the job failed. Deliveries that moved a call which had been
-        running well (a crash or a deploy after its session lived a lease)
-        do not count: the record's ``healthy`` field is the delivery count at
-        the last such point, so a long call moved by rolling deploys is never
-        given up. Returns False when the entry is not given up.
-        """
-        delivery = claim.delivery
-        job_id, dispatcher_id = peek_job_header(delivery.fields)
-        record: dict[str, str] = {}
-        if job_id:
-            try:
-                record = await self.consumer.job_record(job_id)
-            except REDIS_DOWN as exc:
-                logger.warning("job %s: cannot read its record (%s)", job_id, exc)
-        failed_tries = delivery.deliveries - _small_count(record.get("healthy", ""))
-        if failed_tries <= self.settings.max_deliveries:
-            return False
-        error = record.get("last_error") or "no error recorded"
-        reason = (
-            f"gave up after {failed_tries - 1} deliveries"
-            f" (max {self.settings.max_deliveries}); last error: {error}"
-        )
-        if await self._dead_letter(claim, DeadReason.MAX_DELIVERIES, reason, None, job_id):
-            await self._publish(
-                dispatcher_id, job_id, JobStatus.FAILED, f"{DeadReason.MAX_DELIVERIES}: {reason}"
-            )
-        return True
 
     async def _check_room(self, message: JobMessage) -> str:
         """``live``, ``gone``, or the identity of the agent of ours already serving it.

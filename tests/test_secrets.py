@@ -29,7 +29,7 @@ from openrtc.dev import DevStack, write_env_file
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
 from openrtc.messages import AcceptArguments, JobMessage, JobStatus, agent_identity
-from openrtc.process_runner import ProcessRunner, _Child, _Lines
+from openrtc.runners import ProcessRunner, _Child, _Lines
 from openrtc.session import mint_token
 from openrtc.streams import StreamStore
 from tests.stack import creds, delete_room, new_room, unique, working
