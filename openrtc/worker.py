@@ -39,7 +39,7 @@ from openrtc.acceptance import Action, Verdict, judge
 from openrtc.agents import AgentPool
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
-from openrtc.membership import heartbeat, leave
+from openrtc.membership import Presence
 from openrtc.messages import (
     AGENT_ATTRIBUTE,
     ControlEvent,
@@ -163,6 +163,13 @@ class Worker:
         )
         self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
+        self._presence = Presence(
+            self._redis,
+            self.keys.workers(settings.agent),
+            self.keys.worker(settings.worker_id),
+            settings.worker_id,
+            settings.membership_ttl,
+        )
         if runner is None:
             if settings.isolation == "process":
                 runner = ProcessRunner(self.config, settings)
@@ -258,12 +265,7 @@ class Worker:
                     # Nothing left pending on it: its consumer need not outlive it.
                     await self.consumer.leave_group()
                 with contextlib.suppress(*REDIS_DOWN):
-                    await leave(
-                        self._redis,
-                        registry_key=self.keys.workers(s.agent),
-                        record_key=self.keys.worker(s.worker_id),
-                        member=s.worker_id,
-                    )
+                    await self._presence.leave()
                 await self.runner.aclose()
                 if self._lkapi is not None:
                     await self._lkapi.aclose()
@@ -802,18 +804,13 @@ class Worker:
 
     async def _beat(self) -> None:
         s = self.settings
-        await heartbeat(
-            self._redis,
-            registry_key=self.keys.workers(s.agent),
-            record_key=self.keys.worker(s.worker_id),
-            member=s.worker_id,
-            fields={
+        await self._presence.beat(
+            {
                 "agent": s.agent,
                 "capacity": 0 if self._draining else s.concurrency,
                 "running": len(self.running),
                 "isolation": s.isolation,
                 "jobs": ",".join(self.running_jobs),
                 "draining": int(self._draining),
-            },
-            ttl=s.membership_ttl,
+            }
         )
