@@ -36,6 +36,8 @@ from openrtc.messages import (
 from openrtc.monitor import _decode_entry
 from openrtc.routing import SHOWN_NAME_MAX, UnknownAgentError, resolve_agent
 
+pytestmark = pytest.mark.unit
+
 FUZZ = settings(
     max_examples=300,
     deadline=None,

@@ -24,16 +24,24 @@ from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
 from openrtc.streams import StreamStore, connect_redis
-from tests.stack import OFFLINE_AGENTS, creds, delete_room, new_room, unique, working
+from tests.stack import (
+    OFFLINE_AGENTS,
+    creds,
+    delete_room,
+    dispatching,
+    eventually,
+    new_room,
+    unique,
+    working,
+)
 from tests.standin import StandIn, make_job, running_standin
-from tests.test_dispatcher_faults import eventually, make_settings, offer, serving, updates_for
+from tests.test_dispatcher_faults import make_settings, offer, updates_for
 from tests.test_worker import (
     TEST_BUDGET,
     entry_gone,
     job_message,
     wait_dead_letters,
     wait_status,
-    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -193,7 +201,7 @@ async def test_garbage_on_the_status_stream_does_not_stop_the_relay(
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
     store = StreamStore(client, keys)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         job = make_job("dental-status-garbage")
         assert (await offer(standin, job, worker)).available
@@ -245,7 +253,7 @@ async def test_an_unknown_agent_name_of_any_length_is_bounded_everywhere(
     keys = Keys(settings.namespace)
     name = "g" * 100_000
     expected = f"Unknown agent '{'g' * 64}…(100000 chars)' requested via job metadata."
-    async with serving(settings, pool, client):
+    async with dispatching(settings, pool, redis=client):
         (worker,) = await standin.wait_registered()
         job = make_job("lobby-long-ghost", metadata=json.dumps({"agent": name}))
         assert (await offer(standin, job, worker)).available
@@ -258,7 +266,7 @@ async def test_an_unknown_agent_name_of_any_length_is_bounded_everywhere(
         async def dead_lettered() -> bool:
             return bool(await client.xlen(keys.dead_letter))
 
-        await wait_until("the dead letter", dead_lettered)
+        await eventually(dead_lettered, "the dead letter", within=20)
         [(_, letter)] = await client.xrange(keys.dead_letter)
         assert letter[b"reason"] == b"unknown-agent"
         assert letter[b"error"] == expected.encode()

@@ -32,13 +32,12 @@ from openrtc.messages import AcceptArguments, JobMessage, JobStatus, agent_ident
 from openrtc.runners import ProcessRunner, _Child, _Lines
 from openrtc.session import mint_token
 from openrtc.streams import StreamStore
-from tests.stack import creds, delete_room, new_room, unique, working
+from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_worker import (
     TEST_BUDGET,
     job_message,
     wait_dead_letters,
     wait_status,
-    wait_until,
     write_agent,
 )
 
@@ -304,7 +303,7 @@ async def test_a_session_process_that_prints_5000_stray_lines_still_serves_its_c
             async def idle_again() -> bool:
                 return worker.stats.succeeded == 1
 
-            await wait_until("the session to settle", idle_again)
+            await eventually(idle_again, "the session to settle", within=20)
 
 
 # -- openrtc dev's env file ------------------------------------------------------

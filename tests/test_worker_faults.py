@@ -29,8 +29,17 @@ from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
 from tests.faults import slow_api
-from tests.stack import OFFLINE_AGENTS, ROOT, creds, delete_room, new_room, unique, working
-from tests.test_worker import job_message, wait_until
+from tests.stack import (
+    OFFLINE_AGENTS,
+    ROOT,
+    creds,
+    delete_room,
+    eventually,
+    new_room,
+    unique,
+    working,
+)
+from tests.test_worker import job_message
 
 pytestmark = pytest.mark.anyio
 
@@ -166,7 +175,7 @@ async def test_a_slow_livekit_api_never_lets_held_entries_lapse(
                 async def both_held() -> bool:
                     return len(await pending_on(redis, stream, slow.settings.worker_id)) == 2
 
-                await wait_until("both entries held by the slow worker", both_held, 10)
+                await eventually(both_held, "both entries held by the slow worker", within=10)
                 # A healthy peer joins meanwhile: it must find nothing to take.
                 async with working(
                     livekit_server, redis_server.url, ns, "dental", lease=lease
@@ -175,7 +184,7 @@ async def test_a_slow_livekit_api_never_lets_held_entries_lapse(
                     async def both_started() -> bool:
                         return slow.stats.started + peer.stats.started >= 2
 
-                    await wait_until("both jobs started", both_started, 20)
+                    await eventually(both_started, "both jobs started", within=20)
                     await anyio.sleep(lease * 2)  # a double start would show by now
                     assert proxy.requests_delayed >= 2
                     assert slow.stats.started == 2, "the slow worker lost a held entry"
@@ -213,7 +222,7 @@ async def test_a_drain_hands_entries_still_being_checked_back_at_once(
                 async def held() -> bool:
                     return proxy.requests_delayed >= 1  # its room check is under way
 
-                await wait_until("the room check under way", held, 10)
+                await eventually(held, "the room check under way", within=10)
                 stopped_at = time.monotonic()
                 draining.request_stop()  # what SIGTERM does
                 async with (
@@ -496,7 +505,7 @@ async def test_keys_and_consumers_of_workers_that_are_gone_do_not_pile_up(
                 # The one whose call is pending stays until a peer reclaims it.
                 return await consumers() <= {"crashed-busy", live.settings.worker_id}
 
-            await wait_until("the idle consumer of a gone worker removed", idle_one_gone, 10)
+            await eventually(idle_one_gone, "the idle consumer of a gone worker removed", within=10)
             assert "crashed-busy" in await consumers()
             # A status stream expires when its dispatcher is gone.
             from openrtc.messages import JobStatus, StatusEvent
