@@ -410,7 +410,6 @@ class DeadReason(StrEnum):
     MALFORMED = "malformed"
     MAX_DELIVERIES = "max-deliveries"
     EXPIRED = "expired"
-    FAILED = "failed"
 
 
 #: Fields a dead letter adds on top of the original entry's fields.
