@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -212,6 +213,22 @@ def _run_service(service: Any) -> None:
     anyio.run(serve)
 
 
+def _serve(agents_dir: Path, build: Callable[[AgentPool], Any], *, freeze: bool = False) -> None:
+    """Build a service for the agents directory and run it; fixable errors print one line.
+
+    ``freeze``: move what is imported by now out of the collector's way
+    (:func:`openrtc.supervision.freeze_imports`), for the dispatcher.
+    """
+    pool = _load_pool(agents_dir)
+    try:
+        service = build(pool)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+    if freeze:
+        freeze_imports()
+    _run_service(service)
+
+
 @app.command("dispatcher")
 def dispatcher(
     agents_dir: AgentsDir = Path("agents"),
@@ -259,8 +276,7 @@ def dispatcher(
     from openrtc.dispatcher import Dispatcher
     from openrtc.settings import DispatcherSettings, LiveKitSettings
 
-    pool = _load_pool(agents_dir)
-    try:
+    def build(pool: AgentPool) -> Dispatcher:
         settings = DispatcherSettings(
             livekit=LiveKitSettings(livekit_url, api_key, api_secret),
             redis_url=redis_url,
@@ -270,11 +286,9 @@ def dispatcher(
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
         )
-        service = Dispatcher(settings, pool)
-    except OpenRTCError as exc:
-        _fail(str(exc))
-    freeze_imports()
-    _run_service(service)
+        return Dispatcher(settings, pool)
+
+    _serve(agents_dir, build, freeze=True)
 
 
 @app.command("worker")
@@ -335,8 +349,7 @@ def worker(
     from openrtc.settings import LiveKitSettings, WorkerSettings
     from openrtc.worker import Worker
 
-    pool = _load_pool(agents_dir)
-    try:
+    def build(pool: AgentPool) -> Worker:
         settings = WorkerSettings(
             livekit=LiveKitSettings(livekit_url, api_key, api_secret),
             agent=agent,
@@ -349,10 +362,9 @@ def worker(
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
         )
-        service = Worker(settings, pool)
-    except OpenRTCError as exc:
-        _fail(str(exc))
-    _run_service(service)
+        return Worker(settings, pool)
+
+    _serve(agents_dir, build)
 
 
 def _with_redis(redis_url: str, work: Any) -> Any:
