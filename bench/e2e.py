@@ -95,6 +95,13 @@ JOINED_LINE: Final = re.compile(
 # --- child processes -----------------------------------------------------------
 
 
+@dataclass
+class Child(ServiceProcess):
+    """A benchmarked service, started from the repository root (``bench/chaos.py`` too)."""
+
+    cwd: Path | None = REPO_ROOT
+
+
 def child_env(livekit: LiveKitServer, redis: RedisServer, **extra: str) -> dict[str, str]:
     """This environment without LiveKit/openrtc settings, plus the stack's and ``extra``."""
     env = {
@@ -116,7 +123,7 @@ def child_env(livekit: LiveKitServer, redis: RedisServer, **extra: str) -> dict[
 
 def make_children(
     livekit: LiveKitServer, redis: RedisServer, logs: Path, args: argparse.Namespace
-) -> dict[str, ServiceProcess]:
+) -> dict[str, Child]:
     python = sys.executable
     openrtc_env = child_env(livekit, redis)
     plain_extra = {"BENCH_TRACE": str(logs / "plain-trace.jsonl")}
@@ -128,26 +135,23 @@ def make_children(
     agents_dir = ["--agents-dir", str(AGENTS_DIR)]
     dispatcher = [python, "-m", "openrtc", "dispatcher", *agents_dir]
     return {
-        "dispatcher": ServiceProcess(
+        "dispatcher": Child(
             "openrtc dispatcher",
             [*dispatcher, "--agent-name", OPENRTC_AGENT_NAME],
             openrtc_env,
             logs / "dispatcher.log",
-            cwd=REPO_ROOT,
         ),
-        "worker": ServiceProcess(
+        "worker": Child(
             "openrtc worker",
             [python, "-m", "openrtc", "worker", "--agent", AGENT, *agents_dir],
             openrtc_env,
             logs / "worker.log",
-            cwd=REPO_ROOT,
         ),
-        "plain": ServiceProcess(
+        "plain": Child(
             "plain livekit-agents worker",
             [python, "-m", "livekit.agents", "start", str(PLAIN_WORKER), "--log-level", "WARNING"],
             child_env(livekit, redis, **plain_extra),
             logs / "plain.log",
-            cwd=REPO_ROOT,
         ),
     }
 
@@ -491,9 +495,7 @@ def order(calls: int) -> list[str]:
     return [path for pair in pairs for path in pair]
 
 
-async def wait_ready(
-    children: dict[str, ServiceProcess], redis: Redis, trace: Path, limit: float
-) -> None:
+async def wait_ready(children: dict[str, Child], redis: Redis, trace: Path, limit: float) -> None:
     """The dispatcher and the plain worker registered with LiveKit, the worker with Redis."""
     deadline = time.monotonic() + limit
     keys = Keys(NAMESPACE)
@@ -517,7 +519,7 @@ async def run_calls(
     args: argparse.Namespace,
     livekit: LiveKitServer,
     redis_url: str,
-    children: dict[str, ServiceProcess],
+    children: dict[str, Child],
     cpu_marks: list[tuple[int, int]],
 ) -> list[Call]:
     redis = Redis.from_url(redis_url)
@@ -620,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (logs / "plain-trace.jsonl").unlink(missing_ok=True)
         redis = RedisServer(log_path=logs / "redis.log")
         livekit = LiveKitServer(log_path=logs / "livekit.log")
-        children: dict[str, ServiceProcess] = {}
+        children: dict[str, Child] = {}
         try:
             redis.start()
             livekit = start_livekit(logs / "livekit.log")
