@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from openrtc.settings import DispatcherSettings, LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
 from tests.faults import slow_replies
 from tests.stack import dispatcher_settings, dispatching, eventually
-from tests.standin import StandIn, WorkerConn, make_job, running_standin
+from tests.standin import StandIn, WorkerConn, make_job
 
 pytestmark = pytest.mark.anyio
 
@@ -53,27 +53,6 @@ GHOST_ERROR = "Unknown agent 'ghost' requested via job metadata."
 
 
 # -- fixtures and helpers ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pool() -> AgentPool:
-    return AgentPool.from_directory(REPO_ROOT / "examples" / "offline_agents")
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[StandIn]:
-    async with running_standin() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    """A client made like the dispatcher's own, in the test's event loop."""
-    redis = connect_redis(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 def make_settings(standin: StandIn, redis_url: str, **overrides: Any) -> DispatcherSettings:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -23,9 +22,8 @@ from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
-from openrtc.streams import StreamStore, connect_redis
+from openrtc.streams import StreamStore
 from tests.stack import (
-    OFFLINE_AGENTS,
     creds,
     delete_room,
     dispatching,
@@ -34,7 +32,7 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.standin import StandIn, make_job, running_standin
+from tests.standin import StandIn, make_job
 from tests.test_dispatcher_faults import make_settings, offer, updates_for
 from tests.test_worker import (
     TEST_BUDGET,
@@ -45,26 +43,6 @@ from tests.test_worker import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[StandIn]:
-    async with running_standin() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = connect_redis(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
-
-
-@pytest.fixture(scope="module")
-def pool() -> AgentPool:
-    return AgentPool.from_directory(OFFLINE_AGENTS)
 
 
 def _with(fields: dict[bytes, bytes], **changes: bytes) -> dict[Any, Any]:
