@@ -344,6 +344,14 @@ def worker(
             help="On SIGTERM, seconds running calls may go on before others take them over.",
         ),
     ] = 60.0,
+    forget_consumers_after: Annotated[
+        float,
+        typer.Option(
+            "--forget-consumers-after",
+            envvar="OPENRTC_FORGET_CONSUMERS_AFTER",
+            help="Seconds a consumer holding nothing may go unread before it leaves the group.",
+        ),
+    ] = 300.0,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -361,6 +369,7 @@ def worker(
             max_deliveries=max_deliveries,
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
+            forget_consumers_after=forget_consumers_after,
         )
         return Worker(settings, pool)
 

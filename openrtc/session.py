@@ -295,7 +295,10 @@ async def run_session(
                     # The room's new sid comes with no event: look a while.
                     for _ in range(int(ROOM_SID_WAIT / ROOM_SID_POLL)):
                         if successor := replaced_by():
-                            finish(f"room replaced by the server; {successor} serves it now")
+                            finish(
+                                f"room replaced by the server; {successor} serves it now",
+                                replaced=True,
+                            )
                             return
                         await anyio.sleep(ROOM_SID_POLL)
 
@@ -309,14 +312,35 @@ async def run_session(
         return SessionOutcome("success", end["reason"])
     finally:
         with anyio.CancelScope(shield=True):
-            await _close(ctx, room, session, end.get("reason", "worker stopping"))
+            await _close(
+                ctx,
+                room,
+                session,
+                end.get("reason", "worker stopping"),
+                leave_first=bool(end.get("replaced")),
+            )
             _JobContextVar.reset(context_token)
 
 
 async def _close(
-    ctx: JobContext, room: rtc.Room, session: AgentSession[Any] | None, reason: str
+    ctx: JobContext,
+    room: rtc.Room,
+    session: AgentSession[Any] | None,
+    reason: str,
+    *,
+    leave_first: bool = False,
 ) -> None:
+    """End the session, run the agent's shutdown callbacks, leave the room.
+
+    ``leave_first``: another agent serves the room now, so the caller must
+    stop hearing this one at once, before the session's own (slower) close.
+    """
     with anyio.move_on_after(CLOSE_TIMEOUT) as scope:
+        if leave_first:
+            try:
+                await room.disconnect()
+            except Exception:
+                logger.exception("leaving the room failed")
         if session is not None:
             try:
                 await session.aclose()

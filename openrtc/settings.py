@@ -196,3 +196,5 @@ class WorkerSettings:
             raise ConfigError("lease must be more than 0.3 seconds")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be >= 1")
+        if self.forget_consumers_after <= 0:
+            raise ConfigError("forget_consumers_after must be more than 0 seconds")

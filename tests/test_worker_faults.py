@@ -45,8 +45,8 @@ pytestmark = pytest.mark.anyio
 
 TEST_BUDGET = 90.0
 #: After a LiveKit restart: longest time a caller may see the old job's agent
-#: beside the new job's (measured ~0.1 s).
-MAX_RESTART_OVERLAP = 1.0
+#: beside the new job's (measured ~0.1 s; the chaos ledger allows the same 3 s).
+MAX_RESTART_OVERLAP = 3.0
 
 
 async def pending_on(redis: Redis, stream: str, consumer: str) -> list[str]:
@@ -515,3 +515,37 @@ async def test_keys_and_consumers_of_workers_that_are_gone_do_not_pile_up(
             )
             assert 0 < await redis.ttl(keys.status(dispatcher)) <= 3600
         await delete_room(livekit_server, room.name)
+
+
+async def test_a_call_moved_by_rolling_deploys_is_never_given_up(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """Takeovers of a call that was running well are not failures.
+
+    With ``max_deliveries=1`` the first takeover is the entry's second
+    delivery: counted as a failure, the call was dead-lettered and its caller
+    left alone. A session that lived a lease marks the job healthy; only
+    deliveries after that count.
+    """
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    lease = 1.0
+    room = await new_room(livekit_server, unique("dental-deploys"))
+    message = job_message(livekit_server, room, "dental", dispatcher)
+    options = {"lease": lease, "max_deliveries": 1, "drain_timeout": 0.2}
+    with anyio.fail_after(TEST_BUDGET):
+        async with caller_in(creds(livekit_server), room.name) as caller:
+            await StreamStore(redis, keys).enqueue([message])
+            seen = ""
+            for _deploy in range(3):  # each worker is replaced in turn, as a rollout does
+                async with working(livekit_server, redis_server.url, ns, "dental", **options) as w:
+                    agent = await caller.wait_agent(within=20, other_than=seen)
+                    seen = agent.sid
+                    assert w.running_jobs == [message.job_id]
+                    await anyio.sleep(lease * 2)  # running well for a while
+                    w.request_stop()  # the drain times out: the call is left to a peer
+            assert await redis.xlen(keys.dead_letter) == 0
+            async with working(livekit_server, redis_server.url, ns, "dental", **options) as last:
+                await caller.wait_agent(within=20, other_than=seen)
+                assert last.running_jobs == [message.job_id]
+            await delete_room(livekit_server, room.name)
