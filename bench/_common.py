@@ -1,19 +1,29 @@
-"""Shared by ``bench/routing.py`` and the child it runs in the 0.20.1 venv.
+"""What the benchmarks share: statistics, service processes, the routing corpus.
 
-Only the standard library and ``livekit.protocol`` are imported here, never
-``openrtc``: the same file is imported by two interpreters that each have a
-different package under that name.
+Imported by ``bench/dispatch.py``, ``bench/e2e.py``, ``bench/routing.py`` and
+the child ``routing.py`` runs in the 0.20.1 venv. Only the standard library
+and ``livekit.protocol`` are imported here, never ``openrtc``: the same file
+is imported by two interpreters that each have a different package under
+that name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import math
+import os
 import platform
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from time import perf_counter_ns
-from typing import Any, TypedDict
+from typing import IO, Any, TypedDict
 
 from livekit.protocol.agent import Job, JobType
 from livekit.protocol.models import Room
@@ -21,12 +31,116 @@ from livekit.protocol.models import Room
 __all__ = [
     "ROUTING_LOGGERS",
     "CorpusRecord",
+    "ServiceDied",
+    "ServiceProcess",
     "build_jobs",
     "measure",
+    "percentile",
     "quiet_logging",
     "runtime_info",
     "timed_pass",
 ]
+
+# --- statistics ----------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in [0, 100]) of unsorted ``values``; nan if empty.
+
+    The one definition every benchmark reports with, so their p50 and p99
+    compare: always a value that was measured (the ceil(q/100 * n)-th
+    smallest), never one interpolated between two calls.
+    """
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+# --- service processes ---------------------------------------------------------
+
+
+class ServiceDied(RuntimeError):
+    """A benchmarked process exited while the benchmark needed it."""
+
+
+@dataclass
+class ServiceProcess:
+    """One service process, in a process group of its own (with any children it starts).
+
+    Its output goes to ``log_path``. :meth:`check` raises :class:`ServiceDied`
+    with the log's tail once it has exited; :meth:`stop` sends SIGTERM (a
+    service drains, as on ``kill``), then SIGKILLs what is left of the group.
+    """
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    cwd: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    #: The process id once started (kept after it stopped, for the report).
+    pid: int = 0
+    _log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.proc.pid
+
+    def check(self) -> None:
+        """Raise :class:`ServiceDied` if the process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServiceDied(
+                f"{self.name} exited with code {self.proc.returncode}:\n{self.tail()}"
+            )
+
+    def log_text(self) -> str:
+        if self._log is not None and not self._log.closed:
+            self._log.flush()
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_lines(self) -> list[str]:
+        return self.log_text().splitlines()
+
+    def tail(self, lines: int = 25) -> str:
+        return "\n".join(f"  | {line}" for line in self.log_lines()[-lines:])
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the process group, SIGKILL after ``grace`` seconds."""
+        proc = self.proc
+        if proc is not None:
+            pgid = proc.pid  # start_new_session: the child leads its own group
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGTERM)
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    print(f"{self.name} did not stop within {grace:.0f}s: killed", file=sys.stderr)
+            # Whatever is left of the group (job processes, a forkserver) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# --- the routing corpus --------------------------------------------------------
 
 #: The loggers the two resolvers write their INFO records to.
 ROUTING_LOGGERS = ("openrtc", "openrtc.routing")

@@ -42,6 +42,7 @@ from openrtc.dispatcher import Dispatcher
 from openrtc.messages import JobMessage
 from openrtc.settings import DispatcherSettings, LiveKitSettings
 from openrtc.streams import EnqueueResult
+from openrtc.supervision import freeze_imports
 
 
 def build(agents_dir: Path, max_backlog: int) -> Dispatcher:
@@ -124,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record_acks(dispatcher, acks)
     collections: list[tuple[float, int, float]] = []
     record_gc(collections)
+    freeze_imports()  # as the `openrtc dispatcher` command does
     profiler = cProfile.Profile() if args.profile else None
     try:
         if profiler is not None:

@@ -90,9 +90,8 @@ from livekit.protocol import agent as proto
 from livekit.protocol import models
 
 from openrtc.devstack import LIVEKIT_VERSION, LiveKitServer, RedisServer
-from openrtc.dispatcher import AGENT_ATTRIBUTE
 from openrtc.keys import Keys
-from openrtc.messages import AcceptArguments, JobMessage
+from openrtc.messages import JobMessage, accept_arguments
 from openrtc.settings import LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
 
@@ -631,11 +630,7 @@ class OpenRTCTarget:
                 JobMessage(
                     job=job,
                     agent=AGENT,
-                    accept=AcceptArguments(
-                        identity=f"agent-{job_id}",
-                        name=AGENT,
-                        attributes={AGENT_ATTRIBUTE: AGENT},
-                    ),
+                    accept=accept_arguments(job_id, AGENT),
                     livekit_url=self.stack.creds.ws_url,
                     step=0,
                     source="bench",

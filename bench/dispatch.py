@@ -51,8 +51,6 @@ import os
 import platform
 import random
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,20 +60,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # tests.standin
 
+from _common import ServiceDied, ServiceProcess, percentile  # noqa: E402
 from livekit.protocol import agent as proto  # noqa: E402
 from redis import __version__ as redis_py_version  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
 from openrtc.devstack import RedisServer  # noqa: E402
 from openrtc.keys import Keys  # noqa: E402
-from openrtc.messages import AcceptArguments, JobMessage  # noqa: E402
+from openrtc.messages import JobMessage, accept_arguments  # noqa: E402
 from openrtc.streams import StreamStore  # noqa: E402
 from tests.standin import StandIn, WorkerConn, make_job, running_standin  # noqa: E402
 
@@ -187,14 +186,6 @@ class Corpus:
 
 
 # --- measuring -----------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 100]) of unsorted ``values``."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -527,9 +518,7 @@ def store_messages(planned: Sequence[Planned]) -> list[JobMessage]:
         stored = proto.Job()
         stored.CopyFrom(p.job)
         stored.room.ClearField("turn_password")
-        accept = AcceptArguments(
-            identity=f"agent-{p.job.id}", name=p.agent, attributes={"openrtc.agent": p.agent}
-        )
+        accept = accept_arguments(p.job.id, p.agent)
         messages.append(
             JobMessage(
                 job=stored,
@@ -594,16 +583,12 @@ async def measure_ceilings(
 # --- the dispatcher process ------------------------------------------------------
 
 
-class DispatcherDied(RuntimeError):
-    """The dispatcher process exited before the benchmark stopped it."""
-
-
 @dataclass
 class DispatcherProcess:
-    proc: subprocess.Popen[bytes]
+    """The dispatcher under test (``bench/_dispatch_child.py``) and the record it leaves."""
+
+    service: ServiceProcess
     record_path: Path
-    log_path: Path
-    log: IO[bytes]
 
     @classmethod
     def start(
@@ -623,20 +608,19 @@ class DispatcherProcess:
         cmd += ["--max-backlog", str(args.max_backlog), "--record", str(record)]
         if args.profile:
             cmd += ["--profile", str(args.profile)]
-        log_path = tmp / "dispatcher.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - closed by stop()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        return cls(proc, record, log_path, log)
+        service = ServiceProcess("the dispatcher", cmd, env, tmp / "dispatcher.log", REPO_ROOT)
+        service.start()
+        return cls(service, record)
+
+    @property
+    def pid(self) -> int:
+        return self.service.pid
 
     def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            tail = "\n".join(self.log_lines()[-20:])
-            raise DispatcherDied(f"the dispatcher exited with code {self.proc.returncode}:\n{tail}")
+        self.service.check()
 
     def log_lines(self) -> list[str]:
-        if not self.log.closed:
-            self.log.flush()
-        return self.log_path.read_text(errors="replace").splitlines()
+        return self.service.log_lines()
 
     async def stop(self, grace: float = 15.0) -> dict[str, Any] | None:
         """SIGTERM (the dispatcher drains and exits, as on ``kill``), then its record.
@@ -644,14 +628,7 @@ class DispatcherProcess:
         The event loop keeps running meanwhile, so the stand-in answers the
         dispatcher's close handshake.
         """
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.proc.wait, grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        await asyncio.to_thread(self.service.stop, grace)
         try:
             record: dict[str, Any] = json.loads(self.record_path.read_text())
         except (OSError, ValueError):
@@ -778,7 +755,7 @@ def report_header(
 ) -> None:
     print(
         f"dispatch: stand-in /agent (this process, pid {os.getpid()}) -> openrtc dispatcher "
-        f"(own process, pid {child.proc.pid}) -> redis-server {redis_version}; loopback, "
+        f"(own process, pid {child.pid}) -> redis-server {redis_version}; loopback, "
         f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}, "
         f"redis-py {redis_py_version}"
     )
@@ -1006,7 +983,7 @@ async def bench(args: argparse.Namespace) -> Outcome:
                 worker = standin.workers[0]
                 counter = EnqueueCounter(redis)
                 pids = {
-                    "dispatcher": child.proc.pid,
+                    "dispatcher": child.pid,
                     "this process": os.getpid(),
                     "redis": redis_pid,
                 }
@@ -1094,7 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = asyncio.run(bench(args))
     except BaseExceptionGroup as group:
-        died, rest = group.split(DispatcherDied)
+        died, rest = group.split(ServiceDied)
         if died is None or rest is not None:
             raise
         for exc in died.exceptions:

@@ -49,7 +49,6 @@ import platform
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,13 +58,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Final
+from typing import Any, Final
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from _common import ServiceDied, ServiceProcess, percentile  # noqa: E402
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
@@ -95,67 +95,11 @@ JOINED_LINE: Final = re.compile(
 # --- child processes -----------------------------------------------------------
 
 
-class ChildDied(RuntimeError):
-    """A benchmarked process exited while the benchmark needed it."""
-
-
 @dataclass
-class Child:
-    """One service process, in a process group of its own (with its job processes)."""
+class Child(ServiceProcess):
+    """A benchmarked service, started from the repository root (``bench/chaos.py`` too)."""
 
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise ChildDied(f"{self.name} exited with code {self.proc.returncode}:\n{self.tail()}")
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 25) -> str:
-        return "\n".join(f"  | {line}" for line in self.log_text().splitlines()[-lines:])
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds."""
-        proc = self.proc
-        if proc is not None:
-            pgid = proc.pid  # start_new_session: the child leads its own group
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGTERM)
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    print(f"{self.name} did not stop within {grace:.0f}s: killed", file=sys.stderr)
-            # Whatever is left of the group (job processes, a forkserver) goes too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    cwd: Path | None = REPO_ROOT
 
 
 def child_env(livekit: LiveKitServer, redis: RedisServer, **extra: str) -> dict[str, str]:
@@ -328,15 +272,6 @@ def cpu_ticks() -> tuple[int, int]:
         return 0, 0
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return sum(fields) - idle, sum(fields)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def ms(seconds: float) -> str:
@@ -573,7 +508,7 @@ async def wait_ready(children: dict[str, Child], redis: Redis, trace: Path, limi
         if dispatcher and worker and plain:
             return
         if time.monotonic() > deadline:
-            raise ChildDied(
+            raise ServiceDied(
                 f"not ready after {limit:.0f}s (dispatcher registered: {dispatcher}, "
                 f"worker in Redis: {worker}, plain worker registered: {plain})"
             )
@@ -601,7 +536,9 @@ async def run_calls(
                         if args.warmup and all(c.seen is None for c in calls if c.path == failed):
                             cpu = failed == PLAIN and args.plain_load == "cpu"
                             hint = " (--plain-load cpu: see --help)" if cpu else ""
-                            raise ChildDied(f"every warm-up call of the {failed} path failed{hint}")
+                            raise ServiceDied(
+                                f"every warm-up call of the {failed} path failed{hint}"
+                            )
                     cpu_marks.append(cpu_ticks())
                 for child in children.values():
                     child.check()
@@ -708,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.json.write_text(
                     json.dumps([dataclasses.asdict(c) for c in calls], indent=1) + "\n"
                 )
-        except (ChildDied, ConfigError) as exc:
+        except (ServiceDied, ConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

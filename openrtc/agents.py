@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 from openrtc.errors import AgentDiscoveryError, AgentRegistryError
-from openrtc.routing import Route, RoutingTable, resolve_agent
+from openrtc.routing import RoutingTable
 
 if TYPE_CHECKING:
     from livekit.agents import Agent
@@ -314,10 +314,6 @@ class AgentPool:
         if self._table is None:
             self._table = RoutingTable(self._agents)
         return self._table
-
-    def resolve(self, job: Any) -> Route:
-        """Route ``job`` through the six-step chain against this pool."""
-        return resolve_agent(job, self.routing_table)
 
     def __contains__(self, name: object) -> bool:
         return name in self._agents

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -21,6 +22,8 @@ from openrtc import __version__
 from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
+from openrtc.settings import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
+from openrtc.supervision import freeze_imports
 
 app = typer.Typer(
     name="openrtc",
@@ -210,14 +213,30 @@ def _run_service(service: Any) -> None:
     anyio.run(serve)
 
 
+def _serve(agents_dir: Path, build: Callable[[AgentPool], Any], *, freeze: bool = False) -> None:
+    """Build a service for the agents directory and run it; fixable errors print one line.
+
+    ``freeze``: move what is imported by now out of the collector's way
+    (:func:`openrtc.supervision.freeze_imports`), for the dispatcher.
+    """
+    pool = _load_pool(agents_dir)
+    try:
+        service = build(pool)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+    if freeze:
+        freeze_imports()
+    _run_service(service)
+
+
 @app.command("dispatcher")
 def dispatcher(
     agents_dir: AgentsDir = Path("agents"),
     livekit_url: LiveKitUrl = "",
     api_key: ApiKey = "",
     api_secret: ApiSecret = "",
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     agent_name: Annotated[
         str,
         typer.Option(
@@ -257,8 +276,7 @@ def dispatcher(
     from openrtc.dispatcher import Dispatcher
     from openrtc.settings import DispatcherSettings, LiveKitSettings
 
-    pool = _load_pool(agents_dir)
-    try:
+    def build(pool: AgentPool) -> Dispatcher:
         settings = DispatcherSettings(
             livekit=LiveKitSettings(livekit_url, api_key, api_secret),
             redis_url=redis_url,
@@ -268,10 +286,9 @@ def dispatcher(
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
         )
-        service = Dispatcher(settings, pool)
-    except OpenRTCError as exc:
-        _fail(str(exc))
-    _run_service(service)
+        return Dispatcher(settings, pool)
+
+    _serve(agents_dir, build, freeze=True)
 
 
 @app.command("worker")
@@ -281,8 +298,8 @@ def worker(
     livekit_url: LiveKitUrl = "",
     api_key: ApiKey = "",
     api_secret: ApiSecret = "",
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     concurrency: Annotated[
         int,
         typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
@@ -340,8 +357,7 @@ def worker(
     from openrtc.settings import LiveKitSettings, WorkerSettings
     from openrtc.worker import Worker
 
-    pool = _load_pool(agents_dir)
-    try:
+    def build(pool: AgentPool) -> Worker:
         settings = WorkerSettings(
             livekit=LiveKitSettings(livekit_url, api_key, api_secret),
             agent=agent,
@@ -355,19 +371,17 @@ def worker(
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
         )
-        service = Worker(settings, pool)
-    except OpenRTCError as exc:
-        _fail(str(exc))
-    _run_service(service)
+        return Worker(settings, pool)
+
+    _serve(agents_dir, build)
 
 
 def _with_redis(redis_url: str, work: Any) -> Any:
     """Run ``work(redis)`` against Redis, turning connection errors into one line."""
     import anyio
-    from redis.exceptions import RedisError
 
     from openrtc.settings import redact_url
-    from openrtc.streams import connect_redis
+    from openrtc.streams import REDIS_DOWN, connect_redis
 
     async def go() -> Any:
         client = connect_redis(redis_url)
@@ -378,7 +392,7 @@ def _with_redis(redis_url: str, work: Any) -> Any:
 
     try:
         return anyio.run(go)
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         _fail(f"Redis at {redact_url(redis_url)}: {exc}")
 
 
@@ -392,8 +406,8 @@ def _age(seconds: float | None) -> str:
 
 @app.command("status")
 def status(
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     agents_dir: Annotated[
         Path | None,
         typer.Option(
@@ -462,8 +476,8 @@ app.add_typer(dlq, name="dlq")
 
 @dlq.command("list")
 def dlq_list(
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     count: Annotated[int, typer.Option("--count", "-n", help="Most entries to show.")] = 50,
     reason: Annotated[
         str | None, typer.Option("--reason", help="unknown-agent, malformed, expired, ...")
@@ -508,8 +522,8 @@ def dlq_list(
 @dlq.command("show")
 def dlq_show(
     entry_id: Annotated[str, typer.Argument(help="The dead letter's entry id.")],
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """One dead letter in full (JSON), the job decoded, credentials redacted."""
     from openrtc.keys import Keys
@@ -531,8 +545,8 @@ def dlq_replay(
     agent: Annotated[
         str | None, typer.Option("--agent", help="Send to this agent instead of the original.")
     ] = None,
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
     json_output: JsonFlag = False,
 ) -> None:
     """Put dead letters back on their agent's stream as new jobs."""
@@ -597,8 +611,8 @@ def dlq_purge(
     older_than: Annotated[
         float | None, typer.Option("--older-than", help="Delete those older than N seconds.")
     ] = None,
-    redis_url: RedisUrl = "redis://127.0.0.1:6379/0",
-    namespace: Namespace = "openrtc",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """Delete dead letters (by id, by age, or --all)."""
     from openrtc.keys import Keys
@@ -710,6 +724,7 @@ def dev(
             with stop_signals(lambda _: stopped.set(), lambda _: stopped.set()):
                 await stopped.wait()
 
+    freeze_imports()
     try:
         anyio.run(serve)
     except OpenRTCError as exc:

@@ -22,7 +22,13 @@ import anyio
 from openrtc.agents import AgentPool
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.dispatcher import Dispatcher
-from openrtc.settings import DispatcherSettings, Isolation, LiveKitSettings, WorkerSettings
+from openrtc.settings import (
+    DEFAULT_NAMESPACE,
+    DispatcherSettings,
+    Isolation,
+    LiveKitSettings,
+    WorkerSettings,
+)
 from openrtc.worker import Worker
 
 __all__ = ["DevStack", "dev_stack", "write_env_file"]
@@ -76,7 +82,7 @@ def write_env_file(path: Path, stack: DevStack) -> None:
 async def dev_stack(
     agents_dir: str | Path,
     *,
-    namespace: str = "openrtc",
+    namespace: str = DEFAULT_NAMESPACE,
     concurrency: int = 10,
     isolation: Isolation = "coroutine",
     log_dir: Path | None = None,

@@ -69,8 +69,48 @@ def _wait_until(
     raise ConfigError(f"{what} did not become ready within {timeout:.0f}s.")
 
 
+class _ServerProcess:
+    """One server process: started with its output to a log, waited for, stopped.
+
+    The servers below keep these attributes as dataclass fields.
+    """
+
+    log_path: Path | None
+    _proc: subprocess.Popen[bytes] | None
+    _log: IO[bytes] | None
+    _started: bool
+
+    def _spawn(
+        self,
+        argv: list[str],
+        what: str,
+        ready: Callable[[], bool],
+        timeout: float,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self._log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        _wait_until(ready, what, timeout, self._proc)
+        self._started = True
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL): what it held in memory is gone."""
+        _terminate(self._proc)
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        """Same as :meth:`stop`."""
+        self.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
-class RedisServer:
+class RedisServer(_ServerProcess):
     """A throwaway ``redis-server`` on a free loopback port; no persistence by default.
 
     With ``appendonly`` set (before a :meth:`start`), the server keeps an
@@ -132,46 +172,32 @@ class RedisServer:
             raise ConfigError(f"redis-server is not installed: {_SETUP_HINT}.")
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="openrtc-redis-")
-        self._log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "yes" if self.appendonly else "no",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                self._dir.name,
-                "--protected-mode",
-                "yes",
-                *self.args,
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        argv = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            self._dir.name,
+            "--protected-mode",
+            "yes",
+            *self.args,
+        ]
 
         def ping() -> bool:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
 
-        _wait_until(ping, "redis-server", timeout, self._proc)
-        self._started = True
+        self._spawn(argv, "redis-server", ping, timeout)
         return self
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL); its data is gone."""
-        _terminate(self._proc)
-        self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def close(self) -> None:
         """Stop and remove the working directory."""
@@ -183,12 +209,9 @@ class RedisServer:
     def __enter__(self) -> RedisServer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 @dataclass
-class LiveKitServer:
+class LiveKitServer(_ServerProcess):
     """A single-node ``livekit-server`` on free loopback ports.
 
     Loopback ICE candidates are enabled (``rtc.enable_loopback_candidate``);
@@ -250,42 +273,20 @@ class LiveKitServer:
 
     def _launch(self, timeout: float) -> LiveKitServer:
         binary = find_livekit_binary()
-        self._log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ)
         # Keys travel by environment, not argv, so `ps` does not show the secret.
         env["LIVEKIT_KEYS"] = f"{self.api_key}: {self.api_secret}"
-        self._proc = subprocess.Popen(
-            [str(binary), "--config-body", self.config_yaml()],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
 
         def healthy() -> bool:
             with urllib.request.urlopen(self.http_url, timeout=0.5) as response:
                 return bool(response.status == 200)
 
-        _wait_until(healthy, "livekit-server", timeout, self._proc)
-        self._started = True
+        argv = [str(binary), "--config-body", self.config_yaml()]
+        self._spawn(argv, "livekit-server", healthy, timeout, env)
         return self
-
-    def stop(self) -> None:
-        """Stop the server; rooms and registered workers are gone."""
-        _terminate(self._proc)
-        self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def close(self) -> None:
-        """Same as :meth:`stop`."""
-        self.stop()
 
     def __enter__(self) -> LiveKitServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:

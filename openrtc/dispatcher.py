@@ -8,10 +8,16 @@ One process, one readable set of loops under one task group:
   hand each ``JobAssignment`` to the enqueuer; relay ``JobTermination`` to the
   job's workers; report load.
 - **enqueue**: batch every assignment that arrives together into one Redis
-  pipeline (one Lua script per job, de-duplicated by job id).
+  pipeline (:mod:`openrtc.enqueuer`; one Lua script per job, de-duplicated by
+  job id).
 - **status**: relay workers' status events for jobs this socket holds as
   ``UpdateJobStatus``.
-- **membership**: heartbeat, and refresh each agent's workers and backlog.
+- **membership**: heartbeat, and refresh each agent's workers and backlog
+  (:class:`~openrtc.membership.LoadView`, read by admission without I/O).
+
+Which jobs it knows, from its answer to their end, is the
+:class:`~openrtc.ledger.JobLedger`'s; whether to accept one is
+:mod:`openrtc.admission`'s; this class is the coordination with LiveKit.
 
 A job naming an unknown agent is accepted, dead-lettered (once, even with
 several dispatchers) and immediately failed with the routing error, so LiveKit
@@ -21,7 +27,6 @@ records the error and offers the job to nobody else (docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -33,14 +38,15 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit.protocol import agent as proto
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from openrtc.admission import AdmissionPolicy
 from openrtc.agents import AgentPool
+from openrtc.enqueuer import BatchEnqueuer, InFlight, Pending
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
+from openrtc.ledger import JobLedger, Offer
 from openrtc.livekit_protocol import AgentSocket, ProtocolError, SocketClosed, open_agent_socket
-from openrtc.membership import AgentLoad, heartbeat, leave, read_agent_loads
+from openrtc.membership import LoadView, Presence
 from openrtc.messages import (
     AGENT_ATTRIBUTE,
     REQUESTED_AGENT_FIELD,
@@ -55,7 +61,7 @@ from openrtc.messages import (
 from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
-from openrtc.streams import EnqueueResult, StreamStore, connect_redis
+from openrtc.streams import REDIS_DOWN, EnqueueResult, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe, unwrap_group
 
 __all__ = ["AGENT_ATTRIBUTE", "Dispatcher", "DispatcherStats"]
@@ -65,10 +71,6 @@ logger = logging.getLogger("openrtc.dispatcher")
 #: An accepted job whose assignment has not arrived after this long is dropped
 #: from memory (LiveKit gave up on it: our answer was late or the socket died).
 OFFER_TTL: Final = 15.0
-#: Most assignments written to Redis in one pipeline.
-MAX_BATCH: Final = 512
-#: Jobs whose failed enqueue may have landed, remembered until Redis answers.
-MAX_UNSURE: Final = 10_000
 
 _STATUS_TO_PROTO: Final = {
     JobStatus.RUNNING: proto.JobStatus.JS_RUNNING,
@@ -86,7 +88,7 @@ _CONNECTION_ERRORS: Final = (
 
 @dataclass(slots=True)
 class DispatcherStats:
-    """Counters since start, for logs, ``openrtc status`` and the benchmarks."""
+    """Counters since start, read by the benchmarks and the tests (not by ``openrtc status``)."""
 
     offered: int = 0
     accepted: int = 0
@@ -98,27 +100,6 @@ class DispatcherStats:
     statuses_relayed: int = 0
     terminations: int = 0
     reconnects: int = 0
-
-
-@dataclass(slots=True)
-class _Offer:
-    """A job we said yes to, waiting for its assignment."""
-
-    job: proto.Job
-    route: Route | None
-    error: UnknownAgentError | None
-    received_at: float
-    routed_at: float
-
-
-@dataclass(slots=True)
-class _Pending:
-    """One job on its way to Redis; the enqueue loop completes it."""
-
-    message: JobMessage
-    deadline: float
-    socket: AgentSocket
-    route: Route
 
 
 class Dispatcher:
@@ -161,27 +142,30 @@ class Dispatcher:
             wait_timeout=settings.wait_timeout,
         )
         self._socket: AgentSocket | None = None
-        self._offers: dict[str, _Offer] = {}
-        # Jobs assigned on the current socket and enqueued: job id -> agent.
-        # LiveKit forgets a socket's jobs when it drops, and so do we.
-        self._held: dict[str, str] = {}
-        # Jobs failed towards LiveKit whose enqueue may have landed: job id -> agent.
-        self._unsure: dict[str, str] = {}
-        # Jobs whose assignment is being written to Redis: job id -> agent. A
-        # termination may arrive right behind its assignment.
-        self._assigning: dict[str, str] = {}
-        self._loads: dict[str, AgentLoad] = {}
-        self._redis_ok = False
+        #: The jobs this dispatcher knows, by state.
+        self.jobs = JobLedger()
+        #: What a drain waits for: jobs on their way to Redis, handler tasks.
+        self._inflight = InFlight()
+        self._enqueuer = BatchEnqueuer(
+            self.store, self._inflight, self._complete, self._enqueue_failed
+        )
+        #: Agents' loads and Redis's health, refreshed with each heartbeat.
+        self.view = LoadView(
+            Presence(
+                self._redis,
+                self.keys.dispatchers,
+                self.keys.dispatcher(settings.dispatcher_id),
+                settings.dispatcher_id,
+                settings.membership_ttl,
+            ),
+            self.keys,
+            self._table.names,
+            self.store.ensure_group,
+        )
         self._durability_checked = False
-        self._groups_ready = False
         self._draining = False
         self._stop = anyio.Event()
         self._registered = anyio.Event()
-        self._inflight = 0
-        self._inflight_done = anyio.Event()
-        self._send_pending, self._receive_pending = anyio.create_memory_object_stream[_Pending](
-            max_buffer_size=100_000
-        )
         self._livekit_state = StateLog("LiveKit connection", logger)
         self._redis_state = StateLog("Redis", logger)
         self._tg: TaskGroup | None = None
@@ -225,17 +209,12 @@ class Dispatcher:
             self.settings.agent_name,
             self.settings.when_no_worker,
         )
-        # What is imported by now (livekit-agents and its dependencies) lives as
-        # long as the process: keep it out of the collector's full passes, which
-        # otherwise stall the event loop for ~100 ms under load.
-        gc.collect()
-        gc.freeze()
         try:
             async with aiohttp.ClientSession() as http, anyio.create_task_group() as tg:
                 self._tg = tg
                 await self._refresh_membership()
                 tg.start_soon(self._membership_loop)
-                tg.start_soon(self._enqueue_loop)
+                tg.start_soon(self._enqueuer.run)
                 tg.start_soon(self._status_loop)
                 tg.start_soon(self._livekit_loop, http)
                 task_status.started()
@@ -244,34 +223,29 @@ class Dispatcher:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                with contextlib.suppress(RedisError, OSError):
-                    await leave(
-                        self._redis,
-                        registry_key=self.keys.dispatchers,
-                        record_key=self.keys.dispatcher(self.settings.dispatcher_id),
-                        member=self.settings.dispatcher_id,
-                    )
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.view.presence.leave()
                 if self._own_redis:
                     await self._redis.aclose()
             logger.info("dispatcher %s stopped", self.settings.dispatcher_id)
 
     async def _drain(self) -> None:
         self._draining = True
-        logger.info("draining: refusing new jobs, flushing %d in flight", self._inflight)
+        logger.info("draining: refusing new jobs, flushing %d in flight", self._inflight.count)
         socket = self._socket
         if socket is not None:
             await self._send_quietly(
                 socket,
                 proto.WorkerMessage(
                     update_worker=proto.UpdateWorkerStatus(
-                        status=proto.WorkerStatus.WS_FULL, draining=True, job_count=len(self._held)
+                        status=proto.WorkerStatus.WS_FULL,
+                        draining=True,
+                        job_count=self.jobs.held_count,
                     )
                 ),
             )
         with anyio.move_on_after(self.settings.enqueue_timeout + 1):
-            while self._inflight:
-                self._inflight_done = anyio.Event()
-                await self._inflight_done.wait()
+            await self._inflight.wait_idle()
         if socket is not None:
             await socket.close()
 
@@ -298,13 +272,12 @@ class Dispatcher:
                 self._livekit_state.set("lost", describe(exc), level=logging.WARNING)
             finally:
                 self._socket = None
-                if self._held or self._offers:
+                forgotten = self.jobs.socket_dropped()
+                if forgotten is not None:
                     logger.info(
                         "LiveKit forgets the %d jobs of a dropped socket; running calls go on",
-                        len(self._held),
+                        forgotten,
                     )
-                self._held.clear()
-                self._offers.clear()
             if self._is_draining():
                 break
             if connected_at is not None and time.monotonic() - connected_at > 30:
@@ -352,7 +325,7 @@ class Dispatcher:
         # enqueue that is under way when the socket drops still completes, and
         # the caller is still served.
         assert self._tg is not None
-        self._inflight += 1
+        self._inflight.add()
         self._tg.start_soon(self._tracked, func, *args)
 
     async def _tracked(self, func: Callable[..., Any], *args: Any) -> None:
@@ -361,9 +334,7 @@ class Dispatcher:
         except Exception:
             logger.exception("handler %s failed", getattr(func, "__name__", func))
         finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._inflight_done.set()
+            self._inflight.done()
 
     def _answer(self, request: proto.AvailabilityRequest) -> proto.WorkerMessage:
         """The availability answer: routing and the cached view only, no I/O."""
@@ -383,7 +354,9 @@ class Dispatcher:
         except UnknownAgentError as exc:
             route, error = None, exc
         if route is not None:
-            admission = self.policy.decide(self._loads.get(route.agent), redis_ok=self._redis_ok)
+            admission = self.policy.decide(
+                self.view.loads.get(route.agent), redis_ok=self.view.redis_ok
+            )
             if not admission.accept:
                 self.stats.rejected += 1
                 logger.warning(
@@ -406,10 +379,10 @@ class Dispatcher:
                 error,
             )
             name = f"unknown agent {error.agent}"[:64]
-        offer = _Offer(job, route, error, received, self._clock())
+        offer = Offer(job, route, error, received, self._clock())
         if error is not None:
             self._start(self._dead_letter_unknown, offer)
-        self._offers[job.id] = offer
+        self.jobs.offer(offer)
         answer.available = True
         answer.participant_identity = agent_identity(job.id)
         answer.participant_name = name
@@ -421,82 +394,70 @@ class Dispatcher:
     def _on_assignment(self, socket: AgentSocket, assignment: proto.JobAssignment) -> None:
         """Hand an assigned job to the enqueue loop: no task and no await per job."""
         job = assignment.job
-        offer = self._offers.pop(job.id, None)
+        offer = self.jobs.take_offer(job.id)
         if offer is None:
             # Assigned without an offer we remember (e.g. across a reconnect):
             # route it again from what the assignment carries.
             now = self._clock()
             try:
-                offer = _Offer(job, resolve_agent(job, self._table), None, now, now)
+                offer = Offer(job, resolve_agent(job, self._table), None, now, now)
             except UnknownAgentError as exc:
-                offer = _Offer(job, None, exc, now, now)
+                offer = Offer(job, None, exc, now, now)
                 self._start(self._dead_letter_unknown, offer)
         if offer.error is not None:
             self._start(self._fail, socket, job.id, str(offer.error))
             return
         assert offer.route is not None
-        pending = _Pending(
+        pending = Pending(
             self._job_message(job, offer),
             deadline=time.monotonic() + self.settings.enqueue_timeout,
             socket=socket,
             route=offer.route,
         )
-        self._assigning[job.id] = pending.message.agent
-        self._inflight += 1
-        try:
-            self._send_pending.send_nowait(pending)
-        except anyio.WouldBlock:
-            self._complete(pending, None, RuntimeError("dispatcher overloaded"))
+        self.jobs.assign(job.id, pending.message.agent)
+        self._enqueuer.submit(pending)
 
     def _complete(
-        self, pending: _Pending, result: EnqueueResult | None, error: BaseException | None
+        self, pending: Pending, result: EnqueueResult | None, error: BaseException | None
     ) -> None:
-        """Account for one job the enqueue loop wrote (or could not write)."""
+        """Account for one job the enqueuer wrote (or could not write)."""
         message = pending.message
-        self._assigning.pop(message.job_id, None)
-        try:
-            if result is None:
-                self.stats.enqueue_failed += 1
-                reason = describe(error) if error else "timed out"
-                text = (
-                    f"openrtc: could not enqueue job for agent '{message.agent}' "
-                    f"(Redis: {reason}); the call is not served."
-                )
-                logger.error("job %s (room %s): %s", message.job_id, message.room, text)
-                self._start(self._fail, pending.socket, message.job_id, text)
-                # The write may still have landed (a lost reply, a Redis that
-                # ran it late): once Redis answers, the job is marked
-                # terminated, so no worker joins a call LiveKit has failed.
-                if len(self._unsure) < MAX_UNSURE:
-                    self._unsure[message.job_id] = message.agent
-                return
-            if result.outcome == "duplicate":
-                self.stats.duplicates += 1
-                logger.warning(
-                    "job %s already enqueued (entry %s); not enqueued again",
+        if result is None:
+            self.stats.enqueue_failed += 1
+            reason = describe(error) if error else "timed out"
+            text = (
+                f"openrtc: could not enqueue job for agent '{message.agent}' "
+                f"(Redis: {reason}); the call is not served."
+            )
+            logger.error("job %s (room %s): %s", message.job_id, message.room, text)
+            self._start(self._fail, pending.socket, message.job_id, text)
+            # The write may still have landed (a lost reply, a Redis that
+            # ran it late): once Redis answers, the job is marked
+            # terminated, so no worker joins a call LiveKit has failed.
+            self.jobs.not_written(message.job_id, message.agent)
+            return
+        if result.outcome == "duplicate":
+            self.stats.duplicates += 1
+            logger.warning(
+                "job %s already enqueued (entry %s); not enqueued again",
+                message.job_id,
+                result.entry_id,
+            )
+        else:
+            self.stats.enqueued += 1
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "job %s (room %s) -> %s (entry %s, step %d: %s)",
                     message.job_id,
+                    message.room,
+                    self.keys.jobs(message.agent),
                     result.entry_id,
+                    pending.route.step,
+                    pending.route.source,
                 )
-            else:
-                self.stats.enqueued += 1
-                if logger.isEnabledFor(logging.INFO):
-                    logger.info(
-                        "job %s (room %s) -> %s (entry %s, step %d: %s)",
-                        message.job_id,
-                        message.room,
-                        self.keys.jobs(message.agent),
-                        result.entry_id,
-                        pending.route.step,
-                        pending.route.source,
-                    )
-            if pending.socket is self._socket:
-                self._held[message.job_id] = message.agent
-        finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._inflight_done.set()
+        self.jobs.written(message.job_id, message.agent, hold=pending.socket is self._socket)
 
-    def _job_message(self, job: proto.Job, offer: _Offer) -> JobMessage:
+    def _job_message(self, job: proto.Job, offer: Offer) -> JobMessage:
         """The job's stream entry; for an unknown agent, the same with no agent.
 
         The room snapshot carries the room's TURN password and the job its
@@ -521,7 +482,7 @@ class Dispatcher:
             routed_at=offer.routed_at,
         )
 
-    async def _dead_letter_unknown(self, offer: _Offer) -> None:
+    async def _dead_letter_unknown(self, offer: Offer) -> None:
         """Dead-letter a job for an unknown agent as a whole job entry, for no agent.
 
         Built by :meth:`_job_message` like every entry, so ``openrtc dlq
@@ -545,7 +506,7 @@ class Dispatcher:
                     origin="dispatcher",
                     once_for=job.id,
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.error(
                 "job %s: could not write its dead letter (%s): %s", job.id, describe(exc), error
             )
@@ -570,10 +531,7 @@ class Dispatcher:
             logger.debug("socket closed before %s could be sent", message.WhichOneof("message"))
 
     async def _on_termination(self, job_id: str) -> None:
-        agent = self._held.pop(job_id, None) or self._assigning.get(job_id)
-        if agent is None:
-            offer = self._offers.pop(job_id, None)
-            agent = offer.route.agent if offer and offer.route else None
+        agent = self.jobs.terminated(job_id)
         if agent is None:
             logger.debug("termination for job %s that this dispatcher does not hold", job_id)
             return
@@ -581,14 +539,14 @@ class Dispatcher:
         try:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 await self.store.publish_termination(agent, job_id, "livekit")
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.error("job %s: termination not delivered to workers: %s", job_id, describe(exc))
             return
         logger.info("job %s terminated by LiveKit; told %s workers", job_id, agent)
 
     async def _report_load_loop(self, socket: AgentSocket) -> None:
         while True:
-            load = self.policy.reported_load(self._loads)
+            load = self.policy.reported_load(self.view.loads)
             status = (
                 proto.WorkerStatus.WS_FULL if self._draining else proto.WorkerStatus.WS_AVAILABLE
             )
@@ -600,7 +558,7 @@ class Dispatcher:
                     update_worker=proto.UpdateWorkerStatus(
                         status=status,
                         load=load,
-                        job_count=len(self._held),
+                        job_count=self.jobs.held_count,
                         draining=self._draining,
                     )
                 ),
@@ -609,38 +567,12 @@ class Dispatcher:
 
     # -- Redis ---------------------------------------------------------------
 
-    async def _enqueue_loop(self) -> None:
-        async with self._receive_pending:
-            async for first in self._receive_pending:
-                batch = [first]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._receive_pending.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
-                now = time.monotonic()
-                live = []
-                for p in batch:
-                    if p.deadline > now:
-                        live.append(p)
-                    else:
-                        self._complete(p, None, TimeoutError("waited too long for Redis"))
-                if not live:
-                    continue
-                try:
-                    with anyio.fail_after(max(p.deadline for p in live) - now):
-                        results = await self.store.enqueue([p.message for p in live])
-                except Exception as exc:  # every failure is reported per job
-                    if isinstance(exc, (RedisError, OSError, TimeoutError)):
-                        # Answer the next offers unavailable right away, not
-                        # only after the next membership refresh notices.
-                        self._redis_ok = False
-                    self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
-                    for p in live:
-                        self._complete(p, None, exc)
-                    continue
-                for p, result in zip(live, results, strict=True):
-                    self._complete(p, result, None)
+    def _enqueue_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, REDIS_DOWN):
+            # Answer the next offers unavailable right away, not only after
+            # the next membership refresh notices.
+            self.view.redis_ok = False
+        self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 
     async def _status_loop(self) -> None:
         key = self.keys.status(self.settings.dispatcher_id)
@@ -648,7 +580,7 @@ class Dispatcher:
         while True:
             try:
                 replies: Any = await self._redis.xread({key: last_id}, count=256, block=1000)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(1)
                 continue
@@ -667,16 +599,16 @@ class Dispatcher:
                     # Whatever one event holds, it must not stop the loop that
                     # relays every other job's status (and the dispatcher).
                     logger.exception("status event %s not relayed", entry_id)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_DOWN):
                 await self._redis.xtrim(key, minid=last_id)
 
     async def _relay(self, event: StatusEvent) -> None:
         socket = self._socket
-        if socket is None or event.job_id not in self._held:
+        if socket is None or not self.jobs.is_held(event.job_id):
             logger.debug("status %s for job %s not held here: dropped", event.status, event.job_id)
             return
         if event.status in (JobStatus.SUCCESS, JobStatus.FAILED):
-            self._held.pop(event.job_id, None)
+            self.jobs.ended(event.job_id)
         self.stats.statuses_relayed += 1
         logger.info(
             "job %s %s%s",
@@ -697,56 +629,37 @@ class Dispatcher:
         while True:
             await anyio.sleep(self.settings.heartbeat_interval)
             await self._refresh_membership()
-            cutoff = self._clock() - OFFER_TTL
-            for job_id in [j for j, o in self._offers.items() if o.received_at < cutoff]:
-                self._offers.pop(job_id, None)
+            for job_id in self.jobs.expire_offers(self._clock() - OFFER_TTL):
                 logger.warning("job %s was accepted but never assigned by LiveKit", job_id)
 
     async def _refresh_membership(self) -> None:
         try:
             with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
-                if not self._groups_ready:
-                    for name in self._table.names:
-                        await self.store.ensure_group(name)
-                    self._groups_ready = True
-                await heartbeat(
-                    self._redis,
-                    registry_key=self.keys.dispatchers,
-                    record_key=self.keys.dispatcher(self.settings.dispatcher_id),
-                    member=self.settings.dispatcher_id,
-                    fields={
+                await self.view.refresh(
+                    {
                         "livekit_worker_id": self.livekit_worker_id or "",
                         "agents": ",".join(self._table.names),
                         "agent_name": self.settings.agent_name,
-                        "held_jobs": len(self._held),
+                        "held_jobs": self.jobs.held_count,
                         "draining": int(self._draining),
-                    },
-                    ttl=self.settings.membership_ttl,
+                    }
                 )
-                self._loads = await read_agent_loads(self._redis, self.keys, self._table.names)
-                for load in self._loads.values():
-                    if not load.has_group:
-                        # Redis restarted empty (or someone deleted the stream).
-                        await self.store.ensure_group(load.agent)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._redis_ok = False
-            self._groups_ready = False  # a restarted Redis has lost them
+        except REDIS_DOWN as exc:
+            self.view.lost()
             self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
             return
-        self._redis_ok = True
         self._redis_state.set("connected", redact_url(self.settings.redis_url))
         await self._settle_unsure()
 
     async def _settle_unsure(self) -> None:
         """Mark the jobs failed towards LiveKit whose enqueue may have landed anyway."""
-        while self._unsure:
-            job_id, agent = next(iter(self._unsure.items()))
+        for job_id, agent in self.jobs.unsure_jobs():
             try:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self.store.publish_termination(agent, job_id, "enqueue failed")
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_DOWN:
                 return  # next refresh
-            del self._unsure[job_id]
+            self.jobs.settle(job_id)
             logger.info("job %s: marked terminated (its enqueue had failed)", job_id)
         if not self._durability_checked:
             self._durability_checked = True  # once: at start-up, when Redis first answers

@@ -15,13 +15,15 @@ from typing import Final
 
 #: The one consumer group on every job stream.
 WORKERS_GROUP: Final = "workers"
+#: The namespace every key lives under unless told otherwise.
+DEFAULT_NAMESPACE: Final = "openrtc"
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key builder for one namespace."""
 
-    namespace: str = "openrtc"
+    namespace: str = DEFAULT_NAMESPACE
     cluster: bool = False
 
     def _agent(self, agent: str) -> str:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 
 from openrtc.keys import WORKERS_GROUP, Keys
 
-__all__ = ["AgentLoad", "heartbeat", "leave", "read_agent_loads"]
+__all__ = ["AgentLoad", "LoadView", "Presence", "heartbeat", "leave", "read_agent_loads"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +162,77 @@ async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> d
         )
         for agent in agents
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """One member's place in a registry: its heartbeat, and its leaving.
+
+    Workers and dispatchers each keep one; what a heartbeat says (``fields``)
+    is theirs.
+    """
+
+    redis: Redis
+    registry_key: str
+    record_key: str
+    member: str
+    ttl: float
+
+    async def beat(self, fields: Mapping[str, str | int | float]) -> None:
+        """Refresh this member (see :func:`heartbeat`)."""
+        await heartbeat(
+            self.redis,
+            registry_key=self.registry_key,
+            record_key=self.record_key,
+            member=self.member,
+            fields=fields,
+            ttl=self.ttl,
+        )
+
+    async def leave(self) -> None:
+        """Remove this member at a clean shutdown (see :func:`leave`)."""
+        await leave(
+            self.redis,
+            registry_key=self.registry_key,
+            record_key=self.record_key,
+            member=self.member,
+        )
+
+
+@dataclass(slots=True)
+class LoadView:
+    """A dispatcher's cached view of Redis: its agents' loads, and whether Redis answers.
+
+    Refreshed with each heartbeat (:meth:`refresh`); availability answers read
+    it without I/O. Each agent's stream and consumer group are (re)created
+    when missing: at the first refresh, after an outage (a restarted Redis
+    has lost them) and whenever a group is seen missing.
+    """
+
+    presence: Presence
+    keys: Keys
+    agents: Sequence[str]
+    ensure_group: Callable[[str], Awaitable[None]]
+    loads: dict[str, AgentLoad] = field(default_factory=dict)
+    #: False until a refresh succeeds, and again from any Redis failure.
+    redis_ok: bool = False
+    _groups_ready: bool = False
+
+    async def refresh(self, fields: Mapping[str, str | int | float]) -> None:
+        """Heartbeat with ``fields`` and read the loads; raises what Redis raises."""
+        if not self._groups_ready:
+            for name in self.agents:
+                await self.ensure_group(name)
+            self._groups_ready = True
+        await self.presence.beat(fields)
+        self.loads = await read_agent_loads(self.presence.redis, self.keys, self.agents)
+        for load in self.loads.values():
+            if not load.has_group:
+                # Redis restarted empty (or someone deleted the stream).
+                await self.ensure_group(load.agent)
+        self.redis_ok = True
+
+    def lost(self) -> None:
+        """Redis failed: answer unavailable until the next refresh succeeds."""
+        self.redis_ok = False
+        self._groups_ready = False  # a restarted Redis has lost them

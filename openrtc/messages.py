@@ -30,6 +30,8 @@ from livekit.protocol.agent import Job
 from openrtc.agents import NAME_PATTERN
 
 SCHEMA_VERSION: Final = 1
+#: The ``v`` field every versioned entry carries.
+_VERSION: Final = str(SCHEMA_VERSION).encode()
 #: Set on every job entry by the script that adds it, from Redis's own clock
 #: (unix ms): a job's age is judged by one clock, not by the wall clock of
 #: whichever host enqueued it.
@@ -193,7 +195,7 @@ class JobMessage:
         """Stream entry fields. ``enqueued_at`` is stamped now if unset."""
         enqueued = self.enqueued_at or time.time()
         return {
-            b"v": b"1",
+            b"v": _VERSION,
             b"job_id": self.job_id.encode(),
             b"agent": self.agent.encode(),
             b"room": self.room.encode(),
@@ -302,7 +304,7 @@ class StatusEvent:
     def encode(self) -> dict[bytes, bytes]:
         """Stream entry fields (the error bounded to :data:`ERROR_TEXT_MAX`)."""
         return {
-            b"v": b"1",
+            b"v": _VERSION,
             b"job_id": self.job_id.encode(),
             b"status": self.status.value.encode(),
             b"error": bounded(self.error).encode(),
@@ -408,7 +410,6 @@ class DeadReason(StrEnum):
     MALFORMED = "malformed"
     MAX_DELIVERIES = "max-deliveries"
     EXPIRED = "expired"
-    FAILED = "failed"
 
 
 #: Fields a dead letter adds on top of the original entry's fields.
@@ -463,7 +464,7 @@ def replay_entry(letter: Fields, *, agent: str, now: float) -> dict[bytes, bytes
     }
     job_id = entry.get(b"job_id", b"").decode(errors="replace")
     accept = accept_arguments(job_id, agent)
-    entry.setdefault(b"v", str(SCHEMA_VERSION).encode())
+    entry.setdefault(b"v", _VERSION)
     entry[b"agent"] = agent.encode()
     entry[b"identity"] = accept.identity.encode()
     entry[b"name"] = accept.name.encode()

@@ -20,8 +20,9 @@ from redis.asyncio import Redis
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.membership import live_members
-from openrtc.messages import QUEUED_AT_FIELD, replay_entry
-from openrtc.streams import STAMP_NOW_LUA, StreamStore
+from openrtc.messages import replay_entry
+from openrtc.settings import DEFAULT_DEDUP_TTL
+from openrtc.streams import StreamStore
 
 __all__ = [
     "AgentStatus",
@@ -294,34 +295,6 @@ async def list_dead_letters(
     return letters if ids else letters[:count]
 
 
-# KEYS: the dead-letter stream, the job's record hash, the job stream. That is
-# one agent's keys plus the dead-letter stream: under Redis Cluster the
-# dead-letter stream would have to share the agent's hash slot (one
-# dead-letter stream per agent, hash-tagged), since a script may only touch
-# keys of one slot. ARGV: dead letter id, record ttl (s), dispatcher id, then
-# the job entry's field/value pairs.
-# Returns {1, new id} when replayed; {0, ""} when the letter is gone (replayed
-# or purged by someone else meanwhile); {2, entry} when the job is already
-# queued or running as entry (another dead letter of the same job was
-# replayed): the letter stays, and no job is enqueued twice.
-_REPLAY_LUA: Final = f"""
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
-  return {{0, ''}}
-end
-local live = redis.call('HGET', KEYS[2], 'entry')
-if live and #redis.call('XRANGE', KEYS[3], live, live) > 0 then
-  return {{2, live}}
-end
-redis.call('XDEL', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-{STAMP_NOW_LUA}
-local id = redis.call('XADD', KEYS[3], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 4))
-redis.call('HSET', KEYS[2], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3],
-  'replayed_from', ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return {{1, id}}
-"""
-
 ReplayOutcome = Literal["replayed", "gone", "already-queued", "no-job-id"]
 
 
@@ -342,7 +315,7 @@ async def replay_dead_letters(
     letters: Sequence[DeadLetter],
     *,
     agent: str | None = None,
-    dedup_ttl: float = 24 * 3600.0,
+    dedup_ttl: float = DEFAULT_DEDUP_TTL,
 ) -> list[Replay]:
     """Put dead letters back on their agent's stream (or ``agent``'s), as new jobs.
 
@@ -353,7 +326,7 @@ async def replay_dead_letters(
     same letter therefore never enqueue a job twice nor lose a letter: whoever
     comes second finds it ``gone``.
     """
-    script = redis.register_script(_REPLAY_LUA)
+    store = StreamStore(redis, keys)
     results = []
     for letter in letters:
         target = agent or letter.agent
@@ -365,12 +338,12 @@ async def replay_dead_letters(
         if not letter.job_id:
             results.append(Replay(letter.id, "no-job-id"))
             continue
-        await StreamStore(redis, keys).ensure_group(target)
+        await store.ensure_group(target)
         fields = replay_entry(raw, agent=target, now=time.time())
         args: list[Any] = [letter.id, int(dedup_ttl), fields.get(b"dispatcher", b"")]
         for key, value in fields.items():
             args += [key, value]
-        code, entry = await script(
+        code, entry = await store.scripts.replay(
             keys=[keys.dead_letter, keys.job(target, letter.job_id), keys.jobs(target)], args=args
         )
         outcomes: dict[int, ReplayOutcome] = {1: "replayed", 2: "already-queued"}

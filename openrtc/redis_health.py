@@ -19,6 +19,8 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from openrtc.streams import REDIS_DOWN
+
 __all__ = ["check_durability"]
 
 
@@ -71,7 +73,7 @@ async def check_durability(redis: Redis, log: logging.Logger) -> list[str]:
                 info_aof, info_policy = await _info(redis)
                 aof = aof or info_aof
                 policy = policy or info_policy
-    except (RedisError, OSError, TimeoutError) as exc:
+    except REDIS_DOWN as exc:
         log.debug("Redis durability not checked: %s", exc)
         return []
     if aof is None and policy is None:

@@ -1,7 +1,7 @@
 """Child process of ``process`` isolation: one session, then exit.
 
 ``python -m openrtc.session_child AGENTS_DIR AGENT``; see
-:mod:`openrtc.process_runner` for the line protocol. The job line carries the
+:mod:`openrtc.runners` for the line protocol. The job line carries the
 room URL and token the worker minted: a child never holds the API secret.
 """
 

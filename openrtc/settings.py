@@ -12,12 +12,28 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
+from openrtc.keys import DEFAULT_NAMESPACE
 
 NoWorkerPolicy = Literal["queue", "reject"]
+
+__all__ = [
+    "DEFAULT_DEDUP_TTL",
+    "DEFAULT_NAMESPACE",
+    "DEFAULT_REDIS_URL",
+    "DispatcherSettings",
+    "LiveKitSettings",
+    "WorkerSettings",
+    "redact_url",
+]
+
+#: The Redis every service and command uses unless told otherwise.
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+#: How long a job's record (and with it its id's de-duplication) lives, in s.
+DEFAULT_DEDUP_TTL: Final = 24 * 3600.0
 
 
 def redact_url(url: str) -> str:
@@ -83,8 +99,8 @@ class DispatcherSettings:
     """Everything one dispatcher process needs. Times are seconds."""
 
     livekit: LiveKitSettings
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = "openrtc"
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = DEFAULT_NAMESPACE
     #: Name registered with LiveKit. Empty: automatic dispatch (every new room);
     #: a name: explicit dispatch to that name only (see LIVEKIT.md).
     agent_name: str = ""
@@ -99,7 +115,7 @@ class DispatcherSettings:
     #: How long an assignment may wait for Redis before it is failed towards LiveKit.
     enqueue_timeout: float = 2.0
     #: How long a job id is remembered for de-duplication.
-    dedup_ttl: float = 24 * 3600.0
+    dedup_ttl: float = DEFAULT_DEDUP_TTL
     heartbeat_interval: float = 1.0
     #: A dispatcher or worker that has not heartbeated for this long is gone.
     membership_ttl: float = 5.0
@@ -138,8 +154,8 @@ class WorkerSettings:
 
     livekit: LiveKitSettings
     agent: str
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = "openrtc"
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = DEFAULT_NAMESPACE
     worker_id: str = field(default_factory=lambda: new_instance_id("worker"))
     #: Sessions at once in this worker.
     concurrency: int = 10
@@ -167,6 +183,8 @@ class WorkerSettings:
     #: A consumer in the group that holds nothing and has not read for this
     #: long belongs to a worker that is gone: it is removed from the group.
     forget_consumers_after: float = 300.0
+    #: How long a job record written by this worker lives (as the dispatcher's).
+    dedup_ttl: float = DEFAULT_DEDUP_TTL
     cluster_keys: bool = False
 
     def __post_init__(self) -> None:

@@ -22,11 +22,10 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import (
-    QUEUED_AT_FIELD,
     ControlEvent,
     DeadReason,
     JobMessage,
@@ -34,8 +33,10 @@ from openrtc.messages import (
     dead_letter_fields,
     decode_job_record,
 )
+from openrtc.scripts import register
+from openrtc.settings import DEFAULT_DEDUP_TTL
 
-__all__ = ["EnqueueResult", "StreamStore", "connect_redis"]
+__all__ = ["REDIS_DOWN", "EnqueueResult", "StreamStore", "connect_redis"]
 
 logger = logging.getLogger("openrtc.streams")
 
@@ -44,40 +45,10 @@ SIDE_STREAM_MAXLEN: Final = 10_000
 #: A dispatcher's status stream expires this long after its last event, so the
 #: streams of dispatchers that are gone do not pile up.
 STATUS_STREAM_TTL: Final = 3600
-
-# KEYS: marker, dead-letter stream. ARGV: marker ttl (s), maxlen, then the
-# letter's field/value pairs. Adds the letter unless the marker says it was
-# added already: a retried write (the reply lost, the ack after it failed)
-# leaves one letter, never two, and never none.
-_DEAD_LETTER_ONCE_LUA: Final = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
-  return false
-end
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-"""
-
-#: Lua that sets ``now`` to Redis's clock in unix ms, for ``QUEUED_AT_FIELD``.
-STAMP_NOW_LUA: Final = """
-local t = redis.call('TIME')
-local now = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
-"""
-
-# KEYS: job record hash, job stream. ARGV: record ttl (s), dispatcher id,
-# then the entry's field/value pairs.
-# Returns {1, id} when added, {0, id} when the job was already enqueued.
-# No MAXLEN: trimming would cut the oldest entries, running calls included.
-
-_ENQUEUE_LUA: Final = f"""
-local existing = redis.call('HGET', KEYS[1], 'entry')
-if existing then
-  return {{0, existing}}
-end
-{STAMP_NOW_LUA}
-local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 3))
-redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return {{1, id}}
-"""
+#: What a Redis call raises when Redis is unreachable or too slow: every
+#: ``except`` that rides an outage out names this one tuple. (``TimeoutError``
+#: is an ``OSError`` already; it is named for ``anyio.fail_after``'s readers.)
+REDIS_DOWN: Final = (RedisError, OSError, TimeoutError)
 
 
 def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
@@ -117,7 +88,7 @@ class StreamStore:
         redis: Redis,
         keys: Keys,
         *,
-        dedup_ttl: float = 24 * 3600.0,
+        dedup_ttl: float = DEFAULT_DEDUP_TTL,
         wait_replicas: int = 0,
         wait_timeout: float = 0.5,
     ) -> None:
@@ -131,8 +102,8 @@ class StreamStore:
         self.keys = keys
         #: Seconds a job record (and with it the job id's de-duplication) lives.
         self.dedup_ttl = int(dedup_ttl)
-        self._enqueue = redis.register_script(_ENQUEUE_LUA)
-        self._dead_letter_once = redis.register_script(_DEAD_LETTER_ONCE_LUA)
+        #: The Lua scripts (:mod:`openrtc.scripts`), registered on this client.
+        self.scripts = register(redis)
         self._enqueue_loaded = False
         self._known_groups: set[str] = set()
 
@@ -157,7 +128,7 @@ class StreamStore:
             return []
         for attempt in range(2):
             if not self._enqueue_loaded:
-                self._enqueue.sha = await self.redis.script_load(_ENQUEUE_LUA)
+                await self.redis.script_load(self.scripts.enqueue.script)
                 self._enqueue_loaded = True
             # EVALSHA queued directly: redis-py's Script object would add a
             # SCRIPT EXISTS round trip to every pipeline.
@@ -165,7 +136,7 @@ class StreamStore:
             for message in messages:
                 args: list[Any] = [
                     "EVALSHA",
-                    self._enqueue.sha,
+                    self.scripts.enqueue.sha,
                     2,
                     self.keys.job(message.agent, message.job_id),
                     self.keys.jobs(message.agent),
@@ -238,7 +209,7 @@ class StreamStore:
         flat: list[Any] = [self.dedup_ttl, SIDE_STREAM_MAXLEN]
         for key, value in fields.items():
             flat += [key, value]
-        added = await self._dead_letter_once(
+        added = await self.scripts.dead_letter_once(
             keys=[self.keys.dead_letter_seen(once_for), self.keys.dead_letter], args=flat
         )
         return _text(added) if added else None
@@ -274,128 +245,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-# KEYS: job stream, then the job record of each entry id (same order).
-# ARGV: group, consumer, entry ids...
-# Renews this consumer's claim on each entry it still owns (XCLAIM ... JUSTID
-# resets the idle time without counting a delivery). Returns {lost, forgotten}:
-# - lost: another worker owns the entry now, or its record says the job moved
-#   on (another worker ran it, or it is done): this worker must step aside.
-# - forgotten: nobody owns the entry and the record does not say it moved on:
-#   Redis lost it (a restart without persistence, a failover that dropped the
-#   last writes). The call is still ours; the worker writes it back.
-_RENEW_LUA: Final = """
-local lost, forgotten = {}, {}
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  local owner = ok and p[1] and p[1][2] or false
-  if owner == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-  elseif owner then
-    table.insert(lost, id)
-  else
-    local rec = redis.call('HMGET', KEYS[i - 1], 'worker', 'state')
-    if (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then
-      table.insert(lost, id)
-    else
-      table.insert(forgotten, id)
-    end
-  end
-end
-return {lost, forgotten}
-"""
-
-# KEYS: job stream, job record. ARGV: group, consumer, record ttl (s), then the
-# entry's field/value pairs. Writes a call Redis forgot back as an entry pending
-# on this consumer, so a later crash of this worker is still recovered by a
-# peer. The entry must not also be delivered as new: the group's last-delivered
-# id is moved onto it, and the entries that were waiting behind the old
-# position are re-added after it (same fields, same order), so they are still
-# delivered exactly once. Returns the new entry id.
-_WRITE_BACK_LUA: Final = """
-local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
-redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
-local last = '0-0'
-for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-  local g = {}
-  for j = 1, #info, 2 do g[info[j]] = info[j + 1] end
-  if g['name'] == group then last = g['last-delivered-id'] end
-end
-local waiting = redis.call('XRANGE', stream, '(' .. last, '+')
-if last == '0-0' then waiting = redis.call('XRANGE', stream, '-', '+') end
-local id = redis.call('XADD', stream, '*', unpack(ARGV, 4))
-redis.call('XCLAIM', stream, group, consumer, 0, id, 'FORCE', 'JUSTID')
-for _, e in ipairs(waiting) do
-  redis.call('XADD', stream, '*', unpack(e[2]))
-  redis.call('XDEL', stream, e[1])
-end
-redis.call('XGROUP', 'SETID', stream, group, id)
-redis.call('HSET', KEYS[2], 'entry', id, 'state', 'running', 'worker', consumer)
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return id
-"""
-
-# KEYS: job stream, job record. ARGV: group, consumer, entry id.
-# Hands an entry this consumer holds but never started back to the stream as
-# a new, waiting entry (same fields): a draining worker holds no unstarted job,
-# and a peer reads it at once instead of after a lease. Returns the new id, or
-# false when the entry is no longer ours.
-_RELEASE_LUA: Final = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not (p[1] and p[1][2] == ARGV[2]) then return false end
-local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-if not e[1] then return false end
-local id = redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HSET', KEYS[2], 'entry', id)
-end
-return id
-"""
-
-# KEYS: job stream. ARGV: group, min idle ms, a consumer to keep (the caller).
-# Deletes consumers with nothing pending that have not read for min idle ms:
-# checked and deleted in one step, so no entry is ever dropped with them.
-_FORGET_CONSUMERS_LUA: Final = """
-local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-if not ok then return {} end
-local removed = {}
-for _, c in ipairs(consumers) do
-  local f = {}
-  for j = 1, #c, 2 do f[c[j]] = c[j + 1] end
-  if f['pending'] == 0 and f['idle'] >= tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    table.insert(removed, f['name'])
-  end
-end
-return removed
-"""
-
-# KEYS: job stream. ARGV: group, consumer. Deletes the consumer if nothing is
-# pending on it. Returns 1 when deleted.
-_LEAVE_GROUP_LUA: Final = """
-local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if not ok or #p > 0 then return 0 end
-redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
-# KEYS: job stream. ARGV: group, consumer, min idle ms, count.
-# XAUTOCLAIM plus each claimed entry's delivery count, in one round trip.
-# Returns {entries, counts, deleted ids}.
-_RECLAIM_LUA: Final = """
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
-local entries = r[2]
-local counts = {}
-for i, e in ipairs(entries) do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-  counts[i] = p[1] and p[1][4] or 1
-end
-return {entries, counts, r[3] or {}}
-"""
-
-
 @dataclass(frozen=True, slots=True)
 class Renewal:
     """What a lease renewal found: entries taken by another worker, entries Redis forgot."""
@@ -422,12 +271,7 @@ class JobConsumer:
         self.agent = agent
         self.consumer = consumer
         self.stream = store.keys.jobs(agent)
-        self._renew = self.redis.register_script(_RENEW_LUA)
-        self._reclaim = self.redis.register_script(_RECLAIM_LUA)
-        self._write_back = self.redis.register_script(_WRITE_BACK_LUA)
-        self._forget = self.redis.register_script(_FORGET_CONSUMERS_LUA)
-        self._leave = self.redis.register_script(_LEAVE_GROUP_LUA)
-        self._release = self.redis.register_script(_RELEASE_LUA)
+        self._scripts = store.scripts
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
         """New entries (never delivered before), at most ``count``.
@@ -452,7 +296,7 @@ class JobConsumer:
     async def reclaim(self, min_idle: float, count: int) -> list[Delivery]:
         """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours."""
         try:
-            entries, counts, _deleted = await self._reclaim(
+            entries, counts, _deleted = await self._scripts.reclaim(
                 keys=[self.stream],
                 args=[WORKERS_GROUP, self.consumer, int(min_idle * 1000), count],
             )
@@ -480,7 +324,7 @@ class JobConsumer:
             return Renewal([], [])
         ids = list(held)
         records = [self.store.keys.job(self.agent, held[i]) for i in ids]
-        lost, forgotten = await self._renew(
+        lost, forgotten = await self._scripts.renew(
             keys=[self.stream, *records], args=[WORKERS_GROUP, self.consumer, *ids]
         )
         return Renewal([_text(x) for x in lost], [_text(x) for x in forgotten])
@@ -495,7 +339,7 @@ class JobConsumer:
         for key, value in fields.items():
             flat.append(key)
             flat.append(value)
-        entry_id = await self._write_back(
+        entry_id = await self._scripts.write_back(
             keys=[self.stream, self.store.keys.job(self.agent, job_id)],
             args=[WORKERS_GROUP, self.consumer, self.store.dedup_ttl, *flat],
         )
@@ -503,7 +347,7 @@ class JobConsumer:
 
     async def release(self, entry_id: str, job_id: str) -> str | None:
         """Give an entry this worker holds but never started back as a waiting one."""
-        new_id = await self._release(
+        new_id = await self._scripts.release(
             keys=[self.stream, self.store.keys.job(self.agent, job_id)],
             args=[WORKERS_GROUP, self.consumer, entry_id],
         )
@@ -539,14 +383,16 @@ class JobConsumer:
         A living worker reads every second, so it is never that idle; one
         whose calls are still pending is kept until peers reclaim them.
         """
-        removed = await self._forget(
+        removed = await self._scripts.forget_consumers(
             keys=[self.stream], args=[WORKERS_GROUP, int(idle * 1000), self.consumer]
         )
         return [_text(name) for name in removed]
 
     async def leave_group(self) -> bool:
         """Remove this worker's own consumer, if it holds nothing (a clean exit)."""
-        return bool(await self._leave(keys=[self.stream], args=[WORKERS_GROUP, self.consumer]))
+        return bool(
+            await self._scripts.leave_group(keys=[self.stream], args=[WORKERS_GROUP, self.consumer])
+        )
 
     async def job_record(self, job_id: str) -> dict[str, str]:
         """The job's record hash (state, worker, terminated, last error...); never garbage.

@@ -28,18 +28,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from openrtc.agents import AgentConfig, AgentPool
+from openrtc.acceptance import Action, Verdict, judge
+from openrtc.agents import AgentPool
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
-from openrtc.membership import heartbeat, leave
+from openrtc.membership import Presence
 from openrtc.messages import (
     AGENT_ATTRIBUTE,
     ControlEvent,
@@ -51,12 +51,13 @@ from openrtc.messages import (
     peek_job_header,
 )
 from openrtc.redis_health import check_durability
-from openrtc.session import SessionControl, SessionOutcome, new_job_process, run_session
+from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
+from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
-from openrtc.streams import Delivery, JobConsumer, StreamStore, connect_redis
+from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 
-__all__ = ["SessionRunner", "Worker", "WorkerStats"]
+__all__ = ["Worker", "WorkerStats"]
 
 logger = logging.getLogger("openrtc.worker")
 
@@ -68,47 +69,6 @@ RECLAIM_INTERVAL: Final = 1.0
 ROOM_CHECKS: Final = 8
 #: Longest wait for one room check; past it the room is assumed to be there.
 ROOM_CHECK_TIMEOUT: Final = 3.0
-
-
-def _small_count(text: str) -> int:
-    """A count from a job record (data anyone could write): 0 unless plain digits."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
-
-
-class SessionRunner(Protocol):
-    """Runs one session to its end: in this process, or in a child process."""
-
-    async def prepare(self) -> None: ...
-
-    async def run(
-        self, message: JobMessage, control: SessionControl, *, worker_id: str
-    ) -> SessionOutcome: ...
-
-    async def aclose(self) -> None: ...
-
-
-class CoroutineRunner:
-    """Sessions as tasks in this process, sharing one prewarmed ``JobProcess``."""
-
-    def __init__(self, config: AgentConfig, settings: WorkerSettings) -> None:
-        self._config = config
-        self._settings = settings
-        self._proc = new_job_process("coroutine")
-
-    async def prepare(self) -> None:
-        if self._config.prewarm is not None:
-            logger.info("prewarming agent '%s'", self._config.name)
-            await anyio.to_thread.run_sync(self._config.prewarm, self._proc)
-
-    async def run(
-        self, message: JobMessage, control: SessionControl, *, worker_id: str
-    ) -> SessionOutcome:
-        return await run_session(
-            message, self._config, self._settings.livekit, self._proc, control, worker_id=worker_id
-        )
-
-    async def aclose(self) -> None:
-        return None
 
 
 @dataclass(slots=True)
@@ -201,12 +161,17 @@ class Worker:
         self._redis = redis or connect_redis(
             settings.redis_url, client_name=f"openrtc:{settings.worker_id}"
         )
-        self.store = StreamStore(self._redis, self.keys)
+        self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
+        self._presence = Presence(
+            self._redis,
+            self.keys.workers(settings.agent),
+            self.keys.worker(settings.worker_id),
+            settings.worker_id,
+            settings.membership_ttl,
+        )
         if runner is None:
             if settings.isolation == "process":
-                from openrtc.process_runner import ProcessRunner
-
                 runner = ProcessRunner(self.config, settings)
             else:
                 runner = CoroutineRunner(self.config, settings)
@@ -296,16 +261,11 @@ class Worker:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_DOWN):
                     # Nothing left pending on it: its consumer need not outlive it.
                     await self.consumer.leave_group()
-                with contextlib.suppress(RedisError, OSError):
-                    await leave(
-                        self._redis,
-                        registry_key=self.keys.workers(s.agent),
-                        record_key=self.keys.worker(s.worker_id),
-                        member=s.worker_id,
-                    )
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self._presence.leave()
                 await self.runner.aclose()
                 if self._lkapi is not None:
                     await self._lkapi.aclose()
@@ -339,7 +299,7 @@ class Worker:
         while True:
             try:
                 return await func(*args)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(backoff_delay(attempt, 0.1, 2.0))
                 attempt += 1
@@ -375,7 +335,7 @@ class Worker:
                     outage = False
                     self._reclaim_after = time.monotonic() + self.settings.lease
                 self._redis_state.set("connected", redact_url(self.settings.redis_url))
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 outage = True
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
@@ -423,46 +383,47 @@ class Worker:
                 self._drop(claim)
 
     async def _check(self, claim: _Claim) -> bool:
-        """Checks an entry and starts its session; False when it did not start one."""
+        """Checks an entry and starts its session; False when it did not start one.
+
+        The decision is :func:`openrtc.acceptance.judge`'s; here are its reads
+        (the job's record, then the entry decoded) and what follows from it.
+        """
         delivery = claim.delivery
-        if delivery.deliveries > self.settings.max_deliveries and await self._give_up(claim):
+        job_id, dispatcher_id = peek_job_header(delivery.fields)
+        record = await self._job_record(job_id)
+        message: JobMessage | MalformedEntry | None = None
+        verdict = self._judge(delivery, message, record)
+        if verdict.action is Action.DECODE:
+            try:
+                message = JobMessage.decode(delivery.fields)
+            except MalformedEntry as exc:
+                message = exc
+            verdict = self._judge(delivery, message, record)
+        if isinstance(message, JobMessage):
+            claim.message = message
+        else:
+            message = None
+        if verdict.action is Action.DEAD_LETTER:
+            assert verdict.reason is not None
+            if (
+                await self._dead_letter(claim, verdict.reason, verdict.error, message, job_id)
+                and message is None
+                and verdict.reason is DeadReason.MAX_DELIVERIES
+            ):
+                # Given up on undecoded: its dispatcher is told from the peeked ids.
+                await self._publish(
+                    dispatcher_id, job_id, JobStatus.FAILED, f"{verdict.reason}: {verdict.error}"
+                )
             return False
-        try:
-            message = JobMessage.decode(delivery.fields)
-        except MalformedEntry as exc:
-            await self._dead_letter(claim, DeadReason.MALFORMED, str(exc), None)
-            return False
-        claim.message = message
-        if message.agent != self.settings.agent:
-            # A real job on the wrong stream: nobody will serve it, so its
-            # dispatcher is told it failed, like any other dead-lettered job.
-            error = f"entry for agent '{message.agent}' on agent '{self.settings.agent}' stream"
-            await self._dead_letter(claim, DeadReason.MALFORMED, error, message)
-            return False
-        try:
-            record = await self.consumer.job_record(message.job_id)
-        except (RedisError, OSError) as exc:
-            logger.error("job %s: cannot read its record (%s); retried later", message.job_id, exc)
+        assert message is not None
+        if verdict.action is Action.RETRY:
+            logger.error("job %s: %s; retried later", message.job_id, verdict.error)
             claim.lost = True  # not renewed: reclaimed after the lease
             return False
-        started_before = record.get("state") == "running"
-        if record.get("terminated") and not started_before:
-            # Terminated while it waited (its dispatch was deleted, the room
-            # closed): nobody should join. A call that had started is another
-            # matter: the termination is then the dead worker's agent leaving,
-            # and the takeover below is what the caller needs.
-            logger.info("job %s was terminated before it started; not joining", message.job_id)
+        if verdict.action is Action.FINISH:
+            logger.info("job %s was %s; not joining", message.job_id, verdict.error)
             await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
-            return False
-        waited = self._age(message)
-        if not started_before and waited > self.settings.max_queue_age:
-            await self._dead_letter(
-                claim,
-                DeadReason.EXPIRED,
-                f"waited {waited:.1f}s for a worker (limit {self.settings.max_queue_age:.0f}s)",
-                message,
-            )
             return False
         # Concurrently with the rest of the batch, each bounded: a slow LiveKit
         # API delays calls, it does not let their leases lapse.
@@ -505,11 +466,30 @@ class Worker:
         self._tg.start_soon(self._serve, claim)
         return True
 
-    def _age(self, message: JobMessage) -> float:
-        """How long the job has waited, by Redis's clock (one clock for every host)."""
-        if message.queued_at:
-            return self._clock() + self._redis_clock_offset - message.queued_at
-        return self._clock() - message.enqueued_at  # an entry from before the stamp
+    def _judge(
+        self,
+        delivery: Delivery,
+        message: JobMessage | MalformedEntry | None,
+        record: dict[str, str] | None,
+    ) -> Verdict:
+        return judge(
+            delivery.deliveries,
+            message,
+            record,
+            self._clock(),
+            self.settings,
+            redis_offset=self._redis_clock_offset,
+        )
+
+    async def _job_record(self, job_id: str) -> dict[str, str] | None:
+        """The job's record; ``{}`` without a job id, ``None`` when Redis does not answer."""
+        if not job_id:
+            return {}
+        try:
+            return await self.consumer.job_record(job_id)
+        except REDIS_DOWN as exc:
+            logger.warning("job %s: cannot read its record (%s)", job_id, exc)
+            return None
 
     async def _measure_redis_clock(self) -> None:
         before = self._clock()
@@ -523,7 +503,7 @@ class Worker:
         try:
             with anyio.fail_after(self.settings.lease / 3):
                 new_id = await self.consumer.release(claim.entry_id, message.job_id)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             # Still pending on us and no longer renewed: a peer reclaims it
             # after the lease.
             logger.warning("job %s: not released (%s); left to the lease", message.job_id, exc)
@@ -534,39 +514,6 @@ class Worker:
             claim.entry_id,
             new_id,
         )
-
-    async def _give_up(self, claim: _Claim) -> bool:
-        """Dead-letter an entry past ``max_deliveries`` without decoding its job.
-
-        Only the plain ``job_id`` and ``dispatcher`` fields are peeked at
-        (never raising), for the job's record and for the dispatcher that
-        must hear the job failed. Deliveries that moved a call which had been
-        running well (a crash or a deploy after its session lived a lease)
-        do not count: the record's ``healthy`` field is the delivery count at
-        the last such point, so a long call moved by rolling deploys is never
-        given up. Returns False when the entry is not given up.
-        """
-        delivery = claim.delivery
-        job_id, dispatcher_id = peek_job_header(delivery.fields)
-        record: dict[str, str] = {}
-        if job_id:
-            try:
-                record = await self.consumer.job_record(job_id)
-            except (RedisError, OSError) as exc:
-                logger.warning("job %s: cannot read its record (%s)", job_id, exc)
-        failed_tries = delivery.deliveries - _small_count(record.get("healthy", ""))
-        if failed_tries <= self.settings.max_deliveries:
-            return False
-        error = record.get("last_error") or "no error recorded"
-        reason = (
-            f"gave up after {failed_tries - 1} deliveries"
-            f" (max {self.settings.max_deliveries}); last error: {error}"
-        )
-        if await self._dead_letter(claim, DeadReason.MAX_DELIVERIES, reason, None, job_id):
-            await self._publish(
-                dispatcher_id, job_id, JobStatus.FAILED, f"{DeadReason.MAX_DELIVERIES}: {reason}"
-            )
-        return True
 
     async def _check_room(self, message: JobMessage) -> str:
         """``live``, ``gone``, or the identity of the agent of ours already serving it.
@@ -630,7 +577,7 @@ class Worker:
                         attempt=claim.delivery.deliveries,
                         started_at=f"{self._clock():.6f}",
                     )
-                except (RedisError, OSError) as exc:
+                except REDIS_DOWN as exc:
                     logger.warning("job %s: record not updated: %s", message.job_id, exc)
                 await self._status(message, JobStatus.RUNNING, "")
 
@@ -652,7 +599,7 @@ class Worker:
                     await self.consumer.update_record(
                         message.job_id, healthy=claim.delivery.deliveries
                     )
-                except (RedisError, OSError) as exc:
+                except REDIS_DOWN as exc:
                     logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
             async with anyio.create_task_group() as tg:
@@ -692,7 +639,7 @@ class Worker:
                 self.settings.max_deliveries,
                 outcome.error,
             )
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_DOWN):
                 await self.consumer.update_record(message.job_id, last_error=outcome.error)
             # Left pending and no longer renewed: after the lease it is
             # delivered again, to this worker or another, until the limit.
@@ -710,7 +657,7 @@ class Worker:
         try:
             await self._until_redis(self.consumer.ack, claim.entry_id)
             await self.consumer.update_record(message.job_id, state="done")
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
     async def _dead_letter(
@@ -751,7 +698,7 @@ class Worker:
                 await self.store.publish_status(
                     dispatcher_id, StatusEvent(job_id, status, error, self.settings.worker_id)
                 )
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.warning("job %s: status %s not sent: %s", job_id, status, exc)
 
     # -- leases, control, membership -------------------------------------------
@@ -769,7 +716,7 @@ class Worker:
             try:
                 with anyio.fail_after(self.settings.lease / 3):
                     renewal = await self.consumer.renew(held)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 continue
             for entry_id in renewal.lost:
@@ -793,12 +740,12 @@ class Worker:
         try:
             with anyio.fail_after(self.settings.lease / 3):
                 new = await self.consumer.write_back(claim.message.job_id, claim.delivery.fields)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_DOWN as exc:
             logger.warning("job %s: entry not written back yet: %s", claim.message.job_id, exc)
             return
         if claim.settled:
             # It ended while being written back: the new entry is done with too.
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_DOWN):
                 await self.consumer.ack(new)
             return
         if self._claims.get(old) is claim:
@@ -818,7 +765,7 @@ class Worker:
         while True:
             try:
                 reply: Any = await self._redis.xread({key: last_id}, count=100, block=READ_BLOCK_MS)
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
                 continue
@@ -852,23 +799,18 @@ class Worker:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self._beat()
                     await self._measure_redis_clock()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 
     async def _beat(self) -> None:
         s = self.settings
-        await heartbeat(
-            self._redis,
-            registry_key=self.keys.workers(s.agent),
-            record_key=self.keys.worker(s.worker_id),
-            member=s.worker_id,
-            fields={
+        await self._presence.beat(
+            {
                 "agent": s.agent,
                 "capacity": 0 if self._draining else s.concurrency,
                 "running": len(self.running),
                 "isolation": s.isolation,
                 "jobs": ",".join(self.running_jobs),
                 "draining": int(self._draining),
-            },
-            ttl=s.membership_ttl,
+            }
         )

@@ -12,8 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
+from openrtc.agents import AgentPool
 from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.streams import connect_redis
+from tests.stack import OFFLINE_AGENTS
+from tests.standin import StandIn, running_standin
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = Path(os.environ.get("OPENRTC_TEST_LOG_DIR", REPO_ROOT / ".openrtc" / "test-logs"))
@@ -42,7 +47,7 @@ def livekit_server() -> Iterator[LiveKitServer]:
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[object]:
-    """A redis-py asyncio client on a flushed database."""
+    """A plain redis-py asyncio client on a flushed database."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=False)
@@ -51,3 +56,29 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[object]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A client made like the services' own (``connect_redis``), database not flushed.
+
+    Tests that use it keep to a namespace of their own.
+    """
+    redis = connect_redis(redis_server.url)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture(scope="module")
+def pool() -> AgentPool:
+    """The offline example agents (no STT or LLM), discovered once per module."""
+    return AgentPool.from_directory(OFFLINE_AGENTS)
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[StandIn]:
+    """A protocol-level LiveKit stand-in, for fault injection."""
+    async with running_standin() as server:
+        yield server

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 from livekit import api
+from redis.asyncio import Redis
 
 from openrtc.agents import AgentPool
 from openrtc.devstack import LiveKitServer
@@ -25,6 +27,32 @@ OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
 def unique(prefix: str) -> str:
     """A name no other test uses (namespaces, rooms)."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def eventually(
+    check: Callable[[], Any | Awaitable[Any]],
+    what: str = "",
+    *,
+    within: float = 10.0,
+    interval: float = 0.05,
+) -> Any:
+    """Poll ``check`` (plain or async) until it returns something true, and return that.
+
+    The one polling helper of the suite: a generous deadline, never a hang,
+    and a failure that says what was awaited (``what``, else the check's name).
+    """
+    try:
+        with anyio.fail_after(within):
+            while True:
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return result
+                await anyio.sleep(interval)
+    except TimeoutError:
+        name = what or getattr(check, "__name__", "the condition")
+        raise AssertionError(f"timed out after {within:g}s waiting for {name}") from None
 
 
 def creds(livekit: LiveKitServer) -> LiveKitSettings:
@@ -49,22 +77,39 @@ async def live_rooms(livekit: LiveKitServer, name: str) -> list[api.Room]:
 
 
 @asynccontextmanager
-async def dispatching(settings: DispatcherSettings) -> AsyncIterator[Dispatcher]:
-    """A dispatcher for the offline agents, registered, until exit."""
-    dispatcher = Dispatcher(settings, AgentPool.from_directory(OFFLINE_AGENTS))
+async def dispatching(
+    settings: DispatcherSettings, pool: AgentPool | None = None, *, redis: Redis | None = None
+) -> AsyncIterator[Dispatcher]:
+    """A registered dispatcher for ``pool`` (default: the offline agents) until exit.
+
+    On exit it is asked to stop and must return by itself within 10 s (its
+    drain bound): a dispatcher that does not stop fails the test.
+    """
+    dispatcher = Dispatcher(settings, pool or AgentPool.from_directory(OFFLINE_AGENTS), redis=redis)
     async with anyio.create_task_group() as tg:
-        await tg.start(dispatcher.run)
         with anyio.fail_after(10):
+            await tg.start(dispatcher.run)
             await dispatcher.registered.wait()
         try:
             yield dispatcher
         finally:
             dispatcher.request_stop()
+            tg.cancel_scope.deadline = anyio.current_time() + 10
+    if tg.cancel_scope.cancelled_caught:
+        raise AssertionError("the dispatcher did not stop within 10 s of request_stop()")
 
 
 def dispatcher_settings(
-    livekit: LiveKitServer, redis_url: str, namespace: str, **overrides: Any
+    livekit: LiveKitServer | LiveKitSettings,
+    redis_url: str,
+    namespace: str | None = None,
+    **overrides: Any,
 ) -> DispatcherSettings:
+    """The suite's one dispatcher settings builder: fast heartbeats and reconnects.
+
+    ``livekit``: the real server, or the URL and keys of a stand-in or proxy;
+    ``namespace``: a fresh one unless given.
+    """
     options: dict[str, Any] = {
         "heartbeat_interval": 0.2,
         "reconnect_initial": 0.05,
@@ -72,7 +117,10 @@ def dispatcher_settings(
         **overrides,
     }
     return DispatcherSettings(
-        livekit=creds(livekit), redis_url=redis_url, namespace=namespace, **options
+        livekit=livekit if isinstance(livekit, LiveKitSettings) else creds(livekit),
+        redis_url=redis_url,
+        namespace=namespace or unique("ns"),
+        **options,
     )
 
 

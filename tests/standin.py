@@ -19,6 +19,8 @@ from aiohttp import WSMsgType, web
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
+from openrtc.messages import agent_identity
+
 _ids = itertools.count(1)
 
 
@@ -217,7 +219,7 @@ class StandIn:
         assigned = proto.Job()
         assigned.CopyFrom(job)
         assigned.state.status = proto.JobStatus.JS_RUNNING
-        assigned.state.participant_identity = identity or f"agent-{job.id}"
+        assigned.state.participant_identity = identity or agent_identity(job.id)
         assigned.state.worker_id = worker.worker_id
         await worker.ws.send_bytes(
             proto.ServerMessage(

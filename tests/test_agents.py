@@ -19,7 +19,7 @@ from livekit.agents import Agent
 from openrtc import OpenRTCError
 from openrtc.agents import AgentConfig, AgentPool, agent_config, describe_provider
 from openrtc.errors import AgentDiscoveryError, AgentRegistryError
-from openrtc.routing import Route
+from openrtc.routing import Route, resolve_agent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_AGENTS = REPO_ROOT / "examples" / "agents"
@@ -654,7 +654,10 @@ def test_directory_without_agent_modules(
     assert "holds no agent modules" in caplog.text
     # Whoever needs an agent says so.
     with pytest.raises(RuntimeError, match=r"^No agents are registered in the pool\.$"):
-        pool.resolve(SimpleNamespace(metadata="", room=SimpleNamespace(name="x", metadata="")))
+        resolve_agent(
+            SimpleNamespace(metadata="", room=SimpleNamespace(name="x", metadata="")),
+            pool.routing_table,
+        )
 
 
 def test_module_raising_in_its_body(tmp_path: Path) -> None:
@@ -780,31 +783,43 @@ def test_discover_into_a_pool_with_a_clashing_name(tmp_path: Path) -> None:
 def test_resolve_routes_against_the_registry() -> None:
     pool = AgentPool.from_directory(EXAMPLE_AGENTS)
 
-    assert pool.resolve(job(room="dental-call-1")) == Route("dental", 5, "room name prefix")
-    assert pool.resolve(job(room="restaurant-7")) == Route("restaurant", 5, "room name prefix")
-    assert pool.resolve(job(room="lobby")) == Route("dental", 6, "default fallback")
-    assert pool.resolve(job(metadata={"agent": "restaurant"}, room="dental-call-1")) == Route(
-        "restaurant", 1, "job metadata"
+    assert resolve_agent(job(room="dental-call-1"), pool.routing_table) == Route(
+        "dental", 5, "room name prefix"
     )
+    assert resolve_agent(job(room="restaurant-7"), pool.routing_table) == Route(
+        "restaurant", 5, "room name prefix"
+    )
+    assert resolve_agent(job(room="lobby"), pool.routing_table) == Route(
+        "dental", 6, "default fallback"
+    )
+    assert resolve_agent(
+        job(metadata={"agent": "restaurant"}, room="dental-call-1"), pool.routing_table
+    ) == Route("restaurant", 1, "job metadata")
 
 
 def test_routing_table_is_rebuilt_after_add() -> None:
     pool = AgentPool()
     pool.add("dental", HelperAgent)
-    assert pool.resolve(job(room="support-42")) == Route("dental", 6, "default fallback")
+    assert resolve_agent(job(room="support-42"), pool.routing_table) == Route(
+        "dental", 6, "default fallback"
+    )
     with pytest.raises(ValueError, match="Unknown agent 'support' requested via job metadata"):
-        pool.resolve(job(metadata='{"agent": "support"}'))
+        resolve_agent(job(metadata='{"agent": "support"}'), pool.routing_table)
 
     pool.add("support", OtherHelperAgent)
 
     assert pool.routing_table.names == ("dental", "support")
-    assert pool.resolve(job(room="support-42")) == Route("support", 5, "room name prefix")
-    assert pool.resolve(job(metadata='{"agent": "support"}')) == Route("support", 1, "job metadata")
+    assert resolve_agent(job(room="support-42"), pool.routing_table) == Route(
+        "support", 5, "room name prefix"
+    )
+    assert resolve_agent(job(metadata='{"agent": "support"}'), pool.routing_table) == Route(
+        "support", 1, "job metadata"
+    )
 
 
 def test_resolve_on_an_empty_pool() -> None:
     with pytest.raises(RuntimeError, match="No agents are registered"):
-        AgentPool().resolve(job(room="dental-1"))
+        resolve_agent(job(room="dental-1"), AgentPool().routing_table)
 
 
 # --------------------------------------------------------------------------- describe

@@ -24,17 +24,19 @@ from livekit.protocol.agent import Job, JobType
 
 from openrtc.messages import (
     ERROR_TEXT_MAX,
-    AcceptArguments,
     ControlEvent,
     JobMessage,
     JobStatus,
     MalformedEntry,
     StatusEvent,
+    accept_arguments,
     decode_job_record,
     peek_job_header,
 )
 from openrtc.monitor import _decode_entry
 from openrtc.routing import SHOWN_NAME_MAX, UnknownAgentError, resolve_agent
+
+pytestmark = pytest.mark.unit
 
 FUZZ = settings(
     max_examples=300,
@@ -130,7 +132,7 @@ def _valid_job_fields() -> dict[bytes, bytes]:
     return JobMessage(
         job=_valid_job(),
         agent="dental",
-        accept=AcceptArguments("agent-AJ_fuzz0001", "dental", "", {"openrtc.agent": "dental"}),
+        accept=accept_arguments("AJ_fuzz0001", "dental"),
         livekit_url="ws://127.0.0.1:7880",
         step=3,
         source="room metadata",

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,11 +35,12 @@ from openrtc.devstack import RedisServer
 from openrtc.dispatcher import AGENT_ATTRIBUTE, Dispatcher
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.membership import heartbeat
-from openrtc.messages import JobMessage, JobStatus, StatusEvent
+from openrtc.messages import JobMessage, JobStatus, StatusEvent, agent_identity
 from openrtc.settings import DispatcherSettings, LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
 from tests.faults import slow_replies
-from tests.standin import StandIn, WorkerConn, make_job, running_standin
+from tests.stack import dispatcher_settings, dispatching, eventually
+from tests.standin import StandIn, WorkerConn, make_job
 
 pytestmark = pytest.mark.anyio
 
@@ -57,76 +55,10 @@ GHOST_ERROR = "Unknown agent 'ghost' requested via job metadata."
 # -- fixtures and helpers ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pool() -> AgentPool:
-    return AgentPool.from_directory(REPO_ROOT / "examples" / "offline_agents")
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[StandIn]:
-    async with running_standin() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    """A client made like the dispatcher's own, in the test's event loop."""
-    redis = connect_redis(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
-
-
 def make_settings(standin: StandIn, redis_url: str, **overrides: Any) -> DispatcherSettings:
-    values: dict[str, Any] = {
-        "livekit": LiveKitSettings(standin.url, "devkey", API_SECRET),
-        "redis_url": redis_url,
-        "namespace": f"faults-{uuid.uuid4().hex[:10]}",
-        "heartbeat_interval": 0.2,
-        "load_interval": 0.2,
-        "reconnect_initial": 0.05,
-        "reconnect_max": 0.5,
-    }
-    values.update(overrides)
-    return DispatcherSettings(**values)
-
-
-@asynccontextmanager
-async def serving(
-    settings: DispatcherSettings, pool: AgentPool, redis: Redis
-) -> AsyncIterator[Dispatcher]:
-    """A dispatcher running in a task group; stopped (gracefully) on exit."""
-    dispatcher = Dispatcher(settings, pool, redis=redis)
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(10):
-            await tg.start(dispatcher.run)
-            await dispatcher.registered.wait()
-        try:
-            yield dispatcher
-        finally:
-            dispatcher.request_stop()
-            # run() must return by itself, within its drain bound.
-            tg.cancel_scope.deadline = anyio.current_time() + 10
-    if tg.cancel_scope.cancelled_caught:
-        raise AssertionError("the dispatcher did not stop within 10 s of request_stop()")
-
-
-async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], what: str, *, within: float = 5.0
-) -> None:
-    """Poll ``check`` until it is true; fail (never hang) after ``within`` seconds."""
-    try:
-        with anyio.fail_after(within):
-            while True:
-                result = check()
-                if inspect.isawaitable(result):
-                    result = await result
-                if result:
-                    return
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+    """Settings for a dispatcher of the stand-in (load reported every 0.2 s)."""
+    livekit = LiveKitSettings(standin.url, "devkey", API_SECRET)
+    return dispatcher_settings(livekit, redis_url, **{"load_interval": 0.2, **overrides})
 
 
 async def offer(
@@ -203,7 +135,7 @@ async def test_reconnects_after_a_dropped_socket_and_serves_new_jobs(
 ) -> None:
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (first,) = await standin.wait_registered()
         before = [make_job(f"{agent}-before") for agent in AGENTS]
         for job in before:
@@ -231,7 +163,7 @@ async def test_reconnects_after_a_dropped_socket_and_serves_new_jobs(
         for job in after:
             answer = await offer(standin, job, second)
             assert answer.available
-            assert answer.participant_identity == f"agent-{job.id}"
+            assert answer.participant_identity == agent_identity(job.id)
         # LiveKit may offer a job again; it is not enqueued a second time.
         assert (await offer(standin, before[0], second)).available
         await eventually(lambda: dispatcher.stats.enqueued == 7, "3 more jobs enqueued")
@@ -254,7 +186,7 @@ async def test_reregisters_after_a_server_restart(
 ) -> None:
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (first,) = await standin.wait_registered()
         assert (await offer(standin, make_job("support-1"), first)).available
         await eventually(lambda: dispatcher.stats.enqueued == 1, "the first job enqueued")
@@ -285,7 +217,7 @@ async def test_malformed_and_unexpected_messages_are_survived(
 ) -> None:
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         worker_id = dispatcher.livekit_worker_id
         assert worker_id == worker.worker_id
@@ -310,7 +242,7 @@ async def test_malformed_and_unexpected_messages_are_survived(
 
         (stored,) = await stream_jobs(client, keys, "restaurant")
         assert stored.job_id == stray.id
-        assert stored.accept.identity == f"agent-{stray.id}"
+        assert stored.accept.identity == agent_identity(stray.id)
         assert stored.accept.attributes == {AGENT_ATTRIBUTE: "restaurant"}
         assert stored.step == 5
         assert not stored.job.HasField("state")
@@ -333,7 +265,7 @@ async def test_a_job_offered_twice_to_one_dispatcher_is_enqueued_once(
 ) -> None:
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         job = make_job("dental-twice")
         assert (await offer(standin, job, worker)).available
@@ -351,7 +283,10 @@ async def test_a_job_offered_to_two_dispatchers_is_enqueued_once(
     settings = make_settings(standin, redis_server.url)
     other = make_settings(standin, redis_server.url, namespace=settings.namespace)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as one, serving(other, pool, client) as two:
+    async with (
+        dispatching(settings, pool, redis=client) as one,
+        dispatching(other, pool, redis=client) as two,
+    ):
         workers = await standin.wait_registered(2)
         jobs = [make_job(f"support-both-{i}") for i in range(5)]
         answers = await asyncio.gather(
@@ -380,7 +315,7 @@ async def test_redis_going_away_and_coming_back(standin: StandIn, pool: AgentPoo
     try:
         settings = make_settings(standin, server.url)
         keys = Keys(settings.namespace)
-        async with serving(settings, pool, redis) as dispatcher:
+        async with dispatching(settings, pool, redis=redis) as dispatcher:
             (worker,) = await standin.wait_registered()
             assert (await offer(standin, make_job("dental-before"), worker)).available
             await eventually(lambda: dispatcher.stats.enqueued == 1, "the first job enqueued")
@@ -496,7 +431,7 @@ async def test_a_flood_with_a_socket_drop_in_the_middle_loses_and_doubles_nothin
         await answered_before_drop.wait()
         standin.drop(worker)
 
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (first,) = await standin.wait_registered()
         phase1 = flood("a", 150)
         with anyio.fail_after(10):
@@ -568,7 +503,10 @@ async def test_an_unknown_agent_is_failed_and_dead_lettered_once(
     settings = make_settings(standin, redis_server.url)
     other = make_settings(standin, redis_server.url, namespace=settings.namespace)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as one, serving(other, pool, client) as two:
+    async with (
+        dispatching(settings, pool, redis=client) as one,
+        dispatching(other, pool, redis=client) as two,
+    ):
         workers = {w.worker_id: w for w in await standin.wait_registered(2)}
         first = workers[one.livekit_worker_id or ""]
         second = workers[two.livekit_worker_id or ""]
@@ -576,7 +514,7 @@ async def test_an_unknown_agent_is_failed_and_dead_lettered_once(
 
         answer = await offer(standin, job, first)
         assert answer.available
-        assert answer.participant_identity == f"agent-{job.id}"
+        assert answer.participant_identity == agent_identity(job.id)
         await eventually(lambda: bool(updates_for(first, job.id)), "the job failed")
         (update,) = updates_for(first, job.id)
         assert update.status == proto.JobStatus.JS_FAILED
@@ -592,7 +530,7 @@ async def test_an_unknown_agent_is_failed_and_dead_lettered_once(
         # The whole job entry, for no agent; `dlq replay --agent X` names one.
         assert dead[b"agent"] == b""
         assert dead[b"requested_agent"] == b"ghost"
-        assert dead[b"identity"] == f"agent-{job.id}".encode()
+        assert dead[b"identity"] == agent_identity(job.id).encode()
         original = proto.Job()
         original.ParseFromString(dead[b"job"])
         assert original.id == job.id
@@ -626,7 +564,7 @@ async def test_a_termination_reaches_the_agents_workers(
 ) -> None:
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         job = make_job("restaurant-table-4")
         assert (await offer(standin, job, worker)).available
@@ -652,7 +590,7 @@ async def test_a_termination_right_behind_the_assignment_is_not_lost(
 ) -> None:
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         jobs = [make_job(f"support-quick-{i}") for i in range(5)]
         for job in jobs:
@@ -682,7 +620,7 @@ async def test_worker_status_events_are_relayed_to_livekit(
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
     store = StreamStore(client, keys)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         ok, bad = make_job("dental-ok"), make_job("support-bad")
         for job in (ok, bad):
@@ -721,7 +659,7 @@ async def test_reject_policy_without_workers_answers_unavailable(
 ) -> None:
     settings = make_settings(standin, redis_server.url, when_no_worker="reject")
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         for agent in AGENTS:
             assert not (await offer(standin, make_job(f"{agent}-nobody"), worker)).available
@@ -749,7 +687,7 @@ async def test_queue_policy_without_workers_accepts(
 ) -> None:
     settings = make_settings(standin, redis_server.url, when_no_worker="queue")
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         jobs = [make_job(f"{agent}-queued") for agent in AGENTS]
         for job in jobs:
@@ -763,7 +701,7 @@ async def test_backlog_beyond_free_slots_flips_answers_and_load_is_reported(
 ) -> None:
     settings = make_settings(standin, redis_server.url, max_backlog=1)
     keys = Keys(settings.namespace)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         # dental: 4 slots, 3 in use -> 1 free; support: 6 free. Load 3/10.
         for member, agent, capacity, running in (("d1", "dental", 4, 3), ("s1", "support", 6, 0)):
@@ -854,7 +792,7 @@ async def test_no_secret_reaches_redis_or_the_logs(
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
     store = StreamStore(client, keys)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         job = make_job("dental-secret", room_metadata='{"agent": "support"}')
         ghost = ghost_job()
@@ -909,7 +847,7 @@ async def test_a_job_failed_towards_livekit_is_never_served_if_its_enqueue_lande
         settings = make_settings(standin, proxy.redis_url, enqueue_timeout=0.5, wait_timeout=0.2)
         keys = Keys(settings.namespace)
         own = connect_redis(proxy.redis_url)
-        async with serving(settings, pool, own) as dispatcher:
+        async with dispatching(settings, pool, redis=own) as dispatcher:
             (worker,) = await standin.wait_registered()
             # A first job loads the enqueue script: later ones are one EVALSHA.
             assert (await offer(standin, make_job("dental-first"), worker)).available

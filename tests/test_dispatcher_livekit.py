@@ -7,10 +7,9 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -20,8 +19,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
-from openrtc.messages import JobMessage
-from tests.stack import OFFLINE_AGENTS, dispatcher_settings, dispatching, unique
+from openrtc.messages import AGENT_ATTRIBUTE, JobMessage, agent_identity
+from tests.stack import OFFLINE_AGENTS, dispatcher_settings, dispatching, eventually, unique
 
 pytestmark = pytest.mark.anyio
 
@@ -37,17 +36,6 @@ async def entries(redis: Redis, key: str) -> list[tuple[bytes, dict[bytes, bytes
     return result
 
 
-async def wait_for(
-    predicate: Callable[[], Any], *, within: float = 10.0, interval: float = 0.05
-) -> Any:
-    with anyio.fail_after(within):
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await anyio.sleep(interval)
-
-
 async def test_room_metadata_routes_to_the_agents_stream(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:
@@ -59,7 +47,7 @@ async def test_room_metadata_routes_to_the_agents_stream(
             created = await lkapi.room.create_room(
                 api.CreateRoomRequest(name=room, metadata='{"agent": "dental"}')
             )
-            found = await wait_for(lambda: entries(redis, keys.jobs("dental")))
+            found = await eventually(lambda: entries(redis, keys.jobs("dental")))
         await anyio.sleep(0.3)  # nothing else trickles in
         assert len(await entries(redis, keys.jobs("dental"))) == 1
         message = JobMessage.decode(found[0][1])
@@ -68,8 +56,8 @@ async def test_room_metadata_routes_to_the_agents_stream(
         assert message.job.room.name == room
         assert message.job.room.sid == created.sid
         assert message.job.room.metadata == '{"agent": "dental"}'
-        assert message.accept.identity == f"agent-{message.job_id}"
-        assert message.accept.attributes == {"openrtc.agent": "dental"}
+        assert message.accept.identity == agent_identity(message.job_id)
+        assert message.accept.attributes == {AGENT_ATTRIBUTE: "dental"}
         assert message.livekit_url == livekit_server.url
         assert message.dispatcher_id == dispatcher.settings.dispatcher_id
         assert message.received_at <= message.routed_at <= message.enqueued_at
@@ -93,7 +81,7 @@ async def test_room_name_prefix_routes_to_restaurant(
         livekit_api(livekit_server) as lkapi,
     ):
         await lkapi.room.create_room(api.CreateRoomRequest(name=room))
-        found = await wait_for(lambda: entries(redis, keys.jobs("restaurant")))
+        found = await eventually(lambda: entries(redis, keys.jobs("restaurant")))
     message = JobMessage.decode(found[0][1])
     assert (message.agent, message.step, message.room) == ("restaurant", 5, room)
     assert not await entries(redis, keys.jobs("dental"))
@@ -114,7 +102,7 @@ async def test_explicit_dispatch_reaches_a_named_dispatcher(
                 agent_name=name, room=room, metadata='{"agent": "support", "caller": "+1555"}'
             )
         )
-        found = await wait_for(lambda: entries(redis, keys.jobs("support")))
+        found = await eventually(lambda: entries(redis, keys.jobs("support")))
     message = JobMessage.decode(found[0][1])
     assert (message.agent, message.step, message.source) == ("support", 1, "job metadata")
     assert message.job.metadata == '{"agent": "support", "caller": "+1555"}'
@@ -136,7 +124,7 @@ async def test_unknown_agent_goes_to_the_dead_letters_once(
             await lkapi.room.create_room(
                 api.CreateRoomRequest(name=room, metadata='{"agent": "ghost"}')
             )
-            dead = await wait_for(lambda: entries(redis, keys.dead_letter))
+            dead = await eventually(lambda: entries(redis, keys.dead_letter))
         await anyio.sleep(1.0)
     dead = await entries(redis, keys.dead_letter)
     assert len(dead) == 1
@@ -164,7 +152,7 @@ async def test_unknown_agent_goes_to_the_dead_letters_once(
     async def logged() -> bool:
         return server_logged_failure()
 
-    await wait_for(logged, within=5)
+    await eventually(logged, within=5)
 
 
 async def test_two_dispatchers_enqueue_each_job_exactly_once(
@@ -184,7 +172,7 @@ async def test_two_dispatchers_enqueue_each_job_exactly_once(
             async def all_there() -> bool:
                 return len(await entries(redis, keys.jobs("dental"))) >= len(rooms)
 
-            await wait_for(all_there)
+            await eventually(all_there)
         await anyio.sleep(0.5)
         found = [JobMessage.decode(f) for _, f in await entries(redis, keys.jobs("dental"))]
         assert sorted(m.room for m in found) == sorted(rooms)
@@ -212,10 +200,10 @@ async def test_survives_livekit_and_redis_restarts(
                 worker = dispatcher.livekit_worker_id
                 return worker is not None and worker != first_id
 
-            await wait_for(reregistered, within=15)
+            await eventually(reregistered, within=15)
             async with livekit_api(own_livekit) as lkapi:
                 await lkapi.room.create_room(api.CreateRoomRequest(name="dental-after-lk"))
-                await wait_for(lambda: entries(client, keys.jobs("dental")))
+                await eventually(lambda: entries(client, keys.jobs("dental")))
 
                 own_redis.stop()
                 await anyio.sleep(0.5)
@@ -227,9 +215,9 @@ async def test_survives_livekit_and_redis_restarts(
                     except RedisConnectionError:
                         return False
 
-                await wait_for(redis_back, within=10)
+                await eventually(redis_back, within=10)
                 await lkapi.room.create_room(api.CreateRoomRequest(name="dental-after-redis"))
-                found = await wait_for(lambda: entries(client, keys.jobs("dental")))
+                found = await eventually(lambda: entries(client, keys.jobs("dental")))
                 assert [JobMessage.decode(f).room for _, f in found] == ["dental-after-redis"]
                 groups = await client.xinfo_groups(keys.jobs("dental"))
                 assert [g["name"] for g in groups] == [b"workers"]
@@ -324,6 +312,6 @@ async def test_rooms_are_still_dispatched_while_every_worker_is_busy(
                     rooms = [JobMessage.decode(f).job.room.name for _, f in found]
                     return second in rooms
 
-                await wait_for(queued, within=10)
+                await eventually(queued, within=10)
                 await delete_room(livekit_server, second)
                 await delete_room(livekit_server, first)

@@ -23,7 +23,13 @@ from openrtc.caller import Caller, caller_in
 from openrtc.cli import app
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import AcceptArguments, DeadReason, JobMessage
+from openrtc.messages import (
+    AGENT_ATTRIBUTE,
+    DeadReason,
+    JobMessage,
+    accept_arguments,
+    agent_identity,
+)
 from openrtc.monitor import list_dead_letters, purge_dead_letters, replay_dead_letters
 from openrtc.streams import StreamStore
 from tests.stack import creds, dispatcher_settings, dispatching, new_room, unique, working
@@ -61,8 +67,8 @@ async def replay_and_answer(
     assert result.exit_code == 0, result.output
     assert [r["dead_letter"] for r in json.loads(result.stdout)["replayed"]] == [letter_id]
     agent = await caller.wait_agent(within=20)
-    assert agent.identity == f"agent-{job_id}"
-    assert agent.attributes.get("openrtc.agent") == "dental"
+    assert agent.identity == agent_identity(job_id)
+    assert agent.attributes.get(AGENT_ATTRIBUTE) == "dental"
 
 
 def job_entry(
@@ -71,7 +77,7 @@ def job_entry(
     return JobMessage(
         job=Job(id=job_id, room=Room(name=room, sid=sid)),
         agent=agent,
-        accept=AcceptArguments(f"agent-{job_id}", agent, "", {"openrtc.agent": agent}),
+        accept=accept_arguments(job_id, agent),
         livekit_url=url,
         step=5,
         source="room name prefix",

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
+from openrtc.messages import AGENT_ATTRIBUTE
 from tests.stack import (
     OFFLINE_AGENTS,
     creds,
@@ -93,7 +94,7 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
         async with caller_in(creds(livekit_server), dental_room) as caller:
             agent = await caller.wait_agent(within=20)
             assert agent.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-            assert agent.attributes.get("openrtc.agent") == "dental"
+            assert agent.attributes.get(AGENT_ATTRIBUTE) == "dental"
             assert agent.identity.startswith("agent-AJ_")
             with anyio.fail_after(20):
                 await caller.heard.wait()  # the greeting, as audio the caller receives
@@ -102,7 +103,7 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
             await new_room(livekit_server, restaurant_room)
             async with caller_in(creds(livekit_server), restaurant_room, "caller-2") as caller2:
                 other = await caller2.wait_agent(within=20)
-                assert other.attributes.get("openrtc.agent") == "restaurant"
+                assert other.attributes.get(AGENT_ATTRIBUTE) == "restaurant"
 
             job_id = agent.identity.removeprefix("agent-")
             await delete_room(livekit_server, dental_room)
@@ -147,7 +148,7 @@ async def test_a_killed_worker_s_call_comes_back_within_the_lease(
                     replacement = await caller.wait_agent(within=30, other_than=original.sid)
                     back_after = replacement.at - killed_at
                     assert replacement.identity == original.identity
-                    assert replacement.attributes.get("openrtc.agent") == "dental"
+                    assert replacement.attributes.get(AGENT_ATTRIBUTE) == "dental"
                     assert second.stats.reclaimed == 1
                     # Within a lease, plus a reclaim scan and the join itself.
                     assert back_after < lease + 3.0, back_after

@@ -23,7 +23,7 @@ from openrtc.cli import app
 from openrtc.devstack import RedisServer
 from openrtc.keys import Keys
 from openrtc.membership import heartbeat
-from openrtc.messages import AcceptArguments, DeadReason, JobMessage
+from openrtc.messages import DeadReason, JobMessage, accept_arguments
 from openrtc.monitor import list_dead_letters, read_status
 from openrtc.streams import StreamStore
 
@@ -42,7 +42,7 @@ def message(agent: str, room: str, *, turn_password: str = "") -> JobMessage:
     return JobMessage(
         job=Job(id=job_id, room=Room(name=room, sid="RM_x", turn_password=turn_password)),
         agent=agent,
-        accept=AcceptArguments(f"agent-{job_id}", agent, "", {"openrtc.agent": agent}),
+        accept=accept_arguments(job_id, agent),
         livekit_url="ws://127.0.0.1:1",
         step=5,
         source="room name prefix",

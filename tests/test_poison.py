@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -22,41 +21,28 @@ from openrtc.agents import AgentPool
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent
-from openrtc.streams import StreamStore, connect_redis
-from tests.stack import OFFLINE_AGENTS, creds, delete_room, new_room, unique, working
-from tests.standin import StandIn, make_job, running_standin
-from tests.test_dispatcher_faults import eventually, make_settings, offer, serving, updates_for
+from openrtc.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
+from openrtc.streams import StreamStore
+from tests.stack import (
+    creds,
+    delete_room,
+    dispatching,
+    eventually,
+    new_room,
+    unique,
+    working,
+)
+from tests.standin import StandIn, make_job
+from tests.test_dispatcher_faults import make_settings, offer, updates_for
 from tests.test_worker import (
     TEST_BUDGET,
     entry_gone,
     job_message,
     wait_dead_letters,
     wait_status,
-    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[StandIn]:
-    async with running_standin() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = connect_redis(redis_server.url)
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
-
-
-@pytest.fixture(scope="module")
-def pool() -> AgentPool:
-    return AgentPool.from_directory(OFFLINE_AGENTS)
 
 
 def _with(fields: dict[bytes, bytes], **changes: bytes) -> dict[Any, Any]:
@@ -100,7 +86,7 @@ async def test_garbage_in_front_of_real_jobs_is_dead_lettered_and_the_worker_ser
 
             async with working(livekit_server, redis_server.url, ns, "dental") as worker:
                 agent = await caller.wait_agent(within=20)
-                assert agent.identity == f"agent-{good.job_id}"
+                assert agent.identity == agent_identity(good.job_id)
                 dead = await wait_dead_letters(redis, keys, len(entries))
                 reasons = {
                     "superscript step": "field 'step' is not an integer: '²'",
@@ -136,7 +122,7 @@ async def test_garbage_in_front_of_real_jobs_is_dead_lettered_and_the_worker_ser
                 later = job_message(livekit_server, later_room, "dental", dispatcher)
                 await store.enqueue([later])
                 later_agent = await later_caller.wait_agent(within=20)
-                assert later_agent.identity == f"agent-{later.job_id}"
+                assert later_agent.identity == agent_identity(later.job_id)
                 assert worker.stats.started == 2
                 await delete_room(livekit_server, later_room.name)
                 await wait_status(redis, keys, dispatcher, later.job_id, JobStatus.SUCCESS)
@@ -193,7 +179,7 @@ async def test_garbage_on_the_status_stream_does_not_stop_the_relay(
     settings = make_settings(standin, redis_server.url)
     keys = Keys(settings.namespace)
     store = StreamStore(client, keys)
-    async with serving(settings, pool, client) as dispatcher:
+    async with dispatching(settings, pool, redis=client) as dispatcher:
         (worker,) = await standin.wait_registered()
         job = make_job("dental-status-garbage")
         assert (await offer(standin, job, worker)).available
@@ -245,7 +231,7 @@ async def test_an_unknown_agent_name_of_any_length_is_bounded_everywhere(
     keys = Keys(settings.namespace)
     name = "g" * 100_000
     expected = f"Unknown agent '{'g' * 64}…(100000 chars)' requested via job metadata."
-    async with serving(settings, pool, client):
+    async with dispatching(settings, pool, redis=client):
         (worker,) = await standin.wait_registered()
         job = make_job("lobby-long-ghost", metadata=json.dumps({"agent": name}))
         assert (await offer(standin, job, worker)).available
@@ -258,7 +244,7 @@ async def test_an_unknown_agent_name_of_any_length_is_bounded_everywhere(
         async def dead_lettered() -> bool:
             return bool(await client.xlen(keys.dead_letter))
 
-        await wait_until("the dead letter", dead_lettered)
+        await eventually(dead_lettered, "the dead letter", within=20)
         [(_, letter)] = await client.xrange(keys.dead_letter)
         assert letter[b"reason"] == b"unknown-agent"
         assert letter[b"error"] == expected.encode()

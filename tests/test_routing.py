@@ -18,6 +18,8 @@ from livekit.protocol.models import Room
 
 from openrtc.routing import Route, RoutingTable, UnknownAgentError, explain_route, resolve_agent
 
+pytestmark = pytest.mark.unit
+
 AGENTS = ("dental", "restaurant", "support")
 TABLE = RoutingTable(AGENTS)
 

@@ -28,17 +28,16 @@ from openrtc.caller import caller_in
 from openrtc.dev import DevStack, write_env_file
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
-from openrtc.messages import AcceptArguments, JobMessage, JobStatus
-from openrtc.process_runner import ProcessRunner, _Child, _Lines
+from openrtc.messages import AcceptArguments, JobMessage, JobStatus, agent_identity
+from openrtc.runners import ProcessRunner, _Child, _Lines
 from openrtc.session import mint_token
 from openrtc.streams import StreamStore
-from tests.stack import creds, delete_room, new_room, unique, working
+from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_worker import (
     TEST_BUDGET,
     job_message,
     wait_dead_letters,
     wait_status,
-    wait_until,
     write_agent,
 )
 
@@ -88,7 +87,7 @@ async def test_an_entry_cannot_send_the_worker_to_another_server(
                 await StreamStore(redis, keys).enqueue([forged])
                 # The agent joins the configured server, not the entry's.
                 agent = await caller.wait_agent(within=30)
-                assert agent.identity == f"agent-{forged.job_id}"
+                assert agent.identity == agent_identity(forged.job_id)
                 await wait_status(redis, keys, dispatcher, forged.job_id, JobStatus.RUNNING)
                 await delete_room(livekit_server, room.name)
                 await wait_status(redis, keys, dispatcher, forged.job_id, JobStatus.SUCCESS)
@@ -134,7 +133,7 @@ async def test_an_entry_with_a_forged_identity_or_room_is_refused(
             await StreamStore(redis, keys).enqueue([good])
 
             agent = await caller.wait_agent(within=30)
-            assert agent.identity == f"agent-{good.job_id}"
+            assert agent.identity == agent_identity(good.job_id)
             dead = await wait_dead_letters(redis, keys, 3)
             errors = {
                 entry_id: dead[stream, entry_id][b"error"].decode()
@@ -162,7 +161,7 @@ def test_the_room_token_is_an_agent_token_for_one_hour_at_most(
     token = mint_token(creds(livekit_server), message)
     claims = claims_of(token)
     assert claims["exp"] - before <= ONE_HOUR + 1
-    assert claims["sub"] == f"agent-{message.job_id}"
+    assert claims["sub"] == agent_identity(message.job_id)
     assert claims["name"] == "dental"
     assert claims["kind"] == "agent"
     assert claims["video"]["room"] == room.name
@@ -227,7 +226,7 @@ async def test_a_session_process_gets_a_room_token_and_never_the_api_secret(
                 assert secret not in "".join(environ_of(idle.process.pid).values())
             assert secret not in repr(job)
             claims = claims_of(job["token"])
-            assert claims["sub"] == f"agent-{message.job_id}"
+            assert claims["sub"] == agent_identity(message.job_id)
             assert claims["exp"] - time.time() <= ONE_HOUR
             assert job["url"] == creds(livekit_server).ws_url
             await delete_room(livekit_server, room.name)
@@ -295,7 +294,7 @@ async def test_a_session_process_that_prints_5000_stray_lines_still_serves_its_c
         ):
             await StreamStore(redis, keys).enqueue([message])
             agent = await caller.wait_agent(within=30)
-            assert agent.identity == f"agent-{message.job_id}"
+            assert agent.identity == agent_identity(message.job_id)
             with anyio.fail_after(15):
                 await caller.heard.wait()
             await delete_room(livekit_server, room.name)
@@ -304,7 +303,7 @@ async def test_a_session_process_that_prints_5000_stray_lines_still_serves_its_c
             async def idle_again() -> bool:
                 return worker.stats.succeeded == 1
 
-            await wait_until("the session to settle", idle_again)
+            await eventually(idle_again, "the session to settle", within=20)
 
 
 # -- openrtc dev's env file ------------------------------------------------------

@@ -29,11 +29,27 @@ from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.errors import ConfigError
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import AcceptArguments, JobMessage, JobStatus, StatusEvent
+from openrtc.messages import (
+    AGENT_ATTRIBUTE,
+    JobMessage,
+    JobStatus,
+    StatusEvent,
+    accept_arguments,
+    agent_identity,
+)
 from openrtc.settings import LiveKitSettings, WorkerSettings
 from openrtc.streams import StreamStore, connect_redis
 from openrtc.worker import Worker
-from tests.stack import OFFLINE_AGENTS, creds, delete_room, live_rooms, new_room, unique, working
+from tests.stack import (
+    OFFLINE_AGENTS,
+    creds,
+    delete_room,
+    eventually,
+    live_rooms,
+    new_room,
+    unique,
+    working,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -61,12 +77,7 @@ def job_message(
     return JobMessage(
         job=job,
         agent=agent,
-        accept=AcceptArguments(
-            identity=f"agent-{job.id}",
-            name=agent,
-            metadata="",
-            attributes={"openrtc.agent": agent},
-        ),
+        accept=accept_arguments(job.id, agent),
         livekit_url=livekit.url,
         step=3,
         source="room metadata",
@@ -111,16 +122,6 @@ async def wait_dead_letters(
                     for _, fields in entries
                 }
             await anyio.sleep(0.05)
-
-
-async def wait_until(what: str, check: Any, within: float = 20.0) -> None:
-    """Poll the async predicate ``check`` until it holds."""
-    try:
-        with anyio.fail_after(within):
-            while not await check():
-                await anyio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within:.0f}s waiting for {what}") from None
 
 
 async def entry_gone(redis: Redis, stream: str, entry_id: str) -> bool:
@@ -262,8 +263,8 @@ async def test_poison_entries_are_dead_lettered_and_never_block_the_stream(
             async with caller_in(creds(livekit_server), dental_room.name) as caller:
                 # The stream is not blocked: the good job behind the junk is served.
                 agent = await caller.wait_agent(within=20)
-                assert agent.identity == f"agent-{good.job_id}"
-                assert agent.attributes.get("openrtc.agent") == "dental"
+                assert agent.identity == agent_identity(good.job_id)
+                assert agent.attributes.get(AGENT_ATTRIBUTE) == "dental"
 
                 dead = await wait_dead_letters(redis, keys, 5, within=20)
                 expected = {
@@ -392,7 +393,7 @@ async def test_a_termination_from_livekit_ends_the_session_and_it_stays_ended(
         ):
             [entry] = await store.enqueue([message])
             agent = await caller.wait_agent(within=20)
-            assert agent.identity == f"agent-{message.job_id}"
+            assert agent.identity == agent_identity(message.job_id)
             await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.RUNNING)
 
             await store.publish_termination("slowbye", message.job_id, "livekit")
@@ -566,15 +567,15 @@ async def test_the_worker_survives_a_redis_restart(
                 async def member_back() -> bool:
                     return await redis.zscore(keys.workers("dental"), worker_id) is not None
 
-                await wait_until("the consumer group", _ignoring_missing(group_back), 10)
-                await wait_until("the worker's membership", member_back, 10)
+                await eventually(_ignoring_missing(group_back), "the consumer group", within=10)
+                await eventually(member_back, "the worker's membership", within=10)
 
                 room = await new_room(livekit_server, unique("dental-after"))
                 message = job_message(livekit_server, room, "dental", dispatcher)
                 await StreamStore(redis, keys).enqueue([message])
                 async with caller_in(creds(livekit_server), room.name) as caller:
                     agent = await caller.wait_agent(within=20)
-                    assert agent.identity == f"agent-{message.job_id}"
+                    assert agent.identity == agent_identity(message.job_id)
                     await delete_room(livekit_server, room.name)
                     await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
                 assert worker.stats.started == 1
@@ -629,7 +630,7 @@ async def test_membership_shows_capacity_and_running_calls_and_is_left_on_stop(
                     r = await record()
                     return r["running"] == "1" and r["jobs"] == message.job_id
 
-                await wait_until("running=1 in the worker's record", shows_running, 5)
+                await eventually(shows_running, "running=1 in the worker's record", within=5)
                 assert (await record())["capacity"] == "3"
                 await delete_room(livekit_server, room.name)
                 await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
@@ -637,7 +638,7 @@ async def test_membership_shows_capacity_and_running_calls_and_is_left_on_stop(
                 async def shows_idle() -> bool:
                     return (await record())["running"] == "0"
 
-                await wait_until("running=0 in the worker's record", shows_idle, 5)
+                await eventually(shows_idle, "running=0 in the worker's record", within=5)
             assert await redis.zscore(keys.workers("dental"), worker_id) is not None
         # Stopped: the member is gone at once, not after its TTL.
         assert await redis.zscore(keys.workers("dental"), worker_id) is None
@@ -680,14 +681,14 @@ async def test_the_agent_sees_the_real_job(
             async def written() -> bool:
                 return out.exists() and out.stat().st_size > 0
 
-            await wait_until("the agent's report", written, 10)
+            await eventually(written, "the agent's report", within=10)
             seen = json.loads(out.read_text())
             assert seen["job_id"] == message.job_id
             assert seen["metadata"] == metadata
             assert seen["room"] == room.name == seen["connected_room"]
             assert seen["room_sid"] == room.sid
             assert seen["room_metadata"] == '{"agent": "probe"}'
-            assert seen["identity"] == f"agent-{message.job_id}"
-            assert seen["attributes"]["openrtc.agent"] == "probe"
+            assert seen["identity"] == agent_identity(message.job_id)
+            assert seen["attributes"][AGENT_ATTRIBUTE] == "probe"
             await delete_room(livekit_server, room.name)
             await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)

@@ -25,12 +25,21 @@ from redis.asyncio import Redis
 from openrtc.caller import Caller, caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import JobMessage
+from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 from openrtc.streams import StreamStore, connect_redis
 from tests.faults import slow_api
-from tests.stack import OFFLINE_AGENTS, ROOT, creds, delete_room, new_room, unique, working
-from tests.test_worker import job_message, wait_until
+from tests.stack import (
+    OFFLINE_AGENTS,
+    ROOT,
+    creds,
+    delete_room,
+    eventually,
+    new_room,
+    unique,
+    working,
+)
+from tests.test_worker import job_message
 
 pytestmark = pytest.mark.anyio
 
@@ -166,7 +175,7 @@ async def test_a_slow_livekit_api_never_lets_held_entries_lapse(
                 async def both_held() -> bool:
                     return len(await pending_on(redis, stream, slow.settings.worker_id)) == 2
 
-                await wait_until("both entries held by the slow worker", both_held, 10)
+                await eventually(both_held, "both entries held by the slow worker", within=10)
                 # A healthy peer joins meanwhile: it must find nothing to take.
                 async with working(
                     livekit_server, redis_server.url, ns, "dental", lease=lease
@@ -175,7 +184,7 @@ async def test_a_slow_livekit_api_never_lets_held_entries_lapse(
                     async def both_started() -> bool:
                         return slow.stats.started + peer.stats.started >= 2
 
-                    await wait_until("both jobs started", both_started, 20)
+                    await eventually(both_started, "both jobs started", within=20)
                     await anyio.sleep(lease * 2)  # a double start would show by now
                     assert proxy.requests_delayed >= 2
                     assert slow.stats.started == 2, "the slow worker lost a held entry"
@@ -213,7 +222,7 @@ async def test_a_drain_hands_entries_still_being_checked_back_at_once(
                 async def held() -> bool:
                     return proxy.requests_delayed >= 1  # its room check is under way
 
-                await wait_until("the room check under way", held, 10)
+                await eventually(held, "the room check under way", within=10)
                 stopped_at = time.monotonic()
                 draining.request_stop()  # what SIGTERM does
                 async with (
@@ -223,7 +232,7 @@ async def test_a_drain_hands_entries_still_being_checked_back_at_once(
                     agent = await caller.wait_agent(within=15)
                     # Handed back, not left to lapse: served well within a lease.
                     assert time.monotonic() - stopped_at < lease
-                    assert agent.identity == f"agent-{message.job_id}"
+                    assert agent.identity == agent_identity(message.job_id)
                     assert peer.running_jobs == [message.job_id]
                     assert draining.stats.started == 0
                     await delete_room(livekit_server, room.name)
@@ -374,7 +383,7 @@ async def test_a_jobs_age_is_judged_by_redis_clock_not_the_hosts(
                 clock=lambda: time.time() + 600,
             ) as worker:
                 agent = await caller.wait_agent(within=20)
-                assert agent.identity == f"agent-{message.job_id}"
+                assert agent.identity == agent_identity(message.job_id)
                 assert worker.stats.dead_lettered == 0
                 await delete_room(livekit_server, room.name)
 
@@ -496,7 +505,7 @@ async def test_keys_and_consumers_of_workers_that_are_gone_do_not_pile_up(
                 # The one whose call is pending stays until a peer reclaims it.
                 return await consumers() <= {"crashed-busy", live.settings.worker_id}
 
-            await wait_until("the idle consumer of a gone worker removed", idle_one_gone, 10)
+            await eventually(idle_one_gone, "the idle consumer of a gone worker removed", within=10)
             assert "crashed-busy" in await consumers()
             # A status stream expires when its dispatcher is gone.
             from openrtc.messages import JobStatus, StatusEvent

@@ -1,8 +1,15 @@
-"""``process`` isolation: one child process per session, as livekit-agents runs jobs.
+"""How a worker runs a session: the :class:`SessionRunner` protocol and its two runners.
 
-The parent keeps ``idle_processes`` children warm (imports done, agents
-discovered, prewarm run) so a job does not wait for Python to start. A child
-serves exactly one session and exits. Parent and child talk in JSON lines:
+- :class:`CoroutineRunner` (``coroutine`` isolation, the default): sessions are
+  tasks in the worker's own process, sharing one prewarmed ``JobProcess``:
+  density.
+- :class:`ProcessRunner` (``process`` isolation): one child process per
+  session, as livekit-agents runs jobs.
+
+``process`` isolation in more detail: the parent keeps ``idle_processes``
+children warm (imports done, agents discovered, prewarm run) so a job does not
+wait for Python to start. A child serves exactly one session and exits
+(:mod:`openrtc.session_child`). Parent and child talk in JSON lines:
 the child's stdout carries ``ready``, ``joined`` and the ``outcome``; its stdin
 carries the job and, later, a ``stop``. A child whose stdin closes (its
 worker died) leaves the room at once, so a killed worker never leaves a
@@ -21,7 +28,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process
@@ -29,17 +36,60 @@ from anyio.streams.text import TextReceiveStream
 
 from openrtc.agents import AgentConfig
 from openrtc.messages import JobMessage
-from openrtc.session import SessionControl, SessionOutcome, room_access
+from openrtc.session import (
+    SessionControl,
+    SessionOutcome,
+    new_job_process,
+    room_access,
+    run_session,
+)
 from openrtc.settings import WorkerSettings
 
-__all__ = ["ProcessRunner"]
+__all__ = ["CoroutineRunner", "ProcessRunner", "SessionRunner"]
 
 logger = logging.getLogger("openrtc.worker.process")
+_coroutine_logger = logging.getLogger("openrtc.worker")
 
 READY_TIMEOUT: Final = 60.0
 EXIT_GRACE: Final = 15.0
 #: What a child must not inherit from the worker's environment.
 PARENT_ONLY_ENV: Final = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+
+
+class SessionRunner(Protocol):
+    """Runs one session to its end: in this process, or in a child process."""
+
+    async def prepare(self) -> None: ...
+
+    async def run(
+        self, message: JobMessage, control: SessionControl, *, worker_id: str
+    ) -> SessionOutcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+class CoroutineRunner:
+    """Sessions as tasks in this process, sharing one prewarmed ``JobProcess``."""
+
+    def __init__(self, config: AgentConfig, settings: WorkerSettings) -> None:
+        self._config = config
+        self._settings = settings
+        self._proc = new_job_process("coroutine")
+
+    async def prepare(self) -> None:
+        if self._config.prewarm is not None:
+            _coroutine_logger.info("prewarming agent '%s'", self._config.name)
+            await anyio.to_thread.run_sync(self._config.prewarm, self._proc)
+
+    async def run(
+        self, message: JobMessage, control: SessionControl, *, worker_id: str
+    ) -> SessionOutcome:
+        return await run_session(
+            message, self._config, self._settings.livekit, self._proc, control, worker_id=worker_id
+        )
+
+    async def aclose(self) -> None:
+        return None
 
 
 class _Lines:

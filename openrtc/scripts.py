@@ -1,0 +1,236 @@
+"""Every Lua script openrtc runs in Redis, and the one way they are loaded.
+
+Each script is one atomic step of the delivery protocol (docs/architecture.md):
+what it reads and writes is said above it as ``KEYS`` and ``ARGV``. The
+scripts are registered on a client by :func:`register` (redis-py ``Script``
+objects: ``EVALSHA``, loading the script again when Redis lost its cache);
+the enqueue pipeline alone sends ``EVALSHA`` itself, by the same object's sha,
+to keep one round trip per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from openrtc.messages import QUEUED_AT_FIELD
+
+__all__ = ["Scripts", "register"]
+
+# KEYS: marker, dead-letter stream. ARGV: marker ttl (s), maxlen, then the
+# letter's field/value pairs. Adds the letter unless the marker says it was
+# added already: a retried write (the reply lost, the ack after it failed)
+# leaves one letter, never two, and never none.
+DEAD_LETTER_ONCE: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+  return false
+end
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+"""
+
+#: A fragment that sets ``now`` to Redis's clock in unix ms, for ``QUEUED_AT_FIELD``.
+STAMP_NOW: Final = """
+local t = redis.call('TIME')
+local now = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
+"""
+
+# KEYS: job record hash, job stream. ARGV: record ttl (s), dispatcher id,
+# then the entry's field/value pairs.
+# Returns {1, id} when added, {0, id} when the job was already enqueued.
+# No MAXLEN: trimming would cut the oldest entries, running calls included.
+
+ENQUEUE: Final = f"""
+local existing = redis.call('HGET', KEYS[1], 'entry')
+if existing then
+  return {{0, existing}}
+end
+{STAMP_NOW}
+local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return {{1, id}}
+"""
+
+
+# KEYS: job stream, then the job record of each entry id (same order).
+# ARGV: group, consumer, entry ids...
+# Renews this consumer's claim on each entry it still owns (XCLAIM ... JUSTID
+# resets the idle time without counting a delivery). Returns {lost, forgotten}:
+# - lost: another worker owns the entry now, or its record says the job moved
+#   on (another worker ran it, or it is done): this worker must step aside.
+# - forgotten: nobody owns the entry and the record does not say it moved on:
+#   Redis lost it (a restart without persistence, a failover that dropped the
+#   last writes). The call is still ours; the worker writes it back.
+RENEW: Final = """
+local lost, forgotten = {}, {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  local owner = ok and p[1] and p[1][2] or false
+  if owner == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  elseif owner then
+    table.insert(lost, id)
+  else
+    local rec = redis.call('HMGET', KEYS[i - 1], 'worker', 'state')
+    if (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then
+      table.insert(lost, id)
+    else
+      table.insert(forgotten, id)
+    end
+  end
+end
+return {lost, forgotten}
+"""
+
+# KEYS: job stream, job record. ARGV: group, consumer, record ttl (s), then the
+# entry's field/value pairs. Writes a call Redis forgot back as an entry pending
+# on this consumer, so a later crash of this worker is still recovered by a
+# peer. The entry must not also be delivered as new: the group's last-delivered
+# id is moved onto it, and the entries that were waiting behind the old
+# position are re-added after it (same fields, same order), so they are still
+# delivered exactly once. Returns the new entry id.
+WRITE_BACK: Final = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+local last = '0-0'
+for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local g = {}
+  for j = 1, #info, 2 do g[info[j]] = info[j + 1] end
+  if g['name'] == group then last = g['last-delivered-id'] end
+end
+local waiting = redis.call('XRANGE', stream, '(' .. last, '+')
+if last == '0-0' then waiting = redis.call('XRANGE', stream, '-', '+') end
+local id = redis.call('XADD', stream, '*', unpack(ARGV, 4))
+redis.call('XCLAIM', stream, group, consumer, 0, id, 'FORCE', 'JUSTID')
+for _, e in ipairs(waiting) do
+  redis.call('XADD', stream, '*', unpack(e[2]))
+  redis.call('XDEL', stream, e[1])
+end
+redis.call('XGROUP', 'SETID', stream, group, id)
+redis.call('HSET', KEYS[2], 'entry', id, 'state', 'running', 'worker', consumer)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return id
+"""
+
+# KEYS: job stream, job record. ARGV: group, consumer, entry id.
+# Hands an entry this consumer holds but never started back to the stream as
+# a new, waiting entry (same fields): a draining worker holds no unstarted job,
+# and a peer reads it at once instead of after a lease. Returns the new id, or
+# false when the entry is no longer ours.
+RELEASE: Final = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then return false end
+local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+if not e[1] then return false end
+local id = redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'entry', id)
+end
+return id
+"""
+
+# KEYS: job stream. ARGV: group, min idle ms, a consumer to keep (the caller).
+# Deletes consumers with nothing pending that have not read for min idle ms:
+# checked and deleted in one step, so no entry is ever dropped with them.
+FORGET_CONSUMERS: Final = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return {} end
+local removed = {}
+for _, c in ipairs(consumers) do
+  local f = {}
+  for j = 1, #c, 2 do f[c[j]] = c[j + 1] end
+  if f['pending'] == 0 and f['idle'] >= tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    table.insert(removed, f['name'])
+  end
+end
+return removed
+"""
+
+# KEYS: job stream. ARGV: group, consumer. Deletes the consumer if nothing is
+# pending on it. Returns 1 when deleted.
+LEAVE_GROUP: Final = """
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if not ok or #p > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: job stream. ARGV: group, consumer, min idle ms, count.
+# XAUTOCLAIM plus each claimed entry's delivery count, in one round trip.
+# Returns {entries, counts, deleted ids}.
+RECLAIM: Final = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
+local entries = r[2]
+local counts = {}
+for i, e in ipairs(entries) do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+  counts[i] = p[1] and p[1][4] or 1
+end
+return {entries, counts, r[3] or {}}
+"""
+
+
+# KEYS: the dead-letter stream, the job's record hash, the job stream. That is
+# one agent's keys plus the dead-letter stream: under Redis Cluster the
+# dead-letter stream would have to share the agent's hash slot (one
+# dead-letter stream per agent, hash-tagged), since a script may only touch
+# keys of one slot. ARGV: dead letter id, record ttl (s), dispatcher id, then
+# the job entry's field/value pairs.
+# Returns {1, new id} when replayed; {0, ""} when the letter is gone (replayed
+# or purged by someone else meanwhile); {2, entry} when the job is already
+# queued or running as entry (another dead letter of the same job was
+# replayed): the letter stays, and no job is enqueued twice.
+REPLAY: Final = f"""
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
+  return {{0, ''}}
+end
+local live = redis.call('HGET', KEYS[2], 'entry')
+if live and #redis.call('XRANGE', KEYS[3], live, live) > 0 then
+  return {{2, live}}
+end
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+{STAMP_NOW}
+local id = redis.call('XADD', KEYS[3], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 4))
+redis.call('HSET', KEYS[2], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3],
+  'replayed_from', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {{1, id}}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """The scripts, registered on one client."""
+
+    enqueue: AsyncScript
+    dead_letter_once: AsyncScript
+    renew: AsyncScript
+    reclaim: AsyncScript
+    write_back: AsyncScript
+    release: AsyncScript
+    forget_consumers: AsyncScript
+    leave_group: AsyncScript
+    replay: AsyncScript
+
+
+def register(redis: Redis) -> Scripts:
+    """Every script as a redis-py ``Script`` on ``redis`` (no round trip)."""
+    return Scripts(
+        enqueue=redis.register_script(ENQUEUE),
+        dead_letter_once=redis.register_script(DEAD_LETTER_ONCE),
+        renew=redis.register_script(RENEW),
+        reclaim=redis.register_script(RECLAIM),
+        write_back=redis.register_script(WRITE_BACK),
+        release=redis.register_script(RELEASE),
+        forget_consumers=redis.register_script(FORGET_CONSUMERS),
+        leave_group=redis.register_script(LEAVE_GROUP),
+        replay=redis.register_script(REPLAY),
+    )
