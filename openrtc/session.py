@@ -221,6 +221,11 @@ async def run_session(
         dispatched as a new job. Once that job's agent (ours, another job) is
         in the room, this session is the one LiveKit no longer knows.
         """
+        if room.connection_state != rtc.ConnectionState.CONN_CONNECTED:
+            # Leaving in the middle of a reconnect does not stop it: the
+            # engine finished rejoining after disconnect() and left a ghost
+            # agent in the room. Decide once the connection has settled.
+            return ""
         sid = room._info.sid  # kept current by the server's updates; no public event
         if not (sid and message.job.room.sid and sid != message.job.room.sid):
             return ""
