@@ -13,7 +13,7 @@ One real ``livekit-server`` and one ``redis-server`` on loopback
 (automatic dispatch) and four workers, each its own ``python -m openrtc``
 process in its own process group: dental in coroutine and in process
 isolation, restaurant in two coroutine workers. The workers reach LiveKit
-through a loopback TCP proxy (:class:`SlowProxy`) that can hold back the
+through a loopback TCP proxy (``openrtc.devstack.DelayProxy``) that can hold back the
 server API's requests (``POST /twirp/...``) while signalling passes untouched.
 
 Each call: this process creates a room named ``<agent>-c<n>-<hex>`` whose
@@ -94,7 +94,13 @@ from e2e import JOINED_LINE, Child, percentile  # noqa: E402
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
-from openrtc.devstack import LiveKitServer, RedisServer, _free_port  # noqa: E402
+from openrtc.devstack import (  # noqa: E402
+    API_REQUEST,
+    DelayProxy,
+    LiveKitServer,
+    RedisServer,
+    delay_proxy,
+)
 from openrtc.errors import ConfigError  # noqa: E402
 from openrtc.keys import Keys  # noqa: E402
 
@@ -131,67 +137,6 @@ def log_time(line: str) -> float | None:
 
 
 # --- the slow API proxy --------------------------------------------------------
-
-
-class SlowProxy:
-    """A loopback TCP proxy to LiveKit that can delay server API requests.
-
-    Workers get this proxy as ``LIVEKIT_URL``: their room checks (``POST
-    /twirp/livekit.RoomService/ListRooms``) and their room connections
-    (``GET /rtc`` WebSocket) share the server's port. Only a chunk from the
-    client that starts an API request is held back, so signalling (and media,
-    which never passes here) is unaffected.
-    """
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = _free_port()
-        self.delay = 0.0
-        self.delayed = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            writer.close()
-            return
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._pump(reader, up_writer, delay=True))
-                tg.create_task(self._pump(up_reader, writer, delay=False))
-        except* (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            for w in (writer, up_writer):
-                w.close()
-
-    async def _pump(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, delay: bool
-    ) -> None:
-        try:
-            while data := await src.read(65536):
-                if delay and self.delay and data.startswith(b"POST /twirp/"):
-                    self.delayed += 1
-                    await asyncio.sleep(self.delay)
-                dst.write(data)
-                await dst.drain()
-        finally:
-            # One side closed: close the other, so the peer pump ends too.
-            dst.close()
 
 
 # --- calls ---------------------------------------------------------------------
@@ -298,7 +243,7 @@ class Harness:
         self.rng = random.Random(args.seed)
         self.redis_server = RedisServer(log_path=logs / "redis.log", appendonly=True)
         self.livekit = LiveKitServer(log_path=logs / "livekit.log")
-        self.proxy: SlowProxy | None = None
+        self.proxy: DelayProxy | None = None
         self.children: dict[str, Child] = {}
         self.incarnations: dict[str, int] = Counter()
         #: Every process log this run wrote: incarnation name -> path.
@@ -625,12 +570,12 @@ class Harness:
             fault.detail = await self.inject_garbage(redis)
         elif fault.kind == "slow-api":
             assert self.proxy is not None
-            self.proxy.delay = self.args.slow_delay
+            self.proxy.request_delay = self.args.slow_delay
             await asyncio.sleep(self.plan.slow_for)
-            self.proxy.delay = 0.0
+            self.proxy.request_delay = 0.0
             fault.detail = (
                 f"API requests through the proxy delayed {self.args.slow_delay:g}s "
-                f"for {self.plan.slow_for:g}s ({self.proxy.delayed} delayed)"
+                f"for {self.plan.slow_for:g}s ({self.proxy.requests_delayed} delayed)"
             )
         elif fault.kind == "redis-aof":
             fault.target = "redis (appendonly yes)"
@@ -766,8 +711,10 @@ class Harness:
         self.redis_server.start()
         self.livekit.start()
         self.livekit_up.set()
-        self.proxy = SlowProxy(self.livekit.port)
-        await self.proxy.start()
+        async with delay_proxy(self.livekit.port, request_prefix=API_REQUEST) as self.proxy:
+            await self._run()
+
+    async def _run(self) -> None:
         redis = Redis.from_url(self.redis_server.url, socket_timeout=5)
         for slot in DISPATCHERS:
             self.spawn(slot)
@@ -802,7 +749,6 @@ class Harness:
             self.garbage_state = await self.garbage_outcome(redis)
         finally:
             await redis.aclose()
-            await self.proxy.close()
 
     async def garbage_outcome(self, redis: Redis) -> Counter[str]:
         out: Counter[str] = Counter()

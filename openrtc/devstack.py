@@ -17,14 +17,25 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
+import anyio
+from anyio.abc import ByteStream, SocketAttribute
+
 from openrtc.errors import ConfigError
 
-__all__ = ["LiveKitServer", "RedisServer", "find_livekit_binary"]
+__all__ = [
+    "API_REQUEST",
+    "DelayProxy",
+    "LiveKitServer",
+    "RedisServer",
+    "delay_proxy",
+    "find_livekit_binary",
+]
 
 LIVEKIT_VERSION: Final = "v1.13.5"
 _SETUP_HINT: Final = "run scripts/setup.sh (it installs redis-server and builds livekit-server)"
@@ -298,3 +309,85 @@ def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+#: How a request to LiveKit's server API (Twirp) starts; the WebSocket signal
+#: shares the port and starts otherwise.
+API_REQUEST: Final = b"POST /twirp/"
+
+
+@dataclass
+class DelayProxy:
+    """A loopback TCP proxy for fault injection; its delays can change while it runs.
+
+    ``request_delay`` holds back client chunks that start with
+    ``request_prefix`` (counted in ``requests_delayed``): in front of LiveKit
+    with :data:`API_REQUEST`, room checks are slow while signalling passes at
+    once. ``reply_delay`` holds back every chunk from the server: in front of
+    Redis, a command runs on time and its answer comes late (a lost reply, as
+    a client that times out sees it).
+    """
+
+    port: int
+    request_prefix: bytes = b""
+    request_delay: float = 0.0
+    reply_delay: float = 0.0
+    requests_delayed: int = 0
+
+    @property
+    def url(self) -> str:
+        """A LiveKit URL through the proxy."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def redis_url(self) -> str:
+        """A Redis URL through the proxy."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@asynccontextmanager
+async def delay_proxy(
+    target_port: int, *, request_prefix: bytes = b"", request_delay: float = 0.0
+) -> AsyncIterator[DelayProxy]:
+    """Run a :class:`DelayProxy` to ``127.0.0.1:target_port`` until exit."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    proxy = DelayProxy(
+        listener.extra(SocketAttribute.local_port),
+        request_prefix=request_prefix,
+        request_delay=request_delay,
+    )
+
+    async def pump(source: ByteStream, sink: ByteStream, *, upstream: bool) -> None:
+        try:
+            async for chunk in source:
+                if upstream:
+                    if proxy.request_delay and chunk.startswith(proxy.request_prefix):
+                        proxy.requests_delayed += 1
+                        await anyio.sleep(proxy.request_delay)
+                elif proxy.reply_delay:
+                    await anyio.sleep(proxy.reply_delay)
+                await sink.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+    async def handle(client: ByteStream) -> None:
+        async with client:
+            try:
+                server = await anyio.connect_tcp("127.0.0.1", target_port)
+            except OSError:
+                return
+            async with server, anyio.create_task_group() as tg:
+
+                async def both(source: ByteStream, sink: ByteStream, *, upstream: bool) -> None:
+                    await pump(source, sink, upstream=upstream)
+                    tg.cancel_scope.cancel()  # one side closed: the connection is over
+
+                tg.start_soon(lambda: both(client, server, upstream=True))
+                tg.start_soon(lambda: both(server, client, upstream=False))
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        try:
+            yield proxy
+        finally:
+            tg.cancel_scope.cancel()
