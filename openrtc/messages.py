@@ -191,6 +191,14 @@ class JobMessage:
         """The job's room name."""
         return str(self.job.room.name)
 
+    def is_another_job_of_my_agent(self, identity: str, attributes: Mapping[str, str]) -> bool:
+        """Is this agent participant the same agent serving another job?
+
+        After a LiveKit restart a room can hold the agent of its old job and
+        the agent of the new one: same agent attribute, other identity.
+        """
+        return identity != self.accept.identity and attributes.get(AGENT_ATTRIBUTE) == self.agent
+
     def encode(self) -> dict[bytes, bytes]:
         """Stream entry fields. ``enqueued_at`` is stamped now if unset."""
         enqueued = self.enqueued_at or time.time()

@@ -36,7 +36,7 @@ from livekit.agents.job import (
 from livekit.agents.utils import http_context
 
 from openrtc.agents import AgentConfig
-from openrtc.messages import AGENT_ATTRIBUTE, JobMessage, agent_identity
+from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 
 __all__ = [
@@ -232,8 +232,7 @@ async def run_session(
         for other in room.remote_participants.values():
             if (
                 other.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-                and other.identity != message.accept.identity
-                and other.attributes.get(AGENT_ATTRIBUTE) == message.agent
+                and message.is_another_job_of_my_agent(other.identity, other.attributes)
             ):
                 return other.identity
         return ""

@@ -41,7 +41,6 @@ from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import Presence
 from openrtc.messages import (
-    AGENT_ATTRIBUTE,
     ControlEvent,
     DeadReason,
     JobMessage,
@@ -552,10 +551,8 @@ class Worker:
             logger.warning("job %s: cannot check room %s: %s", message.job_id, message.room, exc)
             return "live"
         for p in people.participants:
-            if (
-                p.kind == api.ParticipantInfo.Kind.AGENT
-                and p.identity != message.accept.identity
-                and p.attributes.get(AGENT_ATTRIBUTE) == message.agent
+            if p.kind == api.ParticipantInfo.Kind.AGENT and message.is_another_job_of_my_agent(
+                p.identity, p.attributes
             ):
                 return p.identity
         return "live"
