@@ -510,12 +510,15 @@ def report(
     agents: Sequence[str],
     legacy: dict[str, Any],
     ours_ns: Sequence[int],
+    list_ns: Sequence[int],
     ours_by_step: dict[str, list[int]],
-) -> float:
+) -> dict[str, float]:
+    """Print the table; return the best-pass speedup of each call form."""
     n = len(records)
     theirs_best, theirs_median = _per_job(legacy["pass_ns"], n)
     ours_best, ours_median = _per_job(ours_ns, n)
-    speedup = theirs_best / ours_best
+    list_best, list_median = _per_job(list_ns, n)
+    speedups = {"table": theirs_best / ours_best, "list": theirs_best / list_best}
     mine, other = runtime_info(), legacy["info"]
     labels = {c.key: c.label for c in CATEGORIES}
 
@@ -544,15 +547,19 @@ def report(
         f"{'openrtc ' + LEGACY_VERSION:<22}{theirs_best / 1e3:>9.2f}{theirs_median / 1e3:>9.2f}"
         f"{_rate(theirs_best):>9}"
     )
-    print(
-        f"{'this project':<22}{ours_best / 1e3:>9.2f}{ours_median / 1e3:>9.2f}{_rate(ours_best):>9}"
-    )
-    print(
-        f"{'speedup':<22}{speedup:>8.1f}x{theirs_median / ours_median:>8.1f}x"
-        f"   (goal >= {args.goal:g}x)"
-    )
+    for label, best, median in (
+        ("this project, table", ours_best, ours_median),
+        ("this project, list", list_best, list_median),
+    ):
+        print(f"{label:<22}{best / 1e3:>9.2f}{median / 1e3:>9.2f}{_rate(best):>9}")
+    for form, best, median in (("table", ours_best, ours_median), ("list", list_best, list_median)):
+        print(
+            f"{'speedup, ' + form:<22}{theirs_best / best:>8.1f}x{theirs_median / median:>8.1f}x"
+            f"   (goal >= {args.goal:g}x)"
+        )
     print(f"  {LEGACY_VERSION}: _resolve_agent_config(agents, ctx) per job")
-    print("  this project: resolve_agent(job, RoutingTable) per job")
+    print("  this project, table: resolve_agent(job, RoutingTable) per job")
+    print("  this project, list: resolve_agent(job, [names...]) per job (table cached by names)")
 
     if ours_by_step:
         print()
@@ -568,15 +575,15 @@ def report(
                 f"{f'{c.step} {c.label}':<26}{count:>6}{theirs_step:>9.2f}{ours_step:>9.2f}"
                 f"{theirs_step / ours_step:>7.1f}x"
             )
-    return speedup
+    return speedups
 
 
-def _our_pass(jobs: Sequence[Any], table: RoutingTable) -> Callable[[], None]:
+def _our_pass(jobs: Sequence[Any], agents: RoutingTable | list[str]) -> Callable[[], None]:
     def run() -> None:
         resolve = resolve_agent
-        routing_table = table
+        registry = agents
         for job in jobs:
-            resolve(job, routing_table)
+            resolve(job, registry)
 
     return run
 
@@ -629,6 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         legacy = run_legacy(python, corpus_path, "time", args)
     ours_ns = measure(_our_pass(jobs, table), repeat=args.repeat, warmup=args.warmup)
+    # The docstring allows a plain list of names: the same jobs, routed that way.
+    list_ns = measure(_our_pass(jobs, list(agents)), repeat=args.repeat, warmup=args.warmup)
     ours_by_step: dict[str, list[int]] = {}
     if args.by_step:
         for category in categories:
@@ -638,9 +647,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _our_pass(batch, table), repeat=args.repeat, warmup=args.warmup
                 )
 
-    speedup = report(args, records, agents, legacy, ours_ns, ours_by_step)
-    if args.check and speedup < args.goal:
-        print(f"FAIL: speedup {speedup:.2f}x is below the {args.goal:g}x goal", file=sys.stderr)
+    speedups = report(args, records, agents, legacy, ours_ns, list_ns, ours_by_step)
+    failed = [f"{form} {x:.2f}x" for form, x in speedups.items() if x < args.goal]
+    if args.check and failed:
+        print(f"FAIL: below the {args.goal:g}x goal: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

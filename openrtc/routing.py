@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
@@ -41,6 +42,7 @@ __all__ = [
     "explain_route",
     "resolve_agent",
     "shown_name",
+    "table_for",
 ]
 
 logger = logging.getLogger("openrtc.routing")
@@ -128,8 +130,8 @@ class RoutingTable:
     """The registered agent names, compiled once for fast routing.
 
     Build one whenever the registry changes and pass it to
-    :func:`resolve_agent`; a plain sequence of names works too, at the cost of
-    compiling it on every call.
+    :func:`resolve_agent`; a plain sequence of names works too: its table is
+    compiled once and cached (see :func:`table_for`).
     """
 
     __slots__ = ("_dash_free", "_default", "_max_dashes", "_names", "_routes", "_set")
@@ -265,6 +267,43 @@ def _from_metadata(metadata: Any, table: RoutingTable, first_step: int) -> Route
     return route
 
 
+#: Distinct name lists whose compiled table is kept; a process routes for one
+#: registry, or a handful while it changes, so a small bound never evicts in use.
+TABLE_CACHE_SIZE: Final = 32
+
+
+@lru_cache(maxsize=TABLE_CACHE_SIZE)
+def _cached_table(names: tuple[str, ...]) -> RoutingTable:
+    return RoutingTable(names)
+
+
+# The last list or tuple routed by, as a private copy, with its table: a caller
+# passes the same registry job after job, and comparing it to the copy (element
+# identity makes that a pointer walk) costs a fifth of hashing a fresh tuple.
+_last: tuple[list[str] | tuple[str, ...], RoutingTable] | None = None
+
+
+def table_for(agents: RoutingTable | Iterable[str]) -> RoutingTable:
+    """The compiled table for ``agents``: itself, or a cached one for names.
+
+    Keyed by the names themselves, never by the container's identity, so a
+    list changed between calls never routes by its old contents.
+    """
+    global _last
+    if isinstance(agents, RoutingTable):
+        return agents
+    last = _last
+    if last is not None and agents == last[0]:
+        return last[1]
+    names = tuple(agents)
+    table = _cached_table(names)
+    if isinstance(agents, list):
+        _last = (list(names), table)
+    elif isinstance(agents, tuple):
+        _last = (names, table)
+    return table
+
+
 def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
     """Resolve which registered agent serves ``job``, by the six-step chain.
 
@@ -272,8 +311,9 @@ def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
         job: a ``livekit.protocol.agent.Job`` (or any object with ``metadata``
             and ``room.name`` / ``room.metadata``; metadata may be a JSON string
             or a mapping).
-        agents: registered names in registration order, ideally as a
-            :class:`RoutingTable` built once.
+        agents: registered names in registration order: a
+            :class:`RoutingTable`, or any iterable of names (its table is
+            compiled on first use and cached by the names).
 
     Returns:
         The matching :class:`Route`.
@@ -285,7 +325,7 @@ def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
             no fallback.
         RuntimeError: no agents are registered.
     """
-    table = agents if isinstance(agents, RoutingTable) else RoutingTable(agents)
+    table = table_for(agents)
     default = table._default
     if default is None:
         raise RuntimeError(_NO_AGENTS)
@@ -330,7 +370,7 @@ def explain_route(job: _JobLike, agents: RoutingTable | Iterable[str]) -> list[s
     outcome is always the one :func:`resolve_agent` gives; this is slower and
     never on the hot path.
     """
-    table = agents if isinstance(agents, RoutingTable) else RoutingTable(agents)
+    table = table_for(agents)
     lines: list[str] = []
     for first_step, metadata in ((1, job.metadata), (3, job.room.metadata)):
         where = _STEP_SOURCE_LABELS[first_step]

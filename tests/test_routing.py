@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 
-from openrtc.routing import Route, RoutingTable, UnknownAgentError, explain_route, resolve_agent
+from openrtc import routing
+from openrtc.routing import (
+    Route,
+    RoutingTable,
+    UnknownAgentError,
+    explain_route,
+    resolve_agent,
+    table_for,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -84,6 +92,30 @@ def test_plain_sequence_and_table_agree() -> None:
     j = job(room="restaurant-x")
     assert resolve_agent(j, list(AGENTS)) == resolve_agent(j, TABLE)
     assert resolve_agent(j, iter(AGENTS)) == resolve_agent(j, TABLE)
+
+
+def test_a_list_of_names_is_compiled_once() -> None:
+    names = ["dental", "restaurant"]
+    first = table_for(names)
+    assert table_for(names) is first
+    assert table_for(list(names)) is first  # an equal list, not the same object
+    assert table_for(tuple(names)) is first
+    assert table_for(iter(names)) is first
+
+
+def test_a_list_changed_between_calls_routes_by_its_new_contents() -> None:
+    names = ["dental", "restaurant"]
+    assert resolve_agent(job(room="support-1"), names).agent == "dental"
+    names.append("support")
+    assert resolve_agent(job(room="support-1"), names) == Route("support", 5, "room name prefix")
+    names[:] = ["restaurant"]
+    assert resolve_agent(job(), names).agent == "restaurant"
+
+
+def test_the_table_cache_is_bounded() -> None:
+    for i in range(routing.TABLE_CACHE_SIZE * 3):
+        table_for([f"agent{i}"])
+    assert routing._cached_table.cache_info().currsize <= routing.TABLE_CACHE_SIZE
 
 
 def test_values_are_stripped_and_case_sensitive() -> None:
