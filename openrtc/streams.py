@@ -33,7 +33,7 @@ from openrtc.messages import (
     dead_letter_fields,
     decode_job_record,
 )
-from openrtc.scripts import register
+from openrtc.scripts import pack_fields, register
 from openrtc.settings import DEFAULT_DEDUP_TTL
 
 __all__ = ["REDIS_DOWN", "EnqueueResult", "StreamStore", "connect_redis"]
@@ -142,10 +142,8 @@ class StreamStore:
                     self.keys.jobs(message.agent),
                     self.dedup_ttl,
                     message.dispatcher_id,
+                    pack_fields(message.encode()),
                 ]
-                for key, value in message.encode().items():
-                    args.append(key)
-                    args.append(value)
                 pipe.execute_command(*args)
             if self._wait_replicas:
                 pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
