@@ -52,7 +52,8 @@ if existing then
   return {{0, existing}}
 end
 {STAMP_NOW}
-local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(cmsgpack.unpack(ARGV[3])))
+local fields = cmsgpack.unpack(ARGV[3])
+local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(fields))
 redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {{1, id}}
