@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from livekit.protocol.models import Room
 
 __all__ = [
     "ROUTING_LOGGERS",
+    "SUMMARY_ENV",
     "CorpusRecord",
     "ServiceDied",
     "ServiceProcess",
@@ -37,6 +39,7 @@ __all__ = [
     "measure",
     "percentile",
     "quiet_logging",
+    "record_figure",
     "runtime_info",
     "timed_pass",
 ]
@@ -228,3 +231,50 @@ def runtime_info() -> dict[str, str]:
         "livekit-protocol": _dist_version("livekit-protocol"),
         "openrtc": _dist_version("openrtc"),
     }
+
+
+# --- the scoreboard ----------------------------------------------------------------
+
+#: ``bench/scoreboard.py`` sets this to a file; each benchmark appends one JSON
+#: line per headline figure to it (nothing is written when it is unset).
+SUMMARY_ENV = "OPENRTC_BENCH_SUMMARY"
+
+
+def record_figure(
+    bench: str,
+    figure: str,
+    *,
+    ours: float | None,
+    anchor: float | None,
+    anchor_label: str,
+    unit: str,
+    goal: str,
+    met: bool | None,
+    ratio: float | None = None,
+    note: str = "",
+) -> None:
+    """Note one headline figure beside its anchor for the scoreboard.
+
+    ``ratio`` is printed as the goal reads (for example "ours / plain" for a
+    latency, "ours / theirs" for a speed-up); when omitted it is
+    ``ours / anchor``. ``met`` is None for a figure without a goal.
+    """
+    path = os.environ.get(SUMMARY_ENV)
+    if not path:
+        return
+    if ratio is None and ours is not None and anchor:
+        ratio = ours / anchor
+    line = {
+        "bench": bench,
+        "figure": figure,
+        "ours": ours,
+        "anchor": anchor,
+        "anchor_label": anchor_label,
+        "unit": unit,
+        "ratio": ratio,
+        "goal": goal,
+        "met": met,
+        "note": note,
+    }
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(line) + "\n")

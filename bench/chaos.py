@@ -90,6 +90,7 @@ for _path in (str(REPO_ROOT), str(BENCH_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from _common import record_figure  # noqa: E402
 from e2e import JOINED_LINE, Child, percentile  # noqa: E402
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
@@ -1138,6 +1139,32 @@ def report(h: Harness, ledger: Ledger, wall: float) -> bool:
     print("guarantees")
     for label, n in checks:
         print(f"  {label:<70}{n:>5}  {'ok' if n == 0 else 'BROKEN'}")
+    total = sum(ledger.outcomes.values())
+    record_figure(
+        "chaos",
+        f"calls through faults ({total})",
+        ours=sum(n for _, n in checks),
+        anchor=None,
+        anchor_label="",
+        unit="broken guarantees",
+        goal="0 unaccounted, 0 doubled, 0 lost",
+        met=all(n == 0 for _, n in checks),
+        note=", ".join(f"{label.split(' (')[0]} {n}" for label, n in checks if n),
+    )
+    if ledger.recovery:
+        r = ledger.recovery
+        for label, value in (("p50", statistics.median(r)), ("p99", percentile(r, 99))):
+            record_figure(
+                "chaos",
+                f"recovery after a worker SIGKILL, {label}",
+                ours=value,
+                anchor=None,
+                anchor_label="",
+                unit="s",
+                goal="",
+                met=None,
+                note=f"{len(r)} kills of a call; lease-based",
+            )
     for title, recs in (
         ("unaccounted", ledger.unaccounted),
         ("two agents of one job", ledger.double_rooms),

@@ -65,7 +65,7 @@ REPO_ROOT: Final = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from _common import ServiceDied, ServiceProcess, percentile  # noqa: E402
+from _common import ServiceDied, ServiceProcess, percentile, record_figure  # noqa: E402
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
@@ -449,6 +449,18 @@ def report(
         f"{f'{failed[PLAIN]}/{len(by_path[PLAIN])}':>10}"
     )
     met = ratios["p50"] <= args.goal and ratios["p99"] <= args.goal
+    for label, func in rows[:2]:
+        record_figure(
+            "e2e",
+            f"join latency {label}",
+            ours=1e3 * func(ok[OPENRTC]),
+            anchor=1e3 * func(ok[PLAIN]),
+            anchor_label="plain livekit-agents",
+            unit="ms",
+            goal=f"<= {args.goal:.2f}x",
+            met=ratios[label] <= args.goal and not failed[OPENRTC],
+            note=f"{len(ok[OPENRTC])} calls per path, failed {failed[OPENRTC]}/{failed[PLAIN]}",
+        )
     verdict = "met" if met else "MISSED"
     print(
         f"goal: openrtc within {args.goal:.2f}x of plain livekit-agents at p50 and p99: {verdict} "

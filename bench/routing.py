@@ -45,6 +45,7 @@ from _common import (
     build_jobs,
     measure,
     quiet_logging,
+    record_figure,
     runtime_info,
 )
 
@@ -556,6 +557,18 @@ def report(
         print(
             f"{'speedup, ' + form:<22}{theirs_best / best:>8.1f}x{theirs_median / median:>8.1f}x"
             f"   (goal >= {args.goal:g}x)"
+        )
+    for form, best in (("table", ours_best), ("list", list_best)):
+        record_figure(
+            "routing",
+            f"resolve_agent(job, {'RoutingTable' if form == 'table' else '[names]'})",
+            ours=best / 1e3,
+            anchor=theirs_best / 1e3,
+            anchor_label=f"openrtc {LEGACY_VERSION}",
+            unit="us/job",
+            ratio=theirs_best / best,
+            goal=f">= {args.goal:g}x faster",
+            met=theirs_best / best >= args.goal,
         )
     print(f"  {LEGACY_VERSION}: _resolve_agent_config(agents, ctx) per job")
     print("  this project, table: resolve_agent(job, RoutingTable) per job")
