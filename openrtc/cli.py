@@ -22,7 +22,7 @@ from openrtc import __version__
 from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
-from openrtc.settings import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
+from openrtc.settings import DEFAULT_DRAIN_TIMEOUT, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
 from openrtc.supervision import freeze_imports
 
 app = typer.Typer(
@@ -343,7 +343,7 @@ def worker(
             envvar="OPENRTC_DRAIN_TIMEOUT",
             help="On SIGTERM, seconds running calls may go on before others take them over.",
         ),
-    ] = 60.0,
+    ] = DEFAULT_DRAIN_TIMEOUT,
     forget_consumers_after: Annotated[
         float,
         typer.Option(

@@ -22,6 +22,7 @@ NoWorkerPolicy = Literal["queue", "reject"]
 
 __all__ = [
     "DEFAULT_DEDUP_TTL",
+    "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_NAMESPACE",
     "DEFAULT_REDIS_URL",
     "DispatcherSettings",
@@ -34,6 +35,14 @@ __all__ = [
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 #: How long a job's record (and with it its id's de-duplication) lives, in s.
 DEFAULT_DEDUP_TTL: Final = 24 * 3600.0
+#: How long a worker told to stop (SIGTERM: a deploy, a scale-down) lets its
+#: calls go on, in s. livekit-agents waits an hour, because there a call still
+#: running at the deadline is cut. Here it is not: a peer takes it over within
+#: a lease. So the drain only has to outlast nearly every call, not the
+#: longest: 30 minutes is several times a receptionist's or booking call, and
+#: keeps a rolling restart of a worker pool bounded. Kubernetes' grace period
+#: must exceed it (workers/deployment.yaml).
+DEFAULT_DRAIN_TIMEOUT: Final = 1800.0
 
 
 def redact_url(url: str) -> str:
@@ -172,7 +181,7 @@ class WorkerSettings:
     max_queue_age: float = 30.0
     #: On SIGTERM, how long running sessions may go on before they are left
     #: for other workers to take over.
-    drain_timeout: float = 60.0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     heartbeat_interval: float = 1.0
     membership_ttl: float = 5.0
     #: Warm child processes kept ready in ``process`` isolation.
