@@ -289,6 +289,12 @@ def test_promtool_accepts_the_alert_rules() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
+    # And they fire when they should (deploy/prometheus/alerts.test.yaml).
+    tests = ALERTS.with_name("alerts.test.yaml")
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_rules_and_dashboard_use_only_exported_metrics(
