@@ -735,7 +735,7 @@ def dev(
             typer.echo(f"Redis    {stack.redis.url}")
             typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
             for name, url in stack.http_urls.items():
-                typer.echo(f"http     {url}/healthz /readyz /metrics  ({name})")
+                typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")
             typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
             typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
             typer.echo("Ctrl-C stops everything.")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +27,7 @@ from openrtc.devstack import LiveKitServer, RedisServer, free_port
 from openrtc.dispatcher import Dispatcher
 from openrtc.worker import Worker
 from tests.stack import (
+    OFFLINE_AGENTS,
     creds,
     delete_room,
     dispatcher_settings,
@@ -312,3 +316,30 @@ async def test_rules_and_dashboard_use_only_exported_metrics(
     assert len(panels) >= 10, panels
     assert rules - exported == set()
     assert panels - exported == set()
+
+
+def test_a_taken_port_is_one_line_and_exit_1(livekit_server: LiveKitServer) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "LIVEKIT_URL": livekit_server.url,
+            "LIVEKIT_API_KEY": livekit_server.api_key,
+            "LIVEKIT_API_SECRET": livekit_server.api_secret,
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "OPENRTC_HTTP_PORT": str(port),
+        }
+        command = ["worker", "--agent", "dental", "--agents-dir", str(OFFLINE_AGENTS)]
+        result = subprocess.run(
+            [sys.executable, "-m", "openrtc", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"error: cannot serve HTTP on 0.0.0.0:{port}" in result.stderr
+    assert "--http-port" in result.stderr
+    assert "Traceback" not in result.stderr
