@@ -22,7 +22,13 @@ from openrtc import __version__
 from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
-from openrtc.settings import DEFAULT_DRAIN_TIMEOUT, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
+from openrtc.settings import (
+    DEFAULT_DISPATCHER_HTTP_PORT,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_NAMESPACE,
+    DEFAULT_REDIS_URL,
+    DEFAULT_WORKER_HTTP_PORT,
+)
 from openrtc.supervision import freeze_imports
 
 app = typer.Typer(
@@ -185,6 +191,11 @@ Namespace = Annotated[
     str, typer.Option("--namespace", envvar="OPENRTC_NAMESPACE", help="Redis key namespace.")
 ]
 
+_HTTP_PORT_HELP = "Port of the /healthz, /readyz and /metrics server; 0 = off."
+HttpPort = Annotated[
+    int, typer.Option("--http-port", envvar="OPENRTC_HTTP_PORT", help=_HTTP_PORT_HELP)
+]
+
 
 def _run_service(service: Any) -> None:
     """Run a service until it stops; SIGTERM/SIGINT drain it, a second signal aborts."""
@@ -210,7 +221,10 @@ def _run_service(service: Any) -> None:
             with stop_signals(stop, abort):
                 await service.run()
 
-    anyio.run(serve)
+    try:
+        anyio.run(serve)
+    except OpenRTCError as exc:  # e.g. the HTTP port is taken
+        _fail(str(exc))
 
 
 def _serve(agents_dir: Path, build: Callable[[AgentPool], Any], *, freeze: bool = False) -> None:
@@ -271,6 +285,7 @@ def dispatcher(
             "0 = off.",
         ),
     ] = 0,
+    http_port: HttpPort = DEFAULT_DISPATCHER_HTTP_PORT,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -285,6 +300,7 @@ def dispatcher(
             when_no_worker=when_no_worker,  # type: ignore[arg-type]  # validated in settings
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
+            http_port=http_port,
         )
         return Dispatcher(settings, pool)
 
@@ -352,6 +368,7 @@ def worker(
             help="Seconds a consumer holding nothing may go unread before it leaves the group.",
         ),
     ] = 300.0,
+    http_port: HttpPort = DEFAULT_WORKER_HTTP_PORT,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -370,6 +387,7 @@ def worker(
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
+            http_port=http_port,
         )
         return Worker(settings, pool)
 
@@ -717,6 +735,8 @@ def dev(
             typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
             typer.echo(f"Redis    {stack.redis.url}")
             typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
+            for name, url in stack.http_urls.items():
+                typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")
             typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
             typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
             typer.echo("Ctrl-C stops everything.")

@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from openrtc.agents import AgentPool
-from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.devstack import LiveKitServer, RedisServer, free_port
 from openrtc.dispatcher import Dispatcher
 from openrtc.settings import (
     DEFAULT_NAMESPACE,
@@ -45,6 +46,17 @@ class DevStack:
     dispatcher: Dispatcher
     workers: list[Worker]
     namespace: str
+
+    @property
+    def http_urls(self) -> dict[str, str]:
+        """Each service's /healthz, /readyz, /metrics base URL, by service."""
+        services: list[tuple[str, Dispatcher | Worker]] = [("dispatcher", self.dispatcher)]
+        services += [(f"worker {w.settings.agent}", w) for w in self.workers]
+        return {
+            name: f"http://127.0.0.1:{service.settings.http_port}"
+            for name, service in services
+            if service.settings.http_port
+        }
 
     @property
     def credentials(self) -> LiveKitSettings:
@@ -86,8 +98,14 @@ async def dev_stack(
     concurrency: int = 10,
     isolation: Isolation = "coroutine",
     log_dir: Path | None = None,
+    http: bool = True,
 ) -> AsyncIterator[DevStack]:
-    """Start servers, a dispatcher and a worker per agent; stop them all on exit."""
+    """Start servers, a dispatcher and a worker per agent; stop them all on exit.
+
+    ``http``: give each service its own /healthz, /readyz, /metrics server on
+    a free loopback port (several workers on one host cannot share the
+    services' default ports).
+    """
     pool = AgentPool.from_directory(agents_dir)
     if len(pool) == 0:
         from openrtc.errors import ConfigError
@@ -106,8 +124,14 @@ async def dev_stack(
     try:
         await anyio.to_thread.run_sync(livekit.start)
         credentials = LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret)
+
+        def http_port() -> dict[str, Any]:
+            return {"http_port": free_port(), "http_host": "127.0.0.1"} if http else {}
+
         dispatcher = Dispatcher(
-            DispatcherSettings(livekit=credentials, redis_url=redis.url, namespace=namespace),
+            DispatcherSettings(
+                livekit=credentials, redis_url=redis.url, namespace=namespace, **http_port()
+            ),
             pool,
         )
         workers = [
@@ -120,6 +144,7 @@ async def dev_stack(
                     concurrency=concurrency,
                     isolation=isolation,
                     drain_timeout=5.0,
+                    **http_port(),
                 ),
                 pool,
             )

@@ -48,6 +48,11 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
         return port
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server about to bind it)."""
+    return _free_port()
+
+
 def find_livekit_binary() -> Path:
     """The livekit-server binary: ``$LIVEKIT_SERVER_BIN``, else the build cache."""
     explicit = os.environ.get("LIVEKIT_SERVER_BIN")

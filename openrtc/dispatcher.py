@@ -58,6 +58,9 @@ from openrtc.messages import (
     accept_arguments,
     agent_identity,
 )
+from openrtc.metrics import DispatcherMetrics
+from openrtc.monitor import read_status
+from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
@@ -88,7 +91,11 @@ _CONNECTION_ERRORS: Final = (
 
 @dataclass(slots=True)
 class DispatcherStats:
-    """Counters since start, read by the benchmarks and the tests (not by ``openrtc status``)."""
+    """Counters since start, read by the benchmarks and the tests.
+
+    Operators read the same counts, with labels, on ``/metrics``
+    (:class:`~openrtc.metrics.DispatcherMetrics`).
+    """
 
     offered: int = 0
     accepted: int = 0
@@ -128,6 +135,7 @@ class Dispatcher:
         self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
         self.policy = AdmissionPolicy(settings.when_no_worker, settings.max_backlog)
         self.stats = DispatcherStats()
+        self.metrics = DispatcherMetrics()
         self._table = pool.routing_table
         self._clock = clock
         self._own_redis = redis is None
@@ -169,6 +177,17 @@ class Dispatcher:
         self._livekit_state = StateLog("LiveKit connection", logger)
         self._redis_state = StateLog("Redis", logger)
         self._tg: TaskGroup | None = None
+        #: The /healthz, /readyz and /metrics server; ``None`` when off.
+        self.http: OpsServer | None = None
+        if settings.http_port:
+            self.http = OpsServer(
+                settings.http_host,
+                settings.http_port,
+                registry=self.metrics.registry,
+                readiness=self.readiness,
+                refresh=self._refresh_metrics,
+                loop=LoopHealth(settings.health_max_lag, gauge=self.metrics.loop_lag),
+            )
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -196,8 +215,48 @@ class Dispatcher:
         """Begin a graceful stop: refuse new jobs, flush in-flight ones, unregister."""
         self._stop.set()
 
+    def readiness(self) -> str | None:
+        """``None`` when ready for jobs, else why not (one line, for ``/readyz``)."""
+        if self._draining or self._stop.is_set():
+            return "draining: refusing new jobs"
+        if self._socket is None:
+            state = self._livekit_state
+            why = f"{state.state}: {state.detail}" if state.state else "connecting"
+            return f"not registered with LiveKit ({why})"
+        if not self.view.redis_ok:
+            detail = self._redis_state.detail if self._redis_state.state == "unreachable" else ""
+            return f"Redis unreachable{f': {detail}' if detail else ''}"
+        return None
+
+    async def _refresh_metrics(self) -> None:
+        """Set the gauges read at scrape time: connections, and each agent's queue from Redis."""
+        m = self.metrics
+        m.livekit_connected.set(self._socket is not None)
+        m.draining.set(self._draining)
+        m.redis_connected.set(self.view.redis_ok)
+        try:
+            status = await read_status(self._redis, self.keys, self._table.names)
+        except Exception:
+            # Stale queue figures would mislead an alert: none rather than old ones.
+            for gauge in m.queue_gauges:
+                gauge.clear()
+            m.redis_connected.set(0)
+            raise
+        for agent in status.agents:
+            m.jobs_waiting.labels(agent.agent).set(agent.backlog)
+            m.jobs_pending.labels(agent.agent).set(agent.pending)
+            m.oldest_waiting.labels(agent.agent).set(agent.oldest_waiting_age or 0.0)
+            m.live_workers.labels(agent.agent).set(len(agent.workers))
+            m.agent_capacity.labels(agent.agent).set(agent.capacity)
+            m.agent_running.labels(agent.agent).set(agent.running)
+        m.dead_letter_backlog.set(status.dead_letters)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` (or cancellation)."""
+        async with serving(self.http):
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         logger.info(
             "dispatcher %s starting: agents %s, LiveKit %s, Redis %s, namespace %r, "
             "registering as agent name %r, when no worker: %s",
@@ -287,6 +346,7 @@ class Dispatcher:
             )
             attempt += 1
             self.stats.reconnects += 1
+            self.metrics.livekit_reconnects.inc()
             logger.debug("reconnecting to LiveKit in %.2fs (attempt %d)", delay, attempt)
             await anyio.sleep(delay)
 
@@ -347,6 +407,7 @@ class Dispatcher:
         if self._draining:
             answer.available = False
             self.stats.rejected += 1
+            self.metrics.availability_answers.labels("rejected").inc()
             return response
         try:
             route: Route | None = resolve_agent(job, self._table)
@@ -359,6 +420,7 @@ class Dispatcher:
             )
             if not admission.accept:
                 self.stats.rejected += 1
+                self.metrics.availability_answers.labels("rejected").inc()
                 logger.warning(
                     "job %s (room %s) for agent '%s' answered unavailable: %s",
                     job.id,
@@ -372,6 +434,8 @@ class Dispatcher:
         else:
             assert error is not None
             self.stats.unknown_agent += 1
+            self.metrics.unknown_agents.inc()
+            self.metrics.availability_answers.labels("unknown_agent").inc()
             logger.error(
                 "job %s (room %s): %s The job goes to the dead letters.",
                 job.id,
@@ -389,6 +453,7 @@ class Dispatcher:
         if route is not None:
             answer.participant_attributes[AGENT_ATTRIBUTE] = route.agent
             self.stats.accepted += 1
+            self.metrics.availability_answers.labels("accepted").inc()
         return response
 
     def _on_assignment(self, socket: AgentSocket, assignment: proto.JobAssignment) -> None:
@@ -424,6 +489,7 @@ class Dispatcher:
         message = pending.message
         if result is None:
             self.stats.enqueue_failed += 1
+            self.metrics.enqueue_failures.labels(message.agent).inc()
             reason = describe(error) if error else "timed out"
             text = (
                 f"openrtc: could not enqueue job for agent '{message.agent}' "
@@ -438,6 +504,7 @@ class Dispatcher:
             return
         if result.outcome == "duplicate":
             self.stats.duplicates += 1
+            self.metrics.duplicates.inc()
             logger.warning(
                 "job %s already enqueued (entry %s); not enqueued again",
                 message.job_id,
@@ -445,6 +512,10 @@ class Dispatcher:
             )
         else:
             self.stats.enqueued += 1
+            self.metrics.jobs_routed.labels(message.agent, str(pending.route.step)).inc()
+            # The assignment arrived one enqueue timeout before the deadline.
+            submitted = pending.deadline - self.settings.enqueue_timeout
+            self.metrics.enqueue_latency.labels(message.agent).observe(time.monotonic() - submitted)
             if logger.isEnabledFor(logging.INFO):
                 logger.info(
                     "job %s (room %s) -> %s (entry %s, step %d: %s)",
@@ -512,6 +583,7 @@ class Dispatcher:
             )
             return
         if entry is not None:
+            self.metrics.dead_letters.labels("", DeadReason.UNKNOWN_AGENT.value).inc()
             logger.error("job %s dead-lettered as %s (%s)", job.id, entry, self.keys.dead_letter)
 
     async def _fail(self, socket: AgentSocket, job_id: str, error: str) -> None:
@@ -536,6 +608,7 @@ class Dispatcher:
             logger.debug("termination for job %s that this dispatcher does not hold", job_id)
             return
         self.stats.terminations += 1
+        self.metrics.terminations.inc()
         try:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 await self.store.publish_termination(agent, job_id, "livekit")
@@ -610,6 +683,7 @@ class Dispatcher:
         if event.status in (JobStatus.SUCCESS, JobStatus.FAILED):
             self.jobs.ended(event.job_id)
         self.stats.statuses_relayed += 1
+        self.metrics.statuses_relayed.labels(event.status.value).inc()
         logger.info(
             "job %s %s%s",
             event.job_id,

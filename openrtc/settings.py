@@ -22,9 +22,11 @@ NoWorkerPolicy = Literal["queue", "reject"]
 
 __all__ = [
     "DEFAULT_DEDUP_TTL",
+    "DEFAULT_DISPATCHER_HTTP_PORT",
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_NAMESPACE",
     "DEFAULT_REDIS_URL",
+    "DEFAULT_WORKER_HTTP_PORT",
     "DispatcherSettings",
     "LiveKitSettings",
     "WorkerSettings",
@@ -33,6 +35,11 @@ __all__ = [
 
 #: The Redis every service and command uses unless told otherwise.
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+#: The CLI's HTTP ports (``--http-port``): apart from each other so a
+#: dispatcher and a worker can share a host, and apart from livekit-agents'
+#: health server (8081) and LiveKit's own ports (7880-7882).
+DEFAULT_DISPATCHER_HTTP_PORT: Final = 8181
+DEFAULT_WORKER_HTTP_PORT: Final = 8182
 #: How long a job's record (and with it its id's de-duplication) lives, in s.
 DEFAULT_DEDUP_TTL: Final = 24 * 3600.0
 #: How long a worker told to stop (SIGTERM: a deploy, a scale-down) lets its
@@ -55,6 +62,13 @@ def redact_url(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _check_http(port: int, max_lag: float) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"http_port must be in [0, 65535] (0 = off), not {port}")
+    if max_lag <= 0:
+        raise ConfigError("health_max_lag must be more than 0 seconds")
 
 
 def new_instance_id(prefix: str) -> str:
@@ -138,8 +152,15 @@ class DispatcherSettings:
     #: within ``wait_timeout`` is logged, the job is kept.
     wait_replicas: int = 0
     wait_timeout: float = 0.5
+    #: Port of the /healthz, /readyz and /metrics server; 0 = none (the CLI's
+    #: default is DEFAULT_DISPATCHER_HTTP_PORT, see the README).
+    http_port: int = 0
+    http_host: str = "0.0.0.0"
+    #: /healthz answers 503 when the event loop lags more than this (s).
+    health_max_lag: float = 5.0
 
     def __post_init__(self) -> None:
+        _check_http(self.http_port, self.health_max_lag)
         if self.wait_replicas < 0:
             raise ConfigError("wait_replicas must be >= 0")
         if not 0 < self.wait_timeout < self.enqueue_timeout:
@@ -195,8 +216,15 @@ class WorkerSettings:
     #: How long a job record written by this worker lives (as the dispatcher's).
     dedup_ttl: float = DEFAULT_DEDUP_TTL
     cluster_keys: bool = False
+    #: Port of the /healthz, /readyz and /metrics server; 0 = none (the CLI's
+    #: default is DEFAULT_WORKER_HTTP_PORT, see the README).
+    http_port: int = 0
+    http_host: str = "0.0.0.0"
+    #: /healthz answers 503 when the event loop lags more than this (s).
+    health_max_lag: float = 5.0
 
     def __post_init__(self) -> None:
+        _check_http(self.http_port, self.health_max_lag)
         if self.concurrency < 1:
             raise ConfigError("concurrency must be >= 1")
         if self.isolation not in ("coroutine", "process"):

@@ -49,6 +49,8 @@ from openrtc.messages import (
     StatusEvent,
     peek_job_header,
 )
+from openrtc.metrics import WorkerMetrics
+from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.redis_health import check_durability
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
@@ -72,7 +74,7 @@ ROOM_CHECK_TIMEOUT: Final = 3.0
 
 @dataclass(slots=True)
 class WorkerStats:
-    """Counters since start."""
+    """Counters since start (tests); operators read them on ``/metrics`` (openrtc.metrics)."""
 
     started: int = 0
     succeeded: int = 0
@@ -155,6 +157,7 @@ class Worker:
         self.config = pool.get(settings.agent)
         self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
         self.stats = WorkerStats()
+        self.metrics = WorkerMetrics(settings.agent)
         self._clock = clock
         self._own_redis = redis is None
         self._redis = redis or connect_redis(
@@ -192,6 +195,17 @@ class Worker:
         #: Redis's clock minus this host's, measured with each heartbeat.
         self._redis_clock_offset = 0.0
         self._tg: TaskGroup | None = None
+        #: The /healthz, /readyz and /metrics server; ``None`` when off.
+        self.http: OpsServer | None = None
+        if settings.http_port:
+            self.http = OpsServer(
+                settings.http_host,
+                settings.http_port,
+                registry=self.metrics.registry,
+                readiness=self.readiness,
+                refresh=self._refresh_metrics,
+                loop=LoopHealth(settings.health_max_lag, gauge=self.metrics.loop_lag),
+            )
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -220,8 +234,31 @@ class Worker:
         if self._startup is not None:
             self._startup.cancel()
 
+    def readiness(self) -> str | None:
+        """``None`` when taking jobs, else why not (one line, for ``/readyz``)."""
+        if self._draining or self._stop.is_set():
+            return "draining: taking no new jobs"
+        unreachable = self._redis_state.state == "unreachable"
+        redis = f"Redis unreachable: {self._redis_state.detail}" if unreachable else ""
+        if not self._ready.is_set():
+            return f"starting: {redis or 'joining the consumer group'}"
+        return redis or None
+
+    async def _refresh_metrics(self) -> None:
+        """Set the gauges read at scrape time (no I/O)."""
+        m, agent = self.metrics, self.settings.agent
+        m.sessions_running.labels(agent).set(len(self.running))
+        capacity = 0 if self._draining else self.settings.concurrency
+        m.session_capacity.labels(agent).set(capacity)
+        m.redis_connected.set(self._redis_state.state == "connected")
+        m.draining.set(self._draining or self._stop.is_set())
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` and the drain are done (or cancellation)."""
+        async with serving(self.http):
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         s = self.settings
         logger.info(
             "worker %s for agent '%s' starting: %s isolation, %d slots, lease %.1fs, "
@@ -346,6 +383,7 @@ class Worker:
                     continue
                 if delivery.deliveries > 1:
                     self.stats.reclaimed += 1
+                    self.metrics.reclaimed.inc()
                 # Held (and leased) from this moment: its check may be slow.
                 claim = _Claim(delivery)
                 self._claims[delivery.entry_id] = claim
@@ -562,6 +600,7 @@ class Worker:
         assert message is not None
         assert control is not None
         self.stats.started += 1
+        self.metrics.started.inc()
         try:
 
             async def announce() -> None:
@@ -620,6 +659,7 @@ class Worker:
     async def _settle(self, claim: _Claim, message: JobMessage, outcome: SessionOutcome) -> None:
         if outcome.status == "taken_over":
             self.stats.taken_over += 1
+            self.metrics.ended("taken_over")
             logger.warning(
                 "job %s: another worker took the call over (%s); stepping aside",
                 message.job_id,
@@ -628,6 +668,7 @@ class Worker:
             return
         if outcome.status == "failed":
             self.stats.failed += 1
+            self.metrics.ended("failed")
             claim.settled = True
             logger.error(
                 "job %s: session failed (delivery %d of %d): %s",
@@ -642,6 +683,7 @@ class Worker:
             # delivered again, to this worker or another, until the limit.
             return
         self.stats.succeeded += 1
+        self.metrics.ended("succeeded")
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
         await self._finish(claim, message)
         await self._status(message, JobStatus.SUCCESS, "")
@@ -669,6 +711,7 @@ class Worker:
         claim.settled = True
         delivery = claim.delivery
         self.stats.dead_lettered += 1
+        self.metrics.dead_letters.labels(self.settings.agent, reason.value).inc()
         job = message.job_id if message else job_id or "?"
         logger.error(
             "entry %s (job %s) -> dead letters (%s): %s", delivery.entry_id, job, reason, error
@@ -714,12 +757,14 @@ class Worker:
                 with anyio.fail_after(self.settings.lease / 3):
                     renewal = await self.consumer.renew(held)
             except REDIS_DOWN as exc:
+                self.metrics.renewals_failed.inc(len(held))
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 continue
             for entry_id in renewal.lost:
                 claim = self._claims.get(entry_id)
                 if claim is None or claim.settled:
                     continue
+                self.metrics.lost.inc()
                 claim.lost = True
                 if claim.control is not None and claim.message is not None:
                     logger.warning("job %s: lease lost to another worker", claim.message.job_id)
@@ -796,6 +841,8 @@ class Worker:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self._beat()
                     await self._measure_redis_clock()
+                # Also when the consume loop does not read (all slots busy).
+                self._redis_state.set("connected", redact_url(self.settings.redis_url))
             except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 

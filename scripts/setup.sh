@@ -18,6 +18,16 @@ fi
 # The Debian package may start a system-wide server; ours are private and on
 # free ports, so it is left alone.
 
+# promtool checks deploy/prometheus's alert rules in the tests; Debian ships
+# it in the prometheus package (which also installs a Prometheus server; on a
+# systemd host Debian starts it on :9090: `systemctl disable --now prometheus`).
+if ! command -v promtool >/dev/null; then
+  log "installing promtool (apt: prometheus)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
   log "creating .venv"
@@ -34,3 +44,4 @@ fi
 LIVEKIT_SERVER_BIN="$(bash scripts/livekit-server.sh)"
 log "livekit-server: $LIVEKIT_SERVER_BIN"
 log "redis-server:   $(command -v redis-server)"
+log "promtool:       $(command -v promtool)"
