@@ -222,8 +222,9 @@ class _Child:
 
     async def kill(self) -> None:
         with anyio.CancelScope(shield=True):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+            if self.returncode is None:  # once reaped, its pid may be another process's
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             with anyio.move_on_after(EXIT_GRACE):
                 await self._exits.wait(self.pid)
             await self.stream.aclose()
@@ -280,6 +281,8 @@ class _Zygote:
 
     async def read_reports(self) -> None:
         """Record the children's exits until the zygote is gone."""
+        if self._control is None:
+            return
         while (report := await self._receive()) is not None:
             if "exit" in report:
                 self._exits.record(int(report["exit"]), int(report["code"]))
