@@ -240,6 +240,7 @@ class _Zygote:
         self._exits = exits
         self._process: Process | None = None
         self._control: socket.socket | None = None
+        self._sending = anyio.Lock()
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -289,15 +290,25 @@ class _Zygote:
 
     async def fork(self) -> UNIXSocketStream:
         """A new child; returns the worker's end of its stdin/stdout socket."""
-        if self._control is None:
+        control = self._control
+        if control is None:
             raise RuntimeError("the session zygote is not running")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await anyio.wait_writable(self._control)
-            socket.send_fds(self._control, [b"F"], [theirs.fileno()])
-        except OSError as exc:
+            # One writer at a time: anyio allows a single waiter per socket, and
+            # forks are requested in parallel. The send itself takes microseconds.
+            async with self._sending:
+                while True:
+                    try:
+                        socket.send_fds(control, [b"F"], [theirs.fileno()])
+                        break
+                    except BlockingIOError:
+                        await anyio.wait_writable(control)
+        except BaseException as exc:
             ours.close()
-            raise RuntimeError(f"the session zygote is gone: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise RuntimeError(f"the session zygote is gone: {exc}") from exc
+            raise
         finally:
             theirs.close()
         return await UNIXSocketStream.from_socket(ours)

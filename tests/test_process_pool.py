@@ -25,6 +25,7 @@ from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
 from openrtc.messages import JobStatus
 from openrtc.runners import ProcessRunner
+from openrtc.settings import WorkerSettings
 from openrtc.streams import StreamStore
 from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_worker import AGENT_HEADER, TEST_BUDGET, job_message, wait_status, write_agent
@@ -221,3 +222,17 @@ async def test_a_session_process_killed_mid_call_is_reported_with_its_exit_code(
             record = await redis.hgetall(keys.job("forked", message.job_id))
             assert b"session process exited with code -9" in record[b"last_error"]
             await delete_room(livekit_server, room.name)
+
+
+async def test_many_children_forked_at_the_same_moment_all_start(
+    livekit_server: LiveKitServer, tmp_path: Path
+) -> None:
+    pool, _ = forked_pool(tmp_path)
+    settings = WorkerSettings(livekit=creds(livekit_server), agent="forked", idle_processes=6)
+    runner = ProcessRunner(pool.get("forked"), settings)
+    with anyio.fail_after(TEST_BUDGET):
+        try:
+            await runner.prepare()  # six forks requested in the same event-loop turn
+            assert len(idle_pids(runner)) == 6
+        finally:
+            await runner.aclose()
