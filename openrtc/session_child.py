@@ -185,6 +185,10 @@ def _zygote(agents_dir: str, agent: str, control_fd: int) -> int:
     except Exception as exc:
         _send(control, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})
         return 1
+    # A terminal's Ctrl-C reaches the whole process group: the worker drains its
+    # sessions and then closes their sockets; neither we nor (inheriting this)
+    # the children should die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGCHLD wakes the loop below through this pipe, so exits are reported at once.
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
