@@ -236,3 +236,40 @@ async def test_many_children_forked_at_the_same_moment_all_start(
             assert len(idle_pids(runner)) == 6
         finally:
             await runner.aclose()
+
+
+async def test_a_killed_zygote_is_replaced_and_calls_are_still_served(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    pool, out = forked_pool(tmp_path)
+    room = await new_room(livekit_server, unique("forked-zygote"))
+    message = job_message(livekit_server, room, "forked", dispatcher)
+    with anyio.fail_after(TEST_BUDGET):
+        async with working(
+            livekit_server,
+            redis_server.url,
+            ns,
+            "forked",
+            pool=pool,
+            isolation="process",
+            idle_processes=0,  # every call needs a fresh fork
+        ) as worker:
+            runner = worker.runner
+            assert isinstance(runner, ProcessRunner)
+            first = runner._zygote._process
+            assert first is not None
+            os.kill(first.pid, signal.SIGKILL)
+
+            def replaced() -> bool:
+                current = runner._zygote._process
+                return current is not None and current.pid != first.pid
+
+            await eventually(replaced, "a new zygote", within=30)
+            async with caller_in(creds(livekit_server), room.name) as caller:
+                await StreamStore(redis, keys).enqueue([message])
+                await caller.wait_agent(within=30)
+                await delete_room(livekit_server, room.name)
+                await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
+            assert len(pids(out / "prewarms")) == 2  # the new zygote warmed up once
