@@ -328,6 +328,14 @@ def worker(
             help="coroutine (sessions share this process) or process (one child per session).",
         ),
     ] = "coroutine",
+    idle_processes: Annotated[
+        int,
+        typer.Option(
+            "--idle-processes",
+            envvar="OPENRTC_IDLE_PROCESSES",
+            help="With --isolation process: warm child processes kept ready for new calls.",
+        ),
+    ] = 1,
     lease: Annotated[
         float,
         typer.Option(
@@ -382,6 +390,7 @@ def worker(
             namespace=namespace,
             concurrency=concurrency,
             isolation=isolation,  # type: ignore[arg-type]  # validated in settings
+            idle_processes=idle_processes,
             lease=lease,
             max_deliveries=max_deliveries,
             max_queue_age=max_queue_age,

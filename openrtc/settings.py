@@ -205,7 +205,8 @@ class WorkerSettings:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     heartbeat_interval: float = 1.0
     membership_ttl: float = 5.0
-    #: Warm child processes kept ready in ``process`` isolation.
+    #: Warm child processes kept ready in ``process`` isolation
+    #: (``--idle-processes``); a job takes one instead of waiting for a fork.
     idle_processes: int = 1
     #: A worker that took a call over ignores LiveKit's termination of the
     #: replaced participant for this long (it is caused by the takeover itself).
@@ -233,5 +234,7 @@ class WorkerSettings:
             raise ConfigError("lease must be more than 0.3 seconds")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be >= 1")
+        if self.idle_processes < 0:
+            raise ConfigError("idle_processes must be >= 0")
         if self.forget_consumers_after <= 0:
             raise ConfigError("forget_consumers_after must be more than 0 seconds")

@@ -286,6 +286,7 @@ class Worker:
                 return
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self.runner.maintain)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._lease_loop)
                 tg.start_soon(self._control_loop)

@@ -399,3 +399,11 @@ def test_console_script_entry_point() -> None:
 
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout) == {"agents": OFFLINE_ROWS}
+
+
+def test_the_worker_takes_idle_processes_as_a_flag_and_a_variable() -> None:
+    result = invoke("worker", "--help", env={"COLUMNS": "200"})
+
+    assert result.exit_code == 0
+    assert "--idle-processes" in result.stdout
+    assert "OPENRTC_IDLE_PROCESSES" in result.stdout

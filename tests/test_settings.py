@@ -78,6 +78,7 @@ def test_dispatcher_settings_refuse(overrides: dict[str, Any], error: str) -> No
         ({"isolation": "thread"}, "isolation"),
         ({"lease": 0.3}, "lease"),
         ({"max_deliveries": 0}, "max_deliveries"),
+        ({"idle_processes": -1}, "idle_processes"),
     ],
 )
 def test_worker_settings_refuse(overrides: dict[str, Any], error: str) -> None:
