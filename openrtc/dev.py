@@ -88,7 +88,9 @@ async def dev_stack(
     log_dir: Path | None = None,
 ) -> AsyncIterator[DevStack]:
     """Start servers, a dispatcher and a worker per agent; stop them all on exit."""
-    pool = AgentPool.from_directory(agents_dir)
+    from openrtc.compat import provider_defaults_from_env
+
+    pool = AgentPool.from_directory(agents_dir, **provider_defaults_from_env())
     if len(pool) == 0:
         from openrtc.errors import ConfigError
 

@@ -29,7 +29,10 @@ async def _serve(agents_dir: str, agent: str) -> int:
     from openrtc.session import RoomAccess, SessionControl, new_job_process, run_session
 
     try:
-        config = AgentPool.from_directory(agents_dir).get(agent)
+        from openrtc.compat import provider_defaults_from_env
+
+        # The defaults the worker was given (flags are exported to the environment).
+        config = AgentPool.from_directory(agents_dir, **provider_defaults_from_env()).get(agent)
         proc = new_job_process("process")
         if config.prewarm is not None:
             config.prewarm(proc)
