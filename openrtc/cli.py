@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -111,11 +111,17 @@ DefaultGreeting = Annotated[
 
 
 def _agents_dir(positional: Path | None, option: Path) -> Path:
-    """The agents directory: the positional one, else ``--agents-dir`` (or its variable)."""
+    """The agents directory: the positional one, else ``--agents-dir`` (or its variable).
+
+    Both on the command line and different is an error; the variable (and the
+    default, ``agents``) give way to the positional one.
+    """
     if positional is None:
         return option
-    source = click.get_current_context().get_parameter_source("agents_dir")
-    if source is click.core.ParameterSource.COMMANDLINE and option != positional:
+    from_env = os.environ.get("OPENRTC_AGENTS_DIR")
+    if option not in (positional, Path("agents")) and (
+        from_env is None or option != Path(from_env)
+    ):
         _fail(f"the agents directory is given twice ({positional} and --agents-dir {option})", 2)
     return positional
 
@@ -670,15 +676,28 @@ def _watch_status(
 
 
 def _with_redis_loop(redis_url: str, go: Callable[[], Any]) -> None:
-    """Run a command that loops until Ctrl-C, which ends it with exit code 0."""
+    """Run a command that loops until Ctrl-C (or SIGTERM), which ends it with exit code 0."""
+    import threading
+
     import anyio
 
     from openrtc.settings import redact_url
     from openrtc.streams import REDIS_DOWN
+    from openrtc.supervision import stop_signals
+
+    async def until_stopped() -> None:
+        # A cancel scope, not asyncio's own SIGINT handling: that cancels the
+        # main task once, and a blocking XREAD in redis-py can swallow it.
+        with anyio.CancelScope() as scope:
+            if threading.current_thread() is not threading.main_thread():
+                await go()  # called in-process (tests); no signals to handle here
+                return
+            with stop_signals(lambda _: scope.cancel(), lambda _: scope.cancel()):
+                await go()
 
     try:
-        anyio.run(go)
-    except KeyboardInterrupt:
+        anyio.run(until_stopped)
+    except KeyboardInterrupt:  # before the handlers were in place
         raise typer.Exit(0) from None
     except REDIS_DOWN as exc:
         _fail(f"Redis at {redact_url(redis_url)}: {exc}")
@@ -899,14 +918,20 @@ def dlq_follow(
     import time
 
     from openrtc.keys import Keys
-    from openrtc.monitor import follow_dead_letters
+    from openrtc.monitor import dead_letter_tail, follow_dead_letters
     from openrtc.streams import connect_redis
 
     async def go() -> None:
         client = connect_redis(redis_url)
         try:
+            keys = Keys(namespace)
+            # Printed once the start is fixed: from here on none is missed.
+            tail = await dead_letter_tail(client, keys)
+            typer.echo(
+                f"following dead letters in namespace {namespace!r} (Ctrl-C stops)", err=True
+            )
             letters = follow_dead_letters(
-                client, Keys(namespace), reason=reason.value if reason else None, agent=agent
+                client, keys, reason=reason.value if reason else None, agent=agent, after=tail
             )
             async for d in letters:
                 if json_output:
@@ -918,8 +943,6 @@ def dlq_follow(
         finally:
             await client.aclose()
 
-    if not json_output:
-        typer.echo(f"following dead letters in namespace {namespace!r} (Ctrl-C stops)", err=True)
     _with_redis_loop(redis_url, go)
 
 

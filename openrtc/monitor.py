@@ -35,6 +35,7 @@ __all__ = [
     "StackStatus",
     "check_status",
     "dead_letter_stats",
+    "dead_letter_tail",
     "follow_dead_letters",
     "list_dead_letters",
     "parse_since",
@@ -601,22 +602,28 @@ async def scan_dead_letters(
         start = f"({_s(entries[-1][0])}"
 
 
+async def dead_letter_tail(redis: Redis, keys: Keys) -> str:
+    """The newest dead letter's entry id (``0-0`` when there is none): where following starts."""
+    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
+    return _s(newest[0][0]) if newest else "0-0"
+
+
 async def follow_dead_letters(
     redis: Redis,
     keys: Keys,
     *,
     reason: str | None = None,
     agent: str | None = None,
+    after: str | None = None,
     block: float = 2.0,
 ) -> AsyncIterator[DeadLetter]:
-    """Dead letters added from now on, as they arrive (blocking ``XREAD``), filtered.
+    """Dead letters added after entry ``after`` (default: from now on), filtered.
 
-    Each read blocks at most ``block`` seconds (below the client's socket
-    timeout) and then reads again from where it was: none is missed between
-    two reads, since the position is the last entry id seen, not ``$``.
+    Blocking ``XREAD``s, each at most ``block`` seconds (below the client's
+    socket timeout), each from the last entry id seen rather than ``$``, so
+    none is missed between two reads.
     """
-    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
-    last = _s(newest[0][0]) if newest else "0-0"
+    last = after if after is not None else await dead_letter_tail(redis, keys)
     while True:
         reply: Any = await redis.xread({keys.dead_letter: last}, block=int(block * 1000))
         for _stream, entries in reply or []:
