@@ -480,40 +480,49 @@ async def test_dlq_stats_and_list_filters(redis_server: RedisServer, client: Red
         await store.dead_letter(DeadReason.MAX_DELIVERIES, "x", original={b"agent": agent.encode()})
     env = _env(redis_server, ns)
 
-    stats = json.loads(_run(env, "dlq", "stats", "--json").stdout)
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        # In-process (a thread: the command runs its own event loop): a process
+        # per call would spend its time importing.
+        def invoke() -> Any:
+            return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+
+        result = await anyio.to_thread.run_sync(invoke)
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+    stats = json.loads((await cli("dlq", "stats", "--json")).stdout)
     assert stats["total"] == 5
     assert stats["by_reason"] == {"max-deliveries": 3, "expired": 1, "unknown-agent": 1}
     assert stats["by_agent"] == {"dental": 3, "support": 1, "?ghost": 1}
     assert stats["oldest"]["id"] == f"{old_ms}-0"
-    recent = json.loads(_run(env, "dlq", "stats", "--since", "1h", "--json").stdout)
+    recent = json.loads((await cli("dlq", "stats", "--since", "1h", "--json")).stdout)
     assert recent["total"] == 3
-    table = _run(env, "dlq", "stats")
+    table = await cli("dlq", "stats")
     assert table.returncode == 0
     assert "max-deliveries" in table.stdout
     assert "oldest:" in table.stdout
 
-    def listed(*args: str) -> list[str]:
-        result = _run(env, "dlq", "list", "--json", *args)
+    async def listed(*args: str) -> list[str]:
+        result = await cli("dlq", "list", "--json", *args)
         assert result.returncode == 0, result.stderr
         return [
             d["reason"] + ":" + (d["agent"] or d["requested_agent"])
             for d in json.loads(result.stdout)["dead_letters"]
         ]
 
-    assert listed("--since", "1h") == [
+    assert await listed("--since", "1h") == [
         "max-deliveries:dental",
         "max-deliveries:support",
         "max-deliveries:dental",
     ]
     since_iso = datetime.fromtimestamp(time.time() - 3600, UTC).isoformat()
-    assert len(listed("--since", since_iso)) == 3
-    assert listed("--agent", "dental") == [
+    assert len(await listed("--since", since_iso)) == 3
+    assert await listed("--agent", "dental") == [
         "max-deliveries:dental",
         "max-deliveries:dental",
         "expired:dental",
     ]
-    assert listed("--agent", "ghost") == ["unknown-agent:ghost"]
-    assert listed("--reason", "expired", "--agent", "dental") == ["expired:dental"]
-    assert listed("--reason", "expired", "--since", "1h") == []
+    assert await listed("--agent", "ghost") == ["unknown-agent:ghost"]
+    assert await listed("--reason", "expired", "--agent", "dental") == ["expired:dental"]
+    assert await listed("--reason", "expired", "--since", "1h") == []
     # A rare reason behind many others is still found (paging, not a fixed window).
-    assert listed("--reason", "expired", "-n", "1") == ["expired:dental"]
+    assert await listed("--reason", "expired", "-n", "1") == ["expired:dental"]
