@@ -106,7 +106,9 @@ async def dev_stack(
     a free loopback port (several workers on one host cannot share the
     services' default ports).
     """
-    pool = AgentPool.from_directory(agents_dir)
+    from openrtc.compat import provider_defaults_from_env
+
+    pool = AgentPool.from_directory(agents_dir, **provider_defaults_from_env())
     if len(pool) == 0:
         from openrtc.errors import ConfigError
 

@@ -131,9 +131,11 @@ def _warm(agents_dir: str, agent: str) -> tuple[Any, Any]:
     from livekit.rtc._ffi_client import get_ffi_lib
 
     from openrtc.agents import AgentPool
+    from openrtc.compat import provider_defaults_from_env
     from openrtc.session import new_job_process
 
-    config = AgentPool.from_directory(agents_dir).get(agent)
+    # The defaults the worker was given (its flags are exported to the environment).
+    config = AgentPool.from_directory(agents_dir, **provider_defaults_from_env()).get(agent)
     proc = new_job_process("process")
     if config.prewarm is not None:
         config.prewarm(proc)

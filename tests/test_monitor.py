@@ -163,7 +163,7 @@ async def test_dead_letters_list_show_replay_purge(redis_server: RedisServer, re
     assert time.time() - again.enqueued_at < 5  # not expired on arrival
     assert b"reason" not in entries[0][1]
 
-    assert "deleted 1" in (await cli(redis_server, ns, "dlq", "purge", "--all")).stdout
+    assert "deleted 1" in (await cli(redis_server, ns, "dlq", "purge", "--all", "--yes")).stdout
     assert await list_dead_letters(redis, keys) == []
     assert (await cli(redis_server, ns, "dlq", "purge")).exit_code == 2
 
