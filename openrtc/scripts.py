@@ -167,20 +167,55 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: job stream. ARGV: group, consumer, min idle ms, count.
-# XAUTOCLAIM plus each claimed entry's delivery count, in one round trip.
-# Returns {entries, counts, deleted ids}.
+# KEYS: job stream, the agent's reclaim state (hash: cursor, at).
+# ARGV: group, consumer, min idle ms, want (free slots), sweep ms, floor, state ttl ms.
+# One reclaim pass: claims at most `want` entries idle for min idle ms, with
+# each one's delivery count, in one round trip. Returns {entries, counts}.
+#
+# Redis's XAUTOCLAIM scans at most COUNT x 10 pending entries per call, so a
+# pass that always started at 0-0 with COUNT = free slots never got past the
+# live calls at the head of the list. Instead the agent's workers share one
+# cursor: each pass resumes where the last (anyone's) stopped, coming back to
+# 0-0 at the end. A pass scans in proportion to the time since the last pass
+# (XLEN x elapsed / sweep, XLEN bounding the pending list since acknowledged
+# entries are deleted, at least `floor`), so the group walks the whole list
+# once per sweep however many workers reclaim: Redis's work per second is set
+# by the number of calls, not by the number of workers. The scan is split
+# into XAUTOCLAIM calls with COUNT = the slots still free, so nothing is
+# claimed that this worker cannot start; a pass that fills its slots leaves
+# the cursor on the next entry, so the idle entries after it are not skipped.
 RECLAIM: Final = """
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
-local entries = r[2]
+local stream, state = KEYS[1], KEYS[2]
+local group, consumer, min_idle = ARGV[1], ARGV[2], ARGV[3]
+local want, sweep, floor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local saved = redis.call('HMGET', state, 'cursor', 'at')
+local cursor = saved[1] or '0-0'
+local elapsed = math.min(sweep, math.max(0, now - (tonumber(saved[2]) or 0)))
+local budget = math.max(floor, math.ceil(redis.call('XLEN', stream) * elapsed / sweep))
+local entries = {}
+local started_at_head = cursor == '0-0'
+while budget > 0 and #entries < want do
+  local count = math.min(want - #entries, math.ceil(budget / 10))
+  local r = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, cursor, 'COUNT', count)
+  budget = budget - count * 10
+  cursor = r[1]
+  for _, e in ipairs(r[2]) do table.insert(entries, e) end
+  if cursor == '0-0' then
+    if started_at_head then break end
+    started_at_head = true
+  end
+end
+redis.call('HSET', state, 'cursor', cursor, 'at', now)
+redis.call('PEXPIRE', state, ARGV[7])
 local counts = {}
 for i, e in ipairs(entries) do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+  local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
   counts[i] = p[1] and p[1][4] or 1
 end
-return {entries, counts, r[3] or {}}
+return {entries, counts}
 """
-
 
 # KEYS: the dead-letter stream, the job's record hash, the job stream. That is
 # one agent's keys plus the dead-letter stream: under Redis Cluster the

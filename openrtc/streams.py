@@ -45,6 +45,14 @@ SIDE_STREAM_MAXLEN: Final = 10_000
 #: A dispatcher's status stream expires this long after its last event, so the
 #: streams of dispatchers that are gone do not pile up.
 STATUS_STREAM_TTL: Final = 3600
+#: The agent's workers walk its whole pending list once per this fraction of
+#: the lease, so a dead worker's entry is found within about half a lease of
+#: becoming reclaimable.
+RECLAIM_SWEEP: Final = 0.5
+#: Pending entries one reclaim pass scans at least (cheap: microseconds).
+RECLAIM_SCAN_FLOOR: Final = 100
+#: The shared reclaim cursor outlives the agent's last reclaim pass this long (s).
+RECLAIM_STATE_TTL: Final = 60.0
 #: What a Redis call raises when Redis is unreachable or too slow: every
 #: ``except`` that rides an outage out names this one tuple. (``TimeoutError``
 #: is an ``OSError`` already; it is named for ``anyio.fail_after``'s readers.)
@@ -292,11 +300,24 @@ class JobConsumer:
         ]
 
     async def reclaim(self, min_idle: float, count: int) -> list[Delivery]:
-        """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours."""
+        """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours.
+
+        At most ``count`` (the free slots): one pass of the agent's shared scan
+        of the pending list (:data:`openrtc.scripts.RECLAIM`), which walks the
+        whole list once every ``min_idle / 2`` across all the agent's workers.
+        """
         try:
-            entries, counts, _deleted = await self._scripts.reclaim(
-                keys=[self.stream],
-                args=[WORKERS_GROUP, self.consumer, int(min_idle * 1000), count],
+            entries, counts = await self._scripts.reclaim(
+                keys=[self.stream, self.store.keys.reclaim(self.agent)],
+                args=[
+                    WORKERS_GROUP,
+                    self.consumer,
+                    int(min_idle * 1000),
+                    count,
+                    max(1, int(min_idle * 1000 * RECLAIM_SWEEP)),
+                    RECLAIM_SCAN_FLOOR,
+                    int(max(RECLAIM_STATE_TTL, min_idle * 10) * 1000),
+                ],
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

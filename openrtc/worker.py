@@ -319,7 +319,13 @@ class Worker:
                 now = time.monotonic()
                 if now - last_reclaim >= RECLAIM_INTERVAL and now >= self._reclaim_after:
                     last_reclaim = now
-                    deliveries = await self.consumer.reclaim(self.settings.lease, self._gate.free)
+                    wanted = self._gate.free
+                    deliveries = await self.consumer.reclaim(self.settings.lease, wanted)
+                    if len(deliveries) >= wanted:
+                        # Every free slot filled: more dead calls may wait
+                        # behind these, so the next pass runs as soon as a
+                        # slot frees, not a reclaim interval later.
+                        last_reclaim = 0.0
                 if not deliveries:
                     block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
                     deliveries = await self.consumer.read(self._gate.free, block)
