@@ -271,6 +271,14 @@ def dispatcher(
             "0 = off.",
         ),
     ] = 0,
+    dead_letter_maxlen: Annotated[
+        int,
+        typer.Option(
+            "--dead-letter-maxlen",
+            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
+            help="Dead letters kept; past it the oldest are trimmed (approximately).",
+        ),
+    ] = 10_000,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -285,6 +293,7 @@ def dispatcher(
             when_no_worker=when_no_worker,  # type: ignore[arg-type]  # validated in settings
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
+            dead_letter_maxlen=dead_letter_maxlen,
         )
         return Dispatcher(settings, pool)
 
@@ -352,6 +361,14 @@ def worker(
             help="Seconds a consumer holding nothing may go unread before it leaves the group.",
         ),
     ] = 300.0,
+    dead_letter_maxlen: Annotated[
+        int,
+        typer.Option(
+            "--dead-letter-maxlen",
+            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
+            help="Dead letters kept; past it the oldest are trimmed (approximately).",
+        ),
+    ] = 10_000,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -370,6 +387,7 @@ def worker(
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
+            dead_letter_maxlen=dead_letter_maxlen,
         )
         return Worker(settings, pool)
 

@@ -21,6 +21,9 @@ from openrtc.keys import WORKERS_GROUP, Keys
 
 __all__ = ["AgentLoad", "LoadView", "Presence", "heartbeat", "leave", "read_agent_loads"]
 
+#: A heartbeat drops members whose heartbeat expired at least this long ago (s).
+PRUNE_MARGIN = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class AgentLoad:
@@ -71,6 +74,11 @@ async def heartbeat(
     pipe.hset(record_key, mapping=record)
     pipe.expire(record_key, max(1, int(ttl * 3)))
     pipe.zadd(registry_key, {member: expires})
+    # Members killed without leaving are dropped by readers; with no reader
+    # (no dispatcher, nobody running status) they would pile up, one per
+    # crashed process. The margin keeps a host with a skewed clock from
+    # dropping live members.
+    pipe.zremrangebyscore(registry_key, "-inf", time.time() - max(PRUNE_MARGIN, ttl * 10))
     await pipe.execute()
 
 

@@ -21,9 +21,11 @@ from openrtc.keys import DEFAULT_NAMESPACE
 NoWorkerPolicy = Literal["queue", "reject"]
 
 __all__ = [
+    "DEFAULT_DEAD_LETTER_MAXLEN",
     "DEFAULT_DEDUP_TTL",
     "DEFAULT_NAMESPACE",
     "DEFAULT_REDIS_URL",
+    "DEFAULT_STATUS_TTL",
     "DispatcherSettings",
     "LiveKitSettings",
     "WorkerSettings",
@@ -34,6 +36,11 @@ __all__ = [
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 #: How long a job's record (and with it its id's de-duplication) lives, in s.
 DEFAULT_DEDUP_TTL: Final = 24 * 3600.0
+#: Dead letters kept (approximate ``MAXLEN`` on the dead-letter stream): the
+#: oldest are trimmed past it. ~1-2 KB each, so about 10-20 MB at most.
+DEFAULT_DEAD_LETTER_MAXLEN: Final = 10_000
+#: A dispatcher's status stream expires this long after its last event (s).
+DEFAULT_STATUS_TTL: Final = 3600.0
 
 
 def redact_url(url: str) -> str:
@@ -129,10 +136,14 @@ class DispatcherSettings:
     #: within ``wait_timeout`` is logged, the job is kept.
     wait_replicas: int = 0
     wait_timeout: float = 0.5
+    #: Dead letters kept; the oldest are trimmed past it (approximately).
+    dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
 
     def __post_init__(self) -> None:
         if self.wait_replicas < 0:
             raise ConfigError("wait_replicas must be >= 0")
+        if self.dead_letter_maxlen < 1:
+            raise ConfigError("dead_letter_maxlen must be >= 1")
         if not 0 < self.wait_timeout < self.enqueue_timeout:
             raise ConfigError("wait_timeout must be in (0, enqueue_timeout) seconds")
         if self.when_no_worker not in ("queue", "reject"):
@@ -185,6 +196,11 @@ class WorkerSettings:
     forget_consumers_after: float = 300.0
     #: How long a job record written by this worker lives (as the dispatcher's).
     dedup_ttl: float = DEFAULT_DEDUP_TTL
+    #: Dead letters kept; the oldest are trimmed past it (approximately).
+    dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+    #: A dispatcher's status stream expires this long after the last event a
+    #: worker sent it, so the streams of dispatchers that are gone do not pile up.
+    status_ttl: float = DEFAULT_STATUS_TTL
     cluster_keys: bool = False
 
     def __post_init__(self) -> None:
@@ -198,3 +214,7 @@ class WorkerSettings:
             raise ConfigError("max_deliveries must be >= 1")
         if self.forget_consumers_after <= 0:
             raise ConfigError("forget_consumers_after must be more than 0 seconds")
+        if self.dead_letter_maxlen < 1:
+            raise ConfigError("dead_letter_maxlen must be >= 1")
+        if self.status_ttl < 1:
+            raise ConfigError("status_ttl must be at least 1 second")

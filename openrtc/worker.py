@@ -160,7 +160,13 @@ class Worker:
         self._redis = redis or connect_redis(
             settings.redis_url, client_name=f"openrtc:{settings.worker_id}"
         )
-        self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
+        self.store = StreamStore(
+            self._redis,
+            self.keys,
+            dedup_ttl=settings.dedup_ttl,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            status_ttl=settings.status_ttl,
+        )
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
         self._presence = Presence(
             self._redis,
