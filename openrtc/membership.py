@@ -21,9 +21,6 @@ from openrtc.keys import WORKERS_GROUP, Keys
 
 __all__ = ["AgentLoad", "LoadView", "Presence", "heartbeat", "leave", "read_agent_loads"]
 
-#: A heartbeat drops members whose heartbeat expired at least this long ago (s).
-PRUNE_MARGIN = 60.0
-
 
 @dataclass(frozen=True, slots=True)
 class AgentLoad:
@@ -76,9 +73,9 @@ async def heartbeat(
     pipe.zadd(registry_key, {member: expires})
     # Members killed without leaving are dropped by readers; with no reader
     # (no dispatcher, nobody running status) they would pile up, one per
-    # crashed process. The margin keeps a host with a skewed clock from
-    # dropping live members.
-    pipe.zremrangebyscore(registry_key, "-inf", time.time() - max(PRUNE_MARGIN, ttl * 10))
+    # crashed process. The margin (ten TTLs) keeps a host whose clock is
+    # ahead from dropping live members.
+    pipe.zremrangebyscore(registry_key, "-inf", time.time() - ttl * 10)
     await pipe.execute()
 
 
