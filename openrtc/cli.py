@@ -26,6 +26,7 @@ from openrtc.errors import OpenRTCError
 from openrtc.messages import DeadReason
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
 from openrtc.settings import (
+    DEFAULT_DEAD_LETTER_MAXLEN,
     DEFAULT_DISPATCHER_HTTP_PORT,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_NAMESPACE,
@@ -402,6 +403,14 @@ def dispatcher(
         ),
     ] = 0,
     http_port: HttpPort = DEFAULT_DISPATCHER_HTTP_PORT,
+    dead_letter_maxlen: Annotated[
+        int,
+        typer.Option(
+            "--dead-letter-maxlen",
+            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
+            help="Dead letters kept; past it the oldest are trimmed (approximately).",
+        ),
+    ] = DEFAULT_DEAD_LETTER_MAXLEN,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -417,6 +426,7 @@ def dispatcher(
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
             http_port=http_port,
+            dead_letter_maxlen=dead_letter_maxlen,
         )
         return Dispatcher(settings, pool)
 
@@ -498,6 +508,14 @@ def worker(
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
     default_greeting: DefaultGreeting = None,
+    dead_letter_maxlen: Annotated[
+        int,
+        typer.Option(
+            "--dead-letter-maxlen",
+            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
+            help="Dead letters kept; past it the oldest are trimmed (approximately).",
+        ),
+    ] = DEFAULT_DEAD_LETTER_MAXLEN,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -518,6 +536,7 @@ def worker(
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
             http_port=http_port,
+            dead_letter_maxlen=dead_letter_maxlen,
         )
         return Worker(settings, pool)
 

@@ -148,6 +148,7 @@ class Dispatcher:
             dedup_ttl=settings.dedup_ttl,
             wait_replicas=settings.wait_replicas,
             wait_timeout=settings.wait_timeout,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
         )
         self._socket: AgentSocket | None = None
         #: The jobs this dispatcher knows, by state.

@@ -21,11 +21,13 @@ from openrtc.keys import DEFAULT_NAMESPACE
 NoWorkerPolicy = Literal["queue", "reject"]
 
 __all__ = [
+    "DEFAULT_DEAD_LETTER_MAXLEN",
     "DEFAULT_DEDUP_TTL",
     "DEFAULT_DISPATCHER_HTTP_PORT",
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_NAMESPACE",
     "DEFAULT_REDIS_URL",
+    "DEFAULT_STATUS_TTL",
     "DEFAULT_WORKER_HTTP_PORT",
     "DispatcherSettings",
     "LiveKitSettings",
@@ -50,6 +52,11 @@ DEFAULT_DEDUP_TTL: Final = 24 * 3600.0
 #: keeps a rolling restart of a worker pool bounded. Kubernetes' grace period
 #: must exceed it (workers/deployment.yaml).
 DEFAULT_DRAIN_TIMEOUT: Final = 1800.0
+#: Dead letters kept (approximate ``MAXLEN`` on the dead-letter stream): the
+#: oldest are trimmed past it. ~1-2 KB each, so about 10-20 MB at most.
+DEFAULT_DEAD_LETTER_MAXLEN: Final = 10_000
+#: A dispatcher's status stream expires this long after its last event (s).
+DEFAULT_STATUS_TTL: Final = 3600.0
 
 
 def redact_url(url: str) -> str:
@@ -158,11 +165,15 @@ class DispatcherSettings:
     http_host: str = "0.0.0.0"
     #: /healthz answers 503 when the event loop lags more than this (s).
     health_max_lag: float = 5.0
+    #: Dead letters kept; the oldest are trimmed past it (approximately).
+    dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
 
     def __post_init__(self) -> None:
         _check_http(self.http_port, self.health_max_lag)
         if self.wait_replicas < 0:
             raise ConfigError("wait_replicas must be >= 0")
+        if self.dead_letter_maxlen < 1:
+            raise ConfigError("dead_letter_maxlen must be >= 1")
         if not 0 < self.wait_timeout < self.enqueue_timeout:
             raise ConfigError("wait_timeout must be in (0, enqueue_timeout) seconds")
         if self.when_no_worker not in ("queue", "reject"):
@@ -216,6 +227,11 @@ class WorkerSettings:
     forget_consumers_after: float = 300.0
     #: How long a job record written by this worker lives (as the dispatcher's).
     dedup_ttl: float = DEFAULT_DEDUP_TTL
+    #: Dead letters kept; the oldest are trimmed past it (approximately).
+    dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+    #: A dispatcher's status stream expires this long after the last event a
+    #: worker sent it, so the streams of dispatchers that are gone do not pile up.
+    status_ttl: float = DEFAULT_STATUS_TTL
     cluster_keys: bool = False
     #: Port of the /healthz, /readyz and /metrics server; 0 = none (the CLI's
     #: default is DEFAULT_WORKER_HTTP_PORT, see the README).
@@ -238,3 +254,7 @@ class WorkerSettings:
             raise ConfigError("idle_processes must be >= 0")
         if self.forget_consumers_after <= 0:
             raise ConfigError("forget_consumers_after must be more than 0 seconds")
+        if self.dead_letter_maxlen < 1:
+            raise ConfigError("dead_letter_maxlen must be >= 1")
+        if self.status_ttl < 1:
+            raise ConfigError("status_ttl must be at least 1 second")

@@ -34,17 +34,21 @@ from openrtc.messages import (
     decode_job_record,
 )
 from openrtc.scripts import pack_fields, register
-from openrtc.settings import DEFAULT_DEDUP_TTL
+from openrtc.settings import DEFAULT_DEAD_LETTER_MAXLEN, DEFAULT_DEDUP_TTL, DEFAULT_STATUS_TTL
 
 __all__ = ["REDIS_DOWN", "EnqueueResult", "StreamStore", "connect_redis"]
 
 logger = logging.getLogger("openrtc.streams")
 
-#: Cap on the dead-letter, status and control streams (approximate MAXLEN).
+#: Cap on the status and control streams (approximate MAXLEN); the dead-letter
+#: stream's is a setting (``dead_letter_maxlen``).
 SIDE_STREAM_MAXLEN: Final = 10_000
-#: A dispatcher's status stream expires this long after its last event, so the
-#: streams of dispatchers that are gone do not pile up.
-STATUS_STREAM_TTL: Final = 3600
+#: The agent's workers start a sweep of its whole pending list at most once
+#: per this fraction of the lease, so a dead worker's entry is found within
+#: about half a lease of becoming reclaimable.
+RECLAIM_SWEEP: Final = 0.5
+#: The shared sweep state outlives the agent's last reclaim pass this long (s).
+RECLAIM_STATE_TTL: Final = 60.0
 #: What a Redis call raises when Redis is unreachable or too slow: every
 #: ``except`` that rides an outage out names this one tuple. (``TimeoutError``
 #: is an ``OSError`` already; it is named for ``anyio.fail_after``'s readers.)
@@ -91,8 +95,14 @@ class StreamStore:
         dedup_ttl: float = DEFAULT_DEDUP_TTL,
         wait_replicas: int = 0,
         wait_timeout: float = 0.5,
+        dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN,
+        status_ttl: float = DEFAULT_STATUS_TTL,
     ) -> None:
         self.redis = redis
+        #: Dead letters kept (approximate MAXLEN): the oldest are trimmed.
+        self.dead_letter_maxlen = dead_letter_maxlen
+        #: Seconds a status stream lives after its last event.
+        self.status_ttl = max(1, int(status_ttl))
         # WAIT after each enqueue pipeline: the jobs are acknowledged only once
         # that many replicas have them (or the timeout passed), so a failover
         # right after does not lose them. 0: off (docs/architecture.md).
@@ -201,10 +211,10 @@ class StreamStore:
         )
         if once_for is None:
             entry_id = await self.redis.xadd(
-                self.keys.dead_letter, fields, maxlen=SIDE_STREAM_MAXLEN, approximate=True
+                self.keys.dead_letter, fields, maxlen=self.dead_letter_maxlen, approximate=True
             )
             return _text(entry_id)
-        flat: list[Any] = [self.dedup_ttl, SIDE_STREAM_MAXLEN]
+        flat: list[Any] = [self.dedup_ttl, self.dead_letter_maxlen]
         for key, value in fields.items():
             flat += [key, value]
         added = await self.scripts.dead_letter_once(
@@ -217,7 +227,7 @@ class StreamStore:
         key = self.keys.status(dispatcher_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(key, dict[Any, Any](event.encode()), maxlen=SIDE_STREAM_MAXLEN, approximate=True)
-        pipe.expire(key, STATUS_STREAM_TTL)
+        pipe.expire(key, self.status_ttl)
         await pipe.execute()
 
     async def publish_termination(self, agent: str, job_id: str, reason: str) -> None:
@@ -292,11 +302,23 @@ class JobConsumer:
         ]
 
     async def reclaim(self, min_idle: float, count: int) -> list[Delivery]:
-        """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours."""
+        """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours.
+
+        At most ``count`` (the free slots): one pass of the sweep of the
+        pending list the agent's workers share (:data:`openrtc.scripts.RECLAIM`),
+        started at most once every ``min_idle / 2``.
+        """
         try:
-            entries, counts, _deleted = await self._scripts.reclaim(
-                keys=[self.stream],
-                args=[WORKERS_GROUP, self.consumer, int(min_idle * 1000), count],
+            entries, counts = await self._scripts.reclaim(
+                keys=[self.stream, self.store.keys.reclaim(self.agent)],
+                args=[
+                    WORKERS_GROUP,
+                    self.consumer,
+                    int(min_idle * 1000),
+                    count,
+                    max(1, int(min_idle * 1000 * RECLAIM_SWEEP)),
+                    int(max(RECLAIM_STATE_TTL, min_idle * 10) * 1000),
+                ],
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

@@ -163,7 +163,13 @@ class Worker:
         self._redis = redis or connect_redis(
             settings.redis_url, client_name=f"openrtc:{settings.worker_id}"
         )
-        self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
+        self.store = StreamStore(
+            self._redis,
+            self.keys,
+            dedup_ttl=settings.dedup_ttl,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            status_ttl=settings.status_ttl,
+        )
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
         self._presence = Presence(
             self._redis,
@@ -357,7 +363,13 @@ class Worker:
                 now = time.monotonic()
                 if now - last_reclaim >= RECLAIM_INTERVAL and now >= self._reclaim_after:
                     last_reclaim = now
-                    deliveries = await self.consumer.reclaim(self.settings.lease, self._gate.free)
+                    wanted = self._gate.free
+                    deliveries = await self.consumer.reclaim(self.settings.lease, wanted)
+                    if len(deliveries) >= wanted:
+                        # Every free slot filled: more dead calls may wait
+                        # behind these, so the next pass runs as soon as a
+                        # slot frees, not a reclaim interval later.
+                        last_reclaim = 0.0
                 if not deliveries:
                     block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
                     deliveries = await self.consumer.read(self._gate.free, block)
