@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from openrtc.errors import ConfigError
 from openrtc.keys import WORKERS_GROUP, Keys
@@ -82,9 +83,12 @@ def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
             client_name=client_name,
             retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), 2),
             retry_on_error=[RedisConnectionError],
-            # No CLIENT SETINFO on connect: one command fewer for the ACL
-            # (redis_access.ACL_COMMANDS), and Redis 7.0 does not know it.
+            # Neither CLIENT SETINFO nor CLIENT MAINT_NOTIFICATIONS (Redis
+            # Enterprise's maintenance events) on connect: commands the ACL
+            # (redis_access.ACL_COMMANDS) would have to grant, and Redis 7.0
+            # does not know them.
             driver_info=None,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
     except ValueError as exc:
         raise ConfigError(f"Redis at {redact_url(url)}: {exc}") from None
