@@ -356,7 +356,10 @@ def _serve(
         _fail(str(exc))
     if freeze:
         freeze_imports()
-    _run_service(service)
+    try:
+        _run_service(service)
+    except OpenRTCError as exc:  # a start-up check refused the settings
+        _fail(str(exc))
 
 
 @app.command("dispatcher")
@@ -621,6 +624,7 @@ def _with_redis(redis_url: str, work: Any) -> Any:
     """Run ``work(redis)`` against Redis, turning connection errors into one line."""
     import anyio
 
+    from openrtc.redis_access import misconfiguration
     from openrtc.settings import redact_url
     from openrtc.streams import REDIS_DOWN, connect_redis
 
@@ -633,8 +637,10 @@ def _with_redis(redis_url: str, work: Any) -> Any:
 
     try:
         return anyio.run(go)
+    except OpenRTCError as exc:
+        _fail(str(exc))
     except REDIS_DOWN as exc:
-        _fail(f"Redis at {redact_url(redis_url)}: {exc}")
+        _fail(f"Redis at {redact_url(redis_url)}: {misconfiguration(exc) or exc}")
 
 
 def _age(seconds: float | None) -> str:

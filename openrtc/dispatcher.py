@@ -61,6 +61,7 @@ from openrtc.messages import (
 from openrtc.metrics import DispatcherMetrics
 from openrtc.monitor import read_status
 from openrtc.ops_http import LoopHealth, OpsServer, serving
+from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
@@ -270,6 +271,8 @@ class Dispatcher:
             self.settings.when_no_worker,
         )
         try:
+            # Before LiveKit: a dispatcher Redis refuses must not take calls.
+            await check_redis_access(self._redis, self.settings.redis_url, logger)
             async with aiohttp.ClientSession() as http, anyio.create_task_group() as tg:
                 self._tg = tg
                 await self._refresh_membership()

@@ -13,7 +13,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
 from openrtc.keys import DEFAULT_NAMESPACE
@@ -60,15 +60,26 @@ DEFAULT_STATUS_TTL: Final = 3600.0
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (Redis URLs may carry one)."""
+    """``url`` with any password replaced by ``***`` (Redis URLs may carry one).
+
+    Both places count: the user-info part and redis-py's ``password`` and
+    ``ssl_password`` query options.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name in _SECRET_OPTIONS for name, _ in query):
+        shown = [(name, "***" if name in _SECRET_OPTIONS else value) for name, value in query]
+        parts = parts._replace(query=urlencode(shown, safe="/*"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    return urlunsplit(parts)
+
+
+_SECRET_OPTIONS: Final = frozenset({"password", "ssl_password"})
 
 
 def _check_http(port: int, max_lag: float) -> None:

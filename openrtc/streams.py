@@ -16,14 +16,18 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
+from openrtc.errors import ConfigError
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import (
     ControlEvent,
@@ -34,7 +38,12 @@ from openrtc.messages import (
     decode_job_record,
 )
 from openrtc.scripts import pack_fields, register
-from openrtc.settings import DEFAULT_DEAD_LETTER_MAXLEN, DEFAULT_DEDUP_TTL, DEFAULT_STATUS_TTL
+from openrtc.settings import (
+    DEFAULT_DEAD_LETTER_MAXLEN,
+    DEFAULT_DEDUP_TTL,
+    DEFAULT_STATUS_TTL,
+    redact_url,
+)
 
 __all__ = ["REDIS_DOWN", "EnqueueResult", "StreamStore", "connect_redis"]
 
@@ -62,18 +71,41 @@ def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
     that meets a closed connection (Redis restarted or failed over since the
     connection was pooled) is sent again on a fresh one, twice at most; a
     timeout is not retried, since the command may have run.
+
+    TLS and its files come with the URL, as redis-py reads them:
+    ``rediss://user:password@host:6380/0?ssl_ca_certs=/etc/ca.pem`` (also
+    ``ssl_certfile``, ``ssl_keyfile`` for a client certificate). A file named
+    there that does not exist, or a URL redis-py cannot parse, raises
+    :class:`~openrtc.errors.ConfigError` with the password redacted.
     """
-    client: Redis = Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_timeout=5.0,
-        socket_connect_timeout=2.0,
-        health_check_interval=10,
-        client_name=client_name,
-        retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), 2),
-        retry_on_error=[RedisConnectionError],
-    )
+    for name, values in parse_qs(urlsplit(url).query).items():
+        for value in values if name in _SSL_FILE_OPTIONS else ():
+            if not Path(value).is_file():
+                raise ConfigError(f"Redis at {redact_url(url)}: {name}: no such file {value}")
+    try:
+        client: Redis = Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=5.0,
+            socket_connect_timeout=2.0,
+            health_check_interval=10,
+            client_name=client_name,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), 2),
+            retry_on_error=[RedisConnectionError],
+            # Neither CLIENT SETINFO nor CLIENT MAINT_NOTIFICATIONS (Redis
+            # Enterprise's maintenance events) on connect: commands the ACL
+            # (redis_access.ACL_COMMANDS) would have to grant, and Redis 7.0
+            # does not know them.
+            driver_info=None,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"Redis at {redact_url(url)}: {exc}") from None
     return client
+
+
+#: URL options naming files (redis-py's ``ssl_*`` keywords).
+_SSL_FILE_OPTIONS: Final = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
 
 
 @dataclass(frozen=True, slots=True)

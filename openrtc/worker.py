@@ -51,6 +51,7 @@ from openrtc.messages import (
 )
 from openrtc.metrics import WorkerMetrics
 from openrtc.ops_http import LoopHealth, OpsServer, serving
+from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
@@ -281,6 +282,7 @@ class Worker:
             with anyio.CancelScope() as self._startup:
                 if self._stop.is_set():
                     self._startup.cancel()
+                await check_redis_access(self._redis, s.redis_url, logger)
                 await self.runner.prepare()
                 await self._until_redis(self.store.ensure_group, s.agent)
                 await check_durability(self._redis, logger)

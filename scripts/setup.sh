@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything openrtc's tests, demo and benchmarks need, on a fresh
 # Debian machine or a warm one (then it takes seconds):
-#   - Debian's redis-server
+#   - Debian's redis-server (with TLS) and openssl (the tests' certificates)
 #   - a real livekit-server, built from source once and cached (scripts/livekit-server.sh)
 #   - the project and its dev tools in ./.venv
 set -euo pipefail
@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-if ! command -v redis-server >/dev/null; then
-  log "installing redis-server (apt)"
+# Debian's redis-server is built with TLS; openssl makes the tests' certificates.
+if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
+  log "installing redis-server and openssl (apt)"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server openssl >/dev/null
 fi
 # The Debian package may start a system-wide server; ours are private and on
 # free ports, so it is left alone.
