@@ -41,9 +41,9 @@ ACL_COMMANDS: Final = (
     "-@all +ping +client|setname +evalsha +script|load "
     "+multi +exec +time +wait "
     "+xadd +xreadgroup +xread +xack +xdel +xrange +xrevrange +xlen +xtrim "
-    "+xgroup|create +xgroup|delconsumer +xinfo|groups +xinfo|consumers "
-    "+xpending +xclaim +xautoclaim "
-    "+hset +hget +hmget +hgetall +set +del +exists +expire "
+    "+xgroup|create +xgroup|delconsumer +xgroup|setid +xinfo|groups +xinfo|consumers "
+    "+xpending +xclaim "
+    "+hset +hget +hmget +hgetall +set +del +exists +expire +pexpire "
     "+sadd +smembers +zadd +zrange +zrem +zremrangebyscore"
 )
 
