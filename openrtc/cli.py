@@ -22,7 +22,7 @@ from openrtc import __version__
 from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
-from openrtc.settings import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
+from openrtc.settings import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL, redact_url
 from openrtc.supervision import freeze_imports
 
 app = typer.Typer(
@@ -693,17 +693,36 @@ def dev(
     isolation: Annotated[
         str, typer.Option("--isolation", help="coroutine or process.")
     ] = "coroutine",
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: RedisUrl = "",
+    namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
-    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent."""
+    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent.
+
+    A server of a kind is started only when its URL (LIVEKIT_URL, REDIS_URL) is unset.
+    """
     import anyio
 
     from openrtc.dev import dev_stack, write_env_file
+    from openrtc.settings import LiveKitSettings
 
     pool = _load_pool(agents_dir)
     if len(pool) == 0:
         _fail("No agents are registered in the pool.")
     if isolation not in ("coroutine", "process"):
         _fail(f"--isolation must be coroutine or process, not {isolation!r}", 2)
+    external_livekit = None
+    if livekit_url:
+        try:
+            external_livekit = LiveKitSettings(livekit_url, api_key, api_secret)
+        except OpenRTCError as exc:
+            _fail(str(exc))
+
+    def progress(line: str) -> None:
+        # stderr: progress, not the stack's settings.
+        typer.echo(f"[dev] {line}", err=True)
 
     async def serve() -> None:
         from openrtc.supervision import stop_signals
@@ -712,10 +731,14 @@ def dev(
             agents_dir,
             isolation="process" if isolation == "process" else "coroutine",
             log_dir=env_file.parent / "logs",
+            livekit=external_livekit,
+            redis_url=redis_url or None,
+            namespace=namespace,
+            progress=progress,
         ) as stack:
             write_env_file(env_file, stack)
             typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
-            typer.echo(f"Redis    {stack.redis.url}")
+            typer.echo(f"Redis    {redact_url(stack.redis.url)}")
             typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
             typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
             typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
