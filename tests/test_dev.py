@@ -52,9 +52,7 @@ def running_dev(env: dict[str, str], env_file: Path) -> Iterator[list[str]]:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LIVEKIT_", "REDIS_", "OPENRTC_"))
+        k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT_", "REDIS_", "OPENRTC_"))
     }
     env.update(extra)
     return env
@@ -160,4 +158,3 @@ async def test_a_slow_start_reports_elapsed_time_while_it_waits(
     await dev_module._timed("thing", slow, lines.append)
     assert any(line.startswith("thing: still starting (") for line in lines)
     assert lines[-1].startswith("thing: ready after 1.")
-
