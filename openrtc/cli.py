@@ -32,6 +32,7 @@ from openrtc.settings import (
     DEFAULT_NAMESPACE,
     DEFAULT_REDIS_URL,
     DEFAULT_WORKER_HTTP_PORT,
+    redact_url,
 )
 from openrtc.supervision import freeze_imports
 
@@ -1197,11 +1198,20 @@ def dev(
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
     default_greeting: DefaultGreeting = None,
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: RedisUrl = "",
+    namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
-    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent."""
+    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent.
+
+    A server of a kind is started only when its URL (LIVEKIT_URL, REDIS_URL) is unset.
+    """
     import anyio
 
     from openrtc.dev import dev_stack, write_env_file
+    from openrtc.settings import LiveKitSettings
 
     agents_dir = _agents_dir(agents_dir_arg, agents_dir)
     pool = _load_pool(
@@ -1209,6 +1219,16 @@ def dev(
     )
     if len(pool) == 0:
         _fail("No agents are registered in the pool.")
+    external_livekit = None
+    if livekit_url:
+        try:
+            external_livekit = LiveKitSettings(livekit_url, api_key, api_secret)
+        except OpenRTCError as exc:
+            _fail(str(exc))
+
+    def progress(line: str) -> None:
+        # stderr: progress, not the stack's settings.
+        typer.echo(f"[dev] {line}", err=True)
 
     async def serve() -> None:
         from openrtc.supervision import stop_signals
@@ -1217,10 +1237,14 @@ def dev(
             agents_dir,
             isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
             log_dir=env_file.parent / "logs",
+            livekit=external_livekit,
+            redis_url=redis_url or None,
+            namespace=namespace,
+            progress=progress,
         ) as stack:
             write_env_file(env_file, stack)
             typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
-            typer.echo(f"Redis    {stack.redis.url}")
+            typer.echo(f"Redis    {redact_url(stack.redis.url)}")
             typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
             for name, url in stack.http_urls.items():
                 typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")

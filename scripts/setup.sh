@@ -3,11 +3,11 @@
 # Debian machine or a warm one (then it takes seconds):
 #   - Debian's redis-server (with TLS) and openssl (the tests' certificates)
 #   - a real livekit-server, built from source once and cached (scripts/livekit-server.sh)
-#   - the project and its dev tools in ./.venv
+#   - the project and its dev tools (the `dev` dependency group) in ./.venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '[setup] %s\n' "$*" >&2; }
+log() { printf '[setup %3ds] %s\n' "$SECONDS" "$*" >&2; }
 
 # Debian's redis-server is built with TLS; openssl makes the tests' certificates.
 if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
@@ -36,9 +36,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=".venv/.openrtc-installed"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  log "installing openrtc[dev] into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  log "installing openrtc and its dev group into .venv"
+  # pip >= 25.1 reads PEP 735 dependency groups (--group).
+  .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
+  # hiredis: production installs should have it (README), and the benchmarks measure with it.
+  .venv/bin/python -m pip install -q -e ".[hiredis]" --group dev
   touch "$stamp"
 fi
 
