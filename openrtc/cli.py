@@ -438,10 +438,11 @@ def status(
 ) -> None:
     """Streams, backlog, pending jobs, live workers and dispatchers, dead letters."""
     from openrtc.keys import Keys
+    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import read_status
 
     names = _load_pool(agents_dir).list_agents() if agents_dir and agents_dir.is_dir() else []
-    result = _with_redis(redis_url, lambda r: read_status(r, Keys(namespace), names))
+    result = _with_redis(redis_url, lambda r: read_status(r, Keys(namespace, cluster=is_cluster_url(redis_url)), names))
     if json_output:
         _print_json(result.to_json())
         return
@@ -505,11 +506,12 @@ def dlq_list(
 ) -> None:
     """The newest dead letters, one line each."""
     from openrtc.keys import Keys
+    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import list_dead_letters
 
     letters = _with_redis(
         redis_url,
-        lambda r: list_dead_letters(r, Keys(namespace), count=count, reason=reason, agent=agent),
+        lambda r: list_dead_letters(r, Keys(namespace, cluster=is_cluster_url(redis_url)), count=count, reason=reason, agent=agent),
     )
     if json_output:
         _print_json({"dead_letters": [d.summary() for d in letters]})
@@ -545,10 +547,11 @@ def dlq_show(
 ) -> None:
     """One dead letter in full (JSON), the job decoded, credentials redacted."""
     from openrtc.keys import Keys
+    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import list_dead_letters
 
     letters = _with_redis(
-        redis_url, lambda r: list_dead_letters(r, Keys(namespace), ids=[entry_id])
+        redis_url, lambda r: list_dead_letters(r, Keys(namespace, cluster=is_cluster_url(redis_url)), ids=[entry_id])
     )
     if not letters:
         _fail(f"no dead letter {entry_id!r}")
@@ -570,6 +573,7 @@ def dlq_replay(
     """Put dead letters back on their agent's stream as new jobs."""
     from openrtc.agents import validate_agent_name
     from openrtc.keys import Keys
+    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import list_dead_letters, replay_dead_letters
 
     if not entry_ids and not replay_all:
@@ -579,7 +583,7 @@ def dlq_replay(
             agent = validate_agent_name(agent)
         except OpenRTCError as exc:
             _fail(str(exc), 2)
-    keys = Keys(namespace)
+    keys = Keys(namespace, cluster=is_cluster_url(redis_url))
 
     async def work(r: Any) -> list[Any]:
         letters = await list_dead_letters(r, keys, ids=entry_ids or [], reason=reason, count=10_000)
@@ -634,6 +638,7 @@ def dlq_purge(
 ) -> None:
     """Delete dead letters (by id, by age, or --all)."""
     from openrtc.keys import Keys
+    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import purge_dead_letters
 
     if not entry_ids and not purge_all and older_than is None:
@@ -641,7 +646,7 @@ def dlq_purge(
     removed = _with_redis(
         redis_url,
         lambda r: purge_dead_letters(
-            r, Keys(namespace), ids=entry_ids or [], older_than=older_than
+            r, Keys(namespace, cluster=is_cluster_url(redis_url)), ids=entry_ids or [], older_than=older_than
         ),
     )
     typer.echo(f"deleted {removed} dead letter(s)")
@@ -711,6 +716,14 @@ def dev(
     isolation: Annotated[
         str, typer.Option("--isolation", help="coroutine or process.")
     ] = "coroutine",
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            envvar="REDIS_URL",
+            help="Use this Redis (server, cluster or Sentinel URL) instead of starting one.",
+        ),
+    ] = None,
 ) -> None:
     """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent."""
     import anyio
@@ -724,16 +737,18 @@ def dev(
         _fail(f"--isolation must be coroutine or process, not {isolation!r}", 2)
 
     async def serve() -> None:
+        from openrtc.settings import redact_url
         from openrtc.supervision import stop_signals
 
         async with dev_stack(
             agents_dir,
             isolation="process" if isolation == "process" else "coroutine",
             log_dir=env_file.parent / "logs",
+            redis_url=redis_url,
         ) as stack:
             write_env_file(env_file, stack)
             typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
-            typer.echo(f"Redis    {stack.redis.url}")
+            typer.echo(f"Redis    {redact_url(stack.redis_url)}")
             typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
             for name, url in stack.http_urls.items():
                 typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")

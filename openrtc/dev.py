@@ -41,11 +41,13 @@ logger = logging.getLogger("openrtc.dev")
 class DevStack:
     """The running pieces."""
 
-    redis: RedisServer
+    redis: RedisServer | None
     livekit: LiveKitServer
     dispatcher: Dispatcher
     workers: list[Worker]
     namespace: str
+    #: The Redis the services use: the stack's own server, or ``REDIS_URL``'s.
+    redis_url: str = ""
 
     @property
     def http_urls(self) -> dict[str, str]:
@@ -78,7 +80,7 @@ def write_env_file(path: Path, stack: DevStack) -> None:
                 f"LIVEKIT_URL={stack.livekit.url}\n"
                 f"LIVEKIT_API_KEY={stack.livekit.api_key}\n"
                 f"LIVEKIT_API_SECRET={stack.livekit.api_secret}\n"
-                f"REDIS_URL={stack.redis.url}\n"
+                f"REDIS_URL={stack.redis_url}\n"
                 f"OPENRTC_NAMESPACE={stack.namespace}\n"
             )
             f.flush()
@@ -99,8 +101,12 @@ async def dev_stack(
     isolation: Isolation = "coroutine",
     log_dir: Path | None = None,
     http: bool = True,
+    redis_url: str | None = None,
 ) -> AsyncIterator[DevStack]:
     """Start servers, a dispatcher and a worker per agent; stop them all on exit.
+
+    ``redis_url``: use that Redis (a single server, a cluster or a Sentinel
+    URL, see :mod:`openrtc.redis_url`) instead of starting one.
 
     ``http``: give each service its own /healthz, /readyz, /metrics server on
     a free loopback port (several workers on one host cannot share the
@@ -115,12 +121,15 @@ async def dev_stack(
         await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
     # Durable like a deployment (AOF in the server's temporary directory), so
     # the services' start-up check has nothing to warn about.
-    redis = RedisServer(
-        log_path=log_dir / "redis.log" if log_dir else None,
-        appendonly=True,
+    redis = (
+        None
+        if redis_url
+        else RedisServer(log_path=log_dir / "redis.log" if log_dir else None, appendonly=True)
     )
     livekit = LiveKitServer(log_path=log_dir / "livekit.log" if log_dir else None)
-    await anyio.to_thread.run_sync(redis.start)
+    if redis is not None:
+        await anyio.to_thread.run_sync(redis.start)
+    url = redis.url if redis is not None else str(redis_url)
     try:
         await anyio.to_thread.run_sync(livekit.start)
         credentials = LiveKitSettings(livekit.url, livekit.api_key, livekit.api_secret)
@@ -130,7 +139,7 @@ async def dev_stack(
 
         dispatcher = Dispatcher(
             DispatcherSettings(
-                livekit=credentials, redis_url=redis.url, namespace=namespace, **http_port()
+                livekit=credentials, redis_url=url, namespace=namespace, **http_port()
             ),
             pool,
         )
@@ -139,7 +148,7 @@ async def dev_stack(
                 WorkerSettings(
                     livekit=credentials,
                     agent=name,
-                    redis_url=redis.url,
+                    redis_url=url,
                     namespace=namespace,
                     concurrency=concurrency,
                     isolation=isolation,
@@ -157,11 +166,12 @@ async def dev_stack(
             with anyio.fail_after(15):
                 await dispatcher.registered.wait()
             try:
-                yield DevStack(redis, livekit, dispatcher, workers, namespace)
+                yield DevStack(redis, livekit, dispatcher, workers, namespace, url)
             finally:
                 dispatcher.request_stop()
                 for worker in workers:
                     worker.request_stop()
     finally:
         livekit.close()
-        redis.close()
+        if redis is not None:
+            redis.close()

@@ -64,6 +64,7 @@ from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
+from openrtc.redis_url import is_cluster_url
 from openrtc.streams import REDIS_DOWN, EnqueueResult, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe, unwrap_group
 
@@ -132,7 +133,10 @@ class Dispatcher:
             raise ConfigError("No agents are registered in the pool.")
         self.settings = settings
         self.pool = pool
-        self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
+        self.keys = Keys(
+            settings.namespace,
+            cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
+        )
         self.policy = AdmissionPolicy(settings.when_no_worker, settings.max_backlog)
         self.stats = DispatcherStats()
         self.metrics = DispatcherMetrics()

@@ -58,10 +58,10 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # Everything after the credentials, as written: a cluster or Sentinel URL
+    # lists several host:port pairs there.
+    hosts = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def _check_http(port: int, max_lag: float) -> None:

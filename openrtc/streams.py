@@ -33,6 +33,7 @@ from openrtc.messages import (
     dead_letter_fields,
     decode_job_record,
 )
+from openrtc.redis_url import client_from_url
 from openrtc.scripts import pack_fields, register
 from openrtc.settings import DEFAULT_DEDUP_TTL
 
@@ -59,7 +60,7 @@ def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
     connection was pooled) is sent again on a fresh one, twice at most; a
     timeout is not retried, since the command may have run.
     """
-    client: Redis = Redis.from_url(
+    client: Redis = client_from_url(
         url,
         decode_responses=False,
         socket_timeout=5.0,

@@ -55,6 +55,7 @@ from openrtc.redis_health import check_durability
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
+from openrtc.redis_url import is_cluster_url
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 
@@ -155,7 +156,10 @@ class Worker:
             )
         self.settings = settings
         self.config = pool.get(settings.agent)
-        self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
+        self.keys = Keys(
+            settings.namespace,
+            cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
+        )
         self.stats = WorkerStats()
         self.metrics = WorkerMetrics(settings.agent)
         self._clock = clock
