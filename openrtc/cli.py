@@ -394,6 +394,14 @@ def worker(
     _serve(agents_dir, build)
 
 
+def _keys(namespace: str, redis_url: str) -> Any:
+    """The key layout for ``redis_url``: hash-tagged per agent under a cluster URL."""
+    from openrtc.keys import Keys
+    from openrtc.redis_url import is_cluster_url
+
+    return Keys(namespace, cluster=is_cluster_url(redis_url))
+
+
 def _with_redis(redis_url: str, work: Any) -> Any:
     """Run ``work(redis)`` against Redis, turning connection errors into one line."""
     import anyio
@@ -437,12 +445,13 @@ def status(
     json_output: JsonFlag = False,
 ) -> None:
     """Streams, backlog, pending jobs, live workers and dispatchers, dead letters."""
-    from openrtc.keys import Keys
-    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import read_status
 
     names = _load_pool(agents_dir).list_agents() if agents_dir and agents_dir.is_dir() else []
-    result = _with_redis(redis_url, lambda r: read_status(r, Keys(namespace, cluster=is_cluster_url(redis_url)), names))
+    result = _with_redis(
+        redis_url,
+        lambda r: read_status(r, _keys(namespace, redis_url), names),
+    )
     if json_output:
         _print_json(result.to_json())
         return
@@ -505,13 +514,17 @@ def dlq_list(
     json_output: JsonFlag = False,
 ) -> None:
     """The newest dead letters, one line each."""
-    from openrtc.keys import Keys
-    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import list_dead_letters
 
     letters = _with_redis(
         redis_url,
-        lambda r: list_dead_letters(r, Keys(namespace, cluster=is_cluster_url(redis_url)), count=count, reason=reason, agent=agent),
+        lambda r: list_dead_letters(
+            r,
+            _keys(namespace, redis_url),
+            count=count,
+            reason=reason,
+            agent=agent,
+        ),
     )
     if json_output:
         _print_json({"dead_letters": [d.summary() for d in letters]})
@@ -546,12 +559,11 @@ def dlq_show(
     namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """One dead letter in full (JSON), the job decoded, credentials redacted."""
-    from openrtc.keys import Keys
-    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import list_dead_letters
 
     letters = _with_redis(
-        redis_url, lambda r: list_dead_letters(r, Keys(namespace, cluster=is_cluster_url(redis_url)), ids=[entry_id])
+        redis_url,
+        lambda r: list_dead_letters(r, _keys(namespace, redis_url), ids=[entry_id]),
     )
     if not letters:
         _fail(f"no dead letter {entry_id!r}")
@@ -572,8 +584,6 @@ def dlq_replay(
 ) -> None:
     """Put dead letters back on their agent's stream as new jobs."""
     from openrtc.agents import validate_agent_name
-    from openrtc.keys import Keys
-    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import list_dead_letters, replay_dead_letters
 
     if not entry_ids and not replay_all:
@@ -583,7 +593,7 @@ def dlq_replay(
             agent = validate_agent_name(agent)
         except OpenRTCError as exc:
             _fail(str(exc), 2)
-    keys = Keys(namespace, cluster=is_cluster_url(redis_url))
+    keys = _keys(namespace, redis_url)
 
     async def work(r: Any) -> list[Any]:
         letters = await list_dead_letters(r, keys, ids=entry_ids or [], reason=reason, count=10_000)
@@ -637,8 +647,6 @@ def dlq_purge(
     namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """Delete dead letters (by id, by age, or --all)."""
-    from openrtc.keys import Keys
-    from openrtc.redis_url import is_cluster_url
     from openrtc.monitor import purge_dead_letters
 
     if not entry_ids and not purge_all and older_than is None:
@@ -646,7 +654,10 @@ def dlq_purge(
     removed = _with_redis(
         redis_url,
         lambda r: purge_dead_letters(
-            r, Keys(namespace, cluster=is_cluster_url(redis_url)), ids=entry_ids or [], older_than=older_than
+            r,
+            _keys(namespace, redis_url),
+            ids=entry_ids or [],
+            older_than=older_than,
         ),
     )
     typer.echo(f"deleted {removed} dead letter(s)")

@@ -316,6 +316,10 @@ class RedisCluster:
                     str(self.node_timeout),
                     "--cluster-port",
                     str(_free_port()),
+                    # Replicas in sync at once, not after the default 5 s
+                    # wait for more replicas to share one transfer.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ),
             )
             self.nodes.append(node.start())
@@ -336,6 +340,16 @@ class RedisCluster:
                 "cluster_state:ok" in _redis_command(n.port, "cluster", "info") for n in self.nodes
             ),
             "the Redis Cluster did not become ok",
+            timeout,
+        )
+        # A replica that never finished its first sync refuses to fail over
+        # ("disconnected from master for longer than allowed"): wait for all.
+        _poll(
+            lambda: all(
+                "master_link_status:up" in info or "role:master" in info
+                for info in (_redis_command(n.port, "info", "replication") for n in self.nodes)
+            ),
+            "the cluster's replicas did not sync",
             timeout,
         )
         return self
@@ -396,12 +410,24 @@ class RedisSentinels:
 
     def start(self, timeout: float = 30.0) -> RedisSentinels:
         """Start the data nodes and the Sentinels; wait until the quorum is usable."""
-        self.primary = RedisServer(log_path=self._log("sentinel-primary"), appendonly=True).start()
+        self.primary = RedisServer(
+            log_path=self._log("sentinel-primary"),
+            appendonly=True,
+            args=("--repl-diskless-sync-delay", "0"),
+        ).start()
         self.replica = RedisServer(
             log_path=self._log("sentinel-replica"),
             appendonly=True,
             args=("--replicaof", "127.0.0.1", str(self.primary.port)),
         ).start()
+        _poll(
+            lambda: (
+                "master_link_status:up"
+                in _redis_command(self.replica.port if self.replica else 0, "info", "replication")
+            ),
+            "the replica did not sync",
+            timeout,
+        )
         for i in range(self.sentinels):
             watcher = RedisServer(log_path=self._log(f"sentinel-{i}"))
             watcher.start_sentinel(

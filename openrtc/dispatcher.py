@@ -62,9 +62,9 @@ from openrtc.metrics import DispatcherMetrics
 from openrtc.monitor import read_status
 from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.redis_health import check_durability
+from openrtc.redis_url import is_cluster_url
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
-from openrtc.redis_url import is_cluster_url
 from openrtc.streams import REDIS_DOWN, EnqueueResult, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe, unwrap_group
 

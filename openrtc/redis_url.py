@@ -81,7 +81,7 @@ def _auth_and_query(url: str) -> tuple[dict[str, Any], dict[str, str]]:
         query.pop(name, None)
     if query:
         rebuilt += "?" + "&".join(f"{k}={v}" for k, v in query.items())
-    options = parse_url(rebuilt)
+    options: dict[str, Any] = parse_url(rebuilt)  # type: ignore[no-untyped-call]
     for name in ("host", "port", "path"):
         options.pop(name, None)
     return options, dict(parse_qsl(parts.query))
@@ -156,7 +156,7 @@ def _sentinel(url: str, options: dict[str, Any]) -> Redis:
         sentinel_kwargs["username"] = query["sentinel_username"]
     if tls:
         kwargs["ssl"] = True
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
         _hosts(parts.netloc, _DEFAULT_SENTINEL_PORT, url),
         sentinel_kwargs=sentinel_kwargs,
         **kwargs,

@@ -185,8 +185,9 @@ return {entries, counts, r[3] or {}}
 # KEYS: the dead-letter stream, the job's record hash, the job stream. That is
 # one agent's keys plus the dead-letter stream, so it runs on a single Redis
 # only: under Redis Cluster a script may touch one slot, and the replay is
-# REPLAY_INTO (the agent's slot) followed by an XDEL of the letter. ARGV: dead letter id, record ttl (s), dispatcher id, then
-# the job entry's field/value pairs.
+# REPLAY_INTO (the agent's slot) followed by an XDEL of the letter.
+# ARGV: dead letter id, record ttl (s), dispatcher id, then the job entry's
+# field/value pairs.
 # Returns {1, new id} when replayed; {0, ""} when the letter is gone (replayed
 # or purged by someone else meanwhile); {2, entry} when the job is already
 # queued or running as entry (another dead letter of the same job was

@@ -52,10 +52,10 @@ from openrtc.messages import (
 from openrtc.metrics import WorkerMetrics
 from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.redis_health import check_durability
+from openrtc.redis_url import is_cluster_url
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
-from openrtc.redis_url import is_cluster_url
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 

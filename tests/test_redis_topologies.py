@@ -110,7 +110,9 @@ async def test_calls_and_every_command_on_a_cluster(
         caller = await stack.enter_async_context(caller_in(creds(livekit_server), lost))
         letters = await eventually(lambda: list_dead_letters(redis, keys), "a dead letter")
         assert letters[0].requested_agent == "nobody"
-        listed = await anyio.to_thread.run_sync(lambda: cli("dlq", "list", redis_url=url, namespace=ns))
+        listed = await anyio.to_thread.run_sync(
+            lambda: cli("dlq", "list", redis_url=url, namespace=ns)
+        )
         assert [d["id"] for d in listed["dead_letters"]] == [letters[0].id]
         shown = await anyio.to_thread.run_sync(
             lambda: cli("dlq", "show", letters[0].id, redis_url=url, namespace=ns, as_json=False)
@@ -137,3 +139,74 @@ async def test_calls_and_every_command_on_a_cluster(
             lambda: cli("dlq", "purge", "--all", redis_url=url, namespace=ns, as_json=False)
         )
         assert "deleted 1 dead letter" in purged
+
+
+@asynccontextmanager
+async def restored(server: RedisServer) -> AsyncIterator[None]:
+    """Start ``server`` again after the test (it rejoins as a replica), for the next tests."""
+    try:
+        yield
+    finally:
+        await anyio.to_thread.run_sync(server.start)
+
+
+async def first_write_after(redis: Redis, key: str, killed_at: float) -> float:
+    """Seconds from ``killed_at`` until a write to ``key``'s slot succeeds."""
+    with anyio.fail_after(60):
+        while True:
+            try:
+                await redis.set(key, b"1", ex=60)
+                return time.monotonic() - killed_at
+            except REDIS_DOWN:
+                await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("topology", ["cluster", "sentinel"])
+async def test_calls_go_on_when_the_primary_is_killed(
+    livekit_server: LiveKitServer,
+    redis_cluster: RedisCluster,
+    redis_sentinels: RedisSentinels,
+    topology: str,
+) -> None:
+    agent, ns = "dental", unique("ns")
+    if topology == "cluster":
+        url, keys = redis_cluster.url, Keys(ns, cluster=True)
+        victim = redis_cluster.master_of(keys.jobs(agent))
+    else:
+        url, keys = redis_sentinels.url, Keys(ns)
+        port = redis_sentinels.primary_port()
+        victim = next(
+            s for s in (redis_sentinels.primary, redis_sentinels.replica) if s and s.port == port
+        )
+    redis = connect_redis(url)
+    lease = 3.0
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(redis.aclose)
+        await stack.enter_async_context(dispatching(dispatcher_settings(livekit_server, url, ns)))
+        worker = await stack.enter_async_context(
+            working(livekit_server, url, ns, agent, lease=lease)
+        )
+        before = [await call_reaches(livekit_server, stack, agent) for _ in range(2)]
+        agents_before = [c.agents()[0].sid for c in before]
+        await stack.enter_async_context(restored(victim))
+
+        killed_at = time.monotonic()
+        await anyio.to_thread.run_sync(victim.kill)
+        failover = await first_write_after(redis, f"{keys.jobs(agent)}:probe", killed_at)
+        print(f"\n{topology}: kill -> first successful write {failover:.2f}s")
+        assert failover < 30
+
+        # Several lease renewals later the calls still run, on the same agent.
+        await anyio.sleep(lease * 2)
+        for caller, sid in zip(before, agents_before, strict=True):
+            assert [a.sid for a in caller.agents()] == [sid]
+            assert caller.max_agents_at_once == 1
+        assert worker.stats.taken_over == 0
+        assert len(worker.running_jobs) == 2
+        # New calls after the failover are served.
+        after = [await call_reaches(livekit_server, stack, agent) for _ in range(2)]
+        assert worker.stats.started == 4
+        for caller in [*before, *after]:
+            await delete_room(livekit_server, caller.room.name)
+        await eventually(lambda: not worker.running_jobs, "every call ended", within=30)
+        assert worker.stats.succeeded == 4
