@@ -621,12 +621,19 @@ def start(
     )
 
 
+def _keys(namespace: str, redis_url: str) -> Any:
+    """The key layout for ``redis_url``: hash-tagged per agent under a cluster URL."""
+    from openrtc.keys import Keys
+    from openrtc.redis_url import is_cluster_url
+
+    return Keys(namespace, cluster=is_cluster_url(redis_url))
+
+
 def _with_redis(redis_url: str, work: Any) -> Any:
     """Run ``work(redis)`` against Redis, turning connection errors into one line."""
     import anyio
 
     from openrtc.redis_access import misconfiguration
-    from openrtc.settings import redact_url
     from openrtc.streams import REDIS_DOWN, connect_redis
 
     async def go() -> Any:
@@ -734,7 +741,6 @@ def _with_redis_loop(redis_url: str, go: Callable[[], Any]) -> None:
 
     import anyio
 
-    from openrtc.settings import redact_url
     from openrtc.streams import REDIS_DOWN
     from openrtc.supervision import stop_signals
 
@@ -793,14 +799,13 @@ def status(
     ] = 10.0,
 ) -> None:
     """Streams, backlog, pending jobs, live workers and dispatchers, dead letters."""
-    from openrtc.keys import Keys
     from openrtc.monitor import check_status, read_status, status_summary
 
     if watch and check:
         _fail("use one of --watch and --check", 2)
     directory = agents_dir_arg if agents_dir_arg is not None else agents_dir
     names = _load_pool(directory).list_agents() if directory and directory.is_dir() else []
-    keys = Keys(namespace)
+    keys = _keys(namespace, redis_url)
     if watch:
         _watch_status(redis_url, keys, names, interval, json_output)
         return
@@ -881,7 +886,6 @@ def dlq_list(
     """The newest dead letters, one line each."""
     import time
 
-    from openrtc.keys import Keys
     from openrtc.monitor import list_dead_letters
 
     since_at = _since(since)
@@ -889,7 +893,7 @@ def dlq_list(
         redis_url,
         lambda r: list_dead_letters(
             r,
-            Keys(namespace),
+            _keys(namespace, redis_url),
             count=count,
             reason=reason.value if reason else None,
             agent=agent,
@@ -925,14 +929,17 @@ def dlq_stats(
     """Dead letters counted by reason and by agent, with the oldest and the newest."""
     import time
 
-    from openrtc.keys import Keys
     from openrtc.monitor import dead_letter_stats, scan_dead_letters
 
     since_at = _since(since)
 
     async def work(r: Any) -> Any:
         letters = scan_dead_letters(
-            r, Keys(namespace), reason=reason.value if reason else None, agent=agent, since=since_at
+            r,
+            _keys(namespace, redis_url),
+            reason=reason.value if reason else None,
+            agent=agent,
+            since=since_at,
         )
         return dead_letter_stats([d async for d in letters])
 
@@ -970,14 +977,13 @@ def dlq_follow(
     """Print new dead letters as they arrive, until Ctrl-C."""
     import time
 
-    from openrtc.keys import Keys
     from openrtc.monitor import dead_letter_tail, follow_dead_letters
     from openrtc.streams import connect_redis
 
     async def go() -> None:
         client = connect_redis(redis_url)
         try:
-            keys = Keys(namespace)
+            keys = _keys(namespace, redis_url)
             # Printed once the start is fixed: from here on none is missed.
             tail = await dead_letter_tail(client, keys)
             typer.echo(
@@ -1006,11 +1012,11 @@ def dlq_show(
     namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """One dead letter in full (JSON), the job decoded, credentials redacted."""
-    from openrtc.keys import Keys
     from openrtc.monitor import list_dead_letters
 
     letters = _with_redis(
-        redis_url, lambda r: list_dead_letters(r, Keys(namespace), ids=[entry_id])
+        redis_url,
+        lambda r: list_dead_letters(r, _keys(namespace, redis_url), ids=[entry_id]),
     )
     if not letters:
         _fail(f"no dead letter {entry_id!r}")
@@ -1033,7 +1039,6 @@ def dlq_replay(
 ) -> None:
     """Put dead letters back on their agent's stream as new jobs."""
     from openrtc.agents import validate_agent_name
-    from openrtc.keys import Keys
     from openrtc.monitor import list_dead_letters, replay_dead_letters
 
     if not entry_ids and not replay_all:
@@ -1043,7 +1048,7 @@ def dlq_replay(
             agent = validate_agent_name(agent)
         except OpenRTCError as exc:
             _fail(str(exc), 2)
-    keys = Keys(namespace)
+    keys = _keys(namespace, redis_url)
 
     async def work(r: Any) -> list[Any]:
         letters = await list_dead_letters(
@@ -1102,12 +1107,11 @@ def dlq_purge(
     namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
     """Delete dead letters (by id, by age, or --all), after asking unless --yes."""
-    from openrtc.keys import Keys
     from openrtc.monitor import purge_dead_letters, purge_plan
 
     if not entry_ids and not purge_all and older_than is None:
         _fail("name entry ids, or pass --older-than or --all", 2)
-    keys = Keys(namespace)
+    keys = _keys(namespace, redis_url)
     ids = entry_ids or []
     upto: str | None = None
     if not yes:

@@ -33,6 +33,8 @@ __all__ = [
     "API_REQUEST",
     "DelayProxy",
     "LiveKitServer",
+    "RedisCluster",
+    "RedisSentinels",
     "RedisServer",
     "delay_proxy",
     "find_livekit_binary",
@@ -175,6 +177,13 @@ class _ServerProcess:
         _wait_until(ready, what, timeout, self._proc)
         self._started = True
 
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: nothing flushed, no goodbye to its peers)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
+
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL): what it held in memory is gone."""
         _terminate(self._proc)
@@ -282,6 +291,24 @@ class RedisServer(_ServerProcess):
         self._spawn(argv, "redis-server", ping, timeout)
         return self
 
+    def start_sentinel(self, config: str, timeout: float = 10.0) -> RedisServer:
+        """Start this server as a Sentinel with ``config`` (it rewrites its own file)."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ConfigError(f"redis-server is not installed: {_SETUP_HINT}.")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="openrtc-sentinel-")
+        conf = Path(self._dir.name) / "sentinel.conf"
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self._dir.name}\n{config}")
+
+        def ping() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+
+        self._spawn([binary, str(conf), "--sentinel"], "redis-sentinel", ping, timeout)
+        return self
+
     def close(self) -> None:
         """Stop and remove the working directory."""
         self.stop()
@@ -291,6 +318,229 @@ class RedisServer(_ServerProcess):
 
     def __enter__(self) -> RedisServer:
         return self.start()
+
+
+def _redis_command(port: int, *args: str, timeout: float = 5.0) -> str:
+    """One command through ``redis-cli`` (no client library state to go stale)."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise ConfigError(f"redis-cli is not installed: {_SETUP_HINT}.")
+    done = subprocess.run(
+        [cli, "-h", "127.0.0.1", "-p", str(port), *args],
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    return done.stdout.decode(errors="replace")
+
+
+def _poll(check: Callable[[], bool], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        time.sleep(0.1)
+    raise ConfigError(f"{what} within {timeout:.0f}s")
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster on loopback: ``masters`` masters, each with ``replicas`` replicas.
+
+    Every node is a :class:`RedisServer` (cluster mode, its bus on a free port
+    of its own, AOF on); the slots are spread by ``redis-cli --cluster create``.
+    ``node_timeout`` (ms) is how long a master may be silent before its
+    replica is promoted: short here, so a failover takes a second or two.
+    """
+
+    masters: int = 3
+    replicas: int = 1
+    node_timeout: int = 1000
+    log_dir: Path | None = None
+    nodes: list[RedisServer] = field(default_factory=list, init=False)
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node as a seed."""
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return f"redis+cluster://{hosts}"
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        """Start the nodes, create the cluster, wait until every node says it is ok."""
+        for i in range((1 + self.replicas) * self.masters):
+            node = RedisServer(
+                log_path=self.log_dir / f"redis-cluster-{i}.log" if self.log_dir else None,
+                appendonly=True,
+                args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(self.node_timeout),
+                    "--cluster-port",
+                    str(_free_port()),
+                    # Replicas in sync at once, not after the default 5 s
+                    # wait for more replicas to share one transfer.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ),
+            )
+            self.nodes.append(node.start())
+        out = _redis_command(
+            self.nodes[0].port,
+            "--cluster",
+            "create",
+            *[f"127.0.0.1:{n.port}" for n in self.nodes],
+            "--cluster-replicas",
+            str(self.replicas),
+            "--cluster-yes",
+            timeout=timeout,
+        )
+        if "[OK] All 16384 slots covered" not in out:
+            raise ConfigError(f"redis-cli --cluster create failed: {out[-500:]}")
+        _poll(
+            lambda: all(
+                "cluster_state:ok" in _redis_command(n.port, "cluster", "info") for n in self.nodes
+            ),
+            "the Redis Cluster did not become ok",
+            timeout,
+        )
+        # A replica that never finished its first sync refuses to fail over
+        # ("disconnected from master for longer than allowed"): wait for all.
+        _poll(
+            lambda: all(
+                "master_link_status:up" in info or "role:master" in info
+                for info in (_redis_command(n.port, "info", "replication") for n in self.nodes)
+            ),
+            "the cluster's replicas did not sync",
+            timeout,
+        )
+        return self
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node serving ``key``'s slot now."""
+        slot = int(_redis_command(self.nodes[0].port, "cluster", "keyslot", key).strip())
+        for node in self.nodes:
+            if node._proc is None:
+                continue
+            for line in _redis_command(node.port, "cluster", "nodes").splitlines():
+                parts = line.split()
+                if "myself" in parts[2] and "master" in parts[2]:
+                    for span in parts[8:]:
+                        low, _, high = span.partition("-")
+                        if low.isdigit() and int(low) <= slot <= int(high or low):
+                            return node
+        raise ConfigError(f"no live master serves slot {slot}")
+
+    def close(self) -> None:
+        """Stop every node and remove its files."""
+        for node in self.nodes:
+            node.close()
+        self.nodes.clear()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class RedisSentinels:
+    """A primary, a replica and ``sentinels`` Sentinels watching them (quorum 2), on loopback.
+
+    ``down_after`` (ms) is how long the primary may be silent before the
+    Sentinels agree it is down and promote the replica.
+    """
+
+    service: str = "openrtc"
+    sentinels: int = 3
+    down_after: int = 1000
+    failover_timeout: int = 5000
+    log_dir: Path | None = None
+    primary: RedisServer | None = field(default=None, init=False)
+    replica: RedisServer | None = field(default=None, init=False)
+    watchers: list[RedisServer] = field(default_factory=list, init=False)
+
+    def _log(self, name: str) -> Path | None:
+        return self.log_dir / f"{name}.log" if self.log_dir else None
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://`` naming every Sentinel and the service."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.watchers)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def start(self, timeout: float = 30.0) -> RedisSentinels:
+        """Start the data nodes and the Sentinels; wait until the quorum is usable."""
+        self.primary = RedisServer(
+            log_path=self._log("sentinel-primary"),
+            appendonly=True,
+            args=("--repl-diskless-sync-delay", "0"),
+        ).start()
+        self.replica = RedisServer(
+            log_path=self._log("sentinel-replica"),
+            appendonly=True,
+            args=("--replicaof", "127.0.0.1", str(self.primary.port)),
+        ).start()
+        _poll(
+            lambda: (
+                "master_link_status:up"
+                in _redis_command(self.replica.port if self.replica else 0, "info", "replication")
+            ),
+            "the replica did not sync",
+            timeout,
+        )
+        for i in range(self.sentinels):
+            watcher = RedisServer(log_path=self._log(f"sentinel-{i}"))
+            watcher.start_sentinel(
+                "sentinel resolve-hostnames yes\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after}\n"
+                f"sentinel failover-timeout {self.service} {self.failover_timeout}\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            self.watchers.append(watcher)
+
+        def ready() -> bool:
+            for w in self.watchers:
+                info = _redis_command(w.port, "sentinel", "master", self.service)
+                fields = info.splitlines()
+                data = dict(zip(fields[::2], fields[1::2], strict=False))
+                if data.get("num-other-sentinels") != str(self.sentinels - 1):
+                    return False
+                if data.get("num-slaves") != "1":
+                    return False
+            return True
+
+        _poll(ready, "the Sentinels did not find each other and the replica", timeout)
+        return self
+
+    def primary_port(self) -> int:
+        """The port the Sentinels name as primary now."""
+        for w in self.watchers:
+            out = _redis_command(w.port, "sentinel", "get-master-addr-by-name", self.service)
+            lines = out.split()
+            if len(lines) == 2 and lines[1].isdigit():
+                return int(lines[1])
+        raise ConfigError("no Sentinel names a primary")
+
+    def close(self) -> None:
+        """Stop everything and remove the files."""
+        for server in [*self.watchers, self.replica, self.primary]:
+            if server is not None:
+                server.close()
+        self.watchers.clear()
+
+    def __enter__(self) -> RedisSentinels:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass

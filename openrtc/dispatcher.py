@@ -63,6 +63,7 @@ from openrtc.monitor import read_status
 from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
+from openrtc.redis_url import is_cluster_url
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
 from openrtc.streams import REDIS_DOWN, EnqueueResult, StreamStore, connect_redis
@@ -133,7 +134,10 @@ class Dispatcher:
             raise ConfigError("No agents are registered in the pool.")
         self.settings = settings
         self.pool = pool
-        self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
+        self.keys = Keys(
+            settings.namespace,
+            cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
+        )
         self.policy = AdmissionPolicy(settings.when_no_worker, settings.max_backlog)
         self.stats = DispatcherStats()
         self.metrics = DispatcherMetrics()

@@ -55,12 +55,22 @@ class Keys:
 
     @property
     def dead_letter(self) -> str:
-        """Stream of jobs that cannot be served."""
-        return f"{self.namespace}:dead-letter"
+        """Stream of jobs that cannot be served.
+
+        Under cluster it and its markers share the hash tag ``{dead-letter}``
+        (one slot), so the add-once script stays single-slot; replaying a
+        letter into an agent's slot is then done in ordered steps
+        (:func:`openrtc.monitor.replay_dead_letters`).
+        """
+        return f"{self.namespace}:{self._dlq}"
 
     def dead_letter_seen(self, tag: str) -> str:
         """Marker (with expiry) that one job or one entry was dead-lettered already."""
-        return f"{self.namespace}:dead-letter:seen:{tag}"
+        return f"{self.namespace}:{self._dlq}:seen:{tag}"
+
+    @property
+    def _dlq(self) -> str:
+        return "{dead-letter}" if self.cluster else "dead-letter"
 
     def status(self, dispatcher_id: str) -> str:
         """Stream of job status events for the dispatcher holding those jobs' socket."""

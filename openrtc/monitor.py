@@ -371,13 +371,37 @@ async def replay_dead_letters(
         args: list[Any] = [letter.id, int(dedup_ttl), fields.get(b"dispatcher", b"")]
         for key, value in fields.items():
             args += [key, value]
-        code, entry = await store.scripts.replay(
-            keys=[keys.dead_letter, keys.job(target, letter.job_id), keys.jobs(target)], args=args
-        )
+        if keys.cluster:
+            code, entry = await _replay_across_slots(redis, store, keys, letter, target, args)
+        else:
+            code, entry = await store.scripts.replay(
+                keys=[keys.dead_letter, keys.job(target, letter.job_id), keys.jobs(target)],
+                args=args,
+            )
         outcomes: dict[int, ReplayOutcome] = {1: "replayed", 2: "already-queued"}
         outcome = outcomes.get(int(code), "gone")
         results.append(Replay(letter.id, outcome, _s(entry), target))
     return results
+
+
+async def _replay_across_slots(
+    redis: Redis, store: StreamStore, keys: Keys, letter: DeadLetter, target: str, args: list[Any]
+) -> tuple[int, Any]:
+    """Replay under Redis Cluster: the letter and the agent's keys are in different slots.
+
+    Two single-slot steps, enqueue first: the job goes into the agent's slot
+    by a script that records the letter's id on the job record, then the
+    letter is deleted. A crash between them leaves the letter, and replaying
+    it again finds the record naming it and only deletes the letter; two
+    replays at once enqueue once (the second reports ``gone``). A purge that
+    runs between the two steps deletes a letter whose job is replayed anyway.
+    """
+    code, entry = await store.scripts.replay_into(
+        keys=[keys.job(target, letter.job_id), keys.jobs(target)], args=args
+    )
+    if int(code) in (1, 3):
+        await redis.xdel(keys.dead_letter, letter.id)
+    return int(code), entry
 
 
 async def purge_plan(

@@ -219,11 +219,11 @@ return {entries, claimed}
 
 
 # KEYS: the dead-letter stream, the job's record hash, the job stream. That is
-# one agent's keys plus the dead-letter stream: under Redis Cluster the
-# dead-letter stream would have to share the agent's hash slot (one
-# dead-letter stream per agent, hash-tagged), since a script may only touch
-# keys of one slot. ARGV: dead letter id, record ttl (s), dispatcher id, then
-# the job entry's field/value pairs.
+# one agent's keys plus the dead-letter stream, so it runs on a single Redis
+# only: under Redis Cluster a script may touch one slot, and the replay is
+# REPLAY_INTO (the agent's slot) followed by an XDEL of the letter.
+# ARGV: dead letter id, record ttl (s), dispatcher id, then the job entry's
+# field/value pairs.
 # Returns {1, new id} when replayed; {0, ""} when the letter is gone (replayed
 # or purged by someone else meanwhile); {2, entry} when the job is already
 # queued or running as entry (another dead letter of the same job was
@@ -247,6 +247,33 @@ return {{1, id}}
 """
 
 
+# KEYS: the job's record hash, the job stream (one agent's slot).
+# ARGV: dead letter id, record ttl (s), dispatcher id, then the job entry's
+# field/value pairs. The Redis Cluster half of REPLAY: the caller checked the
+# letter exists before, and deletes it after a {1, ...} or {3, ...}. The
+# record remembers the letter (``replayed_from``), so a replay retried after
+# a crash between the two steps, or run twice at once, enqueues the job once.
+# Returns {1, new id} when replayed; {3, id} when this letter was replayed
+# already (as id); {2, entry} when the job is queued or running as entry.
+REPLAY_INTO: Final = f"""
+local rec = redis.call('HMGET', KEYS[1], 'replayed_from', 'entry')
+if rec[1] == ARGV[1] and rec[2] then
+  return {{3, rec[2]}}
+end
+local live = rec[2]
+if live and #redis.call('XRANGE', KEYS[2], live, live) > 0 then
+  return {{2, live}}
+end
+redis.call('DEL', KEYS[1])
+{STAMP_NOW}
+local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3],
+  'replayed_from', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {{1, id}}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Scripts:
     """The scripts, registered on one client."""
@@ -260,6 +287,7 @@ class Scripts:
     forget_consumers: AsyncScript
     leave_group: AsyncScript
     replay: AsyncScript
+    replay_into: AsyncScript
 
 
 def pack_fields(fields: Mapping[bytes, bytes]) -> bytes:
@@ -285,4 +313,5 @@ def register(redis: Redis) -> Scripts:
         forget_consumers=redis.register_script(FORGET_CONSUMERS),
         leave_group=redis.register_script(LEAVE_GROUP),
         replay=redis.register_script(REPLAY),
+        replay_into=redis.register_script(REPLAY_INTO),
     )

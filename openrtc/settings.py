@@ -72,10 +72,10 @@ def redact_url(url: str) -> str:
         parts = parts._replace(query=urlencode(shown, safe="/*"))
     if parts.password is not None:
         user = parts.username or ""
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        parts = parts._replace(netloc=f"{user}:***@{host}")
+        # Everything after the credentials, as written: a cluster or Sentinel
+        # URL lists several host:port pairs there.
+        hosts = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{hosts}")
     return urlunsplit(parts)
 
 

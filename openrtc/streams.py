@@ -17,9 +17,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -37,6 +38,7 @@ from openrtc.messages import (
     dead_letter_fields,
     decode_job_record,
 )
+from openrtc.redis_url import client_from_url
 from openrtc.scripts import pack_fields, register
 from openrtc.settings import (
     DEFAULT_DEAD_LETTER_MAXLEN,
@@ -83,7 +85,7 @@ def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
             if not Path(value).is_file():
                 raise ConfigError(f"Redis at {redact_url(url)}: {name}: no such file {value}")
     try:
-        client: Redis = Redis.from_url(
+        client: Redis = client_from_url(
             url,
             decode_responses=False,
             socket_timeout=5.0,
@@ -187,9 +189,11 @@ class StreamStore:
                     pack_fields(message.encode()),
                 ]
                 pipe.execute_command(*args)
-            if self._wait_replicas:
+            if self._wait_replicas and not self.keys.cluster:
                 pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
             replies = await pipe.execute(raise_on_error=False)
+            if self._wait_replicas and self.keys.cluster:
+                replies.append(await self._wait_cluster())
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 # Redis lost its script cache (restart, SCRIPT FLUSH): load it
                 # and write again; the script's de-duplication makes it safe.
@@ -205,6 +209,27 @@ class StreamStore:
             added, entry_id = reply
             results.append(EnqueueResult("queued" if added == 1 else "duplicate", _text(entry_id)))
         return results
+
+    async def _wait_cluster(self) -> Any:
+        # WAIT has no key, so a cluster pipeline cannot route it: it is sent to
+        # every master at once (its replicas are per master) and the fewest
+        # replicas any of them reached counts.
+        nodes = cast(Any, self.redis).get_primaries()
+        acked: list[Any] = []
+
+        async def one(node: Any) -> None:
+            try:
+                acked.append(
+                    await node.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)
+                )
+            except REDIS_DOWN as exc:
+                acked.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for node in nodes:
+                tg.start_soon(one, node)
+        counts = [a for a in acked if isinstance(a, int)]
+        return min(counts) if len(counts) == len(acked) and counts else 0
 
     def _check_replicated(self, acked: Any) -> None:
         # The jobs are on the primary either way: failing them now would lose

@@ -53,6 +53,7 @@ from openrtc.metrics import WorkerMetrics
 from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
+from openrtc.redis_url import is_cluster_url
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
@@ -156,7 +157,10 @@ class Worker:
             )
         self.settings = settings
         self.config = pool.get(settings.agent)
-        self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
+        self.keys = Keys(
+            settings.namespace,
+            cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
+        )
         self.stats = WorkerStats()
         self.metrics = WorkerMetrics(settings.agent)
         self._clock = clock

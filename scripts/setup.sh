@@ -16,6 +16,14 @@ if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server openssl >/dev/null
 fi
+# The Redis Cluster and Sentinel tests need redis-cli (--cluster create) and a
+# redis-server with cluster and sentinel modes (Debian's has both).
+if ! command -v redis-cli >/dev/null; then
+  log "installing redis-cli (apt: redis-tools)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-tools >/dev/null
+fi
 # The Debian package may start a system-wide server; ours are private and on
 # free ports, so it is left alone.
 

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from openrtc.agents import AgentPool
-from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.devstack import LiveKitServer, RedisCluster, RedisSentinels, RedisServer
 from openrtc.streams import connect_redis
 from tests.stack import OFFLINE_AGENTS
 from tests.standin import StandIn, running_standin
@@ -35,6 +35,22 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(log_path=LOG_DIR / "redis.log")
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """Three masters, three replicas; a silent master is replaced after 1 s."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    with RedisCluster(log_dir=LOG_DIR) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels() -> Iterator[RedisSentinels]:
+    """A primary, a replica and three Sentinels (quorum 2, down after 1 s)."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    with RedisSentinels(log_dir=LOG_DIR) as sentinels:
+        yield sentinels
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,165 @@
+"""One Redis URL to one client: a single server, a Redis Cluster, or a Sentinel-managed primary.
+
+``REDIS_URL`` (and ``--redis-url``) picks the topology by its scheme, so every
+service and command takes the same one setting:
+
+- ``redis://host:port/db`` (``rediss://`` for TLS): one server (redis-py's own URL).
+- ``redis+cluster://host:port,host:port`` (``rediss+cluster://``): a Redis
+  Cluster; the hosts are seed nodes (any few; the client discovers the rest).
+  Keys are then hash-tagged per agent (:class:`~openrtc.keys.Keys` with
+  ``cluster=True``), so each agent's multi-key operations stay in one slot.
+- ``redis+sentinel://host:port,host:port/service_name[/db]``
+  (``rediss+sentinel://``): the primary that the Sentinels name for
+  ``service_name``, found again after every failover.
+
+User name, password and query options (``?ssl_cert_reqs=none`` ...) are
+passed to every data connection as ``redis://`` passes them; keyword options
+given by the caller (timeouts, retries, TLS) are applied on top, to the
+single, cluster and sentinel clients alike. Sentinels themselves are
+contacted with the same TLS and timeout options and, for their own password,
+``sentinel_password`` / ``sentinel_username`` in the query.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.connection import parse_url
+
+from openrtc.errors import ConfigError
+
+__all__ = ["CLUSTER_SCHEMES", "SENTINEL_SCHEMES", "client_from_url", "is_cluster_url"]
+
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
+_DEFAULT_SENTINEL_PORT: Final = 26379
+_DEFAULT_PORT: Final = 6379
+# Options that make sense per connection but not for the cluster client's
+# constructor (it has no database but 0, and no pool of its own to pass).
+_NOT_FOR_CLUSTER: Final = ("db", "health_check_interval", "connection_class")
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (keys must then be hash-tagged)."""
+    return _scheme(url) in CLUSTER_SCHEMES
+
+
+def _hosts(netloc: str, default_port: int, url: str) -> list[tuple[str, int]]:
+    hosts = []
+    for part in netloc.rpartition("@")[2].split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host:
+            host, port = port, ""
+        try:
+            hosts.append((host.strip("[]"), int(port) if port else default_port))
+        except ValueError:
+            raise ConfigError(f"bad host:port {part!r} in the Redis URL") from None
+    if not hosts or not all(h for h, _ in hosts):
+        raise ConfigError(f"the Redis URL names no host: {_scheme(url)}://...")
+    return hosts
+
+
+def _auth_and_query(url: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(user name / password, raw query) of a multi-host URL, via redis-py's parser."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo = netloc.rpartition("@")[0]
+    # redis-py's parser wants one host: hand it the first, keep its options.
+    first = netloc.rpartition("@")[2].split(",")[0]
+    plain = "rediss" if _scheme(url).startswith("rediss") else "redis"
+    rebuilt = f"{plain}://{userinfo + '@' if userinfo else ''}{first}"
+    query = dict(parse_qsl(parts.query))
+    for name in ("sentinel_password", "sentinel_username"):
+        query.pop(name, None)
+    if query:
+        rebuilt += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    options: dict[str, Any] = parse_url(rebuilt)  # type: ignore[no-untyped-call]
+    for name in ("host", "port", "path"):
+        options.pop(name, None)
+    return options, dict(parse_qsl(parts.query))
+
+
+def client_from_url(url: str, **options: Any) -> Redis:
+    """A redis-py asyncio client for ``url`` (any of the three schemes), with ``options``.
+
+    The cluster client is returned typed as :class:`~redis.asyncio.Redis`: it
+    speaks every command openrtc sends (single-slot scripts, pipelines,
+    single-slot transactions) with the same signatures.
+    """
+    scheme = _scheme(url)
+    if scheme in CLUSTER_SCHEMES:
+        return cast(Redis, _cluster(url, options))
+    if scheme in SENTINEL_SCHEMES:
+        return _sentinel(url, options)
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"REDIS_URL scheme {scheme!r} is not one of redis://, rediss://, unix://, "
+            "redis+cluster://, rediss+cluster://, redis+sentinel://, rediss+sentinel://"
+        )
+    return Redis.from_url(url, **options)
+
+
+def _cluster(url: str, options: dict[str, Any]) -> RedisCluster:
+    url_options, _ = _auth_and_query(url)
+    kwargs = {**url_options, **options}
+    if kwargs.pop("connection_class", None) is not None or scheme_is_tls(url):
+        kwargs["ssl"] = True
+    for name in _NOT_FOR_CLUSTER:
+        kwargs.pop(name, None)
+    hosts = _hosts(urlsplit(url).netloc, _DEFAULT_PORT, url)
+    nodes = [ClusterNode(host, port) for host, port in hosts]
+    return RedisCluster(startup_nodes=nodes, **kwargs)
+
+
+def scheme_is_tls(url: str) -> bool:
+    """Whether ``url`` asks for TLS (``rediss``, ``rediss+cluster``, ``rediss+sentinel``)."""
+    return _scheme(url).startswith("rediss")
+
+
+def _sentinel(url: str, options: dict[str, Any]) -> Redis:
+    parts = urlsplit(url)
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    if not segments:
+        raise ConfigError(
+            "a Sentinel URL names the service: redis+sentinel://host:port,host:port/service_name"
+        )
+    service = segments[0]
+    url_options, query = _auth_and_query(url)
+    kwargs = {**url_options, **options}
+    if len(segments) > 1:
+        try:
+            kwargs["db"] = int(segments[1])
+        except ValueError:
+            raise ConfigError(f"bad database {segments[1]!r} in the Sentinel URL") from None
+    connection_class = kwargs.pop("connection_class", None)
+    tls = scheme_is_tls(url) or connection_class is not None
+    # Sentinels get the transport options (TLS, timeouts) but not the data
+    # nodes' credentials: they have their own, if any.
+    sentinel_kwargs: dict[str, Any] = {
+        k: v
+        for k, v in kwargs.items()
+        if k.startswith(("socket_", "ssl_")) or k in ("retry", "retry_on_error")
+    }
+    if tls:
+        sentinel_kwargs["ssl"] = True
+    if "sentinel_password" in query:
+        sentinel_kwargs["password"] = query["sentinel_password"]
+    if "sentinel_username" in query:
+        sentinel_kwargs["username"] = query["sentinel_username"]
+    if tls:
+        kwargs["ssl"] = True
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        _hosts(parts.netloc, _DEFAULT_SENTINEL_PORT, url),
+        sentinel_kwargs=sentinel_kwargs,
+        **kwargs,
+    )
+    client: Redis = sentinel.master_for(service)
+    return client
