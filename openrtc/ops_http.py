@@ -34,7 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from openrtc.errors import ConfigError
 from openrtc.streams import REDIS_DOWN
-from openrtc.supervision import describe
+from openrtc.supervision import describe, unwrap_group
 
 __all__ = ["LoopHealth", "OpsServer", "serving"]
 
@@ -155,12 +155,17 @@ class OpsServer:
                     "choose another --http-port (OPENRTC_HTTP_PORT), or 0 to turn it off"
                 ) from exc
             logger.info("serving /healthz, /readyz, /metrics on http://%s:%d", self.host, self.port)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self.loop.run)
-                try:
-                    yield
-                finally:
-                    tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.loop.run)
+                    try:
+                        yield
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The service's own error (a refused Redis password...), not a
+                # group around it: the command reports it in one line.
+                raise unwrap_group(group) from None
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await runner.cleanup()

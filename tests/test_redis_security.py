@@ -379,7 +379,7 @@ async def test_a_call_over_tls_as_the_acl_user_works_and_leaks_no_secret(
         # Something to purge: a dead letter written as a worker would.
         store = StreamStore(admin, keys)
         await store.dead_letter(DeadReason.MALFORMED, "test", original={b"x": b"y"})
-        purged = await openrtc(env, "dlq", "purge", "--all", stdin="y\n")
+        purged = await openrtc(env, "dlq", "purge", "--all", "--yes")
         outputs.append(purged)
         assert purged.code == 0, purged
         assert await admin.xlen(keys.dead_letter) == 0

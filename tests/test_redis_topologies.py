@@ -136,7 +136,9 @@ async def test_calls_and_every_command_on_a_cluster(
         assert len(by_cli["dispatchers"]) == 1
         await redis.xadd(keys.dead_letter, {b"reason": b"malformed"})
         purged = await anyio.to_thread.run_sync(
-            lambda: cli("dlq", "purge", "--all", redis_url=url, namespace=ns, as_json=False)
+            lambda: cli(
+                "dlq", "purge", "--all", "--yes", redis_url=url, namespace=ns, as_json=False
+            )
         )
         assert "deleted 1 dead letter" in purged
 
