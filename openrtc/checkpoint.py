@@ -176,7 +176,9 @@ class Checkpoint:
         """The checkpoint in ``data``; ``None`` (and a warning) if it is not one of ours."""
         try:
             doc = json.loads(data)
-            if not isinstance(doc, dict) or doc.get("v") != VERSION:
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            if doc.get("v") != VERSION:
                 raise ValueError(f"unknown checkpoint version {doc.get('v')!r}")
             history = doc.get("history") or []
             if not isinstance(history, list) or not all(isinstance(i, dict) for i in history):

@@ -53,7 +53,9 @@ class Transcript:
     async def ask(self, text: str, expected: str, *, within: float = 20.0) -> None:
         before = self.count(expected)
         await self.say(text)
-        await eventually(lambda: self.count(expected) > before, f"reply {expected!r}", within=within)
+        await eventually(
+            lambda: self.count(expected) > before, f"reply {expected!r}", within=within
+        )
 
 
 @asynccontextmanager
