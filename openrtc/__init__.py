@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from openrtc.agents import AgentConfig, AgentPool, ProviderValue, agent_config
+from openrtc.checkpoint import idempotency_key
 from openrtc.errors import OpenRTCError
 from openrtc.routing import Route, RoutingTable, resolve_agent
 
@@ -28,5 +29,6 @@ __all__ = [
     "RoutingTable",
     "__version__",
     "agent_config",
+    "idempotency_key",
     "resolve_agent",
 ]

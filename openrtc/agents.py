@@ -74,6 +74,8 @@ class _Decorated:
     llm: ProviderValue | None
     tts: ProviderValue | None
     greeting: str | None
+    checkpoint: bool = True
+    resume_line: str | None = None
 
 
 def agent_config(
@@ -83,12 +85,19 @@ def agent_config(
     llm: ProviderValue | None = None,
     tts: ProviderValue | None = None,
     greeting: str | None = None,
+    checkpoint: bool = True,
+    resume_line: str | None = None,
 ) -> Callable[[_A], _A]:
     """Name an ``Agent`` subclass and set its providers for directory discovery.
 
     Without ``name`` the agent is named after its module's file stem. Providers
     left as ``None`` fall back to the pool's defaults. The class is returned
     unchanged.
+
+    ``checkpoint=False``: its conversations are not saved, so a takeover
+    starts them afresh (greeting included). ``resume_line``: said instead of
+    nothing when a session resumes a taken-over conversation ("Sorry, I lost
+    you for a second."); the greeting is never said twice.
     """
     if name is not None:
         name = validate_agent_name(name)
@@ -96,13 +105,30 @@ def agent_config(
         if not isinstance(greeting, str):
             raise AgentRegistryError("greeting must be a string.")
         greeting = greeting.strip() or None
-    marker = _Decorated(name=name, stt=stt, llm=llm, tts=tts, greeting=greeting)
+    resume_line = _optional_line(resume_line, "resume_line")
+    marker = _Decorated(
+        name=name,
+        stt=stt,
+        llm=llm,
+        tts=tts,
+        greeting=greeting,
+        checkpoint=bool(checkpoint),
+        resume_line=resume_line,
+    )
 
     def decorate(cls: _A) -> _A:
         setattr(cls, _CONFIG_ATTR, marker)
         return cls
 
     return decorate
+
+
+def _optional_line(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise AgentRegistryError(f"{what} must be a string.")
+    return value.strip() or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +147,10 @@ class AgentConfig:
     #: livekit-agents ``JobProcess`` (load VAD models into ``proc.userdata``).
     #: Discovered from a module-level ``prewarm(proc)`` function.
     prewarm: Callable[[Any], Any] | None = None
+    #: Save this agent's conversations so a takeover resumes them (see openrtc.checkpoint).
+    checkpoint: bool = True
+    #: Said when a session resumes a conversation, instead of the greeting.
+    resume_line: str | None = None
 
     @property
     def class_label(self) -> str:
@@ -190,6 +220,8 @@ class AgentPool:
         session_kwargs: Mapping[str, Any] | None = None,
         source_path: str | Path | None = None,
         prewarm: Callable[[Any], Any] | None = None,
+        checkpoint: bool = True,
+        resume_line: str | None = None,
     ) -> AgentConfig:
         """Register ``agent_cls`` under ``name`` and return its configuration.
 
@@ -230,6 +262,8 @@ class AgentPool:
             session_kwargs=dict(session_kwargs or {}),
             source_path=None if source_path is None else Path(source_path).resolve(),
             prewarm=prewarm,
+            checkpoint=bool(checkpoint),
+            resume_line=_optional_line(resume_line, f"Agent '{name}': resume_line"),
         )
         self._agents[name] = config
         self._table = None
@@ -294,6 +328,8 @@ class AgentPool:
                     greeting=marker.greeting,
                     source_path=path,
                     prewarm=prewarm if callable(prewarm) else None,
+                    checkpoint=marker.checkpoint,
+                    resume_line=marker.resume_line,
                 )
             )
             logger.debug("Discovered agent '%s' (%s) in %s.", name, agent_cls.__name__, path)

@@ -520,6 +520,15 @@ def worker(
             help="Dead letters kept; past it the oldest are trimmed (approximately).",
         ),
     ] = DEFAULT_DEAD_LETTER_MAXLEN,
+    checkpoint_max_bytes: Annotated[
+        int,
+        typer.Option(
+            "--checkpoint-max-bytes",
+            envvar="OPENRTC_CHECKPOINT_MAX_BYTES",
+            help="Largest conversation checkpoint per call (oldest turns dropped first); "
+            "0 = no checkpoints.",
+        ),
+    ] = 64 * 1024,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -541,6 +550,7 @@ def worker(
             forget_consumers_after=forget_consumers_after,
             http_port=http_port,
             dead_letter_maxlen=dead_letter_maxlen,
+            checkpoint_max_bytes=checkpoint_max_bytes,
         )
         return Worker(settings, pool)
 

@@ -37,6 +37,10 @@ class Keys:
         """Hash recording one job: dedup marker, stream entry id, state, who runs it."""
         return f"{self.namespace}:job:{self._agent(agent)}:{job_id}"
 
+    def checkpoint(self, agent: str, job_id: str) -> str:
+        """One job's conversation checkpoint (JSON, expiring with its record)."""
+        return f"{self.namespace}:checkpoint:{self._agent(agent)}:{job_id}"
+
     def control(self, agent: str) -> str:
         """Stream of control events (terminations) for ``agent``'s workers."""
         return f"{self.namespace}:control:{self._agent(agent)}"

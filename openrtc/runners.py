@@ -458,6 +458,9 @@ class ProcessRunner:
                             "worker_id": worker_id,
                             "url": access.url,
                             "token": access.token,
+                            "checkpoint": (control.resume or b"").decode(errors="replace"),
+                            "checkpoint_max_bytes": control.checkpoint_max_bytes,
+                            "checkpointing": control.checkpoint is not None,
                             "fields": {
                                 k.decode(): base64.b64encode(v).decode()
                                 for k, v in message.encode().items()
@@ -495,6 +498,9 @@ class ProcessRunner:
                 )
             if event.get("joined"):
                 control.joined.set()
+            elif "checkpoint" in event:
+                if control.checkpoint is not None and isinstance(event["checkpoint"], str):
+                    control.checkpoint(event["checkpoint"].encode())
             elif "outcome" in event:
                 o = event["outcome"]
                 return SessionOutcome(o["status"], o.get("reason", ""), o.get("error", ""))

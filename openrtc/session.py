@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import anyio
 from livekit import api, rtc
-from livekit.agents import AgentSession
+from livekit.agents import Agent, AgentSession, llm
 from livekit.agents.job import (
     JobAcceptArguments,
     JobContext,
@@ -34,8 +36,10 @@ from livekit.agents.job import (
     _JobContextVar,
 )
 from livekit.agents.utils import http_context
+from livekit.agents.voice.events import ToolCallStarted
 
 from openrtc.agents import AgentConfig
+from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
 from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 
@@ -60,6 +64,9 @@ CLOSE_TIMEOUT: Final = 10.0
 #: After a reconnect or an agent joining, how long to look for the room's new sid.
 ROOM_SID_WAIT: Final = 10.0
 ROOM_SID_POLL: Final = 0.1
+#: Shortest time between two checkpoints of one session: turns that come
+#: faster are coalesced into one write of the latest state.
+CHECKPOINT_INTERVAL: Final = 0.05
 
 
 @dataclass
@@ -85,6 +92,11 @@ class SessionControl:
     _stop: anyio.Event = field(default_factory=anyio.Event)
     stop_reason: str = ""
     takeover: bool = False
+    #: The job's last checkpoint (encoded), when this session takes a call over.
+    resume: bytes | None = None
+    #: Where checkpoints go (must not block); ``None``: this session keeps none.
+    checkpoint: Callable[[bytes], None] | None = None
+    checkpoint_max_bytes: int = 0
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""
@@ -259,9 +271,10 @@ async def run_session(
     try:
         try:
             options = dict(config.session_kwargs)
-            if config.stt is None and config.llm is None:
-                # Nothing to detect turns with: say so, instead of livekit-agents
-                # warning on every session that its turn detector has no VAD.
+            if config.stt is None:
+                # Nothing to detect turns with (text input needs none): say so,
+                # instead of livekit-agents warning on every session that its
+                # turn detector has no VAD.
                 options.setdefault("turn_detection", "manual")
             session = AgentSession(
                 stt=config.stt,  # type: ignore[arg-type]
@@ -271,14 +284,30 @@ async def run_session(
                 **options,
             )
             session.on("close", lambda event: finish(f"session closed ({event.reason.value})"))
+            saved = Checkpoint.decode(control.resume) if control.resume else None
+            if not config.checkpoint:
+                saved = None
+            saving = None
+            if control.checkpoint is not None and config.checkpoint:
+                saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
             await ctx.connect()
             control.joined.set()
-            # Agents are constructed without arguments, as livekit-agents' examples
-            # and the PyPI openrtc package do.
-            agent = config.agent_cls()  # type: ignore[call-arg]
+            if saved is not None:
+                agent = await _restore(session, config, saved, message.job_id)
+            else:
+                # Agents are constructed without arguments, as livekit-agents'
+                # examples and the PyPI openrtc package do.
+                agent = config.agent_cls()  # type: ignore[call-arg]
             await session.start(agent=agent, room=room)
-            if config.greeting:
-                session.say(config.greeting)
+            greeted = saved is not None and saved.greeted
+            if saving is not None:
+                saving.greeted = greeted
+            if saved is not None and config.resume_line:
+                session.say(config.resume_line)
+            elif config.greeting and not greeted:
+                greeting = session.say(config.greeting)
+                if saving is not None:
+                    greeting.add_done_callback(lambda _: saving.said_greeting())
         except Exception as exc:
             logger.exception("job %s: the agent failed to start", message.job_id)
             return SessionOutcome("failed", "agent failed to start", f"{type(exc).__name__}: {exc}")
@@ -308,6 +337,8 @@ async def run_session(
 
             tg.start_soon(stop_when_told)
             tg.start_soon(leave_a_replaced_room)
+            if saving is not None:
+                tg.start_soon(saving.run)
             await ended.wait()
             tg.cancel_scope.cancel()
 
@@ -324,6 +355,151 @@ async def run_session(
                 leave_first=bool(end.get("replaced")),
             )
             _JobContextVar.reset(context_token)
+
+
+class _Checkpointing:
+    """Hands the session's latest state to ``sink`` after every committed turn.
+
+    Event handlers only mark the state changed; :meth:`run`, a task of the
+    session, builds the checkpoint and offers it, so speech never waits for a
+    serialization or a write, and turns in quick succession cost one checkpoint.
+    """
+
+    def __init__(self, session: AgentSession[Any], sink: Callable[[bytes], None], cap: int) -> None:
+        self._session = session
+        self._sink = sink
+        self._cap = cap
+        self._changed = anyio.Event()
+        self.greeted = False
+        #: Tool calls seen starting whose output is not in the history yet: a
+        #: crash now must show them as interrupted, not forget them.
+        self._calls: dict[str, llm.FunctionCall] = {}
+        for event in ("conversation_item_added", "function_tools_executed"):
+            session.on(event, lambda _: self.touch())
+        session.on("tool_execution_updated", self._on_tool)
+
+    def touch(self) -> None:
+        self._changed.set()
+
+    def said_greeting(self) -> None:
+        self.greeted = True
+        self.touch()
+
+    def _on_tool(self, event: Any) -> None:
+        if isinstance(event.update, ToolCallStarted):
+            call = event.update.function_call
+            self._calls[call.call_id] = call
+            self.touch()
+
+    def snapshot(self) -> bytes | None:
+        session = self._session
+        items = session.history.to_dict(exclude_timestamp=False, exclude_config_update=True)
+        history: list[dict[str, Any]] = items["items"]
+        done = {i.get("call_id") for i in history if i.get("type") == "function_call_output"}
+        listed = {i.get("call_id") for i in history if i.get("type") == "function_call"}
+        for call_id in [c for c in self._calls if c in done]:
+            del self._calls[call_id]
+        for call_id, call in self._calls.items():
+            if call_id not in listed:
+                history.append(call.model_dump(mode="json", exclude_none=True))
+        agent = session.current_agent
+        hook = getattr(agent, "checkpoint_state", None)
+        state = plain_data(hook()) if callable(hook) else None
+        cls = type(agent)
+        checkpoint = Checkpoint(
+            agent_class=f"{cls.__module__}:{cls.__qualname__}",
+            greeted=self.greeted,
+            history=history,
+            userdata=plain_data(session._userdata),
+            state=state,
+        )
+        return checkpoint.encode(self._cap)
+
+    async def run(self) -> None:
+        warned = False
+        while True:
+            await self._changed.wait()
+            self._changed = anyio.Event()
+            try:
+                data = self.snapshot()
+            except Exception:
+                logger.exception("building a checkpoint failed")
+                data = None
+            if data is None:
+                if not warned:
+                    logger.warning("no checkpoint fits in %d bytes; none written", self._cap)
+                    warned = True
+            else:
+                self._sink(data)
+            await anyio.sleep(CHECKPOINT_INTERVAL)
+
+
+def _agent_class(config: AgentConfig, name: str) -> type[Agent]:
+    """The agent class a checkpoint names (``module:qualname``), else the entry agent's.
+
+    Discovered modules are named after their path, which may differ on the
+    worker that resumes (a new release): the entry agent's module is searched
+    for the same class name too.
+    """
+    module_name, _, qualname = name.partition(":")
+    for module in (sys.modules.get(module_name), sys.modules.get(config.agent_cls.__module__)):
+        found: Any = module
+        for part in qualname.split(".") if qualname else ():
+            found = getattr(found, part, None)
+        if module is not None and isinstance(found, type) and issubclass(found, Agent):
+            return found
+    if name:
+        logger.warning(
+            "checkpoint names agent %s, not found here: resuming with the entry agent", name
+        )
+    return config.agent_cls
+
+
+async def _restore(
+    session: AgentSession[Any], config: AgentConfig, saved: Checkpoint, job_id: str
+) -> Agent:
+    """The active agent of a checkpoint, with its history, userdata and own state back."""
+    cls = _agent_class(config, saved.agent_class)
+    try:
+        agent: Agent = cls()  # type: ignore[call-arg]
+    except TypeError:
+        # An agent handed off to with constructor arguments cannot be rebuilt
+        # from its class alone; the conversation goes on with the entry agent.
+        logger.warning("job %s: %s needs arguments; resuming with the entry agent", job_id, cls)
+        agent = config.agent_cls()  # type: ignore[call-arg]
+    chat_ctx = llm.ChatContext.from_dict({"items": mark_interrupted(saved.history)})
+    # The session's history goes on from the checkpoint (later checkpoints
+    # keep it); the agent's context is what its model sees.
+    session.history.insert(chat_ctx.items)
+    await agent.update_chat_ctx(chat_ctx)
+    if saved.userdata is not None:
+        _restore_userdata(session, saved.userdata)
+    restore = getattr(agent, "restore_state", None)
+    if saved.state is not None and callable(restore):
+        restore(saved.state)
+    logger.info(
+        "job %s: resuming the conversation (%d items, agent %s)",
+        job_id,
+        len(chat_ctx.items),
+        type(agent).__qualname__,
+    )
+    return agent
+
+
+def _restore_userdata(session: AgentSession[Any], data: dict[str, Any]) -> None:
+    current = session._userdata
+    if current is None:
+        session.userdata = data
+    elif isinstance(current, dict):
+        current.update(data)
+    else:
+        # A dataclass or model the agent's session was given: its fields back.
+        for key, value in data.items():
+            if hasattr(current, key):
+                try:
+                    setattr(current, key, value)
+                except Exception:
+                    logger.debug("userdata field %s not restored", key)
 
 
 async def _close(

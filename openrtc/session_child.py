@@ -73,6 +73,11 @@ async def _serve(config: Any, proc: Any) -> int:
     message = JobMessage.decode({k.encode(): base64.b64decode(v) for k, v in job["fields"].items()})
     access = RoomAccess(job["url"], job["token"])
     control = SessionControl()
+    # The child has no Redis: its worker read the checkpoint and writes the new ones.
+    control.resume = job.get("checkpoint", "").encode() or None
+    control.checkpoint_max_bytes = int(job.get("checkpoint_max_bytes", 0))
+    if job.get("checkpointing"):
+        control.checkpoint = lambda data: _emit({"checkpoint": data.decode()})
 
     async with anyio.create_task_group() as tg:
 

@@ -250,9 +250,14 @@ class WorkerSettings:
     http_host: str = "0.0.0.0"
     #: /healthz answers 503 when the event loop lags more than this (s).
     health_max_lag: float = 5.0
+    #: Largest conversation checkpoint kept per call (bytes; the oldest turns
+    #: are dropped first); 0 = no checkpoints, takeovers start afresh.
+    checkpoint_max_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         _check_http(self.http_port, self.health_max_lag)
+        if self.checkpoint_max_bytes < 0:
+            raise ConfigError("checkpoint_max_bytes must be >= 0 (0 = no checkpoints)")
         if self.concurrency < 1:
             raise ConfigError("concurrency must be >= 1")
         if self.isolation not in ("coroutine", "process"):

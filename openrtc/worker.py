@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 
 from openrtc.acceptance import Action, Verdict, judge
 from openrtc.agents import AgentPool
+from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.membership import Presence
@@ -176,6 +177,9 @@ class Worker:
             status_ttl=settings.status_ttl,
         )
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
+        self.checkpoints = CheckpointStore(
+            self._redis, self.keys, settings.agent, settings.dedup_ttl
+        )
         self._presence = Presence(
             self._redis,
             self.keys.workers(settings.agent),
@@ -657,10 +661,13 @@ class Worker:
                 except REDIS_DOWN as exc:
                     logger.warning("job %s: record not updated: %s", message.job_id, exc)
 
+            writer = await self._checkpointing(claim, message, control)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(announce)
                 async with anyio.create_task_group() as watch:
                     watch.start_soon(mark_joined)
+                    if writer is not None:
+                        watch.start_soon(writer.run)
                     try:
                         outcome = await self.runner.run(
                             message, control, worker_id=self.settings.worker_id
@@ -670,10 +677,48 @@ class Worker:
                         outcome = SessionOutcome(
                             "failed", "session runner error", f"{type(exc).__name__}: {exc}"
                         )
+                    if writer is not None and outcome.status == "failed":
+                        # The next delivery resumes from it: the last turn counts.
+                        with anyio.move_on_after(self.settings.lease / 3):
+                            await writer.flush()
                     watch.cancel_scope.cancel()
             await self._settle(claim, message, outcome)
+            if writer is not None and outcome.status == "success":
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.checkpoints.delete(message.job_id)
         finally:
             self._drop(claim)
+
+    async def _checkpointing(
+        self, claim: _Claim, message: JobMessage, control: SessionControl
+    ) -> CheckpointWriter | None:
+        """Wire the session to its checkpoints: the last one to resume from, a writer.
+
+        Only a redelivered job can have a checkpoint; reading it is one GET
+        before the join. Unreadable (Redis down) means a fresh start.
+        """
+        if not (self.config.checkpoint and self.settings.checkpoint_max_bytes > 0):
+            return None
+        job_id = message.job_id
+        if claim.delivery.deliveries > 1:
+            try:
+                with anyio.fail_after(self.settings.lease / 3):
+                    control.resume = await self.checkpoints.load(job_id)
+            except (*REDIS_DOWN, TimeoutError) as exc:
+                logger.warning("job %s: checkpoint not read (%s); starting afresh", job_id, exc)
+
+        async def save(data: bytes) -> None:
+            await self.checkpoints.save(job_id, data)
+
+        writer = CheckpointWriter(
+            save,
+            label=f"job {job_id}",
+            # A session stepping aside must not overwrite its successor's state.
+            allowed=lambda: not (claim.lost or control.takeover),
+        )
+        control.checkpoint = writer.offer
+        control.checkpoint_max_bytes = self.settings.checkpoint_max_bytes
+        return writer
 
     async def _settle(self, claim: _Claim, message: JobMessage, outcome: SessionOutcome) -> None:
         if outcome.status == "taken_over":

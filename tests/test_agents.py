@@ -934,8 +934,11 @@ def test_offline_example_agents_directory() -> None:
         == "Bright Smile Dental, offline line. How can we help you today?"
     )
     assert pool.get("support").greeting == "Support desk, offline line. Tell us what went wrong."
-    # Offline: no cloud STT or LLM; the voice is the local tone TTS.
-    assert all(c.stt is None and c.llm is None for c in pool)
+    # Offline: no cloud STT or LLM; the rule-based LLM answers typed text, the
+    # voice is the local tone TTS.
+    assert all(c.stt is None and type(c.llm).__name__ == "OfflineLLM" for c in pool)
+    assert pool.get("restaurant").resume_line == "Sorry, I lost you for a second."
+    assert all(c.checkpoint for c in pool)
     assert all(type(c.tts).__name__ == "ToneTTS" for c in pool)
     assert all(c.source_path is not None and c.source_path.parent == OFFLINE_AGENTS for c in pool)
     assert (OFFLINE_AGENTS / "_shared.py").exists()  # present, but skipped

@@ -43,7 +43,7 @@ OFFLINE_ROWS = [
         "name": "dental",
         "class": "dental.py:OfflineDental",
         "stt": None,
-        "llm": None,
+        "llm": "openrtc.OfflineLLM(rules)",
         "tts": "openrtc.ToneTTS(tones)",
         "greeting": "Bright Smile Dental, offline line. How can we help you today?",
     },
@@ -51,7 +51,7 @@ OFFLINE_ROWS = [
         "name": "restaurant",
         "class": "restaurant.py:OfflineRestaurant",
         "stt": None,
-        "llm": None,
+        "llm": "openrtc.OfflineLLM(rules)",
         "tts": "openrtc.ToneTTS(tones)",
         "greeting": "Trattoria Luca, offline line. A table for how many?",
     },
@@ -59,7 +59,7 @@ OFFLINE_ROWS = [
         "name": "support",
         "class": "support.py:OfflineSupport",
         "stt": None,
-        "llm": None,
+        "llm": "openrtc.OfflineLLM(rules)",
         "tts": "openrtc.ToneTTS(tones)",
         "greeting": "Support desk, offline line. Tell us what went wrong.",
     },
@@ -79,7 +79,8 @@ OFFLINE_LIST = {
 
 
 def test_list_table_names_every_agent_in_order() -> None:
-    result = invoke("list", "--agents-dir", OFFLINE_AGENTS)
+    # Wide enough that the table does not wrap the greetings.
+    result = invoke("list", "--agents-dir", OFFLINE_AGENTS, env={"COLUMNS": "200"})
 
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
@@ -96,8 +97,9 @@ def test_list_plain() -> None:
 
     assert result.exit_code == 0, result.output
     tone = "openrtc.ToneTTS(tones)"
+    llm = "openrtc.OfflineLLM(rules)"
     assert result.stdout.splitlines() == [
-        "\t".join((str(row["name"]), str(row["class"]), "-", "-", tone, str(row["greeting"])))
+        "\t".join((str(row["name"]), str(row["class"]), "-", llm, tone, str(row["greeting"])))
         for row in OFFLINE_ROWS
     ]
 

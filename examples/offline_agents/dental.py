@@ -5,11 +5,12 @@ from __future__ import annotations
 from livekit.agents import Agent
 
 from openrtc import agent_config
-from openrtc.tone_tts import ToneTTS
+from openrtc.offline import OfflineLLM, ToneTTS
 
 
 @agent_config(
     name="dental",
+    llm=OfflineLLM(),
     tts=ToneTTS(),
     greeting="Bright Smile Dental, offline line. How can we help you today?",
 )

@@ -5,11 +5,14 @@ from __future__ import annotations
 from livekit.agents import Agent
 
 from openrtc import agent_config
-from openrtc.tone_tts import ToneTTS
+from openrtc.offline import OfflineLLM, ToneTTS
 
 
 @agent_config(
-    name="support", tts=ToneTTS(), greeting="Support desk, offline line. Tell us what went wrong."
+    name="support",
+    llm=OfflineLLM(),
+    tts=ToneTTS(),
+    greeting="Support desk, offline line. Tell us what went wrong.",
 )
 class OfflineSupport(Agent):
     def __init__(self) -> None:

@@ -1,0 +1,298 @@
+"""Conversation checkpoints: what a session saves so a takeover can resume the call.
+
+A checkpoint is one JSON document per job (key :meth:`openrtc.keys.Keys.checkpoint`,
+expiring with the job's record): the chat history as livekit-agents serializes
+it (``ChatContext.to_dict()`` items), the active agent class, whether the
+greeting was said, the session's ``userdata`` where it is plain data, and what
+the agent's own ``checkpoint_state()`` hook returned.
+
+The parts here are pure (no LiveKit, no session): encoding under a size cap
+(oldest items dropped first), scrubbing secret-looking keys, marking tool
+calls that were in flight as interrupted, and a coalescing writer that keeps
+only the latest state and retries it, so a slow or failed write never holds
+up a session and a Redis outage only delays checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+
+from openrtc.keys import Keys
+from openrtc.supervision import backoff_delay
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_MAX_BYTES",
+    "INTERRUPTED_OUTPUT",
+    "Checkpoint",
+    "CheckpointStore",
+    "CheckpointWriter",
+    "idempotency_key",
+    "mark_interrupted",
+    "plain_data",
+]
+
+logger = logging.getLogger("openrtc.checkpoint")
+
+VERSION: Final = 1
+#: Default cap on one encoded checkpoint (``--checkpoint-max-bytes``).
+DEFAULT_CHECKPOINT_MAX_BYTES: Final = 64 * 1024
+#: What the model is shown for a tool call that was running when the session died.
+INTERRUPTED_OUTPUT: Final = (
+    "interrupted: the session restarted while this call was running, so its outcome is "
+    "unknown. Do not assume it succeeded or failed; tell the caller and ask before retrying."
+)
+#: Keys never kept in ``userdata`` or agent state, at any depth.
+SECRET_KEY: Final = re.compile(r"secret|token|password|passwd|api_?key|credential", re.I)
+#: Longest one write may take before it counts as failed (and is retried).
+WRITE_TIMEOUT: Final = 2.0
+
+
+def plain_data(value: Any) -> dict[str, Any] | None:
+    """``value`` as a JSON-ready dict without secret-looking keys; ``None`` if it is not data.
+
+    Accepts dicts, dataclass instances and pydantic models (anything with
+    ``model_dump``); anything else, or anything that does not survive a JSON
+    round trip, is left out rather than guessed at.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        try:
+            value = dataclasses.asdict(value)
+        except Exception:
+            return None
+    elif hasattr(value, "model_dump") and not isinstance(value, type):
+        try:
+            value = value.model_dump(mode="json")
+        except Exception:
+            return None
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        data = json.loads(json.dumps(_scrub(value)))
+    except (TypeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _scrub(v) for k, v in value.items() if not SECRET_KEY.search(str(k))}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def mark_interrupted(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history with an error output after every tool call that has none.
+
+    A call without output was running when the session died: the model is
+    told so instead of seeing a dangling call it might simply repeat (a
+    booking made twice is worse than a dropped call).
+    """
+    answered = {i.get("call_id") for i in items if i.get("type") == "function_call_output"}
+    out: list[dict[str, Any]] = []
+    for item in items:
+        out.append(item)
+        if item.get("type") == "function_call" and item.get("call_id") not in answered:
+            output: dict[str, Any] = {
+                "type": "function_call_output",
+                "call_id": item.get("call_id", ""),
+                "name": item.get("name", ""),
+                "output": INTERRUPTED_OUTPUT,
+                "is_error": True,
+                "reply_required": False,
+            }
+            if isinstance(item.get("created_at"), int | float):
+                output["created_at"] = item["created_at"] + 1e-6
+            out.append(output)
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """One job's conversation state. ``agent_class`` is ``module:qualname``."""
+
+    agent_class: str = ""
+    greeted: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    userdata: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None
+    #: History items dropped so far to stay under the cap.
+    dropped: int = 0
+
+    def encode(self, max_bytes: int) -> bytes | None:
+        """JSON of at most ``max_bytes``, oldest history items dropped first.
+
+        Drops whole leading items, then any that no longer make sense at the
+        head (a tool output whose call was dropped, a handoff marker), so the
+        history still starts with a message. If even no history does not fit,
+        ``userdata`` and ``state`` go too; ``None`` if nothing fits at all.
+        """
+        history = self.history
+        # userdata and state are kept unless they alone are over the cap.
+        extras = len(self._dump([], self.dropped, True)) <= max_bytes
+        # Start from an estimate, not from the top: a long call's history is
+        # re-encoded on every turn and should not be serialized n times.
+        total = len(self._dump([], self.dropped, extras))
+        total += sum(len(json.dumps(i, separators=(",", ":"))) + 1 for i in history)
+        start = 0
+        while start < len(history) and total > max_bytes:
+            total -= len(json.dumps(history[start], separators=(",", ":"))) + 1
+            start += 1
+        while True:
+            while start < len(history) and history[start].get("type") != "message":
+                start += 1
+            data = self._dump(history[start:], self.dropped + start, extras)
+            if len(data) <= max_bytes:
+                return data
+            if start >= len(history):
+                return None
+            start += 1
+
+    def _dump(self, history: list[dict[str, Any]], dropped: int, extras: bool) -> bytes:
+        doc = {
+            "v": VERSION,
+            "agent_class": self.agent_class,
+            "greeted": self.greeted,
+            "dropped": dropped,
+            "userdata": self.userdata if extras else None,
+            "state": self.state if extras else None,
+            "history": history,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> Checkpoint | None:
+        """The checkpoint in ``data``; ``None`` (and a warning) if it is not one of ours."""
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            if doc.get("v") != VERSION:
+                raise ValueError(f"unknown checkpoint version {doc.get('v')!r}")
+            history = doc.get("history") or []
+            if not isinstance(history, list) or not all(isinstance(i, dict) for i in history):
+                raise ValueError("history is not a list of items")
+            userdata, state = doc.get("userdata"), doc.get("state")
+            return cls(
+                agent_class=str(doc.get("agent_class") or ""),
+                greeted=bool(doc.get("greeted")),
+                history=history,
+                userdata=userdata if isinstance(userdata, dict) else None,
+                state=state if isinstance(state, dict) else None,
+                dropped=int(doc.get("dropped") or 0),
+            )
+        except (TypeError, ValueError) as exc:
+            logger.warning("ignoring an unreadable checkpoint: %s", exc)
+            return None
+
+
+class CheckpointStore:
+    """Checkpoints in Redis, one key per job, expiring with the job's record."""
+
+    def __init__(self, redis: Redis, keys: Keys, agent: str, ttl: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._agent = agent
+        self._ttl_ms = max(1000, int(ttl * 1000))
+
+    async def load(self, job_id: str) -> bytes | None:
+        data = await self._redis.get(self._keys.checkpoint(self._agent, job_id))
+        return data.encode() if isinstance(data, str) else data
+
+    async def save(self, job_id: str, data: bytes) -> None:
+        await self._redis.set(self._keys.checkpoint(self._agent, job_id), data, px=self._ttl_ms)
+
+    async def delete(self, job_id: str) -> None:
+        await self._redis.delete(self._keys.checkpoint(self._agent, job_id))
+
+
+class CheckpointWriter:
+    """Writes the latest offered checkpoint; older unwritten ones are simply replaced.
+
+    :meth:`offer` never blocks (it is called from the session's event
+    handlers); :meth:`run` does the writing in its own task. A write that
+    fails or takes longer than :data:`WRITE_TIMEOUT` is retried with backoff
+    until it succeeds or a newer state replaces it, so a Redis outage delays
+    checkpoints and nothing else.
+    """
+
+    def __init__(
+        self,
+        save: Callable[[bytes], Awaitable[None]],
+        *,
+        label: str = "",
+        allowed: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._save = save
+        self._label = label
+        self._allowed = allowed
+        self._pending: bytes | None = None
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self.written = 0
+        self.failures = 0
+
+    def offer(self, data: bytes) -> None:
+        """Replace what is to be written next."""
+        self._pending = data
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write until cancelled."""
+        attempt = 0
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            data, self._pending = self._pending, None
+            if data is None or not self._allowed():
+                self._idle.set()
+                continue
+            try:
+                with anyio.fail_after(WRITE_TIMEOUT):
+                    await self._save(data)
+            except Exception as exc:
+                self.failures += 1
+                if attempt == 0:
+                    logger.warning("%s: checkpoint not written (%s); retrying", self._label, exc)
+                if self._pending is None:
+                    self._pending = data  # nothing newer: this one is still the latest
+                await anyio.sleep(backoff_delay(attempt, 0.2, 2.0))
+                attempt += 1
+                self._wake.set()
+                continue
+            if attempt:
+                logger.info("%s: checkpoints written again", self._label)
+            attempt = 0
+            self.written += 1
+            if self._pending is None:
+                self._idle.set()
+
+    async def flush(self) -> None:
+        """Until the latest offer is written (needs :meth:`run`; bound it with a timeout)."""
+        await self._idle.wait()
+
+
+def idempotency_key(ctx: Any) -> str:
+    """A stable key for one tool call of one job: ``<job id>:<call id>``.
+
+    Pass the tool's ``RunContext``. A resumed session never runs a call whose
+    result it has again, and shows a call that was cut off as interrupted; a
+    tool with side effects (a booking, a payment) sends this key to its
+    backend so a call that did complete before a crash is not done twice.
+    """
+    from livekit.agents import get_job_context
+
+    return f"{get_job_context().job.id}:{ctx.function_call.call_id}"

@@ -1,0 +1,216 @@
+"""A taken-over call resumes its conversation: real LiveKit, real Redis, a texting caller.
+
+The caller types (livekit-agents' room text input, topic ``lk.chat``) and
+reads the agent's replies from its transcription streams (``lk.transcription``);
+the offline agents answer with :class:`openrtc.offline.OfflineLLM`, which
+knows what the caller said first only if the history survived.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import pytest
+from livekit import rtc
+from redis.asyncio import Redis
+
+from openrtc.caller import Caller, caller_in
+from openrtc.checkpoint import Checkpoint
+from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.keys import Keys
+from openrtc.streams import StreamStore, connect_redis
+from tests.stack import OFFLINE_AGENTS, creds, eventually, new_room, unique, working
+from tests.test_worker import job_message
+
+pytestmark = pytest.mark.anyio
+
+GREETING = "Bright Smile Dental, offline line. How can we help you today?"
+LEASE = 2.0
+THREE_THINGS = ["my name is Ada", "I need a cleaning", "Tuesdays suit me"]
+
+
+@dataclass
+class Transcript:
+    """What the caller read from agents' transcription streams, one entry per segment."""
+
+    caller: Caller
+    lines: list[str] = field(default_factory=list)
+
+    def count(self, text: str) -> int:
+        return sum(1 for line in self.lines if line == text)
+
+    async def say(self, text: str) -> None:
+        await self.caller.room.local_participant.send_text(text, topic="lk.chat")
+
+    async def ask(self, text: str, expected: str, *, within: float = 20.0) -> None:
+        before = self.count(expected)
+        await self.say(text)
+        await eventually(
+            lambda: self.count(expected) > before, f"reply {expected!r}", within=within
+        )
+
+
+@asynccontextmanager
+async def transcribing(caller: Caller) -> AsyncIterator[Transcript]:
+    transcript = Transcript(caller)
+    send, receive = anyio.create_memory_object_stream[rtc.TextStreamReader](100)
+
+    def on_stream(reader: rtc.TextStreamReader, identity: str) -> None:
+        send.send_nowait(reader)
+
+    caller.room.register_text_stream_handler("lk.transcription", on_stream)
+
+    async def read() -> None:
+        async for reader in receive:
+            text = await reader.read_all()
+            if reader.info.attributes.get("lk.transcription_final") != "false":
+                transcript.lines.append(text.strip())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        try:
+            yield transcript
+        finally:
+            tg.cancel_scope.cancel()
+            caller.room.unregister_text_stream_handler("lk.transcription")
+
+
+def worker_process(
+    livekit: LiveKitServer, redis_url: str, ns: str, *args: str
+) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ,
+        LIVEKIT_URL=livekit.url,
+        LIVEKIT_API_KEY=livekit.api_key,
+        LIVEKIT_API_SECRET=livekit.api_secret,
+        REDIS_URL=redis_url,
+        OPENRTC_NAMESPACE=ns,
+    )
+    command = [sys.executable, "-m", "openrtc", "worker", "--agent", "dental"]
+    command += ["--agents-dir", str(OFFLINE_AGENTS), "--lease", str(LEASE), "--http-port", "0"]
+    return subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def agent_listening(caller: Caller, identity: str) -> None:
+    """Until the agent's session is started (it publishes its state as an attribute)."""
+
+    def listening() -> bool:
+        for p in caller.agents():
+            if p.identity == identity and p.attributes.get("lk.agent.state") == "listening":
+                return True
+        return False
+
+    await eventually(listening, "the agent listening", within=20)
+
+
+async def three_things_said(transcript: Transcript, redis: Redis, key: str) -> None:
+    for thing in THREE_THINGS:
+        await transcript.ask(thing, f"Noted: {thing}")
+
+    async def saved() -> bool:
+        data = await redis.get(key)
+        return data is not None and THREE_THINGS[-1].encode() in data
+
+    await eventually(saved, "the third turn checkpointed")
+
+
+@pytest.mark.parametrize("kill", ["worker", "session-process"])
+async def test_a_killed_session_resumes_its_conversation_without_a_second_greeting(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, kill: str
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("dental-resume"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    key = keys.checkpoint("dental", message.job_id)
+    args = ["--isolation", "process", "--idle-processes", "0"] if kill != "worker" else []
+    first = worker_process(livekit_server, redis_server.url, ns, *args)
+    try:
+        async with AsyncExitStack() as stack:
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            await StreamStore(redis, keys).enqueue([message])
+            original = await caller.wait_agent(within=30)
+            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            await three_things_said(transcript, redis, key)
+            saved = await redis.get(key)
+            assert livekit_server.api_secret.encode() not in saved
+            assert Checkpoint.decode(saved) is not None
+
+            if kill == "worker":
+                await stack.enter_async_context(
+                    working(livekit_server, redis_server.url, ns, "dental", lease=LEASE)
+                )
+                first.send_signal(signal.SIGKILL)
+            else:
+                (zygote,) = children_of(first.pid)
+                (session_process,) = children_of(zygote)
+                os.kill(session_process, signal.SIGKILL)
+            replacement = await caller.wait_agent(within=30, other_than=original.sid)
+            assert replacement.identity == original.identity
+            await agent_listening(caller, replacement.identity)
+
+            await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
+            assert transcript.count(GREETING) == 1, transcript.lines
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait(10)
+
+
+async def test_a_redis_outage_does_not_stop_the_call_and_checkpoints_resume_after(
+    livekit_server: LiveKitServer, tmp_path: Path
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    server = RedisServer(log_path=tmp_path / "redis.log")
+    with server, anyio.fail_after(90):
+        redis = connect_redis(server.url)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(redis.aclose)
+            worker = await stack.enter_async_context(
+                working(livekit_server, server.url, ns, "dental", lease=LEASE, drain_timeout=0.5)
+            )
+            room = await new_room(livekit_server, unique("dental-outage"))
+            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+            key = keys.checkpoint("dental", message.job_id)
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            await StreamStore(redis, keys).enqueue([message])
+            agent = await caller.wait_agent(within=30)
+            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            await transcript.ask("before the outage", "Noted: before the outage")
+
+            await anyio.to_thread.run_sync(server.stop)
+            # The conversation goes on while no checkpoint can be written.
+            await transcript.ask("during the outage", "Noted: during the outage")
+            await anyio.to_thread.run_sync(server.start)
+
+            async def saved() -> bool:
+                data = await redis.get(key)
+                return data is not None and b"during the outage" in data
+
+            await eventually(saved, "the turn from the outage checkpointed", within=20)
+            assert [a.sid for a in caller.agents()] == [agent.sid]
+            assert worker.running_jobs == [message.job_id]
