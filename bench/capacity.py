@@ -974,11 +974,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             met=row.top_agent_fits,
             note=f"{row.dispatchers} dispatchers, {hosts} of {sizing.host_cores} cores",
         )
-    complete = found.dispatcher_jobs_per_s is not None and found.calls_per_core is not None
     print(f"run time {time.monotonic() - started:.0f} s")
-    if args.check and not complete:
-        print("--check: the dispatcher or the density figure is missing")
-        return 1
+    if args.check:
+        missing = [
+            name
+            for name, value in (
+                ("Redis CPU per job", redis.costs.per_job),
+                ("Redis CPU per call-second", redis.costs.per_call_second),
+            )
+            if not value > 0
+        ]
+        over = [row.load.label for row in rows if not row.top_agent_fits]
+        if missing or over:
+            print(
+                f"--check: not measured: {missing or '-'}; "
+                f"busiest agent over one master: {over or '-'}"
+            )
+            return 1
     return 0
 
 
