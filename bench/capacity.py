@@ -871,6 +871,8 @@ def report(args: argparse.Namespace, redis: RedisReport, found: Found) -> list[R
     )
     for line in render_table(rows, sizing):
         print(line)
+    if rows and rows[0].hosts is None:
+        print("  No host figure: Redis's per-worker terms count one worker per 50 calls.")
     print(
         "  One cluster of M masters takes about M x one master, as long as the agents' slots "
         "spread over them:\n  one agent's keys are one hash slot ({agent}), so one agent never "
@@ -961,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         note=f"{redis.costs.per_call_second:.1f} us per call-second",
     )
     for row in rows:
-        hosts = f"{row.hosts} hosts" if row.hosts is not None else "hosts not computed"
+        hosts = f"{row.hosts} hosts" if row.hosts is not None else "hosts: no density figure"
         record_figure(
             "capacity",
             f"{row.load.label}: {row.load.peak_calls_per_s:g} calls/s, "
@@ -972,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unit="masters",
             goal="busiest agent within one master",
             met=row.top_agent_fits,
-            note=f"{row.dispatchers} dispatchers, {hosts} of {sizing.host_cores} cores",
+            note=f"{row.dispatchers} dispatchers, {hosts} ({sizing.host_cores} cores)",
         )
     print(f"run time {time.monotonic() - started:.0f} s")
     if args.check:
