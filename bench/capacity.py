@@ -580,7 +580,7 @@ async def measure_redis(
         # Running calls: ten workers each holding some, renewing every lease / 3.
         held_per_worker = 50
         workers = 10
-        running = [m for m in messages[: workers * held_per_worker]]
+        running = messages[: workers * held_per_worker]  # --jobs is at least this many
         for m in running:  # fresh records and entries for them
             await redis.delete(keys.job(agent, m.job_id))
         await store.enqueue(running)
@@ -918,6 +918,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--check", action="store_true", help="exit 1 unless every part was computed"
     )
     args = parser.parse_args(argv)
+    if args.jobs < 500:
+        parser.error("--jobs: at least 500 (ten workers hold 50 running calls each)")
     args.sizing = Sizing(
         host_cores=args.host_cores,
         host_ram_gb=args.host_ram_gb,
