@@ -87,6 +87,14 @@ BENCHES: Final = (
         ("--short",),
         "calls through faults, every call accounted for; recovery after SIGKILL",
     ),
+    # Last: it reads the dispatch and density figures of this same run.
+    Bench(
+        "capacity",
+        "capacity.py",
+        (),
+        ("--jobs", "500", "--anchor-ops", "50000"),
+        "Redis CPU per job and per call; dispatchers, masters, hosts at 1x, 10x, 100x",
+    ),
 )
 
 
