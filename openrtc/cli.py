@@ -302,10 +302,36 @@ Namespace = Annotated[
     str, typer.Option("--namespace", envvar="OPENRTC_NAMESPACE", help="Redis key namespace.")
 ]
 
-_HTTP_PORT_HELP = "Port of the /healthz, /readyz and /metrics server; 0 = off."
+_HTTP_PORT_HELP = (
+    "Port of the /healthz, /readyz and /metrics server; 0 = off. "
+    "[default: {default}; if another service on this host has it, a free port, logged]"
+)
 HttpPort = Annotated[
-    int, typer.Option("--http-port", envvar="OPENRTC_HTTP_PORT", help=_HTTP_PORT_HELP)
+    int | None,
+    typer.Option(
+        "--http-port",
+        envvar="OPENRTC_HTTP_PORT",
+        help=_HTTP_PORT_HELP.format(default=DEFAULT_WORKER_HTTP_PORT),
+        show_default=False,
+    ),
 ]
+DispatcherHttpPort = Annotated[
+    int | None,
+    typer.Option(
+        "--http-port",
+        envvar="OPENRTC_HTTP_PORT",
+        help=_HTTP_PORT_HELP.format(default=DEFAULT_DISPATCHER_HTTP_PORT),
+        show_default=False,
+    ),
+]
+
+
+def _http_port(port: int | None, default: int) -> dict[str, Any]:
+    """Settings for ``--http-port``: a port asked for is that port or an error;
+    the default falls back to a free one (several services share a host)."""
+    if port is None:
+        return {"http_port": default, "http_port_fallback": True}
+    return {"http_port": port}
 
 
 def _run_service(service: Any) -> None:
@@ -406,7 +432,7 @@ def dispatcher(
             "0 = off.",
         ),
     ] = 0,
-    http_port: HttpPort = DEFAULT_DISPATCHER_HTTP_PORT,
+    http_port: DispatcherHttpPort = None,
     dead_letter_maxlen: Annotated[
         int,
         typer.Option(
@@ -429,7 +455,7 @@ def dispatcher(
             when_no_worker="reject" if when_no_worker is NoWorkerPolicyChoice.REJECT else "queue",
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
-            http_port=http_port,
+            **_http_port(http_port, DEFAULT_DISPATCHER_HTTP_PORT),
             dead_letter_maxlen=dead_letter_maxlen,
         )
         return Dispatcher(settings, pool)
@@ -507,7 +533,7 @@ def worker(
             help="Seconds a consumer holding nothing may go unread before it leaves the group.",
         ),
     ] = 300.0,
-    http_port: HttpPort = DEFAULT_WORKER_HTTP_PORT,
+    http_port: HttpPort = None,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
@@ -548,7 +574,7 @@ def worker(
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
-            http_port=http_port,
+            **_http_port(http_port, DEFAULT_WORKER_HTTP_PORT),
             dead_letter_maxlen=dead_letter_maxlen,
             checkpoint_max_bytes=checkpoint_max_bytes,
         )

@@ -103,6 +103,7 @@ class OpsServer:
         host: str,
         port: int,
         *,
+        fallback: bool = False,
         registry: CollectorRegistry,
         readiness: Callable[[], str | None],
         refresh: Callable[[], Awaitable[None]],
@@ -110,6 +111,7 @@ class OpsServer:
     ) -> None:
         self.host = host
         self.port = port
+        self._fallback = fallback
         self.loop = loop
         self._registry = registry
         self._readiness = readiness
@@ -150,10 +152,21 @@ class OpsServer:
             try:
                 await site.start()
             except OSError as exc:
-                raise ConfigError(
-                    f"cannot serve HTTP on {self.host}:{self.port} ({exc.strerror or exc}); "
-                    "choose another --http-port (OPENRTC_HTTP_PORT), or 0 to turn it off"
-                ) from exc
+                if self._fallback:
+                    site = web.TCPSite(runner, self.host, 0)
+                    await site.start()
+                    taken, self.port = self.port, _bound_port(site)
+                    logger.warning(
+                        "HTTP port %d is taken (another openrtc service on this host?): "
+                        "serving on %d instead; set --http-port (OPENRTC_HTTP_PORT) to choose",
+                        taken,
+                        self.port,
+                    )
+                else:
+                    raise ConfigError(
+                        f"cannot serve HTTP on {self.host}:{self.port} ({exc.strerror or exc}); "
+                        "choose another --http-port (OPENRTC_HTTP_PORT), or 0 to turn it off"
+                    ) from exc
             logger.info("serving /healthz, /readyz, /metrics on http://%s:%d", self.host, self.port)
             try:
                 async with anyio.create_task_group() as tg:
@@ -169,6 +182,14 @@ class OpsServer:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await runner.cleanup()
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp keeps the listening sockets there only
+    sockets = getattr(server, "sockets", None) or ()
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    raise RuntimeError("the HTTP server is listening on no socket")
 
 
 @asynccontextmanager

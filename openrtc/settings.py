@@ -174,6 +174,10 @@ class DispatcherSettings:
     #: default is DEFAULT_DISPATCHER_HTTP_PORT, see the README).
     http_port: int = 0
     http_host: str = "0.0.0.0"
+    #: When ``http_port`` is taken, serve on a free port instead (logged): for
+    #: the CLI's default port, which several services on one host share; a
+    #: port asked for (``--http-port``) must be that port or nothing.
+    http_port_fallback: bool = False
     #: /healthz answers 503 when the event loop lags more than this (s).
     health_max_lag: float = 5.0
     #: Dead letters kept; the oldest are trimmed past it (approximately).
@@ -248,6 +252,10 @@ class WorkerSettings:
     #: default is DEFAULT_WORKER_HTTP_PORT, see the README).
     http_port: int = 0
     http_host: str = "0.0.0.0"
+    #: When ``http_port`` is taken, serve on a free port instead (logged): for
+    #: the CLI's default port, which several services on one host share; a
+    #: port asked for (``--http-port``) must be that port or nothing.
+    http_port_fallback: bool = False
     #: /healthz answers 503 when the event loop lags more than this (s).
     health_max_lag: float = 5.0
     #: Largest conversation checkpoint kept per call (bytes; the oldest turns

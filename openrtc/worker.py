@@ -216,6 +216,7 @@ class Worker:
             self.http = OpsServer(
                 settings.http_host,
                 settings.http_port,
+                fallback=settings.http_port_fallback,
                 registry=self.metrics.registry,
                 readiness=self.readiness,
                 refresh=self._refresh_metrics,

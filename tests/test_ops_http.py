@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer, free_port
 from openrtc.dispatcher import Dispatcher
+from openrtc.settings import DEFAULT_WORKER_HTTP_PORT
 from openrtc.worker import Worker
 from tests.stack import (
     OFFLINE_AGENTS,
@@ -343,3 +345,50 @@ def test_a_taken_port_is_one_line_and_exit_1(livekit_server: LiveKitServer) -> N
     assert f"error: cannot serve HTTP on 0.0.0.0:{port}" in result.stderr
     assert "--http-port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_default_port_taken_falls_back_to_a_free_one(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    # Two workers (or a test's two worker processes) on one host both start on
+    # the default port: the second must serve elsewhere, not exit.
+    with socket.socket() as taken:
+        try:
+            taken.bind(("0.0.0.0", DEFAULT_WORKER_HTTP_PORT))
+            taken.listen()
+        except OSError:
+            pass  # taken already: by another service, which is the case under test
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "OPENRTC_HTTP_PORT"},
+            "LIVEKIT_URL": livekit_server.url,
+            "LIVEKIT_API_KEY": livekit_server.api_key,
+            "LIVEKIT_API_SECRET": livekit_server.api_secret,
+            "REDIS_URL": redis_server.url,
+            "OPENRTC_NAMESPACE": f"fallback-{os.getpid()}",
+        }
+        command = ["worker", "--agent", "dental", "--agents-dir", str(OFFLINE_AGENTS)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "openrtc", *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            port = None
+            deadline = time.monotonic() + 60
+            for line in proc.stdout:
+                match = re.search(r"HTTP port \d+ is taken .*serving on (\d+) instead", line)
+                if match:
+                    port = int(match.group(1))
+                    break
+                assert time.monotonic() < deadline, "no fallback line within 60 s"
+            assert port is not None
+            assert port != DEFAULT_WORKER_HTTP_PORT
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+                assert reply.status == 200
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0
