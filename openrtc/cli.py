@@ -352,6 +352,14 @@ def worker(
             help="Seconds a consumer holding nothing may go unread before it leaves the group.",
         ),
     ] = 300.0,
+    load_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--load-threshold",
+            envvar="OPENRTC_LOAD_THRESHOLD",
+            help="Host CPU share (0-1] at or above which new calls go to peers below theirs.",
+        ),
+    ] = None,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -370,6 +378,7 @@ def worker(
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
+            load_threshold=load_threshold,
         )
         return Worker(settings, pool)
 

@@ -186,8 +186,14 @@ class WorkerSettings:
     #: How long a job record written by this worker lives (as the dispatcher's).
     dedup_ttl: float = DEFAULT_DEDUP_TTL
     cluster_keys: bool = False
+    #: Host CPU use in (0, 1] at or above which this worker leaves new calls
+    #: to peers below theirs (livekit-agents' ``load_threshold``); ``None``:
+    #: off. When every worker is above it they all go on reading.
+    load_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        if self.load_threshold is not None and not 0 < self.load_threshold <= 1:
+            raise ConfigError("load_threshold must be in (0, 1]")
         if self.concurrency < 1:
             raise ConfigError("concurrency must be >= 1")
         if self.isolation not in ("coroutine", "process"):

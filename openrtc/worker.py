@@ -39,7 +39,7 @@ from openrtc.acceptance import Action, Verdict, judge
 from openrtc.agents import AgentPool
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
-from openrtc.membership import Presence
+from openrtc.membership import Presence, live_members
 from openrtc.messages import (
     ControlEvent,
     DeadReason,
@@ -53,6 +53,7 @@ from openrtc.redis_health import check_durability
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
+from openrtc.spread import DEFER_STEP, CpuLoad, PeerLoad, decide
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 
@@ -192,6 +193,14 @@ class Worker:
         #: Redis's clock minus this host's, measured with each heartbeat.
         self._redis_clock_offset = 0.0
         self._tg: TaskGroup | None = None
+        # Spreading calls by load (openrtc.spread): the agent's other live
+        # workers, worker id -> (capacity, above its CPU threshold), refreshed
+        # with each heartbeat; their held calls are read before each read.
+        self._peers: dict[str, tuple[int, bool]] = {}
+        self._deferring = False
+        self._cpu = CpuLoad() if settings.load_threshold is not None else None
+        self._cpu_load = 0.0
+        self._overloaded = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -242,6 +251,7 @@ class Worker:
                 await self._until_redis(self.store.ensure_group, s.agent)
                 await check_durability(self._redis, logger)
                 await self._until_redis(self._beat)
+                await self._until_redis(self._refresh_peers)
                 await self._until_redis(self._measure_redis_clock)
             self._startup = None
             if self._stop.is_set():
@@ -320,9 +330,13 @@ class Worker:
                 if now - last_reclaim >= RECLAIM_INTERVAL and now >= self._reclaim_after:
                     last_reclaim = now
                     deliveries = await self.consumer.reclaim(self.settings.lease, self._gate.free)
+                deferred = False
                 if not deliveries:
-                    block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
-                    deliveries = await self.consumer.read(self._gate.free, block)
+                    count = await self._read_count()
+                    deferred = count == 0
+                    if count:
+                        block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
+                        deliveries = await self.consumer.read(count, block)
                 if now - last_forget >= self.settings.forget_consumers_after / 2:
                     last_forget = now
                     gone = await self.consumer.forget_consumers(
@@ -338,6 +352,12 @@ class Worker:
                 outage = True
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
+                continue
+            if deferred:
+                # A less loaded peer reads the next entry; look again soon,
+                # or at once when a call of ours ends.
+                with anyio.move_on_after(DEFER_STEP):
+                    await self._gate.changed.wait()
                 continue
             for delivery in deliveries:
                 if delivery.entry_id in self._claims:
@@ -355,6 +375,40 @@ class Worker:
 
     def _is_draining(self) -> bool:
         return self._draining
+
+    async def _read_count(self) -> int:
+        """How many new entries to read now: 0 to leave the next one to a peer.
+
+        Alone, as many as there are free slots. With peers, one at a time and
+        only when :func:`openrtc.spread.decide` says this worker is the one to
+        take it: one ``XPENDING`` round trip between reads, none for a read
+        that is already waiting (an idle worker's join path is unchanged).
+        """
+        if not self._peers:
+            return self._gate.free
+        held = await self.consumer.held_by_consumer()
+        # Counted as the peers count it, from the same reply.
+        me = PeerLoad(
+            held.get(self.settings.worker_id, 0), self.settings.concurrency, self._overloaded
+        )
+        peers = [
+            PeerLoad(held.get(worker_id, 0), capacity, overloaded)
+            for worker_id, (capacity, overloaded) in self._peers.items()
+        ]
+        decision = decide(me, peers)
+        if not decision.read and me.held < me.capacity:
+            # Bounded: a peer that shows room but does not read must not strand a call.
+            oldest = await self.consumer.oldest_unread_ms()
+            if oldest is not None:
+                redis_now = self._clock() + self._redis_clock_offset
+                decision = decide(me, peers, waited=max(0.0, redis_now - oldest / 1000))
+        if decision.read:
+            self._deferring = False
+            return 1
+        if not self._deferring:
+            self._deferring = True
+            logger.debug("leaving the next job to a peer: %s", decision.reason)
+        return 0
 
     def _drop(self, claim: _Claim) -> None:
         """Forget a claim and free its slot."""
@@ -795,12 +849,52 @@ class Worker:
             try:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self._beat()
+                    await self._refresh_peers()
                     await self._measure_redis_clock()
             except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 
+    async def _refresh_peers(self) -> None:
+        """The agent's other live workers: capacity (0 while draining), CPU state."""
+        ids = [
+            m
+            for m in await live_members(self._redis, self.keys.workers(self.settings.agent))
+            if m != self.settings.worker_id
+        ]
+        pipe = self._redis.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hmget(self.keys.worker(worker_id), ["capacity", "overloaded"])
+        records = await pipe.execute() if ids else []
+        peers: dict[str, tuple[int, bool]] = {}
+        for worker_id, (capacity, overloaded) in zip(ids, records, strict=True):
+            if capacity is None:  # gone between the two reads
+                continue
+            with contextlib.suppress(ValueError):
+                peers[worker_id] = (int(capacity), overloaded in (b"1", "1"))
+        self._peers = peers
+
+    def _measure_cpu(self) -> None:
+        threshold = self.settings.load_threshold
+        if self._cpu is None or threshold is None:
+            return
+        self._cpu_load = self._cpu.sample()
+        overloaded = self._cpu_load >= threshold
+        if overloaded != self._overloaded:
+            logger.log(
+                logging.WARNING if overloaded else logging.INFO,
+                "CPU load %.0f%% %s the threshold %.0f%%: %s",
+                self._cpu_load * 100,
+                "at or above" if overloaded else "back under",
+                threshold * 100,
+                "new calls go to peers below it while they have room"
+                if overloaded
+                else "reading new calls again",
+            )
+        self._overloaded = overloaded
+
     async def _beat(self) -> None:
         s = self.settings
+        self._measure_cpu()
         await self._presence.beat(
             {
                 "agent": s.agent,
@@ -809,5 +903,7 @@ class Worker:
                 "isolation": s.isolation,
                 "jobs": ",".join(self.running_jobs),
                 "draining": int(self._draining),
+                "overloaded": int(self._overloaded),
+                "cpu": f"{self._cpu_load:.3f}",
             }
         )

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from openrtc.agents import AgentPool
 from openrtc.devstack import LiveKitServer
 from openrtc.dispatcher import Dispatcher
+from openrtc.runners import SessionRunner
 from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
 from openrtc.worker import Worker
 
@@ -134,12 +135,14 @@ async def working(
     pool: AgentPool | None = None,
     via: LiveKitSettings | None = None,
     clock: Callable[[], float] = time.time,
+    runner: SessionRunner | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Worker]:
     """A worker serving ``agent`` (from ``pool``, default the offline agents) until exit.
 
     ``via``: the LiveKit URL and keys the worker uses, when not ``livekit``'s
-    own (a fault-injecting proxy in front of it).
+    own (a fault-injecting proxy in front of it); ``runner``: how sessions
+    run, when not as the worker's settings say.
     """
     settings = WorkerSettings(
         livekit=via or creds(livekit),
@@ -148,7 +151,9 @@ async def working(
         namespace=ns,
         **{"heartbeat_interval": 0.2, "drain_timeout": 5.0, **overrides},
     )
-    worker = Worker(settings, pool or AgentPool.from_directory(OFFLINE_AGENTS), clock=clock)
+    worker = Worker(
+        settings, pool or AgentPool.from_directory(OFFLINE_AGENTS), clock=clock, runner=runner
+    )
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(60):
             await tg.start(worker.run)
