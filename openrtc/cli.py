@@ -271,6 +271,23 @@ def dispatcher(
             "0 = off.",
         ),
     ] = 0,
+    reconcile_interval: Annotated[
+        float,
+        typer.Option(
+            "--reconcile-interval",
+            envvar="OPENRTC_RECONCILE_INTERVAL",
+            help="Seconds between looks for rooms with a caller and no agent "
+            "(one dispatcher at a time); 0 = off.",
+        ),
+    ] = 2.0,
+    reconcile_grace: Annotated[
+        float,
+        typer.Option(
+            "--reconcile-grace",
+            envvar="OPENRTC_RECONCILE_GRACE",
+            help="Seconds a room may have a caller and no agent before it is dispatched again.",
+        ),
+    ] = 3.0,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -285,6 +302,8 @@ def dispatcher(
             when_no_worker=when_no_worker,  # type: ignore[arg-type]  # validated in settings
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
+            reconcile_interval=reconcile_interval,
+            reconcile_grace=reconcile_grace,
         )
         return Dispatcher(settings, pool)
 

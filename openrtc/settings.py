@@ -129,8 +129,18 @@ class DispatcherSettings:
     #: within ``wait_timeout`` is logged, the job is kept.
     wait_replicas: int = 0
     wait_timeout: float = 0.5
+    #: How often the reconciler (run by one dispatcher at a time, the holder
+    #: of a Redis lease) looks for rooms with a caller and no agent; 0: off.
+    reconcile_interval: float = 2.0
+    #: How long a room has had a caller and no agent (and no job of ours
+    #: queued for it) before the reconciler dispatches it again.
+    reconcile_grace: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.reconcile_interval < 0:
+            raise ConfigError("reconcile_interval must be >= 0 (0: off)")
+        if self.reconcile_grace < 0:
+            raise ConfigError("reconcile_grace must be >= 0")
         if self.wait_replicas < 0:
             raise ConfigError("wait_replicas must be >= 0")
         if not 0 < self.wait_timeout < self.enqueue_timeout:

@@ -17,7 +17,9 @@ from redis.asyncio import Redis
 from openrtc.agents import AgentPool
 from openrtc.devstack import LiveKitServer
 from openrtc.dispatcher import Dispatcher
+from openrtc.messages import JobMessage
 from openrtc.runners import SessionRunner
+from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
 from openrtc.worker import Worker
 
@@ -161,3 +163,32 @@ async def working(
             yield worker
         finally:
             worker.request_stop()
+
+
+class HoldingRunner:
+    """A session runner that joins no room and holds each call until told to end it.
+
+    For tests of who reads which job: thirty real agent sessions in one test
+    process on a two-core machine made the rtc library time out.
+    """
+
+    def __init__(self) -> None:
+        self.controls: list[SessionControl] = []
+
+    async def prepare(self) -> None:
+        return None
+
+    async def run(
+        self, message: JobMessage, control: SessionControl, *, worker_id: str
+    ) -> SessionOutcome:
+        self.controls.append(control)
+        control.joined.set()
+        await control.wait_stop()
+        return SessionOutcome("success", control.stop_reason)
+
+    async def aclose(self) -> None:
+        return None
+
+    def end_all(self) -> None:
+        for control in self.controls:
+            control.stop("test over")

@@ -11,10 +11,9 @@ import pytest
 from livekit import api
 
 from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.messages import JobMessage
-from openrtc.session import SessionControl, SessionOutcome
 from openrtc.worker import READ_BLOCK_MS, Worker
 from tests.stack import (
+    HoldingRunner,
     delete_room,
     dispatcher_settings,
     dispatching,
@@ -31,36 +30,6 @@ CALLS = 30
 #: More than the fair share, so a worker that reads whenever it has a free
 #: slot could take far more than its share of a burst.
 SLOTS = 16
-
-
-class HoldingRunner:
-    """Holds each call until told to end it: the read loop's spread, without 30 media stacks.
-
-    Thirty real agent sessions in one test process on a two-core machine made
-    the rtc library time out; what is measured here is which worker reads a
-    job, so the session itself only holds its slot.
-    """
-
-    def __init__(self) -> None:
-        self.controls: list[SessionControl] = []
-
-    async def prepare(self) -> None:
-        return None
-
-    async def run(
-        self, message: JobMessage, control: SessionControl, *, worker_id: str
-    ) -> SessionOutcome:
-        self.controls.append(control)
-        control.joined.set()
-        await control.wait_stop()
-        return SessionOutcome("success", control.stop_reason)
-
-    async def aclose(self) -> None:
-        return None
-
-    def end_all(self) -> None:
-        for control in self.controls:
-            control.stop("test over")
 
 
 async def delete_rooms(livekit: LiveKitServer, rooms: list[str]) -> None:
