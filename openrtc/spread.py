@@ -39,7 +39,7 @@ import psutil
 __all__ = ["DEFER_STEP", "MAX_DEFER", "CpuLoad", "PeerLoad", "ReadDecision", "decide"]
 
 #: How long a deferring worker waits before it looks again.
-DEFER_STEP: Final = 0.05
+DEFER_STEP: Final = 0.1
 #: The longest the next job waits for a less loaded peer before anyone reads it.
 MAX_DEFER: Final = 0.5
 
