@@ -8,13 +8,22 @@ COPY openrtc ./openrtc
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 openrtc
 COPY examples/offline_agents /agents
 USER openrtc
+# /healthz of the service's HTTP server (port from OPENRTC_HTTP_PORT, set per
+# target below: set the variable, not --http-port, so this check follows it).
+# 503 = event loop stalled; no answer within the timeout counts as unhealthy too.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os, sys, urllib.request; p = os.environ.get('OPENRTC_HTTP_PORT', '0'); sys.exit(0) if p == '0' else urllib.request.urlopen(f'http://127.0.0.1:{p}/healthz', timeout=3)"]
 
 FROM base AS dispatcher
+ENV OPENRTC_HTTP_PORT=8181
+EXPOSE 8181
 # SIGTERM drains: stop accepting, flush to Redis, unregister.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["openrtc", "dispatcher"]
 
 FROM base AS worker
+ENV OPENRTC_HTTP_PORT=8182
+EXPOSE 8182
 # SIGTERM drains: running calls finish (up to --drain-timeout), the rest are
 # taken over by other workers. Give Kubernetes a grace period above that.
 STOPSIGNAL SIGTERM

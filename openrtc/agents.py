@@ -217,13 +217,15 @@ class AgentPool:
             if not isinstance(greeting, str):
                 raise AgentRegistryError(f"Agent '{name}': greeting must be a string.")
             greeting = greeting.strip() or None
+        from openrtc.compat import resolve_provider
+
         d_stt, d_llm, d_tts, d_greeting = self._defaults
         config = AgentConfig(
             name=name,
             agent_cls=agent_cls,
-            stt=d_stt if stt is None else stt,
-            llm=d_llm if llm is None else llm,
-            tts=d_tts if tts is None else tts,
+            stt=resolve_provider(d_stt if stt is None else stt),
+            llm=resolve_provider(d_llm if llm is None else llm),
+            tts=resolve_provider(d_tts if tts is None else tts),
             greeting=d_greeting if greeting is None else greeting,
             session_kwargs=dict(session_kwargs or {}),
             source_path=None if source_path is None else Path(source_path).resolve(),

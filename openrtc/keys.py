@@ -41,6 +41,10 @@ class Keys:
         """Stream of control events (terminations) for ``agent``'s workers."""
         return f"{self.namespace}:control:{self._agent(agent)}"
 
+    def reclaim(self, agent: str) -> str:
+        """Hash shared by ``agent``'s workers: where their reclaim scan resumes (expires)."""
+        return f"{self.namespace}:reclaim:{self._agent(agent)}"
+
     def workers(self, agent: str) -> str:
         """Sorted set of live workers of ``agent``, scored by heartbeat expiry (unix s)."""
         return f"{self.namespace}:workers:{self._agent(agent)}"

@@ -71,6 +71,11 @@ async def heartbeat(
     pipe.hset(record_key, mapping=record)
     pipe.expire(record_key, max(1, int(ttl * 3)))
     pipe.zadd(registry_key, {member: expires})
+    # Members killed without leaving are dropped by readers; with no reader
+    # (no dispatcher, nobody running status) they would pile up, one per
+    # crashed process. The margin (ten TTLs) keeps a host whose clock is
+    # ahead from dropping live members.
+    pipe.zremrangebyscore(registry_key, "-inf", time.time() - ttl * 10)
     await pipe.execute()
 
 

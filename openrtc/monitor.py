@@ -9,9 +9,12 @@ but an entry is user input and is treated as such).
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Final, Literal
 
 from google.protobuf.json_format import MessageToDict
@@ -27,12 +30,21 @@ from openrtc.streams import StreamStore
 __all__ = [
     "AgentStatus",
     "DeadLetter",
+    "DeadLetterStats",
     "Replay",
     "StackStatus",
+    "check_status",
+    "dead_letter_stats",
+    "dead_letter_tail",
+    "follow_dead_letters",
     "list_dead_letters",
+    "parse_since",
     "purge_dead_letters",
+    "purge_plan",
     "read_status",
     "replay_dead_letters",
+    "scan_dead_letters",
+    "status_summary",
 ]
 
 _SECRET_MARKERS: Final = ("token", "secret", "password", "turn_password")
@@ -277,22 +289,38 @@ async def list_dead_letters(
     count: int = 50,
     reason: str | None = None,
     agent: str | None = None,
+    since: float | None = None,
     ids: Sequence[str] = (),
 ) -> list[DeadLetter]:
-    """Newest first, optionally filtered; or exactly ``ids``."""
-    entries: list[Any] = []
+    """Newest first, optionally filtered (:func:`matches`, ``since`` epoch s); or exactly ``ids``.
+
+    Pages back through the stream until ``count`` letters pass the filters or
+    the stream (or ``since``) ends, so a rare reason is found behind many others.
+    """
     if ids:
+        letters = []
         for entry_id in ids:
-            entries.extend(await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id) or [])
-    else:
-        entries = list(await redis.xrevrange(keys.dead_letter, count=max(count * 10, count)) or [])
-    letters = [_decode_entry(i, f) for i, f in entries]
-    letters = [
-        d
-        for d in letters
-        if (reason is None or d.reason == reason) and (agent is None or d.agent == agent)
-    ]
-    return letters if ids else letters[:count]
+            found_ids: Any = await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id)
+            for i, f in found_ids or []:
+                letter = _decode_entry(i, f)
+                if matches(letter, reason=reason, agent=agent):
+                    letters.append(letter)
+        return letters
+    lowest = "-" if since is None else str(max(0, int(since * 1000)))
+    found: list[DeadLetter] = []
+    upper = "+"
+    while len(found) < count:
+        page: Any = await redis.xrevrange(
+            keys.dead_letter, max=upper, min=lowest, count=max(count, 100)
+        )
+        if not page:
+            break
+        for entry_id, raw in page:
+            letter = _decode_entry(entry_id, raw)
+            if matches(letter, reason=reason, agent=agent):
+                found.append(letter)
+        upper = f"({_s(page[-1][0])}"
+    return found[:count]
 
 
 ReplayOutcome = Literal["replayed", "gone", "already-queued", "no-job-id"]
@@ -352,13 +380,51 @@ async def replay_dead_letters(
     return results
 
 
-async def purge_dead_letters(
+async def purge_plan(
     redis: Redis, keys: Keys, *, ids: Sequence[str] = (), older_than: float | None = None
+) -> tuple[int, str]:
+    """What a purge would delete now: how many letters, and the newest entry id among them.
+
+    ``openrtc dlq purge`` asks with this count, then deletes with
+    ``upto=`` that id, so a letter that arrives while the operator reads
+    the question is not deleted unseen. For ``ids`` the id is ``""``.
+    """
+    if ids:
+        present = 0
+        for entry_id in ids:
+            present += len(await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id) or [])
+        return present, ""
+    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
+    if not newest:
+        return 0, ""
+    upper = _s(newest[0][0])
+    if older_than is not None:
+        cutoff_ms = int((time.time() - older_than) * 1000)
+        upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
+    count, start, last = 0, "-", ""
+    while True:
+        page: Any = await redis.xrange(keys.dead_letter, min=start, max=upper, count=500)
+        if not page:
+            return count, last
+        count += len(page)
+        last = _s(page[-1][0])
+        start = f"({last}"
+
+
+async def purge_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    ids: Sequence[str] = (),
+    older_than: float | None = None,
+    upto: str | None = None,
 ) -> int:
     """Delete dead letters: ``ids``, or those older than ``older_than`` seconds, or all.
 
     Only letters listed here are deleted, by id: one added meanwhile is kept,
-    and one replayed meanwhile is not counted. Returns how many were deleted.
+    and one replayed meanwhile is not counted. ``upto``: delete none newer
+    than that entry id (what :func:`purge_plan` counted). Returns how many
+    were deleted.
     """
     if ids:
         return int(await redis.xdel(keys.dead_letter, *ids))
@@ -366,6 +432,10 @@ async def purge_dead_letters(
     if not newest:
         return 0
     upper = _s(newest[0][0])
+    if upto is not None:
+        if not upto:
+            return 0
+        upper = min(upper, upto, key=_entry_order)
     if older_than is not None:
         cutoff_ms = int((time.time() - older_than) * 1000)
         upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
@@ -382,3 +452,183 @@ async def purge_dead_letters(
 def _entry_order(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_status(status: StackStatus, *, max_wait: float) -> list[str]:
+    """What is wrong with the stack, one line per problem; empty when all is well.
+
+    Two problems, per agent: calls waiting with no live worker to take them
+    (every worker gone or draining: nobody will answer, whatever the wait),
+    and a waiting call older than ``max_wait`` seconds (workers exist but do
+    not keep up). A pure function of what :func:`read_status` read, so
+    ``openrtc status --check`` decides the same way in tests and in cron.
+    """
+    problems = []
+    for agent in status.agents:
+        if agent.backlog <= 0:
+            continue
+        serving = [w for w in agent.workers if not w.draining]
+        if not serving:
+            what = "no live worker" if not agent.workers else "only draining workers"
+            problems.append(f"agent {agent.agent}: {agent.backlog} waiting call(s) and {what}")
+        age = agent.oldest_waiting_age
+        if age is not None and age > max_wait:
+            problems.append(
+                f"agent {agent.agent}: oldest waiting call {age:.1f}s old (max {max_wait:g}s)"
+            )
+    return problems
+
+
+def status_summary(status: StackStatus) -> str:
+    """The one line ``openrtc status --check`` prints when all is well."""
+    waiting = sum(a.backlog for a in status.agents)
+    workers = sum(len(a.workers) for a in status.agents)
+    return (
+        f"OK: {len(status.agents)} agent(s), {workers} worker(s), "
+        f"{len(status.dispatchers)} dispatcher(s), {waiting} waiting call(s), "
+        f"{status.dead_letters} dead letter(s)"
+    )
+
+
+_DURATION: Final = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+")
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(text: str, *, now: float) -> float:
+    """The epoch time ``text`` names: a duration ago (``90s``, ``10m``, ``1h30m``, ``2d``)
+    or an ISO 8601 time (``2024-05-01T12:00:00+00:00``; without an offset: local time).
+
+    Raises:
+        ValueError: neither form, or a time in the future.
+    """
+    raw = text.strip().lower()
+    if _DURATION.fullmatch(raw):
+        ago = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
+        return now - ago
+    try:
+        moment = datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30s, 10m, 2h, 1d, 1h30m) nor an ISO time"
+        ) from None
+    if moment > now:
+        raise ValueError(f"{text!r} is in the future")
+    return moment
+
+
+# --------------------------------------------------------------------------- dead-letter stats
+
+
+@dataclass
+class DeadLetterStats:
+    """Counts of dead letters by reason and by agent, and the oldest and newest."""
+
+    total: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    by_agent: dict[str, int] = field(default_factory=dict)
+    oldest: DeadLetter | None = None
+    newest: DeadLetter | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready; oldest and newest as their one-line summaries."""
+        return {
+            "total": self.total,
+            "by_reason": self.by_reason,
+            "by_agent": self.by_agent,
+            "oldest": self.oldest.summary() if self.oldest else None,
+            "newest": self.newest.summary() if self.newest else None,
+        }
+
+
+def agent_label(letter: DeadLetter) -> str:
+    """Whom a letter was for: its agent, or ``?name`` for a name nobody serves."""
+    if letter.agent:
+        return letter.agent
+    return f"?{letter.requested_agent}" if letter.requested_agent else "?"
+
+
+def dead_letter_stats(letters: Iterable[DeadLetter]) -> DeadLetterStats:
+    """Count ``letters`` (in stream order, oldest first) by reason and agent; most first."""
+    stats = DeadLetterStats()
+    reasons: Counter[str] = Counter()
+    agents: Counter[str] = Counter()
+    for letter in letters:
+        stats.total += 1
+        reasons[letter.reason or "?"] += 1
+        agents[agent_label(letter)] += 1
+        if stats.oldest is None:
+            stats.oldest = letter
+        stats.newest = letter
+    stats.by_reason = dict(reasons.most_common())
+    stats.by_agent = dict(agents.most_common())
+    return stats
+
+
+def matches(letter: DeadLetter, *, reason: str | None = None, agent: str | None = None) -> bool:
+    """Whether ``letter`` passes the ``--reason`` and ``--agent`` filters.
+
+    ``--agent`` matches the agent a letter was for, and for ``unknown-agent``
+    letters the name that was asked for: "why did calls for ghost die" has
+    an answer.
+    """
+    if reason is not None and letter.reason != reason:
+        return False
+    return agent is None or agent in (letter.agent, letter.requested_agent)
+
+
+async def scan_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    reason: str | None = None,
+    agent: str | None = None,
+    since: float | None = None,
+    page: int = 500,
+) -> AsyncIterator[DeadLetter]:
+    """Every dead letter (oldest first) since ``since`` (epoch s), filtered, paged."""
+    start = "-" if since is None else str(max(0, int(since * 1000)))
+    while True:
+        entries: Any = await redis.xrange(keys.dead_letter, min=start, count=page)
+        if not entries:
+            return
+        for entry_id, raw in entries:
+            letter = _decode_entry(entry_id, raw)
+            if matches(letter, reason=reason, agent=agent):
+                yield letter
+        start = f"({_s(entries[-1][0])}"
+
+
+async def dead_letter_tail(redis: Redis, keys: Keys) -> str:
+    """The newest dead letter's entry id (``0-0`` when there is none): where following starts."""
+    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
+    return _s(newest[0][0]) if newest else "0-0"
+
+
+async def follow_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    reason: str | None = None,
+    agent: str | None = None,
+    after: str | None = None,
+    block: float = 2.0,
+) -> AsyncIterator[DeadLetter]:
+    """Dead letters added after entry ``after`` (default: from now on), filtered.
+
+    Blocking ``XREAD``s, each at most ``block`` seconds (below the client's
+    socket timeout), each from the last entry id seen rather than ``$``, so
+    none is missed between two reads.
+    """
+    last = after if after is not None else await dead_letter_tail(redis, keys)
+    while True:
+        reply: Any = await redis.xread({keys.dead_letter: last}, block=int(block * 1000))
+        for _stream, entries in reply or []:
+            for entry_id, raw in entries:
+                last = _s(entry_id)
+                letter = _decode_entry(entry_id, raw)
+                if matches(letter, reason=reason, agent=agent):
+                    yield letter

@@ -166,6 +166,8 @@ class Reconciler:
     #: Room name -> when this reconciler last dispatched it.
     _dispatched_at: dict[str, float] = field(default_factory=dict)
     _unroutable_logged: set[str] = field(default_factory=set)
+    #: Rooms (by sid) with no dispatch for our agent name: not ours to serve.
+    _not_ours: set[str] = field(default_factory=set)
 
     async def aclose(self) -> None:
         """Close the LiveKit API client."""
@@ -194,6 +196,7 @@ class Reconciler:
             for gone in [n for n in seen if n not in names]:
                 del seen[gone]
         self._unroutable_logged &= names
+        self._not_ours &= {r.sid for r in rooms}
 
         states: dict[str, RoomState] = {}
         limiter = anyio.CapacityLimiter(LIST_CONCURRENCY)
@@ -232,11 +235,14 @@ class Reconciler:
             return counts
         queued: dict[str, set[str]] = {}
         for room, _state in candidates:
+            if room.sid in self._not_ours:
+                continue
             with anyio.fail_after(API_TIMEOUT):
                 dispatches = await lk.agent_dispatch.list_dispatch(room_name=room.name)
             ours = [d for d in dispatches if d.agent_name == self.agent_name]
             if not ours:
-                continue  # not a room the dispatchers serve
+                self._not_ours.add(room.sid)  # dispatched to other agent names only
+                continue
             latest = max(ours, key=lambda d: d.state.created_at)
             job = proto.Job(room=room, metadata=latest.metadata)
             try:

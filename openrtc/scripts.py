@@ -167,18 +167,54 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: job stream. ARGV: group, consumer, min idle ms, count.
-# XAUTOCLAIM plus each claimed entry's delivery count, in one round trip.
-# Returns {entries, counts, deleted ids}.
+# KEYS: job stream, the agent's reclaim state (hash: cursor, at).
+# ARGV: group, consumer, min idle ms, want (free slots), sweep ms, state ttl ms.
+# One reclaim pass: claims at most `want` entries idle for min idle ms, with
+# each one's delivery count (after this claim), in one round trip. Returns
+# {entries, counts}.
+#
+# The agent's workers share one sweep of the pending list: it starts at most
+# once per sweep ms (the state's `at`), and while it is in progress (`cursor`
+# is the last entry a pass took) any worker's next pass resumes after it, up
+# to the end of the list. So Redis walks the whole list about once per sweep,
+# however many workers reclaim, and a dead worker's entries are found within
+# a sweep of becoming reclaimable wherever they sit. (XAUTOCLAIM from 0-0 with
+# COUNT = free slots scanned at most COUNT x 10 entries: never past the live
+# calls at the head.) Candidates come from XPENDING IDLE, which only reads
+# the pending list (~0.1 us an entry; XAUTOCLAIM looks each scanned entry up
+# in the stream, ~1.5 us), and exactly those that can be started are claimed.
 RECLAIM: Final = """
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
-local entries = r[2]
-local counts = {}
-for i, e in ipairs(entries) do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-  counts[i] = p[1] and p[1][4] or 1
+local stream, state = KEYS[1], KEYS[2]
+local group, consumer, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local saved = redis.call('HMGET', state, 'cursor', 'at')
+local cursor, at = saved[1] or '0-0', tonumber(saved[2]) or 0
+if cursor == '0-0' then
+  if now - at < tonumber(ARGV[5]) then return {{}, {}} end
+  at = now
 end
-return {entries, counts, r[3] or {}}
+local start = cursor == '0-0' and '-' or '(' .. cursor
+local found = redis.call('XPENDING', stream, group, 'IDLE', min_idle, start, '+', want)
+local ids, counts = {}, {}
+for i, p in ipairs(found) do
+  ids[i] = p[1]
+  counts[p[1]] = p[4] + 1
+end
+if #found < want then cursor = '0-0' else cursor = found[#found][1] end
+redis.call('HSET', state, 'cursor', cursor, 'at', at)
+redis.call('PEXPIRE', state, ARGV[6])
+if #ids == 0 then return {{}, {}} end
+local entries, claimed = {}, {}
+-- Entries deleted from the stream meanwhile are dropped from the pending list
+-- by XCLAIM and not returned.
+for _, e in ipairs(redis.call('XCLAIM', stream, group, consumer, min_idle, unpack(ids))) do
+  if e then
+    table.insert(entries, e)
+    table.insert(claimed, counts[e[1]])
+  end
+end
+return {entries, claimed}
 """
 
 

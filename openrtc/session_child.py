@@ -1,21 +1,44 @@
-"""Child process of ``process`` isolation: one session, then exit.
+"""The session processes of ``process`` isolation: a warm zygote and the children it forks.
 
-``python -m openrtc.session_child AGENTS_DIR AGENT``; see
-:mod:`openrtc.runners` for the line protocol. The job line carries the
-room URL and token the worker minted: a child never holds the API secret.
+``python -m openrtc.session_child AGENTS_DIR AGENT CONTROL_FD`` starts the
+*zygote*: it imports livekit-agents and the agent modules, runs the agent's
+``prewarm`` once, freezes what it built for the garbage collector (so children
+keep sharing those pages copy-on-write) and then only forks. It never runs an
+event loop or a thread, so a plain ``fork`` of it is safe (a fork of the
+worker, with its event loop, threads and Redis connections, would not be).
+
+``CONTROL_FD`` is a ``SOCK_SEQPACKET`` Unix socket to the worker. The zygote
+sends ``{"ready": true}`` (or ``{"ready": false, "error": ...}``) on it once
+warm, then each message it receives carries one file descriptor: the child's
+end of a fresh socket pair. It forks a child with that socket as stdin and
+stdout, and reports each child's exit as ``{"exit": PID, "code": CODE}``
+(``CODE`` negative for a signal, as :mod:`subprocess` does). It exits when the
+worker closes the control socket.
+
+A child serves exactly one session and exits; see :mod:`openrtc.runners` for
+its line protocol. The job line carries the room URL and token the worker
+minted: neither the zygote nor a child ever holds the API secret.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import json
 import logging
 import os
+import select
+import signal
+import socket
 import sys
+import threading
 from typing import Any
 
 import anyio
 from anyio.streams.text import TextReceiveStream
+
+logger = logging.getLogger("openrtc.worker.process")
 
 
 def _emit(value: dict[str, Any]) -> None:
@@ -23,20 +46,12 @@ def _emit(value: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def _serve(agents_dir: str, agent: str) -> int:
-    from openrtc.agents import AgentPool
+async def _serve(config: Any, proc: Any) -> int:
+    """One session, in a forked child: stdin and stdout are its socket to the worker."""
     from openrtc.messages import JobMessage
-    from openrtc.session import RoomAccess, SessionControl, new_job_process, run_session
+    from openrtc.session import RoomAccess, SessionControl, run_session
 
-    try:
-        config = AgentPool.from_directory(agents_dir).get(agent)
-        proc = new_job_process("process")
-        if config.prewarm is not None:
-            config.prewarm(proc)
-    except Exception as exc:
-        _emit({"ready": False, "error": f"{type(exc).__name__}: {exc}"})
-        return 1
-    _emit({"ready": True})
+    _emit({"ready": True, "pid": os.getpid()})
 
     stdin = TextReceiveStream(_StdinStream())
     buffer = ""
@@ -107,16 +122,121 @@ class _StdinStream(anyio.abc.ByteReceiveStream):
         return None
 
 
+def _send(control: socket.socket, value: dict[str, Any]) -> None:
+    control.send(json.dumps(value).encode())
+
+
+def _warm(agents_dir: str, agent: str) -> tuple[Any, Any]:
+    """Everything a session needs before its job: imports, discovery, ``prewarm``."""
+    from livekit.rtc._ffi_client import get_ffi_lib
+
+    from openrtc.agents import AgentPool
+    from openrtc.compat import provider_defaults_from_env
+    from openrtc.session import new_job_process
+
+    # The defaults the worker was given (its flags are exported to the environment).
+    config = AgentPool.from_directory(agents_dir, **provider_defaults_from_env()).get(agent)
+    proc = new_job_process("process")
+    if config.prewarm is not None:
+        config.prewarm(proc)
+    # The native library's dlopen, once here rather than per child; its
+    # runtime (threads) starts per child, on first use after the fork.
+    get_ffi_lib()
+    if threading.active_count() > 1:
+        # A fork copies only the calling thread: state those threads guard may be
+        # left locked in every child. prewarm should load, not start, things.
+        logger.warning(
+            "agent '%s': prewarm left %d thread(s) running; session processes are forked "
+            "from this process and will not have them",
+            agent,
+            threading.active_count() - 1,
+        )
+    # Children must not dirty the pages of what was built here: cyclic GC
+    # writes to every tracked object's header, which unshares the page.
+    gc.collect()
+    gc.freeze()
+    return config, proc
+
+
+def _child(channel: int, control: socket.socket, wakeup: tuple[int, int], warm: Any) -> None:
+    """In a freshly forked child: become a session process; never returns."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        control.close()
+        for fd in wakeup:
+            os.close(fd)
+        os.dup2(channel, 0)
+        os.dup2(channel, 1)
+        os.close(channel)
+        code = anyio.run(_serve, *warm)
+    except BaseException:
+        logger.exception("session process failed")
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _zygote(agents_dir: str, agent: str, control_fd: int) -> int:
+    control = socket.socket(fileno=control_fd)
+    try:
+        warm = _warm(agents_dir, agent)
+    except Exception as exc:
+        _send(control, {"ready": False, "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    # A terminal's Ctrl-C reaches the whole process group: the worker drains its
+    # sessions and then closes their sockets; neither we nor (inheriting this)
+    # the children should die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGCHLD wakes the loop below through this pipe, so exits are reported at once.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    _send(control, {"ready": True, "pid": os.getpid()})
+    while True:
+        readable, _, _ = select.select([control.fileno(), wake_r], [], [])
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                _send(control, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        if control.fileno() in readable:
+            try:
+                data, fds, _, _ = socket.recv_fds(control, 64, 4)
+            except ConnectionError:
+                return 0
+            if not data:
+                return 0  # the worker is gone; children notice on their own sockets
+            for fd in fds:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                if os.fork() == 0:
+                    _child(fd, control, (wake_r, wake_w), warm)
+                os.close(fd)
+
+
 def main() -> None:
-    agents_dir, agent = sys.argv[1], sys.argv[2]
+    agents_dir, agent, control_fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # What agent code prints goes to stderr: a child's stdout is its socket to the worker.
+    os.dup2(2, 1)
     logging.basicConfig(
         level=os.environ.get("OPENRTC_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s [session {os.getpid()}]: %(message)s",
+        # %(process)d, not os.getpid() now: children inherit this formatter.
+        format="%(asctime)s %(levelname)s %(name)s [session %(process)d]: %(message)s",
         stream=sys.stderr,
     )
     for noisy in ("livekit", "aiohttp", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    sys.exit(anyio.run(_serve, agents_dir, agent))
+    sys.exit(_zygote(agents_dir, agent, control_fd))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
 from openrtc.keys import DEFAULT_NAMESPACE
@@ -21,9 +21,14 @@ from openrtc.keys import DEFAULT_NAMESPACE
 NoWorkerPolicy = Literal["queue", "reject"]
 
 __all__ = [
+    "DEFAULT_DEAD_LETTER_MAXLEN",
     "DEFAULT_DEDUP_TTL",
+    "DEFAULT_DISPATCHER_HTTP_PORT",
+    "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_NAMESPACE",
     "DEFAULT_REDIS_URL",
+    "DEFAULT_STATUS_TTL",
+    "DEFAULT_WORKER_HTTP_PORT",
     "DispatcherSettings",
     "LiveKitSettings",
     "WorkerSettings",
@@ -32,20 +37,56 @@ __all__ = [
 
 #: The Redis every service and command uses unless told otherwise.
 DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+#: The CLI's HTTP ports (``--http-port``): apart from each other so a
+#: dispatcher and a worker can share a host, and apart from livekit-agents'
+#: health server (8081) and LiveKit's own ports (7880-7882).
+DEFAULT_DISPATCHER_HTTP_PORT: Final = 8181
+DEFAULT_WORKER_HTTP_PORT: Final = 8182
 #: How long a job's record (and with it its id's de-duplication) lives, in s.
 DEFAULT_DEDUP_TTL: Final = 24 * 3600.0
+#: How long a worker told to stop (SIGTERM: a deploy, a scale-down) lets its
+#: calls go on, in s. livekit-agents waits an hour, because there a call still
+#: running at the deadline is cut. Here it is not: a peer takes it over within
+#: a lease. So the drain only has to outlast nearly every call, not the
+#: longest: 30 minutes is several times a receptionist's or booking call, and
+#: keeps a rolling restart of a worker pool bounded. Kubernetes' grace period
+#: must exceed it (workers/deployment.yaml).
+DEFAULT_DRAIN_TIMEOUT: Final = 1800.0
+#: Dead letters kept (approximate ``MAXLEN`` on the dead-letter stream): the
+#: oldest are trimmed past it. ~1-2 KB each, so about 10-20 MB at most.
+DEFAULT_DEAD_LETTER_MAXLEN: Final = 10_000
+#: A dispatcher's status stream expires this long after its last event (s).
+DEFAULT_STATUS_TTL: Final = 3600.0
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (Redis URLs may carry one)."""
+    """``url`` with any password replaced by ``***`` (Redis URLs may carry one).
+
+    Both places count: the user-info part and redis-py's ``password`` and
+    ``ssl_password`` query options.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name in _SECRET_OPTIONS for name, _ in query):
+        shown = [(name, "***" if name in _SECRET_OPTIONS else value) for name, value in query]
+        parts = parts._replace(query=urlencode(shown, safe="/*"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    return urlunsplit(parts)
+
+
+_SECRET_OPTIONS: Final = frozenset({"password", "ssl_password"})
+
+
+def _check_http(port: int, max_lag: float) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"http_port must be in [0, 65535] (0 = off), not {port}")
+    if max_lag <= 0:
+        raise ConfigError("health_max_lag must be more than 0 seconds")
 
 
 def new_instance_id(prefix: str) -> str:
@@ -135,14 +176,25 @@ class DispatcherSettings:
     #: How long a room has had a caller and no agent (and no job of ours
     #: queued for it) before the reconciler dispatches it again.
     reconcile_grace: float = 3.0
+    #: Port of the /healthz, /readyz and /metrics server; 0 = none (the CLI's
+    #: default is DEFAULT_DISPATCHER_HTTP_PORT, see the README).
+    http_port: int = 0
+    http_host: str = "0.0.0.0"
+    #: /healthz answers 503 when the event loop lags more than this (s).
+    health_max_lag: float = 5.0
+    #: Dead letters kept; the oldest are trimmed past it (approximately).
+    dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
 
     def __post_init__(self) -> None:
+        _check_http(self.http_port, self.health_max_lag)
         if self.reconcile_interval < 0:
             raise ConfigError("reconcile_interval must be >= 0 (0: off)")
         if self.reconcile_grace < 0:
             raise ConfigError("reconcile_grace must be >= 0")
         if self.wait_replicas < 0:
             raise ConfigError("wait_replicas must be >= 0")
+        if self.dead_letter_maxlen < 1:
+            raise ConfigError("dead_letter_maxlen must be >= 1")
         if not 0 < self.wait_timeout < self.enqueue_timeout:
             raise ConfigError("wait_timeout must be in (0, enqueue_timeout) seconds")
         if self.when_no_worker not in ("queue", "reject"):
@@ -182,10 +234,11 @@ class WorkerSettings:
     max_queue_age: float = 30.0
     #: On SIGTERM, how long running sessions may go on before they are left
     #: for other workers to take over.
-    drain_timeout: float = 60.0
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     heartbeat_interval: float = 1.0
     membership_ttl: float = 5.0
-    #: Warm child processes kept ready in ``process`` isolation.
+    #: Warm child processes kept ready in ``process`` isolation
+    #: (``--idle-processes``); a job takes one instead of waiting for a fork.
     idle_processes: int = 1
     #: A worker that took a call over ignores LiveKit's termination of the
     #: replaced participant for this long (it is caused by the takeover itself).
@@ -195,13 +248,25 @@ class WorkerSettings:
     forget_consumers_after: float = 300.0
     #: How long a job record written by this worker lives (as the dispatcher's).
     dedup_ttl: float = DEFAULT_DEDUP_TTL
+    #: Dead letters kept; the oldest are trimmed past it (approximately).
+    dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+    #: A dispatcher's status stream expires this long after the last event a
+    #: worker sent it, so the streams of dispatchers that are gone do not pile up.
+    status_ttl: float = DEFAULT_STATUS_TTL
     cluster_keys: bool = False
     #: Host CPU use in (0, 1] at or above which this worker leaves new calls
     #: to peers below theirs (livekit-agents' ``load_threshold``); ``None``:
     #: off. When every worker is above it they all go on reading.
     load_threshold: float | None = None
+    #: Port of the /healthz, /readyz and /metrics server; 0 = none (the CLI's
+    #: default is DEFAULT_WORKER_HTTP_PORT, see the README).
+    http_port: int = 0
+    http_host: str = "0.0.0.0"
+    #: /healthz answers 503 when the event loop lags more than this (s).
+    health_max_lag: float = 5.0
 
     def __post_init__(self) -> None:
+        _check_http(self.http_port, self.health_max_lag)
         if self.load_threshold is not None and not 0 < self.load_threshold <= 1:
             raise ConfigError("load_threshold must be in (0, 1]")
         if self.concurrency < 1:
@@ -212,5 +277,11 @@ class WorkerSettings:
             raise ConfigError("lease must be more than 0.3 seconds")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be >= 1")
+        if self.idle_processes < 0:
+            raise ConfigError("idle_processes must be >= 0")
         if self.forget_consumers_after <= 0:
             raise ConfigError("forget_consumers_after must be more than 0 seconds")
+        if self.dead_letter_maxlen < 1:
+            raise ConfigError("dead_letter_maxlen must be >= 1")
+        if self.status_ttl < 1:
+            raise ConfigError("status_ttl must be at least 1 second")

@@ -16,14 +16,18 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
+from openrtc.errors import ConfigError
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import (
     ControlEvent,
@@ -34,17 +38,26 @@ from openrtc.messages import (
     decode_job_record,
 )
 from openrtc.scripts import pack_fields, register
-from openrtc.settings import DEFAULT_DEDUP_TTL
+from openrtc.settings import (
+    DEFAULT_DEAD_LETTER_MAXLEN,
+    DEFAULT_DEDUP_TTL,
+    DEFAULT_STATUS_TTL,
+    redact_url,
+)
 
 __all__ = ["REDIS_DOWN", "EnqueueResult", "StreamStore", "connect_redis"]
 
 logger = logging.getLogger("openrtc.streams")
 
-#: Cap on the dead-letter, status and control streams (approximate MAXLEN).
+#: Cap on the status and control streams (approximate MAXLEN); the dead-letter
+#: stream's is a setting (``dead_letter_maxlen``).
 SIDE_STREAM_MAXLEN: Final = 10_000
-#: A dispatcher's status stream expires this long after its last event, so the
-#: streams of dispatchers that are gone do not pile up.
-STATUS_STREAM_TTL: Final = 3600
+#: The agent's workers start a sweep of its whole pending list at most once
+#: per this fraction of the lease, so a dead worker's entry is found within
+#: about half a lease of becoming reclaimable.
+RECLAIM_SWEEP: Final = 0.5
+#: The shared sweep state outlives the agent's last reclaim pass this long (s).
+RECLAIM_STATE_TTL: Final = 60.0
 #: What a Redis call raises when Redis is unreachable or too slow: every
 #: ``except`` that rides an outage out names this one tuple. (``TimeoutError``
 #: is an ``OSError`` already; it is named for ``anyio.fail_after``'s readers.)
@@ -58,18 +71,41 @@ def connect_redis(url: str, *, client_name: str | None = None) -> Redis:
     that meets a closed connection (Redis restarted or failed over since the
     connection was pooled) is sent again on a fresh one, twice at most; a
     timeout is not retried, since the command may have run.
+
+    TLS and its files come with the URL, as redis-py reads them:
+    ``rediss://user:password@host:6380/0?ssl_ca_certs=/etc/ca.pem`` (also
+    ``ssl_certfile``, ``ssl_keyfile`` for a client certificate). A file named
+    there that does not exist, or a URL redis-py cannot parse, raises
+    :class:`~openrtc.errors.ConfigError` with the password redacted.
     """
-    client: Redis = Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_timeout=5.0,
-        socket_connect_timeout=2.0,
-        health_check_interval=10,
-        client_name=client_name,
-        retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), 2),
-        retry_on_error=[RedisConnectionError],
-    )
+    for name, values in parse_qs(urlsplit(url).query).items():
+        for value in values if name in _SSL_FILE_OPTIONS else ():
+            if not Path(value).is_file():
+                raise ConfigError(f"Redis at {redact_url(url)}: {name}: no such file {value}")
+    try:
+        client: Redis = Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=5.0,
+            socket_connect_timeout=2.0,
+            health_check_interval=10,
+            client_name=client_name,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.025), 2),
+            retry_on_error=[RedisConnectionError],
+            # Neither CLIENT SETINFO nor CLIENT MAINT_NOTIFICATIONS (Redis
+            # Enterprise's maintenance events) on connect: commands the ACL
+            # (redis_access.ACL_COMMANDS) would have to grant, and Redis 7.0
+            # does not know them.
+            driver_info=None,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"Redis at {redact_url(url)}: {exc}") from None
     return client
+
+
+#: URL options naming files (redis-py's ``ssl_*`` keywords).
+_SSL_FILE_OPTIONS: Final = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +127,14 @@ class StreamStore:
         dedup_ttl: float = DEFAULT_DEDUP_TTL,
         wait_replicas: int = 0,
         wait_timeout: float = 0.5,
+        dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN,
+        status_ttl: float = DEFAULT_STATUS_TTL,
     ) -> None:
         self.redis = redis
+        #: Dead letters kept (approximate MAXLEN): the oldest are trimmed.
+        self.dead_letter_maxlen = dead_letter_maxlen
+        #: Seconds a status stream lives after its last event.
+        self.status_ttl = max(1, int(status_ttl))
         # WAIT after each enqueue pipeline: the jobs are acknowledged only once
         # that many replicas have them (or the timeout passed), so a failover
         # right after does not lose them. 0: off (docs/architecture.md).
@@ -201,10 +243,10 @@ class StreamStore:
         )
         if once_for is None:
             entry_id = await self.redis.xadd(
-                self.keys.dead_letter, fields, maxlen=SIDE_STREAM_MAXLEN, approximate=True
+                self.keys.dead_letter, fields, maxlen=self.dead_letter_maxlen, approximate=True
             )
             return _text(entry_id)
-        flat: list[Any] = [self.dedup_ttl, SIDE_STREAM_MAXLEN]
+        flat: list[Any] = [self.dedup_ttl, self.dead_letter_maxlen]
         for key, value in fields.items():
             flat += [key, value]
         added = await self.scripts.dead_letter_once(
@@ -217,7 +259,7 @@ class StreamStore:
         key = self.keys.status(dispatcher_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(key, dict[Any, Any](event.encode()), maxlen=SIDE_STREAM_MAXLEN, approximate=True)
-        pipe.expire(key, STATUS_STREAM_TTL)
+        pipe.expire(key, self.status_ttl)
         await pipe.execute()
 
     async def publish_termination(self, agent: str, job_id: str, reason: str) -> None:
@@ -292,11 +334,23 @@ class JobConsumer:
         ]
 
     async def reclaim(self, min_idle: float, count: int) -> list[Delivery]:
-        """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours."""
+        """Entries whose holder stopped renewing for ``min_idle`` seconds, now ours.
+
+        At most ``count`` (the free slots): one pass of the sweep of the
+        pending list the agent's workers share (:data:`openrtc.scripts.RECLAIM`),
+        started at most once every ``min_idle / 2``.
+        """
         try:
-            entries, counts, _deleted = await self._scripts.reclaim(
-                keys=[self.stream],
-                args=[WORKERS_GROUP, self.consumer, int(min_idle * 1000), count],
+            entries, counts = await self._scripts.reclaim(
+                keys=[self.stream, self.store.keys.reclaim(self.agent)],
+                args=[
+                    WORKERS_GROUP,
+                    self.consumer,
+                    int(min_idle * 1000),
+                    count,
+                    max(1, int(min_idle * 1000 * RECLAIM_SWEEP)),
+                    int(max(RECLAIM_STATE_TTL, min_idle * 10) * 1000),
+                ],
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

@@ -32,10 +32,22 @@ class StateLog:
         self._logger = logger
         self._what = what
         self._state: str | None = None
+        self._detail = ""
+
+    @property
+    def state(self) -> str | None:
+        """The last state set (``None`` before any), for readiness probes."""
+        return self._state
+
+    @property
+    def detail(self) -> str:
+        """The detail given with the last state change."""
+        return self._detail
 
     def set(self, state: str, detail: str = "", *, level: int = logging.INFO) -> None:
         if state != self._state:
             self._state = state
+            self._detail = detail
             self._logger.log(level, "%s %s%s", self._what, state, f": {detail}" if detail else "")
 
 

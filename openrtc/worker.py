@@ -49,6 +49,9 @@ from openrtc.messages import (
     StatusEvent,
     peek_job_header,
 )
+from openrtc.metrics import WorkerMetrics
+from openrtc.ops_http import LoopHealth, OpsServer, serving
+from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
@@ -73,7 +76,7 @@ ROOM_CHECK_TIMEOUT: Final = 3.0
 
 @dataclass(slots=True)
 class WorkerStats:
-    """Counters since start."""
+    """Counters since start (tests); operators read them on ``/metrics`` (openrtc.metrics)."""
 
     started: int = 0
     succeeded: int = 0
@@ -156,12 +159,19 @@ class Worker:
         self.config = pool.get(settings.agent)
         self.keys = Keys(settings.namespace, cluster=settings.cluster_keys)
         self.stats = WorkerStats()
+        self.metrics = WorkerMetrics(settings.agent)
         self._clock = clock
         self._own_redis = redis is None
         self._redis = redis or connect_redis(
             settings.redis_url, client_name=f"openrtc:{settings.worker_id}"
         )
-        self.store = StreamStore(self._redis, self.keys, dedup_ttl=settings.dedup_ttl)
+        self.store = StreamStore(
+            self._redis,
+            self.keys,
+            dedup_ttl=settings.dedup_ttl,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            status_ttl=settings.status_ttl,
+        )
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
         self._presence = Presence(
             self._redis,
@@ -201,6 +211,17 @@ class Worker:
         self._cpu = CpuLoad() if settings.load_threshold is not None else None
         self._cpu_load = 0.0
         self._overloaded = False
+        #: The /healthz, /readyz and /metrics server; ``None`` when off.
+        self.http: OpsServer | None = None
+        if settings.http_port:
+            self.http = OpsServer(
+                settings.http_host,
+                settings.http_port,
+                registry=self.metrics.registry,
+                readiness=self.readiness,
+                refresh=self._refresh_metrics,
+                loop=LoopHealth(settings.health_max_lag, gauge=self.metrics.loop_lag),
+            )
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -229,8 +250,31 @@ class Worker:
         if self._startup is not None:
             self._startup.cancel()
 
+    def readiness(self) -> str | None:
+        """``None`` when taking jobs, else why not (one line, for ``/readyz``)."""
+        if self._draining or self._stop.is_set():
+            return "draining: taking no new jobs"
+        unreachable = self._redis_state.state == "unreachable"
+        redis = f"Redis unreachable: {self._redis_state.detail}" if unreachable else ""
+        if not self._ready.is_set():
+            return f"starting: {redis or 'joining the consumer group'}"
+        return redis or None
+
+    async def _refresh_metrics(self) -> None:
+        """Set the gauges read at scrape time (no I/O)."""
+        m, agent = self.metrics, self.settings.agent
+        m.sessions_running.labels(agent).set(len(self.running))
+        capacity = 0 if self._draining else self.settings.concurrency
+        m.session_capacity.labels(agent).set(capacity)
+        m.redis_connected.set(self._redis_state.state == "connected")
+        m.draining.set(self._draining or self._stop.is_set())
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` and the drain are done (or cancellation)."""
+        async with serving(self.http):
+            await self._run(task_status)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         s = self.settings
         logger.info(
             "worker %s for agent '%s' starting: %s isolation, %d slots, lease %.1fs, "
@@ -247,6 +291,7 @@ class Worker:
             with anyio.CancelScope() as self._startup:
                 if self._stop.is_set():
                     self._startup.cancel()
+                await check_redis_access(self._redis, s.redis_url, logger)
                 await self.runner.prepare()
                 await self._until_redis(self.store.ensure_group, s.agent)
                 await check_durability(self._redis, logger)
@@ -259,6 +304,7 @@ class Worker:
                 return
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self.runner.maintain)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._lease_loop)
                 tg.start_soon(self._control_loop)
@@ -329,7 +375,13 @@ class Worker:
                 now = time.monotonic()
                 if now - last_reclaim >= RECLAIM_INTERVAL and now >= self._reclaim_after:
                     last_reclaim = now
-                    deliveries = await self.consumer.reclaim(self.settings.lease, self._gate.free)
+                    wanted = self._gate.free
+                    deliveries = await self.consumer.reclaim(self.settings.lease, wanted)
+                    if len(deliveries) >= wanted:
+                        # Every free slot filled: more dead calls may wait
+                        # behind these, so the next pass runs as soon as a
+                        # slot frees, not a reclaim interval later.
+                        last_reclaim = 0.0
                 deferred = False
                 if not deliveries:
                     count = await self._read_count()
@@ -366,6 +418,7 @@ class Worker:
                     continue
                 if delivery.deliveries > 1:
                     self.stats.reclaimed += 1
+                    self.metrics.reclaimed.inc()
                 # Held (and leased) from this moment: its check may be slow.
                 claim = _Claim(delivery)
                 self._claims[delivery.entry_id] = claim
@@ -616,6 +669,7 @@ class Worker:
         assert message is not None
         assert control is not None
         self.stats.started += 1
+        self.metrics.started.inc()
         try:
 
             async def announce() -> None:
@@ -674,6 +728,7 @@ class Worker:
     async def _settle(self, claim: _Claim, message: JobMessage, outcome: SessionOutcome) -> None:
         if outcome.status == "taken_over":
             self.stats.taken_over += 1
+            self.metrics.ended("taken_over")
             logger.warning(
                 "job %s: another worker took the call over (%s); stepping aside",
                 message.job_id,
@@ -682,6 +737,7 @@ class Worker:
             return
         if outcome.status == "failed":
             self.stats.failed += 1
+            self.metrics.ended("failed")
             claim.settled = True
             logger.error(
                 "job %s: session failed (delivery %d of %d): %s",
@@ -696,6 +752,7 @@ class Worker:
             # delivered again, to this worker or another, until the limit.
             return
         self.stats.succeeded += 1
+        self.metrics.ended("succeeded")
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
         await self._finish(claim, message)
         await self._status(message, JobStatus.SUCCESS, "")
@@ -723,6 +780,7 @@ class Worker:
         claim.settled = True
         delivery = claim.delivery
         self.stats.dead_lettered += 1
+        self.metrics.dead_letters.labels(self.settings.agent, reason.value).inc()
         job = message.job_id if message else job_id or "?"
         logger.error(
             "entry %s (job %s) -> dead letters (%s): %s", delivery.entry_id, job, reason, error
@@ -768,12 +826,14 @@ class Worker:
                 with anyio.fail_after(self.settings.lease / 3):
                     renewal = await self.consumer.renew(held)
             except REDIS_DOWN as exc:
+                self.metrics.renewals_failed.inc(len(held))
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 continue
             for entry_id in renewal.lost:
                 claim = self._claims.get(entry_id)
                 if claim is None or claim.settled:
                     continue
+                self.metrics.lost.inc()
                 claim.lost = True
                 if claim.control is not None and claim.message is not None:
                     logger.warning("job %s: lease lost to another worker", claim.message.job_id)
@@ -851,6 +911,8 @@ class Worker:
                     await self._beat()
                     await self._refresh_peers()
                     await self._measure_redis_clock()
+                # Also when the consume loop does not read (all slots busy).
+                self._redis_state.set("connected", redact_url(self.settings.redis_url))
             except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 

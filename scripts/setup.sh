@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Install everything openrtc's tests, demo and benchmarks need, on a fresh
 # Debian machine or a warm one (then it takes seconds):
-#   - Debian's redis-server
+#   - Debian's redis-server (with TLS) and openssl (the tests' certificates)
 #   - a real livekit-server, built from source once and cached (scripts/livekit-server.sh)
-#   - the project and its dev tools in ./.venv
+#   - the project and its dev tools (the `dev` dependency group) in ./.venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '[setup] %s\n' "$*" >&2; }
+log() { printf '[setup %3ds] %s\n' "$SECONDS" "$*" >&2; }
 
-if ! command -v redis-server >/dev/null; then
-  log "installing redis-server (apt)"
+# Debian's redis-server is built with TLS; openssl makes the tests' certificates.
+if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
+  log "installing redis-server and openssl (apt)"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server openssl >/dev/null
 fi
 # The Debian package may start a system-wide server; ours are private and on
 # free ports, so it is left alone.
+
+# promtool checks deploy/prometheus's alert rules in the tests; Debian ships
+# it in the prometheus package (which also installs a Prometheus server; on a
+# systemd host Debian starts it on :9090: `systemctl disable --now prometheus`).
+if ! command -v promtool >/dev/null; then
+  log "installing promtool (apt: prometheus)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 PYTHON="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
@@ -25,12 +36,15 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=".venv/.openrtc-installed"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  log "installing openrtc[dev] into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  log "installing openrtc and its dev group into .venv"
+  # pip >= 25.1 reads PEP 735 dependency groups (--group).
+  .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
+  # hiredis: production installs should have it (README), and the benchmarks measure with it.
+  .venv/bin/python -m pip install -q -e ".[hiredis]" --group dev
   touch "$stamp"
 fi
 
 LIVEKIT_SERVER_BIN="$(bash scripts/livekit-server.sh)"
 log "livekit-server: $LIVEKIT_SERVER_BIN"
 log "redis-server:   $(command -v redis-server)"
+log "promtool:       $(command -v promtool)"

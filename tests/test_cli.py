@@ -65,6 +65,15 @@ OFFLINE_ROWS = [
     },
 ]
 
+# openrtc 0.20.1's shape (class is the class's name), ours as extra keys.
+OFFLINE_LIST = {
+    "schema_version": 2,
+    "command": "list",
+    "agents": [
+        {**row, "class": str(row["class"]).split(":")[1], "class_label": row["class"]}
+        for row in OFFLINE_ROWS
+    ],
+}
 
 # --------------------------------------------------------------------------- list
 
@@ -121,7 +130,8 @@ def test_list_json() -> None:
     result = invoke("list", "--agents-dir", OFFLINE_AGENTS, "--json")
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"agents": OFFLINE_ROWS}
+    # openrtc 0.20.1's shape (class is the class's name), ours as extra keys.
+    assert json.loads(result.stdout) == OFFLINE_LIST
 
 
 def test_list_json_with_providers() -> None:
@@ -132,7 +142,8 @@ def test_list_json_with_providers() -> None:
     assert [a["name"] for a in agents] == ["dental", "restaurant"]
     assert agents[0] == {
         "name": "dental",
-        "class": "dental.py:DentalReceptionist",
+        "class": "DentalReceptionist",
+        "class_label": "dental.py:DentalReceptionist",
         "stt": "deepgram/nova-3",
         "llm": "openai/gpt-4.1-mini",
         "tts": "cartesia/sonic-2",
@@ -162,7 +173,7 @@ def test_default_agents_dir_is_agents_in_the_working_directory(
     shutil.copytree(OFFLINE_AGENTS, tmp_path / "agents")
     found = invoke("list", "--json")
     assert found.exit_code == 0, found.output
-    assert json.loads(found.stdout) == {"agents": OFFLINE_ROWS}
+    assert json.loads(found.stdout) == OFFLINE_LIST
 
 
 # --------------------------------------------------------------------------- route
@@ -309,7 +320,11 @@ def test_list_with_an_empty_registry(tmp_path: Path) -> None:
     result = invoke("list", "--agents-dir", tmp_path)
     assert result.exit_code == 0
     assert f"No agents in {tmp_path}" in result.stdout
-    assert json.loads(invoke("list", "--agents-dir", tmp_path, "--json").stdout) == {"agents": []}
+    assert json.loads(invoke("list", "--agents-dir", tmp_path, "--json").stdout) == {
+        "schema_version": 2,
+        "command": "list",
+        "agents": [],
+    }
 
 
 @pytest.mark.parametrize("command", ["route", "list"])
@@ -398,4 +413,12 @@ def test_console_script_entry_point() -> None:
     )
 
     assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout) == {"agents": OFFLINE_ROWS}
+    assert json.loads(completed.stdout) == OFFLINE_LIST
+
+
+def test_the_worker_takes_idle_processes_as_a_flag_and_a_variable() -> None:
+    result = invoke("worker", "--help", env={"COLUMNS": "200"})
+
+    assert result.exit_code == 0
+    assert "--idle-processes" in result.stdout
+    assert "OPENRTC_IDLE_PROCESSES" in result.stdout

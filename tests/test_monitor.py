@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,7 @@ async def test_dead_letters_list_show_replay_purge(redis_server: RedisServer, re
     assert time.time() - again.enqueued_at < 5  # not expired on arrival
     assert b"reason" not in entries[0][1]
 
-    assert "deleted 1" in (await cli(redis_server, ns, "dlq", "purge", "--all")).stdout
+    assert "deleted 1" in (await cli(redis_server, ns, "dlq", "purge", "--all", "--yes")).stdout
     assert await list_dead_letters(redis, keys) == []
     assert (await cli(redis_server, ns, "dlq", "purge")).exit_code == 2
 
@@ -195,6 +196,13 @@ def test_dev_stack_call_and_status_from_the_command_line(tmp_path: Path) -> None
         else:
             pytest.fail("openrtc dev did not start:\n" + "".join(output))
         assert env_file.stat().st_mode & 0o077 == 0
+        # Each service its own /healthz, /readyz, /metrics port.
+        urls = [line.split()[1] for line in output if line.startswith("http ")]
+        assert len(urls) == 4, output  # the dispatcher and one worker per agent
+        assert len(set(urls)) == 4
+        for url in urls:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as reply:
+                assert reply.read() == b"ready\n"
         settings = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
         assert settings["LIVEKIT_API_SECRET"] not in "".join(output)
         env = {**os.environ, **settings}

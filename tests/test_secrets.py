@@ -202,7 +202,7 @@ async def test_a_session_process_gets_a_room_token_and_never_the_api_secret(
     original_send = _Child.send
 
     async def recording_send(self: _Child, value: dict[str, Any]) -> None:
-        sent.append((self.process.pid, value))
+        sent.append((self.pid, value))
         await original_send(self, value)
 
     monkeypatch.setattr(_Child, "send", recording_send)
@@ -223,7 +223,10 @@ async def test_a_session_process_gets_a_room_token_and_never_the_api_secret(
             assert "LIVEKIT_API_KEY" not in environ
             assert all(secret not in value for value in environ.values())
             for idle in worker.runner._idle:  # the warm ones too
-                assert secret not in "".join(environ_of(idle.process.pid).values())
+                assert secret not in "".join(environ_of(idle.pid).values())
+            zygote = worker.runner._zygote._process  # the process they are forked from
+            assert zygote is not None
+            assert secret not in "".join(environ_of(zygote.pid).values())
             assert secret not in repr(job)
             claims = claims_of(job["token"])
             assert claims["sub"] == agent_identity(message.job_id)

@@ -78,6 +78,7 @@ def test_dispatcher_settings_refuse(overrides: dict[str, Any], error: str) -> No
         ({"isolation": "thread"}, "isolation"),
         ({"lease": 0.3}, "lease"),
         ({"max_deliveries": 0}, "max_deliveries"),
+        ({"idle_processes": -1}, "idle_processes"),
     ],
 )
 def test_worker_settings_refuse(overrides: dict[str, Any], error: str) -> None:
@@ -102,6 +103,10 @@ def test_defaults_are_one_fact_each() -> None:
         ("redis://user:pw@h/1", "redis://user:***@h/1"),
         ("rediss://u:p%40ss@h:6380", "rediss://u:***@h:6380"),
         ("redis://user@h", "redis://user@h"),  # no password: nothing to hide
+        # redis-py also reads a password from the query string.
+        ("redis://h:6379/0?password=pw&db=2", "redis://h:6379/0?password=***&db=2"),
+        ("rediss://u:pw@h/0?ssl_password=kp", "rediss://u:***@h/0?ssl_password=***"),
+        ("rediss://h/0?ssl_ca_certs=/etc/ca.pem", "rediss://h/0?ssl_ca_certs=/etc/ca.pem"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

@@ -1,0 +1,238 @@
+"""Every Prometheus metric the services export, defined in one place.
+
+Each service owns a :class:`~prometheus_client.CollectorRegistry` of its own
+(never the process-wide default): tests, benchmarks and ``openrtc dev`` run
+several services in one process, and each must report only its own counts.
+Names follow Prometheus conventions: an ``openrtc_`` prefix, base units
+(``_seconds``), ``_total`` on counters. The alert rules and the Grafana
+dashboard under ``deploy/`` use these names; a test checks them against what
+a real dispatcher and worker export.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from openrtc import __version__
+
+__all__ = ["DispatcherMetrics", "WorkerMetrics"]
+
+#: Enqueue latency buckets (s): a pipeline round trip is ~1 ms on a LAN; the
+#: enqueue timeout is 2 s by default.
+_ENQUEUE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+class _Common:
+    """What both services export: build info, connection state, loop health."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        Info("openrtc_build", "openrtc version and Python.", registry=r).info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "service": service,
+            }
+        )
+        self.redis_connected = Gauge(
+            "openrtc_redis_connected", "1 while Redis answers this service, else 0.", registry=r
+        )
+        self.draining = Gauge(
+            "openrtc_draining", "1 once the service was asked to stop.", registry=r
+        )
+        self.loop_lag = Gauge(
+            "openrtc_event_loop_lag_seconds",
+            "How late the event loop's last heartbeat woke up.",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "openrtc_dead_letters",
+            "Jobs this service moved to the dead letters, by reason.",
+            ["agent", "reason"],
+            registry=r,
+        )
+
+
+class DispatcherMetrics(_Common):
+    """The dispatcher's metrics; the per-agent queue gauges are set at scrape time."""
+
+    def __init__(self) -> None:
+        super().__init__("dispatcher")
+        r = self.registry
+        self.availability_answers = Counter(
+            "openrtc_availability_answers",
+            "LiveKit availability requests answered, by answer.",
+            ["answer"],
+            registry=r,
+        )
+        self.jobs_routed = Counter(
+            "openrtc_jobs_routed",
+            "Jobs written to an agent's stream, by agent and routing step.",
+            ["agent", "step"],
+            registry=r,
+        )
+        self.unknown_agents = Counter(
+            "openrtc_unknown_agent_jobs",
+            "Jobs that named an agent nobody registered.",
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "openrtc_duplicate_assignments",
+            "Assignments already enqueued (same LiveKit job id): not enqueued again.",
+            registry=r,
+        )
+        self.enqueue_failures = Counter(
+            "openrtc_enqueue_failures",
+            "Assigned jobs that could not be written to Redis (the call is failed).",
+            ["agent"],
+            registry=r,
+        )
+        self.enqueue_latency = Histogram(
+            "openrtc_enqueue_latency_seconds",
+            "From LiveKit's assignment to the job written in its stream.",
+            ["agent"],
+            buckets=_ENQUEUE_BUCKETS,
+            registry=r,
+        )
+        self.statuses_relayed = Counter(
+            "openrtc_job_statuses_relayed",
+            "Workers' job status events relayed to LiveKit, by status.",
+            ["status"],
+            registry=r,
+        )
+        self.terminations = Counter(
+            "openrtc_job_terminations",
+            "LiveKit job terminations relayed to workers.",
+            registry=r,
+        )
+        self.reconciled = Counter(
+            "openrtc_reconciler_dispatched",
+            "Rooms with a caller and no agent that the reconciler dispatched again.",
+            registry=r,
+        )
+        self.reconcile_passes = Counter(
+            "openrtc_reconciler_passes",
+            "Reconciler passes this dispatcher ran as the lease holder, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.reconcile_leader = Gauge(
+            "openrtc_reconciler_leader",
+            "1 while this dispatcher holds the reconciler lease.",
+            registry=r,
+        )
+        self.livekit_reconnects = Counter(
+            "openrtc_livekit_reconnects",
+            "Reconnections to LiveKit after a lost registration.",
+            registry=r,
+        )
+        self.livekit_connected = Gauge(
+            "openrtc_livekit_connected",
+            "1 while registered with LiveKit, else 0.",
+            registry=r,
+        )
+        agent = ["agent"]
+        self.jobs_waiting = Gauge(
+            "openrtc_jobs_waiting",
+            "Jobs in the agent's stream not yet delivered to a worker (read at scrape).",
+            agent,
+            registry=r,
+        )
+        self.jobs_pending = Gauge(
+            "openrtc_jobs_pending",
+            "Jobs delivered to a worker and not yet acknowledged (read at scrape).",
+            agent,
+            registry=r,
+        )
+        self.oldest_waiting = Gauge(
+            "openrtc_oldest_waiting_job_age_seconds",
+            "Age of the agent's oldest job not yet delivered; 0 when none waits.",
+            agent,
+            registry=r,
+        )
+        self.live_workers = Gauge(
+            "openrtc_live_workers", "Workers of the agent with a live heartbeat.", agent, registry=r
+        )
+        self.agent_capacity = Gauge(
+            "openrtc_agent_capacity",
+            "Session slots of the agent's live workers.",
+            agent,
+            registry=r,
+        )
+        self.agent_running = Gauge(
+            "openrtc_agent_sessions_running",
+            "Sessions the agent's live workers report running.",
+            agent,
+            registry=r,
+        )
+        self.dead_letter_backlog = Gauge(
+            "openrtc_dead_letter_entries",
+            "Entries in the dead-letter stream (read at scrape).",
+            registry=r,
+        )
+        self.queue_gauges = (
+            self.jobs_waiting,
+            self.jobs_pending,
+            self.oldest_waiting,
+            self.live_workers,
+            self.agent_capacity,
+            self.agent_running,
+        )
+
+
+class WorkerMetrics(_Common):
+    """One worker's metrics (all labelled with its agent)."""
+
+    def __init__(self, agent: str) -> None:
+        super().__init__("worker")
+        r = self.registry
+        labels = ["agent"]
+        self.sessions_running = Gauge(
+            "openrtc_sessions_running", "Sessions running in this worker.", labels, registry=r
+        )
+        self.session_capacity = Gauge(
+            "openrtc_session_capacity",
+            "Sessions this worker may run at once (0 while draining).",
+            labels,
+            registry=r,
+        )
+        self.sessions_started = Counter(
+            "openrtc_sessions_started", "Sessions started.", labels, registry=r
+        )
+        self.sessions_ended = Counter(
+            "openrtc_sessions_ended",
+            "Sessions ended, by outcome: succeeded, failed, taken_over (another worker has it).",
+            [*labels, "outcome"],
+            registry=r,
+        )
+        self.reclaims = Counter(
+            "openrtc_reclaims",
+            "Jobs taken over from a worker that stopped renewing its lease.",
+            labels,
+            registry=r,
+        )
+        self.lease_renewals_failed = Counter(
+            "openrtc_lease_renewals_failed",
+            "Lease renewals of held jobs that Redis did not answer.",
+            labels,
+            registry=r,
+        )
+        self.leases_lost = Counter(
+            "openrtc_leases_lost",
+            "Held jobs found owned by another worker at renewal.",
+            labels,
+            registry=r,
+        )
+        self.agent = agent
+        self.started = self.sessions_started.labels(agent)
+        self.reclaimed = self.reclaims.labels(agent)
+        self.renewals_failed = self.lease_renewals_failed.labels(agent)
+        self.lost = self.leases_lost.labels(agent)
+
+    def ended(self, outcome: str) -> None:
+        """Count a session's end: ``succeeded``, ``failed`` or ``taken_over``."""
+        self.sessions_ended.labels(self.agent, outcome).inc()

@@ -1,0 +1,275 @@
+"""``process`` isolation's children: forked from one warm process, in parallel, from a pool.
+
+Against the real LiveKit server and Redis. The agent here records, in files,
+the process that imported its module, the one that ran ``prewarm`` and the one
+that served each session, so the tests can tell children forked from a warm
+zygote from children started cold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from openrtc.agents import AgentPool
+from openrtc.caller import caller_in
+from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.keys import Keys
+from openrtc.messages import JobStatus
+from openrtc.runners import ProcessRunner
+from openrtc.settings import WorkerSettings
+from openrtc.streams import StreamStore
+from tests.stack import creds, delete_room, eventually, new_room, unique, working
+from tests.test_worker import AGENT_HEADER, TEST_BUDGET, job_message, wait_status, write_agent
+
+pytestmark = pytest.mark.anyio
+
+FORKED_AGENT = (
+    AGENT_HEADER
+    + """
+import os
+
+OUT = Path({out!r})
+with (OUT / "imports").open("a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+
+
+def prewarm(proc) -> None:
+    proc.userdata["prewarmed_in"] = os.getpid()
+    with (OUT / "prewarms").open("a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+
+
+@agent_config(name="forked", tts=ToneTTS(), greeting="Hello.")
+class Forked(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="Reports its process.")
+
+    async def on_enter(self) -> None:
+        ctx = get_job_context()
+        seen = {{
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "prewarmed_in": ctx.proc.userdata.get("prewarmed_in"),
+        }}
+        (OUT / f"session-{{ctx.job.id}}.json").write_text(json.dumps(seen))
+"""
+)
+
+
+def forked_pool(tmp_path: Path) -> tuple[AgentPool, Path]:
+    out = tmp_path / "out"
+    out.mkdir()
+    agents = write_agent(tmp_path / "agents", "forked", FORKED_AGENT.format(out=str(out)))
+    return AgentPool.from_directory(agents), out
+
+
+def pids(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def idle_pids(runner: Any) -> set[int]:
+    # (``process.pid``: the children of 0.x's cold spawn, for a run against it.)
+    return {getattr(c, "pid", None) or c.process.pid for c in runner._idle}
+
+
+async def test_sessions_run_in_children_forked_from_one_warm_process_several_at_once(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    pool, out = forked_pool(tmp_path)
+    rooms = [await new_room(livekit_server, unique("forked")) for _ in range(3)]
+    messages = [job_message(livekit_server, room, "forked", dispatcher) for room in rooms]
+    with anyio.fail_after(TEST_BUDGET):
+        async with (
+            working(
+                livekit_server,
+                redis_server.url,
+                ns,
+                "forked",
+                pool=pool,
+                isolation="process",
+                idle_processes=1,
+                concurrency=3,
+            ) as worker,
+            AsyncExitStack() as stack,
+        ):
+            assert isinstance(worker.runner, ProcessRunner)
+            callers = [
+                await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+                for room in rooms
+            ]
+            # Three at once with one idle child: two are forked on demand, in parallel.
+            await StreamStore(redis, keys).enqueue(messages)
+            for caller in callers:
+                await caller.wait_agent(within=30)
+
+            def all_reported() -> bool:
+                return len(list(out.glob("session-*.json"))) == len(messages)
+
+            await eventually(all_reported, "every session's report", within=15)
+            sessions = [json.loads(p.read_text()) for p in out.glob("session-*.json")]
+            # prewarm ran once, in the zygote, not once per child.
+            assert len(pids(out / "prewarms")) == 1
+            (zygote,) = pids(out / "prewarms")
+            # The agent module too was imported there only (this test process
+            # imported it once for the pool it passed in).
+            assert pids(out / "imports").count(zygote) == 1
+            assert [p for p in pids(out / "imports") if p not in (zygote, os.getpid())] == []
+            for seen in sessions:
+                assert seen["prewarmed_in"] == zygote  # inherited, not re-run
+                assert seen["ppid"] == zygote  # forked from it
+                assert seen["pid"] != zygote
+            assert len({seen["pid"] for seen in sessions}) == len(messages)
+            for room in rooms:
+                await delete_room(livekit_server, room.name)
+            for message in messages:
+                await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
+
+
+async def test_the_idle_pool_refills_after_a_job_and_replaces_a_killed_child(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    pool, out = forked_pool(tmp_path)
+    room = await new_room(livekit_server, unique("forked-pool"))
+    message = job_message(livekit_server, room, "forked", dispatcher)
+    with anyio.fail_after(TEST_BUDGET):
+        async with working(
+            livekit_server,
+            redis_server.url,
+            ns,
+            "forked",
+            pool=pool,
+            isolation="process",
+            idle_processes=2,
+        ) as worker:
+            runner = worker.runner
+
+            def two_idle() -> set[int] | None:
+                found = idle_pids(runner)
+                return found if len(found) == 2 else None
+
+            first = await eventually(two_idle, "two idle children", within=20)
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+
+            def replaced() -> set[int] | None:
+                found = two_idle()
+                return found if found and victim not in found else None
+
+            second = await eventually(replaced, "the killed idle child replaced", within=20)
+            assert len(second & first) == 1
+
+            async with caller_in(creds(livekit_server), room.name) as caller:
+                await StreamStore(redis, keys).enqueue([message])
+                await caller.wait_agent(within=30)
+                served = json.loads(
+                    (
+                        await eventually(
+                            lambda: next(out.glob("session-*.json"), None), "the report"
+                        )
+                    ).read_text()
+                )
+                # The job took a child that was already idle...
+                assert served["pid"] in second
+
+                def refilled() -> set[int] | None:
+                    found = two_idle()
+                    return found if found and served["pid"] not in found else None
+
+                # ...and the pool is back to two while the call goes on.
+                third = await eventually(refilled, "the pool refilled", within=20)
+                assert len(third - second) == 1
+                await delete_room(livekit_server, room.name)
+                await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
+
+
+async def test_a_session_process_killed_mid_call_is_reported_with_its_exit_code(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    pool, out = forked_pool(tmp_path)
+    room = await new_room(livekit_server, unique("forked-kill"))
+    message = job_message(livekit_server, room, "forked", dispatcher)
+    with anyio.fail_after(TEST_BUDGET):
+        async with (
+            working(
+                livekit_server, redis_server.url, ns, "forked", pool=pool, isolation="process"
+            ) as worker,
+            caller_in(creds(livekit_server), room.name) as caller,
+        ):
+            await StreamStore(redis, keys).enqueue([message])
+            await caller.wait_agent(within=30)
+            report = await eventually(lambda: next(out.glob("session-*.json"), None), "report")
+            os.kill(json.loads(report.read_text())["pid"], signal.SIGKILL)
+
+            def failed() -> bool:
+                return worker.stats.failed == 1
+
+            await eventually(failed, "the session reported failed", within=20)
+            record = await redis.hgetall(keys.job("forked", message.job_id))
+            assert b"session process exited with code -9" in record[b"last_error"]
+            await delete_room(livekit_server, room.name)
+
+
+async def test_many_children_forked_at_the_same_moment_all_start(
+    livekit_server: LiveKitServer, tmp_path: Path
+) -> None:
+    pool, _ = forked_pool(tmp_path)
+    settings = WorkerSettings(livekit=creds(livekit_server), agent="forked", idle_processes=6)
+    runner = ProcessRunner(pool.get("forked"), settings)
+    with anyio.fail_after(TEST_BUDGET):
+        try:
+            await runner.prepare()  # six forks requested in the same event-loop turn
+            assert len(idle_pids(runner)) == 6
+        finally:
+            await runner.aclose()
+
+
+async def test_a_killed_zygote_is_replaced_and_calls_are_still_served(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    ns, dispatcher = unique("ns"), unique("dispatcher")
+    keys = Keys(ns)
+    pool, out = forked_pool(tmp_path)
+    room = await new_room(livekit_server, unique("forked-zygote"))
+    message = job_message(livekit_server, room, "forked", dispatcher)
+    with anyio.fail_after(TEST_BUDGET):
+        async with working(
+            livekit_server,
+            redis_server.url,
+            ns,
+            "forked",
+            pool=pool,
+            isolation="process",
+            idle_processes=0,  # every call needs a fresh fork
+        ) as worker:
+            runner = worker.runner
+            assert isinstance(runner, ProcessRunner)
+            first = runner._zygote._process
+            assert first is not None
+            os.kill(first.pid, signal.SIGKILL)
+
+            def replaced() -> bool:
+                current = runner._zygote._process
+                return current is not None and current.pid != first.pid
+
+            await eventually(replaced, "a new zygote", within=30)
+            async with caller_in(creds(livekit_server), room.name) as caller:
+                await StreamStore(redis, keys).enqueue([message])
+                await caller.wait_agent(within=30)
+                await delete_room(livekit_server, room.name)
+                await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
+            assert len(pids(out / "prewarms")) == 2  # the new zygote warmed up once
