@@ -18,10 +18,11 @@ before each read, applies :func:`decide` to the loads its peers show:
   threshold has room. When every worker is above it, they all go on reading,
   spread by held calls as above: the agent is served slower, never starved
   (an autoscaler should add workers; ``openrtc status`` shows the loads).
-- Deferring is bounded (:data:`MAX_DEFER`): once the oldest entry no worker
-  has read has waited that long, the worker reads it anyway. A peer that
-  shows room but does not read (frozen, or gone within its membership TTL)
-  delays a call by at most that much, never strands it.
+- Deferring is bounded (:data:`MAX_DEFER`): when a job waits and the peers'
+  held calls have not changed for that long (none read, none ended a call),
+  the worker reads it anyway. A peer that shows room but does not read
+  (frozen, or gone within its membership TTL) delays a call by about that
+  much, never strands it; peers that read, however slowly, are waited for.
 
 Idle workers all hold nothing and read at once: the join path is unchanged.
 """
@@ -40,7 +41,8 @@ __all__ = ["DEFER_STEP", "MAX_DEFER", "CpuLoad", "PeerLoad", "ReadDecision", "de
 
 #: How long a deferring worker waits before it looks again.
 DEFER_STEP: Final = 0.1
-#: The longest the next job waits for a less loaded peer before anyone reads it.
+#: How long a job waits while the less loaded peers make no progress before
+#: a more loaded worker reads it.
 MAX_DEFER: Final = 0.5
 
 
@@ -62,16 +64,17 @@ class ReadDecision:
     reason: str
 
 
-def decide(me: PeerLoad, peers: Sequence[PeerLoad], *, waited: float = 0.0) -> ReadDecision:
+def decide(me: PeerLoad, peers: Sequence[PeerLoad], *, stalled: float = 0.0) -> ReadDecision:
     """Whether the worker whose load is ``me`` reads the next entry now.
 
-    ``peers``: the other live workers of the agent; ``waited``: how long the
-    oldest entry no worker has read yet has been waiting (0 when unknown).
+    ``peers``: the other live workers of the agent; ``stalled``: how long a
+    job has been waiting while the peers' held calls did not change (0 when
+    none waits or they did).
     """
     if me.held >= me.capacity:
         return ReadDecision(False, "no free slot")
-    if waited >= MAX_DEFER:
-        return ReadDecision(True, f"the next job has waited {waited:.2f}s for a peer")
+    if stalled >= MAX_DEFER:
+        return ReadDecision(True, f"a job waited {stalled:.2f}s while no peer read")
     open_peers = [p for p in peers if p.held < p.capacity]
     cool = [p for p in open_peers if not p.overloaded]
     if me.overloaded:

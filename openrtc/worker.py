@@ -56,7 +56,7 @@ from openrtc.redis_health import check_durability
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
-from openrtc.spread import DEFER_STEP, CpuLoad, PeerLoad, decide
+from openrtc.spread import DEFER_STEP, MAX_DEFER, CpuLoad, PeerLoad, decide
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 
@@ -207,7 +207,8 @@ class Worker:
         # workers, worker id -> (capacity, above its CPU threshold), refreshed
         # with each heartbeat; their held calls are read before each read.
         self._peers: dict[str, tuple[int, bool]] = {}
-        self._deferring = False
+        self._defer_since: float | None = None
+        self._defer_progress = 0
         self._cpu = CpuLoad() if settings.load_threshold is not None else None
         self._cpu_load = 0.0
         self._overloaded = False
@@ -450,17 +451,25 @@ class Worker:
         ]
         decision = decide(me, peers)
         if not decision.read and me.held < me.capacity:
-            # Bounded: a peer that shows room but does not read must not strand a call.
-            oldest = await self.consumer.oldest_unread_ms()
-            if oldest is not None:
-                redis_now = self._clock() + self._redis_clock_offset
-                decision = decide(me, peers, waited=max(0.0, redis_now - oldest / 1000))
+            # Bounded: peers that show room but make no progress (none reads,
+            # none ends a call) while a job waits must not strand it.
+            now = time.monotonic()
+            progress = sum(p.held for p in peers)
+            if self._defer_since is None:
+                logger.debug("leaving the next job to a peer: %s", decision.reason)
+            if self._defer_since is None or progress != self._defer_progress:
+                self._defer_since, self._defer_progress = now, progress
+            stalled = now - self._defer_since
+            if stalled >= MAX_DEFER:
+                oldest = await self.consumer.oldest_unread_ms()
+                if oldest is not None:
+                    # Counted from when it arrived, too: a job that came just
+                    # now has not been left waiting by anyone yet.
+                    waited = self._clock() + self._redis_clock_offset - oldest / 1000
+                    decision = decide(me, peers, stalled=min(stalled, waited))
         if decision.read:
-            self._deferring = False
+            self._defer_since = None
             return 1
-        if not self._deferring:
-            self._deferring = True
-            logger.debug("leaving the next job to a peer: %s", decision.reason)
         return 0
 
     def _drop(self, claim: _Claim) -> None:

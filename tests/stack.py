@@ -178,6 +178,9 @@ class HoldingRunner:
     async def prepare(self) -> None:
         return None
 
+    async def maintain(self) -> None:
+        return None
+
     async def run(
         self, message: JobMessage, control: SessionControl, *, worker_id: str
     ) -> SessionOutcome:

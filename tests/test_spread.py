@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from contextlib import AsyncExitStack
 
 import anyio
 import pytest
 from livekit import api
+from redis.asyncio import Redis
 
 from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.keys import Keys
 from openrtc.worker import READ_BLOCK_MS, Worker
 from tests.stack import (
     HoldingRunner,
@@ -130,6 +133,33 @@ async def test_a_worker_above_its_cpu_threshold_leaves_calls_to_peers_unless_all
                     await new_room(livekit_server, room)
                 await eventually(lambda: hot.stats.started == 6, "the hot worker's six calls")
                 assert cool.stats.started == 2
+    finally:
+        runner.end_all()
+        await delete_rooms(livekit_server, rooms)
+
+
+async def test_a_peer_that_shows_room_but_never_reads_delays_calls_without_stranding_them(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    rooms = [unique(f"dental-frozen-{i}") for i in range(3)]
+    runner = HoldingRunner()
+    frozen = "worker-frozen"
+    # A peer alive by its heartbeat, with free slots, that never reads (frozen).
+    await redis.hset(keys.worker(frozen), mapping={"agent": "dental", "capacity": 10})
+    await redis.zadd(keys.workers("dental"), {frozen: time.time() + 3600})
+    try:
+        async with (
+            dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)),
+            working(livekit_server, redis_server.url, ns, "dental", runner=runner) as worker,
+        ):
+            await eventually(lambda: frozen in worker._peers, "the worker to see the frozen peer")
+            await anyio.sleep(READ_BLOCK_MS / 1000 + 0.5)  # a read begun alone has ended
+            for n, room in enumerate(rooms, 1):
+                await new_room(livekit_server, room)
+                # The worker holds more than the frozen peer: it defers, then reads.
+                await eventually(lambda n=n: worker.stats.started == n, f"call {n}", within=10)
     finally:
         runner.end_all()
         await delete_rooms(livekit_server, rooms)

@@ -43,9 +43,9 @@ def test_decide(me: PeerLoad, peers: list[PeerLoad], read: bool) -> None:
 
 
 def test_a_job_waits_a_bounded_time_for_a_peer_that_does_not_read() -> None:
-    assert not decide(P(3, 10), [P(0, 10)], waited=MAX_DEFER / 2).read
-    assert decide(P(3, 10), [P(0, 10)], waited=MAX_DEFER).read
-    assert not decide(P(10, 10), [P(0, 10)], waited=MAX_DEFER).read  # still full
+    assert not decide(P(3, 10), [P(0, 10)], stalled=MAX_DEFER / 2).read
+    assert decide(P(3, 10), [P(0, 10)], stalled=MAX_DEFER).read
+    assert not decide(P(10, 10), [P(0, 10)], stalled=MAX_DEFER).read  # still full
 
 
 def test_cpu_load_is_the_average_over_its_window() -> None:
