@@ -134,7 +134,19 @@ def make_children(
         plain_extra["BENCH_PLAIN_SLOTS"] = str(OPENRTC_SLOTS)
     agents_dir = ["--agents-dir", str(AGENTS_DIR)]
     dispatcher = [python, "-m", "openrtc", "dispatcher", *agents_dir]
+    # Peers of the first worker (--workers): each call then goes through the
+    # spread-by-load check (openrtc.spread) before its read.
+    peers = {
+        f"worker-{i}": Child(
+            f"openrtc worker {i}",
+            [python, "-m", "openrtc", "worker", "--agent", AGENT, *agents_dir],
+            openrtc_env,
+            logs / f"worker-{i}.log",
+        )
+        for i in range(2, args.workers + 1)
+    }
     return {
+        **peers,
         "dispatcher": Child(
             "openrtc dispatcher",
             [*dispatcher, "--agent-name", OPENRTC_AGENT_NAME],
@@ -515,7 +527,8 @@ async def wait_ready(children: dict[str, Child], redis: Redis, trace: Path, limi
         for child in children.values():
             child.check()
         dispatcher = "LiveKit connection registered" in children["dispatcher"].log_text()
-        worker = bool(await redis.zcard(keys.workers(AGENT)))
+        workers = sum(name.startswith("worker") for name in children)
+        worker = await redis.zcard(keys.workers(AGENT)) >= workers
         plain = any(event == "registered" for _room, event in plain_trace(trace))
         if dispatcher and worker and plain:
             return
@@ -604,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per path first (3)")
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between calls (1.0)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per call")
+    parser.add_argument("--workers", type=int, default=1, help="openrtc workers of the agent (1)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the goal is missed")
     parser.add_argument("--goal", type=float, default=GOAL, help=f"ratio goal ({GOAL:.2f})")
     parser.add_argument(
@@ -649,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 busy = (busy1 - busy0) / (total1 - total0)
             stages = stage_breakdown(
                 calls,
-                children["worker"].log_text(),
+                "".join(c.log_text() for n, c in children.items() if n.startswith("worker")),
                 plain_trace(Path(children["plain"].env["BENCH_TRACE"])),
             )
             met = report(args, calls, stages, idle_processes(args), busy)

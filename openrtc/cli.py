@@ -432,6 +432,23 @@ def dispatcher(
             "0 = off.",
         ),
     ] = 0,
+    reconcile_interval: Annotated[
+        float,
+        typer.Option(
+            "--reconcile-interval",
+            envvar="OPENRTC_RECONCILE_INTERVAL",
+            help="Seconds between looks for rooms with a caller and no agent "
+            "(one dispatcher at a time); 0 = off.",
+        ),
+    ] = 2.0,
+    reconcile_grace: Annotated[
+        float,
+        typer.Option(
+            "--reconcile-grace",
+            envvar="OPENRTC_RECONCILE_GRACE",
+            help="Seconds a room may have a caller and no agent before it is dispatched again.",
+        ),
+    ] = 3.0,
     http_port: DispatcherHttpPort = None,
     dead_letter_maxlen: Annotated[
         int,
@@ -455,6 +472,8 @@ def dispatcher(
             when_no_worker="reject" if when_no_worker is NoWorkerPolicyChoice.REJECT else "queue",
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
+            reconcile_interval=reconcile_interval,
+            reconcile_grace=reconcile_grace,
             **_http_port(http_port, DEFAULT_DISPATCHER_HTTP_PORT),
             dead_letter_maxlen=dead_letter_maxlen,
         )
@@ -533,6 +552,14 @@ def worker(
             help="Seconds a consumer holding nothing may go unread before it leaves the group.",
         ),
     ] = 300.0,
+    load_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--load-threshold",
+            envvar="OPENRTC_LOAD_THRESHOLD",
+            help="Host CPU share (0-1] at or above which new calls go to peers below theirs.",
+        ),
+    ] = None,
     http_port: HttpPort = None,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,
@@ -574,6 +601,7 @@ def worker(
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
+            load_threshold=load_threshold,
             **_http_port(http_port, DEFAULT_WORKER_HTTP_PORT),
             dead_letter_maxlen=dead_letter_maxlen,
             checkpoint_max_bytes=checkpoint_max_bytes,

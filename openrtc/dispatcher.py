@@ -61,6 +61,7 @@ from openrtc.messages import (
 from openrtc.metrics import DispatcherMetrics
 from openrtc.monitor import read_status
 from openrtc.ops_http import LoopHealth, OpsServer, serving
+from openrtc.reconciler import LeaderLease, Reconciler
 from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.redis_url import is_cluster_url
@@ -109,6 +110,15 @@ class DispatcherStats:
     statuses_relayed: int = 0
     terminations: int = 0
     reconnects: int = 0
+    #: Reconciler passes this dispatcher ran (as the lease holder) and failed.
+    reconcile_passes: int = 0
+    reconcile_errors: int = 0
+    #: Rooms with a caller and no agent that the reconciler dispatched again.
+    reconciled: int = 0
+    #: Such rooms left alone: their routing names an agent that is not registered.
+    reconcile_unroutable: int = 0
+    #: 1 while this dispatcher holds the reconciler lease.
+    reconcile_leader: int = 0
 
 
 class Dispatcher:
@@ -183,6 +193,22 @@ class Dispatcher:
         self._livekit_state = StateLog("LiveKit connection", logger)
         self._redis_state = StateLog("Redis", logger)
         self._tg: TaskGroup | None = None
+        # One dispatcher at a time reconciles: the holder of this lease.
+        self._lease = LeaderLease(
+            self._redis,
+            self.keys.reconciler_lease,
+            settings.dispatcher_id,
+            ttl=max(3 * settings.reconcile_interval, 2.0),
+        )
+        self.reconciler = Reconciler(
+            settings.livekit,
+            self._redis,
+            self.keys,
+            self._table,
+            settings.agent_name,
+            settings.reconcile_grace,
+            clock=clock,
+        )
         #: The /healthz, /readyz and /metrics server; ``None`` when off.
         self.http: OpsServer | None = None
         if settings.http_port:
@@ -285,6 +311,8 @@ class Dispatcher:
                 tg.start_soon(self._enqueuer.run)
                 tg.start_soon(self._status_loop)
                 tg.start_soon(self._livekit_loop, http)
+                if self.settings.reconcile_interval > 0:
+                    tg.start_soon(self._reconcile_loop)
                 task_status.started()
                 await self._stop.wait()
                 await self._drain()
@@ -293,6 +321,9 @@ class Dispatcher:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 with contextlib.suppress(*REDIS_DOWN):
                     await self.view.presence.leave()
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self._lease.release()
+                await self.reconciler.aclose()
                 if self._own_redis:
                     await self._redis.aclose()
             logger.info("dispatcher %s stopped", self.settings.dispatcher_id)
@@ -733,6 +764,43 @@ class Dispatcher:
             return
         self._redis_state.set("connected", redact_url(self.settings.redis_url))
         await self._settle_unsure()
+
+    async def _reconcile_loop(self) -> None:
+        """Hold or contend for the reconciler lease; as its holder, run a pass each interval."""
+        while not self._is_draining():
+            await anyio.sleep(self.settings.reconcile_interval)
+            if self._is_draining():
+                return
+            was_leader = self._lease.held
+            try:
+                with anyio.fail_after(max(1.0, self.settings.reconcile_interval)):
+                    leader = await self._lease.hold()
+            except (*REDIS_DOWN, TimeoutError) as exc:
+                # Without Redis the lease lapses: another dispatcher may take it.
+                self._lease.held = leader = False
+                logger.debug("reconciler lease not renewed: %s", describe(exc))
+            if leader != was_leader:
+                logger.info(
+                    "reconciler: %s",
+                    "this dispatcher runs it now" if leader else "another dispatcher runs it",
+                )
+                self.reconciler.forget()
+            self.stats.reconcile_leader = int(leader)
+            self.metrics.reconcile_leader.set(int(leader))
+            if not leader:
+                continue
+            try:
+                counts = await self.reconciler.run_pass()
+            except Exception as exc:  # LiveKit's API or Redis: the next pass retries
+                self.stats.reconcile_errors += 1
+                self.metrics.reconcile_passes.labels("failed").inc()
+                logger.warning("reconciler pass failed: %s", describe(exc))
+                continue
+            self.stats.reconcile_passes += 1
+            self.stats.reconciled += counts.dispatched
+            self.metrics.reconcile_passes.labels("ok").inc()
+            self.metrics.reconciled.inc(counts.dispatched)
+            self.stats.reconcile_unroutable += counts.unroutable
 
     async def _settle_unsure(self) -> None:
         """Mark the jobs failed towards LiveKit whose enqueue may have landed anyway."""

@@ -90,6 +90,11 @@ class Keys:
         return f"{self.namespace}:dispatcher:{dispatcher_id}"
 
     @property
+    def reconciler_lease(self) -> str:
+        """String naming the dispatcher that runs the reconciler now (expires: a lease)."""
+        return f"{self.namespace}:reconciler:leader"
+
+    @property
     def agents(self) -> str:
         """Set of agent names that have (had) a job stream: what ``status`` scans."""
         return f"{self.namespace}:agents"

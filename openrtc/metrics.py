@@ -109,6 +109,22 @@ class DispatcherMetrics(_Common):
             "LiveKit job terminations relayed to workers.",
             registry=r,
         )
+        self.reconciled = Counter(
+            "openrtc_reconciler_dispatched",
+            "Rooms with a caller and no agent that the reconciler dispatched again.",
+            registry=r,
+        )
+        self.reconcile_passes = Counter(
+            "openrtc_reconciler_passes",
+            "Reconciler passes this dispatcher ran as the lease holder, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.reconcile_leader = Gauge(
+            "openrtc_reconciler_leader",
+            "1 while this dispatcher holds the reconciler lease.",
+            registry=r,
+        )
         self.livekit_reconnects = Counter(
             "openrtc_livekit_reconnects",
             "Reconnections to LiveKit after a lost registration.",

@@ -170,6 +170,12 @@ class DispatcherSettings:
     #: within ``wait_timeout`` is logged, the job is kept.
     wait_replicas: int = 0
     wait_timeout: float = 0.5
+    #: How often the reconciler (run by one dispatcher at a time, the holder
+    #: of a Redis lease) looks for rooms with a caller and no agent; 0: off.
+    reconcile_interval: float = 2.0
+    #: How long a room has had a caller and no agent (and no job of ours
+    #: queued for it) before the reconciler dispatches it again.
+    reconcile_grace: float = 3.0
     #: Port of the /healthz, /readyz and /metrics server; 0 = none (the CLI's
     #: default is DEFAULT_DISPATCHER_HTTP_PORT, see the README).
     http_port: int = 0
@@ -185,6 +191,10 @@ class DispatcherSettings:
 
     def __post_init__(self) -> None:
         _check_http(self.http_port, self.health_max_lag)
+        if self.reconcile_interval < 0:
+            raise ConfigError("reconcile_interval must be >= 0 (0: off)")
+        if self.reconcile_grace < 0:
+            raise ConfigError("reconcile_grace must be >= 0")
         if self.wait_replicas < 0:
             raise ConfigError("wait_replicas must be >= 0")
         if self.dead_letter_maxlen < 1:
@@ -248,6 +258,10 @@ class WorkerSettings:
     #: worker sent it, so the streams of dispatchers that are gone do not pile up.
     status_ttl: float = DEFAULT_STATUS_TTL
     cluster_keys: bool = False
+    #: Host CPU use in (0, 1] at or above which this worker leaves new calls
+    #: to peers below theirs (livekit-agents' ``load_threshold``); ``None``:
+    #: off. When every worker is above it they all go on reading.
+    load_threshold: float | None = None
     #: Port of the /healthz, /readyz and /metrics server; 0 = none (the CLI's
     #: default is DEFAULT_WORKER_HTTP_PORT, see the README).
     http_port: int = 0
@@ -266,6 +280,8 @@ class WorkerSettings:
         _check_http(self.http_port, self.health_max_lag)
         if self.checkpoint_max_bytes < 0:
             raise ConfigError("checkpoint_max_bytes must be >= 0 (0 = no checkpoints)")
+        if self.load_threshold is not None and not 0 < self.load_threshold <= 1:
+            raise ConfigError("load_threshold must be in (0, 1]")
         if self.concurrency < 1:
             raise ConfigError("concurrency must be >= 1")
         if self.isolation not in ("coroutine", "process"):

@@ -391,6 +391,41 @@ class JobConsumer:
             result.append(Delivery(_text(entry_id), fields, int(deliveries)))
         return result
 
+    async def held_by_consumer(self) -> dict[str, int]:
+        """Entries each consumer of the group holds now (``XPENDING`` summary).
+
+        Exact at every moment (Redis keeps it with each read, claim and ack),
+        where heartbeats are a second old: what spreading a burst needs.
+        """
+        try:
+            summary: Any = await self.redis.xpending(self.stream, WORKERS_GROUP)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return {}
+        return {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
+
+    async def oldest_unread_ms(self) -> int | None:
+        """Redis time (ms) the oldest entry no worker has read was added; None if none."""
+        try:
+            groups: Any = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:
+            return None
+        last = next(
+            (
+                g.get("last-delivered-id")
+                for g in groups
+                if _text(g.get("name", b"")) == WORKERS_GROUP
+            ),
+            None,
+        )
+        if last is None:
+            return None
+        entries: Any = await self.redis.xrange(self.stream, f"({_text(last)}", "+", count=1)
+        if not entries:
+            return None
+        return int(_text(entries[0][0]).split("-")[0])
+
     async def renew(self, held: Mapping[str, str]) -> Renewal:
         """Extend the lease on the entries in ``held`` (entry id -> job id).
 

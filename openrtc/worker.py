@@ -40,7 +40,7 @@ from openrtc.agents import AgentPool
 from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
-from openrtc.membership import Presence
+from openrtc.membership import Presence, live_members
 from openrtc.messages import (
     ControlEvent,
     DeadReason,
@@ -58,6 +58,7 @@ from openrtc.redis_url import is_cluster_url
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
+from openrtc.spread import DEFER_STEP, MAX_DEFER, CpuLoad, PeerLoad, decide
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
 
@@ -210,6 +211,15 @@ class Worker:
         #: Redis's clock minus this host's, measured with each heartbeat.
         self._redis_clock_offset = 0.0
         self._tg: TaskGroup | None = None
+        # Spreading calls by load (openrtc.spread): the agent's other live
+        # workers, worker id -> (capacity, above its CPU threshold), refreshed
+        # with each heartbeat; their held calls are read before each read.
+        self._peers: dict[str, tuple[int, bool]] = {}
+        self._defer_since: float | None = None
+        self._defer_progress = 0
+        self._cpu = CpuLoad() if settings.load_threshold is not None else None
+        self._cpu_load = 0.0
+        self._overloaded = False
         #: The /healthz, /readyz and /metrics server; ``None`` when off.
         self.http: OpsServer | None = None
         if settings.http_port:
@@ -296,6 +306,7 @@ class Worker:
                 await self._until_redis(self.store.ensure_group, s.agent)
                 await check_durability(self._redis, logger)
                 await self._until_redis(self._beat)
+                await self._until_redis(self._refresh_peers)
                 await self._until_redis(self._measure_redis_clock)
             self._startup = None
             if self._stop.is_set():
@@ -381,9 +392,13 @@ class Worker:
                         # behind these, so the next pass runs as soon as a
                         # slot frees, not a reclaim interval later.
                         last_reclaim = 0.0
+                deferred = False
                 if not deliveries:
-                    block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
-                    deliveries = await self.consumer.read(self._gate.free, block)
+                    count = await self._read_count()
+                    deferred = count == 0
+                    if count:
+                        block = int(min(READ_BLOCK_MS, RECLAIM_INTERVAL * 1000))
+                        deliveries = await self.consumer.read(count, block)
                 if now - last_forget >= self.settings.forget_consumers_after / 2:
                     last_forget = now
                     gone = await self.consumer.forget_consumers(
@@ -399,6 +414,12 @@ class Worker:
                 outage = True
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(0.5)
+                continue
+            if deferred:
+                # A less loaded peer reads the next entry; look again soon,
+                # or at once when a call of ours ends.
+                with anyio.move_on_after(DEFER_STEP):
+                    await self._gate.changed.wait()
                 continue
             for delivery in deliveries:
                 if delivery.entry_id in self._claims:
@@ -417,6 +438,48 @@ class Worker:
 
     def _is_draining(self) -> bool:
         return self._draining
+
+    async def _read_count(self) -> int:
+        """How many new entries to read now: 0 to leave the next one to a peer.
+
+        Alone, as many as there are free slots. With peers, one at a time and
+        only when :func:`openrtc.spread.decide` says this worker is the one to
+        take it: one ``XPENDING`` round trip between reads, none for a read
+        that is already waiting (an idle worker's join path is unchanged).
+        """
+        if not self._peers:
+            return self._gate.free
+        held = await self.consumer.held_by_consumer()
+        # Counted as the peers count it, from the same reply.
+        me = PeerLoad(
+            held.get(self.settings.worker_id, 0), self.settings.concurrency, self._overloaded
+        )
+        peers = [
+            PeerLoad(held.get(worker_id, 0), capacity, overloaded)
+            for worker_id, (capacity, overloaded) in self._peers.items()
+        ]
+        decision = decide(me, peers)
+        if not decision.read and me.held < me.capacity:
+            # Bounded: peers that show room but make no progress (none reads,
+            # none ends a call) while a job waits must not strand it.
+            now = time.monotonic()
+            progress = sum(p.held for p in peers)
+            if self._defer_since is None:
+                logger.debug("leaving the next job to a peer: %s", decision.reason)
+            if self._defer_since is None or progress != self._defer_progress:
+                self._defer_since, self._defer_progress = now, progress
+            stalled = now - self._defer_since
+            if stalled >= MAX_DEFER:
+                oldest = await self.consumer.oldest_unread_ms()
+                if oldest is not None:
+                    # Counted from when it arrived, too: a job that came just
+                    # now has not been left waiting by anyone yet.
+                    waited = self._clock() + self._redis_clock_offset - oldest / 1000
+                    decision = decide(me, peers, stalled=min(stalled, waited))
+        if decision.read:
+            self._defer_since = None
+            return 1
+        return 0
 
     def _drop(self, claim: _Claim) -> None:
         """Forget a claim and free its slot."""
@@ -905,14 +968,54 @@ class Worker:
             try:
                 with anyio.fail_after(max(1.0, self.settings.heartbeat_interval * 2)):
                     await self._beat()
+                    await self._refresh_peers()
                     await self._measure_redis_clock()
                 # Also when the consume loop does not read (all slots busy).
                 self._redis_state.set("connected", redact_url(self.settings.redis_url))
             except REDIS_DOWN as exc:
                 self._redis_state.set("unreachable", describe(exc), level=logging.ERROR)
 
+    async def _refresh_peers(self) -> None:
+        """The agent's other live workers: capacity (0 while draining), CPU state."""
+        ids = [
+            m
+            for m in await live_members(self._redis, self.keys.workers(self.settings.agent))
+            if m != self.settings.worker_id
+        ]
+        pipe = self._redis.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hmget(self.keys.worker(worker_id), ["capacity", "overloaded"])
+        records = await pipe.execute() if ids else []
+        peers: dict[str, tuple[int, bool]] = {}
+        for worker_id, (capacity, overloaded) in zip(ids, records, strict=True):
+            if capacity is None:  # gone between the two reads
+                continue
+            with contextlib.suppress(ValueError):
+                peers[worker_id] = (int(capacity), overloaded in (b"1", "1"))
+        self._peers = peers
+
+    def _measure_cpu(self) -> None:
+        threshold = self.settings.load_threshold
+        if self._cpu is None or threshold is None:
+            return
+        self._cpu_load = self._cpu.sample()
+        overloaded = self._cpu_load >= threshold
+        if overloaded != self._overloaded:
+            logger.log(
+                logging.WARNING if overloaded else logging.INFO,
+                "CPU load %.0f%% %s the threshold %.0f%%: %s",
+                self._cpu_load * 100,
+                "at or above" if overloaded else "back under",
+                threshold * 100,
+                "new calls go to peers below it while they have room"
+                if overloaded
+                else "reading new calls again",
+            )
+        self._overloaded = overloaded
+
     async def _beat(self) -> None:
         s = self.settings
+        self._measure_cpu()
         await self._presence.beat(
             {
                 "agent": s.agent,
@@ -921,5 +1024,7 @@ class Worker:
                 "isolation": s.isolation,
                 "jobs": ",".join(self.running_jobs),
                 "draining": int(self._draining),
+                "overloaded": int(self._overloaded),
+                "cpu": f"{self._cpu_load:.3f}",
             }
         )

@@ -17,6 +17,9 @@ from redis.asyncio import Redis
 from openrtc.agents import AgentPool
 from openrtc.devstack import LiveKitServer
 from openrtc.dispatcher import Dispatcher
+from openrtc.messages import JobMessage
+from openrtc.runners import SessionRunner
+from openrtc.session import SessionControl, SessionOutcome
 from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
 from openrtc.worker import Worker
 
@@ -134,12 +137,14 @@ async def working(
     pool: AgentPool | None = None,
     via: LiveKitSettings | None = None,
     clock: Callable[[], float] = time.time,
+    runner: SessionRunner | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Worker]:
     """A worker serving ``agent`` (from ``pool``, default the offline agents) until exit.
 
     ``via``: the LiveKit URL and keys the worker uses, when not ``livekit``'s
-    own (a fault-injecting proxy in front of it).
+    own (a fault-injecting proxy in front of it); ``runner``: how sessions
+    run, when not as the worker's settings say.
     """
     settings = WorkerSettings(
         livekit=via or creds(livekit),
@@ -148,7 +153,9 @@ async def working(
         namespace=ns,
         **{"heartbeat_interval": 0.2, "drain_timeout": 5.0, **overrides},
     )
-    worker = Worker(settings, pool or AgentPool.from_directory(OFFLINE_AGENTS), clock=clock)
+    worker = Worker(
+        settings, pool or AgentPool.from_directory(OFFLINE_AGENTS), clock=clock, runner=runner
+    )
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(60):
             await tg.start(worker.run)
@@ -156,3 +163,35 @@ async def working(
             yield worker
         finally:
             worker.request_stop()
+
+
+class HoldingRunner:
+    """A session runner that joins no room and holds each call until told to end it.
+
+    For tests of who reads which job: thirty real agent sessions in one test
+    process on a two-core machine made the rtc library time out.
+    """
+
+    def __init__(self) -> None:
+        self.controls: list[SessionControl] = []
+
+    async def prepare(self) -> None:
+        return None
+
+    async def maintain(self) -> None:
+        return None
+
+    async def run(
+        self, message: JobMessage, control: SessionControl, *, worker_id: str
+    ) -> SessionOutcome:
+        self.controls.append(control)
+        control.joined.set()
+        await control.wait_stop()
+        return SessionOutcome("success", control.stop_reason)
+
+    async def aclose(self) -> None:
+        return None
+
+    def end_all(self) -> None:
+        for control in self.controls:
+            control.stop("test over")

@@ -1,0 +1,316 @@
+"""No room left without an agent: find rooms with a caller and no agent, and dispatch them again.
+
+The open-source LiveKit server decides a room's dispatch once, when the room
+is created: with no agent worker registered at that moment (every dispatcher
+restarting) the job is dropped for good, and a job whose agent left (or
+whose enqueue failed) is never dispatched again (docs/architecture.md,
+"Reconciler"). So one dispatcher at a time (the holder of a Redis lease,
+:class:`LeaderLease`) looks at every room every ``reconcile_interval``:
+
+- a room is **ours** when it has a dispatch for the agent name the
+  dispatchers register (``""`` for automatic dispatch: LiveKit records one
+  per room it creates);
+- it **needs an agent** when a participant other than an agent has been in it
+  for ``reconcile_grace`` seconds, no agent participant is in it (nor was
+  for ``reconcile_grace``), and no job of ours for it waits in or runs from
+  its agent's stream (:func:`needs_agent`);
+- it is then **dispatched again** through LiveKit: ``CreateDispatch`` for
+  our agent name, with the metadata of the room's latest dispatch, so the
+  job takes the normal path (an offer to one of the dispatchers, the same
+  routing chain, the same stream) and LiveKit's job state stays its own.
+
+A room whose routing names an agent that is not registered is left alone:
+dispatching it again would only add a dead letter per pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio
+from livekit import api
+from livekit.protocol import agent as proto
+from redis.asyncio import Redis
+
+from openrtc.keys import Keys
+from openrtc.routing import RoutingTable, UnknownAgentError, resolve_agent
+from openrtc.settings import LiveKitSettings
+
+__all__ = ["LeaderLease", "Reconciler", "RoomState", "needs_agent"]
+
+logger = logging.getLogger("openrtc.reconciler")
+
+#: Rooms whose participants are listed at once.
+LIST_CONCURRENCY: Final = 8
+#: A room dispatched again is not dispatched again before this long.
+REDISPATCH_COOLDOWN: Final = 30.0
+#: Longest wait for one LiveKit API call.
+API_TIMEOUT: Final = 5.0
+
+# Holds the lease if free or already ours (and extends it); 1 when held.
+_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class LeaderLease:
+    """A Redis key held by one member at a time, with an expiry (``SET NX PX`` and renewal).
+
+    The holder renews it well within ``ttl``; a holder that dies or loses
+    Redis loses it after ``ttl`` and another member takes it.
+    """
+
+    redis: Redis
+    key: str
+    member: str
+    ttl: float
+    held: bool = False
+    _hold: Any = None
+    _release: Any = None
+
+    def __post_init__(self) -> None:
+        self._hold = self.redis.register_script(_HOLD)
+        self._release = self.redis.register_script(_RELEASE)
+
+    async def hold(self) -> bool:
+        """Take or renew the lease; whether this member holds it now."""
+        self.held = bool(
+            await self._hold(keys=[self.key], args=[self.member, int(self.ttl * 1000)])
+        )
+        return self.held
+
+    async def release(self) -> None:
+        """Give the lease up (only if held), so another member takes it at once."""
+        if self.held:
+            self.held = False
+            await self._release(keys=[self.key], args=[self.member])
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    """What one pass saw of a room."""
+
+    name: str
+    #: When the earliest participant other than an agent joined (unix s); None: none.
+    caller_since: float | None
+    has_agent: bool
+
+
+def needs_agent(
+    room: RoomState,
+    *,
+    now: float,
+    grace: float,
+    served_at: float | None,
+    dispatched_at: float | None,
+    queued: bool,
+) -> bool:
+    """Whether ``room`` is to be dispatched again.
+
+    ``served_at``: when an agent was last seen in it; ``dispatched_at``: when
+    this reconciler last dispatched it; ``queued``: a job of ours for it
+    waits in or runs from its agent's stream.
+    """
+    if room.has_agent or room.caller_since is None or queued:
+        return False
+    if dispatched_at is not None and now - dispatched_at < REDISPATCH_COOLDOWN:
+        return False
+    without_agent_since = max(room.caller_since, served_at or 0.0)
+    return now - without_agent_since >= grace
+
+
+@dataclass(slots=True)
+class ReconcileCounts:
+    """What one pass did."""
+
+    rooms: int = 0
+    dispatched: int = 0
+    unroutable: int = 0
+
+
+@dataclass(slots=True)
+class Reconciler:
+    """One pass over the LiveKit project's rooms (run by the lease holder only)."""
+
+    livekit: LiveKitSettings
+    redis: Redis
+    keys: Keys
+    table: RoutingTable
+    #: The agent name the dispatchers register with LiveKit ("" = automatic).
+    agent_name: str
+    grace: float
+    clock: Callable[[], float] = time.time
+    _lkapi: api.LiveKitAPI | None = None
+    #: Room name -> when an agent was last seen in it.
+    _served_at: dict[str, float] = field(default_factory=dict)
+    #: Room name -> when this reconciler last dispatched it.
+    _dispatched_at: dict[str, float] = field(default_factory=dict)
+    _unroutable_logged: set[str] = field(default_factory=set)
+    #: Rooms (by sid) with no dispatch for our agent name: not ours to serve.
+    _not_ours: set[str] = field(default_factory=set)
+
+    async def aclose(self) -> None:
+        """Close the LiveKit API client."""
+        if self._lkapi is not None:
+            await self._lkapi.aclose()
+            self._lkapi = None
+
+    def forget(self) -> None:
+        """Drop what was seen (this dispatcher no longer holds the lease)."""
+        self._served_at.clear()
+        self._dispatched_at.clear()
+
+    async def run_pass(self) -> ReconcileCounts:
+        """Look at every room once; dispatch again those that need an agent."""
+        if self._lkapi is None:
+            self._lkapi = api.LiveKitAPI(
+                self.livekit.http_url, self.livekit.api_key, self.livekit.api_secret
+            )
+        lk = self._lkapi
+        counts = ReconcileCounts()
+        with anyio.fail_after(API_TIMEOUT):
+            rooms = list((await lk.room.list_rooms(api.ListRoomsRequest())).rooms)
+        counts.rooms = len(rooms)
+        names = {r.name for r in rooms}
+        for seen in (self._served_at, self._dispatched_at):
+            for gone in [n for n in seen if n not in names]:
+                del seen[gone]
+        self._unroutable_logged &= names
+        self._not_ours &= {r.sid for r in rooms}
+
+        states: dict[str, RoomState] = {}
+        limiter = anyio.CapacityLimiter(LIST_CONCURRENCY)
+
+        async def look(room: api.Room) -> None:
+            async with limiter:
+                with anyio.fail_after(API_TIMEOUT):
+                    reply = await lk.room.list_participants(
+                        api.ListParticipantsRequest(room=room.name)
+                    )
+            states[room.name] = _room_state(room.name, reply.participants)
+
+        async with anyio.create_task_group() as tg:
+            for room in rooms:
+                if room.num_participants > 0:
+                    tg.start_soon(look, room)
+
+        now = self.clock()
+        for name, state in states.items():
+            if state.has_agent:
+                self._served_at[name] = now
+        candidates = [
+            (room, states[room.name])
+            for room in rooms
+            if room.name in states
+            and needs_agent(
+                states[room.name],
+                now=now,
+                grace=self.grace,
+                served_at=self._served_at.get(room.name),
+                dispatched_at=self._dispatched_at.get(room.name),
+                queued=False,
+            )
+        ]
+        if not candidates:
+            return counts
+        queued: dict[str, set[str]] = {}
+        for room, _state in candidates:
+            if room.sid in self._not_ours:
+                continue
+            with anyio.fail_after(API_TIMEOUT):
+                dispatches = await lk.agent_dispatch.list_dispatch(room_name=room.name)
+            ours = [d for d in dispatches if d.agent_name == self.agent_name]
+            if not ours:
+                self._not_ours.add(room.sid)  # dispatched to other agent names only
+                continue
+            latest = max(ours, key=lambda d: d.state.created_at)
+            job = proto.Job(room=room, metadata=latest.metadata)
+            try:
+                agent = resolve_agent(job, self.table).agent
+            except UnknownAgentError as exc:
+                counts.unroutable += 1
+                if room.name not in self._unroutable_logged:
+                    self._unroutable_logged.add(room.name)
+                    logger.warning(
+                        "room %s has a caller and no agent, left alone: %s", room.name, exc
+                    )
+                continue
+            if agent not in queued:
+                queued[agent] = await self._rooms_in_stream(agent)
+            if room.name in queued[agent]:
+                continue  # its job waits for a worker, or a worker is joining
+            with anyio.fail_after(API_TIMEOUT):
+                await lk.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(
+                        agent_name=self.agent_name, room=room.name, metadata=latest.metadata
+                    )
+                )
+            self._dispatched_at[room.name] = self.clock()
+            counts.dispatched += 1
+            logger.warning(
+                "room %s had a caller and no agent for %.0fs+: dispatched again (agent '%s')",
+                room.name,
+                self.grace,
+                agent,
+            )
+        return counts
+
+    async def _rooms_in_stream(self, agent: str) -> set[str]:
+        """Rooms of the jobs in ``agent``'s stream: waiting, or held by a worker.
+
+        The stream holds only those (workers delete what they acknowledge) and
+        is bounded by admission, so reading it whole is bounded too.
+        """
+        rooms: set[str] = set()
+        start = "-"
+        while True:
+            entries: Any = await self.redis.xrange(self.keys.jobs(agent), start, "+", count=500)
+            for _entry_id, fields in entries:
+                room = fields.get(b"room")
+                if isinstance(room, bytes):
+                    rooms.add(room.decode(errors="replace"))
+            if len(entries) < 500:
+                return rooms
+            last = entries[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+
+
+#: Participants that are someone to talk to (a recorder is not).
+_CALLER_KINDS: Final = frozenset(
+    {
+        api.ParticipantInfo.Kind.STANDARD,
+        api.ParticipantInfo.Kind.SIP,
+        api.ParticipantInfo.Kind.INGRESS,
+    }
+)
+
+
+def _room_state(name: str, participants: Iterable[Any]) -> RoomState:
+    has_agent = False
+    callers: list[float] = []
+    for p in participants:
+        if p.kind == api.ParticipantInfo.Kind.AGENT:
+            has_agent = True
+        elif p.kind in _CALLER_KINDS:
+            callers.append(p.joined_at_ms / 1000 if p.joined_at_ms else float(p.joined_at))
+    return RoomState(name, min(callers) if callers else None, has_agent)

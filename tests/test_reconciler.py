@@ -1,0 +1,238 @@
+"""No single dispatcher, no room left without an agent: real LiveKit, real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import pytest
+from livekit import api
+from redis.asyncio import Redis
+
+from openrtc.caller import caller_in
+from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.keys import Keys
+from openrtc.reconciler import REDISPATCH_COOLDOWN, RoomState, needs_agent
+from tests.stack import (
+    OFFLINE_AGENTS,
+    HoldingRunner,
+    creds,
+    delete_room,
+    dispatcher_settings,
+    dispatching,
+    eventually,
+    new_room,
+    unique,
+    working,
+)
+
+pytestmark = pytest.mark.anyio
+
+#: Fast enough for the tests: a room without an agent is dispatched again
+#: within about GRACE + INTERVAL seconds.
+FAST = {"reconcile_interval": 0.3, "reconcile_grace": 1.0}
+
+
+def reconciling(livekit: LiveKitServer, redis_url: str, ns: str, **overrides: Any) -> Any:
+    return dispatching(dispatcher_settings(livekit, redis_url, ns, **{**FAST, **overrides}))
+
+
+@pytest.mark.parametrize(
+    ("room", "served_at", "dispatched_at", "queued", "expected"),
+    [
+        (RoomState("r", 90.0, False), None, None, False, True),  # caller waited 10 s
+        (RoomState("r", 99.0, False), None, None, False, False),  # within the grace
+        (RoomState("r", 90.0, True), None, None, False, False),  # has its agent
+        (RoomState("r", None, False), None, None, False, False),  # nobody to talk to
+        (RoomState("r", 90.0, False), None, None, True, False),  # its job is queued
+        (RoomState("r", 50.0, False), 99.0, None, False, False),  # agent just left
+        (RoomState("r", 50.0, False), 95.0, None, False, True),  # agent left 5 s ago
+        (RoomState("r", 50.0, False), None, 100.0 - REDISPATCH_COOLDOWN / 2, False, False),
+        (RoomState("r", 50.0, False), None, 100.0 - REDISPATCH_COOLDOWN, False, True),
+    ],
+)
+@pytest.mark.unit
+def test_needs_agent(
+    room: RoomState,
+    served_at: float | None,
+    dispatched_at: float | None,
+    queued: bool,
+    expected: bool,
+) -> None:
+    got = needs_agent(
+        room, now=100.0, grace=3.0, served_at=served_at, dispatched_at=dispatched_at, queued=queued
+    )
+    assert got is expected
+
+
+async def test_a_room_created_while_no_dispatcher_ran_gets_its_agent(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    room = unique("dental-orphan")
+    async with working(livekit_server, redis_server.url, ns, "dental"):
+        # LiveKit decides the dispatch now, finds no agent worker, and never retries.
+        await new_room(livekit_server, room)
+        async with caller_in(creds(livekit_server), room) as caller:
+            await anyio.sleep(1.0)
+            assert caller.agents() == []
+            async with reconciling(livekit_server, redis_server.url, ns) as dispatcher:
+                agent = await caller.wait_agent(within=15)
+                assert agent.attributes.get("lk.agent_name", "") == ""
+                assert dispatcher.stats.reconciled == 1
+                assert dispatcher.stats.reconcile_leader == 1
+        await delete_room(livekit_server, room)
+
+
+async def test_a_room_whose_agent_left_while_the_caller_stayed_gets_one_again(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    room = unique("dental-left")
+    async with (
+        reconciling(livekit_server, redis_server.url, ns) as dispatcher,
+        working(livekit_server, redis_server.url, ns, "dental") as worker,
+    ):
+        await new_room(livekit_server, room)
+        async with caller_in(creds(livekit_server), room) as caller:
+            first = await caller.wait_agent(within=20)
+            assert dispatcher.stats.reconciled == 0
+            async with api.LiveKitAPI(
+                livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
+            ) as lk:
+                await lk.room.remove_participant(
+                    api.RoomParticipantIdentity(room=room, identity=first.identity)
+                )
+            await eventually(lambda: worker.stats.succeeded == 1, "the first session's end")
+            second = await caller.wait_agent(within=20, other_than=first.sid)
+            assert second.identity != first.identity  # a new job, dispatched again
+            assert dispatcher.stats.reconciled == 1
+            assert worker.stats.started == 2
+        await delete_room(livekit_server, room)
+
+
+async def test_a_room_whose_job_is_queued_is_not_dispatched_twice(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    room = unique("dental-queued")
+    async with reconciling(livekit_server, redis_server.url, ns) as dispatcher:
+        await new_room(livekit_server, room)
+        async with caller_in(creds(livekit_server), room) as caller:
+            # No worker yet: the job waits in the stream, the caller with no agent.
+            await eventually(lambda: dispatcher.stats.enqueued == 1, "the job enqueued")
+            passes = dispatcher.stats.reconcile_passes
+            await eventually(
+                lambda: dispatcher.stats.reconcile_passes >= passes + 8,
+                "reconciler passes past the grace",
+            )
+            assert dispatcher.stats.reconciled == 0
+            assert await redis.xlen(keys.jobs("dental")) == 1
+            async with working(livekit_server, redis_server.url, ns, "dental") as worker:
+                await caller.wait_agent(within=20)
+                await anyio.sleep(FAST["reconcile_grace"] + 1.0)
+                assert worker.stats.started == 1
+            assert caller.max_agents_at_once == 1
+            assert dispatcher.stats.offered == 1
+        await delete_room(livekit_server, room)
+
+
+async def test_only_one_of_two_dispatchers_reconciles_and_the_other_takes_over(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    async with (
+        reconciling(livekit_server, redis_server.url, ns) as one,
+        reconciling(livekit_server, redis_server.url, ns) as two,
+    ):
+        both = [one, two]
+        await eventually(
+            lambda: any(d.stats.reconcile_passes >= 5 for d in both), "reconciler passes"
+        )
+        leader, other = both if one.stats.reconcile_passes else both[::-1]
+        assert other.stats.reconcile_passes == 0
+        assert (leader.stats.reconcile_leader, other.stats.reconcile_leader) == (1, 0)
+        leader.request_stop()  # releases the lease: the other takes it at its next look
+        await eventually(lambda: other.stats.reconcile_passes >= 1, "the other to take over")
+        assert other.stats.reconcile_leader == 1
+
+
+def dispatcher_process(livekit: LiveKitServer, redis_url: str, ns: str) -> subprocess.Popen[str]:
+    env = dict(
+        os.environ,
+        LIVEKIT_URL=livekit.url,
+        LIVEKIT_API_KEY=livekit.api_key,
+        LIVEKIT_API_SECRET=livekit.api_secret,
+        REDIS_URL=redis_url,
+        OPENRTC_NAMESPACE=ns,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "openrtc", "dispatcher", "--agents-dir", str(OFFLINE_AGENTS)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+async def test_two_dispatchers_one_killed_mid_run_no_call_lost(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    runner = HoldingRunner()
+    rooms: list[str] = []
+
+    async def dispatchers_of_held_jobs() -> set[str]:
+        entries = await redis.xrange(keys.jobs("dental"))
+        return {fields[b"dispatcher"].decode() for _id, fields in entries}
+
+    async def place_call() -> None:
+        rooms.append(unique(f"dental-two-{len(rooms)}"))
+        await new_room(livekit_server, rooms[-1])
+
+    other = dispatcher_process(livekit_server, redis_server.url, ns)
+    try:
+        async with (
+            working(
+                livekit_server, redis_server.url, ns, "dental", runner=runner, concurrency=40
+            ) as worker,
+            dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as mine,
+        ):
+
+            async def both_live() -> bool:
+                return bool(await redis.zcard(keys.dispatchers) >= 2)
+
+            await eventually(both_live, "both dispatchers' heartbeats", within=30)
+            # LiveKit offers each job to one of the registered dispatchers, at
+            # random: calls until each has taken some.
+            with anyio.fail_after(60):
+                while True:
+                    await place_call()
+                    await eventually(lambda: worker.stats.started == len(rooms), "the call")
+                    held = await dispatchers_of_held_jobs()
+                    if len(held) == 2:
+                        break
+            assert mine.settings.dispatcher_id in held
+            other.send_signal(signal.SIGKILL)
+            other.wait(5)
+            before = len(rooms)
+            for _ in range(6):
+                await place_call()
+            await eventually(
+                lambda: worker.stats.started == len(rooms), "every call served", within=30
+            )
+            # The killed dispatcher's calls go on: their sessions never stopped.
+            assert not any(c.stopping for c in runner.controls)
+            assert mine.stats.enqueued >= len(rooms) - before
+    finally:
+        runner.end_all()
+        if other.poll() is None:
+            other.kill()
+        for room in rooms:
+            await delete_room(livekit_server, room)
