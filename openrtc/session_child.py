@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -108,14 +107,13 @@ class _StdinStream(anyio.abc.ByteReceiveStream):
 
 
 def main() -> None:
+    from openrtc.logs import configure_logging
+
     agents_dir, agent = sys.argv[1], sys.argv[2]
-    logging.basicConfig(
-        level=os.environ.get("OPENRTC_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s [session {os.getpid()}]: %(message)s",
-        stream=sys.stderr,
+    # As the worker logs (runners.ProcessRunner passes its level and format).
+    configure_logging(
+        os.environ.get("OPENRTC_LOG_LEVEL", "INFO"), os.environ.get("OPENRTC_LOG_FORMAT", "text")
     )
-    for noisy in ("livekit", "aiohttp", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     sys.exit(anyio.run(_serve, agents_dir, agent))
 
 
