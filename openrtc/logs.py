@@ -141,7 +141,7 @@ def _json_formatter() -> logging.Formatter:
 def child_env() -> dict[str, str]:
     """Environment variables that make a child process log as this one does."""
     return {
-        "OPENRTC_LOG_LEVEL": logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        "OPENRTC_LOG_LEVEL": logging.getLevelName(logging.getLogger("openrtc").getEffectiveLevel()),
         "OPENRTC_LOG_FORMAT": _format,
     }
 
@@ -149,21 +149,26 @@ def child_env() -> dict[str, str]:
 def configure_logging(level: int | str, fmt: str = LogFormat.TEXT) -> None:
     """Set up the root logger for this process: ``fmt`` is ``text`` or ``json``.
 
-    Replaces any handler set before (a second call reconfigures). Third-party
-    chatter stays at WARNING unless DEBUG was asked for.
+    A second call reconfigures. Third-party chatter stays at WARNING unless
+    DEBUG was asked for.
     """
     fmt = LogFormat(fmt)  # ValueError names the value
     numeric = level if isinstance(level, int) else logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(ContextFilter())
-    handler.setFormatter(_json_formatter() if fmt == "json" else _TextFormatter(_TEXT_FORMAT))
     root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(numeric)
+    ours = [h for h in root.handlers if getattr(h, "_openrtc", False)]
+    if len(ours) == len(root.handlers):
+        # Like logging.basicConfig: a host that set up logging itself (pytest
+        # running the CLI in-process) keeps its handlers and its level.
+        for old in ours:
+            root.removeHandler(old)
+        handler = logging.StreamHandler(sys.stderr)
+        handler._openrtc = True  # type: ignore[attr-defined]
+        handler.addFilter(ContextFilter())
+        handler.setFormatter(_json_formatter() if fmt == "json" else _TextFormatter(_TEXT_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(numeric)
     if numeric > logging.DEBUG:
         for noisy in ("livekit", "aiohttp", "asyncio"):
             logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
