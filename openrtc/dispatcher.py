@@ -653,7 +653,9 @@ class Dispatcher:
                     logger.warning("ignoring malformed status event %s: %s", entry_id, exc)
                     continue
                 try:
-                    with log_context(job_id=event.job_id):
+                    # The room is not known here; the agent is, for a held job.
+                    agent = self.jobs.held.get(event.job_id, "")
+                    with log_context(job_id=event.job_id, agent=agent):
                         await self._relay(event)
                 except Exception:
                     # Whatever one event holds, it must not stop the loop that

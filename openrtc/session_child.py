@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -114,7 +115,18 @@ def main() -> None:
     configure_logging(
         os.environ.get("OPENRTC_LOG_LEVEL", "INFO"), os.environ.get("OPENRTC_LOG_FORMAT", "text")
     )
-    sys.exit(anyio.run(_serve, agents_dir, agent))
+    try:
+        code = anyio.run(_serve, agents_dir, agent)
+    except BrokenPipeError:
+        # The worker closed our stdout (it stopped while we were starting):
+        # nobody is left to tell. Quietly, and without a second error at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    except Exception:
+        # In the log's format (JSON lines stay JSON), not a bare traceback.
+        logging.getLogger("openrtc.session").exception("session process failed")
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":
