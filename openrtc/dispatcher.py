@@ -373,16 +373,13 @@ class Dispatcher:
             answer.available = False
             self.stats.rejected += 1
             return response
-        route_span = None
-        if span is not None:
-            route_span = tracing.start_span("openrtc.dispatcher.route", parent=span)
         try:
             route: Route | None = resolve_agent(job, self._table)
             error = None
         except UnknownAgentError as exc:
             route, error = None, exc
-        if route_span is not None:
-            _trace_route(route_span, span, route, error)
+        if span is not None:
+            _trace_route(span, route, error)
         if route is not None:
             add_log_context(agent=route.agent)
             admission = self.policy.decide(
@@ -425,25 +422,24 @@ class Dispatcher:
     def _on_assignment(self, socket: AgentSocket, assignment: proto.JobAssignment) -> None:
         """Hand an assigned job to the enqueue loop: no task and no await per job."""
         job = assignment.job
-        with log_context(job_id=job.id, room=job.room.name):
-            self._assign(socket, job)
-
-    def _assign(self, socket: AgentSocket, job: proto.Job) -> None:
         offer = self.jobs.take_offer(job.id)
-        if offer is None:
-            # Assigned without an offer we remember (e.g. across a reconnect):
-            # route it again from what the assignment carries.
-            now = self._clock()
-            try:
-                offer = Offer(job, resolve_agent(job, self._table), None, now, now)
-            except UnknownAgentError as exc:
-                offer = Offer(job, None, exc, now, now)
-                self._start(self._dead_letter_unknown, offer)
-        if offer.error is not None:
-            self._start(self._fail, socket, job.id, str(offer.error))
-            return
+        if offer is None or offer.error is not None:
+            # The unusual paths log and start tasks: they get the job's log
+            # context (the usual one logs nothing here, and pays nothing).
+            with log_context(job_id=job.id, room=job.room.name):
+                if offer is None:
+                    # Assigned without an offer we remember (e.g. across a
+                    # reconnect): route it again from what the assignment carries.
+                    now = self._clock()
+                    try:
+                        offer = Offer(job, resolve_agent(job, self._table), None, now, now)
+                    except UnknownAgentError as exc:
+                        offer = Offer(job, None, exc, now, now)
+                        self._start(self._dead_letter_unknown, offer)
+                if offer.error is not None:
+                    self._start(self._fail, socket, job.id, str(offer.error))
+                    return
         assert offer.route is not None
-        add_log_context(agent=offer.route.agent)
         span = traceparent = None
         if tracing.enabled:
             span = tracing.start_span(
@@ -728,25 +724,26 @@ class Dispatcher:
             await check_durability(self._redis, logger)
 
 
-def _trace_route(
-    span: Any, parent: Any, route: Route | None, error: UnknownAgentError | None
-) -> None:
-    """End the routing span; the availability span learns the agent too."""
+def _trace_route(span: Any, route: Route | None, error: UnknownAgentError | None) -> None:
+    """The routing result, on the availability span (a span of its own per job cost
+    as much again as the answer: attributes say the same)."""
     if route is not None:
-        attributes = {
-            tracing.AGENT: route.agent,
-            "openrtc.routing.step": route.step,
-            "openrtc.routing.source": route.source,
-        }
-        span.set_attributes(attributes)
-        parent.set_attributes(attributes)
-        span.end()
+        span.set_attributes(
+            {
+                tracing.AGENT: route.agent,
+                "openrtc.routing.step": route.step,
+                "openrtc.routing.source": route.source,
+            }
+        )
     else:
         assert error is not None
         span.set_attributes(
-            {"openrtc.routing.step": error.step, "openrtc.routing.source": error.source}
+            {
+                "openrtc.routing.step": error.step,
+                "openrtc.routing.source": error.source,
+                "openrtc.routing.error": str(error),
+            }
         )
-        tracing.end_failed(span, str(error))
 
 
 def _trace_enqueue(span: Any, result: EnqueueResult | None, error: BaseException | None) -> None:

@@ -2,8 +2,8 @@
 
 One trace per call::
 
-    openrtc.dispatcher.availability      (root: LiveKit's AvailabilityRequest)
-    ├── openrtc.dispatcher.route         (the six-step chain: step, source)
+    openrtc.dispatcher.availability      (root: LiveKit's AvailabilityRequest, the
+    │                                     routing: agent, step, source; the answer)
     └── openrtc.dispatcher.enqueue       (assignment -> XADD; its context rides in
         │                                 the entry's ``traceparent`` field)
         └── openrtc.worker.claim         (read or reclaimed -> checked, decided)

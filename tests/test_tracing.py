@@ -81,7 +81,6 @@ async def test_one_trace_from_the_availability_request_to_the_session_s_end(
 
     finished = [s for s in spans.get_finished_spans() if s.name.startswith("openrtc.")]
     availability = _one(finished, "openrtc.dispatcher.availability")
-    route = _one(finished, "openrtc.dispatcher.route")
     enqueue = _one(finished, "openrtc.dispatcher.enqueue")
     claim = _one(finished, "openrtc.worker.claim")
     session = _one(finished, "openrtc.session")
@@ -90,11 +89,9 @@ async def test_one_trace_from_the_availability_request_to_the_session_s_end(
     # One trace, from the dispatcher's first span to the worker's session span.
     assert availability.parent is None
     trace_id = availability.context.trace_id
-    for span in (route, enqueue, claim, session, join):
+    for span in (enqueue, claim, session, join):
         assert span.context.trace_id == trace_id, span.name
     # The chain: each span's parent is the step before it.
-    assert route.parent is not None
-    assert route.parent.span_id == availability.context.span_id
     assert enqueue.parent is not None
     assert enqueue.parent.span_id == availability.context.span_id
     assert claim.parent is not None
@@ -110,7 +107,7 @@ async def test_one_trace_from_the_availability_request_to_the_session_s_end(
         assert attributes[tracing.JOB_ID] == job_id, span.name
         assert attributes[tracing.AGENT] == "dental", span.name
         assert attributes[tracing.ROOM] == room, span.name
-    assert (route.attributes or {})["openrtc.routing.step"] == 3  # room metadata
+    assert (availability.attributes or {})["openrtc.routing.step"] == 3  # room metadata
     assert (availability.attributes or {})["openrtc.routing.source"] == "room metadata"
     assert (availability.attributes or {})["openrtc.available"] is True
     assert (enqueue.attributes or {})["openrtc.outcome"] == "queued"
