@@ -25,9 +25,9 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=".venv/.openrtc-installed"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  log "installing openrtc[dev] into .venv"
+  log "installing openrtc[dev,tracing] into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,tracing]"
   touch "$stamp"
 fi
 
