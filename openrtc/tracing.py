@@ -74,11 +74,12 @@ def configure(provider: TracerProvider, *, set_global: bool = False) -> None:
     enabled = True
 
 
-def configure_from_env(service_name: str) -> bool:
+def configure_from_env(service_name: str, *, set_global: bool = True) -> bool:
     """Turn tracing on, exporting over OTLP/HTTP, when the ``OTEL_*`` variables ask for it.
 
-    Returns whether it did. Without the SDK installed it says how to get it
-    and stays off: traces are never worth a service that does not start.
+    Returns whether it did. ``set_global``: see :func:`configure`. Without
+    the SDK installed it says how to get it and stays off: traces are never
+    worth a service that does not start.
     """
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -104,7 +105,7 @@ def configure_from_env(service_name: str) -> bool:
     provider = TracerProvider(resource=resource)
     # The exporter reads its endpoint, headers and timeout from OTEL_* itself.
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    configure(provider, set_global=True)
+    configure(provider, set_global=set_global)
     logger.info("tracing: exporting spans over OTLP to %s", _without_credentials(endpoint))
     return True
 

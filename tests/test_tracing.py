@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import anyio
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -135,3 +136,49 @@ async def test_tracing_off_writes_no_traceparent(
             (_, fields) = entries[0]
             assert TRACEPARENT_FIELD.encode() not in fields
             await delete_room(livekit_server, room)
+
+
+async def test_spans_are_exported_over_otlp_when_the_endpoint_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    received: list[bytes] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+        monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+        assert not tracing.configure_from_env("openrtc-test", set_global=False)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert tracing.configure_from_env("openrtc-test", set_global=False)
+        try:
+            tracing.start_span("openrtc.dispatcher.availability").end()
+        finally:
+            # The batch is flushed on shutdown, from a thread: the loop must run meanwhile.
+            await anyio.to_thread.run_sync(tracing.shutdown)
+        assert not tracing.enabled
+        await eventually(lambda: received, "the OTLP export")
+    finally:
+        await runner.cleanup()
+    export = ExportTraceServiceRequest()
+    export.ParseFromString(received[0])
+    (resource_spans,) = export.resource_spans
+    names = [s.name for scope in resource_spans.scope_spans for s in scope.spans]
+    assert names == ["openrtc.dispatcher.availability"]
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert service["service.name"] == "openrtc-test"
