@@ -235,3 +235,4 @@ async def test_services_log_json_lines_with_the_job_s_context(
     # No secret on any line.
     text = json.dumps(worker_lines + dispatcher_lines)
     assert livekit_server.api_secret not in text
+    assert "eyJ" not in text  # no JWT (a room token) either, extra fields included
