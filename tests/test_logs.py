@@ -144,7 +144,7 @@ def _stop(process: subprocess.Popen[str]) -> list[dict[str, Any]]:
     """Stop a service; every line it wrote on stderr, each parsed as JSON."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=120)
     records = []
     for line in err.splitlines():
         try:
@@ -160,6 +160,8 @@ async def test_services_log_json_lines_with_the_job_s_context(
 ) -> None:
     ns = unique("ns")
     room = unique("jsonlog")
+    # Deadlines are generous: two services start (livekit-agents imports take
+    # seconds each) on a machine that may be busy with other tests.
     # The worker runs sessions in child processes: they must log JSON too.
     worker = _service(
         livekit_server,
@@ -187,11 +189,11 @@ async def test_services_log_json_lines_with_the_job_s_context(
                 a.workers for a in status.agents
             )
 
-        await eventually(ready, "the dispatcher registered and the worker live", within=60)
+        await eventually(ready, "the dispatcher registered and the worker live", within=120)
         await new_room(livekit_server, room, '{"agent": "dental"}')
         async with caller_in(creds(livekit_server), room) as caller:
-            agent = await caller.wait_agent(within=60)
-            with anyio.fail_after(20):
+            agent = await caller.wait_agent(within=90)
+            with anyio.fail_after(60):
                 await caller.heard.wait()
             job_id = agent.identity.removeprefix("agent-")
             await delete_room(livekit_server, room)
@@ -200,7 +202,7 @@ async def test_services_log_json_lines_with_the_job_s_context(
             state = await redis.hget(Keys(ns).job("dental", job_id), "state")
             return state == b"done"
 
-        await eventually(done, "the job's end", within=30)
+        await eventually(done, "the job's end", within=60)
     finally:
         worker_lines = _stop(worker)
         dispatcher_lines = _stop(dispatcher)
