@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
 from openrtc import __version__
 from openrtc.agents import AgentPool
 from openrtc.errors import OpenRTCError
+from openrtc.logs import LogFormat, configure_logging
 from openrtc.messages import DeadReason
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
 from openrtc.settings import (
@@ -36,8 +38,47 @@ from openrtc.settings import (
 )
 from openrtc.supervision import freeze_imports
 
+#: Root options also accepted after the subcommand (``openrtc status --log-level DEBUG``).
+_ANYWHERE_OPTIONS = ("--log-level", "--log-format")
+
+
+class _Root(typer.core.TyperGroup):
+    """The root group: moves :data:`_ANYWHERE_OPTIONS` given after a subcommand to before it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # click's Context
+        return super().parse_args(ctx, _hoist_root_options(args))
+
+
+def _hoist_root_options(args: list[str]) -> list[str]:
+    """``args`` with the root options found after the subcommand moved before it.
+
+    Stops at ``--``; a value is the next word or follows ``=``.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            rest.extend(args[i:])
+            break
+        name = word.split("=", 1)[0]
+        if name in _ANYWHERE_OPTIONS:
+            if "=" in word or i + 1 >= len(args):
+                front.append(word)
+                i += 1
+            else:
+                front.extend(args[i : i + 2])
+                i += 2
+            continue
+        rest.append(word)
+        i += 1
+    return front + rest
+
+
 app = typer.Typer(
     name="openrtc",
+    cls=_Root,
     help="Route LiveKit calls to voice agents over Redis streams.",
     no_args_is_help=True,
     add_completion=False,
@@ -183,10 +224,20 @@ def _root(
         typer.Option(
             "--log-level",
             envvar="OPENRTC_LOG_LEVEL",
-            help="DEBUG, INFO, WARNING... [default: INFO for services, WARNING otherwise]",
+            help="DEBUG, INFO, WARNING... [default: INFO for services, WARNING otherwise]"
+            " (also accepted after the command)",
             show_default=False,
         ),
     ] = None,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="OPENRTC_LOG_FORMAT",
+            help="text, or json: one object per line with the job's id, agent and room"
+            " (also accepted after the command)",
+        ),
+    ] = LogFormat.TEXT,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
     ] = False,
@@ -196,13 +247,7 @@ def _root(
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         _fail(f"unknown log level {log_level!r}", 2)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # Third-party chatter stays at WARNING unless DEBUG was asked for.
-    if level > logging.DEBUG:
-        for noisy in ("livekit", "aiohttp", "asyncio"):
-            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    configure_logging(level, log_format)
 
 
 @app.command("list")
@@ -383,10 +428,16 @@ def _serve(
         _fail(str(exc))
     if freeze:
         freeze_imports()
+    from openrtc import tracing
+
+    # Off unless OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set.
+    tracing.configure_from_env(f"openrtc-{type(service).__name__.lower()}")
     try:
         _run_service(service)
     except OpenRTCError as exc:  # a start-up check refused the settings
         _fail(str(exc))
+    finally:
+        tracing.shutdown()
 
 
 @app.command("dispatcher")

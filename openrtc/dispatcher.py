@@ -39,6 +39,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from livekit.protocol import agent as proto
 from redis.asyncio import Redis
 
+from openrtc import tracing
 from openrtc.admission import AdmissionPolicy
 from openrtc.agents import AgentPool
 from openrtc.enqueuer import BatchEnqueuer, InFlight, Pending
@@ -46,6 +47,7 @@ from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.ledger import JobLedger, Offer
 from openrtc.livekit_protocol import AgentSocket, ProtocolError, SocketClosed, open_agent_socket
+from openrtc.logs import add_log_context, log_context
 from openrtc.membership import LoadView, Presence
 from openrtc.messages import (
     AGENT_ATTRIBUTE,
@@ -286,8 +288,10 @@ class Dispatcher:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` (or cancellation)."""
-        async with serving(self.http):
-            await self._run(task_status)
+        # Every line of this dispatcher (its tasks inherit it) names it.
+        with log_context(dispatcher_id=self.settings.dispatcher_id):
+            async with serving(self.http):
+                await self._run(task_status)
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         logger.info(
@@ -410,7 +414,8 @@ class Dispatcher:
             elif kind == "assignment":
                 self._on_assignment(socket, message.assignment)
             elif kind == "termination":
-                self._start(self._on_termination, message.termination.job_id)
+                with log_context(job_id=message.termination.job_id):
+                    self._start(self._on_termination, message.termination.job_id)
             elif kind in ("pong", "register"):
                 continue
             elif kind == "go_away":
@@ -438,6 +443,23 @@ class Dispatcher:
 
     def _answer(self, request: proto.AvailabilityRequest) -> proto.WorkerMessage:
         """The availability answer: routing and the cached view only, no I/O."""
+        job = request.job
+        with log_context(job_id=job.id, room=job.room.name):
+            if not tracing.enabled:
+                return self._decide(request, None)
+            # The call's trace starts here (docs/architecture.md, "Tracing").
+            span = tracing.start_span(
+                "openrtc.dispatcher.availability",
+                attributes={tracing.JOB_ID: job.id, tracing.ROOM: job.room.name},
+            )
+            try:
+                response = self._decide(request, span)
+                span.set_attribute("openrtc.available", response.availability.available)
+            finally:
+                span.end()
+            return response
+
+    def _decide(self, request: proto.AvailabilityRequest, span: Any) -> proto.WorkerMessage:
         received = self._clock()
         job = request.job
         self.stats.offered += 1
@@ -454,7 +476,10 @@ class Dispatcher:
             error = None
         except UnknownAgentError as exc:
             route, error = None, exc
+        if span is not None:
+            _trace_route(span, route, error)
         if route is not None:
+            add_log_context(agent=route.agent)
             admission = self.policy.decide(
                 self.view.loads.get(route.agent), redis_ok=self.view.redis_ok
             )
@@ -483,7 +508,7 @@ class Dispatcher:
                 error,
             )
             name = f"unknown agent {error.agent}"[:64]
-        offer = Offer(job, route, error, received, self._clock())
+        offer = Offer(job, route, error, received, self._clock(), span)
         if error is not None:
             self._start(self._dead_letter_unknown, offer)
         self.jobs.offer(offer)
@@ -500,24 +525,41 @@ class Dispatcher:
         """Hand an assigned job to the enqueue loop: no task and no await per job."""
         job = assignment.job
         offer = self.jobs.take_offer(job.id)
-        if offer is None:
-            # Assigned without an offer we remember (e.g. across a reconnect):
-            # route it again from what the assignment carries.
-            now = self._clock()
-            try:
-                offer = Offer(job, resolve_agent(job, self._table), None, now, now)
-            except UnknownAgentError as exc:
-                offer = Offer(job, None, exc, now, now)
-                self._start(self._dead_letter_unknown, offer)
-        if offer.error is not None:
-            self._start(self._fail, socket, job.id, str(offer.error))
-            return
+        if offer is None or offer.error is not None:
+            # The unusual paths log and start tasks: they get the job's log
+            # context (the usual one logs nothing here, and pays nothing).
+            with log_context(job_id=job.id, room=job.room.name):
+                if offer is None:
+                    # Assigned without an offer we remember (e.g. across a
+                    # reconnect): route it again from what the assignment carries.
+                    now = self._clock()
+                    try:
+                        offer = Offer(job, resolve_agent(job, self._table), None, now, now)
+                    except UnknownAgentError as exc:
+                        offer = Offer(job, None, exc, now, now)
+                        self._start(self._dead_letter_unknown, offer)
+                if offer.error is not None:
+                    self._start(self._fail, socket, job.id, str(offer.error))
+                    return
         assert offer.route is not None
+        span = traceparent = None
+        if tracing.enabled:
+            span = tracing.start_span(
+                "openrtc.dispatcher.enqueue",
+                parent=offer.span,
+                attributes={
+                    tracing.JOB_ID: job.id,
+                    tracing.ROOM: job.room.name,
+                    tracing.AGENT: offer.route.agent,
+                },
+            )
+            traceparent = tracing.traceparent_of(span)
         pending = Pending(
-            self._job_message(job, offer),
+            self._job_message(job, offer, traceparent or ""),
             deadline=time.monotonic() + self.settings.enqueue_timeout,
             socket=socket,
             route=offer.route,
+            span=span,
         )
         self.jobs.assign(job.id, pending.message.agent)
         self._enqueuer.submit(pending)
@@ -526,6 +568,15 @@ class Dispatcher:
         self, pending: Pending, result: EnqueueResult | None, error: BaseException | None
     ) -> None:
         """Account for one job the enqueuer wrote (or could not write)."""
+        message = pending.message
+        with log_context(job_id=message.job_id, room=message.room, agent=message.agent):
+            self._completed(pending, result, error)
+        if pending.span is not None:
+            _trace_enqueue(pending.span, result, error)
+
+    def _completed(
+        self, pending: Pending, result: EnqueueResult | None, error: BaseException | None
+    ) -> None:
         message = pending.message
         if result is None:
             self.stats.enqueue_failed += 1
@@ -568,7 +619,7 @@ class Dispatcher:
                 )
         self.jobs.written(message.job_id, message.agent, hold=pending.socket is self._socket)
 
-    def _job_message(self, job: proto.Job, offer: Offer) -> JobMessage:
+    def _job_message(self, job: proto.Job, offer: Offer, traceparent: str = "") -> JobMessage:
         """The job's stream entry; for an unknown agent, the same with no agent.
 
         The room snapshot carries the room's TURN password and the job its
@@ -591,6 +642,7 @@ class Dispatcher:
             dispatcher_id=self.settings.dispatcher_id,
             received_at=offer.received_at,
             routed_at=offer.routed_at,
+            traceparent=traceparent,
         )
 
     async def _dead_letter_unknown(self, offer: Offer) -> None:
@@ -707,7 +759,10 @@ class Dispatcher:
                     logger.warning("ignoring malformed status event %s: %s", entry_id, exc)
                     continue
                 try:
-                    await self._relay(event)
+                    # The room is not known here; the agent is, for a held job.
+                    agent = self.jobs.held.get(event.job_id, "")
+                    with log_context(job_id=event.job_id, agent=agent):
+                        await self._relay(event)
                 except Exception:
                     # Whatever one event holds, it must not stop the loop that
                     # relays every other job's status (and the dispatcher).
@@ -815,6 +870,36 @@ class Dispatcher:
         if not self._durability_checked:
             self._durability_checked = True  # once: at start-up, when Redis first answers
             await check_durability(self._redis, logger)
+
+
+def _trace_route(span: Any, route: Route | None, error: UnknownAgentError | None) -> None:
+    """The routing result, on the availability span (a span of its own per job cost
+    as much again as the answer: attributes say the same)."""
+    if route is not None:
+        span.set_attributes(
+            {
+                tracing.AGENT: route.agent,
+                "openrtc.routing.step": route.step,
+                "openrtc.routing.source": route.source,
+            }
+        )
+    else:
+        assert error is not None
+        span.set_attributes(
+            {
+                "openrtc.routing.step": error.step,
+                "openrtc.routing.source": error.source,
+                "openrtc.routing.error": str(error),
+            }
+        )
+
+
+def _trace_enqueue(span: Any, result: EnqueueResult | None, error: BaseException | None) -> None:
+    if result is None:
+        tracing.end_failed(span, describe(error) if error else "timed out")
+        return
+    span.set_attributes({"openrtc.entry_id": result.entry_id, "openrtc.outcome": result.outcome})
+    span.end()
 
 
 def _without_secrets(job: proto.Job) -> proto.Job:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import anyio
 
@@ -65,6 +65,8 @@ class Pending:
     #: The LiveKit socket its assignment came on (its status goes back there).
     socket: AgentSocket
     route: Route
+    #: The enqueue span (tracing on only), ended with the result.
+    span: Any = None
 
 
 #: Called once per job: the result, or the error that kept it from Redis.

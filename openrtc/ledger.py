@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from livekit.protocol import agent as proto
 
@@ -39,6 +39,8 @@ class Offer:
     error: UnknownAgentError | None
     received_at: float
     routed_at: float
+    #: The availability span (tracing on only): the enqueue's parent.
+    span: Any = None
 
 
 @dataclass(slots=True)

@@ -51,6 +51,10 @@ _NUMBER: Final = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 _TIMESTAMP_MAX: Final = 1e11
 #: Routing steps 1-6; 0 when an entry does not say.
 _STEP: Final = re.compile(r"[0-6]")
+#: The optional field carrying the call's trace context (W3C Trace Context).
+TRACEPARENT_FIELD: Final = "traceparent"
+#: A W3C ``traceparent`` of version 00's shape (55 characters).
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class MalformedEntry(ValueError):
@@ -180,6 +184,9 @@ class JobMessage:
     #: When the entry reached the stream, by Redis's own clock (0.0 when the
     #: entry predates the field); stamped by the enqueue script, never encoded.
     queued_at: float = 0.0
+    #: The call's W3C trace context (``""`` when tracing is off or the entry's
+    #: field was unusable: a trace is never a reason to refuse a job).
+    traceparent: str = ""
 
     @property
     def job_id(self) -> str:
@@ -202,7 +209,7 @@ class JobMessage:
     def encode(self) -> dict[bytes, bytes]:
         """Stream entry fields. ``enqueued_at`` is stamped now if unset."""
         enqueued = self.enqueued_at or time.time()
-        return {
+        fields = {
             b"v": _VERSION,
             b"job_id": self.job_id.encode(),
             b"agent": self.agent.encode(),
@@ -220,6 +227,9 @@ class JobMessage:
             b"routed_at": f"{self.routed_at:.6f}".encode(),
             b"enqueued_at": f"{enqueued:.6f}".encode(),
         }
+        if self.traceparent:
+            fields[TRACEPARENT_FIELD.encode()] = self.traceparent.encode()
+        return fields
 
     @classmethod
     def decode(cls, fields: Fields) -> JobMessage:
@@ -288,7 +298,22 @@ class JobMessage:
             routed_at=_float(fields, "routed_at"),
             enqueued_at=_float(fields, "enqueued_at"),
             queued_at=_millis(fields, QUEUED_AT_FIELD) / 1000,
+            traceparent=_traceparent(fields),
         )
+
+
+def _traceparent(fields: Fields) -> str:
+    """The entry's ``traceparent`` if it is one, else ``""``; never raises."""
+    raw = fields.get(TRACEPARENT_FIELD.encode())
+    if not raw or len(raw) != 55:
+        return ""
+    text = raw.decode("ascii", errors="replace")
+    if not _TRACEPARENT.fullmatch(text) or text.startswith("ff"):
+        return ""
+    _, trace_id, span_id, _ = text.split("-")
+    if trace_id == "0" * 32 or span_id == "0" * 16:
+        return ""
+    return text
 
 
 class JobStatus(StrEnum):

@@ -50,6 +50,7 @@ from anyio.abc import ByteReceiveStream, Process, UNIXSocketStream
 from anyio.streams.text import TextReceiveStream
 
 from openrtc.agents import AgentConfig
+from openrtc.logs import child_env
 from openrtc.messages import JobMessage
 from openrtc.session import (
     SessionControl,
@@ -356,6 +357,7 @@ class ProcessRunner:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in PARENT_ONLY_ENV}
         env["LIVEKIT_URL"] = self._settings.livekit.url
+        env.update(child_env())  # the child logs as this worker does
         return env
 
     def _poke(self) -> None:

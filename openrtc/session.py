@@ -40,6 +40,7 @@ from livekit.agents.voice.events import ToolCallStarted
 
 from openrtc.agents import AgentConfig
 from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
+from openrtc.logs import log_context
 from openrtc.messages import JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 
@@ -185,6 +186,22 @@ async def run_session(
     ``access``: the worker's credentials (the token is minted here), or a
     :class:`RoomAccess` minted by the parent of a session process.
     """
+    # Every line logged for this session, livekit-agents' included, names the job.
+    with log_context(
+        job_id=message.job_id, agent=message.agent, room=message.room, worker_id=worker_id
+    ):
+        return await _run_session(message, config, access, proc, control, worker_id=worker_id)
+
+
+async def _run_session(
+    message: JobMessage,
+    config: AgentConfig,
+    access: LiveKitSettings | RoomAccess,
+    proc: JobProcess,
+    control: SessionControl,
+    *,
+    worker_id: str,
+) -> SessionOutcome:
     if isinstance(access, LiveKitSettings):
         try:
             access = room_access(access, message)

@@ -176,7 +176,12 @@ def _child(channel: int, control: socket.socket, wakeup: tuple[int, int], warm: 
         os.dup2(channel, 1)
         os.close(channel)
         code = anyio.run(_serve, *warm)
+    except BrokenPipeError:
+        # The worker closed our channel (it stopped while we started): nobody
+        # is left to tell.
+        code = 0
     except BaseException:
+        # In the log's format (JSON lines stay JSON), not a bare traceback.
         logger.exception("session process failed")
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -230,17 +235,16 @@ def _zygote(agents_dir: str, agent: str, control_fd: int) -> int:
 
 
 def main() -> None:
+    from openrtc.logs import configure_logging
+
     agents_dir, agent, control_fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
     # What agent code prints goes to stderr: a child's stdout is its socket to the worker.
     os.dup2(2, 1)
-    logging.basicConfig(
-        level=os.environ.get("OPENRTC_LOG_LEVEL", "INFO").upper(),
-        # %(process)d, not os.getpid() now: children inherit this formatter.
-        format="%(asctime)s %(levelname)s %(name)s [session %(process)d]: %(message)s",
-        stream=sys.stderr,
+    # As the worker logs (runners.ProcessRunner passes its level and format);
+    # forked children inherit it.
+    configure_logging(
+        os.environ.get("OPENRTC_LOG_LEVEL", "INFO"), os.environ.get("OPENRTC_LOG_FORMAT", "text")
     )
-    for noisy in ("livekit", "aiohttp", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     sys.exit(_zygote(agents_dir, agent, control_fd))
 
 

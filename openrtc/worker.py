@@ -35,13 +35,16 @@ from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
 from redis.asyncio import Redis
 
+from openrtc import tracing
 from openrtc.acceptance import Action, Verdict, judge
 from openrtc.agents import AgentPool
 from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
+from openrtc.logs import log_context
 from openrtc.membership import Presence, live_members
 from openrtc.messages import (
+    ID_MAX,
     ControlEvent,
     DeadReason,
     JobMessage,
@@ -102,6 +105,9 @@ class _Claim:
     lost: bool = False
     #: Being acknowledged, dead-lettered or released: no more renewals.
     settled: bool = False
+    #: Tracing on only: when it was read (ns), and the claim span.
+    read_ns: int = 0
+    span: Any = None
 
     @property
     def entry_id(self) -> str:
@@ -281,8 +287,10 @@ class Worker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop` and the drain are done (or cancellation)."""
-        async with serving(self.http):
-            await self._run(task_status)
+        # Every line of this worker (its tasks inherit it) names it.
+        with log_context(worker_id=self.settings.worker_id):
+            async with serving(self.http):
+                await self._run(task_status)
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         s = self.settings
@@ -431,6 +439,8 @@ class Worker:
                     self.metrics.reclaimed.inc()
                 # Held (and leased) from this moment: its check may be slow.
                 claim = _Claim(delivery)
+                if tracing.enabled:
+                    claim.read_ns = time.time_ns()
                 self._claims[delivery.entry_id] = claim
                 self._gate.take()
                 assert self._tg is not None
@@ -489,6 +499,12 @@ class Worker:
 
     async def _accept(self, claim: _Claim) -> None:
         """Decide what a held entry becomes: a session, a dead letter, or nothing."""
+        job_id, _ = peek_job_header(claim.delivery.fields)
+        # The session task started by the check inherits these.
+        with log_context(job_id=job_id, agent=self.settings.agent, room=_peek_room(claim)):
+            await self._accept_in_context(claim)
+
+    async def _accept_in_context(self, claim: _Claim) -> None:
         started = False
         try:
             started = await self._check(claim)
@@ -503,6 +519,9 @@ class Worker:
                 claim.delivery.deliveries,
             )
         finally:
+            if claim.span is not None:
+                claim.span.set_attribute("openrtc.session_started", started)
+                claim.span.end()
             if not started:
                 self._drop(claim)
 
@@ -525,6 +544,20 @@ class Worker:
             verdict = self._judge(delivery, message, record)
         if isinstance(message, JobMessage):
             claim.message = message
+            if tracing.enabled:
+                claim.span = tracing.start_span(
+                    "openrtc.worker.claim",
+                    parent=message.traceparent,
+                    start_time=claim.read_ns or None,
+                    attributes={
+                        tracing.JOB_ID: message.job_id,
+                        tracing.AGENT: message.agent,
+                        tracing.ROOM: message.room,
+                        "openrtc.worker_id": self.settings.worker_id,
+                        "openrtc.entry_id": claim.entry_id,
+                        "openrtc.delivery": delivery.deliveries,
+                    },
+                )
         else:
             message = None
         if verdict.action is Action.DEAD_LETTER:
@@ -688,6 +721,19 @@ class Worker:
         assert control is not None
         self.stats.started += 1
         self.metrics.started.inc()
+        span = None
+        if claim.span is not None:
+            span = tracing.start_span(
+                "openrtc.session",
+                parent=claim.span,
+                attributes={
+                    tracing.JOB_ID: message.job_id,
+                    tracing.AGENT: message.agent,
+                    tracing.ROOM: message.room,
+                    "openrtc.isolation": self.settings.isolation,
+                    "openrtc.takeover": claim.reclaimed,
+                },
+            )
         try:
 
             async def announce() -> None:
@@ -707,6 +753,8 @@ class Worker:
             async def mark_joined() -> None:
                 await control.joined.wait()
                 claim.joined_at = time.monotonic()
+                if span is not None:
+                    _trace_joined(span, message)
                 logger.info(
                     "job %s: agent '%s' joined room %s as %s (%.0f ms after enqueue)",
                     message.job_id,
@@ -733,9 +781,10 @@ class Worker:
                     if writer is not None:
                         watch.start_soon(writer.run)
                     try:
-                        outcome = await self.runner.run(
-                            message, control, worker_id=self.settings.worker_id
-                        )
+                        with tracing.use_span(span) if span is not None else _no_span:
+                            outcome = await self.runner.run(
+                                message, control, worker_id=self.settings.worker_id
+                            )
                     except Exception as exc:  # a runner bug must not take the worker down
                         logger.exception("job %s: the session runner failed", message.job_id)
                         outcome = SessionOutcome(
@@ -746,11 +795,16 @@ class Worker:
                         with anyio.move_on_after(self.settings.lease / 3):
                             await writer.flush()
                     watch.cancel_scope.cancel()
+            if span is not None:
+                _trace_outcome(span, outcome)
+                span = None
             await self._settle(claim, message, outcome)
             if writer is not None and outcome.status == "success":
                 with contextlib.suppress(*REDIS_DOWN):
                     await self.checkpoints.delete(message.job_id)
         finally:
+            if span is not None:  # cancelled
+                span.end()
             self._drop(claim)
 
     async def _checkpointing(
@@ -1028,3 +1082,35 @@ class Worker:
                 "cpu": f"{self._cpu_load:.3f}",
             }
         )
+
+
+_no_span: Final = contextlib.nullcontext()
+
+
+def _peek_room(claim: _Claim) -> str:
+    """The entry's room name for log lines before it is decoded; ``""`` if unusable."""
+    raw = claim.delivery.fields.get(b"room", b"")
+    text = raw[:ID_MAX].decode(errors="replace") if isinstance(raw, bytes) else ""
+    return text if text.isprintable() else ""
+
+
+def _trace_joined(span: Any, message: JobMessage) -> None:
+    """The agent is in the room: an event on the session span, and the join as a span."""
+    span.add_event("agent joined", {"openrtc.identity": message.accept.identity})
+    join = tracing.start_span(
+        "openrtc.session.join",
+        parent=span,
+        start_time=span.start_time,
+        attributes={tracing.JOB_ID: message.job_id, tracing.ROOM: message.room},
+    )
+    join.end()
+
+
+def _trace_outcome(span: Any, outcome: SessionOutcome) -> None:
+    span.set_attributes(
+        {"openrtc.outcome": outcome.status, "openrtc.outcome_reason": outcome.reason}
+    )
+    if outcome.status == "failed":
+        tracing.end_failed(span, outcome.error or outcome.reason)
+    else:
+        span.end()

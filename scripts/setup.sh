@@ -44,11 +44,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=".venv/.openrtc-installed"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  log "installing openrtc and its dev group into .venv"
+  log "installing openrtc[hiredis,tracing] and its dev group into .venv"
   # pip >= 25.1 reads PEP 735 dependency groups (--group).
   .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
   # hiredis: production installs should have it (README), and the benchmarks measure with it.
-  .venv/bin/python -m pip install -q -e ".[hiredis]" --group dev
+  .venv/bin/python -m pip install -q -e ".[hiredis,tracing]" --group dev
   touch "$stamp"
 fi
 

@@ -10,9 +10,12 @@ and dropping fields with hostile values, and from arbitrary bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +24,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from livekit.protocol.agent import Job, JobType
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from openrtc import tracing
 from openrtc.messages import (
     ERROR_TEXT_MAX,
     ControlEvent,
@@ -37,6 +44,22 @@ from openrtc.monitor import _decode_entry
 from openrtc.routing import SHOWN_NAME_MAX, UnknownAgentError, resolve_agent
 
 pytestmark = pytest.mark.unit
+
+TRACEPARENT_SHAPE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[InMemorySpanExporter]:
+    """Tracing on, into memory, for the block."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.configure(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.shutdown()
+
 
 FUZZ = settings(
     max_examples=300,
@@ -127,6 +150,9 @@ values = st.one_of(
 )
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 def _valid_job_fields() -> dict[bytes, bytes]:
     now = time.time()
     return JobMessage(
@@ -140,6 +166,7 @@ def _valid_job_fields() -> dict[bytes, bytes]:
         received_at=now,
         routed_at=now,
         enqueued_at=now,
+        traceparent=TRACEPARENT,
     ).encode()
 
 
@@ -227,13 +254,56 @@ def test_job_entries_decode_or_are_malformed(fields: dict[bytes, bytes]) -> None
     assert 0 <= message.step <= 6
     _finite(message.received_at, message.routed_at, message.enqueued_at)
     again = JobMessage.decode(message.encode())
-    assert (again.job, again.agent, again.accept, again.step, again.dispatcher_id) == (
+    assert (
+        again.job,
+        again.agent,
+        again.accept,
+        again.step,
+        again.dispatcher_id,
+        again.traceparent,
+    ) == (
         message.job,
         message.agent,
         message.accept,
         message.step,
         message.dispatcher_id,
+        message.traceparent,
     )
+
+
+traceparents = st.one_of(
+    values,
+    st.from_regex(r"\A[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z"),
+    st.from_regex(r"\A[0-9a-fA-F-]{50,60}\Z"),
+    st.just(TRACEPARENT.upper()),
+    st.just("00-" + "0" * 32 + "-00f067aa0ba902b7-01"),
+    st.just("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+)
+
+
+@FUZZ
+@given(traceparents)
+def test_a_garbage_traceparent_never_breaks_a_job(raw: bytes | str) -> None:
+    value = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    # The job decodes whatever the field holds: a trace is never a reason to refuse one.
+    message = JobMessage.decode({**_valid_job_fields(), b"traceparent": value})
+    assert message.traceparent in ("", value.decode("ascii", "replace"))
+    if message.traceparent:
+        assert TRACEPARENT_SHAPE.fullmatch(message.traceparent)
+    # And the worker can always start its span from it.
+    with traced() as exporter:
+        span = tracing.start_span("openrtc.worker.claim", parent=message.traceparent)
+        span.end()
+        finished = exporter.get_finished_spans()
+        if not message.traceparent:
+            assert len(finished) == 1  # a new trace
+            return
+        _, trace_id, _, flags = message.traceparent.split("-")
+        if int(flags, 16) & 1:
+            (span_data,) = finished
+            assert span_data.context.trace_id == int(trace_id, 16)
+        else:
+            assert not finished  # the caller's "not sampled" is kept
 
 
 @FUZZ
