@@ -606,6 +606,9 @@ class OpenRTCTarget:
         ]
         env = self.stack.base_env()
         env.update(REDIS_URL=self.stack.redis.url, OPENRTC_NAMESPACE=self.keys.namespace)
+        # No /metrics server: a fixed port (8182) collides with any other worker on the
+        # machine, and an unscraped server costs nothing measurable.
+        env["OPENRTC_HTTP_PORT"] = "0"
         return Service(self.label, argv, env, self.stack.log_dir / f"worker-{self.key}.log")
 
     async def ready(self, service: Service) -> None:
@@ -1685,7 +1688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         log(f"servers up: livekit {livekit.url}, redis {redis.url}; logs in {log_dir}")
         results = anyio.run(run, args, stack)
-        ok = True
+        ok = not any(r.stopped_at for r in results)  # keep the logs of a worker that stopped
     except KeyboardInterrupt:
         log("interrupted")
         return 130
