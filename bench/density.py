@@ -1062,14 +1062,16 @@ class Ramp:
         await self._start(1)
 
 
-async def measure(stack: Stack, target: Target, options: Options) -> Result:
+async def measure(
+    stack: Stack, target: Target, options: Options, result: Result | None = None
+) -> Result:
     """One worker, level by level; where it stops keeping up is noted, not raised.
 
     A level whose sessions cannot all be verified (joins that time out, calls
     without audio, a worker that exits) ends this worker's ramp: the result
     says at which level and why, and the levels below it stand.
     """
-    result = Result(target.key, target.label)
+    result = result or Result(target.key, target.label)
     service = target.service()
     log(f"{target.label}: starting the worker ({' '.join(service.argv[1:])})")
     service.start()
@@ -1567,13 +1569,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def run(args: argparse.Namespace, stack: Stack) -> list[Result]:
+async def run(args: argparse.Namespace, stack: Stack, results: list[Result]) -> None:
+    """Measure each system in turn; ``results`` fills as levels are measured."""
     options = options_from(args)
-    results = []
     for key in args.system_keys:
         target: Target = PlainTarget(stack) if key == "plain" else OpenRTCTarget(stack, key)
-        results.append(await measure(stack, target, options))
-    return results
+        results.append(Result(target.key, target.label))
+        await measure(stack, target, options, results[-1])
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -1675,6 +1677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     livekit = BenchLiveKitServer(log_path=log_dir / "livekit.log")
     started = time.monotonic()
     ok = False
+    interrupted = False
+    results: list[Result] = []
     try:
         redis.start()
         livekit.start()
@@ -1687,11 +1691,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             lease=args.lease,
         )
         log(f"servers up: livekit {livekit.url}, redis {redis.url}; logs in {log_dir}")
-        results = anyio.run(run, args, stack)
+        anyio.run(run, args, stack, results)
         ok = not any(r.stopped_at for r in results)  # keep the logs of a worker that stopped
     except KeyboardInterrupt:
         log("interrupted")
-        return 130
+        interrupted = True
     except BaseException as exc:
         error = _find(exc, BenchError)
         if error is not None:
@@ -1699,8 +1703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if _find(exc, KeyboardInterrupt) is not None:
             log("interrupted")
-            return 130
-        raise
+            interrupted = True
+        else:
+            raise
     finally:
         for service in _SERVICES:
             service.kill()
@@ -1710,6 +1715,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(log_dir, ignore_errors=True)
         elif not ok:
             log(f"logs kept in {log_dir}")
+    if interrupted:
+        # A SIGTERM, Ctrl-C, or livekit-rtc's FFI panic in this process's callers
+        # (it SIGTERMs its own process; seen when an overloaded machine starves them):
+        # what was measured so far is still worth printing.
+        if any(r.levels for r in results):
+            log("interrupted: the levels measured so far")
+            report(results, options_from(args), time.monotonic() - started)
+        return 130
     verdict = report(results, options_from(args), time.monotonic() - started)
     if args.check and not verdict:
         return 1
