@@ -1112,13 +1112,13 @@ async def measure(
                         f"({added} added in {result.ramp_seconds[level]:.1f}s): "
                         f"{_describe(sample)}"
                     )
-            except BenchError as exc:
-                result.stopped_at = level
-                result.stop_reason = str(exc).split("\n")[0]
-                log(f"{target.label}: stops keeping up at {level} sessions: {exc}")
+            except Exception as exc:  # BenchError, or a caller's failure in a task group
+                _stopped(result, level, exc)
             finally:
                 for call in ramp.calls:
                     call.leave.set()  # callers hang up; the task group waits for them
+    except Exception as exc:  # a caller task failed after it had started
+        _stopped(result, max(result.levels, default=0), exc)
     finally:
         with anyio.CancelScope(shield=True):
             if ramp is not None:
@@ -1127,6 +1127,16 @@ async def measure(
             await service.stop()
         log(f"{target.label}: stopped")
     return result
+
+
+def _stopped(result: Result, level: int, exc: Exception) -> None:
+    """Note where and why a worker stopped keeping up (the first reason wins)."""
+    error = _find(exc, BenchError)
+    reason = str(error) if error is not None else f"{type(exc).__name__}: {exc}"
+    log(f"{result.label}: stops keeping up at {level} sessions: {reason}")
+    if not result.stopped_at:
+        result.stopped_at = level
+        result.stop_reason = reason.split("\n")[0]
 
 
 def _describe(s: Sample) -> str:
@@ -1616,6 +1626,9 @@ def _find(exc: BaseException, kind: type[_E]) -> _E | None:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    # Once: livekit-rtc SIGTERMs its own process on each FFI panic, and a second
+    # one during the cleanup would cut the report short (Ctrl-C still works).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
