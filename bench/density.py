@@ -1120,6 +1120,13 @@ async def measure(
     except Exception as exc:  # a caller task failed after it had started
         _stopped(result, max(result.levels, default=0), exc)
     finally:
+        missing = [lvl for lvl in options.levels if lvl not in result.levels]
+        if missing and not result.stopped_at:
+            # Seen on an overloaded machine: the ramp ends by a cancellation that
+            # surfaces as no exception here. Still a level this worker did not reach.
+            result.stopped_at = missing[0]
+            result.stop_reason = "its ramp ended before the level was verified (cancelled)"
+            log(f"{target.label}: stops keeping up at {missing[0]} sessions: {result.stop_reason}")
         with anyio.CancelScope(shield=True):
             if ramp is not None:
                 with anyio.move_on_after(30):
