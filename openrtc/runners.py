@@ -49,6 +49,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process, UNIXSocketStream
 from anyio.streams.text import TextReceiveStream
 
+from openrtc import ffi_routing
 from openrtc.agents import AgentConfig
 from openrtc.logs import child_env
 from openrtc.messages import JobMessage
@@ -99,6 +100,9 @@ class CoroutineRunner:
         self._proc = new_job_process("coroutine")
 
     async def prepare(self) -> None:
+        # Many sessions share this process's livekit-rtc event queue: deliver
+        # each caller-audio frame to its own stream, not to all of them.
+        ffi_routing.install()
         if self._config.prewarm is not None:
             _coroutine_logger.info("prewarming agent '%s'", self._config.name)
             await anyio.to_thread.run_sync(self._config.prewarm, self._proc)
