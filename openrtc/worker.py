@@ -39,6 +39,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from openrtc.acceptance import Action, Verdict, judge
 from openrtc.agents import AgentPool
@@ -433,6 +434,7 @@ class Worker:
     async def _crash_loop(self) -> None:
         """Take over the calls of peers whose process is gone, without waiting for a lease."""
         grace = min(self.settings.crash_grace, self.settings.lease / 2)
+        refused = False
         while True:
             await anyio.sleep(CRASH_CHECK_INTERVAL)
             if self._draining or self._gate.free <= 0 or time.monotonic() < self._reclaim_after:
@@ -442,6 +444,11 @@ class Worker:
                     deliveries = await self.consumer.reclaim_crashed(
                         grace, self._gate.free, CRASH_CHECK_INTERVAL
                     )
+            except ResponseError as exc:  # a refused command (the ACL?), not an outage
+                if not refused:
+                    logger.error("crash detection failed (leases still apply): %s", exc)
+                refused = True
+                continue
             except REDIS_DOWN:
                 continue  # the consume loop reports outages, and waits a lease after one
             if deliveries:
