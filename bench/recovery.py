@@ -182,9 +182,11 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20, help="calls across three workers")
     parser.add_argument("--check", action="store_true", help="exit 1 if a goal is missed")
+    parser.add_argument("--log-dir", type=Path, help="keep the services' logs here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="openrtc-recovery-") as tmp:
-        logs = Path(tmp)
+        logs = args.log_dir or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         with RedisServer() as redis_server, LiveKitServer() as livekit:
             lease, lease_n = await run_phase(
                 livekit, redis_server.url, args.calls, crash_detection=False, logs=logs

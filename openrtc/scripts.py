@@ -219,7 +219,8 @@ return {entries, claimed}
 
 
 # KEYS: job stream, the agent's liveness hash (field: worker id -> '0', or the
-# Redis ms since which its channel has had no subscriber; '@scan': last scan).
+# Redis ms since which its channel has had no subscriber; '@scan': last scan;
+# '@free:<worker id>': its free slots at its last call).
 # ARGV: group, consumer (the caller), channel prefix, grace ms, want, scan ms,
 # hash ttl ms. Returns {entries, counts} as RECLAIM does.
 #
@@ -228,8 +229,10 @@ return {entries, claimed}
 # process lives. A killed process's sockets are closed by its kernel, so Redis
 # drops the subscription at once; a frozen or partitioned one keeps it (no FIN
 # reaches Redis) and is left to the lease. A worker seen without a subscriber
-# is a suspect; one still without after `grace` ms is dead, and up to `want`
-# of its entries are claimed at once, whatever their idle time. The grace
+# is a suspect; one still without after `grace` ms is dead, and its entries
+# are claimed at once, whatever their idle time: up to `want`, and this
+# caller's share of them by free slots (each caller records its own as
+# '@free:<worker>'), so that the calls are spread over the peers. The grace
 # rides out a live worker's reconnect (a killed connection, a Redis restart):
 # it subscribes again within milliseconds. A caller whose own subscription is
 # missing judges nobody: its connections were reset too (Redis restarted,
@@ -247,16 +250,24 @@ if not subscribed(me) then return {{}, {}} end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local flat = redis.call('HGETALL', alive)
-local scan_at, watched = 0, {}
+local scan_at, watched, free = 0, {}, {}
 for i = 1, #flat, 2 do
-  if flat[i] == '@scan' then
+  local f = flat[i]
+  if f == '@scan' then
     scan_at = tonumber(flat[i + 1]) or 0
-  elseif flat[i] ~= me then
-    watched[flat[i]] = flat[i + 1]
+  elseif string.sub(f, 1, 6) == '@free:' then
+    free[string.sub(f, 7)] = tonumber(flat[i + 1]) or 0
+  elseif f ~= me then
+    watched[f] = flat[i + 1]
   end
 end
+redis.call('HSET', alive, '@free:' .. me, want)
 local scan = now - scan_at >= tonumber(ARGV[6])
 if scan then redis.call('HSET', alive, '@scan', now) end
+local slots = want
+for worker, since in pairs(watched) do
+  if since == '0' then slots = slots + (free[worker] or 0) end
+end
 local ids, counts = {}, {}
 for worker, since in pairs(watched) do
   if scan or since ~= '0' then
@@ -265,11 +276,15 @@ for worker, since in pairs(watched) do
     elseif since == '0' then
       redis.call('HSET', alive, worker, now)
     elseif now - (tonumber(since) or now) >= grace and #ids < want then
-      local p = redis.call('XPENDING', stream, group, '-', '+', want - #ids, worker)
-      if #p == 0 then redis.call('HDEL', alive, worker) end
-      for _, e in ipairs(p) do
-        table.insert(ids, e[1])
-        counts[e[1]] = e[4] + 1
+      local p = redis.call('XPENDING', stream, group, '-', '+', slots, worker)
+      if #p == 0 then redis.call('HDEL', alive, worker, '@free:' .. worker) end
+      -- This caller's share, by its free slots among the live workers': the
+      -- dead worker's calls are spread (each peer starts a few sessions,
+      -- not one peer all of them).
+      local share = math.min(want - #ids, math.ceil(#p * want / slots))
+      for i = 1, share do
+        table.insert(ids, p[i][1])
+        counts[p[i][1]] = p[i][4] + 1
       end
     end
   end

@@ -415,7 +415,9 @@ class JobConsumer:
 
     async def unwatch(self) -> None:
         """Stop being watched (a clean exit, nothing left pending)."""
-        await self.redis.hdel(self.store.keys.alive(self.agent), self.consumer)
+        await self.redis.hdel(
+            self.store.keys.alive(self.agent), self.consumer, f"@free:{self.consumer}"
+        )
 
     async def redeliver(self, entry_id: str) -> Delivery | None:
         """Deliver an entry this worker holds to it again (counted); ``None`` if not ours."""

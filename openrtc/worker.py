@@ -437,12 +437,15 @@ class Worker:
         refused = False
         while True:
             await anyio.sleep(CRASH_CHECK_INTERVAL)
-            if self._draining or self._gate.free <= 0 or time.monotonic() < self._reclaim_after:
+            if time.monotonic() < self._reclaim_after:
                 continue
+            # Also when full (or draining): the pass records this worker's
+            # free slots, by which peers share a crashed worker's calls.
+            free = 0 if self._draining else max(0, self._gate.free)
             try:
                 with anyio.fail_after(self.settings.lease / 3):
                     deliveries = await self.consumer.reclaim_crashed(
-                        grace, self._gate.free, CRASH_CHECK_INTERVAL
+                        grace, free, CRASH_CHECK_INTERVAL
                     )
             except ResponseError as exc:  # a refused command (the ACL?), not an outage
                 if not refused:
