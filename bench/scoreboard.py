@@ -87,6 +87,13 @@ BENCHES: Final = (
         ("--short",),
         "calls through faults, every call accounted for; recovery after SIGKILL",
     ),
+    Bench(
+        "recovery",
+        "recovery.py",
+        (),
+        ("--calls", "10"),
+        "kill -9 of a worker -> its calls' agents back: crash detection vs lease only",
+    ),
     # Last: it reads the dispatch and density figures of this same run.
     Bench(
         "capacity",

@@ -571,6 +571,15 @@ def worker(
             help="Seconds without renewal after which another worker takes a call over.",
         ),
     ] = 5.0,
+    crash_detection: Annotated[
+        bool,
+        typer.Option(
+            "--crash-detection/--no-crash-detection",
+            envvar="OPENRTC_CRASH_DETECTION",
+            help="Take a crashed worker's calls over at once (its connections closed), "
+            "not after the lease.",
+        ),
+    ] = True,
     max_deliveries: Annotated[
         int,
         typer.Option(
@@ -648,6 +657,7 @@ def worker(
             isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
             idle_processes=idle_processes,
             lease=lease,
+            crash_detection=crash_detection,
             max_deliveries=max_deliveries,
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,

@@ -49,6 +49,15 @@ class Keys:
         """Hash shared by ``agent``'s workers: where their reclaim scan resumes (expires)."""
         return f"{self.namespace}:reclaim:{self._agent(agent)}"
 
+    def alive(self, agent: str) -> str:
+        """Hash of ``agent``'s workers watched for crashes: worker id -> 0, or since when
+        (Redis ms) its liveness channel has had no subscriber (expires)."""
+        return f"{self.namespace}:alive:{self._agent(agent)}"
+
+    def alive_channel(self, agent: str, worker_id: str) -> str:
+        """Shard channel a worker of ``agent`` stays subscribed to while its process lives."""
+        return f"{self.alive(agent)}:{worker_id}"
+
     def workers(self, agent: str) -> str:
         """Sorted set of live workers of ``agent``, scored by heartbeat expiry (unix s)."""
         return f"{self.namespace}:workers:{self._agent(agent)}"

@@ -4,6 +4,10 @@ Dispatchers and workers each keep a hash describing themselves (with a TTL)
 and a score in a sorted set equal to their heartbeat's expiry time. Readers
 drop members whose expiry has passed, so a process killed with ``kill -9``
 disappears within ``membership_ttl`` seconds without anyone cleaning up.
+
+A worker also holds a liveness subscription (:func:`hold_liveness`) for as
+long as its process lives: a killed process's is gone at once, which is how
+peers take its calls over without waiting for a lease.
 """
 
 from __future__ import annotations
@@ -15,11 +19,27 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
 from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.streams import REDIS_DOWN
+from openrtc.supervision import backoff_delay
 
-__all__ = ["AgentLoad", "LoadView", "Presence", "heartbeat", "leave", "read_agent_loads"]
+__all__ = [
+    "AgentLoad",
+    "LoadView",
+    "Presence",
+    "heartbeat",
+    "hold_liveness",
+    "leave",
+    "read_agent_loads",
+]
+
+#: How often a liveness subscription says again that it is there (refreshes
+#: the watch, which expires when nobody renews it).
+LIVENESS_REFRESH = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,3 +261,49 @@ class LoadView:
         """Redis failed: answer unavailable until the next refresh succeeds."""
         self.redis_ok = False
         self._groups_ready = False  # a restarted Redis has lost them
+
+
+async def hold_liveness(
+    redis: Redis,
+    channel: str,
+    on_subscribed: Callable[[], Awaitable[None]],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Stay subscribed to the shard channel ``channel`` until cancelled.
+
+    The subscription is the signal: Redis drops it the moment this process's
+    connection closes, which a killed process's kernel does at once, while a
+    frozen or partitioned process keeps it. Nothing is ever published on it.
+    ``on_subscribed`` runs after each (re)subscription Redis confirmed, and
+    every :data:`LIVENESS_REFRESH` seconds; ``task_status`` is started after
+    the first. A lost connection is reconnected at once (then backing off to
+    0.25 s): peers wait a grace of some hundreds of ms before they believe a
+    worker without a subscription is gone.
+    """
+    attempt = 0
+    started = False
+    while True:
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.ssubscribe(channel)
+            refreshed = -LIVENESS_REFRESH
+            while True:
+                # Returns at once on a message or a closed connection (an
+                # error), else after the timeout.
+                message = await pubsub.get_message(timeout=1.0)
+                now = anyio.current_time()
+                confirmed = message is not None and message.get("type") == "ssubscribe"
+                if confirmed or (started and now - refreshed >= LIVENESS_REFRESH):
+                    await on_subscribed()
+                    refreshed = now
+                    attempt = 0
+                    if not started:
+                        started = True
+                        task_status.started()
+        except REDIS_DOWN:
+            await anyio.sleep(backoff_delay(attempt, 0.025, 0.25))
+            attempt += 1
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

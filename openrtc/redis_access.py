@@ -1,7 +1,7 @@
 """Redis access: the ACL a deployment grants openrtc, and errors that mean "wrong settings".
 
 The ACL below is the one the README quotes and the tests run against: keys
-of the namespace only, no pub/sub channels, and exactly the commands openrtc
+and shard channels of the namespace only, and exactly the commands openrtc
 sends (its own, those inside its Lua scripts, which Redis checks too, and
 what redis-py sends on connecting). ``CONFIG GET`` and ``INFO`` are left out
 on purpose: the start-up durability check (:mod:`openrtc.redis_health`)
@@ -36,15 +36,20 @@ __all__ = ["ACL_COMMANDS", "acl_rules", "check_redis_access", "misconfiguration"
 #: lost its cache). The rest are the stream, hash, set and sorted-set
 #: commands of the queue, the membership registry and the dead letters,
 #: MULTI/EXEC for the acknowledge-and-delete transaction, TIME for the Redis
-#: clock, WAIT for ``--wait-replicas``.
+#: clock, WAIT for ``--wait-replicas``. Crash detection: each worker holds
+#: a shard-channel subscription of the namespace (SSUBSCRIBE, the only
+#: channels granted; nothing is ever published) and peers count its
+#: subscribers (PUBSUB SHARDNUMSUB, O(1), sees no other channel): not CLIENT
+#: LIST, an admin command that lists every client of the server.
 ACL_COMMANDS: Final = (
     "-@all +ping +client|setname +evalsha +script|load "
     "+multi +exec +time +wait "
     "+xadd +xreadgroup +xread +xack +xdel +xrange +xrevrange +xlen +xtrim "
     "+xgroup|create +xgroup|delconsumer +xgroup|setid +xinfo|groups +xinfo|consumers "
     "+xpending +xclaim "
-    "+hset +hget +hmget +hgetall +set +del +exists +expire +pexpire "
-    "+sadd +smembers +zadd +zrange +zrem +zremrangebyscore"
+    "+hset +hget +hmget +hgetall +hdel +get +set +del +exists +expire +pexpire "
+    "+sadd +smembers +zadd +zrange +zrem +zremrangebyscore "
+    "+ssubscribe +sunsubscribe +pubsub|shardnumsub"
 )
 
 
@@ -54,7 +59,7 @@ def acl_rules(namespace: str) -> str:
     Use them after ``ACL SETUSER <user> on ><password>`` (or in an ACL file
     after ``user <user> on ><password>``).
     """
-    return f"resetkeys ~{namespace}:* resetchannels {ACL_COMMANDS}"
+    return f"resetkeys ~{namespace}:* resetchannels &{namespace}:* {ACL_COMMANDS}"
 
 
 def misconfiguration(exc: BaseException) -> str | None:

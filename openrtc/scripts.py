@@ -218,6 +218,103 @@ return {entries, claimed}
 """
 
 
+# KEYS: job stream, the agent's liveness hash (field: worker id -> '0', or the
+# Redis ms since which its channel has had no subscriber; '@scan': last scan;
+# '@free:<worker id>': its free slots at its last call).
+# ARGV: group, consumer (the caller), channel prefix, grace ms, want, scan ms,
+# hash ttl ms. Returns {entries, counts} as RECLAIM does.
+#
+# Crash detection: a watched worker holds a shard-channel subscription
+# (SSUBSCRIBE prefix..worker id) on a connection of its own for as long as its
+# process lives. A killed process's sockets are closed by its kernel, so Redis
+# drops the subscription at once; a frozen or partitioned one keeps it (no FIN
+# reaches Redis) and is left to the lease. A worker seen without a subscriber
+# is a suspect; one still without after `grace` ms is dead, and its entries
+# are claimed at once, whatever their idle time: up to `want`, and this
+# caller's share of them by free slots (each caller records its own as
+# '@free:<worker>'), so that the calls are spread over the peers. The grace
+# rides out a live worker's reconnect (a killed connection, a Redis restart):
+# it subscribes again within milliseconds. A caller whose own subscription is
+# missing judges nobody: its connections were reset too (Redis restarted,
+# failed over), so the others may not have come back yet. Every watched
+# worker is looked at once per scan ms, shared by the agent's workers;
+# suspects on every call. PUBSUB SHARDNUMSUB is O(1) a channel.
+CRASHED: Final = """
+local stream, alive = KEYS[1], KEYS[2]
+local group, me, prefix = ARGV[1], ARGV[2], ARGV[3]
+local grace, want = tonumber(ARGV[4]), tonumber(ARGV[5])
+local function subscribed(worker)
+  return redis.call('PUBSUB', 'SHARDNUMSUB', prefix .. worker)[2] > 0
+end
+if not subscribed(me) then return {{}, {}} end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local flat = redis.call('HGETALL', alive)
+local scan_at, watched, free = 0, {}, {}
+for i = 1, #flat, 2 do
+  local f = flat[i]
+  if f == '@scan' then
+    scan_at = tonumber(flat[i + 1]) or 0
+  elseif string.sub(f, 1, 6) == '@free:' then
+    free[string.sub(f, 7)] = tonumber(flat[i + 1]) or 0
+  elseif f ~= me then
+    watched[f] = flat[i + 1]
+  end
+end
+redis.call('HSET', alive, '@free:' .. me, want)
+local scan = now - scan_at >= tonumber(ARGV[6])
+if scan then redis.call('HSET', alive, '@scan', now) end
+local slots = want
+for worker, since in pairs(watched) do
+  if since == '0' then slots = slots + (free[worker] or 0) end
+end
+local ids, counts = {}, {}
+for worker, since in pairs(watched) do
+  if scan or since ~= '0' then
+    if subscribed(worker) then
+      if since ~= '0' then redis.call('HSET', alive, worker, '0') end
+    elseif since == '0' then
+      redis.call('HSET', alive, worker, now)
+    elseif now - (tonumber(since) or now) >= grace and #ids < want then
+      local p = redis.call('XPENDING', stream, group, '-', '+', slots, worker)
+      if #p == 0 then redis.call('HDEL', alive, worker, '@free:' .. worker) end
+      -- This caller's share, by its free slots among the live workers': the
+      -- dead worker's calls are spread (each peer starts a few sessions,
+      -- not one peer all of them).
+      local share = math.min(want - #ids, math.ceil(#p * want / slots))
+      for i = 1, share do
+        table.insert(ids, p[i][1])
+        counts[p[i][1]] = p[i][4] + 1
+      end
+    end
+  end
+end
+redis.call('PEXPIRE', alive, ARGV[7])
+if #ids == 0 then return {{}, {}} end
+local entries, claimed = {}, {}
+for _, e in ipairs(redis.call('XCLAIM', stream, group, me, 0, unpack(ids))) do
+  if e then
+    table.insert(entries, e)
+    table.insert(claimed, counts[e[1]])
+  end
+end
+return {entries, claimed}
+"""
+
+# KEYS: job stream. ARGV: group, consumer, entry id.
+# Delivers an entry this consumer holds to it again, counted (XCLAIM without
+# JUSTID): a session whose process died is started again at once by its own
+# worker, and the delivery limit still stops a call that kills every process.
+# Returns {entry, deliveries}, or false when the entry is no longer ours.
+REDELIVER: Final = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then return false end
+local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
+if not e[1] then return false end
+return {e[1], p[1][4] + 1}
+"""
+
+
 # KEYS: the dead-letter stream, the job's record hash, the job stream. That is
 # one agent's keys plus the dead-letter stream, so it runs on a single Redis
 # only: under Redis Cluster a script may touch one slot, and the replay is
@@ -282,6 +379,8 @@ class Scripts:
     dead_letter_once: AsyncScript
     renew: AsyncScript
     reclaim: AsyncScript
+    crashed: AsyncScript
+    redeliver: AsyncScript
     write_back: AsyncScript
     release: AsyncScript
     forget_consumers: AsyncScript
@@ -308,6 +407,8 @@ def register(redis: Redis) -> Scripts:
         dead_letter_once=redis.register_script(DEAD_LETTER_ONCE),
         renew=redis.register_script(RENEW),
         reclaim=redis.register_script(RECLAIM),
+        crashed=redis.register_script(CRASHED),
+        redeliver=redis.register_script(REDELIVER),
         write_back=redis.register_script(WRITE_BACK),
         release=redis.register_script(RELEASE),
         forget_consumers=redis.register_script(FORGET_CONSUMERS),

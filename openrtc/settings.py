@@ -231,6 +231,14 @@ class WorkerSettings:
     #: A running job's claim lapses after this long without renewal; another
     #: worker then takes the call over. Renewed every ``lease / 3``.
     lease: float = 5.0
+    #: Take a crashed worker's calls over as soon as its process is seen gone
+    #: (its liveness subscription closed), instead of after the lease. Frozen
+    #: and partitioned workers are still left to the lease.
+    crash_detection: bool = True
+    #: A worker's liveness subscription must stay gone this long before its
+    #: peers believe it crashed: a live worker's reconnect takes milliseconds.
+    #: (At most half the lease: detection is never slower than the lease.)
+    crash_grace: float = 0.5
     #: Deliveries after which a job goes to the dead letters (``max-deliveries``).
     max_deliveries: int = 5
     #: A job that waited longer than this before any worker started it goes to
@@ -290,6 +298,8 @@ class WorkerSettings:
             raise ConfigError("lease must be more than 0.3 seconds")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be >= 1")
+        if self.crash_grace <= 0:
+            raise ConfigError("crash_grace must be more than 0 seconds")
         if self.idle_processes < 0:
             raise ConfigError("idle_processes must be >= 0")
         if self.forget_consumers_after <= 0:

@@ -426,6 +426,70 @@ class JobConsumer:
             return None
         return int(_text(entries[0][0]).split("-")[0])
 
+    async def reclaim_crashed(self, grace: float, count: int, scan: float) -> list[Delivery]:
+        """Entries of watched workers whose process is gone, now ours, at once.
+
+        At most ``count``. A worker counts as gone once its liveness channel
+        (:meth:`watch`) has had no subscriber for ``grace`` seconds; the
+        agent's workers share one look at every watched worker per ``scan``
+        seconds (:data:`openrtc.scripts.CRASHED`). Frozen or partitioned
+        workers keep their subscription: they are left to :meth:`reclaim`.
+        """
+        keys = self.store.keys
+        try:
+            entries, counts = await self._scripts.crashed(
+                keys=[self.stream, keys.alive(self.agent)],
+                args=[
+                    WORKERS_GROUP,
+                    self.consumer,
+                    keys.alive_channel(self.agent, ""),
+                    int(grace * 1000),
+                    count,
+                    max(1, int(scan * 1000)),
+                    int(RECLAIM_STATE_TTL * 1000),
+                ],
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.store.ensure_group(self.agent)
+            return []
+        result = []
+        for (entry_id, flat), deliveries in zip(entries, counts, strict=True):
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            result.append(Delivery(_text(entry_id), fields, int(deliveries)))
+        return result
+
+    @property
+    def alive_channel(self) -> str:
+        """The shard channel this worker stays subscribed to while it lives."""
+        return self.store.keys.alive_channel(self.agent, self.consumer)
+
+    async def watch(self) -> None:
+        """Ask peers to watch this worker for a crash (once subscribed to :attr:`alive_channel`)."""
+        key = self.store.keys.alive(self.agent)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, self.consumer, "0")
+        pipe.pexpire(key, int(RECLAIM_STATE_TTL * 1000))
+        await pipe.execute()
+
+    async def unwatch(self) -> None:
+        """Stop being watched (a clean exit, nothing left pending)."""
+        await self.redis.hdel(
+            self.store.keys.alive(self.agent), self.consumer, f"@free:{self.consumer}"
+        )
+
+    async def redeliver(self, entry_id: str) -> Delivery | None:
+        """Deliver an entry this worker holds to it again (counted); ``None`` if not ours."""
+        reply = await self._scripts.redeliver(
+            keys=[self.stream], args=[WORKERS_GROUP, self.consumer, entry_id]
+        )
+        if not reply:
+            return None
+        (new_id, flat), deliveries = reply
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        return Delivery(_text(new_id), fields, int(deliveries))
+
     async def renew(self, held: Mapping[str, str]) -> Renewal:
         """Extend the lease on the entries in ``held`` (entry id -> job id).
 

@@ -3,7 +3,7 @@
 One readable set of loops under one task group (``openrtc worker --agent dental``):
 
 - **consume**: read new entries while there are free slots; reclaim entries
-  whose holder stopped renewing (a worker that died); each is checked (its
+  whose holder stopped renewing (a worker that froze or died); each is checked (its
   room still there?) concurrently with the others and becomes a session, or a
   dead letter (``malformed``, ``expired``, ``max-deliveries``).
 - **lease**: renew the claim on every entry this worker holds, from the read
@@ -11,13 +11,18 @@ One readable set of loops under one task group (``openrtc worker --agent dental`
   An entry another worker now owns means that worker took the call over, so
   the local session steps aside; an entry Redis forgot (a restart without
   persistence) is written back, and the call goes on.
+- **crashes**: a worker holds a liveness subscription while its process
+  lives; peers take the calls of one whose subscription closed (a killed
+  process) over at once, within about a second, not a lease.
 - **control**: LiveKit's terminations, relayed by the dispatcher, end sessions.
 - **heartbeat**: capacity and running sessions, for the dispatcher's
   backpressure and ``openrtc status``.
 
 Delivery is at least once and never twice at a time: a running job's entry
 stays pending until its session ends, so a killed worker's calls are taken
-over by its peers within about one lease; a living worker's calls never are.
+over by its peers within about a second (a frozen one's within a lease); a
+living worker's calls never are. In ``process`` isolation a session whose
+child process died is started again by its own worker at once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from openrtc import tracing
 from openrtc.acceptance import Action, Verdict, judge
@@ -42,7 +48,7 @@ from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
 from openrtc.keys import Keys
 from openrtc.logs import log_context
-from openrtc.membership import Presence, live_members
+from openrtc.membership import Presence, hold_liveness, live_members
 from openrtc.messages import (
     ID_MAX,
     ControlEvent,
@@ -73,6 +79,11 @@ logger = logging.getLogger("openrtc.worker")
 READ_BLOCK_MS: Final = 1000
 #: How often entries of dead workers are looked for.
 RECLAIM_INTERVAL: Final = 1.0
+#: How often each worker asks whether a watched peer crashed; every watched
+#: worker is looked at about this often, shared by the agent's workers.
+CRASH_CHECK_INTERVAL: Final = 0.25
+#: A session whose process died this way is started again by its own worker.
+PROCESS_DIED: Final = "session process died"
 #: Room checks (LiveKit API calls) one worker runs at once.
 ROOM_CHECKS: Final = 8
 #: Longest wait for one room check; past it the room is assumed to be there.
@@ -323,6 +334,13 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self.runner.maintain)
+                if s.crash_detection:
+                    # Subscribed (and watched) before the first read: no entry
+                    # is ever held by a worker whose crash would go unseen.
+                    await tg.start(
+                        hold_liveness, self._redis, self.consumer.alive_channel, self.consumer.watch
+                    )
+                    tg.start_soon(self._crash_loop)
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._lease_loop)
                 tg.start_soon(self._control_loop)
@@ -335,8 +353,11 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 with contextlib.suppress(*REDIS_DOWN):
-                    # Nothing left pending on it: its consumer need not outlive it.
-                    await self.consumer.leave_group()
+                    # Nothing left pending on it: its consumer need not outlive
+                    # it, nor be watched. (Calls left by a drain timeout stay
+                    # watched: peers take them once the subscription is gone.)
+                    if await self.consumer.leave_group() and s.crash_detection:
+                        await self.consumer.unwatch()
                 with contextlib.suppress(*REDIS_DOWN):
                     await self._presence.leave()
                 await self.runner.aclose()
@@ -429,22 +450,57 @@ class Worker:
                 with anyio.move_on_after(DEFER_STEP):
                     await self._gate.changed.wait()
                 continue
-            for delivery in deliveries:
-                if delivery.entry_id in self._claims:
-                    # Our own entry, reclaimed because a renewal was late: the
-                    # XAUTOCLAIM just renewed it. Never a second session for one job.
-                    continue
-                if delivery.deliveries > 1:
-                    self.stats.reclaimed += 1
-                    self.metrics.reclaimed.inc()
-                # Held (and leased) from this moment: its check may be slow.
-                claim = _Claim(delivery)
-                if tracing.enabled:
-                    claim.read_ns = time.time_ns()
-                self._claims[delivery.entry_id] = claim
-                self._gate.take()
-                assert self._tg is not None
-                self._tg.start_soon(self._accept, claim)
+            self._take(deliveries)
+
+    def _take(self, deliveries: list[Delivery]) -> None:
+        """Hold each delivered entry and check it (concurrently) into a session."""
+        for delivery in deliveries:
+            if delivery.entry_id in self._claims:
+                # Our own entry, reclaimed because a renewal was late: the
+                # reclaim just renewed it. Never a second session for one job.
+                continue
+            if delivery.deliveries > 1:
+                self.stats.reclaimed += 1
+                self.metrics.reclaimed.inc()
+            # Held (and leased) from this moment: its check may be slow.
+            claim = _Claim(delivery)
+            if tracing.enabled:
+                claim.read_ns = time.time_ns()
+            self._claims[delivery.entry_id] = claim
+            self._gate.take()
+            assert self._tg is not None
+            self._tg.start_soon(self._accept, claim)
+
+    async def _crash_loop(self) -> None:
+        """Take over the calls of peers whose process is gone, without waiting for a lease."""
+        grace = min(self.settings.crash_grace, self.settings.lease / 2)
+        refused = False
+        while True:
+            await anyio.sleep(CRASH_CHECK_INTERVAL)
+            if time.monotonic() < self._reclaim_after:
+                continue
+            # Also when full (or draining): the pass records this worker's
+            # free slots, by which peers share a crashed worker's calls.
+            free = 0 if self._draining else max(0, self._gate.free)
+            try:
+                with anyio.fail_after(self.settings.lease / 3):
+                    deliveries = await self.consumer.reclaim_crashed(
+                        grace, free, CRASH_CHECK_INTERVAL
+                    )
+            except ResponseError as exc:  # a refused command (the ACL?), not an outage
+                if not refused:
+                    logger.error("crash detection failed (leases still apply): %s", exc)
+                refused = True
+                continue
+            except REDIS_DOWN:
+                continue  # the consume loop reports outages, and waits a lease after one
+            if deliveries:
+                logger.warning(
+                    "taking over %d call(s) of crashed worker(s) (liveness gone for %.1fs)",
+                    len(deliveries),
+                    grace,
+                )
+            self._take(deliveries)
 
     def _is_draining(self) -> bool:
         return self._draining
@@ -806,6 +862,32 @@ class Worker:
             if span is not None:  # cancelled
                 span.end()
             self._drop(claim)
+        if (
+            outcome.status == "failed"
+            and outcome.reason == PROCESS_DIED
+            and not (control.stopping or claim.lost or self._draining)
+        ):
+            await self._redeliver(claim)
+
+    async def _redeliver(self, claim: _Claim) -> None:
+        """Start a call whose session process died again at once, as a takeover.
+
+        Counted as a delivery (a call that kills every process still ends in
+        the dead letters); an entry no longer ours, or Redis down, is left to
+        the lease.
+        """
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                delivery = await self.consumer.redeliver(claim.entry_id)
+        except REDIS_DOWN as exc:
+            logger.warning(
+                "entry %s: not started again (%s); left to the lease", claim.entry_id, exc
+            )
+            return
+        if delivery is None or self._draining:
+            return
+        logger.warning("entry %s: its session process died; starting it again", claim.entry_id)
+        self._take([delivery])
 
     async def _checkpointing(
         self, claim: _Claim, message: JobMessage, control: SessionControl
