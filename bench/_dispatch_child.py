@@ -57,6 +57,9 @@ def build(agents_dir: Path, max_backlog: int) -> Dispatcher:
         namespace=os.environ["OPENRTC_NAMESPACE"],
         max_backlog=max_backlog,
         wait_replicas=int(os.environ.get("OPENRTC_WAIT_REPLICAS") or 0),
+        # The stand-in speaks LiveKit's /agent protocol only, not its room API:
+        # the reconciler (which lists rooms) has nothing to call here.
+        reconcile_interval=0,
     )
     return Dispatcher(settings, AgentPool.from_directory(agents_dir))
 
