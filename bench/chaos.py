@@ -1163,7 +1163,7 @@ def report(h: Harness, ledger: Ledger, wall: float) -> bool:
                 unit="s",
                 goal="",
                 met=None,
-                note=f"{len(r)} kills of a call; lease-based",
+                note=f"{len(r)} kills of a call; crash detection on, the default",
             )
     for title, recs in (
         ("unaccounted", ledger.unaccounted),
