@@ -25,10 +25,16 @@ from __future__ import annotations
 from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from openrtc.errors import ConfigError
 
@@ -41,6 +47,54 @@ _DEFAULT_PORT: Final = 6379
 # Options that make sense per connection but not for the cluster client's
 # constructor (it has no database but 0, and no pool of its own to pass).
 _NOT_FOR_CLUSTER: Final = ("db", "health_check_interval", "connection_class")
+
+
+class _Connection(Connection):
+    """redis-py's connection, but one closed under a command fails as a lost connection.
+
+    redis-py's own error paths close connections other tasks are using: the
+    cluster client closes every node's connections on CLUSTERDOWN, on repeated
+    MOVED and on a failed topology refresh, all common during a failover. A
+    task that passed the connection's is-connected check just before then
+    writes to ``None`` and gets an ``AttributeError`` that no retry and no
+    ``except REDIS_DOWN`` expects (a worker died of it in a cluster failover).
+    Here it is the ``ConnectionError`` every caller already rides out.
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except AttributeError as exc:
+            if self._writer is not None:
+                raise
+            raise RedisConnectionError(
+                "Redis connection closed by another task while a command was sent"
+            ) from exc
+
+
+class _SSLConnection(_Connection, SSLConnection):
+    pass
+
+
+class _SentinelConnection(_Connection, SentinelManagedConnection):
+    pass
+
+
+class _SentinelSSLConnection(_Connection, SentinelManagedSSLConnection):
+    pass
+
+
+#: redis-py's connection classes and ours; any other (a Unix socket) is kept.
+_SAFE_CONNECTIONS: Final[dict[type[AbstractConnection], type[AbstractConnection]]] = {
+    Connection: _Connection,
+    SSLConnection: _SSLConnection,
+    SentinelManagedConnection: _SentinelConnection,
+    SentinelManagedSSLConnection: _SentinelSSLConnection,
+}
+
+
+def _safe(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    return _SAFE_CONNECTIONS.get(connection_class, connection_class)
 
 
 def _scheme(url: str) -> str:
@@ -98,13 +152,17 @@ def client_from_url(url: str, **options: Any) -> Redis:
     if scheme in CLUSTER_SCHEMES:
         return cast(Redis, _cluster(url, options))
     if scheme in SENTINEL_SCHEMES:
-        return _sentinel(url, options)
-    if scheme not in ("redis", "rediss", "unix"):
+        client = _sentinel(url, options)
+    elif scheme in ("redis", "rediss", "unix"):
+        client = Redis.from_pool(ConnectionPool.from_url(url, **options))
+    else:
         raise ConfigError(
             f"REDIS_URL scheme {scheme!r} is not one of redis://, rediss://, unix://, "
             "redis+cluster://, rediss+cluster://, redis+sentinel://, rediss+sentinel://"
         )
-    return Redis.from_url(url, **options)
+    pool = client.connection_pool
+    pool.connection_class = _safe(pool.connection_class)
+    return client
 
 
 def _cluster(url: str, options: dict[str, Any]) -> RedisCluster:
@@ -116,7 +174,15 @@ def _cluster(url: str, options: dict[str, Any]) -> RedisCluster:
         kwargs.pop(name, None)
     hosts = _hosts(urlsplit(url).netloc, _DEFAULT_PORT, url)
     nodes = [ClusterNode(host, port) for host, port in hosts]
-    return RedisCluster(startup_nodes=nodes, **kwargs)
+    client = RedisCluster(startup_nodes=nodes, **kwargs)
+    # Nodes are made from these keyword arguments as the client discovers
+    # them; the seed nodes exist already.
+    manager = client.nodes_manager
+    safe = cast(type[Connection], _safe(manager.connection_kwargs["connection_class"]))
+    manager.connection_kwargs["connection_class"] = safe
+    for node in [*manager.startup_nodes.values(), *manager.nodes_cache.values()]:
+        node.connection_class = safe
+    return client
 
 
 def scheme_is_tls(url: str) -> bool:

@@ -212,3 +212,59 @@ async def test_calls_go_on_when_the_primary_is_killed(
             await delete_room(livekit_server, caller.room.name)
         await eventually(lambda: not worker.running_jobs, "every call ended", within=30)
         assert worker.stats.succeeded == 4
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster", "sentinel"])
+async def test_a_connection_closed_under_a_command_is_a_lost_connection(
+    redis_server: RedisServer,
+    redis_cluster: RedisCluster,
+    redis_sentinels: RedisSentinels,
+    topology: str,
+) -> None:
+    """redis-py's error paths close connections other tasks are using (the
+    cluster client closes a node's on CLUSTERDOWN and repeated MOVED during a
+    failover). Whatever moment the close lands, the command fails as
+    REDIS_DOWN, which every loop rides out; it used to be an AttributeError
+    that killed a worker in a cluster failover."""
+    url = {
+        "single": redis_server.url,
+        "cluster": redis_cluster.url,
+        "sentinel": redis_sentinels.url,
+    }[topology]
+    client = connect_redis(url)
+    outcomes = []
+    try:
+        # The close takes a few event-loop turns; the command starts after
+        # 0..7 of them, so one of them lands inside each window.
+        for turns in range(8):
+            if topology == "cluster":
+                await client.initialize()  # type: ignore[attr-defined]
+                node = client.get_node_from_key("probe")  # type: ignore[attr-defined]
+                conn = node.acquire_connection()
+                await conn.connect()
+            else:
+                conn = await client.connection_pool.get_connection()
+            closing = anyio.Event()
+
+            async def close(conn: Any = conn, closing: anyio.Event = closing) -> None:
+                await conn.disconnect()
+                closing.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(close)
+                for _ in range(turns):
+                    await anyio.lowlevel.checkpoint()
+                try:
+                    await conn.send_command("PING")
+                    outcomes.append(await conn.read_response())
+                except REDIS_DOWN as exc:
+                    outcomes.append(type(exc).__name__)
+            if topology == "cluster":
+                node.release(conn)
+            else:
+                await client.connection_pool.release(conn)
+        assert b"PONG" in outcomes, outcomes  # once the close is over, a fresh connection
+        assert "ConnectionError" in outcomes, outcomes
+        assert await client.ping()
+    finally:
+        await client.aclose()
