@@ -844,9 +844,9 @@ class Ledger:
 REDISPATCH_BOUND: Final = 10.0
 
 #: Longest a caller may hear two agents (of different jobs) at once: after a
-#: LiveKit restart the old job's session leaves once it sees the new job's
-#: agent in a room whose sid changed, and the sid comes in a later update
-#: (measured: 0.05-0.7 s on a quiet machine, up to 2.2 s on a loaded one).
+#: LiveKit restart the old job's session leaves as soon as it is connected and
+#: sees the new job's agent, whose token says its room is newer (it used to
+#: wait for the room's new sid, a later update: 3.1 s once on a loaded CI box).
 MAX_OVERLAP: Final = 3.0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -38,6 +38,10 @@ _VERSION: Final = str(SCHEMA_VERSION).encode()
 QUEUED_AT_FIELD: Final = "queued_at"
 #: Participant attribute naming the agent a participant runs.
 AGENT_ATTRIBUTE: Final = "openrtc.agent"
+#: Participant attribute (in the agent's token): when the room of the agent's
+#: job was created, unix ms. A LiveKit server that restarts creates the room
+#: anew; the old job's agent sees at once that the new job's is for a newer room.
+ROOM_CREATED_ATTRIBUTE: Final = "openrtc.room_created_ms"
 
 Fields = Mapping[bytes, bytes]
 
@@ -198,6 +202,12 @@ class JobMessage:
         """The job's room name."""
         return str(self.job.room.name)
 
+    @property
+    def room_created_ms(self) -> int:
+        """When the job's room was created (unix ms; 0 when LiveKit did not say)."""
+        room = self.job.room
+        return int(room.creation_time_ms or room.creation_time * 1000)
+
     def is_another_job_of_my_agent(self, identity: str, attributes: Mapping[str, str]) -> bool:
         """Is this agent participant the same agent serving another job?
 
@@ -205,6 +215,32 @@ class JobMessage:
         the agent of the new one: same agent attribute, other identity.
         """
         return identity != self.accept.identity and attributes.get(AGENT_ATTRIBUTE) == self.agent
+
+    def replaced_by(self, room_sid: str, agents: Iterable[tuple[str, Mapping[str, str]]]) -> str:
+        """The identity of the agent that serves this job's room now, if it was replaced.
+
+        A LiveKit server that restarted has forgotten the room and this job:
+        the room the caller rejoined is a new one, dispatched as a new job.
+        Once that job's agent (another job of this agent, ``agents`` are the
+        room's agent participants) is there, this job is the one to leave. It
+        is known at once when that agent's room is newer than this job's
+        (:data:`ROOM_CREATED_ATTRIBUTE`): only the older room's agents leave,
+        whichever sees the other first. Without both times (an agent without
+        the attribute), once the room's sid, ``room_sid`` (it comes in a later update, seconds
+        late on a loaded server), is not this job's.
+        """
+        mine = self.room_created_ms
+        moved = bool(room_sid and self.job.room.sid and room_sid != self.job.room.sid)
+        for identity, attributes in agents:
+            if not self.is_another_job_of_my_agent(identity, attributes):
+                continue
+            try:
+                theirs = int(attributes.get(ROOM_CREATED_ATTRIBUTE, "0"))
+            except ValueError:
+                theirs = 0
+            if (theirs > mine) if (mine and theirs) else moved:
+                return identity
+        return ""
 
     def encode(self) -> dict[bytes, bytes]:
         """Stream entry fields. ``enqueued_at`` is stamped now if unset."""

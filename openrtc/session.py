@@ -41,7 +41,7 @@ from livekit.agents.voice.events import ToolCallStarted
 from openrtc.agents import AgentConfig
 from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
 from openrtc.logs import log_context
-from openrtc.messages import JobMessage, agent_identity
+from openrtc.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, agent_identity
 from openrtc.settings import LiveKitSettings
 
 __all__ = [
@@ -144,6 +144,8 @@ def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
         )
     attributes = dict(message.accept.attributes)
     attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
+    if message.room_created_ms:
+        attributes[ROOM_CREATED_ATTRIBUTE] = str(message.room_created_ms)
     return (
         api.AccessToken(credentials.api_key, credentials.api_secret)
         .with_identity(message.accept.identity)
@@ -243,28 +245,19 @@ async def _run_session(
             changed[-1].set()
 
     def replaced_by() -> str:
-        """The identity of the agent that serves this room now, if it was replaced.
-
-        A LiveKit server that restarted has forgotten the room and this job:
-        the room the caller rejoined is a new one (new sid), which LiveKit
-        dispatched as a new job. Once that job's agent (ours, another job) is
-        in the room, this session is the one LiveKit no longer knows.
-        """
+        """The agent that serves this room now, if the server replaced it (see JobMessage)."""
         if room.connection_state != rtc.ConnectionState.CONN_CONNECTED:
             # Leaving in the middle of a reconnect does not stop it: the
             # engine finished rejoining after disconnect() and left a ghost
             # agent in the room. Decide once the connection has settled.
             return ""
-        sid = room._info.sid  # kept current by the server's updates; no public event
-        if not (sid and message.job.room.sid and sid != message.job.room.sid):
-            return ""
-        for other in room.remote_participants.values():
-            if (
-                other.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-                and message.is_another_job_of_my_agent(other.identity, other.attributes)
-            ):
-                return other.identity
-        return ""
+        agents = [
+            (other.identity, other.attributes)
+            for other in room.remote_participants.values()
+            if other.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        ]
+        # The room's sid is kept current by the server's updates (no public event).
+        return message.replaced_by(room._info.sid, agents)
 
     @room.on("disconnected")
     def _on_disconnected(reason: Any = None) -> None:

@@ -1,0 +1,128 @@
+"""Which session leaves when a LiveKit restart leaves two jobs' agents in one room.
+
+The restarted server forgot the room and its job: the caller's room is a new
+one, dispatched as a new job, while the old job's session reconnects to it.
+Exactly the old job's agent must leave, as soon as it sees the new one (CI saw
+the caller hear both for 3.1 s while the old session waited for the room's new
+sid, which comes in a later update). A pure rule, table-tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+from livekit.protocol.agent import Job
+from livekit.protocol.models import Room
+
+from openrtc.messages import (
+    AGENT_ATTRIBUTE,
+    ROOM_CREATED_ATTRIBUTE,
+    JobMessage,
+    accept_arguments,
+    agent_identity,
+)
+
+pytestmark = pytest.mark.unit
+
+OLD_ROOM, NEW_ROOM = ("RM_old", 1_700_000_000_000), ("RM_new", 1_700_000_042_000)
+
+
+def message(job_id: str, room: tuple[str, int], agent: str = "dental") -> JobMessage:
+    sid, created_ms = room
+    job = Job(id=job_id, room=Room(sid=sid, name="call-1", creation_time_ms=created_ms))
+    return JobMessage(
+        job=job,
+        agent=agent,
+        accept=accept_arguments(job_id, agent),
+        livekit_url="ws://127.0.0.1:7880",
+        step=5,
+        source="room name prefix",
+        dispatcher_id="d1",
+        received_at=0.0,
+        routed_at=0.0,
+    )
+
+
+def agent(
+    job_id: str, room: tuple[str, int] | None, name: str = "dental"
+) -> tuple[str, dict[str, str]]:
+    attributes = {AGENT_ATTRIBUTE: name}
+    if room is not None:
+        attributes[ROOM_CREATED_ATTRIBUTE] = str(room[1])
+    return agent_identity(job_id), attributes
+
+
+OLD = message("AJ_old", OLD_ROOM)
+NEW = message("AJ_new", NEW_ROOM)
+
+
+@pytest.mark.parametrize(
+    ("me", "room_sid", "agents", "leave_for"),
+    [
+        # The defect: the new job's agent is there, the room's new sid is not
+        # known yet. The old session leaves at once.
+        (OLD, "RM_old", [agent("AJ_new", NEW_ROOM)], "agent-AJ_new"),
+        (OLD, "", [agent("AJ_new", NEW_ROOM)], "agent-AJ_new"),
+        (OLD, "RM_new", [agent("AJ_new", NEW_ROOM)], "agent-AJ_new"),
+        # ... and the new session never does, whatever it sees first.
+        (NEW, "RM_new", [agent("AJ_old", OLD_ROOM)], ""),
+        (NEW, "", [agent("AJ_old", OLD_ROOM)], ""),
+        # Two restarts: both older rooms' agents leave, the newest stays.
+        (
+            OLD,
+            "RM_old",
+            [agent("AJ_mid", ("RM_mid", 1_700_000_010_000)), agent("AJ_new", NEW_ROOM)],
+            "agent-AJ_mid",
+        ),
+        (
+            NEW,
+            "RM_new",
+            [agent("AJ_mid", ("RM_mid", 1_700_000_010_000)), agent("AJ_old", OLD_ROOM)],
+            "",
+        ),
+        # Not another job of my agent: ourselves, another agent, a person.
+        (OLD, "RM_new", [agent("AJ_old", OLD_ROOM)], ""),
+        (OLD, "RM_new", [agent("AJ_new", NEW_ROOM, name="restaurant")], ""),
+        (OLD, "RM_new", [("caller", {})], ""),
+        # Another job of my agent in the same room (a second dispatch): stay.
+        (OLD, "RM_old", [agent("AJ_twin", OLD_ROOM)], ""),
+        # An agent without the attribute (an older worker): the room's sid decides.
+        (OLD, "RM_old", [agent("AJ_new", None)], ""),
+        (OLD, "", [agent("AJ_new", None)], ""),
+        (OLD, "RM_new", [agent("AJ_new", None)], "agent-AJ_new"),
+        (NEW, "RM_new", [agent("AJ_old", None)], ""),
+        # A garbage attribute is no time at all.
+        (
+            OLD,
+            "RM_old",
+            [("agent-AJ_x", {AGENT_ATTRIBUTE: "dental", ROOM_CREATED_ATTRIBUTE: "soon"})],
+            "",
+        ),
+        (
+            OLD,
+            "RM_new",
+            [("agent-AJ_x", {AGENT_ATTRIBUTE: "dental", ROOM_CREATED_ATTRIBUTE: "soon"})],
+            "agent-AJ_x",
+        ),
+    ],
+)
+def test_only_the_older_rooms_session_leaves(
+    me: JobMessage, room_sid: str, agents: list[tuple[str, Mapping[str, str]]], leave_for: str
+) -> None:
+    assert me.replaced_by(room_sid, agents) == leave_for
+
+
+def test_a_job_without_a_creation_time_falls_back_to_the_sid() -> None:
+    old = message("AJ_old", ("RM_old", 0))
+    assert old.room_created_ms == 0
+    assert old.replaced_by("RM_old", [agent("AJ_new", NEW_ROOM)]) == ""
+    assert old.replaced_by("RM_new", [agent("AJ_new", NEW_ROOM)]) == "agent-AJ_new"
+
+
+def test_seconds_only_creation_time_counts_in_ms() -> None:
+    job = Job(id="AJ_s", room=Room(sid="RM_s", name="call-1", creation_time=1_700_000_000))
+    assert message("AJ_s", ("RM_s", 0)).room_created_ms == 0
+    msg = message("AJ_s", ("RM_s", 0))
+    msg.job.CopyFrom(job)
+    assert msg.room_created_ms == 1_700_000_000_000
