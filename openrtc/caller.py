@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import numpy as np
+from anyio.abc import TaskGroup
 from livekit import api, rtc
 
 from openrtc.settings import LiveKitSettings
@@ -21,6 +22,7 @@ __all__ = [
     "AgentSighting",
     "CallResult",
     "Caller",
+    "TrackAudio",
     "caller_in",
     "close_native_runtime",
     "place_call",
@@ -46,11 +48,25 @@ class AgentSighting:
 
 
 @dataclass
+class TrackAudio:
+    """The frames a caller received from one agent participant's audio track."""
+
+    identity: str
+    #: The participant's sid (a takeover's agent has the same identity, another sid).
+    sid: str
+    first_at: float = 0.0
+    last_at: float = 0.0
+    frames: int = 0
+
+
+@dataclass
 class Caller:
     """What a caller in the room saw: agent participants over time and their audio."""
 
     room: rtc.Room
     sightings: list[AgentSighting] = field(default_factory=list)
+    #: Each agent audio track heard, in the order they were subscribed.
+    audio: list[TrackAudio] = field(default_factory=list)
     max_agents_at_once: int = 0
     loud_frames: int = 0
     heard: anyio.Event = field(default_factory=anyio.Event)
@@ -118,8 +134,7 @@ async def caller_in(
             if s.sid == p.sid:
                 s.attributes = dict(p.attributes)
 
-    tracks: list[rtc.Track] = []
-    track_arrived = anyio.Event()
+    send, receive = anyio.create_memory_object_stream[tuple[rtc.Track, TrackAudio]](1000)
 
     @lk_room.on("track_subscribed")
     def _on_track(track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
@@ -127,28 +142,35 @@ async def caller_in(
             track.kind == rtc.TrackKind.KIND_AUDIO
             and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
         ):
-            tracks.append(track)
-            track_arrived.set()
+            record = TrackAudio(p.identity, p.sid)
+            caller.audio.append(record)
+            send.send_nowait((track, record))
 
     streams: list[rtc.AudioStream] = []
 
-    async def listen() -> None:
-        await track_arrived.wait()
-        stream = rtc.AudioStream(tracks[-1], sample_rate=48000, num_channels=1)
+    async def hear(track: rtc.Track, record: TrackAudio) -> None:
+        stream = rtc.AudioStream(track, sample_rate=48000, num_channels=1)
         streams.append(stream)
         async for event in stream:
+            record.last_at = time.monotonic()
+            record.first_at = record.first_at or record.last_at
+            record.frames += 1
             samples = np.frombuffer(event.frame.data, dtype=np.int16)
             if samples.size and int(np.abs(samples).max()) > LOUD:
                 caller.loud_frames += 1
                 if caller.loud_frames >= 10:
                     caller.heard.set()
 
+    async def listen(tg: TaskGroup) -> None:
+        async for track, record in receive:
+            tg.start_soon(hear, track, record)
+
     await lk_room.connect(livekit.ws_url, token)
     for p in lk_room.remote_participants.values():
         _on_join(p)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(listen)
+            tg.start_soon(listen, tg)
             try:
                 yield caller
             finally:

@@ -580,6 +580,15 @@ def worker(
             "not after the lease.",
         ),
     ] = True,
+    handover: Annotated[
+        bool,
+        typer.Option(
+            "--handover/--no-handover",
+            envvar="OPENRTC_HANDOVER",
+            help="On SIGTERM, hand running calls to peers with free slots (at a turn "
+            "boundary, conversation kept) instead of waiting for them to end.",
+        ),
+    ] = True,
     max_deliveries: Annotated[
         int,
         typer.Option(
@@ -658,6 +667,7 @@ def worker(
             idle_processes=idle_processes,
             lease=lease,
             crash_detection=crash_detection,
+            handover=handover,
             max_deliveries=max_deliveries,
             max_queue_age=max_queue_age,
             drain_timeout=drain_timeout,

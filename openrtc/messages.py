@@ -57,6 +57,10 @@ _TIMESTAMP_MAX: Final = 1e11
 _STEP: Final = re.compile(r"[0-6]")
 #: The optional field carrying the call's trace context (W3C Trace Context).
 TRACEPARENT_FIELD: Final = "traceparent"
+#: On an entry a draining worker handed back with its call still running: the
+#: worker's id. The worker that reads it resumes the call from its checkpoint,
+#: as a takeover, but without a resume line (the caller lost nothing).
+HANDOVER_FIELD: Final = "handover"
 #: A W3C ``traceparent`` of version 00's shape (55 characters).
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -191,6 +195,9 @@ class JobMessage:
     #: The call's W3C trace context (``""`` when tracing is off or the entry's
     #: field was unusable: a trace is never a reason to refuse a job).
     traceparent: str = ""
+    #: The draining worker that handed this running call over (``""``: none;
+    #: an unusable value is none too).
+    handover_from: str = ""
 
     @property
     def job_id(self) -> str:
@@ -265,6 +272,8 @@ class JobMessage:
         }
         if self.traceparent:
             fields[TRACEPARENT_FIELD.encode()] = self.traceparent.encode()
+        if self.handover_from:
+            fields[HANDOVER_FIELD.encode()] = self.handover_from.encode()
         return fields
 
     @classmethod
@@ -335,7 +344,17 @@ class JobMessage:
             enqueued_at=_float(fields, "enqueued_at"),
             queued_at=_millis(fields, QUEUED_AT_FIELD) / 1000,
             traceparent=_traceparent(fields),
+            handover_from=_hint_id(fields, HANDOVER_FIELD),
         )
+
+
+def _hint_id(fields: Fields, name: str) -> str:
+    """An optional id field that is only a hint: ``""`` when absent or unusable."""
+    raw = fields.get(name.encode())
+    if not isinstance(raw, bytes) or len(raw) > ID_MAX:
+        return ""
+    text = raw.decode(errors="replace")
+    return text if text.isprintable() else ""
 
 
 def _traceparent(fields: Fields) -> str:

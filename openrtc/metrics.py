@@ -227,7 +227,14 @@ class WorkerMetrics(_Common):
             labels,
             registry=r,
         )
+        self.handovers = Counter(
+            "openrtc_handovers",
+            "Running calls this worker handed to a peer while draining.",
+            labels,
+            registry=r,
+        )
         self.agent = agent
+        self.handed_over = self.handovers.labels(agent)
         self.started = self.sessions_started.labels(agent)
         self.reclaimed = self.reclaims.labels(agent)
         self.renewals_failed = self.lease_renewals_failed.labels(agent)

@@ -20,8 +20,9 @@ replaced.
 
 A child serves exactly one session and exits. Worker and child talk in JSON
 lines over a socket pair that is the child's stdin and stdout: the child sends
-``ready``, ``joined`` and the ``outcome``; the worker sends the job and, later,
-a ``stop``. A child whose stdin closes (its worker died) leaves the room at
+``ready``, ``joined``, its ``checkpoint`` lines, ``handover_ready`` and the
+``outcome``; the worker sends the job and, later, a ``handover`` request or a
+``stop``. A child whose stdin closes (its worker died) leaves the room at
 once, so a killed worker never leaves a second agent behind when a peer takes
 the call over.
 
@@ -467,6 +468,7 @@ class ProcessRunner:
                             "checkpoint": (control.resume or b"").decode(errors="replace"),
                             "checkpoint_max_bytes": control.checkpoint_max_bytes,
                             "checkpointing": control.checkpoint is not None,
+                            "handover": control.handover,
                             "fields": {
                                 k.decode(): base64.b64encode(v).decode()
                                 for k, v in message.encode().items()
@@ -480,7 +482,13 @@ class ProcessRunner:
                     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                         await child.send(stop)
 
+                async def forward_handover() -> None:
+                    await control.wait_handover_asked()
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        await child.send({"handover": True})
+
                 tg.start_soon(forward_stop)
+                tg.start_soon(forward_handover)
                 outcome = await self._outcome(child, control)
                 tg.cancel_scope.cancel()
             return outcome
@@ -507,6 +515,9 @@ class ProcessRunner:
             elif "checkpoint" in event:
                 if control.checkpoint is not None and isinstance(event["checkpoint"], str):
                     control.checkpoint(event["checkpoint"].encode())
+            elif event.get("handover_ready"):
+                # After the child's last checkpoint line: the worker has it.
+                control.handover_ready.set()
             elif "outcome" in event:
                 o = event["outcome"]
                 return SessionOutcome(o["status"], o.get("reason", ""), o.get("error", ""))

@@ -121,11 +121,12 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return id
 """
 
-# KEYS: job stream, job record. ARGV: group, consumer, entry id.
-# Hands an entry this consumer holds but never started back to the stream as
-# a new, waiting entry (same fields): a draining worker holds no unstarted job,
-# and a peer reads it at once instead of after a lease. Returns the new id, or
-# false when the entry is no longer ours.
+# KEYS: job stream, job record. ARGV: group, consumer, entry id[, field, value].
+# Hands an entry this consumer holds back to the stream as a new, waiting entry
+# (same fields): a draining worker holds no unstarted job, and a peer reads it
+# at once instead of after a lease. With a field (the handover of a running
+# call), that field is set on the new entry. Returns the new id, or false when
+# the entry is no longer ours.
 RELEASE: Final = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not (p[1] and p[1][2] == ARGV[2]) then return false end
@@ -133,7 +134,20 @@ local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 if not e[1] then return false end
-local id = redis.call('XADD', KEYS[1], '*', unpack(e[1][2]))
+local f = e[1][2]
+if ARGV[4] then
+  local kept = {}
+  for i = 1, #f, 2 do
+    if f[i] ~= ARGV[4] then
+      kept[#kept + 1] = f[i]
+      kept[#kept + 1] = f[i + 1]
+    end
+  end
+  kept[#kept + 1] = ARGV[4]
+  kept[#kept + 1] = ARGV[5]
+  f = kept
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(f))
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'entry', id)
 end

@@ -68,6 +68,14 @@ ROOM_SID_POLL: Final = 0.1
 #: Shortest time between two checkpoints of one session: turns that come
 #: faster are coalesced into one write of the latest state.
 CHECKPOINT_INTERVAL: Final = 0.05
+#: Asked to hand its call over, a session waits at most this long for a turn
+#: boundary (neither the agent nor the caller speaking), then hands over anyway.
+HANDOVER_TURN_WAIT: Final = 10.0
+
+
+def _between_turns(session: AgentSession[Any]) -> bool:
+    """Neither side is speaking and the agent is not preparing a reply."""
+    return session.agent_state in ("listening", "idle") and session.user_state != "speaking"
 
 
 @dataclass
@@ -98,6 +106,13 @@ class SessionControl:
     #: Where checkpoints go (must not block); ``None``: this session keeps none.
     checkpoint: Callable[[bytes], None] | None = None
     checkpoint_max_bytes: int = 0
+    #: This session takes its call over from a draining worker (a handover):
+    #: it resumes from ``resume`` without the agent's resume line.
+    handover: bool = False
+    #: Set by the session once it is at a turn boundary after :meth:`ask_handover`
+    #: and its last checkpoint was offered: the call can go to a peer now.
+    handover_ready: anyio.Event = field(default_factory=anyio.Event)
+    _handover_asked: anyio.Event = field(default_factory=anyio.Event)
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""
@@ -105,6 +120,13 @@ class SessionControl:
             self.stop_reason = reason
             self.takeover = takeover
             self._stop.set()
+
+    def ask_handover(self) -> None:
+        """Ask the session for a turn boundary and its last checkpoint (see ``handover_ready``)."""
+        self._handover_asked.set()
+
+    async def wait_handover_asked(self) -> None:
+        await self._handover_asked.wait()
 
     @property
     def stopping(self) -> bool:
@@ -312,7 +334,7 @@ async def _run_session(
             greeted = saved is not None and saved.greeted
             if saving is not None:
                 saving.greeted = greeted
-            if saved is not None and config.resume_line:
+            if saved is not None and config.resume_line and not control.handover:
                 session.say(config.resume_line)
             elif config.greeting and not greeted:
                 greeting = session.say(config.greeting)
@@ -345,8 +367,30 @@ async def _run_session(
                             return
                         await anyio.sleep(ROOM_SID_POLL)
 
+            async def get_ready_for_a_handover() -> None:
+                await control.wait_handover_asked()
+                assert session is not None
+                turn = [anyio.Event()]
+
+                def _on_state(_: Any) -> None:
+                    turn[0].set()
+
+                session.on("agent_state_changed", _on_state)
+                session.on("user_state_changed", _on_state)
+                with anyio.move_on_after(HANDOVER_TURN_WAIT):
+                    # Between turns, so the peer's checkpoint has the whole last one.
+                    while True:
+                        turn[0] = anyio.Event()
+                        if _between_turns(session):
+                            break
+                        await turn[0].wait()
+                if saving is not None:
+                    saving.offer_now()
+                control.handover_ready.set()
+
             tg.start_soon(stop_when_told)
             tg.start_soon(leave_a_replaced_room)
+            tg.start_soon(get_ready_for_a_handover)
             if saving is not None:
                 tg.start_soon(saving.run)
             await ended.wait()
@@ -380,6 +424,7 @@ class _Checkpointing:
         self._sink = sink
         self._cap = cap
         self._changed = anyio.Event()
+        self._warned = False
         self.greeted = False
         #: Tool calls seen starting whose output is not in the history yet: a
         #: crash now must show them as interrupted, not forget them.
@@ -425,22 +470,29 @@ class _Checkpointing:
         )
         return checkpoint.encode(self._cap)
 
+    def offer_now(self) -> None:
+        """Hand the current state over at once (a handover's last checkpoint)."""
+        self._changed = anyio.Event()
+        self._offer()
+
+    def _offer(self) -> None:
+        try:
+            data = self.snapshot()
+        except Exception:
+            logger.exception("building a checkpoint failed")
+            data = None
+        if data is None:
+            if not self._warned:
+                logger.warning("no checkpoint fits in %d bytes; none written", self._cap)
+                self._warned = True
+        else:
+            self._sink(data)
+
     async def run(self) -> None:
-        warned = False
         while True:
             await self._changed.wait()
             self._changed = anyio.Event()
-            try:
-                data = self.snapshot()
-            except Exception:
-                logger.exception("building a checkpoint failed")
-                data = None
-            if data is None:
-                if not warned:
-                    logger.warning("no checkpoint fits in %d bytes; none written", self._cap)
-                    warned = True
-            else:
-                self._sink(data)
+            self._offer()
             await anyio.sleep(CHECKPOINT_INTERVAL)
 
 

@@ -78,6 +78,7 @@ async def _serve(config: Any, proc: Any) -> int:
     control.checkpoint_max_bytes = int(job.get("checkpoint_max_bytes", 0))
     if job.get("checkpointing"):
         control.checkpoint = lambda data: _emit({"checkpoint": data.decode()})
+    control.handover = bool(job.get("handover"))
 
     async with anyio.create_task_group() as tg:
 
@@ -90,13 +91,20 @@ async def _serve(config: Any, proc: Any) -> int:
                 command = json.loads(line)
                 if "stop" in command:
                     control.stop(command["stop"], takeover=bool(command.get("takeover")))
+                elif command.get("handover"):
+                    control.ask_handover()
 
         async def report_joined() -> None:
             await control.joined.wait()
             _emit({"joined": True})
 
+        async def report_handover_ready() -> None:
+            await control.handover_ready.wait()
+            _emit({"handover_ready": True})
+
         tg.start_soon(watch_stdin)
         tg.start_soon(report_joined)
+        tg.start_soon(report_handover_ready)
         outcome = await run_session(
             message, config, access, proc, control, worker_id=job["worker_id"]
         )

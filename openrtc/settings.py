@@ -235,6 +235,9 @@ class WorkerSettings:
     #: (its liveness subscription closed), instead of after the lease. Frozen
     #: and partitioned workers are still left to the lease.
     crash_detection: bool = True
+    #: Draining (SIGTERM), hand running calls to peers with free slots, each at
+    #: a turn boundary with its checkpoint, instead of waiting for them to end.
+    handover: bool = True
     #: A worker's liveness subscription must stay gone this long before its
     #: peers believe it crashed: a live worker's reconnect takes milliseconds.
     #: (At most half the lease: detection is never slower than the lease.)

@@ -31,6 +31,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from openrtc.errors import ConfigError
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.messages import (
+    HANDOVER_FIELD,
     ControlEvent,
     DeadReason,
     JobMessage,
@@ -521,11 +522,16 @@ class JobConsumer:
         )
         return _text(entry_id)
 
-    async def release(self, entry_id: str, job_id: str) -> str | None:
-        """Give an entry this worker holds but never started back as a waiting one."""
+    async def release(self, entry_id: str, job_id: str, *, handover: bool = False) -> str | None:
+        """Give an entry this worker holds back as a waiting one; ``None`` if not ours.
+
+        ``handover``: its call still runs here, and the worker that reads the
+        new entry takes it over from its checkpoint (``JobMessage.handover_from``).
+        """
+        extra = [HANDOVER_FIELD, self.consumer] if handover else []
         new_id = await self._scripts.release(
             keys=[self.stream, self.store.keys.job(self.agent, job_id)],
-            args=[WORKERS_GROUP, self.consumer, entry_id],
+            args=[WORKERS_GROUP, self.consumer, entry_id, *extra],
         )
         return _text(new_id) if new_id else None
 

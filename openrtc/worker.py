@@ -66,7 +66,7 @@ from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.redis_url import is_cluster_url
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
-from openrtc.session import SessionControl, SessionOutcome
+from openrtc.session import HANDOVER_TURN_WAIT, SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.spread import DEFER_STEP, MAX_DEFER, CpuLoad, PeerLoad, decide
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
@@ -89,6 +89,10 @@ PROCESS_DIED: Final = "session process died"
 ROOM_CHECKS: Final = 8
 #: Longest wait for one room check; past it the room is assumed to be there.
 ROOM_CHECK_TIMEOUT: Final = 3.0
+#: Beyond the session's own wait for a turn boundary: its answer's way back.
+HANDOVER_SLACK: Final = 2.0
+#: While draining, how often to look again for peers with room for our calls.
+HANDOVER_RECHECK: Final = 2.0
 
 
 @dataclass(slots=True)
@@ -100,6 +104,7 @@ class WorkerStats:
     failed: int = 0
     taken_over: int = 0
     reclaimed: int = 0
+    handed_over: int = 0
     dead_lettered: int = 0
 
 
@@ -117,6 +122,11 @@ class _Claim:
     lost: bool = False
     #: Being acknowledged, dead-lettered or released: no more renewals.
     settled: bool = False
+    #: Its running call was handed to a peer (a drain): no more checkpoints,
+    #: they would overwrite the successor's.
+    handed_over: bool = False
+    #: The session's checkpoint writer, when it keeps checkpoints.
+    writer: CheckpointWriter | None = None
     #: Tracing on only: when it was read (ns), and the claim span.
     read_ns: int = 0
     span: Any = None
@@ -382,17 +392,22 @@ class Worker:
 
     async def _drain(self) -> None:
         self._draining = True
-        count = len(self.running)
         logger.info(
-            "draining: no new jobs; %d running session(s) may go on for up to %.0fs",
-            count,
+            "draining: no new jobs; %d running session(s) %smay go on for up to %.0fs",
+            len(self.running),
+            "go to peers as they have free slots, or " if self.settings.handover else "",
             self.settings.drain_timeout,
         )
         # Entries still being checked are released by their check (never
-        # started while draining); running sessions may finish.
+        # started while draining); running sessions may finish, or leave once
+        # the peer they were handed to has joined in their place.
         with anyio.move_on_after(self.settings.drain_timeout):
-            while self._claims:
-                await self._gate.changed.wait()
+            async with anyio.create_task_group() as tg:
+                if self.settings.handover:
+                    tg.start_soon(self._hand_over_to_peers, tg)
+                while self._claims:
+                    await self._gate.changed.wait()
+                tg.cancel_scope.cancel()
         if self._claims:
             # Not acknowledged: their entries stay pending, and another worker
             # takes the calls over once the lease lapses.
@@ -400,6 +415,104 @@ class Worker:
             for claim in self._claims.values():
                 if claim.control is not None:
                     claim.control.stop("worker drain timeout", takeover=True)
+
+    async def _hand_over_to_peers(self, tg: TaskGroup) -> None:
+        """While draining: hand running calls to peers as they have free slots.
+
+        Looked at again every :data:`HANDOVER_RECHECK` seconds: a peer that
+        starts after the SIGTERM (a rollout without surge) still takes the
+        calls, and one that is full now may have room later.
+        """
+        asked: set[str] = set()
+        while True:
+            waiting = [
+                c
+                for c in self._claims.values()
+                if c.control is not None
+                and c.message is not None
+                and c.message.job_id not in asked
+                and not (c.settled or c.lost or c.control.stopping)
+            ]
+            if waiting:
+                # Calls handed over whose peer has not joined yet hold a slot
+                # there already, unread as their entries may still be.
+                in_flight = sum(1 for c in self._claims.values() if c.handed_over)
+                free = max(0, await self._peer_slots() - in_flight)
+                if free:
+                    logger.info(
+                        "handing %d of %d running call(s) to peers (%d free slots)",
+                        min(free, len(waiting)),
+                        len(waiting),
+                        free,
+                    )
+                for claim in waiting[:free]:
+                    assert claim.message is not None
+                    asked.add(claim.message.job_id)
+                    tg.start_soon(self._hand_over, claim)
+            await anyio.sleep(HANDOVER_RECHECK)
+
+    async def _peer_slots(self) -> int:
+        """Free session slots of the agent's other live workers (0 if Redis does not answer).
+
+        Beats first: peers see this worker draining (capacity 0) and do not
+        count it, as it no longer counts them once they drain.
+        """
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                await self._beat()
+                await self._refresh_peers()
+                held = await self.consumer.held_by_consumer() if self._peers else {}
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            logger.warning("draining: cannot see peers (%s); running calls stay here", exc)
+            return 0
+        return sum(
+            max(0, capacity - held.get(worker_id, 0))
+            for worker_id, (capacity, overloaded) in self._peers.items()
+            if not overloaded
+        )
+
+    async def _hand_over(self, claim: _Claim) -> None:
+        """Hand a running call to a peer: at a turn boundary, with its last checkpoint.
+
+        The entry goes back to the stream marked as a handover; the peer that
+        reads it joins with the job's identity and the restored conversation,
+        which removes this session's participant (it ends as taken over). Any
+        failure leaves the entry unrenewed, so a peer takes the call over after
+        the lease instead: never two entries, never a lost call.
+        """
+        message, control = claim.message, claim.control
+        if message is None or control is None:
+            return
+        control.ask_handover()
+        with anyio.move_on_after(HANDOVER_TURN_WAIT + HANDOVER_SLACK):
+            await control.handover_ready.wait()
+        if claim.writer is not None:
+            with anyio.move_on_after(self.settings.lease / 3):
+                await claim.writer.flush()
+        if claim.settled or claim.lost or control.stopping:
+            return  # it ended, or went to another worker, meanwhile
+        claim.settled = claim.handed_over = True
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                new_id = await self.consumer.release(claim.entry_id, message.job_id, handover=True)
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            logger.warning(
+                "job %s: not handed over (%s); a peer takes it over after the lease",
+                message.job_id,
+                exc,
+            )
+            return
+        if new_id is None:
+            logger.warning("job %s: not handed over: the entry is not ours", message.job_id)
+            return
+        self.stats.handed_over += 1
+        self.metrics.handed_over.inc()
+        logger.info(
+            "job %s: handed over at a turn boundary (entry %s -> %s); leaving when a peer joins",
+            message.job_id,
+            claim.entry_id,
+            new_id,
+        )
 
     async def _until_redis(self, func: Callable[..., Any], *args: Any) -> Any:
         attempt = 0
@@ -679,13 +792,21 @@ class Worker:
             await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
             return False
-        claim.reclaimed = delivery.deliveries > 1
-        if claim.reclaimed:
+        # Either way our joining removes the previous agent participant.
+        claim.reclaimed = delivery.deliveries > 1 or bool(message.handover_from)
+        if delivery.deliveries > 1:
             logger.warning(
                 "job %s (room %s): taking the call over (delivery %d)",
                 message.job_id,
                 message.room,
                 delivery.deliveries,
+            )
+        elif message.handover_from:
+            logger.info(
+                "job %s (room %s): taking the call over from draining worker %s",
+                message.job_id,
+                message.room,
+                message.handover_from,
             )
         claim.control = SessionControl()
         assert self._tg is not None
@@ -907,13 +1028,15 @@ class Worker:
     ) -> CheckpointWriter | None:
         """Wire the session to its checkpoints: the last one to resume from, a writer.
 
-        Only a redelivered job can have a checkpoint; reading it is one GET
-        before the join. Unreadable (Redis down) means a fresh start.
+        Only a redelivered or handed-over job can have a checkpoint; reading
+        it is one GET before the join. Unreadable (Redis down) means a fresh start.
         """
         if not (self.config.checkpoint and self.settings.checkpoint_max_bytes > 0):
             return None
         job_id = message.job_id
-        if claim.delivery.deliveries > 1:
+        # A handover, not a crash: the caller lost nothing, no resume line.
+        control.handover = bool(message.handover_from) and claim.delivery.deliveries == 1
+        if claim.delivery.deliveries > 1 or message.handover_from:
             try:
                 with anyio.fail_after(self.settings.lease / 3):
                     control.resume = await self.checkpoints.load(job_id)
@@ -927,8 +1050,9 @@ class Worker:
             save,
             label=f"job {job_id}",
             # A session stepping aside must not overwrite its successor's state.
-            allowed=lambda: not (claim.lost or control.takeover),
+            allowed=lambda: not (claim.lost or claim.handed_over or control.takeover),
         )
+        claim.writer = writer
         control.checkpoint = writer.offer
         control.checkpoint_max_bytes = self.settings.checkpoint_max_bytes
         return writer
@@ -937,7 +1061,8 @@ class Worker:
         if outcome.status == "taken_over":
             self.stats.taken_over += 1
             self.metrics.ended("taken_over")
-            logger.warning(
+            logger.log(
+                logging.INFO if claim.handed_over else logging.WARNING,
                 "job %s: another worker took the call over (%s); stepping aside",
                 message.job_id,
                 outcome.reason,

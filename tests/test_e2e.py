@@ -162,15 +162,16 @@ async def test_a_killed_worker_s_call_comes_back_within_the_lease(
                 first.kill()
 
 
-async def test_drain_lets_the_call_finish_and_leaves_queued_jobs_to_others(
+async def test_a_drain_without_handover_lets_the_call_finish_and_leaves_queued_jobs_to_others(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:
+    """``--no-handover`` (and the fallback when no peer has room): the call stays to its end."""
     ns = unique("ns")
     keys = Keys(ns)
     busy_room, queued_room = unique("dental-busy"), unique("dental-queued")
     async with dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)):
         draining = worker_process(
-            livekit_server, redis_server.url, ns, "dental", "--concurrency", "1"
+            livekit_server, redis_server.url, ns, "dental", "--concurrency", "1", "--no-handover"
         )
         try:
             await wait_member(redis, keys, "dental")

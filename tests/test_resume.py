@@ -33,6 +33,8 @@ from tests.test_worker import job_message
 pytestmark = pytest.mark.anyio
 
 GREETING = "Bright Smile Dental, offline line. How can we help you today?"
+RESTAURANT_GREETING = "Trattoria Luca, offline line. A table for how many?"
+RESUME_LINE = "Sorry, I lost you for a second."
 LEASE = 2.0
 THREE_THINGS = ["my name is Ada", "I need a cleaning", "Tuesdays suit me"]
 
@@ -84,7 +86,7 @@ async def transcribing(caller: Caller) -> AsyncIterator[Transcript]:
 
 
 def worker_process(
-    livekit: LiveKitServer, redis_url: str, ns: str, *args: str
+    livekit: LiveKitServer, redis_url: str, ns: str, *args: str, agent: str = "dental"
 ) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
@@ -94,7 +96,7 @@ def worker_process(
         REDIS_URL=redis_url,
         OPENRTC_NAMESPACE=ns,
     )
-    command = [sys.executable, "-m", "openrtc", "worker", "--agent", "dental"]
+    command = [sys.executable, "-m", "openrtc", "worker", "--agent", agent]
     command += ["--agents-dir", str(OFFLINE_AGENTS), "--lease", str(LEASE), "--http-port", "0"]
     return subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
 
@@ -173,6 +175,57 @@ async def test_a_killed_session_resumes_its_conversation_without_a_second_greeti
 
             await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
             assert transcript.count(GREETING) == 1, transcript.lines
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait(10)
+
+
+@pytest.mark.parametrize("isolation", ["coroutine", "process"])
+async def test_a_deploy_hands_the_call_over_with_its_conversation(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, isolation: str
+) -> None:
+    """SIGTERM while a peer has free slots: the call moves to it at a turn
+    boundary with its conversation, no second greeting and no resume line
+    (the caller lost nothing), and the old worker exits as soon as the peer
+    is in, not when the call ends (its drain timeout is 30 minutes)."""
+    agent, ns = "restaurant", unique("ns")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("restaurant-handover"))
+    message = job_message(livekit_server, room, agent, unique("dispatcher"))
+    key = keys.checkpoint(agent, message.job_id)
+    args = ["--isolation", isolation]
+    first = worker_process(livekit_server, redis_server.url, ns, *args, agent=agent)
+    try:
+        async with AsyncExitStack() as stack:
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            await StreamStore(redis, keys).enqueue([message])
+            original = await caller.wait_agent(within=30)
+            await eventually(lambda: transcript.count(RESTAURANT_GREETING), "greeting", within=20)
+            await three_things_said(transcript, redis, key)
+            peer = await stack.enter_async_context(
+                working(
+                    livekit_server, redis_server.url, ns, agent, lease=LEASE, isolation=isolation
+                )
+            )
+            first.send_signal(signal.SIGTERM)
+            replacement = await caller.wait_agent(within=30, other_than=original.sid)
+            assert replacement.identity == original.identity
+            with anyio.fail_after(30):
+                code = await anyio.to_thread.run_sync(first.wait)
+            assert code == 0
+            assert peer.running_jobs == [message.job_id]
+            assert peer.stats.reclaimed == 0  # read as a new entry, not after a lease
+            await agent_listening(caller, replacement.identity)
+            await eventually(
+                lambda: any(t.sid == replacement.sid and t.frames for t in caller.audio),
+                "audio from the new session",
+            )
+
+            await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
+            assert transcript.count(RESTAURANT_GREETING) == 1, transcript.lines
+            assert transcript.count(RESUME_LINE) == 0, transcript.lines
     finally:
         if first.poll() is None:
             first.kill()
