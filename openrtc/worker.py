@@ -93,6 +93,11 @@ ROOM_CHECK_TIMEOUT: Final = 3.0
 HANDOVER_SLACK: Final = 2.0
 #: While draining, how often to look again for peers with room for our calls.
 HANDOVER_RECHECK: Final = 2.0
+#: Calls handed over at once, each until its peer has joined (or
+#: HANDOVER_JOIN_WAIT): a peer starting many sessions at once starts each
+#: later, and the caller hears the gap.
+HANDOVER_CONCURRENCY: Final = 2
+HANDOVER_JOIN_WAIT: Final = 5.0
 
 
 @dataclass(slots=True)
@@ -127,6 +132,8 @@ class _Claim:
     handed_over: bool = False
     #: The session's checkpoint writer, when it keeps checkpoints.
     writer: CheckpointWriter | None = None
+    #: Set when the worker forgets it (its session, if any, is over).
+    dropped: anyio.Event = field(default_factory=anyio.Event)
     #: Tracing on only: when it was read (ns), and the claim span.
     read_ns: int = 0
     span: Any = None
@@ -424,6 +431,7 @@ class Worker:
         calls, and one that is full now may have room later.
         """
         asked: set[str] = set()
+        limiter = anyio.CapacityLimiter(HANDOVER_CONCURRENCY)
         while True:
             waiting = [
                 c
@@ -448,7 +456,7 @@ class Worker:
                 for claim in waiting[:free]:
                     assert claim.message is not None
                     asked.add(claim.message.job_id)
-                    tg.start_soon(self._hand_over, claim)
+                    tg.start_soon(self._hand_over, claim, limiter)
             await anyio.sleep(HANDOVER_RECHECK)
 
     async def _peer_slots(self) -> int:
@@ -471,8 +479,17 @@ class Worker:
             if not overloaded
         )
 
-    async def _hand_over(self, claim: _Claim) -> None:
+    async def _hand_over(self, claim: _Claim, limiter: anyio.CapacityLimiter) -> None:
+        async with limiter:
+            if await self._hand_over_one(claim):
+                # Paced: the next call goes once this one's peer is in.
+                with anyio.move_on_after(HANDOVER_JOIN_WAIT):
+                    await claim.dropped.wait()
+
+    async def _hand_over_one(self, claim: _Claim) -> bool:
         """Hand a running call to a peer: at a turn boundary, with its last checkpoint.
+
+        True when its entry went back to the stream for a peer.
 
         The entry goes back to the stream marked as a handover; the peer that
         reads it joins with the job's identity and the restored conversation,
@@ -482,7 +499,7 @@ class Worker:
         """
         message, control = claim.message, claim.control
         if message is None or control is None:
-            return
+            return False
         control.ask_handover()
         with anyio.move_on_after(HANDOVER_TURN_WAIT + HANDOVER_SLACK):
             await control.handover_ready.wait()
@@ -490,7 +507,7 @@ class Worker:
             with anyio.move_on_after(self.settings.lease / 3):
                 await claim.writer.flush()
         if claim.settled or claim.lost or control.stopping:
-            return  # it ended, or went to another worker, meanwhile
+            return False  # it ended, or went to another worker, meanwhile
         claim.settled = claim.handed_over = True
         try:
             with anyio.fail_after(self.settings.lease / 3):
@@ -501,10 +518,10 @@ class Worker:
                 message.job_id,
                 exc,
             )
-            return
+            return False
         if new_id is None:
             logger.warning("job %s: not handed over: the entry is not ours", message.job_id)
-            return
+            return False
         self.stats.handed_over += 1
         self.metrics.handed_over.inc()
         logger.info(
@@ -513,6 +530,7 @@ class Worker:
             claim.entry_id,
             new_id,
         )
+        return True
 
     async def _until_redis(self, func: Callable[..., Any], *args: Any) -> Any:
         attempt = 0
@@ -678,6 +696,7 @@ class Worker:
         if self._claims.get(claim.entry_id) is claim:
             del self._claims[claim.entry_id]
             self._gate.give()
+        claim.dropped.set()
 
     async def _accept(self, claim: _Claim) -> None:
         """Decide what a held entry becomes: a session, a dead letter, or nothing."""
