@@ -23,7 +23,8 @@ checkpoint. In the second phase, once the killed worker's calls are back, the
 worker then holding the most calls gets SIGTERM (a deploy): it hands each call
 to the remaining worker at a turn boundary. The **handover audio gap** of a
 call is, at its caller, the last audio frame received from the old session's
-track to the first from the new session's; the draining worker's exit is
+track (no later than the track went away: the stream yields what it buffered
+after that) to the first from the new session's, in 50 ms frames; the draining worker's exit is
 timed too (before handovers it waited for its calls to end, up to its drain
 timeout of 30 minutes).
 
@@ -280,9 +281,9 @@ async def _deploy(
             return next((t for t in caller.audio if t.sid == new.sid and t.frames), None)
 
         first = await _until(heard, 30, "audio from the new session")
-        old = max((t.last_at for t in caller.audio if t.sid == old_sid), default=sent_at)
-        # Frames of both at once (the new track came before the old one's
-        # last frame) are no gap at all.
+        old = max((t.ended_at for t in caller.audio if t.sid == old_sid), default=sent_at)
+        # Frames of both at once (the new track came before the old one went)
+        # are no gap at all.
         return max(0.0, first.first_at - old)
 
     async def exited() -> float:

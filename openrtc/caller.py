@@ -61,6 +61,19 @@ class TrackAudio:
     first_at: float = 0.0
     last_at: float = 0.0
     frames: int = 0
+    #: When the track went away (its participant left or was replaced); 0 while here.
+    unsubscribed_at: float = 0.0
+
+    @property
+    def ended_at(self) -> float:
+        """The last moment this track could carry the agent's audio.
+
+        The stream goes on yielding what it buffered (about 250 ms of frames)
+        after the track went away: those frames come from no one.
+        """
+        if self.unsubscribed_at:
+            return min(self.last_at, self.unsubscribed_at)
+        return self.last_at
 
 
 @dataclass
@@ -149,6 +162,12 @@ async def caller_in(
             record = TrackAudio(p.identity, p.sid)
             caller.audio.append(record)
             send.send_nowait((track, record))
+
+    @lk_room.on("track_unsubscribed")
+    def _on_untrack(track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
+        for record in caller.audio:
+            if record.sid == p.sid and not record.unsubscribed_at:
+                record.unsubscribed_at = time.monotonic()
 
     streams: list[rtc.AudioStream] = []
 

@@ -539,6 +539,7 @@ async def _restore(
     restore = getattr(agent, "restore_state", None)
     if saved.state is not None and callable(restore):
         restore(saved.state)
+    _resume_instead_of_entering(agent)
     logger.info(
         "job %s: resuming the conversation (%d items, agent %s)",
         job_id,
@@ -546,6 +547,24 @@ async def _restore(
         type(agent).__qualname__,
     )
     return agent
+
+
+def _resume_instead_of_entering(agent: Agent) -> None:
+    """The session's start runs the resumed agent's ``on_resume()``, not ``on_enter()``.
+
+    The agent was entered in the session before the takeover: its
+    ``on_enter`` (where livekit-agents' examples greet) already ran. Once
+    only: a later entry of the same agent (a handoff back) is an entry again.
+    """
+
+    async def resumed() -> None:
+        delattr(agent, "on_enter")
+        hook = getattr(agent, "on_resume", None)
+        if callable(hook):
+            await hook()
+
+    # livekit-agents calls ``agent.on_enter()`` on the instance: shadowed here.
+    setattr(agent, "on_enter", resumed)  # noqa: B010
 
 
 def _restore_userdata(session: AgentSession[Any], data: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import pytest
 from livekit import rtc
 from redis.asyncio import Redis
 
+from openrtc.agents import AgentPool
 from openrtc.caller import Caller, caller_in
 from openrtc.checkpoint import Checkpoint
 from openrtc.devstack import LiveKitServer, RedisServer
@@ -86,7 +87,12 @@ async def transcribing(caller: Caller) -> AsyncIterator[Transcript]:
 
 
 def worker_process(
-    livekit: LiveKitServer, redis_url: str, ns: str, *args: str, agent: str = "dental"
+    livekit: LiveKitServer,
+    redis_url: str,
+    ns: str,
+    *args: str,
+    agent: str = "dental",
+    agents_dir: Path = OFFLINE_AGENTS,
 ) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
@@ -97,7 +103,7 @@ def worker_process(
         OPENRTC_NAMESPACE=ns,
     )
     command = [sys.executable, "-m", "openrtc", "worker", "--agent", agent]
-    command += ["--agents-dir", str(OFFLINE_AGENTS), "--lease", str(LEASE), "--http-port", "0"]
+    command += ["--agents-dir", str(agents_dir), "--lease", str(LEASE), "--http-port", "0"]
     return subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
 
 
@@ -226,6 +232,67 @@ async def test_a_deploy_hands_the_call_over_with_its_conversation(
             await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
             assert transcript.count(RESTAURANT_GREETING) == 1, transcript.lines
             assert transcript.count(RESUME_LINE) == 0, transcript.lines
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait(10)
+
+
+#: livekit-agents' idiom: the agent greets in ``on_enter``.
+GREETS_ON_ENTER = """
+from livekit.agents import Agent
+
+from openrtc import agent_config
+from openrtc.offline import OfflineLLM, ToneTTS
+
+
+@agent_config(name="concierge", llm=OfflineLLM(), tts=ToneTTS())
+class Concierge(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="Offline concierge.")
+
+    async def on_enter(self) -> None:
+        self.session.say("Concierge here, greeted on entering.")
+
+    async def on_resume(self) -> None:
+        self.session.say("Concierge here, resumed.")
+"""
+
+
+async def test_a_resumed_agent_is_not_entered_again(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """After a SIGKILL the resumed agent's ``on_resume()`` runs, not its ``on_enter()``:
+    an agent that greets on entering does not greet twice."""
+    (tmp_path / "concierge.py").write_text(GREETS_ON_ENTER)
+    agent, ns = "concierge", unique("ns")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("concierge-resume"))
+    message = job_message(livekit_server, room, agent, unique("dispatcher"))
+    key = keys.checkpoint(agent, message.job_id)
+    first = worker_process(livekit_server, redis_server.url, ns, agent=agent, agents_dir=tmp_path)
+    try:
+        async with AsyncExitStack() as stack:
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            await StreamStore(redis, keys).enqueue([message])
+            original = await caller.wait_agent(within=30)
+            greeting = "Concierge here, greeted on entering."
+            await eventually(lambda: transcript.count(greeting), "the greeting", within=20)
+            await three_things_said(transcript, redis, key)
+            pool = AgentPool.from_directory(tmp_path)
+            await stack.enter_async_context(
+                working(livekit_server, redis_server.url, ns, agent, pool=pool, lease=LEASE)
+            )
+            first.send_signal(signal.SIGKILL)
+            replacement = await caller.wait_agent(within=30, other_than=original.sid)
+            await agent_listening(caller, replacement.identity)
+            await eventually(
+                lambda: transcript.count("Concierge here, resumed."), "on_resume", within=20
+            )
+            await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
+            assert transcript.count(greeting) == 1, transcript.lines
+            assert transcript.count("Concierge here, resumed.") == 1, transcript.lines
     finally:
         if first.poll() is None:
             first.kill()
