@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
-from openrtc.keys import Keys
+from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.scripts import SAVE_CHECKPOINT
 from openrtc.supervision import backoff_delay
 
 if TYPE_CHECKING:
@@ -205,13 +206,19 @@ class CheckpointStore:
         self._keys = keys
         self._agent = agent
         self._ttl_ms = max(1000, int(ttl * 1000))
+        self._save = redis.register_script(SAVE_CHECKPOINT)
 
     async def load(self, job_id: str) -> bytes | None:
         data = await self._redis.get(self._keys.checkpoint(self._agent, job_id))
         return data.encode() if isinstance(data, str) else data
 
-    async def save(self, job_id: str, data: bytes) -> None:
-        await self._redis.set(self._keys.checkpoint(self._agent, job_id), data, px=self._ttl_ms)
+    async def save(self, job_id: str, data: bytes, *, entry_id: str, consumer: str) -> bool:
+        """Write ``data`` if the job's entry ``entry_id`` is still ``consumer``'s; else False."""
+        written = await self._save(
+            keys=[self._keys.checkpoint(self._agent, job_id), self._keys.jobs(self._agent)],
+            args=[data, self._ttl_ms, WORKERS_GROUP, entry_id, consumer],
+        )
+        return bool(written)
 
     async def delete(self, job_id: str) -> None:
         await self._redis.delete(self._keys.checkpoint(self._agent, job_id))
@@ -229,7 +236,7 @@ class CheckpointWriter:
 
     def __init__(
         self,
-        save: Callable[[bytes], Awaitable[None]],
+        save: Callable[[bytes], Awaitable[bool | None]],
         *,
         label: str = "",
         allowed: Callable[[], bool] = lambda: True,
@@ -243,6 +250,7 @@ class CheckpointWriter:
         self._idle.set()
         self.written = 0
         self.failures = 0
+        self.refused = 0
 
     def offer(self, data: bytes) -> None:
         """Replace what is to be written next."""
@@ -262,23 +270,33 @@ class CheckpointWriter:
                 continue
             try:
                 with anyio.fail_after(WRITE_TIMEOUT):
-                    await self._save(data)
+                    written = await self._save(data)
             except Exception as exc:
                 self.failures += 1
                 if attempt == 0:
                     logger.warning("%s: checkpoint not written (%s); retrying", self._label, exc)
-                if self._pending is None:
-                    self._pending = data  # nothing newer: this one is still the latest
-                await anyio.sleep(backoff_delay(attempt, 0.2, 2.0))
-                attempt += 1
-                self._wake.set()
-                continue
-            if attempt:
-                logger.info("%s: checkpoints written again", self._label)
-            attempt = 0
-            self.written += 1
+                written = None
+            else:
+                if written is False:
+                    # The entry is not ours in Redis: another worker has the
+                    # call (then ``allowed`` turns false and this stops), or a
+                    # Redis that lost it gets it back from us (write-back).
+                    self.refused += 1
+                    if attempt == 0:
+                        logger.warning("%s: checkpoint refused: not our entry now", self._label)
+                else:
+                    if attempt:
+                        logger.info("%s: checkpoints written again", self._label)
+                    attempt = 0
+                    self.written += 1
+                    if self._pending is None:
+                        self._idle.set()
+                    continue
             if self._pending is None:
-                self._idle.set()
+                self._pending = data  # nothing newer: this one is still the latest
+            await anyio.sleep(backoff_delay(attempt, 0.2, 2.0))
+            attempt += 1
+            self._wake.set()
 
     async def flush(self) -> None:
         """Until the latest offer is written (needs :meth:`run`; bound it with a timeout)."""

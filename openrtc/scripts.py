@@ -385,6 +385,18 @@ return {{1, id}}
 """
 
 
+# KEYS: checkpoint key, job stream. ARGV: checkpoint, TTL ms, group, entry id,
+# consumer. Writes the checkpoint only while the entry is pending on that
+# consumer: a session whose call went to another worker (its lease lapsed in a
+# partition, a handover) never overwrites its successor's. Returns 1 if written.
+SAVE_CHECKPOINT: Final = """
+local p = redis.call('XPENDING', KEYS[2], ARGV[3], ARGV[4], ARGV[4], 1)
+if not (p[1] and p[1][2] == ARGV[5]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Scripts:
     """The scripts, registered on one client."""

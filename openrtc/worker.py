@@ -1062,8 +1062,11 @@ class Worker:
             except (*REDIS_DOWN, TimeoutError) as exc:
                 logger.warning("job %s: checkpoint not read (%s); starting afresh", job_id, exc)
 
-        async def save(data: bytes) -> None:
-            await self.checkpoints.save(job_id, data)
+        async def save(data: bytes) -> bool:
+            # Fenced by the entry (as it is now: a write-back renames it).
+            return await self.checkpoints.save(
+                job_id, data, entry_id=claim.entry_id, consumer=self.settings.worker_id
+            )
 
         writer = CheckpointWriter(
             save,

@@ -191,3 +191,30 @@ async def test_the_writer_keeps_the_latest_and_retries_until_it_is_written() -> 
         tg.cancel_scope.cancel()
     # Coalesced: only the latest state was worth writing.
     assert written == [b"4"]
+
+
+@pytest.mark.anyio
+async def test_a_refused_checkpoint_is_retried_only_while_the_call_is_ours() -> None:
+    tries: list[bytes] = []
+    ours = True
+
+    async def save(data: bytes) -> bool:
+        tries.append(data)
+        return False  # the entry is not ours in Redis
+
+    writer = CheckpointWriter(save, label="test", allowed=lambda: ours)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.run)
+        writer.offer(b"1")
+        with anyio.fail_after(5):
+            while len(tries) < 2:
+                await anyio.sleep(0.05)
+        ours = False  # the lease loop found another worker holds it
+        with anyio.fail_after(5):
+            await writer.flush()
+        settled = len(tries)
+        await anyio.sleep(1.0)
+        tg.cancel_scope.cancel()
+    assert len(tries) == settled  # no more tries once it is not ours
+    assert writer.refused == settled
+    assert writer.written == 0

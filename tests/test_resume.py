@@ -24,10 +24,10 @@ from redis.asyncio import Redis
 
 from openrtc.agents import AgentPool
 from openrtc.caller import Caller, caller_in
-from openrtc.checkpoint import Checkpoint
+from openrtc.checkpoint import Checkpoint, CheckpointStore
 from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.streams import StreamStore, connect_redis
+from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.streams import JobConsumer, StreamStore, connect_redis
 from tests.stack import OFFLINE_AGENTS, creds, eventually, new_room, unique, working
 from tests.test_worker import job_message
 
@@ -297,6 +297,31 @@ async def test_a_resumed_agent_is_not_entered_again(
         if first.poll() is None:
             first.kill()
         first.wait(10)
+
+
+async def test_a_session_whose_call_went_elsewhere_never_overwrites_the_checkpoint(
+    livekit_server: LiveKitServer, redis: Redis
+) -> None:
+    """Checkpoints are fenced by the entry's owner: a worker back from a partition
+    (its lease lapsed, a peer resumed the call) writes the state it had in vain."""
+    keys = Keys(unique("ns"))
+    store = StreamStore(redis, keys)
+    await store.ensure_group("dental")
+    room = await new_room(livekit_server, unique("dental-fence"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    await store.enqueue([message])
+    [delivery] = await JobConsumer(store, "dental", "w-old").read(1, 100)
+    job, entry = message.job_id, delivery.entry_id
+    checkpoints = CheckpointStore(redis, keys, "dental", 60)
+    assert await checkpoints.save(job, b"old 1", entry_id=entry, consumer="w-old")
+    # The lease lapsed: a peer claims the entry and goes on from "old 1".
+    await redis.xclaim(keys.jobs("dental"), WORKERS_GROUP, "w-new", 0, [entry])
+    assert await checkpoints.save(job, b"new 1", entry_id=entry, consumer="w-new")
+    assert not await checkpoints.save(job, b"old 2", entry_id=entry, consumer="w-old")
+    assert await checkpoints.load(job) == b"new 1"
+    # Nor for an entry that is gone (handed over: re-added under a new id).
+    assert not await checkpoints.save(job, b"new 2", entry_id="1-1", consumer="w-new")
+    assert await checkpoints.load(job) == b"new 1"
 
 
 async def test_a_redis_outage_does_not_stop_the_call_and_checkpoints_resume_after(
