@@ -1008,7 +1008,7 @@ class Worker:
                 _trace_outcome(span, outcome)
                 span = None
             await self._settle(claim, message, outcome)
-            if writer is not None and outcome.status == "success":
+            if writer is not None and outcome.status == "success" and not claim.handed_over:
                 with contextlib.suppress(*REDIS_DOWN):
                     await self.checkpoints.delete(message.job_id)
         finally:
@@ -1080,7 +1080,9 @@ class Worker:
         return writer
 
     async def _settle(self, claim: _Claim, message: JobMessage, outcome: SessionOutcome) -> None:
-        if outcome.status == "taken_over":
+        if outcome.status == "taken_over" or claim.handed_over:
+            # Handed over, however the session ended: the peer has the job now
+            # (its record, its entry, its checkpoint), and finishes it.
             self.stats.taken_over += 1
             self.metrics.ended("taken_over")
             logger.log(
@@ -1249,6 +1251,11 @@ class Worker:
             running = claim.control
             if running is None or claim.message is None or claim.message.job_id != job_id:
                 continue
+            if claim.handed_over:
+                # The peer it was handed to joined with its identity and removed
+                # this session's participant: LiveKit reports exactly that.
+                logger.info("job %s: termination caused by its handover; ignored", job_id)
+                return
             since_join = time.monotonic() - claim.joined_at if claim.joined_at else 0.0
             if claim.reclaimed and since_join < self.settings.takeover_grace:
                 # Our joining with the job's identity removed the previous

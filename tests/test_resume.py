@@ -28,7 +28,15 @@ from openrtc.checkpoint import Checkpoint, CheckpointStore
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.streams import JobConsumer, StreamStore, connect_redis
-from tests.stack import OFFLINE_AGENTS, creds, eventually, new_room, unique, working
+from tests.stack import (
+    OFFLINE_AGENTS,
+    creds,
+    delete_room,
+    eventually,
+    new_room,
+    unique,
+    working,
+)
 from tests.test_worker import job_message
 
 pytestmark = pytest.mark.anyio
@@ -236,6 +244,56 @@ async def test_a_deploy_hands_the_call_over_with_its_conversation(
         if first.poll() is None:
             first.kill()
         first.wait(10)
+
+
+async def test_the_termination_a_handover_causes_does_not_finish_the_call(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """The peer's join removes the old participant, and LiveKit terminates the
+    job for it: that termination can reach the draining worker before its own
+    participant's removal does. It used to end the old session as a success:
+    the job's record marked done and its checkpoint deleted under the peer
+    (seen in bench/recovery.py), so a later crash of the peer lost the call."""
+    ns = unique("ns")
+    keys = Keys(ns)
+    store = StreamStore(redis, keys)
+    room = await new_room(livekit_server, unique("dental-handover-term"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    key = keys.checkpoint("dental", message.job_id)
+    async with (
+        caller_in(creds(livekit_server), room.name) as caller,
+        transcribing(caller) as transcript,
+        working(livekit_server, redis_server.url, ns, "dental", lease=LEASE) as first,
+    ):
+        await store.enqueue([message])
+        original = await caller.wait_agent(within=30)
+        await three_things_said(transcript, redis, key)
+        release = first.consumer.release
+
+        async def release_then_terminated(
+            entry_id: str, job_id: str, *, handover: bool = False
+        ) -> str | None:
+            new_id = await release(entry_id, job_id, handover=handover)
+            if handover:  # what the dispatcher relays once the peer has joined
+                await store.publish_termination("dental", job_id, "agent left the room")
+            return new_id
+
+        first.consumer.release = release_then_terminated  # type: ignore[method-assign]
+        async with working(livekit_server, redis_server.url, ns, "dental", lease=LEASE) as peer:
+            first.request_stop()
+            replacement = await caller.wait_agent(within=30, other_than=original.sid)
+            assert replacement.identity == original.identity
+            await eventually(lambda: not first.running_jobs, "the old session gone", within=20)
+            assert first.stats.handed_over == 1
+            assert first.stats.succeeded == 0
+            assert peer.running_jobs == [message.job_id]
+            record = await redis.hgetall(keys.job("dental", message.job_id))
+            assert record[b"state"] == b"running"
+            assert record[b"worker"] == peer.settings.worker_id.encode()
+            assert await redis.exists(key)
+            await agent_listening(caller, replacement.identity)
+            await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
+            await delete_room(livekit_server, room.name)
 
 
 #: livekit-agents' idiom: the agent greets in ``on_enter``.
