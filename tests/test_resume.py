@@ -267,6 +267,7 @@ async def test_the_termination_a_handover_causes_does_not_finish_the_call(
     ):
         await store.enqueue([message])
         original = await caller.wait_agent(within=30)
+        await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
         await three_things_said(transcript, redis, key)
         release = first.consumer.release
 
