@@ -72,7 +72,8 @@ class TrackAudio:
         after the track went away: those frames come from no one.
         """
         if self.unsubscribed_at:
-            return min(self.last_at, self.unsubscribed_at)
+            # Not listened to (no frames): the track's end is all there is.
+            return min(self.last_at, self.unsubscribed_at) if self.frames else self.unsubscribed_at
         return self.last_at
 
 
@@ -82,8 +83,10 @@ class Caller:
 
     room: rtc.Room
     sightings: list[AgentSighting] = field(default_factory=list)
-    #: Each agent audio track heard, in the order they were subscribed.
+    #: Each agent audio track subscribed, in order (frames counted while listening).
     audio: list[TrackAudio] = field(default_factory=list)
+    #: Whether tracks subscribed from now on are listened to (decoded, timed).
+    listening: bool = True
     max_agents_at_once: int = 0
     loud_frames: int = 0
     heard: anyio.Event = field(default_factory=anyio.Event)
@@ -121,9 +124,14 @@ class Caller:
 
 @asynccontextmanager
 async def caller_in(
-    livekit: LiveKitSettings, room: str, identity: str = "caller"
+    livekit: LiveKitSettings, room: str, identity: str = "caller", *, listen: bool = True
 ) -> AsyncIterator[Caller]:
-    """Join ``room`` as a standard participant and record every agent that shows up."""
+    """Join ``room`` as a standard participant and record every agent that shows up.
+
+    ``listen=False``: agent audio tracks are recorded but not decoded until
+    ``caller.listening`` is set (a process holding many callers saves its CPU
+    for the events it times).
+    """
     token = (
         api.AccessToken(livekit.api_key, livekit.api_secret)
         .with_identity(identity)
@@ -131,7 +139,7 @@ async def caller_in(
         .to_jwt()
     )
     lk_room = rtc.Room()
-    caller = Caller(lk_room)
+    caller = Caller(lk_room, listening=listen)
 
     @lk_room.on("participant_connected")
     def _on_join(p: rtc.RemoteParticipant) -> None:
@@ -161,7 +169,8 @@ async def caller_in(
         ):
             record = TrackAudio(p.identity, p.sid)
             caller.audio.append(record)
-            send.send_nowait((track, record))
+            if caller.listening:
+                send.send_nowait((track, record))
 
     @lk_room.on("track_unsubscribed")
     def _on_untrack(track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
@@ -188,7 +197,7 @@ async def caller_in(
                 if caller.loud_frames >= HEARD_FRAMES:
                     caller.heard.set()
 
-    async def listen(tg: TaskGroup) -> None:
+    async def start_listening(tg: TaskGroup) -> None:
         async for track, record in receive:
             tg.start_soon(hear, track, record)
 
@@ -197,7 +206,7 @@ async def caller_in(
         _on_join(p)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(listen, tg)
+            tg.start_soon(start_listening, tg)
             try:
                 yield caller
             finally:

@@ -241,7 +241,7 @@ class WorkerSettings:
     #: A worker's liveness subscription must stay gone this long before its
     #: peers believe it crashed: a live worker's reconnect takes milliseconds.
     #: (At most half the lease: detection is never slower than the lease.)
-    crash_grace: float = 0.5
+    crash_grace: float = 0.3
     #: Deliveries after which a job goes to the dead letters (``max-deliveries``).
     max_deliveries: int = 5
     #: A job that waited longer than this before any worker started it goes to

@@ -82,7 +82,7 @@ READ_BLOCK_MS: Final = 1000
 RECLAIM_INTERVAL: Final = 1.0
 #: How often each worker asks whether a watched peer crashed; every watched
 #: worker is looked at about this often, shared by the agent's workers.
-CRASH_CHECK_INTERVAL: Final = 0.25
+CRASH_CHECK_INTERVAL: Final = 0.15
 #: A session whose process died this way is started again by its own worker.
 PROCESS_DIED: Final = "session process died"
 #: Room checks (LiveKit API calls) one worker runs at once.
