@@ -442,9 +442,11 @@ class Worker:
                 and not (c.settled or c.lost or c.control.stopping)
             ]
             if waiting:
-                # Calls handed over whose peer has not joined yet hold a slot
-                # there already, unread as their entries may still be.
-                in_flight = sum(1 for c in self._claims.values() if c.handed_over)
+                # Calls being handed over, or handed over with the peer not
+                # joined yet, hold a slot there already (their entries unread).
+                in_flight = sum(
+                    1 for c in self._claims.values() if c.message and c.message.job_id in asked
+                )
                 free = max(0, await self._peer_slots() - in_flight)
                 if free:
                     logger.info(
