@@ -22,6 +22,7 @@ contacted with the same TLS and timeout options and, for their own password,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -43,6 +44,9 @@ __all__ = ["CLUSTER_SCHEMES", "SENTINEL_SCHEMES", "client_from_url", "is_cluster
 CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES: Final = ("redis+sentinel", "rediss+sentinel")
 _DEFAULT_SENTINEL_PORT: Final = 26379
+# redis-py typed Sentinel's constructor in 8.2 and not before; a typed alias
+# keeps mypy --strict quiet on both without an ignore that one of them calls unused.
+_new_sentinel: Final[Callable[..., Sentinel]] = Sentinel
 _DEFAULT_PORT: Final = 6379
 # Options that make sense per connection but not for the cluster client's
 # constructor (it has no database but 0, and no pool of its own to pass).
@@ -222,7 +226,7 @@ def _sentinel(url: str, options: dict[str, Any]) -> Redis:
         sentinel_kwargs["username"] = query["sentinel_username"]
     if tls:
         kwargs["ssl"] = True
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = _new_sentinel(
         _hosts(parts.netloc, _DEFAULT_SENTINEL_PORT, url),
         sentinel_kwargs=sentinel_kwargs,
         **kwargs,
