@@ -1,11 +1,26 @@
 # One image, two services: `--target dispatcher` and `--target worker`.
 # Agents are mounted (or copied in a derived image) at /agents.
-FROM python:3.11-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 OPENRTC_AGENTS_DIR=/agents
-WORKDIR /app
-COPY pyproject.toml README.md ./
+
+# The venv is built from uv.lock, the versions CI ran: nothing is resolved at
+# build time. UV_VERSION is pyproject.toml's [tool.uv] required-version
+# (tests/test_packaging.py keeps the two equal).
+FROM python:3.11-slim AS build
+ARG UV_VERSION=0.13.9
+RUN pip install --no-cache-dir "uv==${UV_VERSION}"
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1
+WORKDIR /src
+COPY pyproject.toml uv.lock README.md ./
+# Dependencies first, the project after: a code change reuses this layer.
+RUN uv sync --locked --no-dev --extra hiredis --no-install-project --python /usr/local/bin/python3
 COPY openrtc ./openrtc
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 openrtc
+RUN uv sync --locked --no-dev --extra hiredis --no-editable --python /usr/local/bin/python3
+
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 OPENRTC_AGENTS_DIR=/agents \
+    PATH=/opt/venv/bin:$PATH
+COPY --from=build /opt/venv /opt/venv
+RUN useradd --system --uid 10001 openrtc
+WORKDIR /app
 COPY examples/offline_agents /agents
 USER openrtc
 # /healthz of the service's HTTP server (port from OPENRTC_HTTP_PORT, set per

@@ -7,8 +7,8 @@ Run from the repository root::
 
 Both packages are imported as ``openrtc``, so 0.20.1 runs in its own virtual
 environment, ``.bench-venv`` at the repository root, created on first use with
-``python -m venv`` and ``pip install openrtc==0.20.1`` (pinned to the
-livekit-agents and protobuf versions of this interpreter when pip can). This
+``uv sync --locked --project bench/legacy``: openrtc 0.20.1 with this
+project's locked livekit-agents and protobuf, at ``bench/legacy/uv.lock``'s versions. This
 script generates one seeded corpus of distinct jobs, writes it to a JSON file,
 and routes it on both sides as real ``livekit.protocol.agent.Job`` messages:
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -35,7 +36,6 @@ import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -62,9 +62,9 @@ from openrtc.routing import RoutingTable, resolve_agent  # noqa: E402
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
 LEGACY_SCRIPT: Final = BENCH_DIR / "_routing_legacy.py"
+#: The locked project (bench/legacy) whose venv runs 0.20.1's side.
+LEGACY_PROJECT: Final = BENCH_DIR / "legacy"
 LEGACY_VERSION: Final = "0.20.1"
-#: livekit-agents range of 0.20.1's "livekit" extra.
-LEGACY_LIVEKIT_RANGE: Final = "livekit-agents>=1.5,<1.9"
 GOAL: Final = 2.5
 
 
@@ -387,58 +387,23 @@ def _run(cmd: Sequence[str | Path], *, what: str) -> subprocess.CompletedProcess
     return proc
 
 
-def _installed(python: Path, dist: str) -> str | None:
-    probe = (
-        "import importlib.metadata as m, sys\n"
-        "try: print(m.version(sys.argv[1]))\n"
-        "except m.PackageNotFoundError: pass\n"
-    )
-    # -I: neither the working directory (this repo's own openrtc) nor PYTHON* variables.
-    proc = subprocess.run(
-        [str(python), "-I", "-c", probe, dist], capture_output=True, text=True, check=False
-    )
-    return proc.stdout.strip() or None
-
-
 def ensure_legacy_venv(venv: Path, *, reinstall: bool) -> Path:
-    """The bench venv's python, with openrtc 0.20.1 installed (created once, cached)."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        print(f"creating {venv} ...", file=sys.stderr)
-        _run([sys.executable, "-m", "venv", venv], what="python -m venv")
-    if reinstall or not _complete(python):
-        pip: list[str | Path] = [python, "-m", "pip", "install", "--quiet"]
-        pip += ["--disable-pip-version-check", f"openrtc=={LEGACY_VERSION}"]
-        # 0.20.1 only pulls livekit-agents through its heavy "livekit" extra (openai,
-        # silero and turn-detector plugins), which routing does not need: install it
-        # directly, at this side's livekit-agents and protobuf versions when pip can,
-        # so both sides read the same Job messages through the same protobuf.
-        pins = [f"{dist}=={v}" for dist in ("livekit-agents", "protobuf") if (v := _own(dist))]
-        print(f"installing openrtc=={LEGACY_VERSION} {' '.join(pins)} ...", file=sys.stderr)
-        proc = subprocess.run(
-            [str(c) for c in [*pip, *pins]], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-2000:])
-            print("pinned install failed; letting pip resolve livekit-agents", file=sys.stderr)
-            _run([*pip, LEGACY_LIVEKIT_RANGE], what="pip install")
-    if not _complete(python):
-        raise SystemExit(f"{venv} lacks openrtc {LEGACY_VERSION} or livekit-agents")
-    return python
+    """The bench venv's python, holding exactly what ``bench/legacy/uv.lock`` names.
 
-
-def _complete(python: Path) -> bool:
-    """Whether the venv has what the child needs."""
-    has_openrtc = _installed(python, "openrtc") == LEGACY_VERSION
-    return has_openrtc and _installed(python, "livekit-agents") is not None
-
-
-def _own(dist: str) -> str | None:
-    """This interpreter's version of ``dist``, to pin the bench venv to."""
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
+    ``uv sync --locked`` resolves nothing: both sides run the versions CI ran,
+    and a warm venv is checked and left alone in well under a second.
+    """
+    uv = _run(["bash", REPO_ROOT / "scripts" / "uv.sh"], what="scripts/uv.sh").stdout.strip()
+    cmd: list[str | Path] = [uv, "sync", "--quiet", "--locked", "--project", LEGACY_PROJECT]
+    cmd += ["--python", sys.executable]
+    if reinstall:
+        cmd.append("--reinstall")
+    env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv), "UV_PYTHON_DOWNLOADS": "never"}
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"uv sync of {venv} failed (exit {proc.returncode})")
+    return venv / "bin" / "python"
 
 
 def run_legacy(python: Path, corpus: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -616,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--venv", type=Path, default=REPO_ROOT / ".bench-venv", help="venv for 0.20.1"
     )
-    parser.add_argument("--reinstall", action="store_true", help="re-run pip in the venv")
+    parser.add_argument("--reinstall", action="store_true", help="reinstall the venv's packages")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.repeat < 1 or args.warmup < 0 or args.agents < 1:
         parser.error("--jobs, --repeat and --agents must be >= 1, --warmup >= 0")

@@ -3,7 +3,8 @@
 # Debian machine or a warm one (then it takes seconds):
 #   - Debian's redis-server (with TLS) and openssl (the tests' certificates)
 #   - a real livekit-server, built from source once and cached (scripts/livekit-server.sh)
-#   - the project and its dev tools (the `dev` dependency group) in ./.venv
+#   - uv (scripts/uv.sh), then the project and its dev tools (the `dev` dependency
+#     group) in ./.venv, at the versions uv.lock names (scripts/upgrade-deps.sh moves them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,20 +38,12 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
-PYTHON="${PYTHON:-python3}"
-if [[ ! -x .venv/bin/python ]]; then
-  log "creating .venv"
-  "$PYTHON" -m venv .venv
-fi
-stamp=".venv/.openrtc-installed"
-if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  log "installing openrtc[hiredis,tracing] and its dev group into .venv"
-  # pip >= 25.1 reads PEP 735 dependency groups (--group).
-  .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
-  # hiredis: production installs should have it (README), and the benchmarks measure with it.
-  .venv/bin/python -m pip install -q -e ".[hiredis,tracing]" --group dev
-  touch "$stamp"
-fi
+# The project, its extras and its dev group, at exactly the versions in uv.lock
+# (scripts/sync.sh); a lock that pyproject.toml has moved away from stops here
+# with one line saying how to re-lock.
+bash scripts/check-lock.sh
+log "installing openrtc[hiredis,tracing] and its dev group into .venv (uv.lock)"
+bash scripts/sync.sh
 
 LIVEKIT_SERVER_BIN="$(bash scripts/livekit-server.sh)"
 log "livekit-server: $LIVEKIT_SERVER_BIN"
