@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Final
 
 import aiohttp
@@ -121,6 +121,11 @@ class DispatcherStats:
     reconcile_unroutable: int = 0
     #: 1 while this dispatcher holds the reconciler lease.
     reconcile_leader: int = 0
+
+    def __str__(self) -> str:
+        """The counts that are not zero, for people: ``offered 5, accepted 4, ...``."""
+        counts = [(f.name.replace("_", " "), getattr(self, f.name)) for f in fields(self)]
+        return ", ".join(f"{name} {value}" for name, value in counts if value) or "nothing yet"
 
 
 class Dispatcher:

@@ -11,6 +11,7 @@ from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 from redis.asyncio import Redis
 
+from openrtc.dispatcher import DispatcherStats
 from openrtc.keys import Keys
 from openrtc.messages import QUEUED_AT_FIELD, JobMessage, accept_arguments
 from openrtc.streams import StreamStore
@@ -77,3 +78,17 @@ async def test_an_entry_reaches_the_stream_exactly_as_encoded(
     assert JobMessage.decode({**fields, QUEUED_AT_FIELD.encode(): stamped}).job == message.job
     [again] = await store.enqueue([message])
     assert (again.outcome, again.entry_id) == ("duplicate", result.entry_id)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("counts", "printed"),
+    [
+        ({}, "nothing yet"),
+        ({"offered": 5, "accepted": 4}, "offered 5, accepted 4"),
+        ({"unknown_agent": 1, "reconcile_leader": 1}, "unknown agent 1, reconcile leader 1"),
+    ],
+)
+def test_dispatcher_counts_print_for_people(counts: dict[str, int], printed: str) -> None:
+    # What the demo prints after its calls (it printed the dataclass repr before).
+    assert str(DispatcherStats(**counts)) == printed
