@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -124,8 +124,9 @@ class DispatcherStats:
 
     def __str__(self) -> str:
         """The counts that are not zero, for people: ``offered 5, accepted 4, ...``."""
-        counts = [(f.name.replace("_", " "), getattr(self, f.name)) for f in fields(self)]
-        return ", ".join(f"{name} {value}" for name, value in counts if value) or "nothing yet"
+        counts = asdict(self).items()
+        named = [f"{name.replace('_', ' ')} {value}" for name, value in counts if value]
+        return ", ".join(named) or "nothing yet"
 
 
 class Dispatcher:

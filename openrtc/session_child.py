@@ -226,7 +226,12 @@ def _zygote(agents_dir: str, agent: str, control_fd: int) -> int:
                     break
                 if pid == 0:
                     break
-                _send(control, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+                try:
+                    _send(control, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+                except OSError:
+                    # The worker closed our socket (it stopped while a child
+                    # exited): nobody is left to tell.
+                    return 0
         if control.fileno() in readable:
             try:
                 data, fds, _, _ = socket.recv_fds(control, 64, 4)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -273,3 +276,61 @@ async def test_a_killed_zygote_is_replaced_and_calls_are_still_served(
                 await delete_room(livekit_server, room.name)
                 await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
             assert len(pids(out / "prewarms")) == 2  # the new zygote warmed up once
+
+
+def _children_of(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _state(pid: int) -> str:
+    # The field after "(comm)": R, S, T (stopped), Z (zombie) ...
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def test_a_zygote_whose_worker_left_while_a_child_exited_goes_quietly(
+    tmp_path: Path,
+) -> None:
+    """A stopped worker closes the zygote's socket while a session child exits
+    (SIGTERM during a call, in `openrtc dev --isolation process`): the zygote's
+    report of that exit finds nobody to read it. It exits 0 without a traceback."""
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    (agents / "plain.py").write_text(
+        "from livekit.agents import Agent\n\n\nclass Plain(Agent):\n"
+        "    def __init__(self) -> None:\n        super().__init__(instructions='x')\n"
+    )
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = await anyio.open_process(
+        [sys.executable, "-m", "openrtc.session_child", str(agents), "plain", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=None,
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    async with zygote:
+        with anyio.fail_after(60):
+            await anyio.wait_readable(ours)
+            assert json.loads(ours.recv(4096))["ready"] is True
+            worker_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            socket.send_fds(ours, [b"F"], [child_end.fileno()])
+            child_end.close()
+            await eventually(lambda: len(_children_of(zygote.pid)) == 1, "a forked child")
+            (child,) = _children_of(zygote.pid)
+            # Hold the zygote while its child exits and the worker's end closes,
+            # so it wakes to both at once: the exit report meets a closed socket.
+            os.kill(zygote.pid, signal.SIGSTOP)
+            await eventually(lambda: _state(zygote.pid) == "T", "the zygote stopped")
+            worker_end.close()  # EOF before any job: the child exits 0
+            await eventually(lambda: _state(child) == "Z", "the child exited")
+            ours.close()
+            os.kill(zygote.pid, signal.SIGCONT)
+            assert zygote.stderr is not None
+            stderr = b"".join([chunk async for chunk in zygote.stderr]).decode()
+            code = await zygote.wait()
+    assert "Traceback" not in stderr, stderr
+    assert code == 0, stderr
