@@ -12,6 +12,7 @@ peers take its calls over without waiting for a lease.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -23,8 +24,12 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.redis_url import refresh_slots, slot_master_client
 from openrtc.streams import REDIS_DOWN
 from openrtc.supervision import backoff_delay
 
@@ -288,11 +293,17 @@ async def hold_liveness(
     the first. A lost connection is reconnected at once (then backing off to
     0.25 s): peers wait a grace of some hundreds of ms before they believe a
     worker without a subscription is gone.
+
+    Under Redis Cluster the subscription is held on a connection of its own to
+    the master of the channel's slot (:func:`~openrtc.redis_url.slot_master_client`),
+    where the peers' crash check, a script in the same slot, counts it; after a
+    failover or a slot move (Redis then unsubscribes us) it follows the slot.
     """
     attempt = 0
     started = False
     while True:
-        pubsub = redis.pubsub()
+        subscriber = await _subscriber(redis, channel)
+        pubsub = subscriber.pubsub()
         try:
             await pubsub.ssubscribe(channel)
             refreshed = -LIVENESS_REFRESH
@@ -300,9 +311,12 @@ async def hold_liveness(
                 # Returns at once on a message or a closed connection (an
                 # error), else after the timeout.
                 message = await pubsub.get_message(timeout=1.0)
+                kind = message.get("type") if message is not None else None
+                if kind == "sunsubscribe":
+                    # The slot moved (a failover, a resharding): follow it.
+                    raise RedisConnectionError("the liveness channel's slot moved")
                 now = anyio.current_time()
-                confirmed = message is not None and message.get("type") == "ssubscribe"
-                if confirmed or (started and now - refreshed >= LIVENESS_REFRESH):
+                if kind == "ssubscribe" or (started and now - refreshed >= LIVENESS_REFRESH):
                     await on_subscribed()
                     refreshed = now
                     attempt = 0
@@ -312,6 +326,32 @@ async def hold_liveness(
         except REDIS_DOWN:
             await anyio.sleep(backoff_delay(attempt, 0.025, 0.25))
             attempt += 1
+            await _rediscover(redis)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await _close(pubsub)
+                if subscriber is not redis:
+                    await subscriber.aclose()
+
+
+async def _subscriber(redis: Redis, channel: str) -> Redis:
+    """The client to hold ``channel``'s subscription on: ``redis`` itself, or
+    under Redis Cluster a plain client for the master of the channel's slot."""
+    cluster: object = redis  # typed as Redis, built as a RedisCluster (openrtc.redis_url)
+    if not isinstance(cluster, RedisCluster):
+        return redis
+    try:
+        return slot_master_client(cluster, channel)
+    except (RedisClusterException, *REDIS_DOWN):
+        # No master known for the slot yet (mid-failover): use the cluster
+        # client, whose SSUBSCRIBE fails and so brings us back here.
+        return redis
+
+
+async def _rediscover(redis: Redis) -> None:
+    """Under Redis Cluster, reread the slot map after a failure: the slot's master may
+    have changed (a failover), and the next subscription must go to the new one."""
+    cluster: object = redis
+    if isinstance(cluster, RedisCluster):
+        with contextlib.suppress(RedisClusterException, *REDIS_DOWN):
+            await refresh_slots(cluster)

@@ -36,6 +36,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import SlotNotCoveredError
 
 from openrtc.errors import ConfigError
 
@@ -187,6 +188,26 @@ def _cluster(url: str, options: dict[str, Any]) -> RedisCluster:
     for node in [*manager.startup_nodes.values(), *manager.nodes_cache.values()]:
         node.connection_class = safe
     return client
+
+
+def slot_master_client(cluster: RedisCluster, key: str) -> Redis:
+    """A plain client for the master now serving ``key``'s slot, with the cluster's
+    connection settings (credentials, TLS, timeouts, client name).
+
+    For what redis-py's cluster client cannot do on a connection of its own:
+    hold a shard-channel subscription (crash detection's liveness). Raises
+    :class:`~redis.exceptions.SlotNotCoveredError` while no master serves the slot.
+    """
+    node = cluster.get_node_from_key(key)
+    if node is None:
+        raise SlotNotCoveredError(f"no master serves the slot of {key!r}")
+    pool = ConnectionPool(connection_class=node.connection_class, **dict(node.connection_kwargs))
+    return Redis.from_pool(pool)
+
+
+async def refresh_slots(cluster: RedisCluster) -> None:
+    """Reread which master serves which slot (after a failover or a slot move)."""
+    await cluster.nodes_manager.initialize()
 
 
 def scheme_is_tls(url: str) -> bool:

@@ -39,7 +39,6 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from openrtc import tracing
@@ -349,22 +348,10 @@ class Worker:
             if self._stop.is_set():
                 logger.info("stop requested while starting; nothing to drain")
                 return
-            crash_detection = s.crash_detection
-            # (Typed as Redis, a cluster URL builds a RedisCluster: openrtc.redis_url.)
-            client: object = self._redis
-            if crash_detection and isinstance(client, RedisCluster):
-                # redis-py's asyncio cluster client has no shard pub/sub to
-                # hold the liveness subscription with.
-                crash_detection = False
-                logger.warning(
-                    "crash detection is off under Redis Cluster: a crashed worker's calls "
-                    "come back after a lease (%.1fs)",
-                    s.lease,
-                )
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self.runner.maintain)
-                if crash_detection:
+                if s.crash_detection:
                     # Subscribed (and watched) before the first read: no entry
                     # is ever held by a worker whose crash would go unseen.
                     await tg.start(
