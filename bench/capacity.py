@@ -28,7 +28,7 @@ figures file of the same scoreboard run (``OPENRTC_BENCH_SUMMARY``), or
 ``--density`` (about a minute more; its figures need the density bench that
 records calls per core). Then :func:`plan` turns the figures into what to run
 at 1x, 10x and 100x a stated baseline, printed as a table. The method is
-described in docs/architecture.md ("Capacity model").
+described in docs/operating.md ("Capacity model").
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Which jobs it knows, from its answer to their end, is the
 
 A job naming an unknown agent is accepted, dead-lettered (once, even with
 several dispatchers) and immediately failed with the routing error, so LiveKit
-records the error and offers the job to nobody else (docs/architecture.md).
+records the error and offers the job to nobody else (docs/dispatcher.md).
 """
 
 from __future__ import annotations
@@ -453,7 +453,7 @@ class Dispatcher:
         with log_context(job_id=job.id, room=job.room.name):
             if not tracing.enabled:
                 return self._decide(request, None)
-            # The call's trace starts here (docs/architecture.md, "Tracing").
+            # The call's trace starts here (docs/operating.md, "Logs and traces").
             span = tracing.start_span(
                 "openrtc.dispatcher.availability",
                 attributes={tracing.JOB_ID: job.id, tracing.ROOM: job.room.name},

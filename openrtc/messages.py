@@ -3,7 +3,7 @@
 Schema version 1 (field ``v``). All values are bytes on the wire; this module
 is the only place that knows the field names. A job entry carries no bearer
 credential: workers hold the API secret and mint the room token for the job's
-identity themselves (docs/architecture.md, "Tokens").
+identity themselves (docs/delivery.md, "Tokens").
 
 Decoding never trusts its input: anything missing, mistyped or from a newer
 schema raises :class:`MalformedEntry` with a reason, which the consumer turns

@@ -3,7 +3,7 @@
 The open-source LiveKit server decides a room's dispatch once, when the room
 is created: with no agent worker registered at that moment (every dispatcher
 restarting) the job is dropped for good, and a job whose agent left (or
-whose enqueue failed) is never dispatched again (docs/architecture.md,
+whose enqueue failed) is never dispatched again (docs/dispatcher.md,
 "Reconciler"). So one dispatcher at a time (the holder of a Redis lease,
 :class:`LeaderLease`) looks at every room every ``reconcile_interval``:
 

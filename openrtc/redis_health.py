@@ -93,7 +93,7 @@ async def check_durability(redis: Redis, log: logging.Logger) -> list[str]:
         log.warning(
             "Redis is not durable enough for a job queue: %s. Run it with "
             "--appendonly yes --appendfsync everysec --maxmemory-policy noeviction "
-            "(docs/architecture.md, 'Redis durability').",
+            "(docs/redis.md, 'Durability').",
             "; ".join(problems),
         )
     return problems

@@ -3,7 +3,7 @@
 This runs on the dispatcher's hot path, inside LiveKit's ~3 second availability
 deadline, once per incoming call. It reads only what the ``Job`` carries before
 any connect (job metadata, the job's room snapshot) and follows the table in
-docs/architecture.md; first match wins:
+docs/dispatcher.md ("Routing"); first match wins:
 
 ====  ===========================  =========================================
 step  source                       rule

@@ -1,6 +1,6 @@
 """Every Lua script openrtc runs in Redis, and the one way they are loaded.
 
-Each script is one atomic step of the delivery protocol (docs/architecture.md):
+Each script is one atomic step of the delivery protocol (docs/delivery.md):
 what it reads and writes is said above it as ``KEYS`` and ``ARGV``. The
 scripts are registered on a client by :func:`register` (redis-py ``Script``
 objects: ``EVALSHA``, loading the script again when Redis lost its cache);

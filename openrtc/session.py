@@ -11,7 +11,7 @@ hooks work. Those constructors are not public API, which is why
 The room token is minted by the worker from the API secret it holds, for the
 identity the dispatcher answered LiveKit with, and used only against the
 worker's own configured LiveKit URL: the stream never carries a bearer
-credential and an entry never decides where one is sent (docs/architecture.md,
+credential and an entry never decides where one is sent (docs/delivery.md,
 "Tokens"). A ``process``-isolation child receives the token, not the secret.
 """
 

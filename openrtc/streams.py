@@ -140,7 +140,7 @@ class StreamStore:
         self.status_ttl = max(1, int(status_ttl))
         # WAIT after each enqueue pipeline: the jobs are acknowledged only once
         # that many replicas have them (or the timeout passed), so a failover
-        # right after does not lose them. 0: off (docs/architecture.md).
+        # right after does not lose them. 0: off (docs/redis.md, "Durability").
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = int(wait_timeout * 1000)
         self._under_replicated_logged = 0.0

@@ -1,4 +1,4 @@
-"""The six-step pre-connect routing chain, against the table in docs/architecture.md."""
+"""The six-step pre-connect routing chain, against the table in docs/dispatcher.md."""
 
 from __future__ import annotations
 
@@ -311,7 +311,7 @@ def test_success_is_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def reference_resolve(metadata: str, room_metadata: str, room: str, agents: list[str]) -> Route:
-    """The table in docs/architecture.md, written as plainly as possible."""
+    """The table in docs/dispatcher.md, written as plainly as possible."""
     if not agents:
         raise RuntimeError("No agents are registered in the pool.")
     for first_step, text, source in (
