@@ -28,6 +28,7 @@ import anyio
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.scripts import SAVE_CHECKPOINT
+from openrtc.settings import DEFAULT_CHECKPOINT_MAX_BYTES
 from openrtc.supervision import backoff_delay
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ __all__ = [
 logger = logging.getLogger("openrtc.checkpoint")
 
 VERSION: Final = 1
-#: Default cap on one encoded checkpoint (``--checkpoint-max-bytes``).
-DEFAULT_CHECKPOINT_MAX_BYTES: Final = 64 * 1024
 #: What the model is shown for a tool call that was running when the session died.
 INTERRUPTED_OUTPUT: Final = (
     "interrupted: the session restarted while this call was running, so its outcome is "
