@@ -131,28 +131,39 @@ def mark_interrupted(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: One encoder for every size taken: ``json.dumps`` with separators builds a new one each call.
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
+
+
 def _size(value: Any) -> int:
     """Bytes ``value`` takes in a checkpoint document."""
-    return len(json.dumps(value, separators=(",", ":")))
+    return len(_COMPACT.encode(value))
 
 
-def _text_slots(items: list[dict[str, Any]], kind: str) -> list[tuple[int, int | None, int]]:
+def _text_slots(
+    items: list[dict[str, Any]], kind: str, floor: int
+) -> list[tuple[int, int | None, int]]:
     """``(item index, content index or None, encoded size)`` of each text ``kind`` names.
 
     ``tool``: the output of each tool call; ``message``: each text part of
-    each user or assistant message.
+    each user or assistant message. Texts too short to ever be cut (at most
+    ``floor`` bytes, whatever they hold) are left out unmeasured.
     """
     slots: list[tuple[int, int | None, int]] = []
+
+    def add(n: int, part: int | None, text: object) -> None:
+        # A character takes at most 12 bytes in JSON (a surrogate pair, escaped).
+        if isinstance(text, str) and len(text) * 12 + 2 > floor:
+            slots.append((n, part, _size(text)))
+
     for n, item in enumerate(items):
         if kind == "tool" and item.get("type") == "function_call_output":
-            if isinstance(item.get("output"), str):
-                slots.append((n, None, _size(item["output"])))
+            add(n, None, item.get("output"))
         elif kind == "message" and item.get("type") == "message":
             content = item.get("content")
             if isinstance(content, list):
                 for part, text in enumerate(content):
-                    if isinstance(text, str):
-                        slots.append((n, part, _size(text)))
+                    add(n, part, text)
     return slots
 
 
@@ -205,15 +216,22 @@ def shorten_history(
     cut below ``floor`` bytes: what is still over the budget then is for the
     caller to drop, oldest first.
     """
-    total = sum(_size(i) + 1 for i in items)
+    return _shorten(items, [_size(i) + 1 for i in items], budget, floor)[0]
+
+
+def _shorten(
+    items: list[dict[str, Any]], sizes: list[int], budget: int, floor: int
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """:func:`shorten_history`, given each item's size (plus its comma); the sizes after."""
+    total = sum(sizes)
     if total <= budget:
-        return items
-    out = list(items)
+        return items, sizes
+    out, sizes = list(items), list(sizes)
     for kind in ("tool", "message"):
         excess = total - budget
         if excess <= 0:
             break
-        slots = _text_slots(out, kind)
+        slots = _text_slots(out, kind, floor)
         cap = _cap_for([size for _, _, size in slots], excess, floor)
         for n, part, size in slots:
             if size <= cap:
@@ -225,9 +243,10 @@ def shorten_history(
                 content = list(item["content"])
                 content[part] = cut_text(content[part], cap)
                 item["content"] = content
-            total += _size(item) - _size(out[n])
-            out[n] = item
-    return out
+            size = _size(item) + 1
+            total += size - sizes[n]
+            out[n], sizes[n] = item, size
+    return out, sizes
 
 
 @dataclass
@@ -258,15 +277,15 @@ class Checkpoint:
         # userdata and state are kept unless they alone are over the cap.
         extras = len(self._dump([], self.dropped, True)) <= max_bytes
         budget = max_bytes - len(self._dump([], self.dropped, extras))
-        floor = max(MIN_CUT_BYTES, max_bytes // CUT_FLOOR_SHARE)
-        history = shorten_history(self.history, budget, floor)
         # Start from an estimate, not from the top: a long call's history is
         # re-encoded on every turn and should not be serialized n times.
-        total = len(self._dump([], self.dropped, extras))
-        total += sum(_size(i) + 1 for i in history)
+        floor = max(MIN_CUT_BYTES, max_bytes // CUT_FLOOR_SHARE)
+        sizes = [_size(i) + 1 for i in self.history]
+        history, sizes = _shorten(self.history, sizes, budget, floor)
+        total = max_bytes - budget + sum(sizes)
         start = 0
         while start < len(history) and total > max_bytes:
-            total -= _size(history[start]) + 1
+            total -= sizes[start]
             start += 1
         while True:
             while start < len(history) and history[start].get("type") != "message":
