@@ -7,10 +7,11 @@ greeting was said, the session's ``userdata`` where it is plain data, and what
 the agent's own ``checkpoint_state()`` hook returned.
 
 The parts here are pure (no LiveKit, no session): encoding under a size cap
-(oldest items dropped first), scrubbing secret-looking keys, marking tool
-calls that were in flight as interrupted, and a coalescing writer that keeps
-only the latest state and retries it, so a slow or failed write never holds
-up a session and a Redis outage only delays checkpoints.
+(long texts shortened first, then the oldest items dropped), scrubbing
+secret-looking keys, marking tool calls that were in flight as interrupted,
+and a coalescing writer that keeps only the latest state and retries it, so
+a slow or failed write never holds up a session and a Redis outage only
+delays checkpoints.
 """
 
 from __future__ import annotations
@@ -27,27 +28,29 @@ import anyio
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.scripts import SAVE_CHECKPOINT
+from openrtc.settings import DEFAULT_CHECKPOINT_MAX_BYTES
 from openrtc.supervision import backoff_delay
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = [
+    "CUT_MARKER",
     "DEFAULT_CHECKPOINT_MAX_BYTES",
     "INTERRUPTED_OUTPUT",
     "Checkpoint",
     "CheckpointStore",
     "CheckpointWriter",
+    "cut_text",
     "idempotency_key",
     "mark_interrupted",
     "plain_data",
+    "shorten_history",
 ]
 
 logger = logging.getLogger("openrtc.checkpoint")
 
 VERSION: Final = 1
-#: Default cap on one encoded checkpoint (``--checkpoint-max-bytes``).
-DEFAULT_CHECKPOINT_MAX_BYTES: Final = 64 * 1024
 #: What the model is shown for a tool call that was running when the session died.
 INTERRUPTED_OUTPUT: Final = (
     "interrupted: the session restarted while this call was running, so its outcome is "
@@ -55,6 +58,15 @@ INTERRUPTED_OUTPUT: Final = (
 )
 #: Keys never kept in ``userdata`` or agent state, at any depth.
 SECRET_KEY: Final = re.compile(r"secret|token|password|passwd|api_?key|credential", re.I)
+#: What replaces the middle of a text cut to fit the checkpoint: the model
+#: resumed from it sees that something was there, and how much.
+CUT_MARKER: Final = "[... {cut} characters cut here to fit the call's checkpoint ...]"
+#: A text is never cut shorter than this share of the cap (and never below
+#: :data:`MIN_CUT_BYTES`, marker included): only texts that are large for
+#: the cap are cut; a long call of ordinary turns loses its oldest turns
+#: whole rather than every turn's middle.
+CUT_FLOOR_SHARE: Final = 16
+MIN_CUT_BYTES: Final = 512
 #: Longest one write may take before it counts as failed (and is retried).
 WRITE_TIMEOUT: Final = 2.0
 
@@ -119,6 +131,124 @@ def mark_interrupted(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: One encoder for every size taken: ``json.dumps`` with separators builds a new one each call.
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
+
+
+def _size(value: Any) -> int:
+    """Bytes ``value`` takes in a checkpoint document."""
+    return len(_COMPACT.encode(value))
+
+
+def _text_slots(
+    items: list[dict[str, Any]], kind: str, floor: int
+) -> list[tuple[int, int | None, int]]:
+    """``(item index, content index or None, encoded size)`` of each text ``kind`` names.
+
+    ``tool``: the output of each tool call; ``message``: each text part of
+    each user or assistant message. Texts too short to ever be cut (at most
+    ``floor`` bytes, whatever they hold) are left out unmeasured.
+    """
+    slots: list[tuple[int, int | None, int]] = []
+
+    def add(n: int, part: int | None, text: object) -> None:
+        # A character takes at most 12 bytes in JSON (a surrogate pair, escaped).
+        if isinstance(text, str) and len(text) * 12 + 2 > floor:
+            slots.append((n, part, _size(text)))
+
+    for n, item in enumerate(items):
+        if kind == "tool" and item.get("type") == "function_call_output":
+            add(n, None, item.get("output"))
+        elif kind == "message" and item.get("type") == "message":
+            content = item.get("content")
+            if isinstance(content, list):
+                for part, text in enumerate(content):
+                    add(n, part, text)
+    return slots
+
+
+def _cap_for(sizes: list[int], excess: int, floor: int) -> int:
+    """The largest cap (at least ``floor``) cutting ``excess`` bytes off ``sizes``.
+
+    Every text over the cap is cut to it and the others are kept whole, so
+    the longest texts give the most; if even cutting all to the floor is not
+    enough, the floor (and the oldest turns go after).
+    """
+    low, high = floor, max(sizes, default=floor)
+    if sum(max(0, s - low) for s in sizes) < excess:
+        return low
+    while low < high:
+        middle = (low + high + 1) // 2
+        if sum(max(0, s - middle) for s in sizes) >= excess:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def cut_text(text: str, limit: int) -> str:
+    """``text`` with its middle replaced by :data:`CUT_MARKER`, encoding to at most ``limit``.
+
+    The head (two thirds) and the tail are kept: a pasted document's
+    opening and its last lines say most about it. ``text`` itself if it
+    already fits.
+    """
+    if _size(text) <= limit:
+        return text
+    keep = max(0, limit - _size(CUT_MARKER.format(cut=len(text))))
+    while True:
+        head, tail = keep * 2 // 3, keep // 3
+        cut = len(text) - head - tail
+        out = text[:head] + CUT_MARKER.format(cut=cut) + (text[len(text) - tail :] if tail else "")
+        size = _size(out)
+        if size <= limit or keep == 0:
+            return out
+        # Characters that need escaping take more than one byte each.
+        keep = max(0, min(keep - 1, keep * limit // size))
+
+
+def shorten_history(
+    items: list[dict[str, Any]], budget: int, floor: int = MIN_CUT_BYTES
+) -> list[dict[str, Any]]:
+    """``items`` with long texts cut (tool outputs first) until they take ``budget`` bytes.
+
+    Pure: the items given are not changed, cut ones are copies. No text is
+    cut below ``floor`` bytes: what is still over the budget then is for the
+    caller to drop, oldest first.
+    """
+    return _shorten(items, [_size(i) + 1 for i in items], budget, floor)[0]
+
+
+def _shorten(
+    items: list[dict[str, Any]], sizes: list[int], budget: int, floor: int
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """:func:`shorten_history`, given each item's size (plus its comma); the sizes after."""
+    total = sum(sizes)
+    if total <= budget:
+        return items, sizes
+    out, sizes = list(items), list(sizes)
+    for kind in ("tool", "message"):
+        excess = total - budget
+        if excess <= 0:
+            break
+        slots = _text_slots(out, kind, floor)
+        cap = _cap_for([size for _, _, size in slots], excess, floor)
+        for n, part, size in slots:
+            if size <= cap:
+                continue
+            item = dict(out[n])
+            if part is None:
+                item["output"] = cut_text(item["output"], cap)
+            else:
+                content = list(item["content"])
+                content[part] = cut_text(content[part], cap)
+                item["content"] = content
+            size = _size(item) + 1
+            total += size - sizes[n]
+            out[n], sizes[n] = item, size
+    return out, sizes
+
+
 @dataclass
 class Checkpoint:
     """One job's conversation state. ``agent_class`` is ``module:qualname``."""
@@ -132,23 +262,30 @@ class Checkpoint:
     dropped: int = 0
 
     def encode(self, max_bytes: int) -> bytes | None:
-        """JSON of at most ``max_bytes``, oldest history items dropped first.
+        """JSON of at most ``max_bytes``: long items shortened first, then the oldest dropped.
 
-        Drops whole leading items, then any that no longer make sense at the
-        head (a tool output whose call was dropped, a handoff marker), so the
-        history still starts with a message. If even no history does not fit,
-        ``userdata`` and ``state`` go too; ``None`` if nothing fits at all.
+        What goes, in order, until the document fits: the middle of long tool
+        outputs, then the middle of long user and assistant texts (each cut
+        to the same length, never below a sixteenth of the cap, with
+        :data:`CUT_MARKER` where the text was), then whole items from the
+        oldest end, then any that no longer make sense at the head (a tool
+        output whose call was dropped, a handoff marker), so the history
+        still starts with a message. One pasted document must not cost the
+        whole conversation before it. If even no history fits, ``userdata``
+        and ``state`` go too; ``None`` if nothing fits at all.
         """
-        history = self.history
         # userdata and state are kept unless they alone are over the cap.
         extras = len(self._dump([], self.dropped, True)) <= max_bytes
+        budget = max_bytes - len(self._dump([], self.dropped, extras))
         # Start from an estimate, not from the top: a long call's history is
         # re-encoded on every turn and should not be serialized n times.
-        total = len(self._dump([], self.dropped, extras))
-        total += sum(len(json.dumps(i, separators=(",", ":"))) + 1 for i in history)
+        floor = max(MIN_CUT_BYTES, max_bytes // CUT_FLOOR_SHARE)
+        sizes = [_size(i) + 1 for i in self.history]
+        history, sizes = _shorten(self.history, sizes, budget, floor)
+        total = max_bytes - budget + sum(sizes)
         start = 0
         while start < len(history) and total > max_bytes:
-            total -= len(json.dumps(history[start], separators=(",", ":"))) + 1
+            total -= sizes[start]
             start += 1
         while True:
             while start < len(history) and history[start].get("type") != "message":

@@ -28,12 +28,16 @@ from openrtc.logs import LogFormat, configure_logging
 from openrtc.messages import DeadReason
 from openrtc.routing import STEP_SOURCES, explain_route, resolve_agent
 from openrtc.settings import (
-    DEFAULT_DEAD_LETTER_MAXLEN,
     DEFAULT_DISPATCHER_HTTP_PORT,
-    DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_NAMESPACE,
     DEFAULT_REDIS_URL,
     DEFAULT_WORKER_HTTP_PORT,
+    MAX_CHECKPOINT_BYTES,
+    DispatcherSettings,
+    SettingError,
+    WorkerSettings,
+    check_numbers,
+    default_of,
     redact_url,
 )
 from openrtc.supervision import freeze_imports
@@ -74,6 +78,30 @@ def _hoist_root_options(args: list[str]) -> list[str]:
         rest.append(word)
         i += 1
     return front + rest
+
+
+class _Checked(typer.core.TyperCommand):
+    """A command whose numbers are checked against their bounds before it runs.
+
+    The bounds live in :data:`openrtc.settings.NUMBERS`; a value outside
+    them is one line naming its flag and variable, exit 2, and the command
+    has not loaded an agent or connected to anything yet.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # click's Context
+        try:
+            check_numbers(ctx.params)
+        except SettingError as exc:
+            _fail(str(exc), 2)
+        return super().invoke(ctx)
+
+
+def _dispatcher_default(name: str) -> Any:
+    return default_of(DispatcherSettings, name)
+
+
+def _worker_default(name: str) -> Any:
+    return default_of(WorkerSettings, name)
 
 
 app = typer.Typer(
@@ -121,6 +149,10 @@ class NoWorkerPolicyChoice(StrEnum):
 
     QUEUE = "queue"
     REJECT = "reject"
+
+
+_ISOLATION = IsolationMode(_worker_default("isolation"))
+_WHEN_NO_WORKER = NoWorkerPolicyChoice(_dispatcher_default("when_no_worker"))
 
 
 # Provider defaults for agents that set none, named as in openrtc 0.20.1.
@@ -250,7 +282,7 @@ def _root(
     configure_logging(level, log_format)
 
 
-@app.command("list")
+@app.command("list", cls=_Checked)
 def list_agents(
     agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
@@ -293,7 +325,7 @@ def list_agents(
     _out.print(table)
 
 
-@app.command("route")
+@app.command("route", cls=_Checked)
 def route(
     agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
@@ -440,7 +472,7 @@ def _serve(
         tracing.shutdown()
 
 
-@app.command("dispatcher")
+@app.command("dispatcher", cls=_Checked)
 def dispatcher(
     agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
@@ -465,7 +497,7 @@ def dispatcher(
             envvar="OPENRTC_WHEN_NO_WORKER",
             help="queue (wait for an autoscaler; expire to the dead letters) or reject.",
         ),
-    ] = NoWorkerPolicyChoice.QUEUE,
+    ] = _WHEN_NO_WORKER,
     max_backlog: Annotated[
         int,
         typer.Option(
@@ -473,7 +505,7 @@ def dispatcher(
             envvar="OPENRTC_MAX_BACKLOG",
             help="Jobs an agent may have waiting beyond free worker slots.",
         ),
-    ] = 100,
+    ] = _dispatcher_default("max_backlog"),
     wait_replicas: Annotated[
         int,
         typer.Option(
@@ -482,7 +514,7 @@ def dispatcher(
             help="Replicas that must have each job before it counts as enqueued (Redis WAIT); "
             "0 = off.",
         ),
-    ] = 0,
+    ] = _dispatcher_default("wait_replicas"),
     reconcile_interval: Annotated[
         float,
         typer.Option(
@@ -491,7 +523,7 @@ def dispatcher(
             help="Seconds between looks for rooms with a caller and no agent "
             "(one dispatcher at a time); 0 = off.",
         ),
-    ] = 2.0,
+    ] = _dispatcher_default("reconcile_interval"),
     reconcile_grace: Annotated[
         float,
         typer.Option(
@@ -499,7 +531,7 @@ def dispatcher(
             envvar="OPENRTC_RECONCILE_GRACE",
             help="Seconds a room may have a caller and no agent before it is dispatched again.",
         ),
-    ] = 3.0,
+    ] = _dispatcher_default("reconcile_grace"),
     http_port: DispatcherHttpPort = None,
     dead_letter_maxlen: Annotated[
         int,
@@ -508,7 +540,7 @@ def dispatcher(
             envvar="OPENRTC_DEAD_LETTER_MAXLEN",
             help="Dead letters kept; past it the oldest are trimmed (approximately).",
         ),
-    ] = DEFAULT_DEAD_LETTER_MAXLEN,
+    ] = _dispatcher_default("dead_letter_maxlen"),
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -533,7 +565,7 @@ def dispatcher(
     _serve(_agents_dir(agents_dir_arg, agents_dir), build, freeze=True)
 
 
-@app.command("worker")
+@app.command("worker", cls=_Checked)
 def worker(
     agent: Annotated[str, typer.Option("--agent", help="The agent this worker serves.")],
     agents_dir_arg: AgentsDirPositional = None,
@@ -546,7 +578,7 @@ def worker(
     concurrency: Annotated[
         int,
         typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
-    ] = 10,
+    ] = _worker_default("concurrency"),
     isolation: Annotated[
         IsolationMode,
         typer.Option(
@@ -554,7 +586,7 @@ def worker(
             envvar="OPENRTC_ISOLATION",
             help="coroutine (sessions share this process) or process (one child per session).",
         ),
-    ] = IsolationMode.COROUTINE,
+    ] = _ISOLATION,
     idle_processes: Annotated[
         int,
         typer.Option(
@@ -562,7 +594,7 @@ def worker(
             envvar="OPENRTC_IDLE_PROCESSES",
             help="With --isolation process: warm child processes kept ready for new calls.",
         ),
-    ] = 1,
+    ] = _worker_default("idle_processes"),
     lease: Annotated[
         float,
         typer.Option(
@@ -570,7 +602,7 @@ def worker(
             envvar="OPENRTC_LEASE",
             help="Seconds without renewal after which another worker takes a call over.",
         ),
-    ] = 5.0,
+    ] = _worker_default("lease"),
     crash_detection: Annotated[
         bool,
         typer.Option(
@@ -579,7 +611,7 @@ def worker(
             help="Take a crashed worker's calls over at once (its connections closed), "
             "not after the lease.",
         ),
-    ] = True,
+    ] = _worker_default("crash_detection"),
     handover: Annotated[
         bool,
         typer.Option(
@@ -588,7 +620,7 @@ def worker(
             help="On SIGTERM, hand running calls to peers with free slots (at a turn "
             "boundary, conversation kept) instead of waiting for them to end.",
         ),
-    ] = True,
+    ] = _worker_default("handover"),
     max_deliveries: Annotated[
         int,
         typer.Option(
@@ -596,7 +628,7 @@ def worker(
             envvar="OPENRTC_MAX_DELIVERIES",
             help="Deliveries after which a job goes to the dead letters.",
         ),
-    ] = 5,
+    ] = _worker_default("max_deliveries"),
     max_queue_age: Annotated[
         float,
         typer.Option(
@@ -604,7 +636,7 @@ def worker(
             envvar="OPENRTC_MAX_QUEUE_AGE",
             help="Seconds a job may wait before it expires to the dead letters.",
         ),
-    ] = 30.0,
+    ] = _worker_default("max_queue_age"),
     drain_timeout: Annotated[
         float,
         typer.Option(
@@ -612,7 +644,7 @@ def worker(
             envvar="OPENRTC_DRAIN_TIMEOUT",
             help="On SIGTERM, seconds running calls may go on before others take them over.",
         ),
-    ] = DEFAULT_DRAIN_TIMEOUT,
+    ] = _worker_default("drain_timeout"),
     forget_consumers_after: Annotated[
         float,
         typer.Option(
@@ -620,7 +652,7 @@ def worker(
             envvar="OPENRTC_FORGET_CONSUMERS_AFTER",
             help="Seconds a consumer holding nothing may go unread before it leaves the group.",
         ),
-    ] = 300.0,
+    ] = _worker_default("forget_consumers_after"),
     load_threshold: Annotated[
         float | None,
         typer.Option(
@@ -628,7 +660,7 @@ def worker(
             envvar="OPENRTC_LOAD_THRESHOLD",
             help="Host CPU share (0-1] at or above which new calls go to peers below theirs.",
         ),
-    ] = None,
+    ] = _worker_default("load_threshold"),
     http_port: HttpPort = None,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,
@@ -641,16 +673,16 @@ def worker(
             envvar="OPENRTC_DEAD_LETTER_MAXLEN",
             help="Dead letters kept; past it the oldest are trimmed (approximately).",
         ),
-    ] = DEFAULT_DEAD_LETTER_MAXLEN,
+    ] = _worker_default("dead_letter_maxlen"),
     checkpoint_max_bytes: Annotated[
         int,
         typer.Option(
             "--checkpoint-max-bytes",
             envvar="OPENRTC_CHECKPOINT_MAX_BYTES",
-            help="Largest conversation checkpoint per call (oldest turns dropped first); "
-            "0 = no checkpoints.",
+            help="Largest conversation checkpoint per call (long texts shortened, then the "
+            f"oldest turns dropped); 0 = no checkpoints; at most {MAX_CHECKPOINT_BYTES}.",
         ),
-    ] = 64 * 1024,
+    ] = _worker_default("checkpoint_max_bytes"),
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -686,7 +718,7 @@ def worker(
     )
 
 
-@app.command("start")
+@app.command("start", cls=_Checked)
 def start(
     agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
@@ -706,7 +738,7 @@ def start(
             envvar="OPENRTC_CONCURRENCY",
             help="Sessions at once, per agent.",
         ),
-    ] = 10,
+    ] = _worker_default("concurrency"),
     isolation: Annotated[
         IsolationMode,
         typer.Option(
@@ -714,7 +746,7 @@ def start(
             envvar="OPENRTC_ISOLATION",
             help="coroutine (sessions share this process) or process (one child per session).",
         ),
-    ] = IsolationMode.COROUTINE,
+    ] = _ISOLATION,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
@@ -897,7 +929,7 @@ def _with_redis_loop(redis_url: str, go: Callable[[], Any]) -> None:
         _fail(f"Redis at {redact_url(redis_url)}: {exc}")
 
 
-@app.command("status")
+@app.command("status", cls=_Checked)
 def status(
     agents_dir_arg: AgentsDirPositional = None,
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
@@ -913,7 +945,7 @@ def status(
     json_output: JsonFlag = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C.")] = False,
     interval: Annotated[
-        float, typer.Option("--interval", min=0.1, help="With --watch: seconds between reads.")
+        float, typer.Option("--interval", help="With --watch: seconds between reads.")
     ] = 2.0,
     check: Annotated[
         bool,
@@ -927,7 +959,6 @@ def status(
         float,
         typer.Option(
             "--max-wait",
-            min=0.0,
             envvar="OPENRTC_MAX_WAIT",
             help="With --check: seconds the oldest waiting call may wait.",
         ),
@@ -1008,7 +1039,7 @@ def _letter_row(d: Any, now: float) -> list[str]:
     ]
 
 
-@dlq.command("list")
+@dlq.command("list", cls=_Checked)
 def dlq_list(
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
@@ -1052,7 +1083,7 @@ def dlq_list(
     _out.print(table)
 
 
-@dlq.command("stats")
+@dlq.command("stats", cls=_Checked)
 def dlq_stats(
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
@@ -1099,7 +1130,7 @@ def dlq_stats(
             typer.echo(f"{label}: {row[0]} ({row[1]} ago) {row[2]} {row[3]} {row[4]}".rstrip())
 
 
-@dlq.command("follow")
+@dlq.command("follow", cls=_Checked)
 def dlq_follow(
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
@@ -1140,7 +1171,7 @@ def dlq_follow(
     _with_redis_loop(redis_url, go)
 
 
-@dlq.command("show")
+@dlq.command("show", cls=_Checked)
 def dlq_show(
     entry_id: Annotated[str, typer.Argument(help="The dead letter's entry id.")],
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
@@ -1158,7 +1189,7 @@ def dlq_show(
     _print_json(letters[0].detail())
 
 
-@dlq.command("replay")
+@dlq.command("replay", cls=_Checked)
 def dlq_replay(
     entry_ids: Annotated[list[str] | None, typer.Argument(help="Entry ids to replay.")] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every listed entry.")] = False,
@@ -1228,7 +1259,7 @@ def dlq_replay(
     typer.echo(f"replayed {len(replayed)} dead letter(s)")
 
 
-@dlq.command("purge")
+@dlq.command("purge", cls=_Checked)
 def dlq_purge(
     entry_ids: Annotated[list[str] | None, typer.Argument(help="Entry ids to delete.")] = None,
     purge_all: Annotated[bool, typer.Option("--all", help="Delete every dead letter.")] = False,
@@ -1268,7 +1299,7 @@ def dlq_purge(
     typer.echo(f"deleted {removed} dead letter(s)")
 
 
-@app.command("call")
+@app.command("call", cls=_Checked)
 def call(
     room: Annotated[str, typer.Option("--room", help="Room to call into.")],
     metadata: Annotated[
@@ -1323,7 +1354,7 @@ def call(
         raise typer.Exit(1)
 
 
-@app.command("dev")
+@app.command("dev", cls=_Checked)
 def dev(
     agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),

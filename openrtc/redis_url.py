@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Final, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -49,6 +49,8 @@ _DEFAULT_SENTINEL_PORT: Final = 26379
 # keeps mypy --strict quiet on both without an ignore that one of them calls unused.
 _new_sentinel: Final[Callable[..., Sentinel]] = Sentinel
 _DEFAULT_PORT: Final = 6379
+#: Query options for the Sentinels themselves, not for the data connections.
+_SENTINEL_OPTIONS: Final = ("sentinel_password", "sentinel_username")
 # Options that make sense per connection but not for the cluster client's
 # constructor (it has no database but 0, and no pool of its own to pass).
 _NOT_FOR_CLUSTER: Final = ("db", "health_check_interval", "connection_class")
@@ -135,11 +137,15 @@ def _auth_and_query(url: str) -> tuple[dict[str, Any], dict[str, str]]:
     first = netloc.rpartition("@")[2].split(",")[0]
     plain = "rediss" if _scheme(url).startswith("rediss") else "redis"
     rebuilt = f"{plain}://{userinfo + '@' if userinfo else ''}{first}"
-    query = dict(parse_qsl(parts.query))
-    for name in ("sentinel_password", "sentinel_username"):
-        query.pop(name, None)
-    if query:
-        rebuilt += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    # The query as written, still percent-encoded (``password=p%26q``): it is
+    # decoded once, by redis-py's parser, as for a ``redis://`` URL.
+    data_options = [
+        pair
+        for pair in parts.query.split("&")
+        if pair and unquote_plus(pair.partition("=")[0]) not in _SENTINEL_OPTIONS
+    ]
+    if data_options:
+        rebuilt += "?" + "&".join(data_options)
     options: dict[str, Any] = parse_url(rebuilt)  # type: ignore[no-untyped-call]
     for name in ("host", "port", "path"):
         options.pop(name, None)

@@ -8,11 +8,13 @@ every ``repr`` so a settings object can be logged safely.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
-from typing import Final, Literal
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
@@ -21,6 +23,7 @@ from openrtc.keys import DEFAULT_NAMESPACE
 NoWorkerPolicy = Literal["queue", "reject"]
 
 __all__ = [
+    "DEFAULT_CHECKPOINT_MAX_BYTES",
     "DEFAULT_DEAD_LETTER_MAXLEN",
     "DEFAULT_DEDUP_TTL",
     "DEFAULT_DISPATCHER_HTTP_PORT",
@@ -29,9 +32,15 @@ __all__ = [
     "DEFAULT_REDIS_URL",
     "DEFAULT_STATUS_TTL",
     "DEFAULT_WORKER_HTTP_PORT",
+    "MAX_CHECKPOINT_BYTES",
+    "NUMBERS",
+    "Bound",
     "DispatcherSettings",
     "LiveKitSettings",
+    "SettingError",
     "WorkerSettings",
+    "check_numbers",
+    "default_of",
     "redact_url",
 ]
 
@@ -57,6 +66,171 @@ DEFAULT_DRAIN_TIMEOUT: Final = 1800.0
 DEFAULT_DEAD_LETTER_MAXLEN: Final = 10_000
 #: A dispatcher's status stream expires this long after its last event (s).
 DEFAULT_STATUS_TTL: Final = 3600.0
+#: Largest conversation checkpoint kept per call, by default (bytes).
+DEFAULT_CHECKPOINT_MAX_BYTES: Final = 64 * 1024
+#: The most ``--checkpoint-max-bytes`` may be. Redis refuses strings over
+#: 512 MB, but the bound that matters comes much earlier: a checkpoint is
+#: re-encoded and written on every turn (and piped from a session process),
+#: and read back whole on a takeover, while the caller waits. 16 MiB is a
+#: quarter of a million words, far more than any model's context.
+MAX_CHECKPOINT_BYTES: Final = 16 * 1024 * 1024
+
+_DAY: Final = 86400.0
+
+
+class SettingError(ConfigError):
+    """A setting outside its bounds (:data:`NUMBERS`); the message names it as operators set it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The values one numeric setting may take, and its names where an operator sets it."""
+
+    low: float
+    high: float
+    #: ``low`` itself is refused: the value must be more than it.
+    above: bool = False
+    #: One value outside ``[low, high]`` that is accepted and means "off".
+    off: float | None = None
+    unit: str = ""
+    flag: str = ""
+    env: str = ""
+
+    def admits(self, value: float) -> bool:
+        """Whether ``value`` is allowed (NaN and infinities never are)."""
+        if self.off is not None and value == self.off:
+            return True
+        if not math.isfinite(value):
+            return False
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+    def rule(self) -> str:
+        """The bounds in words: ``more than 0 and at most 86400 seconds``."""
+        low = f"more than {_number(self.low)}" if self.above else f"at least {_number(self.low)}"
+        rule = f"{low} and at most {_number(self.high)}" + (f" {self.unit}" if self.unit else "")
+        return rule if self.off is None else f"{_number(self.off)} (off) or {rule}"
+
+    def label(self, name: str) -> str:
+        """How the operator knows the setting: its flag and variable, else its name."""
+        named = [n for n in (self.flag, self.env) if n]
+        if not named:
+            return name
+        return named[0] + (f" ({named[1]})" if len(named) > 1 else "")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+#: Every numeric setting of every service and command, by its name (the
+#: settings field, or the command's parameter): what it may be, and its
+#: flag and variable. Each is checked here and only here
+#: (:func:`check_numbers`), at start-up, before anything connects. The
+#: bounds keep out values that would lose calls quietly (a queue age of 0
+#: expires every call, a drain of 0 hands nothing over) and values past
+#: what any deployment needs (a typo of three zeros).
+NUMBERS: Final[Mapping[str, Bound]] = {
+    # Both services.
+    "heartbeat_interval": Bound(0, 60, above=True, unit="seconds"),
+    "membership_ttl": Bound(0, 3600, above=True, unit="seconds"),
+    "dedup_ttl": Bound(1, 30 * _DAY, unit="seconds"),
+    "dead_letter_maxlen": Bound(
+        1, 10_000_000, flag="--dead-letter-maxlen", env="OPENRTC_DEAD_LETTER_MAXLEN"
+    ),
+    "http_port": Bound(1, 65535, off=0, flag="--http-port", env="OPENRTC_HTTP_PORT"),
+    "health_max_lag": Bound(0, 3600, above=True, unit="seconds"),
+    # The dispatcher.
+    "max_backlog": Bound(0, 10**9, flag="--max-backlog", env="OPENRTC_MAX_BACKLOG"),
+    "enqueue_timeout": Bound(0, 10, above=True, unit="seconds"),
+    "load_interval": Bound(0, 60, above=True, unit="seconds"),
+    "reconnect_initial": Bound(0, 60, above=True, unit="seconds"),
+    "reconnect_max": Bound(0, 3600, above=True, unit="seconds"),
+    "wait_replicas": Bound(1, 100, off=0, flag="--wait-replicas", env="OPENRTC_WAIT_REPLICAS"),
+    "wait_timeout": Bound(0, 10, above=True, unit="seconds"),
+    "reconcile_interval": Bound(
+        0.1,
+        3600,
+        off=0,
+        unit="seconds",
+        flag="--reconcile-interval",
+        env="OPENRTC_RECONCILE_INTERVAL",
+    ),
+    "reconcile_grace": Bound(
+        0, 3600, unit="seconds", flag="--reconcile-grace", env="OPENRTC_RECONCILE_GRACE"
+    ),
+    # The worker.
+    "concurrency": Bound(1, 10_000, flag="--concurrency", env="OPENRTC_CONCURRENCY"),
+    "idle_processes": Bound(0, 1000, flag="--idle-processes", env="OPENRTC_IDLE_PROCESSES"),
+    # Renewed every lease / 3: below 0.3 s the renewals would be the load.
+    "lease": Bound(0.3, 3600, above=True, unit="seconds", flag="--lease", env="OPENRTC_LEASE"),
+    "crash_grace": Bound(0, 60, above=True, unit="seconds"),
+    "max_deliveries": Bound(1, 1000, flag="--max-deliveries", env="OPENRTC_MAX_DELIVERIES"),
+    # Below a second, calls a busy worker reads in ordinary time would expire.
+    "max_queue_age": Bound(
+        1, _DAY, unit="seconds", flag="--max-queue-age", env="OPENRTC_MAX_QUEUE_AGE"
+    ),
+    "drain_timeout": Bound(
+        0, _DAY, above=True, unit="seconds", flag="--drain-timeout", env="OPENRTC_DRAIN_TIMEOUT"
+    ),
+    "takeover_grace": Bound(0, 600, above=True, unit="seconds"),
+    "forget_consumers_after": Bound(
+        0,
+        30 * _DAY,
+        above=True,
+        unit="seconds",
+        flag="--forget-consumers-after",
+        env="OPENRTC_FORGET_CONSUMERS_AFTER",
+    ),
+    "status_ttl": Bound(1, 30 * _DAY, unit="seconds"),
+    "load_threshold": Bound(
+        0, 1, above=True, flag="--load-threshold", env="OPENRTC_LOAD_THRESHOLD"
+    ),
+    # Below 4 KiB hardly a turn fits: every takeover would start afresh.
+    "checkpoint_max_bytes": Bound(
+        4096,
+        MAX_CHECKPOINT_BYTES,
+        off=0,
+        unit="bytes",
+        flag="--checkpoint-max-bytes",
+        env="OPENRTC_CHECKPOINT_MAX_BYTES",
+    ),
+    # Commands (not services).
+    "interval": Bound(0.1, 3600, unit="seconds", flag="--interval"),
+    "max_wait": Bound(0, _DAY, unit="seconds", flag="--max-wait", env="OPENRTC_MAX_WAIT"),
+    "count": Bound(1, 1_000_000, flag="--count"),
+    "older_than": Bound(0, 100 * 365 * _DAY, unit="seconds", flag="--older-than"),
+    "wait": Bound(0, 3600, above=True, unit="seconds", flag="--wait"),
+    "listen": Bound(0, 3600, unit="seconds", flag="--listen"),
+}
+
+
+def check_numbers(values: Mapping[str, Any]) -> None:
+    """Refuse the first numeric value in ``values`` outside its :data:`NUMBERS` bounds.
+
+    ``values`` maps setting names to values; what is not a number (text,
+    flags, ``None`` for "not set") is not checked. A number with no entry is
+    a programming error (``KeyError``): every numeric setting has bounds.
+
+    :raises SettingError: one line naming the setting's flag and variable.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        bound = NUMBERS[name]
+        if not bound.admits(value):
+            raise SettingError(f"{bound.label(name)} must be {bound.rule()}, not {value}")
+
+
+def default_of(settings: type, name: str) -> Any:
+    """The default of the field ``name`` of a settings class: the CLI shows and uses it."""
+    for f in fields(settings):
+        if f.name == name and f.default is not MISSING:
+            return f.default
+    raise KeyError(f"{settings.__name__}.{name} has no default")
+
+
+def _numbers_of(settings: Any) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}
 
 
 def redact_url(url: str) -> str:
@@ -80,13 +254,6 @@ def redact_url(url: str) -> str:
 
 
 _SECRET_OPTIONS: Final = frozenset({"password", "ssl_password"})
-
-
-def _check_http(port: int, max_lag: float) -> None:
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"http_port must be in [0, 65535] (0 = off), not {port}")
-    if max_lag <= 0:
-        raise ConfigError("health_max_lag must be more than 0 seconds")
 
 
 def new_instance_id(prefix: str) -> str:
@@ -190,25 +357,17 @@ class DispatcherSettings:
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
 
     def __post_init__(self) -> None:
-        _check_http(self.http_port, self.health_max_lag)
-        if self.reconcile_interval < 0:
-            raise ConfigError("reconcile_interval must be >= 0 (0: off)")
-        if self.reconcile_grace < 0:
-            raise ConfigError("reconcile_grace must be >= 0")
-        if self.wait_replicas < 0:
-            raise ConfigError("wait_replicas must be >= 0")
-        if self.dead_letter_maxlen < 1:
-            raise ConfigError("dead_letter_maxlen must be >= 1")
-        if not 0 < self.wait_timeout < self.enqueue_timeout:
-            raise ConfigError("wait_timeout must be in (0, enqueue_timeout) seconds")
+        check_numbers(_numbers_of(self))
+        if self.wait_timeout >= self.enqueue_timeout:
+            raise SettingError("wait_timeout must be less than enqueue_timeout")
+        if self.membership_ttl <= self.heartbeat_interval:
+            raise SettingError("membership_ttl must be more than heartbeat_interval")
+        if self.reconnect_initial > self.reconnect_max:
+            raise SettingError("reconnect_initial must be at most reconnect_max")
         if self.when_no_worker not in ("queue", "reject"):
             raise ConfigError(
                 f"when_no_worker must be 'queue' or 'reject', not {self.when_no_worker!r}"
             )
-        if self.max_backlog < 0:
-            raise ConfigError("max_backlog must be >= 0")
-        if not 0 < self.enqueue_timeout <= 10:
-            raise ConfigError("enqueue_timeout must be in (0, 10] seconds")
 
 
 Isolation = Literal["coroutine", "process"]
@@ -283,31 +442,14 @@ class WorkerSettings:
     http_port_fallback: bool = False
     #: /healthz answers 503 when the event loop lags more than this (s).
     health_max_lag: float = 5.0
-    #: Largest conversation checkpoint kept per call (bytes; the oldest turns
-    #: are dropped first); 0 = no checkpoints, takeovers start afresh.
-    checkpoint_max_bytes: int = 64 * 1024
+    #: Largest conversation checkpoint kept per call (bytes; long texts are
+    #: shortened, then the oldest turns dropped); 0 = no checkpoints,
+    #: takeovers start afresh. At most MAX_CHECKPOINT_BYTES.
+    checkpoint_max_bytes: int = DEFAULT_CHECKPOINT_MAX_BYTES
 
     def __post_init__(self) -> None:
-        _check_http(self.http_port, self.health_max_lag)
-        if self.checkpoint_max_bytes < 0:
-            raise ConfigError("checkpoint_max_bytes must be >= 0 (0 = no checkpoints)")
-        if self.load_threshold is not None and not 0 < self.load_threshold <= 1:
-            raise ConfigError("load_threshold must be in (0, 1]")
-        if self.concurrency < 1:
-            raise ConfigError("concurrency must be >= 1")
+        check_numbers(_numbers_of(self))
+        if self.membership_ttl <= self.heartbeat_interval:
+            raise SettingError("membership_ttl must be more than heartbeat_interval")
         if self.isolation not in ("coroutine", "process"):
             raise ConfigError(f"isolation must be 'coroutine' or 'process', not {self.isolation!r}")
-        if self.lease <= 0.3:
-            raise ConfigError("lease must be more than 0.3 seconds")
-        if self.max_deliveries < 1:
-            raise ConfigError("max_deliveries must be >= 1")
-        if self.crash_grace <= 0:
-            raise ConfigError("crash_grace must be more than 0 seconds")
-        if self.idle_processes < 0:
-            raise ConfigError("idle_processes must be >= 0")
-        if self.forget_consumers_after <= 0:
-            raise ConfigError("forget_consumers_after must be more than 0 seconds")
-        if self.dead_letter_maxlen < 1:
-            raise ConfigError("dead_letter_maxlen must be >= 1")
-        if self.status_ttl < 1:
-            raise ConfigError("status_ttl must be at least 1 second")

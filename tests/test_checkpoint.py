@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,10 @@ from openrtc.checkpoint import (
     INTERRUPTED_OUTPUT,
     Checkpoint,
     CheckpointWriter,
+    cut_text,
     mark_interrupted,
     plain_data,
+    shorten_history,
 )
 from openrtc.offline import offline_reply
 
@@ -68,6 +71,127 @@ def test_a_checkpoint_never_exceeds_its_cap_and_drops_the_oldest_first(
     assert kept.dropped == len(history) - len(kept.history)
     # What is left starts with a message: no output without its call.
     assert not kept.history or kept.history[0]["type"] == "message"
+
+
+def said(item_id: str, role: str, text: str) -> dict[str, Any]:
+    return {"type": "message", "role": role, "content": [text], "id": item_id}
+
+
+def tool_output(call_id: str, text: str) -> dict[str, Any]:
+    return {**output(call_id), "output": text}
+
+
+def text_of(item: dict[str, Any]) -> str:
+    return str(item["output"] if item["type"] == "function_call_output" else item["content"][0])
+
+
+HUGE = "paste " + "z" * 70_000
+#: The issue's call: two small turns, a pasted document (and its echo), one more.
+PASTED = [
+    said("a1", "user", "remember apple"),
+    said("a2", "assistant", "Noted: remember apple"),
+    said("p1", "user", "remember pear"),
+    said("p2", "assistant", "Noted: remember pear"),
+    said("h1", "user", HUGE),
+    said("h2", "assistant", f"Noted: {HUGE}"),
+    said("u1", "user", "remember plum"),
+    said("u2", "assistant", "Noted: remember plum"),
+]
+CUT = re.compile(
+    r"(.*)\[\.\.\. (\d+) characters cut here to fit the call's checkpoint \.\.\.\](.*)", re.S
+)
+
+
+@pytest.mark.parametrize(
+    ("history", "cap", "cut", "dropped"),
+    [
+        pytest.param(turns(5), 10_000, set(), 0, id="fits: nothing changes"),
+        pytest.param(PASTED, 64 * 1024, {"h1", "h2"}, 0, id="a pasted document is shortened"),
+        pytest.param(
+            [said("q", "user", "y" * 30_000), call("c1"), tool_output("c1", "o" * 60_000)],
+            64 * 1024,
+            {"c1"},
+            0,
+            id="a tool output is cut before a long text",
+        ),
+        pytest.param(
+            [said("q", "user", "y" * 50_000), call("c1"), tool_output("c1", "o" * 50_000)],
+            32 * 1024,
+            {"q", "c1"},
+            0,
+            id="texts are cut once tool outputs are at their floor",
+        ),
+        pytest.param(turns(200, 1000), 64 * 1024, set(), 140, id="ordinary turns go whole"),
+        pytest.param(
+            [said(f"t{i:02d}", "user", f"{i:02d}" + "w" * 40_000) for i in range(30)],
+            64 * 1024,
+            {f"t{i:02d}" for i in range(15, 30)},
+            15,
+            id="texts at their floor, then the oldest go",
+        ),
+        pytest.param(
+            [said("e", "user", "\u00e9" * 40_000 + "\U0001f600" * 20_000), *turns(4)],
+            16 * 1024,
+            {"e"},
+            0,
+            id="escaped characters count as their bytes",
+        ),
+    ],
+)
+def test_long_items_are_shortened_with_a_marker_before_turns_are_dropped(
+    history: list[dict[str, Any]], cap: int, cut: set[str], dropped: int
+) -> None:
+    data = Checkpoint(history=history).encode(cap)
+    assert data is not None
+    assert len(data) <= cap
+    kept = Checkpoint.decode(data)
+    assert kept is not None
+    assert kept.dropped == dropped
+    # The newest items, in order; each whole, or cut in its middle with a marker.
+    originals = history[dropped:]
+    assert len(kept.history) == len(originals)
+    shortened = set()
+    for original, item in zip(originals, kept.history, strict=True):
+        if item == original:
+            continue
+        name = str(original.get("id") or original.get("call_id"))
+        shortened.add(name)
+        match = CUT.fullmatch(text_of(item))
+        assert match is not None, name
+        head, count, tail = match.group(1), int(match.group(2)), match.group(3)
+        whole = text_of(original)
+        assert whole.startswith(head)
+        assert whole.endswith(tail)
+        assert len(head) + count + len(tail) == len(whole)
+        assert len(head) > 0
+    assert shortened == cut
+    # livekit-agents reads it back.
+    llm.ChatContext.from_dict({"items": kept.history})
+
+
+def test_after_a_pasted_document_the_agent_still_knows_what_was_said_first() -> None:
+    data = Checkpoint(history=PASTED).encode(64 * 1024)
+    assert data is not None
+    kept = Checkpoint.decode(data)
+    assert kept is not None
+    ctx = llm.ChatContext.from_dict({"items": kept.history})
+    ctx.add_message(role="user", content="what did I say first?")
+    assert offline_reply(ctx, []) == "You first said: remember apple"
+
+
+def test_shortening_leaves_the_history_it_was_given_alone() -> None:
+    before = json.dumps(PASTED)
+    shorter = shorten_history(PASTED, 10_000)
+    assert json.dumps(PASTED) == before
+    assert shorter[0] is PASTED[0]  # kept items are not copied
+
+
+@pytest.mark.parametrize("limit", [600, 1_000, 5_000])
+@pytest.mark.parametrize("text", ["x" * 20_000, '"\\' * 5_000, "\u00e9\U0001f600" * 4_000])
+def test_a_cut_text_encodes_within_its_limit(text: str, limit: int) -> None:
+    out = cut_text(text, limit)
+    assert len(json.dumps(out)) <= limit
+    assert CUT.fullmatch(out)
 
 
 def test_userdata_too_big_for_the_cap_goes_and_the_history_stays() -> None:

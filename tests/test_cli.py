@@ -11,12 +11,17 @@ import sys
 import textwrap
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.main
 from click.testing import Result
+from redis import Redis as SyncRedis
 from typer.testing import CliRunner
 
 from openrtc.cli import app
+from openrtc.devstack import RedisServer
+from openrtc.settings import NUMBERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_AGENTS = REPO_ROOT / "examples" / "agents"
@@ -424,3 +429,143 @@ def test_the_worker_takes_idle_processes_as_a_flag_and_a_variable() -> None:
     assert result.exit_code == 0
     assert "--idle-processes" in result.stdout
     assert "OPENRTC_IDLE_PROCESSES" in result.stdout
+
+
+def _commands() -> list[tuple[list[str], Any]]:
+    """Every command of ``openrtc``, with the words that name it (``["dlq", "list"]``)."""
+    found: list[tuple[list[str], Any]] = []
+
+    def walk(path: list[str], command: Any) -> None:
+        if hasattr(command, "commands"):  # a group
+            for name, sub in command.commands.items():
+                walk([*path, name], sub)
+        else:
+            found.append((path, command))
+
+    walk([], typer.main.get_command(app))
+    return found
+
+
+def _numeric_options() -> list[tuple[list[str], Any, Any]]:
+    """Every option of every command that takes a number, read from the app itself."""
+    return [
+        (path, command, param)
+        for path, command in _commands()
+        for param in command.params
+        if param.param_type_name == "option"
+        and not param.is_flag
+        and _type_name(param) in ("int", "float")
+    ]
+
+
+def _type_name(param: Any) -> str:
+    kind = param.bare_type()  # a class, or its name where annotations are postponed
+    return str(getattr(kind, "__name__", kind))
+
+
+NUMERIC_OPTIONS = _numeric_options()
+
+
+def _required(command: Any) -> list[str]:
+    """Stand-in values for what ``command`` cannot run without."""
+    words: list[str] = []
+    for param in command.params:
+        if param.required and param.param_type_name == "option":
+            words += [param.opts[0], "dental"]
+        elif param.required:
+            words.append("0-1")
+    return words
+
+
+def test_every_numeric_option_is_found() -> None:
+    named = {(" ".join(path), param.opts[0]) for path, _, param in NUMERIC_OPTIONS}
+    assert {("worker", "--max-queue-age"), ("worker", "--drain-timeout")} <= named
+    assert {("dispatcher", "--max-backlog"), ("status", "--interval")} <= named
+    assert len(named) >= 24
+
+
+@pytest.mark.parametrize(
+    ("path", "command", "param"),
+    NUMERIC_OPTIONS,
+    ids=[f"{' '.join(p)} {o.opts[0]}" for p, _, o in NUMERIC_OPTIONS],
+)
+def test_every_numeric_option_is_refused_out_of_bounds_in_one_line_before_it_runs(
+    path: list[str], command: Any, param: Any
+) -> None:
+    """Flag and variable alike: one line naming both, exit 2, and nothing run (a
+    worker would load agents from ./agents, a status would dial this Redis)."""
+    assert param.name in NUMBERS, f"{' '.join(path)} {param.opts[0]}: add it to NUMBERS"
+    bound = NUMBERS[param.name]
+    # The table knows the option as the command line does: one home for both.
+    assert bound.flag in param.opts
+    assert bound.env == (param.envvar or "")
+    integer = _type_name(param) == "int"
+    bad = int(bound.high) + 1 if integer else bound.high * 10
+    env: dict[str, str | None] = {"REDIS_URL": "redis://127.0.0.1:1/0", "LIVEKIT_URL": None}
+    given = [(["--" + param.opts[0].lstrip("-"), str(bad)], {})]
+    if bound.env:
+        given.append(([], {bound.env: str(bad)}))
+    below = bound.low if bound.above else bound.low - 1
+    if below != bound.off:
+        given.append(([param.opts[0], str(int(below) if integer else below)], {}))
+    for words, variables in given:
+        result = invoke(*path, *_required(command), *words, env={**env, **variables})
+        assert result.exit_code == 2, result.output
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: {bound.label(param.name)} must be "), lines[0]
+        if bound.env:
+            assert bound.env in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "env", "named"),
+    [
+        (["worker"], ["--max-queue-age", "0"], {}, "--max-queue-age (OPENRTC_MAX_QUEUE_AGE)"),
+        (["worker"], [], {"OPENRTC_MAX_QUEUE_AGE": "0"}, "--max-queue-age"),
+        (["worker"], ["--max-queue-age", "-3"], {}, "--max-queue-age"),
+        (["worker"], ["--drain-timeout", "0"], {}, "--drain-timeout (OPENRTC_DRAIN_TIMEOUT)"),
+        (["worker"], ["--checkpoint-max-bytes", "600000000"], {}, "--checkpoint-max-bytes"),
+        (["dispatcher"], ["--reconcile-interval", "-1"], {}, "--reconcile-interval"),
+        (["dispatcher"], [], {"OPENRTC_MAX_BACKLOG": "-1"}, "--max-backlog (OPENRTC_MAX_BACKLOG)"),
+    ],
+)
+def test_a_service_with_a_setting_that_would_lose_calls_does_not_start(
+    redis_server: RedisServer,
+    command: list[str],
+    flags: list[str],
+    env: dict[str, str],
+    named: str,
+) -> None:
+    """The real ``openrtc worker`` / ``dispatcher`` against a real Redis: one
+    line, a non-zero exit, and Redis never hears from it."""
+    watcher = SyncRedis.from_url(redis_server.url)
+    try:
+        before = watcher.info("stats")["total_connections_received"]
+        args = ["--agent", "dental"] if command == ["worker"] else []
+        completed = subprocess.run(
+            [sys.executable, "-m", "openrtc", *command, *args, *flags],
+            env={
+                **os.environ,
+                "REDIS_URL": redis_server.url,
+                "LIVEKIT_URL": "ws://127.0.0.1:7880",
+                "LIVEKIT_API_KEY": "key",
+                "LIVEKIT_API_SECRET": "secret",
+                "OPENRTC_AGENTS_DIR": str(OFFLINE_AGENTS),
+                **env,
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        after = watcher.info("stats")["total_connections_received"]
+    finally:
+        watcher.close()
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith(f"error: {named}"), lines[0]
+    assert completed.stdout == ""
+    assert after == before  # not one connection

@@ -7,9 +7,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import anyio
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
@@ -268,3 +270,43 @@ async def test_a_connection_closed_under_a_command_is_a_lost_connection(
         assert await client.ping()
     finally:
         await client.aclose()
+
+
+#: Every character a query value must percent-encode, and '%' itself.
+URL_HOSTILE_PASSWORD = "p&q=r#s%t+u v/w?x"
+
+
+@pytest.mark.parametrize("topology", ["single", "cluster", "sentinel"])
+async def test_a_password_with_url_characters_works_on_every_topology(
+    redis_server: RedisServer,
+    redis_cluster: RedisCluster,
+    redis_sentinels: RedisSentinels,
+    topology: str,
+) -> None:
+    """``?username=...&password=p%26q%3Dr...``: the data nodes get the
+    password as written (cluster and Sentinel URLs used to hand them ``p``,
+    or fail with ``unexpected keyword argument 'q'``)."""
+    user = unique("acl-user")
+    if topology == "single":
+        url, ports = redis_server.url, [redis_server.port]
+    elif topology == "cluster":
+        url, ports = redis_cluster.url, [n.port for n in redis_cluster.nodes]
+    else:
+        url = redis_sentinels.url
+        ports = [s.port for s in (redis_sentinels.primary, redis_sentinels.replica) if s]
+    rules = ["on", f">{URL_HOSTILE_PASSWORD}", "~*", "&*", "+@all"]
+    for port in ports:  # ACLs are per node
+        with SyncRedis(port=port) as admin:
+            admin.execute_command("ACL", "SETUSER", user, *rules)
+    query = urlencode({"username": user, "password": URL_HOSTILE_PASSWORD}, quote_via=quote)
+    assert "%26" in query  # the issue's spelling: '&' encoded
+    client = connect_redis(f"{url}?{query}")
+    try:
+        key = f"{{{user}}}:probe"
+        assert await client.set(key, b"1", ex=60)
+        assert await client.get(key) == b"1"
+    finally:
+        await client.aclose()
+        for port in ports:
+            with SyncRedis(port=port) as admin:
+                admin.execute_command("ACL", "DELUSER", user)

@@ -418,3 +418,52 @@ async def test_a_redis_outage_does_not_stop_the_call_and_checkpoints_resume_afte
             await eventually(saved, "the turn from the outage checkpointed", within=20)
             assert [a.sid for a in caller.agents()] == [agent.sid]
             assert worker.running_jobs == [message.job_id]
+
+
+async def test_one_huge_turn_does_not_wipe_the_conversation_it_joins(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """A turn alone over ``--checkpoint-max-bytes`` (a pasted document) is
+    shortened in the checkpoint, with a marker, instead of taking every
+    earlier turn with it: after a SIGKILL the resumed agent still knows what
+    the caller said first."""
+    ns = unique("ns")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("dental-huge-turn"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    key = keys.checkpoint("dental", message.job_id)
+    first = worker_process(livekit_server, redis_server.url, ns)
+    # One "word" to the tone TTS: its reply is one tone, not minutes of them.
+    huge = "paste " + "z" * 70_000
+    try:
+        async with AsyncExitStack() as stack:
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            await StreamStore(redis, keys).enqueue([message])
+            original = await caller.wait_agent(within=30)
+            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            await transcript.ask("remember apple", "Noted: remember apple")
+            await transcript.ask("remember pear", "Noted: remember pear")
+            await transcript.ask(huge, f"Noted: {huge}", within=40)
+            await transcript.ask("remember plum", "Noted: remember plum")
+
+            async def saved() -> bool:
+                data = await redis.get(key)
+                return data is not None and b"remember plum" in data
+
+            await eventually(saved, "the turn after the huge one checkpointed")
+            data = await redis.get(key)
+            assert len(data) <= 64 * 1024
+            await stack.enter_async_context(
+                working(livekit_server, redis_server.url, ns, "dental", lease=LEASE)
+            )
+            first.send_signal(signal.SIGKILL)
+            replacement = await caller.wait_agent(within=30, other_than=original.sid)
+            assert replacement.identity == original.identity
+            await agent_listening(caller, replacement.identity)
+            await transcript.ask("what did I say first?", "You first said: remember apple")
+            assert transcript.count(GREETING) == 1, transcript.lines
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait(10)
