@@ -64,5 +64,5 @@ def test_cpu_load_is_the_average_over_its_window() -> None:
 
 @pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5])
 def test_load_threshold_must_be_a_share(threshold: float) -> None:
-    with pytest.raises(ConfigError, match="load_threshold"):
+    with pytest.raises(ConfigError, match="--load-threshold"):
         WorkerSettings(LiveKitSettings("ws://x", "k", "s"), "dental", load_threshold=threshold)
