@@ -41,7 +41,12 @@ from livekit.agents.voice.events import ToolCallStarted
 from openrtc.agents import AgentConfig
 from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
 from openrtc.logs import log_context
-from openrtc.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, agent_identity
+from openrtc.messages import (
+    QUEUED_AT_ATTRIBUTE,
+    ROOM_CREATED_ATTRIBUTE,
+    JobMessage,
+    agent_identity,
+)
 from openrtc.settings import LiveKitSettings
 
 __all__ = [
@@ -168,6 +173,8 @@ def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
     attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
     if message.room_created_ms:
         attributes[ROOM_CREATED_ATTRIBUTE] = str(message.room_created_ms)
+    if message.queued_ms:
+        attributes[QUEUED_AT_ATTRIBUTE] = str(message.queued_ms)
     return (
         api.AccessToken(credentials.api_key, credentials.api_secret)
         .with_identity(message.accept.identity)
@@ -353,7 +360,10 @@ async def _run_session(
             async def leave_a_replaced_room() -> None:
                 # Two agents would talk over each other. Until the new job's
                 # agent is there, this one keeps the caller company: LiveKit
-                # may not have dispatched the new room at all.
+                # may not have dispatched the new room at all. Looked at once
+                # at the start too: the other job's agent may be there already
+                # (a room dispatched twice, this job the later).
+                changed[-1].set()
                 while True:
                     await changed[-1].wait()
                     changed.append(anyio.Event())
@@ -361,7 +371,7 @@ async def _run_session(
                     for _ in range(int(ROOM_SID_WAIT / ROOM_SID_POLL)):
                         if successor := replaced_by():
                             finish(
-                                f"room replaced by the server; {successor} serves it now",
+                                f"room replaced or dispatched twice; {successor} serves it now",
                                 replaced=True,
                             )
                             return

@@ -17,6 +17,8 @@ from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
 from openrtc.reconciler import REDISPATCH_COOLDOWN, RoomState, needs_agent
+from openrtc.settings import LiveKitSettings
+from tests.faults import slow_api
 from tests.stack import (
     OFFLINE_AGENTS,
     HoldingRunner,
@@ -162,6 +164,33 @@ async def test_only_one_of_two_dispatchers_reconciles_and_the_other_takes_over(
         assert other.stats.reconcile_leader == 1
 
 
+async def test_a_pass_longer_than_the_lease_keeps_it_and_no_second_leader_runs(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    # The lease is 2 s (FAST: 3 x 0.3 s, at least 2 s); each LiveKit API call
+    # of the leader takes 3 s, so one pass lasts at least twice the lease.
+    async with slow_api(livekit_server.port, 3.0) as proxy:
+        slow = LiveKitSettings(proxy.url, livekit_server.api_key, livekit_server.api_secret)
+        async with dispatching(dispatcher_settings(slow, redis_server.url, ns, **FAST)) as leader:
+            await eventually(lambda: leader.stats.reconcile_leader == 1, "the lease taken")
+            async with reconciling(livekit_server, redis_server.url, ns) as other:
+                passes: list[int] = []
+
+                async def passes_while_the_other_looks() -> bool:
+                    assert other.stats.reconcile_passes == 0, "a second leader ran a pass"
+                    assert other.stats.reconcile_leader == 0
+                    passes.append(leader.stats.reconcile_passes)
+                    return leader.stats.reconcile_passes >= 2
+
+                await eventually(
+                    passes_while_the_other_looks, "two slow passes of the leader", within=60
+                )
+                assert leader.stats.reconcile_leader == 1
+                assert leader.stats.reconcile_errors == 0
+                assert proxy.requests_delayed >= 2
+
+
 def dispatcher_process(livekit: LiveKitServer, redis_url: str, ns: str) -> subprocess.Popen[str]:
     env = dict(
         os.environ,
@@ -236,3 +265,39 @@ async def test_two_dispatchers_one_killed_mid_run_no_call_lost(
             other.kill()
         for room in rooms:
             await delete_room(livekit_server, room)
+
+
+async def test_of_two_jobs_of_our_agent_in_one_room_the_later_leaves(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    room = unique("dental-twice")
+    settings = dispatcher_settings(livekit_server, redis_server.url, ns, reconcile_interval=0)
+    async with (
+        dispatching(settings),
+        working(livekit_server, redis_server.url, ns, "dental") as worker,
+    ):
+        await new_room(livekit_server, room)
+        async with caller_in(creds(livekit_server), room) as caller:
+            first = await caller.wait_agent(within=20)
+            # A second dispatch of the same room (what two reconcilers at once did).
+            async with api.LiveKitAPI(
+                livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
+            ) as lk:
+                await lk.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(agent_name="", room=room)
+                )
+            await eventually(
+                lambda: worker.stats.started == 2, "the second job's session", within=20
+            )
+            await eventually(
+                lambda: worker.stats.succeeded == 1, "one of the two to leave", within=20
+            )
+            # The first, already talking with the caller, stays.
+            await eventually(
+                lambda: [a.identity for a in caller.agents()] == [first.identity],
+                "the first job's agent alone in the room",
+                within=20,
+            )
+            assert len(worker.running) == 1
+        await delete_room(livekit_server, room)
