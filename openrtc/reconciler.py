@@ -13,7 +13,9 @@ whose enqueue failed) is never dispatched again (docs/architecture.md,
 - it **needs an agent** when a participant other than an agent has been in it
   for ``reconcile_grace`` seconds, no agent participant is in it (nor was
   for ``reconcile_grace``), and no job of ours for it waits in or runs from
-  its agent's stream (:func:`needs_agent`);
+  its agent's stream (:func:`needs_agent`), and its agent did not end the
+  call on purpose (a worker marks such a room, :meth:`Keys.ended`: an agent
+  that said goodbye while the caller stays is not sent back);
 - it is then **dispatched again** through LiveKit: ``CreateDispatch`` for
   our agent name, with the metadata of the room's latest dispatch, so the
   job takes the normal path (an offer to one of the dispatchers, the same
@@ -36,7 +38,7 @@ from livekit import api
 from livekit.protocol import agent as proto
 from redis.asyncio import Redis
 
-from openrtc.keys import Keys
+from openrtc.keys import ENDED_TTL, Keys
 from openrtc.routing import RoutingTable, UnknownAgentError, resolve_agent
 from openrtc.scripts import LEASE_HOLD, LEASE_RELEASE
 from openrtc.settings import LiveKitSettings
@@ -266,9 +268,10 @@ class Reconciler:
         ]
         if not candidates:
             return counts
+        ended = await self._ended_on_purpose([room for room, _state in candidates])
         queued: dict[str, set[str]] = {}
         for room, _state in candidates:
-            if room.sid in self._not_ours:
+            if room.sid in self._not_ours or room.name in ended:
                 continue
             with anyio.fail_after(API_TIMEOUT):
                 dispatches = await lk.agent_dispatch.list_dispatch(room_name=room.name)
@@ -309,6 +312,31 @@ class Reconciler:
                 agent,
             )
         return counts
+
+    async def _ended_on_purpose(self, rooms: list[api.Room]) -> set[str]:
+        """Names of ``rooms`` whose agent ended the call on purpose (a worker marked them).
+
+        A mark names the room's sid: a later room of the same name is not
+        covered. Each mark still matched is renewed: it lasts as long as the
+        caller stays, and :data:`ENDED_TTL` after.
+        """
+        if not rooms:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for room in rooms:
+            pipe.get(self.keys.ended(room.name))
+        marks = await pipe.execute()
+        ended = {
+            room.name
+            for room, mark in zip(rooms, marks, strict=True)
+            if mark is not None and mark.decode(errors="replace") in (room.sid, room.name)
+        }
+        if ended:
+            pipe = self.redis.pipeline(transaction=False)
+            for name in ended:
+                pipe.expire(self.keys.ended(name), ENDED_TTL)
+            await pipe.execute()
+        return ended
 
     async def _rooms_in_stream(self, agent: str) -> set[str]:
         """Rooms of the jobs in ``agent``'s stream: waiting, or held by a worker.

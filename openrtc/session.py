@@ -36,7 +36,7 @@ from livekit.agents.job import (
     _JobContextVar,
 )
 from livekit.agents.utils import http_context
-from livekit.agents.voice.events import ToolCallStarted
+from livekit.agents.voice.events import CloseReason, ToolCallStarted
 
 from openrtc.agents import AgentConfig
 from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
@@ -67,6 +67,9 @@ LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
 #: more: the server sends connected participants a refreshed token every 5 min.
 TOKEN_TTL: Final = datetime.timedelta(hours=1)
 CLOSE_TIMEOUT: Final = 10.0
+#: Why a session closes when its agent ended the call (the worker closing it
+#: finishes the session first, with its own reason).
+_ENDED_BY_AGENT: Final = frozenset({CloseReason.USER_INITIATED, CloseReason.TASK_COMPLETED})
 #: After a reconnect or an agent joining, how long to look for the room's new sid.
 ROOM_SID_WAIT: Final = 10.0
 ROOM_SID_POLL: Final = 0.1
@@ -96,6 +99,9 @@ class SessionOutcome:
     status: Literal["success", "failed", "taken_over"]
     reason: str
     error: str = ""
+    #: The agent ended the call (``ctx.shutdown()``, ``session.shutdown()``),
+    #: while the caller may stay: the room is not to be dispatched again.
+    ended_by_agent: bool = False
 
 
 @dataclass
@@ -300,7 +306,9 @@ async def _run_session(
         info=info,
         room=room,
         on_connect=lambda: None,
-        on_shutdown=lambda reason: finish(reason or "shutdown requested by the agent"),
+        on_shutdown=lambda reason: finish(
+            reason or "shutdown requested by the agent", on_purpose=True
+        ),
         inference_executor=None,  # type: ignore[arg-type]  # only turn detectors use it
     )
     ctx._on_setup()
@@ -322,7 +330,13 @@ async def _run_session(
                 vad=proc.userdata.get("vad"),
                 **options,
             )
-            session.on("close", lambda event: finish(f"session closed ({event.reason.value})"))
+            session.on(
+                "close",
+                lambda event: finish(
+                    f"session closed ({event.reason.value})",
+                    on_purpose=event.reason in _ENDED_BY_AGENT,
+                ),
+            )
             saved = Checkpoint.decode(control.resume) if control.resume else None
             if not config.checkpoint:
                 saved = None
@@ -408,7 +422,7 @@ async def _run_session(
 
         if control.takeover or end.get("disconnect") == "DUPLICATE_IDENTITY":
             return SessionOutcome("taken_over", end["reason"])
-        return SessionOutcome("success", end["reason"])
+        return SessionOutcome("success", end["reason"], ended_by_agent=bool(end.get("on_purpose")))
     finally:
         with anyio.CancelScope(shield=True):
             await _close(

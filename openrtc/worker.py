@@ -47,7 +47,7 @@ from openrtc.acceptance import Action, Verdict, judge
 from openrtc.agents import AgentPool
 from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
-from openrtc.keys import Keys
+from openrtc.keys import ENDED_TTL, Keys
 from openrtc.logs import log_context
 from openrtc.membership import Presence, hold_liveness, live_members
 from openrtc.messages import (
@@ -1113,8 +1113,19 @@ class Worker:
         self.stats.succeeded += 1
         self.metrics.ended("succeeded")
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
+        if outcome.ended_by_agent:
+            await self._mark_ended(message)
         await self._finish(claim, message)
         await self._status(message, JobStatus.SUCCESS, "")
+
+    async def _mark_ended(self, message: JobMessage) -> None:
+        """The agent ended the call on purpose: the reconciler leaves its room alone.
+
+        Written before the acknowledgement: a crash between the two leaves the
+        call to a peer, never the room to a new dispatch.
+        """
+        key, sid = self.keys.ended(message.room), message.job.room.sid or message.room
+        await self._until_redis(lambda: self._redis.set(key, sid, ex=ENDED_TTL))
 
     async def _finish(self, claim: _Claim, message: JobMessage) -> None:
         """The job is done with: acknowledge (and delete) its entry, mark its record."""

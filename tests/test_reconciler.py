@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,6 +14,7 @@ import pytest
 from livekit import api
 from redis.asyncio import Redis
 
+from openrtc.agents import AgentPool
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
@@ -114,6 +116,68 @@ async def test_a_room_whose_agent_left_while_the_caller_stayed_gets_one_again(
             assert second.identity != first.identity  # a new job, dispatched again
             assert dispatcher.stats.reconciled == 1
             assert worker.stats.started == 2
+        await delete_room(livekit_server, room)
+
+
+#: An agent that ends the call when the caller says goodbye (and the caller stays).
+FAREWELL_AGENT = """
+from livekit.agents import Agent, get_job_context
+
+from openrtc import agent_config
+from openrtc.offline import OfflineLLM, ToneTTS
+
+
+@agent_config(name="farewell", llm=OfflineLLM(), tts=ToneTTS(), greeting="Farewell line, hello.")
+class Farewell(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="Ends the call on goodbye.")
+
+    def llm_node(self, chat_ctx, tools, model_settings):
+        said = [m.text_content or "" for m in chat_ctx.items if getattr(m, "role", "") == "user"]
+        if said and "goodbye" in said[-1].lower():
+            get_job_context().shutdown("the caller said goodbye")
+        return Agent.default.llm_node(self, chat_ctx, tools, model_settings)
+"""
+
+
+@pytest.mark.parametrize("isolation", ["coroutine", "process"])
+async def test_a_room_whose_agent_ended_the_call_on_purpose_is_left_alone(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    tmp_path: Path,
+    isolation: str,
+) -> None:
+    (tmp_path / "farewell.py").write_text(FAREWELL_AGENT)
+    pool = AgentPool.from_directory(tmp_path)
+    ns = unique("ns")
+    room = unique("farewell-bye")
+    settings = dispatcher_settings(livekit_server, redis_server.url, ns, **FAST)
+    async with (
+        dispatching(settings, pool) as dispatcher,
+        working(
+            livekit_server, redis_server.url, ns, "farewell", pool=pool, isolation=isolation
+        ) as worker,
+    ):
+        await new_room(livekit_server, room)
+        async with caller_in(creds(livekit_server), room) as caller:
+            await caller.wait_agent(within=20)
+            await eventually(lambda: len(worker.running) == 1, "the session running")
+            await anyio.sleep(1.0)  # text typed before the session listens is dropped
+            await caller.room.local_participant.send_text("goodbye then", topic="lk.chat")
+            await eventually(lambda: worker.stats.succeeded == 1, "the agent to end the call")
+            await caller.wait_no_agent(within=20)
+            assert await redis.get(Keys(ns).ended(room)) is not None
+            # The caller stays, alone, well past the grace: passes look and leave it.
+            passes = dispatcher.stats.reconcile_passes
+            await eventually(
+                lambda: dispatcher.stats.reconcile_passes >= passes + 12,
+                "reconciler passes past the grace",
+                within=30,
+            )
+            assert dispatcher.stats.reconciled == 0
+            assert caller.agents() == []
+            assert worker.stats.started == 1
         await delete_room(livekit_server, room)
 
 
