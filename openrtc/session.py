@@ -40,6 +40,7 @@ from livekit.agents.voice.events import CloseReason, ToolCallStarted
 
 from openrtc.agents import AgentConfig
 from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
+from openrtc.errors import AgentBuildError
 from openrtc.logs import log_context
 from openrtc.messages import (
     QUEUED_AT_ATTRIBUTE,
@@ -67,6 +68,8 @@ LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
 #: more: the server sends connected participants a refreshed token every 5 min.
 TOKEN_TTL: Final = datetime.timedelta(hours=1)
 CLOSE_TIMEOUT: Final = 10.0
+#: A session's outcome reason when the agent could not be built (before the join).
+AGENT_NOT_BUILT: Final = "the agent could not be built"
 #: Why a session closes when its agent ended the call (the worker closing it
 #: finishes the session first, with its own reason).
 _ENDED_BY_AGENT: Final = frozenset({CloseReason.USER_INITIATED, CloseReason.TASK_COMPLETED})
@@ -343,14 +346,21 @@ async def _run_session(
             saving = None
             if control.checkpoint is not None and config.checkpoint:
                 saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
+            # Built before the room is joined: a constructor that raises fails
+            # the session without the caller seeing an agent come and go.
+            try:
+                if saved is not None:
+                    agent = await _restore(session, config, saved, message.job_id)
+                else:
+                    # Agents are constructed without arguments, as livekit-agents'
+                    # examples and the PyPI openrtc package do.
+                    agent = config.build()
+            except Exception as exc:
+                cause = exc.__cause__ if isinstance(exc, AgentBuildError) else exc
+                logger.error("job %s: %s", message.job_id, exc)
+                return SessionOutcome("failed", AGENT_NOT_BUILT, f"{type(cause).__name__}: {cause}")
             await ctx.connect()
             control.joined.set()
-            if saved is not None:
-                agent = await _restore(session, config, saved, message.job_id)
-            else:
-                # Agents are constructed without arguments, as livekit-agents'
-                # examples and the PyPI openrtc package do.
-                agent = config.agent_cls()  # type: ignore[call-arg]
             await session.start(agent=agent, room=room)
             greeted = saved is not None and saved.greeted
             if saving is not None:

@@ -66,7 +66,7 @@ from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.redis_url import is_cluster_url
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
-from openrtc.session import HANDOVER_TURN_WAIT, SessionControl, SessionOutcome
+from openrtc.session import AGENT_NOT_BUILT, HANDOVER_TURN_WAIT, SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.spread import DEFER_STEP, MAX_DEFER, CpuLoad, PeerLoad, decide
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
@@ -194,6 +194,9 @@ class Worker:
             )
         self.settings = settings
         self.config = pool.get(settings.agent)
+        # Built once now: an agent whose constructor raises fails the worker
+        # at start-up (AgentBuildError, one line), never each call in its room.
+        self.config.build()
         self.keys = Keys(
             settings.namespace,
             cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
@@ -1019,7 +1022,7 @@ class Worker:
             self._drop(claim)
         if (
             outcome.status == "failed"
-            and outcome.reason == PROCESS_DIED
+            and outcome.reason in (PROCESS_DIED, AGENT_NOT_BUILT)
             and not (control.stopping or claim.lost or self._draining)
         ):
             await self._redeliver(claim)
