@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
-from openrtc.errors import AgentDiscoveryError, AgentRegistryError
+from openrtc.errors import AgentBuildError, AgentDiscoveryError, AgentRegistryError
 from openrtc.routing import RoutingTable
 
 if TYPE_CHECKING:
@@ -157,6 +157,20 @@ class AgentConfig:
         """``file.py:Class`` for discovered agents, ``module:Class`` otherwise."""
         where = self.source_path.name if self.source_path else self.agent_cls.__module__
         return f"{where}:{self.agent_cls.__qualname__}"
+
+    def build(self) -> Agent:
+        """An instance of the agent's class, built without arguments as sessions build it.
+
+        Raises :class:`AgentBuildError` (one line: the agent, its class, the
+        error) when the constructor raises.
+        """
+        try:
+            return self.agent_cls()  # type: ignore[call-arg]
+        except Exception as exc:
+            raise AgentBuildError(
+                f"Agent '{self.name}' ({self.class_label}) cannot be built: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def describe(self) -> dict[str, str | None]:
         """A JSON-ready summary, as ``openrtc list --json`` prints it."""

@@ -63,7 +63,7 @@ from openrtc.messages import (
 from openrtc.metrics import DispatcherMetrics
 from openrtc.monitor import read_status
 from openrtc.ops_http import LoopHealth, OpsServer, serving
-from openrtc.reconciler import LeaderLease, Reconciler
+from openrtc.reconciler import LeaderLease, LeaseLost, Reconciler
 from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.redis_url import is_cluster_url
@@ -851,7 +851,14 @@ class Dispatcher:
             if not leader:
                 continue
             try:
-                counts = await self.reconciler.run_pass()
+                counts = await self.reconciler.run_pass(self._lease)
+            except LeaseLost as exc:
+                self._lease.held = False
+                self.stats.reconcile_leader = 0
+                self.metrics.reconcile_leader.set(0)
+                self.reconciler.forget()
+                logger.warning("reconciler pass abandoned: %s", exc)
+                continue
             except Exception as exc:  # LiveKit's API or Redis: the next pass retries
                 self.stats.reconcile_errors += 1
                 self.metrics.reconcile_passes.labels("failed").inc()

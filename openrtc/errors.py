@@ -22,3 +22,7 @@ class AgentDiscoveryError(OpenRTCError):
 
 class ConfigError(OpenRTCError):
     """A setting is missing or malformed."""
+
+
+class AgentBuildError(OpenRTCError):
+    """An agent's class cannot be built: its constructor raised."""

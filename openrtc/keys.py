@@ -15,6 +15,9 @@ from typing import Final
 
 #: The one consumer group on every job stream.
 WORKERS_GROUP: Final = "workers"
+#: How long a room whose agent ended the call on purpose is left alone by the
+#: reconciler (s); renewed by each pass that still sees its caller.
+ENDED_TTL: Final = 3600
 #: The namespace every key lives under unless told otherwise.
 DEFAULT_NAMESPACE: Final = "openrtc"
 
@@ -102,6 +105,11 @@ class Keys:
     def reconciler_lease(self) -> str:
         """String naming the dispatcher that runs the reconciler now (expires: a lease)."""
         return f"{self.namespace}:reconciler:leader"
+
+    def ended(self, room: str) -> str:
+        """String: the sid of a room whose agent ended the call on purpose (expires,
+        :data:`ENDED_TTL`): the reconciler does not dispatch that room again."""
+        return f"{self.namespace}:ended:{room}"
 
     @property
     def agents(self) -> str:

@@ -1,8 +1,9 @@
 """Who is alive, and how loaded each agent is: heartbeats in Redis.
 
 Dispatchers and workers each keep a hash describing themselves (with a TTL)
-and a score in a sorted set equal to their heartbeat's expiry time. Readers
-drop members whose expiry has passed, so a process killed with ``kill -9``
+and a score in a sorted set equal to their heartbeat's expiry time, both by
+Redis's clock (never a host's: hosts' clocks differ). Readers drop members
+whose expiry has passed by Redis's clock, so a process killed with ``kill -9``
 disappears within ``membership_ttl`` seconds without anyone cleaning up.
 
 A worker also holds a liveness subscription (:func:`hold_liveness`) for as
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,7 @@ from redis.exceptions import RedisClusterException
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.redis_url import refresh_slots, slot_master_client
+from openrtc.scripts import HEARTBEAT, LIVE_MEMBERS
 from openrtc.streams import REDIS_DOWN
 from openrtc.supervision import backoff_delay
 
@@ -41,6 +42,7 @@ __all__ = [
     "hold_liveness",
     "leave",
     "read_agent_loads",
+    "redis_time",
 ]
 
 #: How often a liveness subscription says again that it is there (refreshes
@@ -76,11 +78,21 @@ async def _close(pubsub: PubSub) -> None:
     await close()
 
 
+def _s(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _int(value: Any) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
         return 0
+
+
+async def redis_time(redis: Redis) -> float:
+    """Redis's clock (unix s): the one clock every expiry and age is judged by."""
+    seconds, micros = await redis.time()
+    return float(seconds) + micros / 1e6
 
 
 async def heartbeat(
@@ -92,23 +104,27 @@ async def heartbeat(
     fields: Mapping[str, str | int | float],
     ttl: float,
 ) -> None:
-    """Refresh one member: its record hash (with TTL) and its expiry score."""
-    expires = time.time() + ttl
+    """Refresh one member: its expiry score and its record hash (with TTL).
+
+    Both by Redis's clock (:data:`openrtc.scripts.HEARTBEAT`): the score is
+    Redis's now + ``ttl``, the record's ``heartbeat_at`` Redis's now. A host
+    whose clock is wrong is neither expired early nor kept alive after death.
+    """
+    # Members killed without leaving are dropped by readers; with no reader
+    # (no dispatcher, nobody running status) they would pile up, one per
+    # crashed process: the script drops those expired ten TTLs ago.
+    now = await redis.register_script(HEARTBEAT)(
+        keys=[registry_key], args=[member, int(ttl * 1000), int(ttl * 10_000)]
+    )
     record: dict[Any, Any] = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "heartbeat_at": f"{time.time():.3f}",
+        "heartbeat_at": _s(now),
         **fields,
     }
     pipe = redis.pipeline(transaction=False)
     pipe.hset(record_key, mapping=record)
     pipe.expire(record_key, max(1, int(ttl * 3)))
-    pipe.zadd(registry_key, {member: expires})
-    # Members killed without leaving are dropped by readers; with no reader
-    # (no dispatcher, nobody running status) they would pile up, one per
-    # crashed process. The margin (ten TTLs) keeps a host whose clock is
-    # ahead from dropping live members.
-    pipe.zremrangebyscore(registry_key, "-inf", time.time() - ttl * 10)
     await pipe.execute()
 
 
@@ -121,15 +137,11 @@ async def leave(redis: Redis, *, registry_key: str, record_key: str, member: str
 
 
 async def live_members(redis: Redis, registry_key: str) -> list[str]:
-    """Members whose heartbeat has not expired (expired ones are removed)."""
-    now = time.time()
-    pipe = redis.pipeline(transaction=False)
-    pipe.zremrangebyscore(registry_key, "-inf", now)
-    pipe.zrange(registry_key, 0, -1)
-    _, members = await pipe.execute()
+    """Members whose heartbeat has not expired by Redis's clock (expired ones are removed)."""
+    members = await redis.register_script(LIVE_MEMBERS)(keys=[registry_key])
     # A member that is not UTF-8 (written by hand) names no record: it reads
     # as a worker without one, never as an error that stops the reader.
-    return [m.decode(errors="replace") if isinstance(m, bytes) else str(m) for m in members]
+    return [_s(m) for m in members]
 
 
 async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> dict[str, AgentLoad]:
@@ -138,22 +150,27 @@ async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> d
     Two round trips whatever the number of agents: one for the membership
     sets and the streams' group info, one for the workers' records.
     """
-    now = time.time()
     pipe = redis.pipeline(transaction=False)
+    # Expiry scores are Redis's clock (see heartbeat): so is the now they are
+    # judged by, read in the same round trip. Heartbeats drop the long dead.
+    pipe.time()
     for agent in agents:
-        pipe.zremrangebyscore(keys.workers(agent), "-inf", now)
-        pipe.zrange(keys.workers(agent), 0, -1)
+        pipe.zrange(keys.workers(agent), 0, -1, withscores=True)
         pipe.xinfo_groups(keys.jobs(agent))
         pipe.xlen(keys.jobs(agent))
     replies = await pipe.execute(raise_on_error=False)
+    clock = replies[0]
+    if isinstance(clock, Exception):
+        raise clock
+    now = float(clock[0]) + clock[1] / 1e6
 
     members: dict[str, list[bytes]] = {}
     queue: dict[str, tuple[int, int, bool]] = {}
     for i, agent in enumerate(agents):
-        _, worker_ids, groups, length = replies[i * 4 : i * 4 + 4]
+        worker_ids, groups, length = replies[1 + i * 3 : 4 + i * 3]
         if isinstance(worker_ids, Exception):
             raise worker_ids
-        members[agent] = list(worker_ids)
+        members[agent] = [member for member, expires in worker_ids if expires > now]
         backlog = pending = 0
         has_group = False
         if not isinstance(groups, Exception):

@@ -42,6 +42,10 @@ AGENT_ATTRIBUTE: Final = "openrtc.agent"
 #: job was created, unix ms. A LiveKit server that restarts creates the room
 #: anew; the old job's agent sees at once that the new job's is for a newer room.
 ROOM_CREATED_ATTRIBUTE: Final = "openrtc.room_created_ms"
+#: Participant attribute (in the agent's token): when the agent's job reached
+#: its stream, Redis's clock, unix ms (:data:`QUEUED_AT_FIELD`). Of two jobs of
+#: one agent in one room (two dispatches of it), the later one's agent leaves.
+QUEUED_AT_ATTRIBUTE: Final = "openrtc.queued_ms"
 
 Fields = Mapping[bytes, bytes]
 
@@ -119,6 +123,14 @@ def _float(fields: Fields, name: str) -> float:
     if not (math.isfinite(value) and value < _TIMESTAMP_MAX):
         raise MalformedEntry(f"field {name!r} is out of range: {_shown(text)}")
     return value
+
+
+def _attribute_ms(attributes: Mapping[str, str], name: str) -> int:
+    """A unix-ms participant attribute; 0 when absent or not a number."""
+    try:
+        return max(0, int(attributes.get(name, "0")))
+    except ValueError:
+        return 0
 
 
 def _millis(fields: Fields, name: str) -> int:
@@ -223,8 +235,13 @@ class JobMessage:
         """
         return identity != self.accept.identity and attributes.get(AGENT_ATTRIBUTE) == self.agent
 
+    @property
+    def queued_ms(self) -> int:
+        """When the job reached its stream, Redis's clock, unix ms (0: unknown)."""
+        return int(self.queued_at * 1000)
+
     def replaced_by(self, room_sid: str, agents: Iterable[tuple[str, Mapping[str, str]]]) -> str:
-        """The identity of the agent that serves this job's room now, if it was replaced.
+        """The identity of the agent this job's agent leaves the room to, if any.
 
         A LiveKit server that restarted has forgotten the room and this job:
         the room the caller rejoined is a new one, dispatched as a new job.
@@ -235,17 +252,31 @@ class JobMessage:
         whichever sees the other first. Without both times (an agent without
         the attribute), once the room's sid, ``room_sid`` (it comes in a later update, seconds
         late on a loaded server), is not this job's.
+
+        Two jobs of this agent in the same room (dispatched twice: two
+        reconcilers at once, a dispatch by hand) would talk over each other:
+        the job queued later (:data:`QUEUED_AT_ATTRIBUTE`, Redis's clock; the
+        job id breaks a tie) leaves, whichever sees the other first. An agent
+        without that time (an older worker) is left to stay.
         """
         mine = self.room_created_ms
         moved = bool(room_sid and self.job.room.sid and room_sid != self.job.room.sid)
         for identity, attributes in agents:
             if not self.is_another_job_of_my_agent(identity, attributes):
                 continue
-            try:
-                theirs = int(attributes.get(ROOM_CREATED_ATTRIBUTE, "0"))
-            except ValueError:
-                theirs = 0
-            if (theirs > mine) if (mine and theirs) else moved:
+            theirs = _attribute_ms(attributes, ROOM_CREATED_ATTRIBUTE)
+            if mine and theirs and theirs != mine:
+                if theirs > mine:
+                    return identity
+                continue  # theirs is the older room's agent: it leaves
+            if not (mine and theirs) and moved:
+                return identity
+            queued = _attribute_ms(attributes, QUEUED_AT_ATTRIBUTE)
+            if (
+                self.queued_ms
+                and queued
+                and (queued, identity) < (self.queued_ms, self.accept.identity)
+            ):
                 return identity
         return ""
 

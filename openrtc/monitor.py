@@ -22,7 +22,7 @@ from livekit.protocol.agent import Job
 from redis.asyncio import Redis
 
 from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.membership import live_members
+from openrtc.membership import live_members, redis_time
 from openrtc.messages import replay_entry
 from openrtc.settings import DEFAULT_DEDUP_TTL
 from openrtc.streams import StreamStore
@@ -152,8 +152,11 @@ class StackStatus:
 
 
 async def read_status(redis: Redis, keys: Keys, agents: Iterable[str] = ()) -> StackStatus:
-    """Read the whole picture: every agent that has a stream, plus ``agents``."""
-    now = time.time()
+    """Read the whole picture: every agent that has a stream, plus ``agents``.
+
+    Ages are by Redis's clock, as the heartbeats and entry ids they are taken from.
+    """
+    now = await redis_time(redis)
     known = {_s(a) for a in await redis.smembers(keys.agents)}
     names = list(dict.fromkeys([*agents, *sorted(known)]))
     statuses = []
@@ -423,7 +426,8 @@ async def purge_plan(
         return 0, ""
     upper = _s(newest[0][0])
     if older_than is not None:
-        cutoff_ms = int((time.time() - older_than) * 1000)
+        # Entry ids are Redis's clock: so is the age they are judged by.
+        cutoff_ms = int((await redis_time(redis) - older_than) * 1000)
         upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
     count, start, last = 0, "-", ""
     while True:
@@ -461,7 +465,8 @@ async def purge_dead_letters(
             return 0
         upper = min(upper, upto, key=_entry_order)
     if older_than is not None:
-        cutoff_ms = int((time.time() - older_than) * 1000)
+        # Entry ids are Redis's clock: so is the age they are judged by.
+        cutoff_ms = int((await redis_time(redis) - older_than) * 1000)
         upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
     deleted, start = 0, "-"
     while True:

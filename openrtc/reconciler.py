@@ -13,7 +13,9 @@ whose enqueue failed) is never dispatched again (docs/dispatcher.md,
 - it **needs an agent** when a participant other than an agent has been in it
   for ``reconcile_grace`` seconds, no agent participant is in it (nor was
   for ``reconcile_grace``), and no job of ours for it waits in or runs from
-  its agent's stream (:func:`needs_agent`);
+  its agent's stream (:func:`needs_agent`), and its agent did not end the
+  call on purpose (a worker marks such a room, :meth:`Keys.ended`: an agent
+  that said goodbye while the caller stays is not sent back);
 - it is then **dispatched again** through LiveKit: ``CreateDispatch`` for
   our agent name, with the metadata of the room's latest dispatch, so the
   job takes the normal path (an offer to one of the dispatchers, the same
@@ -36,11 +38,13 @@ from livekit import api
 from livekit.protocol import agent as proto
 from redis.asyncio import Redis
 
-from openrtc.keys import Keys
+from openrtc.keys import ENDED_TTL, Keys
 from openrtc.routing import RoutingTable, UnknownAgentError, resolve_agent
+from openrtc.scripts import LEASE_HOLD, LEASE_RELEASE
 from openrtc.settings import LiveKitSettings
+from openrtc.streams import REDIS_DOWN
 
-__all__ = ["LeaderLease", "Reconciler", "RoomState", "needs_agent"]
+__all__ = ["LeaderLease", "LeaseLost", "Reconciler", "RoomState", "needs_agent"]
 
 logger = logging.getLogger("openrtc.reconciler")
 
@@ -51,33 +55,18 @@ REDISPATCH_COOLDOWN: Final = 30.0
 #: Longest wait for one LiveKit API call.
 API_TIMEOUT: Final = 5.0
 
-# Holds the lease if free or already ours (and extends it); 1 when held.
-_HOLD = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+
+class LeaseLost(Exception):
+    """The reconciler lease lapsed or went to another member during a pass."""
 
 
 @dataclass(slots=True)
 class LeaderLease:
     """A Redis key held by one member at a time, with an expiry (``SET NX PX`` and renewal).
 
-    The holder renews it well within ``ttl``; a holder that dies or loses
-    Redis loses it after ``ttl`` and another member takes it.
+    The holder renews it well within ``ttl`` (between passes, and every
+    ``ttl / 3`` during one: :meth:`keep`); a holder that dies or loses Redis
+    loses it after ``ttl`` (Redis's clock) and another member takes it.
     """
 
     redis: Redis
@@ -89,8 +78,8 @@ class LeaderLease:
     _release: Any = None
 
     def __post_init__(self) -> None:
-        self._hold = self.redis.register_script(_HOLD)
-        self._release = self.redis.register_script(_RELEASE)
+        self._hold = self.redis.register_script(LEASE_HOLD)
+        self._release = self.redis.register_script(LEASE_RELEASE)
 
     async def hold(self) -> bool:
         """Take or renew the lease; whether this member holds it now."""
@@ -98,6 +87,26 @@ class LeaderLease:
             await self._hold(keys=[self.key], args=[self.member, int(self.ttl * 1000)])
         )
         return self.held
+
+    async def keep(self) -> None:
+        """Renew the lease every ``ttl / 3`` until cancelled; return when it is lost.
+
+        Lost: Redis says another member holds it (or nobody: it lapsed), or no
+        renewal was confirmed for two thirds of ``ttl`` (Redis may have let it
+        lapse already, and another member taken it, before this one learns).
+        """
+        confirmed = anyio.current_time()
+        while True:
+            await anyio.sleep(self.ttl / 3)
+            try:
+                with anyio.fail_after(self.ttl / 3):
+                    if not await self.hold():
+                        return
+                confirmed = anyio.current_time()
+            except (*REDIS_DOWN, TimeoutError):
+                if anyio.current_time() - confirmed >= self.ttl * 2 / 3:
+                    self.held = False
+                    return
 
     async def release(self) -> None:
         """Give the lease up (only if held), so another member takes it at once."""
@@ -180,8 +189,34 @@ class Reconciler:
         self._served_at.clear()
         self._dispatched_at.clear()
 
-    async def run_pass(self) -> ReconcileCounts:
-        """Look at every room once; dispatch again those that need an agent."""
+    async def run_pass(self, lease: LeaderLease | None = None) -> ReconcileCounts:
+        """Look at every room once; dispatch again those that need an agent.
+
+        With ``lease`` (the dispatchers' one), it is renewed all through the
+        pass, and confirmed again before each dispatch: a pass longer than the
+        lease (thousands of rooms, a slow API) never runs beside another
+        holder's. Raises :class:`LeaseLost` (the pass abandoned) once it is lost.
+        """
+        if lease is None:
+            return await self._pass(None)
+        lost = False
+        counts = ReconcileCounts()
+        async with anyio.create_task_group() as tg:
+
+            async def keep() -> None:
+                nonlocal lost
+                await lease.keep()
+                lost = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(keep)
+            counts = await self._pass(lease)
+            tg.cancel_scope.cancel()
+        if lost:
+            raise LeaseLost("the reconciler lease was lost during a pass")
+        return counts
+
+    async def _pass(self, lease: LeaderLease | None) -> ReconcileCounts:
         if self._lkapi is None:
             self._lkapi = api.LiveKitAPI(
                 self.livekit.http_url, self.livekit.api_key, self.livekit.api_secret
@@ -233,9 +268,10 @@ class Reconciler:
         ]
         if not candidates:
             return counts
+        ended = await self._ended_on_purpose([room for room, _state in candidates])
         queued: dict[str, set[str]] = {}
         for room, _state in candidates:
-            if room.sid in self._not_ours:
+            if room.sid in self._not_ours or room.name in ended:
                 continue
             with anyio.fail_after(API_TIMEOUT):
                 dispatches = await lk.agent_dispatch.list_dispatch(room_name=room.name)
@@ -259,6 +295,8 @@ class Reconciler:
                 queued[agent] = await self._rooms_in_stream(agent)
             if room.name in queued[agent]:
                 continue  # its job waits for a worker, or a worker is joining
+            if lease is not None and not await lease.hold():
+                raise LeaseLost("the reconciler lease went to another dispatcher")
             with anyio.fail_after(API_TIMEOUT):
                 await lk.agent_dispatch.create_dispatch(
                     api.CreateAgentDispatchRequest(
@@ -274,6 +312,31 @@ class Reconciler:
                 agent,
             )
         return counts
+
+    async def _ended_on_purpose(self, rooms: list[api.Room]) -> set[str]:
+        """Names of ``rooms`` whose agent ended the call on purpose (a worker marked them).
+
+        A mark names the room's sid: a later room of the same name is not
+        covered. Each mark still matched is renewed: it lasts as long as the
+        caller stays, and :data:`ENDED_TTL` after.
+        """
+        if not rooms:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for room in rooms:
+            pipe.get(self.keys.ended(room.name))
+        marks = await pipe.execute()
+        ended = {
+            room.name
+            for room, mark in zip(rooms, marks, strict=True)
+            if mark is not None and mark.decode(errors="replace") in (room.sid, room.name)
+        }
+        if ended:
+            pipe = self.redis.pipeline(transaction=False)
+            for name in ended:
+                pipe.expire(self.keys.ended(name), ENDED_TTL)
+            await pipe.execute()
+        return ended
 
     async def _rooms_in_stream(self, agent: str) -> set[str]:
         """Rooms of the jobs in ``agent``'s stream: waiting, or held by a worker.

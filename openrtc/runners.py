@@ -520,7 +520,12 @@ class ProcessRunner:
                 control.handover_ready.set()
             elif "outcome" in event:
                 o = event["outcome"]
-                return SessionOutcome(o["status"], o.get("reason", ""), o.get("error", ""))
+                return SessionOutcome(
+                    o["status"],
+                    o.get("reason", ""),
+                    o.get("error", ""),
+                    ended_by_agent=o.get("ended_by_agent") is True,
+                )
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

@@ -397,6 +397,55 @@ return 1
 """
 
 
+# -- membership and the reconciler's lease (registered by their modules) --------
+
+# KEYS: a membership registry (sorted set: member -> expiry, Redis's clock in
+# unix s). ARGV: member, ttl ms, keep ms. Scores the member by Redis's clock,
+# never the writer's: a host whose clock is behind would be expired at once,
+# one ahead kept alive after its death. Members expired more than keep ms ago
+# are dropped (crashed processes, with no reader to prune them). Returns
+# Redis's time (unix s) as a string (a Lua number would be cut to an integer).
+HEARTBEAT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]) / 1000, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]) / 1000)
+return string.format('%.6f', now)
+"""
+
+# KEYS: a membership registry. Drops the members whose expiry has passed by
+# Redis's clock and returns the others.
+LIVE_MEMBERS: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+# KEYS: the lease. ARGV: member, ttl ms. Takes the lease if free, extends it if
+# already this member's. Returns 1 when held.
+LEASE_HOLD: Final = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: the lease. ARGV: member. Deletes the lease only if this member holds it.
+LEASE_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Scripts:
     """The scripts, registered on one client."""

@@ -36,12 +36,18 @@ from livekit.agents.job import (
     _JobContextVar,
 )
 from livekit.agents.utils import http_context
-from livekit.agents.voice.events import ToolCallStarted
+from livekit.agents.voice.events import CloseReason, ToolCallStarted
 
 from openrtc.agents import AgentConfig
 from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
+from openrtc.errors import AgentBuildError
 from openrtc.logs import log_context
-from openrtc.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, agent_identity
+from openrtc.messages import (
+    QUEUED_AT_ATTRIBUTE,
+    ROOM_CREATED_ATTRIBUTE,
+    JobMessage,
+    agent_identity,
+)
 from openrtc.settings import LiveKitSettings
 
 __all__ = [
@@ -62,6 +68,11 @@ LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
 #: more: the server sends connected participants a refreshed token every 5 min.
 TOKEN_TTL: Final = datetime.timedelta(hours=1)
 CLOSE_TIMEOUT: Final = 10.0
+#: A session's outcome reason when the agent could not be built (before the join).
+AGENT_NOT_BUILT: Final = "the agent could not be built"
+#: Why a session closes when its agent ended the call (the worker closing it
+#: finishes the session first, with its own reason).
+_ENDED_BY_AGENT: Final = frozenset({CloseReason.USER_INITIATED, CloseReason.TASK_COMPLETED})
 #: After a reconnect or an agent joining, how long to look for the room's new sid.
 ROOM_SID_WAIT: Final = 10.0
 ROOM_SID_POLL: Final = 0.1
@@ -91,6 +102,9 @@ class SessionOutcome:
     status: Literal["success", "failed", "taken_over"]
     reason: str
     error: str = ""
+    #: The agent ended the call (``ctx.shutdown()``, ``session.shutdown()``),
+    #: while the caller may stay: the room is not to be dispatched again.
+    ended_by_agent: bool = False
 
 
 @dataclass
@@ -168,6 +182,8 @@ def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
     attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
     if message.room_created_ms:
         attributes[ROOM_CREATED_ATTRIBUTE] = str(message.room_created_ms)
+    if message.queued_ms:
+        attributes[QUEUED_AT_ATTRIBUTE] = str(message.queued_ms)
     return (
         api.AccessToken(credentials.api_key, credentials.api_secret)
         .with_identity(message.accept.identity)
@@ -293,7 +309,9 @@ async def _run_session(
         info=info,
         room=room,
         on_connect=lambda: None,
-        on_shutdown=lambda reason: finish(reason or "shutdown requested by the agent"),
+        on_shutdown=lambda reason: finish(
+            reason or "shutdown requested by the agent", on_purpose=True
+        ),
         inference_executor=None,  # type: ignore[arg-type]  # only turn detectors use it
     )
     ctx._on_setup()
@@ -315,21 +333,34 @@ async def _run_session(
                 vad=proc.userdata.get("vad"),
                 **options,
             )
-            session.on("close", lambda event: finish(f"session closed ({event.reason.value})"))
+            session.on(
+                "close",
+                lambda event: finish(
+                    f"session closed ({event.reason.value})",
+                    on_purpose=event.reason in _ENDED_BY_AGENT,
+                ),
+            )
             saved = Checkpoint.decode(control.resume) if control.resume else None
             if not config.checkpoint:
                 saved = None
             saving = None
             if control.checkpoint is not None and config.checkpoint:
                 saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
+            # Built before the room is joined: a constructor that raises fails
+            # the session without the caller seeing an agent come and go.
+            try:
+                if saved is not None:
+                    agent = await _restore(session, config, saved, message.job_id)
+                else:
+                    # Agents are constructed without arguments, as livekit-agents'
+                    # examples and the PyPI openrtc package do.
+                    agent = config.build()
+            except Exception as exc:
+                cause = exc.__cause__ if isinstance(exc, AgentBuildError) else exc
+                logger.error("job %s: %s", message.job_id, exc)
+                return SessionOutcome("failed", AGENT_NOT_BUILT, f"{type(cause).__name__}: {cause}")
             await ctx.connect()
             control.joined.set()
-            if saved is not None:
-                agent = await _restore(session, config, saved, message.job_id)
-            else:
-                # Agents are constructed without arguments, as livekit-agents'
-                # examples and the PyPI openrtc package do.
-                agent = config.agent_cls()  # type: ignore[call-arg]
             await session.start(agent=agent, room=room)
             greeted = saved is not None and saved.greeted
             if saving is not None:
@@ -353,7 +384,10 @@ async def _run_session(
             async def leave_a_replaced_room() -> None:
                 # Two agents would talk over each other. Until the new job's
                 # agent is there, this one keeps the caller company: LiveKit
-                # may not have dispatched the new room at all.
+                # may not have dispatched the new room at all. Looked at once
+                # at the start too: the other job's agent may be there already
+                # (a room dispatched twice, this job the later).
+                changed[-1].set()
                 while True:
                     await changed[-1].wait()
                     changed.append(anyio.Event())
@@ -361,7 +395,7 @@ async def _run_session(
                     for _ in range(int(ROOM_SID_WAIT / ROOM_SID_POLL)):
                         if successor := replaced_by():
                             finish(
-                                f"room replaced by the server; {successor} serves it now",
+                                f"room replaced or dispatched twice; {successor} serves it now",
                                 replaced=True,
                             )
                             return
@@ -398,7 +432,7 @@ async def _run_session(
 
         if control.takeover or end.get("disconnect") == "DUPLICATE_IDENTITY":
             return SessionOutcome("taken_over", end["reason"])
-        return SessionOutcome("success", end["reason"])
+        return SessionOutcome("success", end["reason"], ended_by_agent=bool(end.get("on_purpose")))
     finally:
         with anyio.CancelScope(shield=True):
             await _close(

@@ -114,6 +114,7 @@ async def _serve(config: Any, proc: Any) -> int:
                     "status": outcome.status,
                     "reason": outcome.reason,
                     "error": outcome.error,
+                    "ended_by_agent": outcome.ended_by_agent,
                 }
             }
         )

@@ -46,7 +46,7 @@ from openrtc.acceptance import Action, Verdict, judge
 from openrtc.agents import AgentPool
 from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
-from openrtc.keys import Keys
+from openrtc.keys import ENDED_TTL, Keys
 from openrtc.logs import log_context
 from openrtc.membership import Presence, hold_liveness, live_members
 from openrtc.messages import (
@@ -65,7 +65,7 @@ from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.redis_url import is_cluster_url
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
-from openrtc.session import HANDOVER_TURN_WAIT, SessionControl, SessionOutcome
+from openrtc.session import AGENT_NOT_BUILT, HANDOVER_TURN_WAIT, SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.spread import DEFER_STEP, MAX_DEFER, CpuLoad, PeerLoad, decide
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
@@ -193,6 +193,9 @@ class Worker:
             )
         self.settings = settings
         self.config = pool.get(settings.agent)
+        # Built once now: an agent whose constructor raises fails the worker
+        # at start-up (AgentBuildError, one line), never each call in its room.
+        self.config.build()
         self.keys = Keys(
             settings.namespace,
             cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
@@ -1006,7 +1009,7 @@ class Worker:
             self._drop(claim)
         if (
             outcome.status == "failed"
-            and outcome.reason == PROCESS_DIED
+            and outcome.reason in (PROCESS_DIED, AGENT_NOT_BUILT)
             and not (control.stopping or claim.lost or self._draining)
         ):
             await self._redeliver(claim)
@@ -1100,8 +1103,19 @@ class Worker:
         self.stats.succeeded += 1
         self.metrics.ended("succeeded")
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
+        if outcome.ended_by_agent:
+            await self._mark_ended(message)
         await self._finish(claim, message)
         await self._status(message, JobStatus.SUCCESS, "")
+
+    async def _mark_ended(self, message: JobMessage) -> None:
+        """The agent ended the call on purpose: the reconciler leaves its room alone.
+
+        Written before the acknowledgement: a crash between the two leaves the
+        call to a peer, never the room to a new dispatch.
+        """
+        key, sid = self.keys.ended(message.room), message.job.room.sid or message.room
+        await self._until_redis(lambda: self._redis.set(key, sid, ex=ENDED_TTL))
 
     async def _finish(self, claim: _Claim, message: JobMessage) -> None:
         """The job is done with: acknowledge (and delete) its entry, mark its record."""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,10 +14,13 @@ import pytest
 from livekit import api
 from redis.asyncio import Redis
 
+from openrtc.agents import AgentPool
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
 from openrtc.reconciler import REDISPATCH_COOLDOWN, RoomState, needs_agent
+from openrtc.settings import LiveKitSettings
+from tests.faults import slow_api
 from tests.stack import (
     OFFLINE_AGENTS,
     HoldingRunner,
@@ -115,6 +119,68 @@ async def test_a_room_whose_agent_left_while_the_caller_stayed_gets_one_again(
         await delete_room(livekit_server, room)
 
 
+#: An agent that ends the call when the caller says goodbye (and the caller stays).
+FAREWELL_AGENT = """
+from livekit.agents import Agent, get_job_context
+
+from openrtc import agent_config
+from openrtc.offline import OfflineLLM, ToneTTS
+
+
+@agent_config(name="farewell", llm=OfflineLLM(), tts=ToneTTS(), greeting="Farewell line, hello.")
+class Farewell(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="Ends the call on goodbye.")
+
+    def llm_node(self, chat_ctx, tools, model_settings):
+        said = [m.text_content or "" for m in chat_ctx.items if getattr(m, "role", "") == "user"]
+        if said and "goodbye" in said[-1].lower():
+            get_job_context().shutdown("the caller said goodbye")
+        return Agent.default.llm_node(self, chat_ctx, tools, model_settings)
+"""
+
+
+@pytest.mark.parametrize("isolation", ["coroutine", "process"])
+async def test_a_room_whose_agent_ended_the_call_on_purpose_is_left_alone(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    tmp_path: Path,
+    isolation: str,
+) -> None:
+    (tmp_path / "farewell.py").write_text(FAREWELL_AGENT)
+    pool = AgentPool.from_directory(tmp_path)
+    ns = unique("ns")
+    room = unique("farewell-bye")
+    settings = dispatcher_settings(livekit_server, redis_server.url, ns, **FAST)
+    async with (
+        dispatching(settings, pool) as dispatcher,
+        working(
+            livekit_server, redis_server.url, ns, "farewell", pool=pool, isolation=isolation
+        ) as worker,
+    ):
+        await new_room(livekit_server, room)
+        async with caller_in(creds(livekit_server), room) as caller:
+            await caller.wait_agent(within=20)
+            await eventually(lambda: len(worker.running) == 1, "the session running")
+            await anyio.sleep(1.0)  # text typed before the session listens is dropped
+            await caller.room.local_participant.send_text("goodbye then", topic="lk.chat")
+            await eventually(lambda: worker.stats.succeeded == 1, "the agent to end the call")
+            await caller.wait_no_agent(within=20)
+            assert await redis.get(Keys(ns).ended(room)) is not None
+            # The caller stays, alone, well past the grace: passes look and leave it.
+            passes = dispatcher.stats.reconcile_passes
+            await eventually(
+                lambda: dispatcher.stats.reconcile_passes >= passes + 12,
+                "reconciler passes past the grace",
+                within=30,
+            )
+            assert dispatcher.stats.reconciled == 0
+            assert caller.agents() == []
+            assert worker.stats.started == 1
+        await delete_room(livekit_server, room)
+
+
 async def test_a_room_whose_job_is_queued_is_not_dispatched_twice(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:
@@ -160,6 +226,33 @@ async def test_only_one_of_two_dispatchers_reconciles_and_the_other_takes_over(
         leader.request_stop()  # releases the lease: the other takes it at its next look
         await eventually(lambda: other.stats.reconcile_passes >= 1, "the other to take over")
         assert other.stats.reconcile_leader == 1
+
+
+async def test_a_pass_longer_than_the_lease_keeps_it_and_no_second_leader_runs(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    # The lease is 2 s (FAST: 3 x 0.3 s, at least 2 s); each LiveKit API call
+    # of the leader takes 3 s, so one pass lasts at least twice the lease.
+    async with slow_api(livekit_server.port, 3.0) as proxy:
+        slow = LiveKitSettings(proxy.url, livekit_server.api_key, livekit_server.api_secret)
+        async with dispatching(dispatcher_settings(slow, redis_server.url, ns, **FAST)) as leader:
+            await eventually(lambda: leader.stats.reconcile_leader == 1, "the lease taken")
+            async with reconciling(livekit_server, redis_server.url, ns) as other:
+                passes: list[int] = []
+
+                async def passes_while_the_other_looks() -> bool:
+                    assert other.stats.reconcile_passes == 0, "a second leader ran a pass"
+                    assert other.stats.reconcile_leader == 0
+                    passes.append(leader.stats.reconcile_passes)
+                    return leader.stats.reconcile_passes >= 2
+
+                await eventually(
+                    passes_while_the_other_looks, "two slow passes of the leader", within=60
+                )
+                assert leader.stats.reconcile_leader == 1
+                assert leader.stats.reconcile_errors == 0
+                assert proxy.requests_delayed >= 2
 
 
 def dispatcher_process(livekit: LiveKitServer, redis_url: str, ns: str) -> subprocess.Popen[str]:
@@ -236,3 +329,40 @@ async def test_two_dispatchers_one_killed_mid_run_no_call_lost(
             other.kill()
         for room in rooms:
             await delete_room(livekit_server, room)
+
+
+async def test_of_two_jobs_of_our_agent_in_one_room_the_later_leaves(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    room = unique("dental-twice")
+    settings = dispatcher_settings(livekit_server, redis_server.url, ns, reconcile_interval=0)
+    async with (
+        dispatching(settings),
+        working(livekit_server, redis_server.url, ns, "dental") as worker,
+    ):
+        # No caller yet: the second job's room check sees fewer than two
+        # participants and joins, as two jobs dispatched at the same moment
+        # (two reconcilers at once) both do.
+        await new_room(livekit_server, room)
+        await eventually(lambda: len(worker.running) == 1, "the first job's session", within=20)
+        first = worker.running[0].accept.identity
+        async with api.LiveKitAPI(
+            livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
+        ) as lk:
+            await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name="", room=room)
+            )
+        await eventually(lambda: worker.stats.started == 2, "the second job's session", within=20)
+        await eventually(
+            lambda: worker.stats.succeeded == 1 and len(worker.running) == 1,
+            "one of the two to leave",
+            within=20,
+        )
+        # The earlier job's agent stays, alone.
+        assert worker.running[0].accept.identity == first
+        async with caller_in(creds(livekit_server), room) as caller:
+            agent = await caller.wait_agent(within=20)
+            assert agent.identity == first
+            assert len(caller.agents()) == 1
+        await delete_room(livekit_server, room)

@@ -17,6 +17,7 @@ from livekit.protocol.models import Room
 
 from openrtc.messages import (
     AGENT_ATTRIBUTE,
+    QUEUED_AT_ATTRIBUTE,
     ROOM_CREATED_ATTRIBUTE,
     JobMessage,
     accept_arguments,
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.unit
 OLD_ROOM, NEW_ROOM = ("RM_old", 1_700_000_000_000), ("RM_new", 1_700_000_042_000)
 
 
-def message(job_id: str, room: tuple[str, int], agent: str = "dental") -> JobMessage:
+def message(
+    job_id: str, room: tuple[str, int], agent: str = "dental", queued_ms: int = 0
+) -> JobMessage:
     sid, created_ms = room
     job = Job(id=job_id, room=Room(sid=sid, name="call-1", creation_time_ms=created_ms))
     return JobMessage(
@@ -41,20 +44,27 @@ def message(job_id: str, room: tuple[str, int], agent: str = "dental") -> JobMes
         dispatcher_id="d1",
         received_at=0.0,
         routed_at=0.0,
+        queued_at=queued_ms / 1000,
     )
 
 
 def agent(
-    job_id: str, room: tuple[str, int] | None, name: str = "dental"
+    job_id: str, room: tuple[str, int] | None, name: str = "dental", queued_ms: int = 0
 ) -> tuple[str, dict[str, str]]:
     attributes = {AGENT_ATTRIBUTE: name}
     if room is not None:
         attributes[ROOM_CREATED_ATTRIBUTE] = str(room[1])
+    if queued_ms:
+        attributes[QUEUED_AT_ATTRIBUTE] = str(queued_ms)
     return agent_identity(job_id), attributes
 
 
 OLD = message("AJ_old", OLD_ROOM)
 NEW = message("AJ_new", NEW_ROOM)
+#: Two jobs of one agent for one room (dispatched twice), queued 2 s apart.
+FIRST = message("AJ_first", OLD_ROOM, queued_ms=1_700_000_001_000)
+SECOND = message("AJ_second", OLD_ROOM, queued_ms=1_700_000_003_000)
+TIE = message("AJ_tie", OLD_ROOM, queued_ms=1_700_000_001_000)
 
 
 @pytest.mark.parametrize(
@@ -85,8 +95,45 @@ NEW = message("AJ_new", NEW_ROOM)
         (OLD, "RM_new", [agent("AJ_old", OLD_ROOM)], ""),
         (OLD, "RM_new", [agent("AJ_new", NEW_ROOM, name="restaurant")], ""),
         (OLD, "RM_new", [("caller", {})], ""),
-        # Another job of my agent in the same room (a second dispatch): stay.
+        # Another job of my agent in the same room, neither queued time known
+        # (older workers): stay.
         (OLD, "RM_old", [agent("AJ_twin", OLD_ROOM)], ""),
+        # Two jobs of my agent in one room (dispatched twice): the later leaves,
+        # whichever sees the other first, and the earlier stays.
+        (
+            SECOND,
+            "RM_old",
+            [agent("AJ_first", OLD_ROOM, queued_ms=1_700_000_001_000)],
+            "agent-AJ_first",
+        ),
+        (SECOND, "", [agent("AJ_first", OLD_ROOM, queued_ms=1_700_000_001_000)], "agent-AJ_first"),
+        (
+            SECOND,
+            "RM_old",
+            [agent("AJ_first", None, queued_ms=1_700_000_001_000)],
+            "agent-AJ_first",
+        ),
+        (FIRST, "RM_old", [agent("AJ_second", OLD_ROOM, queued_ms=1_700_000_003_000)], ""),
+        (FIRST, "RM_old", [agent("AJ_second", None, queued_ms=1_700_000_003_000)], ""),
+        # Queued in the same ms: the job id decides, the same way on both sides.
+        (
+            TIE,
+            "RM_old",
+            [agent("AJ_first", OLD_ROOM, queued_ms=1_700_000_001_000)],
+            "agent-AJ_first",
+        ),
+        (FIRST, "RM_old", [agent("AJ_tie", OLD_ROOM, queued_ms=1_700_000_001_000)], ""),
+        # One side's time unknown (an older worker): nobody leaves on it.
+        (SECOND, "RM_old", [agent("AJ_first", OLD_ROOM)], ""),
+        (OLD, "RM_old", [agent("AJ_first", OLD_ROOM, queued_ms=1_700_000_001_000)], ""),
+        # A newer room still beats an earlier queued time: the older room's agent leaves.
+        (FIRST, "RM_old", [agent("AJ_new", NEW_ROOM, queued_ms=1_700_000_050_000)], "agent-AJ_new"),
+        (
+            message("AJ_new", NEW_ROOM, queued_ms=1_700_000_050_000),
+            "RM_new",
+            [agent("AJ_first", OLD_ROOM, queued_ms=1_700_000_001_000)],
+            "",
+        ),
         # An agent without the attribute (an older worker): the room's sid decides.
         (OLD, "RM_old", [agent("AJ_new", None)], ""),
         (OLD, "", [agent("AJ_new", None)], ""),
