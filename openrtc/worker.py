@@ -872,6 +872,12 @@ class Worker:
         )
         if claim.start is Start.CONTESTED and not await self._contest(claim, message):
             return False
+        if self._draining and claim.start is Start.CONTESTED:
+            # Not released: a copy under a new id would be one the call's
+            # worker cannot tell from its own. Left unrenewed, it is deleted
+            # by that worker's write-back, or reclaimed after a lease.
+            claim.settled = True
+            return False
         if self._draining:
             await self._release(claim, message)
             return False

@@ -20,9 +20,9 @@ from redis.asyncio import Redis
 
 from openrtc.caller import caller_in
 from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
+from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.membership import live_members
-from openrtc.streams import StreamStore, connect_redis
+from openrtc.streams import JobConsumer, StreamStore, connect_redis
 from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_resume import (
     GREETING,
@@ -54,6 +54,73 @@ def restart(server: RedisServer) -> None:
     """Stop and start again: the server loads the last ``SAVE`` (and nothing after it)."""
     server.stop()
     server.start()
+
+
+async def test_renewal_tells_a_stray_read_of_our_entry_from_a_successor(
+    livekit_server: LiveKitServer, redis: Redis
+) -> None:
+    """RENEW, WRITE_BACK and START against a real Redis, state by state."""
+    keys = Keys(unique("ns"))
+    store = StreamStore(redis, keys)
+    await store.ensure_group("dental")
+    stream = keys.jobs("dental")
+    room = await new_room(livekit_server, unique("dental-renew"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    job = message.job_id
+    live, stray = JobConsumer(store, "dental", "w-live"), JobConsumer(store, "dental", "w-peer")
+    await store.enqueue([message])
+    [mine] = await live.read(1, 100)
+    assert await live.start(mine.entry_id, job)
+    # Redis comes back from a snapshot taken before the read: the entry is
+    # unread, the record says queued; a peer reads it as new.
+    await redis.xgroup_destroy(stream, WORKERS_GROUP)
+    await redis.hset(keys.job("dental", job), mapping={"state": "queued"})
+    await redis.hdel(keys.job("dental", job), "worker")
+    await store.ensure_group("dental")
+    [theirs] = await stray.read(1, 100)
+    assert theirs.entry_id == mine.entry_id
+    assert theirs.deliveries == 1
+    renewal = await live.renew({mine.entry_id: job})
+    assert (renewal.lost, renewal.forgotten) == ([], [mine.entry_id])
+    # The live worker writes the call back: one entry, pending on it; the
+    # stray reader's claim is gone, and it may not start the call.
+    new = await live.write_back(job, mine.fields, forgotten=mine.entry_id)
+    assert await job_entries(redis, stream, job) == [new]
+    assert await pending_on(redis, stream, "w-live") == [new]
+    assert not await stray.start(theirs.entry_id, job)
+    assert (await stray.renew({theirs.entry_id: job})).lost == [theirs.entry_id]
+    # A successor (it marked the job its own) is never written back over.
+    await redis.xclaim(stream, WORKERS_GROUP, "w-peer", 0, [new])
+    assert await stray.start(new, job)
+    assert (await live.renew({new: job})).lost == [new]
+
+
+async def test_a_released_entry_is_present_moved_or_forgotten(
+    livekit_server: LiveKitServer, redis: Redis
+) -> None:
+    keys = Keys(unique("ns"))
+    store = StreamStore(redis, keys)
+    await store.ensure_group("dental")
+    room = await new_room(livekit_server, unique("dental-released"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    job = message.job_id
+    old, peer = JobConsumer(store, "dental", "w-old"), JobConsumer(store, "dental", "w-new")
+    await store.enqueue([message])
+    [held] = await old.read(1, 100)
+    assert await old.start(held.entry_id, job)
+    released = await old.release(held.entry_id, job, handover=True)
+    assert released is not None
+    assert await old.released(released, job) == "present"
+    [read] = await peer.read(1, 100)
+    assert await old.released(released, job) == "present"
+    # Redis loses the read and the entry (a failover): nobody has the call.
+    await redis.xack(keys.jobs("dental"), WORKERS_GROUP, read.entry_id)
+    await redis.xdel(keys.jobs("dental"), read.entry_id)
+    assert await old.released(released, job) == "forgotten"
+    # The peer had started it: its call, gone from the stream when it ended.
+    assert not await peer.start(read.entry_id, job)
+    await redis.hset(keys.job("dental", job), "worker", "w-new")
+    assert await old.released(released, job) == "moved"
 
 
 async def test_a_written_back_call_keeps_one_entry(
