@@ -36,7 +36,7 @@ from tests.test_worker_faults import pending_on
 
 pytestmark = pytest.mark.anyio
 
-BUDGET = 150.0
+BUDGET = 240.0
 RECALL = "what did I say first?"
 ANSWER = f"You first said: {THREE_THINGS[0]}"
 
@@ -211,7 +211,8 @@ async def test_a_peer_reading_a_restored_entry_does_not_displace_the_live_sessio
                 )
                 transcript = await stack.enter_async_context(transcribing(caller))
                 first = worker_process(livekit_server, server.url, ns, "--lease", str(lease))
-                original = await caller.wait_agent(within=30)
+                # A worker process imports for 20 s and more on a loaded 2-core machine.
+                original = await caller.wait_agent(within=90)
                 await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
                 await three_things_said(
                     transcript, redis, keys.checkpoint("dental", message.job_id)
