@@ -832,6 +832,14 @@ class Worker:
                 )
         else:
             message = None
+        room: str | None = None
+        if verdict.reason is DeadReason.EXPIRED and message is not None:
+            # Old, yet maybe not waiting: restored by a Redis that lost the
+            # read of a worker serving it (a snapshot taken before the read).
+            async with self._room_checks:
+                room = await self._check_room(message)
+            if room == OURS_IN_ROOM:
+                verdict = Verdict(Action.START)
         if verdict.action is Action.DEAD_LETTER:
             assert verdict.reason is not None
             if (
@@ -856,8 +864,9 @@ class Worker:
             return False
         # Concurrently with the rest of the batch, each bounded: a slow LiveKit
         # API delays calls, it does not let their leases lapse.
-        async with self._room_checks:
-            room = await self._check_room(message)
+        if room is None:
+            async with self._room_checks:
+                room = await self._check_room(message)
         if claim.lost:
             logger.warning(
                 "job %s: another worker took the entry while its room was checked; not joining",
