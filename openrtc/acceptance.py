@@ -22,6 +22,11 @@ rules, in order:
 A job whose record says it ran already (``state == running``) is a takeover:
 rules 4 and 5 do not apply to it.
 
+An ``expired`` verdict is not final: the worker first checks the room, and a
+job whose own agent is there already is no late start but a call Redis gave
+out again (restored from a snapshot taken before its read): it starts,
+contested.
+
 How a started job starts is :func:`start_kind`'s: fresh (greeting), a
 takeover (from its checkpoint), or contested: a first delivery of a call that
 already runs (Redis lost a worker's read and gave the entry to this one).
