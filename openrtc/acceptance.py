@@ -21,6 +21,15 @@ rules, in order:
 
 A job whose record says it ran already (``state == running``) is a takeover:
 rules 4 and 5 do not apply to it.
+
+An ``expired`` verdict is not final: the worker first checks the room, and a
+job whose own agent is there already is no late start but a call Redis gave
+out again (restored from a snapshot taken before its read): it starts,
+contested.
+
+How a started job starts is :func:`start_kind`'s: fresh (greeting), a
+takeover (from its checkpoint), or contested: a first delivery of a call that
+already runs (Redis lost a worker's read and gave the entry to this one).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from enum import StrEnum
 from openrtc.messages import DeadReason, JobMessage, MalformedEntry
 from openrtc.settings import WorkerSettings
 
-__all__ = ["Action", "Verdict", "judge", "small_count", "waited"]
+__all__ = ["Action", "Start", "Verdict", "judge", "small_count", "start_kind", "waited"]
 
 
 class Action(StrEnum):
@@ -134,3 +143,34 @@ def judge(
             f"waited {age:.1f}s for a worker (limit {settings.max_queue_age:.0f}s)",
         )
     return Verdict(Action.START)
+
+
+class Start(StrEnum):
+    """How a session starts a job the worker decided to start."""
+
+    #: A new call: the agent greets.
+    FRESH = "fresh"
+    #: The call ran elsewhere and that worker is gone (a lease lapsed, its
+    #: process died) or handed it over: resume from the checkpoint, at once.
+    TAKEOVER = "takeover"
+    #: Delivered for the first time, yet the call runs (its record says so, or
+    #: the job's agent is in the room): Redis lost the read of a worker that may
+    #: still serve it. Wait a lease for that worker to claim the entry back
+    #: (:data:`openrtc.scripts.RENEW`); only then take it over, never greeting.
+    CONTESTED = "contested"
+
+
+def start_kind(deliveries: int, handover: bool, record_running: bool, agent_in_room: bool) -> Start:
+    """How to start a job delivered ``deliveries`` times.
+
+    Args:
+        deliveries: how often the entry has been delivered, this time included.
+        handover: the entry was released by a draining worker for a peer.
+        record_running: the job's record says a session started it.
+        agent_in_room: a participant with the job's own identity is in the room.
+    """
+    if deliveries > 1 or handover:
+        return Start.TAKEOVER
+    if record_running or agent_in_room:
+        return Start.CONTESTED
+    return Start.FRESH

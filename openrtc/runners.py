@@ -469,6 +469,7 @@ class ProcessRunner:
                             "checkpoint_max_bytes": control.checkpoint_max_bytes,
                             "checkpointing": control.checkpoint is not None,
                             "handover": control.handover,
+                            "greeted": control.greeted,
                             "fields": {
                                 k.decode(): base64.b64encode(v).decode()
                                 for k, v in message.encode().items()
@@ -483,9 +484,12 @@ class ProcessRunner:
                         await child.send(stop)
 
                 async def forward_handover() -> None:
-                    await control.wait_handover_asked()
-                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        await child.send({"handover": True})
+                    while True:  # asked again when Redis lost the handed-over entry
+                        await control.wait_handover_asked()
+                        with contextlib.suppress(
+                            anyio.BrokenResourceError, anyio.ClosedResourceError
+                        ):
+                            await child.send({"handover": True})
 
                 tg.start_soon(forward_stop)
                 tg.start_soon(forward_handover)

@@ -66,9 +66,12 @@ return {{1, id}}
 # resets the idle time without counting a delivery). Returns {lost, forgotten}:
 # - lost: another worker owns the entry now, or its record says the job moved
 #   on (another worker ran it, or it is done): this worker must step aside.
-# - forgotten: nobody owns the entry and the record does not say it moved on:
-#   Redis lost it (a restart without persistence, a failover that dropped the
-#   last writes). The call is still ours; the worker writes it back.
+# - forgotten: Redis lost this worker's read (a restart without persistence
+#   or from a snapshot taken before the read, a failover that dropped the last
+#   writes): nobody owns the entry and the record does not say it moved on, or
+#   another worker read the restored entry as new (delivery 1) and has not
+#   started it (the record does not name it: START). The call is still ours;
+#   the worker writes it back, deleting the stray copy.
 RENEW: Final = """
 local lost, forgotten = {}, {}
 for i = 3, #ARGV do
@@ -77,11 +80,15 @@ for i = 3, #ARGV do
   local owner = ok and p[1] and p[1][2] or false
   if owner == ARGV[2] then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-  elseif owner then
-    table.insert(lost, id)
   else
     local rec = redis.call('HMGET', KEYS[i - 1], 'worker', 'state')
-    if (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then
+    if owner then
+      if p[1][4] == 1 and rec[1] ~= owner then
+        table.insert(forgotten, id)
+      else
+        table.insert(lost, id)
+      end
+    elseif (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then
       table.insert(lost, id)
     else
       table.insert(forgotten, id)
@@ -91,16 +98,50 @@ end
 return {lost, forgotten}
 """
 
-# KEYS: job stream, job record. ARGV: group, consumer, record ttl (s), then the
-# entry's field/value pairs. Writes a call Redis forgot back as an entry pending
-# on this consumer, so a later crash of this worker is still recovered by a
-# peer. The entry must not also be delivered as new: the group's last-delivered
-# id is moved onto it, and the entries that were waiting behind the old
-# position are re-added after it (same fields, same order), so they are still
-# delivered exactly once. Returns the new entry id.
+# KEYS: job stream, job record. ARGV: group, consumer, entry id, record ttl
+# (s), then the record's field/value pairs. The last step before a session
+# joins its room: marks the job running on this consumer, only while the
+# entry is pending on it. Returns 1 when marked, 0 when the entry is not ours
+# (a live worker wrote the call back meanwhile: RENEW): then nobody joins.
+# A worker whose read Redis forgot tells a stray reader (record not naming it)
+# from a successor (named) by this mark.
+START: Final = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[2], 'state', 'running', 'worker', ARGV[2], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# KEYS: job stream, job record. ARGV: group, consumer, entry id. Where an entry
+# this worker released for a handover is now: 'present' (waiting, or read by
+# a peer), 'moved' (gone, and the record names another worker or says done:
+# the peer ran it), or 'forgotten' (gone, and nobody took it over: Redis lost
+# it; the releasing worker writes the call back as its own).
+RELEASED: Final = """
+if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) > 0 then return 'present' end
+local rec = redis.call('HMGET', KEYS[2], 'worker', 'state')
+if (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then return 'moved' end
+return 'forgotten'
+"""
+
+# KEYS: job stream, job record. ARGV: group, consumer, record ttl (s), the
+# forgotten entry id (or ''), then the entry's field/value pairs. Writes a call
+# Redis forgot back as an entry pending on this consumer, so a later crash of
+# this worker is still recovered by a peer. The forgotten entry, if Redis still
+# has it (restored unread, or read again by a peer that has not started it),
+# is deleted first: a job never has two live entries. The new entry must not
+# also be delivered as new: the group's last-delivered id is moved onto it,
+# and the entries that were waiting behind the old position are re-added after
+# it (same fields, same order), so they are still delivered exactly once.
+# Returns the new entry id.
 WRITE_BACK: Final = """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+if ARGV[4] ~= '' then
+  redis.call('XACK', stream, group, ARGV[4])
+  redis.call('XDEL', stream, ARGV[4])
+end
 local last = '0-0'
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
   local g = {}
@@ -109,7 +150,7 @@ for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
 end
 local waiting = redis.call('XRANGE', stream, '(' .. last, '+')
 if last == '0-0' then waiting = redis.call('XRANGE', stream, '-', '+') end
-local id = redis.call('XADD', stream, '*', unpack(ARGV, 4))
+local id = redis.call('XADD', stream, '*', unpack(ARGV, 5))
 redis.call('XCLAIM', stream, group, consumer, 0, id, 'FORCE', 'JUSTID')
 for _, e in ipairs(waiting) do
   redis.call('XADD', stream, '*', unpack(e[2]))
@@ -457,7 +498,9 @@ class Scripts:
     crashed: AsyncScript
     redeliver: AsyncScript
     write_back: AsyncScript
+    start: AsyncScript
     release: AsyncScript
+    released: AsyncScript
     forget_consumers: AsyncScript
     leave_group: AsyncScript
     replay: AsyncScript
@@ -485,7 +528,9 @@ def register(redis: Redis) -> Scripts:
         crashed=redis.register_script(CRASHED),
         redeliver=redis.register_script(REDELIVER),
         write_back=redis.register_script(WRITE_BACK),
+        start=redis.register_script(START),
         release=redis.register_script(RELEASE),
+        released=redis.register_script(RELEASED),
         forget_consumers=redis.register_script(FORGET_CONSUMERS),
         leave_group=redis.register_script(LEAVE_GROUP),
         replay=redis.register_script(REPLAY),

@@ -123,6 +123,9 @@ class SessionControl:
     #: This session takes its call over from a draining worker (a handover):
     #: it resumes from ``resume`` without the agent's resume line.
     handover: bool = False
+    #: The caller was greeted by an earlier session of the call, whatever the
+    #: checkpoint says (one Redis lost): the agent does not greet again.
+    greeted: bool = False
     #: Set by the session once it is at a turn boundary after :meth:`ask_handover`
     #: and its last checkpoint was offered: the call can go to a peer now.
     handover_ready: anyio.Event = field(default_factory=anyio.Event)
@@ -136,11 +139,19 @@ class SessionControl:
             self._stop.set()
 
     def ask_handover(self) -> None:
-        """Ask the session for a turn boundary and its last checkpoint (see ``handover_ready``)."""
+        """Ask the session for a turn boundary and its last checkpoint (see ``handover_ready``).
+
+        May be asked again after a handover that went nowhere (Redis lost the
+        released entry): ``handover_ready`` is then a new event.
+        """
+        if self.handover_ready.is_set():
+            self.handover_ready = anyio.Event()
         self._handover_asked.set()
 
     async def wait_handover_asked(self) -> None:
+        """Until a handover is asked; each ask is answered once."""
         await self._handover_asked.wait()
+        self._handover_asked = anyio.Event()
 
     @property
     def stopping(self) -> bool:
@@ -362,7 +373,7 @@ async def _run_session(
             await ctx.connect()
             control.joined.set()
             await session.start(agent=agent, room=room)
-            greeted = saved is not None and saved.greeted
+            greeted = control.greeted or (saved is not None and saved.greeted)
             if saving is not None:
                 saving.greeted = greeted
             if saved is not None and config.resume_line and not control.handover:
@@ -402,7 +413,6 @@ async def _run_session(
                         await anyio.sleep(ROOM_SID_POLL)
 
             async def get_ready_for_a_handover() -> None:
-                await control.wait_handover_asked()
                 assert session is not None
                 turn = [anyio.Event()]
 
@@ -411,16 +421,18 @@ async def _run_session(
 
                 session.on("agent_state_changed", _on_state)
                 session.on("user_state_changed", _on_state)
-                with anyio.move_on_after(HANDOVER_TURN_WAIT):
-                    # Between turns, so the peer's checkpoint has the whole last one.
-                    while True:
-                        turn[0] = anyio.Event()
-                        if _between_turns(session):
-                            break
-                        await turn[0].wait()
-                if saving is not None:
-                    saving.offer_now()
-                control.handover_ready.set()
+                while True:  # asked again when Redis lost the handed-over entry
+                    await control.wait_handover_asked()
+                    with anyio.move_on_after(HANDOVER_TURN_WAIT):
+                        # Between turns, so the peer's checkpoint has the whole last one.
+                        while True:
+                            turn[0] = anyio.Event()
+                            if _between_turns(session):
+                                break
+                            await turn[0].wait()
+                    if saving is not None:
+                        saving.offer_now()
+                    control.handover_ready.set()
 
             tg.start_soon(stop_when_told)
             tg.start_soon(leave_a_replaced_room)

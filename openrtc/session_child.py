@@ -79,6 +79,7 @@ async def _serve(config: Any, proc: Any) -> int:
     if job.get("checkpointing"):
         control.checkpoint = lambda data: _emit({"checkpoint": data.decode()})
     control.handover = bool(job.get("handover"))
+    control.greeted = bool(job.get("greeted"))
 
     async with anyio.create_task_group() as tg:
 
@@ -93,18 +94,19 @@ async def _serve(config: Any, proc: Any) -> int:
                     control.stop(command["stop"], takeover=bool(command.get("takeover")))
                 elif command.get("handover"):
                     control.ask_handover()
+                    # Each ask is answered (again after a handover that went nowhere).
+                    tg.start_soon(report_handover_ready, control.handover_ready)
 
         async def report_joined() -> None:
             await control.joined.wait()
             _emit({"joined": True})
 
-        async def report_handover_ready() -> None:
-            await control.handover_ready.wait()
+        async def report_handover_ready(ready: anyio.Event) -> None:
+            await ready.wait()
             _emit({"handover_ready": True})
 
         tg.start_soon(watch_stdin)
         tg.start_soon(report_joined)
-        tg.start_soon(report_handover_ready)
         outcome = await run_session(
             message, config, access, proc, control, worker_id=job["worker_id"]
         )

@@ -506,11 +506,16 @@ class JobConsumer:
         )
         return Renewal([_text(x) for x in lost], [_text(x) for x in forgotten])
 
-    async def write_back(self, job_id: str, fields: Mapping[bytes, bytes]) -> str:
+    async def write_back(
+        self, job_id: str, fields: Mapping[bytes, bytes], *, forgotten: str = ""
+    ) -> str:
         """Re-create a running call's entry (pending on this consumer) and record.
 
         For a call Redis forgot: without it a later crash of this worker would
-        leave the call with nobody to take it over. Returns the new entry id.
+        leave the call with nobody to take it over. ``forgotten``: the entry id
+        Redis forgot this worker held; deleted if Redis still has it (restored
+        unread, or read by a peer that has not started it), so the job keeps
+        one entry. Returns the new entry id.
         """
         flat: list[bytes] = []
         for key, value in fields.items():
@@ -518,9 +523,32 @@ class JobConsumer:
             flat.append(value)
         entry_id = await self._scripts.write_back(
             keys=[self.stream, self.store.keys.job(self.agent, job_id)],
-            args=[WORKERS_GROUP, self.consumer, self.store.dedup_ttl, *flat],
+            args=[WORKERS_GROUP, self.consumer, self.store.dedup_ttl, forgotten, *flat],
         )
         return _text(entry_id)
+
+    async def start(self, entry_id: str, job_id: str, **fields: str | int | float) -> bool:
+        """Mark the job running here, if its entry is still pending on this consumer.
+
+        The last step before joining: ``False`` means another worker has the
+        call (a live worker wrote back the entry this one read as new).
+        """
+        flat: list[Any] = [part for pair in fields.items() for part in pair]
+        marked = await self._scripts.start(
+            keys=[self.stream, self.store.keys.job(self.agent, job_id)],
+            args=[WORKERS_GROUP, self.consumer, entry_id, self.store.dedup_ttl, *flat],
+        )
+        return bool(marked)
+
+    async def released(
+        self, entry_id: str, job_id: str
+    ) -> Literal["present", "moved", "forgotten"]:
+        """Where an entry released for a handover is now (:data:`openrtc.scripts.RELEASED`)."""
+        where = await self._scripts.released(
+            keys=[self.stream, self.store.keys.job(self.agent, job_id)],
+            args=[WORKERS_GROUP, self.consumer, entry_id],
+        )
+        return cast(Literal["present", "moved", "forgotten"], _text(where))
 
     async def release(self, entry_id: str, job_id: str, *, handover: bool = False) -> str | None:
         """Give an entry this worker holds back as a waiting one; ``None`` if not ours.

@@ -42,7 +42,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from openrtc import tracing
-from openrtc.acceptance import Action, Verdict, judge
+from openrtc.acceptance import Action, Start, Verdict, judge, start_kind
 from openrtc.agents import AgentPool
 from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
@@ -97,6 +97,8 @@ HANDOVER_RECHECK: Final = 2.0
 #: later, and the caller hears the gap.
 HANDOVER_CONCURRENCY: Final = 2
 HANDOVER_JOIN_WAIT: Final = 5.0
+#: A room check's answer: live, with the job's own agent in it already.
+OURS_IN_ROOM: Final = "ours"
 
 
 @dataclass(slots=True)
@@ -129,6 +131,15 @@ class _Claim:
     #: Its running call was handed to a peer (a drain): no more checkpoints,
     #: they would overwrite the successor's.
     handed_over: bool = False
+    #: The entry it was released as, for a peer (a handover): watched until
+    #: the peer has joined; written back as ours if Redis loses it first.
+    released: str = ""
+    #: A handover of its call is under way (the drain asked for one).
+    asked: bool = False
+    #: How its session starts (openrtc.acceptance.start_kind).
+    start: Start = Start.FRESH
+    #: Set with ``lost`` by the lease (a contested start waits for it).
+    lost_event: anyio.Event = field(default_factory=anyio.Event)
     #: The session's checkpoint writer, when it keeps checkpoints.
     writer: CheckpointWriter | None = None
     #: Set when the worker forgets it (its session, if any, is over).
@@ -420,7 +431,6 @@ class Worker:
         starts after the SIGTERM (a rollout without surge) still takes the
         calls, and one that is full now may have room later.
         """
-        asked: set[str] = set()
         limiter = anyio.CapacityLimiter(HANDOVER_CONCURRENCY)
         while True:
             waiting = [
@@ -428,15 +438,13 @@ class Worker:
                 for c in self._claims.values()
                 if c.control is not None
                 and c.message is not None
-                and c.message.job_id not in asked
+                and not c.asked
                 and not (c.settled or c.lost or c.control.stopping)
             ]
             if waiting:
                 # Calls being handed over, or handed over with the peer not
                 # joined yet, hold a slot there already (their entries unread).
-                in_flight = sum(
-                    1 for c in self._claims.values() if c.message and c.message.job_id in asked
-                )
+                in_flight = sum(1 for c in self._claims.values() if c.asked)
                 free = max(0, await self._peer_slots() - in_flight)
                 if free:
                     logger.info(
@@ -446,8 +454,7 @@ class Worker:
                         free,
                     )
                 for claim in waiting[:free]:
-                    assert claim.message is not None
-                    asked.add(claim.message.job_id)
+                    claim.asked = True
                     tg.start_soon(self._hand_over, claim, limiter)
             await anyio.sleep(HANDOVER_RECHECK)
 
@@ -473,10 +480,65 @@ class Worker:
 
     async def _hand_over(self, claim: _Claim, limiter: anyio.CapacityLimiter) -> None:
         async with limiter:
-            if await self._hand_over_one(claim):
-                # Paced: the next call goes once this one's peer is in.
-                with anyio.move_on_after(HANDOVER_JOIN_WAIT):
-                    await claim.dropped.wait()
+            if not await self._hand_over_one(claim):
+                return
+            # Paced: the next call goes once this one's peer is in.
+            with anyio.move_on_after(HANDOVER_JOIN_WAIT):
+                await claim.dropped.wait()
+        await self._watch_released(claim)
+
+    async def _watch_released(self, claim: _Claim) -> None:
+        """Until the peer has joined (our session ends): is the released entry still there?
+
+        Redis can lose it before a peer reads it (a restart without
+        persistence, a failover right after the release): then nobody owns
+        the call. It is written back as ours, and handed over again later.
+        """
+        message = claim.message
+        assert message is not None
+        while not claim.dropped.is_set():
+            with anyio.move_on_after(self.settings.lease / 3):
+                await claim.dropped.wait()
+            if claim.dropped.is_set() or not claim.released:
+                return
+            try:
+                with anyio.fail_after(self.settings.lease / 3):
+                    where = await self.consumer.released(claim.released, message.job_id)
+            except (*REDIS_DOWN, TimeoutError) as exc:
+                logger.warning("job %s: handed-over entry not checked (%s)", message.job_id, exc)
+                continue
+            if where == "moved":
+                return  # a peer has it; it joins, or the lease brings it back
+            if where == "forgotten" and not claim.dropped.is_set():
+                await self._take_back(claim)
+                return
+
+    async def _take_back(self, claim: _Claim) -> None:
+        """Redis lost the entry of a call this worker handed over: the call is ours again."""
+        message = claim.message
+        assert message is not None
+        released, old = claim.released, claim.entry_id
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                new = await self.consumer.write_back(
+                    message.job_id, claim.delivery.fields, forgotten=released
+                )
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            logger.warning("job %s: not taken back yet (%s)", message.job_id, exc)
+            return
+        if self._claims.get(old) is claim:
+            del self._claims[old]
+            self._claims[new] = claim
+        claim.delivery = dataclasses.replace(claim.delivery, entry_id=new)
+        claim.released = ""
+        claim.settled = claim.handed_over = claim.asked = False
+        logger.warning(
+            "job %s: Redis lost the handed-over entry %s before a peer took the call; "
+            "written back as ours (%s), handed over again when a peer has room",
+            message.job_id,
+            released,
+            new,
+        )
 
     async def _hand_over_one(self, claim: _Claim) -> bool:
         """Hand a running call to a peer: at a turn boundary, with its last checkpoint.
@@ -514,6 +576,7 @@ class Worker:
         if new_id is None:
             logger.warning("job %s: not handed over: the entry is not ours", message.job_id)
             return False
+        claim.released = new_id
         self.stats.handed_over += 1
         self.metrics.handed_over.inc()
         logger.info(
@@ -591,9 +654,15 @@ class Worker:
     def _take(self, deliveries: list[Delivery]) -> None:
         """Hold each delivered entry and check it (concurrently) into a session."""
         for delivery in deliveries:
-            if delivery.entry_id in self._claims:
+            held = self._claims.get(delivery.entry_id)
+            if held is not None:
                 # Our own entry, reclaimed because a renewal was late: the
                 # reclaim just renewed it. Never a second session for one job.
+                if delivery.deliveries == 1 and held.control is not None:
+                    # Read again as new: Redis lost our read (restored from a
+                    # snapshot); the job's record names us again.
+                    assert self._tg is not None
+                    self._tg.start_soon(self._mark_started, held)
                 continue
             if delivery.deliveries > 1:
                 self.stats.reclaimed += 1
@@ -753,6 +822,14 @@ class Worker:
                 )
         else:
             message = None
+        room: str | None = None
+        if verdict.reason is DeadReason.EXPIRED and message is not None:
+            # Old, yet maybe not waiting: restored by a Redis that lost the
+            # read of a worker serving it (a snapshot taken before the read).
+            async with self._room_checks:
+                room = await self._check_room(message)
+            if room == OURS_IN_ROOM:
+                verdict = Verdict(Action.START)
         if verdict.action is Action.DEAD_LETTER:
             assert verdict.reason is not None
             if (
@@ -777,18 +854,33 @@ class Worker:
             return False
         # Concurrently with the rest of the batch, each bounded: a slow LiveKit
         # API delays calls, it does not let their leases lapse.
-        async with self._room_checks:
-            room = await self._check_room(message)
+        if room is None:
+            async with self._room_checks:
+                room = await self._check_room(message)
         if claim.lost:
             logger.warning(
                 "job %s: another worker took the entry while its room was checked; not joining",
                 message.job_id,
             )
             return False
+        claim.start = start_kind(
+            delivery.deliveries,
+            bool(message.handover_from),
+            (record or {}).get("state") == "running",
+            room == OURS_IN_ROOM,
+        )
+        if claim.start is Start.CONTESTED and not await self._contest(claim, message):
+            return False
+        if self._draining and claim.start is Start.CONTESTED:
+            # Not released: a copy under a new id would be one the call's
+            # worker cannot tell from its own. Left unrenewed, it is deleted
+            # by that worker's write-back, or reclaimed after a lease.
+            claim.settled = True
+            return False
         if self._draining:
             await self._release(claim, message)
             return False
-        if room != "live":
+        if room not in ("live", OURS_IN_ROOM):
             if room == "gone":
                 logger.info(
                     "job %s: room %s is gone; nothing to join", message.job_id, message.room
@@ -803,8 +895,14 @@ class Worker:
             await self._finish(claim, message)
             await self._status(message, JobStatus.SUCCESS, "")
             return False
-        # Either way our joining removes the previous agent participant.
-        claim.reclaimed = delivery.deliveries > 1 or bool(message.handover_from)
+        if not await self._mark_started(claim):
+            logger.warning(
+                "job %s: its entry is no longer ours (another worker serves the call); not joining",
+                message.job_id,
+            )
+            return False
+        # Any takeover: our joining removes the previous agent participant.
+        claim.reclaimed = claim.start is not Start.FRESH
         if delivery.deliveries > 1:
             logger.warning(
                 "job %s (room %s): taking the call over (delivery %d)",
@@ -819,10 +917,62 @@ class Worker:
                 message.room,
                 message.handover_from,
             )
-        claim.control = SessionControl()
+        # Contested, with the job's agent in the room: the caller was greeted,
+        # whether or not Redis kept the checkpoint that says so.
+        contested_live = claim.start is Start.CONTESTED and room == OURS_IN_ROOM
+        claim.control = SessionControl(greeted=contested_live)
         assert self._tg is not None
         self._tg.start_soon(self._serve, claim)
         return True
+
+    async def _contest(self, claim: _Claim, message: JobMessage) -> bool:
+        """A first delivery of a call that runs: wait a lease for the worker serving it.
+
+        Redis lost that worker's read (restored from a snapshot taken before
+        it, a failover). A live worker renews within a lease, sees this
+        worker's read of the restored entry as a stray one and writes the call
+        back, deleting it (:data:`openrtc.scripts.RENEW`): this claim is then
+        lost and nobody joins. A worker that does not (dead, frozen past a
+        lease) loses the call to this one, which takes it over from the
+        checkpoint. True to go on.
+        """
+        logger.warning(
+            "job %s (room %s): delivered as new, but the call runs already (Redis lost "
+            "another worker's read?); waiting up to %.1fs for that worker before taking it over",
+            message.job_id,
+            message.room,
+            self.settings.lease,
+        )
+        with anyio.move_on_after(self.settings.lease):
+            await claim.lost_event.wait()
+        if claim.lost:
+            logger.info(
+                "job %s: the worker serving it claimed it back; not joining", message.job_id
+            )
+            return False
+        return True
+
+    async def _mark_started(self, claim: _Claim) -> bool:
+        """The job's record says it runs here (its entry still ours); False if not ours.
+
+        With Redis unreachable it is assumed ours: nobody else can take it meanwhile.
+        """
+        message = claim.message
+        assert message is not None
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                ours = await self.consumer.start(
+                    claim.entry_id,
+                    message.job_id,
+                    attempt=claim.delivery.deliveries,
+                    started_at=f"{self._clock():.6f}",
+                )
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            logger.warning("job %s: record not updated: %s", message.job_id, exc)
+            return True
+        if not ours:
+            claim.lost = True
+        return ours
 
     def _judge(
         self,
@@ -874,7 +1024,10 @@ class Worker:
         )
 
     async def _check_room(self, message: JobMessage) -> str:
-        """``live``, ``gone``, or the identity of the agent of ours already serving it.
+        """``live``, ``gone``, :data:`OURS_IN_ROOM`, or the identity of another job's agent.
+
+        :data:`OURS_IN_ROOM`: live, and the job's own agent is there already (a
+        takeover, a handover, or Redis lost the read of a worker serving it).
 
         ``gone``: the job's room (the same room, not a namesake) no longer
         exists; joining would create it again with only the agent in it,
@@ -889,11 +1042,24 @@ class Worker:
             # One client for the worker's life: a fresh one per job would pay
             # a TCP connect on every call's critical path.
             self._lkapi = api.LiveKitAPI(creds.http_url, creds.api_key, creds.api_secret)
+        lkapi = self._lkapi
+        people = api.ListParticipantsResponse()
+
+        async def list_people() -> None:
+            nonlocal people
+            # A room that is gone has nobody to list: the room listing says so.
+            with contextlib.suppress(Exception):
+                people = await lkapi.room.list_participants(
+                    api.ListParticipantsRequest(room=message.room)
+                )
+
         try:
             with anyio.fail_after(ROOM_CHECK_TIMEOUT):
-                rooms = await self._lkapi.room.list_rooms(
-                    api.ListRoomsRequest(names=[message.room])
-                )
+                async with anyio.create_task_group() as tg:
+                    # Beside the room, at once: whether the job's own agent is
+                    # there already (num_participants does not count agents).
+                    tg.start_soon(list_people)
+                    rooms = await lkapi.room.list_rooms(api.ListRoomsRequest(names=[message.room]))
                 same = [
                     r
                     for r in rooms.rooms
@@ -901,20 +1067,19 @@ class Worker:
                 ]
                 if not same:
                     return "gone"
-                if same[0].num_participants < 2:
-                    return "live"  # the caller alone: the usual case, one API call
-                people = await self._lkapi.room.list_participants(
-                    api.ListParticipantsRequest(room=message.room)
-                )
         except Exception as exc:
             logger.warning("job %s: cannot check room %s: %s", message.job_id, message.room, exc)
             return "live"
+        ours = False
         for p in people.participants:
-            if p.kind == api.ParticipantInfo.Kind.AGENT and message.is_another_job_of_my_agent(
+            if p.kind != api.ParticipantInfo.Kind.AGENT:
+                continue
+            if same[0].num_participants >= 2 and message.is_another_job_of_my_agent(
                 p.identity, p.attributes
             ):
                 return p.identity
-        return "live"
+            ours = ours or p.identity == message.accept.identity
+        return OURS_IN_ROOM if ours else "live"
 
     async def _serve(self, claim: _Claim) -> None:
         message, control = claim.message, claim.control
@@ -939,16 +1104,7 @@ class Worker:
 
             async def announce() -> None:
                 # Off the join's critical path: the session connects meanwhile.
-                try:
-                    await self.consumer.update_record(
-                        message.job_id,
-                        state="running",
-                        worker=self.settings.worker_id,
-                        attempt=claim.delivery.deliveries,
-                        started_at=f"{self._clock():.6f}",
-                    )
-                except REDIS_DOWN as exc:
-                    logger.warning("job %s: record not updated: %s", message.job_id, exc)
+                # (The record was marked before: _mark_started.)
                 await self._status(message, JobStatus.RUNNING, "")
 
             async def mark_joined() -> None:
@@ -1047,7 +1203,7 @@ class Worker:
         job_id = message.job_id
         # A handover, not a crash: the caller lost nothing, no resume line.
         control.handover = bool(message.handover_from) and claim.delivery.deliveries == 1
-        if claim.delivery.deliveries > 1 or message.handover_from:
+        if claim.start is not Start.FRESH:
             try:
                 with anyio.fail_after(self.settings.lease / 3):
                     control.resume = await self.checkpoints.load(job_id)
@@ -1072,6 +1228,10 @@ class Worker:
         return writer
 
     async def _settle(self, claim: _Claim, message: JobMessage, outcome: SessionOutcome) -> None:
+        if claim.handed_over and outcome.status == "success" and await self._released_lost(claim):
+            # The call ended here, and Redis lost the entry it was handed over
+            # as: nobody else will ever finish it.
+            claim.handed_over = False
         if outcome.status == "taken_over" or claim.handed_over:
             # Handed over, however the session ended: the peer has the job now
             # (its record, its entry, its checkpoint), and finishes it.
@@ -1116,6 +1276,17 @@ class Worker:
         """
         key, sid = self.keys.ended(message.room), message.job.room.sid or message.room
         await self._until_redis(lambda: self._redis.set(key, sid, ex=ENDED_TTL))
+
+    async def _released_lost(self, claim: _Claim) -> bool:
+        """Whether Redis lost the entry this claim's call was handed over as."""
+        if not (claim.released and claim.message):
+            return False
+        try:
+            with anyio.fail_after(self.settings.lease / 3):
+                where = await self.consumer.released(claim.released, claim.message.job_id)
+        except (*REDIS_DOWN, TimeoutError):
+            return False
+        return where == "forgotten"
 
     async def _finish(self, claim: _Claim, message: JobMessage) -> None:
         """The job is done with: acknowledge (and delete) its entry, mark its record."""
@@ -1195,6 +1366,7 @@ class Worker:
                     continue
                 self.metrics.lost.inc()
                 claim.lost = True
+                claim.lost_event.set()
                 if claim.control is not None and claim.message is not None:
                     logger.warning("job %s: lease lost to another worker", claim.message.job_id)
                     claim.control.stop("lease lost", takeover=True)
@@ -1210,7 +1382,9 @@ class Worker:
         old = claim.entry_id
         try:
             with anyio.fail_after(self.settings.lease / 3):
-                new = await self.consumer.write_back(claim.message.job_id, claim.delivery.fields)
+                new = await self.consumer.write_back(
+                    claim.message.job_id, claim.delivery.fields, forgotten=old
+                )
         except REDIS_DOWN as exc:
             logger.warning("job %s: entry not written back yet: %s", claim.message.job_id, exc)
             return

@@ -8,7 +8,7 @@ import pytest
 from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 
-from openrtc.acceptance import Action, Verdict, judge, small_count, waited
+from openrtc.acceptance import Action, Start, Verdict, judge, small_count, start_kind, waited
 from openrtc.messages import DeadReason, JobMessage, MalformedEntry, accept_arguments
 from openrtc.settings import LiveKitSettings, WorkerSettings
 
@@ -120,3 +120,24 @@ def test_the_limit_follows_the_settings() -> None:
 )
 def test_small_count(text: str, count: int) -> None:
     assert small_count(text) == count
+
+
+@pytest.mark.parametrize(
+    ("deliveries", "handover", "running", "in_room", "expected"),
+    [
+        (1, False, False, False, Start.FRESH),
+        # A lease lapsed, a process died: the old session is gone.
+        (2, False, True, True, Start.TAKEOVER),
+        (2, False, False, False, Start.TAKEOVER),
+        # A draining worker released it for a peer: its agent is still there.
+        (1, True, True, True, Start.TAKEOVER),
+        # Read as new, yet the call runs: Redis lost another worker's read.
+        (1, False, True, False, Start.CONTESTED),
+        (1, False, False, True, Start.CONTESTED),
+        (1, False, True, True, Start.CONTESTED),
+    ],
+)
+def test_how_a_job_starts(
+    deliveries: int, handover: bool, running: bool, in_room: bool, expected: Start
+) -> None:
+    assert start_kind(deliveries, handover, running, in_room) is expected
