@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 
 from openrtc.cli import app
 from openrtc.devstack import RedisServer
-from openrtc.settings import NUMBERS
+from openrtc.settings import NUMBERS, DispatcherSettings, WorkerSettings, default_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_AGENTS = REPO_ROOT / "examples" / "agents"
@@ -569,3 +570,21 @@ def test_a_service_with_a_setting_that_would_lose_calls_does_not_start(
     assert lines[0].startswith(f"error: {named}"), lines[0]
     assert completed.stdout == ""
     assert after == before  # not one connection
+
+
+@pytest.mark.parametrize(
+    ("command", "settings"), [("worker", WorkerSettings), ("dispatcher", DispatcherSettings)]
+)
+def test_the_service_commands_default_to_what_settings_py_says(
+    command: str, settings: type
+) -> None:
+    """One home per default: each option named like a settings field has its default."""
+    options = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    # --http-port: unset means the service's own port, with a fallback (see _http_port).
+    defaults = {
+        f.name for f in dataclasses.fields(settings) if f.default is not dataclasses.MISSING
+    }
+    shared = defaults & options.keys() - {"http_port"}
+    assert len(shared) >= (15 if command == "worker" else 8)
+    for name in sorted(shared):
+        assert options[name].default == default_of(settings, name), name
