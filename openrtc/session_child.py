@@ -138,8 +138,14 @@ class _StdinStream(anyio.abc.ByteReceiveStream):
         return None
 
 
-def _send(control: socket.socket, value: dict[str, Any]) -> None:
-    control.send(json.dumps(value).encode())
+def _send(control: socket.socket, value: dict[str, Any]) -> bool:
+    """Tell the worker; False when it has closed its end (it stopped, or gave up
+    waiting for us): nobody is left to tell."""
+    try:
+        control.send(json.dumps(value).encode())
+    except OSError:
+        return False
+    return True
 
 
 def _warm(agents_dir: str, agent: str) -> tuple[Any, Any]:
@@ -217,7 +223,8 @@ def _zygote(agents_dir: str, agent: str, control_fd: int) -> int:
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
-    _send(control, {"ready": True, "pid": os.getpid()})
+    if not _send(control, {"ready": True, "pid": os.getpid()}):
+        return 0
     while True:
         readable, _, _ = select.select([control.fileno(), wake_r], [], [])
         if wake_r in readable:
@@ -229,11 +236,7 @@ def _zygote(agents_dir: str, agent: str, control_fd: int) -> int:
                     break
                 if pid == 0:
                     break
-                try:
-                    _send(control, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-                except OSError:
-                    # The worker closed our socket (it stopped while a child
-                    # exited): nobody is left to tell.
+                if not _send(control, {"exit": pid, "code": os.waitstatus_to_exitcode(status)}):
                     return 0
         if control.fileno() in readable:
             try:

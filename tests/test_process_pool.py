@@ -334,3 +334,33 @@ async def test_a_zygote_whose_worker_left_while_a_child_exited_goes_quietly(
             code = await zygote.wait()
     assert "Traceback" not in stderr, stderr
     assert code == 0, stderr
+
+
+async def test_a_zygote_whose_worker_gave_up_before_it_was_ready_goes_quietly(
+    tmp_path: Path,
+) -> None:
+    """A worker that stops (or times out) while its zygote warms up closes the
+    socket first: the zygote's "ready" meets nobody. Exit 0, no traceback."""
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    (agents / "plain.py").write_text(
+        "from livekit.agents import Agent\n\n\nclass Plain(Agent):\n"
+        "    def __init__(self) -> None:\n        super().__init__(instructions='x')\n"
+    )
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = await anyio.open_process(
+        [sys.executable, "-m", "openrtc.session_child", str(agents), "plain", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+        stdin=subprocess.DEVNULL,
+        stdout=None,
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    ours.close()  # before the zygote has imported anything
+    async with zygote:
+        with anyio.fail_after(60):
+            assert zygote.stderr is not None
+            stderr = b"".join([chunk async for chunk in zygote.stderr]).decode()
+            code = await zygote.wait()
+    assert "Traceback" not in stderr, stderr
+    assert code == 0, stderr
