@@ -324,6 +324,14 @@ async def _run_session(
                 saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
             await ctx.connect()
             control.joined.set()
+            # Joining may itself show the room was replaced: a session that
+            # (re)joins after the newer room's agent is in sees no event for
+            # it. Leave before a word is said; the watcher below looks again
+            # while the room's sid may still come.
+            if successor := replaced_by():
+                finish(f"room replaced by the server; {successor} serves it now", replaced=True)
+                return SessionOutcome("success", end["reason"])
+            changed[-1].set()
             if saved is not None:
                 agent = await _restore(session, config, saved, message.job_id)
             else:
