@@ -975,6 +975,9 @@ def write_json(h: Harness, ledger: Ledger) -> None:
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
+    # Once: the livekit SDK sends one per panic, and a second one must not
+    # cut short the shutdown the first started (it would orphan the servers).
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
