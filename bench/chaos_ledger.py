@@ -181,25 +181,46 @@ class Ledger:
 
 def overlaps(rec: CallRecord) -> tuple[bool, float]:
     """From the caller's view: were two sessions of one job present at once, and
-    the longest stretch (s) with two or more agent participants present."""
+    the longest stretch (s) in which the caller could hear two or more agents.
+
+    An agent is audible from its audio publication, not its join: on a loaded
+    host a newcomer takes seconds from being announced to publishing, while
+    the agent it replaces leaves as soon as it is connected (a chaos run saw
+    4.5 s "together" of which the server had them both active 0.13 s). An
+    agent whose publication the caller never saw counts from its join.
+    """
+    first_audio: dict[str, float] = {}
+    for a in rec.audio:
+        first_audio[a.sid] = min(a.at, first_audio.get(a.sid, a.at))
     present: dict[str, str] = {}
     same_job = False
-    longest = 0.0
-    since: float | None = None
+    # (from, to) during which each agent participant was audible.
+    spans: list[tuple[float, float]] = []
+    joined: dict[str, float] = {}
     for event in sorted(rec.events, key=lambda e: e.at):
         if event.kind == "join":
             present[event.sid] = event.identity
-        else:
+            joined[event.sid] = event.at
+        elif event.kind == "leave":
             present.pop(event.sid, None)
+            if event.sid in joined:
+                start = max(joined.pop(event.sid), first_audio.get(event.sid, 0.0))
+                spans.append((start, event.at))
         identities = list(present.values())
         same_job = same_job or len(identities) != len(set(identities))
-        if len(present) > 1 and since is None:
-            since = event.at
-        elif len(present) <= 1 and since is not None:
-            longest = max(longest, event.at - since)
-            since = None
-    if since is not None:
-        longest = max(longest, (rec.hung_up_at or since) - since)
+    for sid, at in joined.items():
+        start = max(at, first_audio.get(sid, 0.0))
+        spans.append((start, max(start, rec.hung_up_at or start)))
+    edges = sorted([(a, 1) for a, b in spans if b > a] + [(b, -1) for a, b in spans if b > a])
+    longest = 0.0
+    audible = 0
+    since = 0.0
+    for t, step in edges:
+        audible += step
+        if step == 1 and audible == 2:
+            since = t
+        elif step == -1 and audible == 1:
+            longest = max(longest, t - since)
     return same_job, longest
 
 

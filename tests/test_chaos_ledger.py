@@ -322,6 +322,20 @@ def test_two_agents_in_a_server_list_fail(times: list[float], restart: Any, fail
     assert (DOUBLE_LISTED in broken(facts)) == fails
 
 
+def test_a_newcomer_is_heard_from_its_audio_not_its_join() -> None:
+    # The chaos run's case: the new job's agent announced at 12, publishing
+    # only at 16.6 (a loaded host), the old one gone at 16.5: never two heard.
+    rec = call(A, (12.0, "join", "agent-AJ_2", "PA_9"), (16.5, "leave", "agent-AJ_1", "PA_1"))
+    rec.audio.append(cl.AgentEvent(16.6, "audio", "agent-AJ_2", "PA_9"))
+    assert cl.overlaps(rec) == (False, 0.0)
+    # Both publishing: the stretch counts from the second publication.
+    rec.audio[-1].at = 12.5
+    assert cl.overlaps(rec) == (False, 4.0)
+    # A publication the caller never saw: from the join, as before.
+    rec.audio.pop()
+    assert cl.overlaps(rec) == (False, 4.5)
+
+
 def test_two_jobs_overlapping_past_the_bound_fail() -> None:
     rec = call(A, (12.0, "join", "agent-AJ_2", "PA_9"), (12.0 + 3.5, "leave", "agent-AJ_2", "PA_9"))
     assert [b for b in broken(run(rec)) if "two jobs at once" in b]
