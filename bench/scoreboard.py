@@ -15,7 +15,9 @@ anchor and goal, and each benchmark's full output under
 ``bench/results/logs/``. The figures in the docs point here instead of being
 pasted, so they never go stale: rerun the command to refresh them.
 
-Exit status: 0 when every benchmark passed its ``--check``, 1 otherwise.
+Exit status: 0 when every benchmark passed its ``--check`` and every figure
+with a goal met it; 1 otherwise, each reason printed (``failures``): a figure
+marked **MISSED** in ``latest.md`` never leaves the scoreboard green.
 """
 
 from __future__ import annotations
@@ -195,6 +197,22 @@ def run_bench(bench: Bench, args: argparse.Namespace, summary: Path, logs: Path)
     }
 
 
+def failures(runs: Sequence[dict[str, Any]], figures: Sequence[dict[str, Any]]) -> list[str]:
+    """Why this scoreboard fails (none: it passes).
+
+    A benchmark that exited non-zero, and any figure whose goal was missed,
+    whatever its benchmark's exit code said: a benchmark's ``--check`` may
+    check less than the figures it records.
+    """
+    reasons = [f"{r['bench']}: exit {r['exit']} (`{r['command']}`)" for r in runs if r["exit"] != 0]
+    reasons += [
+        f"{f['bench']}: {f['figure']} missed its goal ({f['goal'] or 'no goal text'})"
+        for f in figures
+        if f["met"] is False
+    ]
+    return reasons
+
+
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
@@ -283,7 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("\n" + text)
     print(f"written: {args.out / 'latest.md'} and latest.json")
-    return 0 if all(r["exit"] == 0 for r in runs) else 1
+    reasons = failures(runs, figures)
+    for reason in reasons:
+        print(f"FAILED {reason}")
+    return 1 if reasons else 0
 
 
 if __name__ == "__main__":

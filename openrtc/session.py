@@ -372,6 +372,14 @@ async def _run_session(
                 return SessionOutcome("failed", AGENT_NOT_BUILT, f"{type(cause).__name__}: {cause}")
             await ctx.connect()
             control.joined.set()
+            # Joining may itself show the room was replaced: a session that
+            # (re)joins after the newer room's agent is in sees no event for
+            # it. Leave before a word is said; the watcher below looks again
+            # while the room's sid may still come.
+            if successor := replaced_by():
+                finish(f"room replaced by the server; {successor} serves it now", replaced=True)
+                return SessionOutcome("success", end["reason"])
+            changed[-1].set()
             await session.start(agent=agent, room=room)
             greeted = control.greeted or (saved is not None and saved.greeted)
             if saving is not None:
