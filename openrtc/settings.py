@@ -12,11 +12,14 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
 from openrtc.keys import DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:
+    from openrtc.signing import SigningKeys
 
 NoWorkerPolicy = Literal["queue", "reject"]
 
@@ -80,6 +83,13 @@ def redact_url(url: str) -> str:
 
 
 _SECRET_OPTIONS: Final = frozenset({"password", "ssl_password"})
+
+
+def _check_signing(signing: SigningKeys | None, required: bool) -> None:
+    if required and signing is None:
+        raise ConfigError(
+            "require_signing: no signing key (set OPENRTC_SIGNING_KEY or --signing-key-file)"
+        )
 
 
 def _check_http(port: int, max_lag: float) -> None:
@@ -188,9 +198,16 @@ class DispatcherSettings:
     health_max_lag: float = 5.0
     #: Dead letters kept; the oldest are trimmed past it (approximately).
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+    #: Signs job and control entries (and, in a worker, checkpoints) and
+    #: refuses unsigned or forged ones (openrtc.signing); ``None``: off, as
+    #: before signing existed (a warning at start-up).
+    signing: SigningKeys | None = field(default=None, repr=False)
+    #: Refuse to start without ``signing``: for a Redis others can write to.
+    require_signing: bool = False
 
     def __post_init__(self) -> None:
         _check_http(self.http_port, self.health_max_lag)
+        _check_signing(self.signing, self.require_signing)
         if self.reconcile_interval < 0:
             raise ConfigError("reconcile_interval must be >= 0 (0: off)")
         if self.reconcile_grace < 0:
@@ -286,9 +303,16 @@ class WorkerSettings:
     #: Largest conversation checkpoint kept per call (bytes; the oldest turns
     #: are dropped first); 0 = no checkpoints, takeovers start afresh.
     checkpoint_max_bytes: int = 64 * 1024
+    #: Signs job and control entries (and, in a worker, checkpoints) and
+    #: refuses unsigned or forged ones (openrtc.signing); ``None``: off, as
+    #: before signing existed (a warning at start-up).
+    signing: SigningKeys | None = field(default=None, repr=False)
+    #: Refuse to start without ``signing``: for a Redis others can write to.
+    require_signing: bool = False
 
     def __post_init__(self) -> None:
         _check_http(self.http_port, self.health_max_lag)
+        _check_signing(self.signing, self.require_signing)
         if self.checkpoint_max_bytes < 0:
             raise ConfigError("checkpoint_max_bytes must be >= 0 (0 = no checkpoints)")
         if self.load_threshold is not None and not 0 < self.load_threshold <= 1:
