@@ -501,3 +501,31 @@ async def test_dlq_replay_of_a_forged_letter_signs_it_so_it_is_served(
             entries = await redis.xrange(keys.jobs("dental"))
             assert all(NEW not in v for _, f in entries for v in f.values())
             runner.end_all()
+
+
+@pytest.mark.anyio
+async def test_a_session_saves_its_checkpoints_signed_for_its_job(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    signing = SigningKeys(NEW)
+    room = await new_room(livekit_server, unique("save"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    data = Checkpoint(greeted=True, history=[]).encode(65536)
+    assert data is not None
+    runner = HoldingRunner()
+    with anyio.fail_after(TEST_BUDGET):
+        async with working(
+            livekit_server, redis_server.url, ns, "dental", runner=runner, signing=signing
+        ):
+            await StreamStore(redis, keys, signing=signing).enqueue([message])
+            await eventually(lambda: runner.controls, "the job served")
+            (control,) = runner.controls
+            assert control.checkpoint is not None
+            control.checkpoint(data)
+            key = keys.checkpoint("dental", message.job_id)
+            stored = await eventually(lambda: redis.get(key), "the checkpoint written")
+            assert open_checkpoint(signing, "dental", message.job_id, stored) == data
+            assert NEW not in stored
+            runner.end_all()
