@@ -529,3 +529,38 @@ async def test_a_session_saves_its_checkpoints_signed_for_its_job(
             assert open_checkpoint(signing, "dental", message.job_id, stored) == data
             assert NEW not in stored
             runner.end_all()
+
+
+@pytest.mark.anyio
+async def test_a_forged_termination_ends_no_call_and_a_signed_one_does(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ns = unique("ns")
+    keys = Keys(ns)
+    signing = SigningKeys(NEW)
+    room = await new_room(livekit_server, unique("terminate"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    runner = HoldingRunner()
+    with caplog.at_level(logging.INFO, logger="openrtc"), anyio.fail_after(TEST_BUDGET):
+        async with working(
+            livekit_server, redis_server.url, ns, "dental", runner=runner, signing=signing
+        ):
+            await StreamStore(redis, keys, signing=signing).enqueue([message])
+            await eventually(lambda: runner.controls, "the job served")
+            (control,) = runner.controls
+            # As LiveKit's termination would be told, but by someone without the key.
+            forged = ControlEvent(message.job_id, "livekit").encode()
+            await redis.xadd(keys.control("dental"), dict[Any, Any](forged))
+            await eventually(
+                lambda: "ignoring forged control event" in caplog.text, "the forgery ignored"
+            )
+            assert not control.stopping
+            await StreamStore(redis, keys, signing=signing).publish_termination(
+                "dental", message.job_id, "livekit"
+            )
+            with anyio.fail_after(20):
+                await control.wait_stop()
+            assert control.stop_reason == "terminated by LiveKit"
