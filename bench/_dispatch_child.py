@@ -41,6 +41,7 @@ from openrtc.agents import AgentPool
 from openrtc.dispatcher import Dispatcher
 from openrtc.messages import JobMessage
 from openrtc.settings import DispatcherSettings, LiveKitSettings
+from openrtc.signing import keys_from
 from openrtc.streams import EnqueueResult
 from openrtc.supervision import freeze_imports
 
@@ -60,6 +61,8 @@ def build(agents_dir: Path, max_backlog: int) -> Dispatcher:
         # The stand-in speaks LiveKit's /agent protocol only, not its room API:
         # the reconciler (which lists rooms) has nothing to call here.
         reconcile_interval=0,
+        # Signed as the CLI's dispatcher signs: OPENRTC_SIGNING_KEY (unsigned without).
+        signing=keys_from(os.environ),
     )
     return Dispatcher(settings, AgentPool.from_directory(agents_dir))
 

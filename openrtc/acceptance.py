@@ -10,7 +10,9 @@ rules, in order:
    it is decoded must still end up somewhere): more than ``max_deliveries``
    failed deliveries -> ``max-deliveries`` dead letter. Deliveries that moved
    a call which had been running well (the record's ``healthy``) do not count.
-2. **Malformed** -> ``malformed`` dead letter; a real job on another agent's
+2. **Forged** (signing on, and the entry unsigned or its signature wrong:
+   :mod:`openrtc.signing`) -> ``forged`` dead letter, its fields kept.
+   **Malformed** -> ``malformed`` dead letter; a real job on another agent's
    stream too (its dispatcher is told it failed).
 3. **Record unreadable** -> retry: left pending, reclaimed after a lease.
 4. **Terminated before it started** (its room closed while it waited) ->
@@ -38,7 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from openrtc.messages import DeadReason, JobMessage, MalformedEntry
+from openrtc.messages import DeadReason, ForgedEntry, JobMessage, MalformedEntry
 from openrtc.settings import WorkerSettings
 
 __all__ = ["Action", "Start", "Verdict", "judge", "small_count", "start_kind", "waited"]
@@ -117,6 +119,8 @@ def judge(
         )
     if message is None:
         return Verdict(Action.DECODE)
+    if isinstance(message, ForgedEntry):
+        return Verdict(Action.DEAD_LETTER, DeadReason.FORGED, str(message))
     if isinstance(message, MalformedEntry):
         return Verdict(Action.DEAD_LETTER, DeadReason.MALFORMED, str(message))
     if message.agent != settings.agent:

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 
 from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.messages import ForgedEntry
 from openrtc.scripts import SAVE_CHECKPOINT
 from openrtc.settings import DEFAULT_CHECKPOINT_MAX_BYTES
+from openrtc.signing import SigningKeys, open_checkpoint, seal_checkpoint
 from openrtc.supervision import backoff_delay
 
 if TYPE_CHECKING:
@@ -336,21 +338,47 @@ class Checkpoint:
 
 
 class CheckpointStore:
-    """Checkpoints in Redis, one key per job, expiring with the job's record."""
+    """Checkpoints in Redis, one key per job, expiring with the job's record.
 
-    def __init__(self, redis: Redis, keys: Keys, agent: str, ttl: float) -> None:
+    With ``signing``, each is stored signed for its agent and job
+    (:func:`openrtc.signing.seal_checkpoint`), and one that does not verify is
+    not loaded: the takeover starts afresh rather than from injected history.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        agent: str,
+        ttl: float,
+        *,
+        signing: SigningKeys | None = None,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._agent = agent
         self._ttl_ms = max(1000, int(ttl * 1000))
         self._save = redis.register_script(SAVE_CHECKPOINT)
+        self._signing = signing
 
     async def load(self, job_id: str) -> bytes | None:
-        data = await self._redis.get(self._keys.checkpoint(self._agent, job_id))
-        return data.encode() if isinstance(data, str) else data
+        """The job's checkpoint; ``None`` when there is none, or it is forged (logged)."""
+        stored = await self._redis.get(self._keys.checkpoint(self._agent, job_id))
+        if stored is None:
+            return None
+        raw = stored.encode() if isinstance(stored, str) else stored
+        try:
+            return open_checkpoint(self._signing, self._agent, job_id, raw)
+        except ForgedEntry as exc:
+            logger.warning(
+                "job %s: refusing a forged checkpoint (%s); starting afresh", job_id, exc
+            )
+            return None
 
     async def save(self, job_id: str, data: bytes, *, entry_id: str, consumer: str) -> bool:
         """Write ``data`` if the job's entry ``entry_id`` is still ``consumer``'s; else False."""
+        if self._signing is not None:
+            data = seal_checkpoint(self._signing, self._agent, job_id, data)
         written = await self._save(
             keys=[self._keys.checkpoint(self._agent, job_id), self._keys.jobs(self._agent)],
             args=[data, self._ttl_ms, WORKERS_GROUP, entry_id, consumer],

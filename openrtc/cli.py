@@ -379,6 +379,34 @@ Namespace = Annotated[
     str, typer.Option("--namespace", envvar="OPENRTC_NAMESPACE", help="Redis key namespace.")
 ]
 
+SigningKeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--signing-key-file",
+        envvar="OPENRTC_SIGNING_KEY_FILE",
+        help="File holding the key that signs entries and checkpoints (first line), and "
+        "optionally the previous key, still accepted (second line). Or set "
+        "OPENRTC_SIGNING_KEY (and OPENRTC_SIGNING_KEY_PREVIOUS).",
+        show_default=False,
+    ),
+]
+RequireSigning = Annotated[
+    bool,
+    typer.Option(
+        "--require-signing/--no-require-signing",
+        envvar="OPENRTC_REQUIRE_SIGNING",
+        help="Refuse to start without a signing key (for a Redis others can write to).",
+    ),
+]
+
+
+def _signing(key_file: Path | None) -> Any:
+    """The signing keys from the key file or the environment (``None``: unsigned)."""
+    from openrtc.signing import keys_from
+
+    return keys_from(os.environ, key_file)
+
+
 _HTTP_PORT_HELP = (
     "Port of the /healthz, /readyz and /metrics server; 0 = off. "
     "[default: {default}; if another service on this host has it, a free port, logged]"
@@ -541,6 +569,8 @@ def dispatcher(
             help="Dead letters kept; past it the oldest are trimmed (approximately).",
         ),
     ] = _dispatcher_default("dead_letter_maxlen"),
+    signing_key_file: SigningKeyFile = None,
+    require_signing: RequireSigning = _dispatcher_default("require_signing"),
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -559,6 +589,8 @@ def dispatcher(
             reconcile_grace=reconcile_grace,
             **_http_port(http_port, DEFAULT_DISPATCHER_HTTP_PORT),
             dead_letter_maxlen=dead_letter_maxlen,
+            signing=_signing(signing_key_file),
+            require_signing=require_signing,
         )
         return Dispatcher(settings, pool)
 
@@ -683,6 +715,8 @@ def worker(
             f"oldest turns dropped); 0 = no checkpoints; at most {MAX_CHECKPOINT_BYTES}.",
         ),
     ] = _worker_default("checkpoint_max_bytes"),
+    signing_key_file: SigningKeyFile = None,
+    require_signing: RequireSigning = _worker_default("require_signing"),
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings
@@ -708,6 +742,8 @@ def worker(
             **_http_port(http_port, DEFAULT_WORKER_HTTP_PORT),
             dead_letter_maxlen=dead_letter_maxlen,
             checkpoint_max_bytes=checkpoint_max_bytes,
+            signing=_signing(signing_key_file),
+            require_signing=require_signing,
         )
         return Worker(settings, pool)
 
@@ -751,6 +787,8 @@ def start(
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
     default_greeting: DefaultGreeting = None,
+    signing_key_file: SigningKeyFile = None,
+    require_signing: RequireSigning = False,
 ) -> None:
     """A dispatcher and a worker per agent in one process (openrtc 0.20.1's `start`).
 
@@ -764,6 +802,7 @@ def start(
         if len(pool) == 0:
             raise OpenRTCError("No agents are registered in the pool.")
         credentials = LiveKitSettings(livekit_url, api_key, api_secret)
+        signing = {"signing": _signing(signing_key_file), "require_signing": require_signing}
         workers = [
             WorkerSettings(
                 livekit=credentials,
@@ -772,11 +811,12 @@ def start(
                 namespace=namespace,
                 concurrency=concurrency,
                 isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
+                **signing,
             )
             for name in pool.list_agents()
         ]
         dispatcher = DispatcherSettings(
-            livekit=credentials, redis_url=redis_url, namespace=namespace
+            livekit=credentials, redis_url=redis_url, namespace=namespace, **signing
         )
         return AllInOne(dispatcher, workers, pool)
 
@@ -1202,8 +1242,13 @@ def dlq_replay(
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
     json_output: JsonFlag = False,
+    signing_key_file: SigningKeyFile = None,
 ) -> None:
-    """Put dead letters back on their agent's stream as new jobs."""
+    """Put dead letters back on their agent's stream as new jobs.
+
+    With a signing key (OPENRTC_SIGNING_KEY or --signing-key-file) each is
+    signed anew: replaying vouches for it, a `forged` letter included.
+    """
     from openrtc.agents import validate_agent_name
     from openrtc.monitor import list_dead_letters, replay_dead_letters
 
@@ -1215,6 +1260,10 @@ def dlq_replay(
         except OpenRTCError as exc:
             _fail(str(exc), 2)
     keys = _keys(namespace, redis_url)
+    try:
+        signing = _signing(signing_key_file)
+    except OpenRTCError as exc:
+        _fail(str(exc), 2)
 
     async def work(r: Any) -> list[Any]:
         letters = await list_dead_letters(
@@ -1225,7 +1274,7 @@ def dlq_replay(
             raise typer.BadParameter(
                 f"entries without an agent (unknown-agent) need --agent: {unroutable}"
             )
-        return await replay_dead_letters(r, keys, letters, agent=agent)
+        return await replay_dead_letters(r, keys, letters, agent=agent, signing=signing)
 
     try:
         results = _with_redis(redis_url, work)

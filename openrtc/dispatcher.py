@@ -69,6 +69,7 @@ from openrtc.redis_health import check_durability
 from openrtc.redis_url import is_cluster_url
 from openrtc.routing import Route, UnknownAgentError, resolve_agent
 from openrtc.settings import DispatcherSettings, redact_url
+from openrtc.signing import log_signing
 from openrtc.streams import REDIS_DOWN, EnqueueResult, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe, unwrap_group
 
@@ -172,6 +173,7 @@ class Dispatcher:
             wait_replicas=settings.wait_replicas,
             wait_timeout=settings.wait_timeout,
             dead_letter_maxlen=settings.dead_letter_maxlen,
+            signing=settings.signing,
         )
         self._socket: AgentSocket | None = None
         #: The jobs this dispatcher knows, by state.
@@ -311,6 +313,7 @@ class Dispatcher:
             self.settings.agent_name,
             self.settings.when_no_worker,
         )
+        log_signing(logger, self.settings.signing)
         try:
             # Before LiveKit: a dispatcher Redis refuses must not take calls.
             await check_redis_access(self._redis, self.settings.redis_url, logger)

@@ -65,6 +65,8 @@ TRACEPARENT_FIELD: Final = "traceparent"
 #: worker's id. The worker that reads it resumes the call from its checkpoint,
 #: as a takeover, but without a resume line (the caller lost nothing).
 HANDOVER_FIELD: Final = "handover"
+#: A job or control entry's signature (:mod:`openrtc.signing`), when signing is on.
+SIGNATURE_FIELD: Final = b"sig"
 #: A W3C ``traceparent`` of version 00's shape (55 characters).
 _TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -74,6 +76,10 @@ class MalformedEntry(ValueError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(bounded(reason))
+
+
+class ForgedEntry(MalformedEntry):
+    """An entry or checkpoint whose signature is missing or wrong (:mod:`openrtc.signing`)."""
 
 
 def bounded(text: str, limit: int = ERROR_TEXT_MAX) -> str:
@@ -529,6 +535,8 @@ class DeadReason(StrEnum):
     MALFORMED = "malformed"
     MAX_DELIVERIES = "max-deliveries"
     EXPIRED = "expired"
+    #: Unsigned, or signed by a key this worker does not hold (openrtc.signing).
+    FORGED = "forged"
 
 
 #: Fields a dead letter adds on top of the original entry's fields.
@@ -572,14 +580,15 @@ def replay_entry(letter: Fields, *, agent: str, now: float) -> dict[bytes, bytes
     agent is ``agent``, the accept arguments follow :func:`accept_arguments`
     (an ``unknown-agent`` letter has none for the new agent; an entry from an
     older version may lack them) keeping the original metadata, and
-    ``enqueued_at`` is ``now`` (else an ``expired`` letter expires again). The
+    ``enqueued_at`` is ``now`` (else an ``expired`` letter expires again), and
+    the old signature goes (the entry changed: the replay signs it anew). The
     delivery count starts afresh with the new entry, and the job's record is
     reset by the replay script (:mod:`openrtc.monitor`).
     """
     entry = {
         k: v
         for k, v in letter.items()
-        if k not in DEAD_LETTER_FIELDS and k != REQUESTED_AGENT_FIELD
+        if k not in DEAD_LETTER_FIELDS and k not in (REQUESTED_AGENT_FIELD, SIGNATURE_FIELD)
     }
     job_id = entry.get(b"job_id", b"").decode(errors="replace")
     accept = accept_arguments(job_id, agent)

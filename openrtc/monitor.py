@@ -25,6 +25,7 @@ from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.membership import live_members, redis_time
 from openrtc.messages import replay_entry
 from openrtc.settings import DEFAULT_DEDUP_TTL
+from openrtc.signing import SigningKeys, sign_job
 from openrtc.streams import StreamStore
 
 __all__ = [
@@ -347,6 +348,7 @@ async def replay_dead_letters(
     *,
     agent: str | None = None,
     dedup_ttl: float = DEFAULT_DEDUP_TTL,
+    signing: SigningKeys | None = None,
 ) -> list[Replay]:
     """Put dead letters back on their agent's stream (or ``agent``'s), as new jobs.
 
@@ -356,6 +358,11 @@ async def replay_dead_letters(
     so the delivery count starts again). Concurrent replays and purges of the
     same letter therefore never enqueue a job twice nor lose a letter: whoever
     comes second finds it ``gone``.
+
+    With ``signing`` (the operator's key), each replayed entry is signed
+    anew: the replay changed it, and replaying is the operator vouching for
+    it, a ``forged`` letter included. Without, it goes unsigned (a worker that
+    verifies dead-letters it again as ``forged``).
     """
     store = StreamStore(redis, keys)
     results = []
@@ -371,6 +378,8 @@ async def replay_dead_letters(
             continue
         await store.ensure_group(target)
         fields = replay_entry(raw, agent=target, now=time.time())
+        if signing is not None:
+            fields = sign_job(signing, fields)
         args: list[Any] = [letter.id, int(dedup_ttl), fields.get(b"dispatcher", b"")]
         for key, value in fields.items():
             args += [key, value]

@@ -50,7 +50,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, Process, UNIXSocketStream
 from anyio.streams.text import TextReceiveStream
 
-from openrtc import ffi_routing
+from openrtc import ffi_routing, signing
 from openrtc.agents import AgentConfig
 from openrtc.logs import child_env
 from openrtc.messages import JobMessage
@@ -72,8 +72,15 @@ READY_TIMEOUT: Final = 60.0
 EXIT_GRACE: Final = 15.0
 #: Children starting at once (their runtimes start in parallel on a few cores).
 SPAWN_CONCURRENCY: Final = max(1, min(os.cpu_count() or 1, 4))
-#: What a child must not inherit from the worker's environment.
-PARENT_ONLY_ENV: Final = ("LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+#: What a child must not inherit from the worker's environment: the worker
+#: alone signs and verifies (openrtc.signing), a child never needs a key.
+PARENT_ONLY_ENV: Final = (
+    "LIVEKIT_API_KEY",
+    "LIVEKIT_API_SECRET",
+    signing.KEY_ENV,
+    signing.PREVIOUS_KEY_ENV,
+    signing.KEY_FILE_ENV,
+)
 
 
 class SessionRunner(Protocol):

@@ -14,11 +14,14 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
 from openrtc.keys import DEFAULT_NAMESPACE
+
+if TYPE_CHECKING:
+    from openrtc.signing import SigningKeys
 
 NoWorkerPolicy = Literal["queue", "reject"]
 
@@ -256,6 +259,14 @@ def redact_url(url: str) -> str:
 _SECRET_OPTIONS: Final = frozenset({"password", "ssl_password"})
 
 
+def _check_signing(signing: SigningKeys | None, required: bool) -> None:
+    if required and signing is None:
+        raise SettingError(
+            "--require-signing (OPENRTC_REQUIRE_SIGNING): no signing key "
+            "(set OPENRTC_SIGNING_KEY or --signing-key-file)"
+        )
+
+
 def new_instance_id(prefix: str) -> str:
     """A readable unique id for a process: ``<prefix>-<host>-<pid>-<random>``."""
     host = socket.gethostname().split(".")[0][:24] or "host"
@@ -355,9 +366,16 @@ class DispatcherSettings:
     health_max_lag: float = 5.0
     #: Dead letters kept; the oldest are trimmed past it (approximately).
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+    #: Signs job and control entries (and, in a worker, checkpoints) and
+    #: refuses unsigned or forged ones (openrtc.signing); ``None``: off, as
+    #: before signing existed (a warning at start-up).
+    signing: SigningKeys | None = field(default=None, repr=False)
+    #: Refuse to start without ``signing``: for a Redis others can write to.
+    require_signing: bool = False
 
     def __post_init__(self) -> None:
         check_numbers(_numbers_of(self))
+        _check_signing(self.signing, self.require_signing)
         if self.wait_timeout >= self.enqueue_timeout:
             raise SettingError("wait_timeout must be less than enqueue_timeout")
         if self.membership_ttl <= self.heartbeat_interval:
@@ -446,9 +464,16 @@ class WorkerSettings:
     #: shortened, then the oldest turns dropped); 0 = no checkpoints,
     #: takeovers start afresh. At most MAX_CHECKPOINT_BYTES.
     checkpoint_max_bytes: int = DEFAULT_CHECKPOINT_MAX_BYTES
+    #: Signs job and control entries (and, in a worker, checkpoints) and
+    #: refuses unsigned or forged ones (openrtc.signing); ``None``: off, as
+    #: before signing existed (a warning at start-up).
+    signing: SigningKeys | None = field(default=None, repr=False)
+    #: Refuse to start without ``signing``: for a Redis others can write to.
+    require_signing: bool = False
 
     def __post_init__(self) -> None:
         check_numbers(_numbers_of(self))
+        _check_signing(self.signing, self.require_signing)
         if self.membership_ttl <= self.heartbeat_interval:
             raise SettingError("membership_ttl must be more than heartbeat_interval")
         if self.isolation not in ("coroutine", "process"):

@@ -47,6 +47,7 @@ from openrtc.settings import (
     DEFAULT_STATUS_TTL,
     redact_url,
 )
+from openrtc.signing import SigningKeys, sign_control, sign_job
 
 __all__ = ["REDIS_DOWN", "EnqueueResult", "StreamStore", "connect_redis"]
 
@@ -132,8 +133,11 @@ class StreamStore:
         wait_timeout: float = 0.5,
         dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN,
         status_ttl: float = DEFAULT_STATUS_TTL,
+        signing: SigningKeys | None = None,
     ) -> None:
         self.redis = redis
+        #: Signs the job and control entries this store adds (``None``: unsigned).
+        self.signing = signing
         #: Dead letters kept (approximate MAXLEN): the oldest are trimmed.
         self.dead_letter_maxlen = dead_letter_maxlen
         #: Seconds a status stream lives after its last event.
@@ -179,6 +183,9 @@ class StreamStore:
             # SCRIPT EXISTS round trip to every pipeline.
             pipe = self.redis.pipeline(transaction=False)
             for message in messages:
+                fields = message.encode()
+                if self.signing is not None:
+                    fields = sign_job(self.signing, fields)
                 args: list[Any] = [
                     "EVALSHA",
                     self.scripts.enqueue.sha,
@@ -187,7 +194,7 @@ class StreamStore:
                     self.keys.jobs(message.agent),
                     self.dedup_ttl,
                     message.dispatcher_id,
-                    pack_fields(message.encode()),
+                    pack_fields(fields),
                 ]
                 pipe.execute_command(*args)
             if self._wait_replicas and not self.keys.cluster:
@@ -294,10 +301,13 @@ class StreamStore:
         Both a control event (for the worker running it now) and a mark on the
         job record (for a worker that reclaims the job later) are written.
         """
+        fields = ControlEvent(job_id, reason).encode()
+        if self.signing is not None:
+            fields = sign_control(self.signing, agent, fields)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(
             self.keys.control(agent),
-            dict[Any, Any](ControlEvent(job_id, reason).encode()),
+            dict[Any, Any](fields),
             maxlen=SIDE_STREAM_MAXLEN,
             approximate=True,
         )

@@ -53,6 +53,7 @@ from openrtc.messages import (
     ID_MAX,
     ControlEvent,
     DeadReason,
+    ForgedEntry,
     JobMessage,
     JobStatus,
     MalformedEntry,
@@ -67,6 +68,7 @@ from openrtc.redis_url import is_cluster_url
 from openrtc.runners import CoroutineRunner, ProcessRunner, SessionRunner
 from openrtc.session import AGENT_NOT_BUILT, HANDOVER_TURN_WAIT, SessionControl, SessionOutcome
 from openrtc.settings import WorkerSettings, redact_url
+from openrtc.signing import log_signing, verify_control, verify_job
 from openrtc.spread import DEFER_STEP, MAX_DEFER, CpuLoad, PeerLoad, decide
 from openrtc.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
 from openrtc.supervision import StateLog, backoff_delay, describe
@@ -224,10 +226,11 @@ class Worker:
             dedup_ttl=settings.dedup_ttl,
             dead_letter_maxlen=settings.dead_letter_maxlen,
             status_ttl=settings.status_ttl,
+            signing=settings.signing,
         )
         self.consumer = JobConsumer(self.store, settings.agent, settings.worker_id)
         self.checkpoints = CheckpointStore(
-            self._redis, self.keys, settings.agent, settings.dedup_ttl
+            self._redis, self.keys, settings.agent, settings.dedup_ttl, signing=settings.signing
         )
         self._presence = Presence(
             self._redis,
@@ -347,6 +350,7 @@ class Worker:
             redact_url(s.redis_url),
             s.namespace,
         )
+        log_signing(logger, s.signing)
         try:
             with anyio.CancelScope() as self._startup:
                 if self._stop.is_set():
@@ -800,6 +804,9 @@ class Worker:
         verdict = self._judge(delivery, message, record)
         if verdict.action is Action.DECODE:
             try:
+                if self.settings.signing is not None:
+                    # Before decoding: nothing an unsigned entry says is acted on.
+                    verify_job(self.settings.signing, delivery.fields)
                 message = JobMessage.decode(delivery.fields)
             except MalformedEntry as exc:
                 message = exc
@@ -1417,7 +1424,13 @@ class Worker:
             for entry_id, fields in reply[0][1] if reply else []:
                 last_id = entry_id
                 try:
+                    if self.settings.signing is not None:
+                        verify_control(self.settings.signing, self.settings.agent, fields)
                     event = ControlEvent.decode(fields)
+                except ForgedEntry as exc:
+                    # Not a job: nothing to dead-letter, and nobody's call ends.
+                    logger.warning("ignoring forged control event %s: %s", entry_id, exc)
+                    continue
                 except MalformedEntry as exc:
                     logger.warning("ignoring malformed control event %s: %s", entry_id, exc)
                     continue

@@ -9,7 +9,13 @@ from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 
 from openrtc.acceptance import Action, Start, Verdict, judge, small_count, start_kind, waited
-from openrtc.messages import DeadReason, JobMessage, MalformedEntry, accept_arguments
+from openrtc.messages import (
+    DeadReason,
+    ForgedEntry,
+    JobMessage,
+    MalformedEntry,
+    accept_arguments,
+)
 from openrtc.settings import LiveKitSettings, WorkerSettings
 
 pytestmark = pytest.mark.unit
@@ -77,6 +83,10 @@ NO_JOB = "missing field 'job'"
         # Decoded.
         (1, MalformedEntry(NO_JOB), {}, dead(DeadReason.MALFORMED, NO_JOB)),
         (1, job("support"), {}, dead(DeadReason.MALFORMED, WRONG_STREAM)),
+        # Forged: whatever the record says (a forged takeover is still forged).
+        (1, ForgedEntry("not signed"), {}, dead(DeadReason.FORGED, "not signed")),
+        (2, ForgedEntry("not signed"), {"state": "running"}, dead(DeadReason.FORGED, "not signed")),
+        (1, ForgedEntry("not signed"), None, dead(DeadReason.FORGED, "not signed")),
         (1, job(), None, Verdict(Action.RETRY, error="its record could not be read")),
         (1, job(), {}, START),
         (1, job(), {"state": "queued"}, START),

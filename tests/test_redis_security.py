@@ -34,6 +34,7 @@ from openrtc.devstack import LiveKitServer, RedisServer
 from openrtc.keys import Keys
 from openrtc.messages import DeadReason
 from openrtc.redis_access import acl_rules
+from openrtc.signing import KEY_ENV, SigningKeys, verify_job
 from openrtc.streams import StreamStore
 from tests.stack import OFFLINE_AGENTS, ROOT, eventually, unique
 from tests.test_monitor import message
@@ -307,8 +308,10 @@ async def test_a_call_over_tls_as_the_acl_user_works_and_leaks_no_secret(
 ) -> None:
     ns = secured.namespace
     keys = Keys(ns)
-    env = env_for(livekit_server, secured.url(), ns)
-    secret_values = [livekit_server.api_secret.encode(), *secured.secrets]
+    # Entries and checkpoints signed too: the key must show nowhere either.
+    signing_key = secrets.token_hex(32)
+    env = {**env_for(livekit_server, secured.url(), ns), KEY_ENV: signing_key}
+    secret_values = [livekit_server.api_secret.encode(), *secured.secrets, signing_key.encode()]
     outputs: list[Run] = []
     admin = Redis.from_url(secured.admin_url)
     await admin.execute_command("ACL", "LOG", "RESET")
@@ -381,6 +384,9 @@ async def test_a_call_over_tls_as_the_acl_user_works_and_leaks_no_secret(
         assert replayed.code == 0, replayed
         assert await admin.xlen(keys.jobs("dental")) == 1
         assert await admin.xlen(keys.dead_letter) == 0
+        # Re-signed by the replay, with the operator's key (from the environment).
+        ((_, replayed_fields),) = await admin.xrange(keys.jobs("dental"))
+        verify_job(SigningKeys(signing_key.encode()), replayed_fields)
         # Something to purge: a dead letter written as a worker would.
         store = StreamStore(admin, keys)
         await store.dead_letter(DeadReason.MALFORMED, "test", original={b"x": b"y"})
@@ -407,6 +413,7 @@ async def test_a_call_over_tls_as_the_acl_user_works_and_leaks_no_secret(
         # The logs are real DEBUG logs of a real call, and they name Redis redacted.
         assert b"Resolved agent 'dental'" in text["dispatcher"]
         assert f"{secured.user}:***@".encode() in text["worker"]
+        assert all(b"signing with key" in blob for blob in text.values())
         for name, blob in text.items():
             assert leaks(blob, secret_values) == [], f"{name}'s log"
             # Only the commands the ACL grants are sent on connect (redis-py

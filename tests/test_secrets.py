@@ -9,6 +9,7 @@ never the API secret. Also the child's line protocol and the dev env file.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import sys
 import time
@@ -31,6 +32,7 @@ from openrtc.keys import Keys
 from openrtc.messages import AcceptArguments, JobMessage, JobStatus, agent_identity
 from openrtc.runners import ProcessRunner, _Child, _Lines
 from openrtc.session import mint_token
+from openrtc.signing import KEY_ENV, keys_from
 from openrtc.streams import StreamStore
 from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_worker import (
@@ -198,6 +200,10 @@ async def test_a_session_process_gets_a_room_token_and_never_the_api_secret(
     # Also in the worker's own environment, as when it is set by variable.
     monkeypatch.setenv("LIVEKIT_API_SECRET", secret)
     monkeypatch.setenv("LIVEKIT_API_KEY", livekit_server.api_key)
+    # The signing key too: the worker alone signs and verifies, a child never.
+    signing_key = secrets.token_hex(32)
+    monkeypatch.setenv(KEY_ENV, signing_key)
+    signing = keys_from(os.environ)
     sent: list[tuple[int, dict[str, Any]]] = []
     original_send = _Child.send
 
@@ -210,24 +216,33 @@ async def test_a_session_process_gets_a_room_token_and_never_the_api_secret(
     message = job_message(livekit_server, room, "dental", dispatcher)
     with anyio.fail_after(TEST_BUDGET):
         async with (
-            working(livekit_server, redis_server.url, ns, "dental", isolation="process") as worker,
+            working(
+                livekit_server,
+                redis_server.url,
+                ns,
+                "dental",
+                isolation="process",
+                signing=signing,
+            ) as worker,
             caller_in(creds(livekit_server), room.name) as caller,
         ):
             assert isinstance(worker.runner, ProcessRunner)
-            await StreamStore(redis, keys).enqueue([message])
+            await StreamStore(redis, keys, signing=signing).enqueue([message])
             await caller.wait_agent(within=30)
             assert sent, "no job was sent to a session process"
             pid, job = sent[0]
             environ = environ_of(pid)  # the child serving the call, alive now
             assert "LIVEKIT_API_SECRET" not in environ
             assert "LIVEKIT_API_KEY" not in environ
-            assert all(secret not in value for value in environ.values())
-            for idle in worker.runner._idle:  # the warm ones too
-                assert secret not in "".join(environ_of(idle.pid).values())
-            zygote = worker.runner._zygote._process  # the process they are forked from
-            assert zygote is not None
-            assert secret not in "".join(environ_of(zygote.pid).values())
-            assert secret not in repr(job)
+            assert KEY_ENV not in environ
+            for hidden in (secret, signing_key):
+                assert all(hidden not in value for value in environ.values())
+                for idle in worker.runner._idle:  # the warm ones too
+                    assert hidden not in "".join(environ_of(idle.pid).values())
+                zygote = worker.runner._zygote._process  # the process they are forked from
+                assert zygote is not None
+                assert hidden not in "".join(environ_of(zygote.pid).values())
+                assert hidden not in repr(job)
             claims = claims_of(job["token"])
             assert claims["sub"] == agent_identity(message.job_id)
             assert claims["exp"] - time.time() <= ONE_HOUR
@@ -235,6 +250,7 @@ async def test_a_session_process_gets_a_room_token_and_never_the_api_secret(
             await delete_room(livekit_server, room.name)
             await wait_status(redis, keys, dispatcher, message.job_id, JobStatus.SUCCESS)
     assert all(secret not in repr(value) for _, value in sent)
+    assert all(signing_key not in repr(value) for _, value in sent)
 
 
 # -- process isolation: stray output ---------------------------------------------
