@@ -570,7 +570,7 @@ def dispatcher(
         ),
     ] = _dispatcher_default("dead_letter_maxlen"),
     signing_key_file: SigningKeyFile = None,
-    require_signing: RequireSigning = _dispatcher_default("require_signing"),
+    require_signing: RequireSigning = False,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher import Dispatcher
@@ -716,7 +716,7 @@ def worker(
         ),
     ] = _worker_default("checkpoint_max_bytes"),
     signing_key_file: SigningKeyFile = None,
-    require_signing: RequireSigning = _worker_default("require_signing"),
+    require_signing: RequireSigning = False,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.settings import LiveKitSettings, WorkerSettings

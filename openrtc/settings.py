@@ -14,14 +14,12 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
 from openrtc.keys import DEFAULT_NAMESPACE
-
-if TYPE_CHECKING:
-    from openrtc.signing import SigningKeys
+from openrtc.signing import SigningKeys
 
 NoWorkerPolicy = Literal["queue", "reject"]
 

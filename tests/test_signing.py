@@ -267,7 +267,7 @@ def test_keys_from_the_environment_or_a_file(
 @pytest.mark.unit
 def test_require_signing_refuses_to_start_without_a_key() -> None:
     lk = LiveKitSettings("ws://127.0.0.1:1", "key", "secret")
-    with pytest.raises(ConfigError, match="require_signing"):
+    with pytest.raises(ConfigError, match="--require-signing"):
         WorkerSettings(livekit=lk, agent="dental", require_signing=True)
     WorkerSettings(livekit=lk, agent="dental", require_signing=True, signing=SigningKeys(NEW))
 
