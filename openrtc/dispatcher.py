@@ -217,7 +217,6 @@ class Dispatcher:
             self._table,
             settings.agent_name,
             settings.reconcile_grace,
-            clock=clock,
         )
         #: The /healthz, /readyz and /metrics server; ``None`` when off.
         self.http: OpsServer | None = None

@@ -103,8 +103,8 @@ async def heartbeat(
     member: str,
     fields: Mapping[str, str | int | float],
     ttl: float,
-) -> None:
-    """Refresh one member: its expiry score and its record hash (with TTL).
+) -> float:
+    """Refresh one member: its expiry score and its record hash (with TTL); Redis's now.
 
     Both by Redis's clock (:data:`openrtc.scripts.HEARTBEAT`): the score is
     Redis's now + ``ttl``, the record's ``heartbeat_at`` Redis's now. A host
@@ -126,6 +126,7 @@ async def heartbeat(
     pipe.hset(record_key, mapping=record)
     pipe.expire(record_key, max(1, int(ttl * 3)))
     await pipe.execute()
+    return float(_s(now))
 
 
 async def leave(redis: Redis, *, registry_key: str, record_key: str, member: str) -> None:
@@ -144,30 +145,31 @@ async def live_members(redis: Redis, registry_key: str) -> list[str]:
     return [_s(m) for m in members]
 
 
-async def read_agent_loads(redis: Redis, keys: Keys, agents: Sequence[str]) -> dict[str, AgentLoad]:
+async def read_agent_loads(
+    redis: Redis, keys: Keys, agents: Sequence[str], *, now: float | None = None
+) -> dict[str, AgentLoad]:
     """Live workers, capacity, running sessions, backlog and pending per agent.
 
     Two round trips whatever the number of agents: one for the membership
-    sets and the streams' group info, one for the workers' records.
+    sets and the streams' group info, one for the workers' records. Expiry
+    scores are Redis's clock (see :func:`heartbeat`): so is ``now`` they are
+    judged by (what this member's heartbeat just returned), else it is read
+    first (``TIME`` is refused in a Redis Cluster pipeline).
     """
+    if now is None:
+        now = await redis_time(redis)
     pipe = redis.pipeline(transaction=False)
-    # Expiry scores are Redis's clock (see heartbeat): so is the now they are
-    # judged by, read in the same round trip. Heartbeats drop the long dead.
-    pipe.time()
+    # Heartbeats drop the long dead; here expired members are only skipped.
     for agent in agents:
         pipe.zrange(keys.workers(agent), 0, -1, withscores=True)
         pipe.xinfo_groups(keys.jobs(agent))
         pipe.xlen(keys.jobs(agent))
     replies = await pipe.execute(raise_on_error=False)
-    clock = replies[0]
-    if isinstance(clock, Exception):
-        raise clock
-    now = float(clock[0]) + clock[1] / 1e6
 
     members: dict[str, list[bytes]] = {}
     queue: dict[str, tuple[int, int, bool]] = {}
     for i, agent in enumerate(agents):
-        worker_ids, groups, length = replies[1 + i * 3 : 4 + i * 3]
+        worker_ids, groups, length = replies[i * 3 : i * 3 + 3]
         if isinstance(worker_ids, Exception):
             raise worker_ids
         members[agent] = [member for member, expires in worker_ids if expires > now]
@@ -233,9 +235,9 @@ class Presence:
     member: str
     ttl: float
 
-    async def beat(self, fields: Mapping[str, str | int | float]) -> None:
-        """Refresh this member (see :func:`heartbeat`)."""
-        await heartbeat(
+    async def beat(self, fields: Mapping[str, str | int | float]) -> float:
+        """Refresh this member (see :func:`heartbeat`); Redis's now."""
+        return await heartbeat(
             self.redis,
             registry_key=self.registry_key,
             record_key=self.record_key,
@@ -279,8 +281,8 @@ class LoadView:
             for name in self.agents:
                 await self.ensure_group(name)
             self._groups_ready = True
-        await self.presence.beat(fields)
-        self.loads = await read_agent_loads(self.presence.redis, self.keys, self.agents)
+        now = await self.presence.beat(fields)
+        self.loads = await read_agent_loads(self.presence.redis, self.keys, self.agents, now=now)
         for load in self.loads.values():
             if not load.has_group:
                 # Redis restarted empty (or someone deleted the stream).

@@ -28,8 +28,7 @@ dispatching it again would only add a dead letter per pass.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -39,6 +38,7 @@ from livekit.protocol import agent as proto
 from redis.asyncio import Redis
 
 from openrtc.keys import ENDED_TTL, Keys
+from openrtc.membership import redis_time
 from openrtc.routing import RoutingTable, UnknownAgentError, resolve_agent
 from openrtc.scripts import LEASE_HOLD, LEASE_RELEASE
 from openrtc.settings import LiveKitSettings
@@ -168,7 +168,6 @@ class Reconciler:
     #: The agent name the dispatchers register with LiveKit ("" = automatic).
     agent_name: str
     grace: float
-    clock: Callable[[], float] = time.time
     _lkapi: api.LiveKitAPI | None = None
     #: Room name -> when an agent was last seen in it.
     _served_at: dict[str, float] = field(default_factory=dict)
@@ -249,7 +248,9 @@ class Reconciler:
                 if room.num_participants > 0:
                     tg.start_soon(look, room)
 
-        now = self.clock()
+        # Redis's clock, as every age is judged (a dispatcher host's may be
+        # off); callers' join times are LiveKit's, a server's clock too.
+        now = await redis_time(self.redis)
         for name, state in states.items():
             if state.has_agent:
                 self._served_at[name] = now
@@ -303,7 +304,7 @@ class Reconciler:
                         agent_name=self.agent_name, room=room.name, metadata=latest.metadata
                     )
                 )
-            self._dispatched_at[room.name] = self.clock()
+            self._dispatched_at[room.name] = now
             counts.dispatched += 1
             logger.warning(
                 "room %s had a caller and no agent for %.0fs+: dispatched again (agent '%s')",

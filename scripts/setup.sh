@@ -25,6 +25,14 @@ if ! command -v redis-cli >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-tools >/dev/null
 fi
+# libfaketime: the clock-skew tests run workers and dispatchers with their
+# clocks off (tests/test_clock_skew.py).
+if ! compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null; then
+  log "installing libfaketime (apt: faketime)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq faketime >/dev/null
+fi
 # The Debian package may start a system-wide server; ours are private and on
 # free ports, so it is left alone.
 

@@ -91,6 +91,33 @@ def skewed_worker(
         process.wait(10)
 
 
+@contextmanager
+def skewed_dispatcher(
+    livekit: LiveKitServer, redis_url: str, ns: str, offset: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A dispatcher process (fast reconciler) whose clock is ``offset``."""
+    env = dict(
+        os.environ,
+        **faketime_env(offset),
+        LIVEKIT_URL=livekit.url,
+        LIVEKIT_API_KEY=livekit.api_key,
+        LIVEKIT_API_SECRET=livekit.api_secret,
+        REDIS_URL=redis_url,
+        OPENRTC_NAMESPACE=ns,
+    )
+    command = [sys.executable, "-m", "openrtc", "dispatcher"]
+    command += ["--agents-dir", str(OFFLINE_AGENTS), "--http-port", "0"]
+    command += ["--reconcile-interval", "0.3", "--reconcile-grace", "1"]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+
 async def worker_ids(redis: Redis, ns: str) -> set[str]:
     """The ids of every worker record (whatever the registry says of them)."""
     prefix = f"{ns}:worker:"
@@ -183,3 +210,21 @@ async def test_a_killed_worker_whose_clock_is_ahead_is_gone_within_the_ttl(
         await eventually(
             gone, "the killed worker out of status and the dispatcher's view", within=20
         )
+
+
+async def test_a_reconciler_whose_clock_is_2_minutes_behind_still_serves_an_orphaned_room(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    ns = unique("ns")
+    room = unique("dental-orphan-skew")
+    async with working(livekit_server, redis_server.url, ns, "dental"):
+        # Created while no dispatcher runs: LiveKit drops its job for good.
+        await new_room(livekit_server, room)
+        async with caller_in(creds(livekit_server), room) as caller:
+            with skewed_dispatcher(livekit_server, redis_server.url, ns, "-120s"):
+                # The caller joined 1 s+ ago by the servers' clocks: "two
+                # minutes from now" by the dispatcher's host, which must not
+                # wait for that. (Generous: the process starts on a busy host.)
+                agent = await caller.wait_agent(within=60)
+                assert agent.identity.startswith("agent-")
+        await delete_room(livekit_server, room)
