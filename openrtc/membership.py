@@ -30,7 +30,7 @@ from redis.exceptions import RedisClusterException
 
 from openrtc.keys import WORKERS_GROUP, Keys
 from openrtc.redis_url import refresh_slots, slot_master_client
-from openrtc.scripts import HEARTBEAT, LIVE_MEMBERS
+from openrtc.scripts import HEARTBEAT, LIVE_MEMBERS, REDIS_TIME
 from openrtc.streams import REDIS_DOWN
 from openrtc.supervision import backoff_delay
 
@@ -89,10 +89,15 @@ def _int(value: Any) -> int:
         return 0
 
 
-async def redis_time(redis: Redis) -> float:
-    """Redis's clock (unix s): the one clock every expiry and age is judged by."""
-    seconds, micros = await redis.time()
-    return float(seconds) + micros / 1e6
+async def redis_time(redis: Redis, key: str) -> float:
+    """Redis's clock (unix s): the one clock every expiry and age is judged by.
+
+    Read on the master serving ``key`` (:data:`openrtc.scripts.REDIS_TIME`):
+    under Redis Cluster a keyless ``TIME`` goes to a default node, which a
+    failover can leave dead while the key's slot is served elsewhere.
+    """
+    now = await redis.register_script(REDIS_TIME)(keys=[key])
+    return float(now)
 
 
 async def heartbeat(
@@ -157,7 +162,7 @@ async def read_agent_loads(
     first (``TIME`` is refused in a Redis Cluster pipeline).
     """
     if now is None:
-        now = await redis_time(redis)
+        now = await redis_time(redis, keys.workers(agents[0]) if agents else keys.dispatchers)
     pipe = redis.pipeline(transaction=False)
     # Heartbeats drop the long dead; here expired members are only skipped.
     for agent in agents:

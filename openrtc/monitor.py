@@ -157,7 +157,7 @@ async def read_status(redis: Redis, keys: Keys, agents: Iterable[str] = ()) -> S
 
     Ages are by Redis's clock, as the heartbeats and entry ids they are taken from.
     """
-    now = await redis_time(redis)
+    now = await redis_time(redis, keys.agents)
     known = {_s(a) for a in await redis.smembers(keys.agents)}
     names = list(dict.fromkeys([*agents, *sorted(known)]))
     statuses = []
@@ -436,7 +436,7 @@ async def purge_plan(
     upper = _s(newest[0][0])
     if older_than is not None:
         # Entry ids are Redis's clock: so is the age they are judged by.
-        cutoff_ms = int((await redis_time(redis) - older_than) * 1000)
+        cutoff_ms = int((await redis_time(redis, keys.dead_letter) - older_than) * 1000)
         upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
     count, start, last = 0, "-", ""
     while True:
@@ -475,7 +475,7 @@ async def purge_dead_letters(
         upper = min(upper, upto, key=_entry_order)
     if older_than is not None:
         # Entry ids are Redis's clock: so is the age they are judged by.
-        cutoff_ms = int((await redis_time(redis) - older_than) * 1000)
+        cutoff_ms = int((await redis_time(redis, keys.dead_letter) - older_than) * 1000)
         upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
     deleted, start = 0, "-"
     while True:

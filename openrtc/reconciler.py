@@ -250,7 +250,7 @@ class Reconciler:
 
         # Redis's clock, as every age is judged (a dispatcher host's may be
         # off); callers' join times are LiveKit's, a server's clock too.
-        now = await redis_time(self.redis)
+        now = await redis_time(self.redis, self.keys.reconciler_lease)
         for name, state in states.items():
             if state.has_agent:
                 self._served_at[name] = now

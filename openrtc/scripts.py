@@ -454,6 +454,15 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]) / 1000)
 return string.format('%.6f', now)
 """
 
+# KEYS: any key (it only routes the call). Redis's time (unix s, as a string),
+# read on the master serving that key: a bare TIME is keyless, and a Redis
+# Cluster client sends it to a default node, which may be a master killed in a
+# failover long after the key's slot moved on.
+REDIS_TIME: Final = """
+local t = redis.call('TIME')
+return string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6)
+"""
+
 # KEYS: a membership registry. Drops the members whose expiry has passed by
 # Redis's clock and returns the others.
 LIVE_MEMBERS: Final = """

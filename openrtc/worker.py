@@ -48,7 +48,7 @@ from openrtc.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.errors import ConfigError
 from openrtc.keys import ENDED_TTL, Keys
 from openrtc.logs import log_context
-from openrtc.membership import Presence, hold_liveness, live_members
+from openrtc.membership import Presence, hold_liveness, live_members, redis_time
 from openrtc.messages import (
     ID_MAX,
     ControlEvent,
@@ -1008,9 +1008,9 @@ class Worker:
 
     async def _measure_redis_clock(self) -> None:
         before = self._clock()
-        seconds, micros = await self._redis.time()
+        now = await redis_time(self._redis, self.keys.jobs(self.settings.agent))
         after = self._clock()
-        self._redis_clock_offset = seconds + micros / 1e6 - (before + after) / 2
+        self._redis_clock_offset = now - (before + after) / 2
 
     async def _release(self, claim: _Claim, message: JobMessage) -> None:
         """Hand an unstarted entry back to the stream, for a peer to read at once."""
