@@ -313,25 +313,33 @@ async def test_a_zygote_whose_worker_left_while_a_child_exited_goes_quietly(
     )
     theirs.close()
     async with zygote:
-        with anyio.fail_after(60):
-            await anyio.wait_readable(ours)
-            assert json.loads(ours.recv(4096))["ready"] is True
-            worker_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            socket.send_fds(ours, [b"F"], [child_end.fileno()])
-            child_end.close()
-            await eventually(lambda: len(_children_of(zygote.pid)) == 1, "a forked child")
-            (child,) = _children_of(zygote.pid)
-            # Hold the zygote while its child exits and the worker's end closes,
-            # so it wakes to both at once: the exit report meets a closed socket.
-            os.kill(zygote.pid, signal.SIGSTOP)
-            await eventually(lambda: _state(zygote.pid) == "T", "the zygote stopped")
-            worker_end.close()  # EOF before any job: the child exits 0
-            await eventually(lambda: _state(child) == "Z", "the child exited")
-            ours.close()
-            os.kill(zygote.pid, signal.SIGCONT)
-            assert zygote.stderr is not None
-            stderr = b"".join([chunk async for chunk in zygote.stderr]).decode()
-            code = await zygote.wait()
+        try:
+            with anyio.fail_after(120):
+                await anyio.wait_readable(ours)
+                assert json.loads(ours.recv(4096))["ready"] is True
+                worker_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                socket.send_fds(ours, [b"F"], [child_end.fileno()])
+                child_end.close()
+                # The child's first line: it runs, and reads its socket next.
+                await anyio.wait_readable(worker_end)
+                assert json.loads(worker_end.recv(4096))["ready"] is True
+                (child,) = _children_of(zygote.pid)
+                # Hold the zygote while its child exits and the worker's end closes,
+                # so it wakes to both at once: the exit report meets a closed socket.
+                os.kill(zygote.pid, signal.SIGSTOP)
+                await eventually(lambda: _state(zygote.pid) == "T", "the zygote stopped", within=60)
+                worker_end.close()  # EOF before any job: the child exits 0
+                await eventually(lambda: _state(child) == "Z", "the child exited", within=60)
+                ours.close()
+                os.kill(zygote.pid, signal.SIGCONT)
+                assert zygote.stderr is not None
+                stderr = b"".join([chunk async for chunk in zygote.stderr]).decode()
+                code = await zygote.wait()
+        finally:
+            # A stopped zygote never exits: never leave one behind a failure.
+            if zygote.returncode is None:
+                os.kill(zygote.pid, signal.SIGCONT)
+                zygote.kill()
     assert "Traceback" not in stderr, stderr
     assert code == 0, stderr
 
