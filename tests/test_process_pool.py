@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import Process
 from redis.asyncio import Redis
 
 from openrtc.agents import AgentPool
@@ -291,18 +292,20 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-async def test_a_zygote_whose_worker_left_while_a_child_exited_goes_quietly(
-    tmp_path: Path,
-) -> None:
-    """A stopped worker closes the zygote's socket while a session child exits
-    (SIGTERM during a call, in `openrtc dev --isolation process`): the zygote's
-    report of that exit finds nobody to read it. It exits 0 without a traceback."""
-    agents = tmp_path / "agents"
-    agents.mkdir()
-    (agents / "plain.py").write_text(
-        "from livekit.agents import Agent\n\n\nclass Plain(Agent):\n"
-        "    def __init__(self) -> None:\n        super().__init__(instructions='x')\n"
-    )
+PLAIN_AGENT = """\
+from livekit.agents import Agent
+
+
+class Plain(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="x")
+"""
+
+
+async def _bare_zygote(tmp_path: Path) -> tuple[Process, socket.socket]:
+    """A session zygote started as the worker starts one, and the worker's end of
+    its control socket; its stderr is piped for the test to read."""
+    agents = write_agent(tmp_path / "agents", "plain", PLAIN_AGENT)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     zygote = await anyio.open_process(
         [sys.executable, "-m", "openrtc.session_child", str(agents), "plain", str(theirs.fileno())],
@@ -312,6 +315,16 @@ async def test_a_zygote_whose_worker_left_while_a_child_exited_goes_quietly(
         stderr=subprocess.PIPE,
     )
     theirs.close()
+    return zygote, ours
+
+
+async def test_a_zygote_whose_worker_left_while_a_child_exited_goes_quietly(
+    tmp_path: Path,
+) -> None:
+    """A stopped worker closes the zygote's socket while a session child exits
+    (SIGTERM during a call, in `openrtc dev --isolation process`): the zygote's
+    report of that exit finds nobody to read it. It exits 0 without a traceback."""
+    zygote, ours = await _bare_zygote(tmp_path)
     async with zygote:
         try:
             with anyio.fail_after(120):
@@ -349,21 +362,7 @@ async def test_a_zygote_whose_worker_gave_up_before_it_was_ready_goes_quietly(
 ) -> None:
     """A worker that stops (or times out) while its zygote warms up closes the
     socket first: the zygote's "ready" meets nobody. Exit 0, no traceback."""
-    agents = tmp_path / "agents"
-    agents.mkdir()
-    (agents / "plain.py").write_text(
-        "from livekit.agents import Agent\n\n\nclass Plain(Agent):\n"
-        "    def __init__(self) -> None:\n        super().__init__(instructions='x')\n"
-    )
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    zygote = await anyio.open_process(
-        [sys.executable, "-m", "openrtc.session_child", str(agents), "plain", str(theirs.fileno())],
-        pass_fds=(theirs.fileno(),),
-        stdin=subprocess.DEVNULL,
-        stdout=None,
-        stderr=subprocess.PIPE,
-    )
-    theirs.close()
+    zygote, ours = await _bare_zygote(tmp_path)
     ours.close()  # before the zygote has imported anything
     async with zygote:
         with anyio.fail_after(60):
