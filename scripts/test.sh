@@ -6,11 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 
-echo "== ruff"
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-echo "== mypy"
-.venv/bin/mypy
+bash scripts/lint.sh
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest "$@"

@@ -23,11 +23,7 @@ fi
 "$PYTHON" scripts/lock_diff.py "$before" uv.lock
 
 bash scripts/sync.sh
-echo "== ruff"
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-echo "== mypy"
-.venv/bin/mypy
+bash scripts/lint.sh
 echo "== unit tests"
 .venv/bin/python -m pytest -m unit -q
 echo "upgrade ready: review the versions above, run bash scripts/test.sh, commit uv.lock"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The static gate: ruff (lint and format) and mypy, in ./.venv (scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy
