@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
@@ -102,6 +103,48 @@ _SAFE_CONNECTIONS: Final[dict[type[AbstractConnection], type[AbstractConnection]
 
 def _safe(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
     return _SAFE_CONNECTIONS.get(connection_class, connection_class)
+
+
+#: Commands whose keys follow the STREAMS keyword, and where its search starts
+#: (Redis's key specs: after XREADGROUP's group and consumer names).
+_STREAMS_FROM: Final = {"XREAD": 1, "XREADGROUP": 4}
+
+
+def stream_keys(args: tuple[Any, ...]) -> list[Any] | None:
+    """The keys of an XREAD or XREADGROUP command (``args`` with its name first),
+    or ``None`` if it is neither or is malformed (the server then says why).
+
+    ``STREAMS k1 k2 ... id1 id2 ...``: the first half after the keyword.
+    """
+    name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+    start = _STREAMS_FROM.get(name.upper())
+    if start is None:
+        return None
+    for i in range(start, len(args)):
+        word = args[i].decode() if isinstance(args[i], bytes) else args[i]
+        if isinstance(word, str) and word.upper() == "STREAMS":
+            rest = args[i + 1 :]
+            if not rest or len(rest) % 2:
+                return None
+            return list(rest[: len(rest) // 2])
+    return None
+
+
+class _CommandsParser(AsyncCommandsParser):
+    """redis-py's key finder, reading the keys of stream reads itself.
+
+    redis-py asks one node (COMMAND GETKEYS) for the keys of commands that name
+    them after a keyword, before every such command, and keeps asking that node
+    once it is dead: a cluster client whose node was the killed master read no
+    stream again, slot map refreshed or not (redis-py 8.2). Reading them here
+    also saves that round trip on every XREADGROUP.
+    """
+
+    async def get_keys(self, *args: Any) -> tuple[Any, ...] | None:
+        keys = stream_keys(args)
+        if keys is not None:
+            return tuple(keys)
+        return await super().get_keys(*args)
 
 
 def _scheme(url: str) -> str:
@@ -186,6 +229,7 @@ def _cluster(url: str, options: dict[str, Any]) -> RedisCluster:
     hosts = _hosts(urlsplit(url).netloc, _DEFAULT_PORT, url)
     nodes = [ClusterNode(host, port) for host, port in hosts]
     client = RedisCluster(startup_nodes=nodes, **kwargs)
+    client.commands_parser = _CommandsParser()
     # Nodes are made from these keyword arguments as the client discovers
     # them; the seed nodes exist already.
     manager = client.nodes_manager

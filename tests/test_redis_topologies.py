@@ -165,6 +165,45 @@ async def first_write_after(redis: Redis, key: str, killed_at: float) -> float:
                 await anyio.sleep(0.05)
 
 
+async def test_stream_reads_go_on_when_the_node_that_named_their_keys_dies(
+    redis_cluster: RedisCluster,
+) -> None:
+    """XREAD and XREADGROUP name their keys after a keyword (STREAMS), so
+    redis-py's cluster client asked one fixed node (COMMAND GETKEYS) for them
+    before every read, and never asked another once that node died: its slot
+    map was refreshed, but no read reached it. A worker whose client had picked
+    the killed master read no job and no control entry for as long as it lived
+    (the failover test failed one run in two)."""
+    keys = Keys(unique("ns"), cluster=True)
+    client = connect_redis(redis_cluster.url)
+    try:
+        await client.ping()
+        # The node redis-py asks: the one to kill. (A read of a key elsewhere
+        # must go on: its slot's master is alive.)
+        asked = client.commands_parser.node.port  # type: ignore[attr-defined]
+        victim = next(n for n in redis_cluster.nodes if n.port == asked)
+        candidates = [keys.control(a) for a in (*AGENTS, *(f"agent{i}" for i in range(50)))]
+        key = next(k for k in candidates if redis_cluster.master_of(k).port != asked)
+        lost = next(k for k in candidates if redis_cluster.master_of(k).port == asked)
+        await client.xadd(key, {b"n": b"1"})
+        async with restored(victim):
+            await anyio.to_thread.run_sync(victim.kill)
+
+            async def read() -> bool:
+                try:
+                    reply: Any = await client.xread({key: "0"}, count=1)
+                except REDIS_DOWN:
+                    return False
+                return bool(reply)
+
+            await eventually(read, "a stream read after the kill", within=20)
+            # Nor does the failover of the killed master's slots.
+            await first_write_after(client, lost, time.monotonic())
+            assert await read()
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("topology", ["cluster", "sentinel"])
 async def test_calls_go_on_when_the_primary_is_killed(
     livekit_server: LiveKitServer,

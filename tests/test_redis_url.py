@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from openrtc.redis_url import client_from_url
+from openrtc.redis_url import client_from_url, stream_keys
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -71,3 +71,22 @@ async def test_the_sentinels_own_credentials_are_decoded_once_and_kept_apart(
     assert options["password"] == "p&q=r"
     assert "sentinel_password" not in options
     assert "sentinel_username" not in options
+
+
+@pytest.mark.parametrize(
+    ("args", "keys"),
+    [
+        (("XREAD", "STREAMS", "a", "0"), ["a"]),
+        (("XREAD", "COUNT", 100, "BLOCK", 5000, "STREAMS", "a", "b", "0", "$"), ["a", "b"]),
+        ((b"xreadgroup", b"GROUP", b"g", b"c", b"STREAMS", b"k", b">"), [b"k"]),
+        # A group or consumer named like the keyword is not it.
+        (("XREADGROUP", "GROUP", "STREAMS", "streams", "NOACK", "STREAMS", "k", ">"), ["k"]),
+        (("XREAD", "STREAMS", "a", "b", "0"), None),  # odd: the server rejects it
+        (("XREAD", "COUNT", 1), None),
+        (("GET", "k"), None),  # not a stream read: redis-py's own rules
+    ],
+)
+def test_stream_reads_name_their_keys_without_asking_a_node(
+    args: tuple[Any, ...], keys: list[Any] | None
+) -> None:
+    assert stream_keys(args) == keys
