@@ -364,9 +364,13 @@ class Harness:
                 except Exception:
                     return
             agents = [p for p in reply.participants if p.kind == api.ParticipantInfo.Kind.AGENT]
+            # Two agents count once both are connected (ACTIVE): one still
+            # joining publishes nothing and hears nothing, and under load it
+            # is listed for seconds before it can say it is there.
+            connected = [p for p in agents if p.state == api.ParticipantInfo.State.ACTIVE]
             call.samples += 1
-            call.sampled.append((time.time(), [(p.identity, p.sid) for p in agents]))
-            call.max_agents_sampled = max(call.max_agents_sampled, len(agents))
+            call.sampled.append((time.time(), [(p.identity, p.sid) for p in connected]))
+            call.max_agents_sampled = max(call.max_agents_sampled, len(connected))
             heard = {e.sid for e in call.audio}
             for p in agents:
                 job = p.identity.removeprefix("agent-")
@@ -376,10 +380,10 @@ class Harness:
                 # publications across its rejoin of a restarted server.
                 if p.sid not in heard and any(t.type == api.TrackType.AUDIO for t in p.tracks):
                     call.audio.append(AgentEvent(time.time(), "audio", p.identity, p.sid))
-            if len(agents) > 1:
+            if len(connected) > 1:
                 call.double_sample.append(
                     f"{time.time() - self.t0:.1f}s: "
-                    + ", ".join(f"{p.identity}/{p.sid}" for p in agents)
+                    + ", ".join(f"{p.identity}/{p.sid}" for p in connected)
                 )
 
         while True:

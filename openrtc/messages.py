@@ -47,6 +47,13 @@ ROOM_CREATED_ATTRIBUTE: Final = "openrtc.room_created_ms"
 #: one agent in one room (two dispatches of it), the later one's agent leaves.
 QUEUED_AT_ATTRIBUTE: Final = "openrtc.queued_ms"
 
+#: Participant attribute the agent sets right after joining (unix ms). LiveKit
+#: tells a room of a participant that publishes nothing only in its next batch
+#: of updates (every 3 s), but of an attribute change at once: the old job's
+#: agent learns of its successor now, not once the session has started
+#: (seconds later on a loaded host, or with MCP servers to reach).
+JOINED_ATTRIBUTE: Final = "openrtc.joined_ms"
+
 Fields = Mapping[bytes, bytes]
 
 #: The longest reason, status error or record value this module hands on.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -43,6 +44,7 @@ from openrtc.checkpoint import Checkpoint, mark_interrupted, plain_data
 from openrtc.errors import AgentBuildError
 from openrtc.logs import log_context
 from openrtc.messages import (
+    JOINED_ATTRIBUTE,
     QUEUED_AT_ATTRIBUTE,
     ROOM_CREATED_ATTRIBUTE,
     JobMessage,
@@ -82,6 +84,21 @@ CHECKPOINT_INTERVAL: Final = 0.05
 #: Asked to hand its call over, a session waits at most this long for a turn
 #: boundary (neither the agent nor the caller speaking), then hands over anyway.
 HANDOVER_TURN_WAIT: Final = 10.0
+#: How long announcing the join may hold up the session's start.
+ANNOUNCE_TIMEOUT: Final = 2.0
+
+
+async def _announce(room: rtc.Room, job_id: str) -> None:
+    """Tell the room's participants at once that this agent is in
+    (:data:`~openrtc.messages.JOINED_ATTRIBUTE`): an older job's agent there
+    leaves now, not seconds later when this session has started."""
+    try:
+        with anyio.fail_after(ANNOUNCE_TIMEOUT):
+            await room.local_participant.set_attributes(
+                {JOINED_ATTRIBUTE: str(int(time.time() * 1000))}
+            )
+    except Exception as exc:  # the next batch of updates tells them anyway
+        logger.warning("job %s: join not announced: %s", job_id, exc)
 
 
 def _between_turns(session: AgentSession[Any]) -> bool:
@@ -379,6 +396,7 @@ async def _run_session(
             if successor := replaced_by():
                 finish(f"room replaced by the server; {successor} serves it now", replaced=True)
                 return SessionOutcome("success", end["reason"])
+            await _announce(room, message.job_id)
             changed[-1].set()
             await session.start(agent=agent, room=room)
             greeted = control.greeted or (saved is not None and saved.greeted)
