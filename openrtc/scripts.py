@@ -39,6 +39,19 @@ local t = redis.call('TIME')
 local now = tostring(t[1] * 1000 + math.floor(t[2] / 1000))
 """
 
+#: A fragment defining ``pending_on(stream, group, id, consumer)``: the entry's
+#: pending-list row (id, consumer, idle ms, deliveries) while it is pending on
+#: ``consumer``, else false. The fence of every step only an entry's holder may
+#: take: a worker whose call went to another (a lapsed lease, a handover, a
+#: write-back) does nothing.
+PENDING_ON: Final = """
+local function pending_on(stream, group, id, consumer)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  if p[1] and p[1][2] == consumer then return p[1] end
+  return false
+end
+"""
+
 # KEYS: job record hash, job stream. ARGV: record ttl (s), dispatcher id,
 # the entry's field/value pairs as one MessagePack array of raw strings
 # (:func:`pack_fields`): one argument instead of ~34 makes redis-py's command
@@ -105,9 +118,9 @@ return {lost, forgotten}
 # (a live worker wrote the call back meanwhile: RENEW): then nobody joins.
 # A worker whose read Redis forgot tells a stray reader (record not naming it)
 # from a successor (named) by this mark.
-START: Final = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not (p[1] and p[1][2] == ARGV[2]) then return 0 end
+START: Final = f"""
+{PENDING_ON}
+if not pending_on(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[2], 'state', 'running', 'worker', ARGV[2], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
@@ -168,16 +181,16 @@ return id
 # at once instead of after a lease. With a field (the handover of a running
 # call), that field is set on the new entry. Returns the new id, or false when
 # the entry is no longer ours.
-RELEASE: Final = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not (p[1] and p[1][2] == ARGV[2]) then return false end
+RELEASE: Final = f"""
+{PENDING_ON}
+if not pending_on(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return false end
 local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 if not e[1] then return false end
 local f = e[1][2]
 if ARGV[4] then
-  local kept = {}
+  local kept = {{}}
   for i = 1, #f, 2 do
     if f[i] ~= ARGV[4] then
       kept[#kept + 1] = f[i]
@@ -361,12 +374,13 @@ return {entries, claimed}
 # JUSTID): a session whose process died is started again at once by its own
 # worker, and the delivery limit still stops a call that kills every process.
 # Returns {entry, deliveries}, or false when the entry is no longer ours.
-REDELIVER: Final = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not (p[1] and p[1][2] == ARGV[2]) then return false end
+REDELIVER: Final = f"""
+{PENDING_ON}
+local p = pending_on(KEYS[1], ARGV[1], ARGV[3], ARGV[2])
+if not p then return false end
 local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3])
 if not e[1] then return false end
-return {e[1], p[1][4] + 1}
+return {{e[1], p[4] + 1}}
 """
 
 
@@ -430,9 +444,9 @@ return {{1, id}}
 # consumer. Writes the checkpoint only while the entry is pending on that
 # consumer: a session whose call went to another worker (its lease lapsed in a
 # partition, a handover) never overwrites its successor's. Returns 1 if written.
-SAVE_CHECKPOINT: Final = """
-local p = redis.call('XPENDING', KEYS[2], ARGV[3], ARGV[4], ARGV[4], 1)
-if not (p[1] and p[1][2] == ARGV[5]) then return 0 end
+SAVE_CHECKPOINT: Final = f"""
+{PENDING_ON}
+if not pending_on(KEYS[2], ARGV[3], ARGV[4], ARGV[5]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
