@@ -235,6 +235,26 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+#: A fragment defining ``claim_counted(stream, group, consumer, min_idle, ids,
+#: counts)``, the end of a reclaim pass: claims ``ids`` (idle for ``min_idle``
+#: ms) for ``consumer`` and returns {entries, counts} (``counts``: entry id ->
+#: its delivery count after this claim), as RECLAIM and CRASHED reply.
+CLAIM_COUNTED: Final = """
+local function claim_counted(stream, group, consumer, min_idle, ids, counts)
+  if #ids == 0 then return {{}, {}} end
+  local entries, claimed = {}, {}
+  -- Entries deleted from the stream meanwhile are dropped from the pending
+  -- list by XCLAIM and not returned.
+  for _, e in ipairs(redis.call('XCLAIM', stream, group, consumer, min_idle, unpack(ids))) do
+    if e then
+      table.insert(entries, e)
+      table.insert(claimed, counts[e[1]])
+    end
+  end
+  return {entries, claimed}
+end
+"""
+
 # KEYS: job stream, the agent's reclaim state (hash: cursor, at).
 # ARGV: group, consumer, min idle ms, want (free slots), sweep ms, state ttl ms.
 # One reclaim pass: claims at most `want` entries idle for min idle ms, with
@@ -251,7 +271,9 @@ return 1
 # calls at the head.) Candidates come from XPENDING IDLE, which only reads
 # the pending list (~0.1 us an entry; XAUTOCLAIM looks each scanned entry up
 # in the stream, ~1.5 us), and exactly those that can be started are claimed.
-RECLAIM: Final = """
+RECLAIM: Final = (
+    CLAIM_COUNTED
+    + """
 local stream, state = KEYS[1], KEYS[2]
 local group, consumer, min_idle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local t = redis.call('TIME')
@@ -272,18 +294,9 @@ end
 if #found < want then cursor = '0-0' else cursor = found[#found][1] end
 redis.call('HSET', state, 'cursor', cursor, 'at', at)
 redis.call('PEXPIRE', state, ARGV[6])
-if #ids == 0 then return {{}, {}} end
-local entries, claimed = {}, {}
--- Entries deleted from the stream meanwhile are dropped from the pending list
--- by XCLAIM and not returned.
-for _, e in ipairs(redis.call('XCLAIM', stream, group, consumer, min_idle, unpack(ids))) do
-  if e then
-    table.insert(entries, e)
-    table.insert(claimed, counts[e[1]])
-  end
-end
-return {entries, claimed}
+return claim_counted(stream, group, consumer, min_idle, ids, counts)
 """
+)
 
 
 # KEYS: job stream, the agent's liveness hash (field: worker id -> '0', or the
@@ -307,7 +320,9 @@ return {entries, claimed}
 # failed over), so the others may not have come back yet. Every watched
 # worker is looked at once per scan ms, shared by the agent's workers;
 # suspects on every call. PUBSUB SHARDNUMSUB is O(1) a channel.
-CRASHED: Final = """
+CRASHED: Final = (
+    CLAIM_COUNTED
+    + """
 local stream, alive = KEYS[1], KEYS[2]
 local group, me, prefix = ARGV[1], ARGV[2], ARGV[3]
 local grace, want = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -358,16 +373,9 @@ for worker, since in pairs(watched) do
   end
 end
 redis.call('PEXPIRE', alive, ARGV[7])
-if #ids == 0 then return {{}, {}} end
-local entries, claimed = {}, {}
-for _, e in ipairs(redis.call('XCLAIM', stream, group, me, 0, unpack(ids))) do
-  if e then
-    table.insert(entries, e)
-    table.insert(claimed, counts[e[1]])
-  end
-end
-return {entries, claimed}
+return claim_counted(stream, group, me, 0, ids, counts)
 """
+)
 
 # KEYS: job stream. ARGV: group, consumer, entry id.
 # Delivers an entry this consumer holds to it again, counted (XCLAIM without

@@ -146,6 +146,7 @@ async def test_a_crashed_worker_s_entries_are_claimed_after_the_grace(redis: Red
     ("fragment", "users"),
     [
         ("PENDING_ON", ["START", "RELEASE", "REDELIVER", "SAVE_CHECKPOINT"]),
+        ("CLAIM_COUNTED", ["RECLAIM", "CRASHED"]),
     ],
 )
 def test_each_script_carries_its_shared_fragment_once(fragment: str, users: list[str]) -> None:
