@@ -62,7 +62,7 @@ from openrtc.messages import (
 )
 from openrtc.metrics import DispatcherMetrics
 from openrtc.monitor import read_status
-from openrtc.ops_http import LoopHealth, OpsServer, serving
+from openrtc.ops_http import OpsServer, ops_server, serving
 from openrtc.reconciler import LeaderLease, LeaseLost, Reconciler
 from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
@@ -219,17 +219,9 @@ class Dispatcher:
             settings.reconcile_grace,
         )
         #: The /healthz, /readyz and /metrics server; ``None`` when off.
-        self.http: OpsServer | None = None
-        if settings.http_port:
-            self.http = OpsServer(
-                settings.http_host,
-                settings.http_port,
-                fallback=settings.http_port_fallback,
-                registry=self.metrics.registry,
-                readiness=self.readiness,
-                refresh=self._refresh_metrics,
-                loop=LoopHealth(settings.health_max_lag, gauge=self.metrics.loop_lag),
-            )
+        self.http: OpsServer | None = ops_server(
+            settings, self.metrics, readiness=self.readiness, refresh=self._refresh_metrics
+        )
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 from aiohttp import web
@@ -36,7 +36,7 @@ from openrtc.errors import ConfigError
 from openrtc.streams import REDIS_DOWN
 from openrtc.supervision import describe, unwrap_group
 
-__all__ = ["LoopHealth", "OpsServer", "serving"]
+__all__ = ["LoopHealth", "OpsServer", "ops_server", "serving"]
 
 logger = logging.getLogger("openrtc.http")
 
@@ -182,6 +182,53 @@ class OpsServer:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await runner.cleanup()
+
+
+class HttpSettings(Protocol):
+    """The settings a service's ops server is built from (both services' have them)."""
+
+    @property
+    def http_host(self) -> str: ...
+    @property
+    def http_port(self) -> int: ...
+    @property
+    def http_port_fallback(self) -> bool: ...
+    @property
+    def health_max_lag(self) -> float: ...
+
+
+class ServiceMetrics(Protocol):
+    """The part of a service's metrics the ops server serves and feeds."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+    @property
+    def loop_lag(self) -> Gauge: ...
+
+
+def ops_server(
+    settings: HttpSettings,
+    metrics: ServiceMetrics,
+    *,
+    readiness: Callable[[], str | None],
+    refresh: Callable[[], Awaitable[None]],
+) -> OpsServer | None:
+    """A service's ops server as its settings ask; ``None`` when off (``http_port`` 0).
+
+    The one way the dispatcher and the worker build theirs: ``readiness`` and
+    ``refresh`` are the service's own (see :class:`OpsServer`).
+    """
+    if not settings.http_port:
+        return None
+    return OpsServer(
+        settings.http_host,
+        settings.http_port,
+        fallback=settings.http_port_fallback,
+        registry=metrics.registry,
+        readiness=readiness,
+        refresh=refresh,
+        loop=LoopHealth(settings.health_max_lag, gauge=metrics.loop_lag),
+    )
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -61,7 +61,7 @@ from openrtc.messages import (
     peek_job_header,
 )
 from openrtc.metrics import WorkerMetrics
-from openrtc.ops_http import LoopHealth, OpsServer, serving
+from openrtc.ops_http import OpsServer, ops_server, serving
 from openrtc.redis_access import check_redis_access
 from openrtc.redis_health import check_durability
 from openrtc.redis_url import is_cluster_url
@@ -272,17 +272,9 @@ class Worker:
         self._cpu_load = 0.0
         self._overloaded = False
         #: The /healthz, /readyz and /metrics server; ``None`` when off.
-        self.http: OpsServer | None = None
-        if settings.http_port:
-            self.http = OpsServer(
-                settings.http_host,
-                settings.http_port,
-                fallback=settings.http_port_fallback,
-                registry=self.metrics.registry,
-                readiness=self.readiness,
-                refresh=self._refresh_metrics,
-                loop=LoopHealth(settings.health_max_lag, gauge=self.metrics.loop_lag),
-            )
+        self.http: OpsServer | None = ops_server(
+            settings, self.metrics, readiness=self.readiness, refresh=self._refresh_metrics
+        )
 
     # -- lifecycle -----------------------------------------------------------
 
