@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypedDict
 
 import typer
 import typer.core
@@ -1065,6 +1065,22 @@ def _since(value: str | None) -> float | None:
         raise typer.BadParameter(str(exc), param_hint="'--since'") from None
 
 
+class _LetterFilters(TypedDict):
+    reason: str | None
+    agent: str | None
+    since: float | None
+
+
+def _letter_filters(
+    reason: DeadReason | None, agent: str | None, since: str | None
+) -> _LetterFilters:
+    """``--reason``, ``--agent`` and ``--since`` as the monitor's readers take them.
+
+    Raises ``BadParameter`` for an unreadable ``--since`` (before any Redis call).
+    """
+    return {"reason": reason.value if reason else None, "agent": agent, "since": _since(since)}
+
+
 def _letter_row(d: Any, now: float) -> list[str]:
     from openrtc.monitor import agent_label
 
@@ -1094,17 +1110,10 @@ def dlq_list(
 
     from openrtc.monitor import list_dead_letters
 
-    since_at = _since(since)
+    filters = _letter_filters(reason, agent, since)
     letters = _with_redis(
         redis_url,
-        lambda r: list_dead_letters(
-            r,
-            _keys(namespace, redis_url),
-            count=count,
-            reason=reason.value if reason else None,
-            agent=agent,
-            since=since_at,
-        ),
+        lambda r: list_dead_letters(r, _keys(namespace, redis_url), count=count, **filters),
     )
     if json_output:
         _print_json({"dead_letters": [d.summary() for d in letters]})
@@ -1137,16 +1146,10 @@ def dlq_stats(
 
     from openrtc.monitor import dead_letter_stats, scan_dead_letters
 
-    since_at = _since(since)
+    filters = _letter_filters(reason, agent, since)
 
     async def work(r: Any) -> Any:
-        letters = scan_dead_letters(
-            r,
-            _keys(namespace, redis_url),
-            reason=reason.value if reason else None,
-            agent=agent,
-            since=since_at,
-        )
+        letters = scan_dead_letters(r, _keys(namespace, redis_url), **filters)
         return dead_letter_stats([d async for d in letters])
 
     stats = _with_redis(redis_url, work)
