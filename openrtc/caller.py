@@ -16,6 +16,7 @@ import numpy as np
 from anyio.abc import TaskGroup
 from livekit import api, rtc
 
+from openrtc.messages import AGENT_ATTRIBUTE
 from openrtc.settings import LiveKitSettings
 
 __all__ = [
@@ -303,7 +304,7 @@ async def place_call(
                     result.error = f"no agent joined within {wait:.0f}s"
                 else:
                     result.identity = sighting.identity
-                    result.agent = sighting.attributes.get("openrtc.agent", "")
+                    result.agent = sighting.attributes.get(AGENT_ATTRIBUTE, "")
                     result.kind_agent = sighting.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
                     result.joined_after = round(sighting.at - started, 3)
                     with anyio.move_on_after(listen):

@@ -59,6 +59,7 @@ from openrtc.messages import (
     StatusEvent,
     accept_arguments,
     agent_identity,
+    participant_attributes,
 )
 from openrtc.metrics import DispatcherMetrics
 from openrtc.monitor import read_status
@@ -516,7 +517,7 @@ class Dispatcher:
         answer.participant_identity = agent_identity(job.id)
         answer.participant_name = name
         if route is not None:
-            answer.participant_attributes[AGENT_ATTRIBUTE] = route.agent
+            answer.participant_attributes.update(participant_attributes(route.agent))
             self.stats.accepted += 1
             self.metrics.availability_answers.labels("accepted").inc()
         return response

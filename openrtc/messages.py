@@ -182,6 +182,26 @@ class AcceptArguments:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
+def participant_attributes(
+    agent: str = "", *, room_created_ms: int = 0, queued_ms: int = 0
+) -> dict[str, str]:
+    """openrtc's attributes of an agent participant, each only when known (not empty, not 0).
+
+    The one place they are built: the dispatcher's availability answer and
+    every job entry carry the agent's (:func:`accept_arguments`); the room
+    token a worker mints adds the two times :meth:`JobMessage.replaced_by`
+    compares (:func:`openrtc.session.mint_token`).
+    """
+    attributes: dict[str, str] = {}
+    if agent:
+        attributes[AGENT_ATTRIBUTE] = agent
+    if room_created_ms:
+        attributes[ROOM_CREATED_ATTRIBUTE] = str(room_created_ms)
+    if queued_ms:
+        attributes[QUEUED_AT_ATTRIBUTE] = str(queued_ms)
+    return attributes
+
+
 def accept_arguments(job_id: str, agent: str) -> AcceptArguments:
     """How ``agent`` appears in the room of job ``job_id``: the one rule for every job entry.
 
@@ -194,7 +214,7 @@ def accept_arguments(job_id: str, agent: str) -> AcceptArguments:
         identity=agent_identity(job_id),
         name=agent,
         metadata="",
-        attributes={AGENT_ATTRIBUTE: agent} if agent else {},
+        attributes=participant_attributes(agent),
     )
 
 

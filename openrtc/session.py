@@ -45,10 +45,9 @@ from openrtc.errors import AgentBuildError
 from openrtc.logs import log_context
 from openrtc.messages import (
     JOINED_ATTRIBUTE,
-    QUEUED_AT_ATTRIBUTE,
-    ROOM_CREATED_ATTRIBUTE,
     JobMessage,
     agent_identity,
+    participant_attributes,
 )
 from openrtc.settings import LiveKitSettings
 
@@ -208,10 +207,9 @@ def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
         )
     attributes = dict(message.accept.attributes)
     attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
-    if message.room_created_ms:
-        attributes[ROOM_CREATED_ATTRIBUTE] = str(message.room_created_ms)
-    if message.queued_ms:
-        attributes[QUEUED_AT_ATTRIBUTE] = str(message.queued_ms)
+    attributes.update(
+        participant_attributes(room_created_ms=message.room_created_ms, queued_ms=message.queued_ms)
+    )
     return (
         api.AccessToken(credentials.api_key, credentials.api_secret)
         .with_identity(message.accept.identity)

@@ -22,6 +22,7 @@ from openrtc.messages import (
     JobMessage,
     accept_arguments,
     agent_identity,
+    participant_attributes,
 )
 
 pytestmark = pytest.mark.unit
@@ -173,3 +174,37 @@ def test_seconds_only_creation_time_counts_in_ms() -> None:
     msg = message("AJ_s", ("RM_s", 0))
     msg.job.CopyFrom(job)
     assert msg.room_created_ms == 1_700_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("agent", "room_created_ms", "queued_ms", "expected"),
+    [
+        ("", 0, 0, {}),
+        ("dental", 0, 0, {AGENT_ATTRIBUTE: "dental"}),
+        ("", 1_700_000_000_000, 0, {ROOM_CREATED_ATTRIBUTE: "1700000000000"}),
+        (
+            "dental",
+            1_700_000_000_000,
+            1_700_000_001_500,
+            {
+                AGENT_ATTRIBUTE: "dental",
+                ROOM_CREATED_ATTRIBUTE: "1700000000000",
+                QUEUED_AT_ATTRIBUTE: "1700000001500",
+            },
+        ),
+    ],
+)
+def test_participant_attributes_carry_only_what_is_known(
+    agent: str, room_created_ms: int, queued_ms: int, expected: dict[str, str]
+) -> None:
+    assert (
+        participant_attributes(agent, room_created_ms=room_created_ms, queued_ms=queued_ms)
+        == expected
+    )
+    # What replaced_by reads is what participant_attributes writes.
+    me = message("AJ_me", OLD_ROOM, queued_ms=1_700_000_002_000)
+    if room_created_ms and queued_ms:
+        theirs = participant_attributes(
+            "dental", room_created_ms=OLD_ROOM[1], queued_ms=1_700_000_001_000
+        )
+        assert me.replaced_by("", [(agent_identity("AJ_x"), theirs)]) == agent_identity("AJ_x")
