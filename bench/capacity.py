@@ -479,7 +479,14 @@ async def measure_redis(
     from openrtc.devstack import RedisServer
     from openrtc.keys import Keys
     from openrtc.membership import Presence, read_agent_loads
-    from openrtc.messages import JobMessage, JobStatus, StatusEvent, accept_arguments
+    from openrtc.messages import (
+        JobMessage,
+        JobStatus,
+        RecordField,
+        RecordState,
+        StatusEvent,
+        accept_arguments,
+    )
     from openrtc.settings import DEFAULT_DEDUP_TTL
     from openrtc.streams import RECLAIM_SWEEP, JobConsumer, StreamStore
 
@@ -550,9 +557,16 @@ async def measure_redis(
 
         async def updates() -> None:  # running, healthy, done
             for job_id in job_ids:
-                await consumer.update_record(job_id, state="running", worker="worker-1", attempt=1)
-                await consumer.update_record(job_id, healthy=1)
-                await consumer.update_record(job_id, state="done")
+                await consumer.update_record(
+                    job_id,
+                    {
+                        RecordField.STATE: RecordState.RUNNING,
+                        RecordField.WORKER: "worker-1",
+                        RecordField.ATTEMPT: 1,
+                    },
+                )
+                await consumer.update_record(job_id, {RecordField.HEALTHY: 1})
+                await consumer.update_record(job_id, {RecordField.STATE: RecordState.DONE})
 
         phases["record updates (3 x HSET+EXPIRE)"] = await meter.phase(jobs, updates)
 

@@ -116,6 +116,7 @@ from openrtc.devstack import (  # noqa: E402
 )
 from openrtc.errors import ConfigError  # noqa: E402
 from openrtc.keys import Keys  # noqa: E402
+from openrtc.messages import RecordField, RecordState  # noqa: E402
 
 AGENTS: Final = ("dental", "restaurant")
 AGENTS_DIR: Final = REPO_ROOT / "examples" / "offline_agents"
@@ -587,8 +588,8 @@ class Harness:
             for eid, job_key in before.items():
                 if eid in after:
                     continue
-                state = await redis.hget(job_key, "state") if job_key else None
-                if state != b"done":
+                state = await redis.hget(job_key, RecordField.STATE) if job_key else None
+                if state != RecordState.DONE.encode():
                     self.aof_lost.append(eid)
             fault.detail = (
                 f"down {self.args.redis_down:g}s; {len(before)} job entries before, "

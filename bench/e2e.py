@@ -72,6 +72,7 @@ from redis.asyncio import Redis  # noqa: E402
 from openrtc.devstack import LIVEKIT_VERSION, LiveKitServer, RedisServer  # noqa: E402
 from openrtc.errors import ConfigError  # noqa: E402
 from openrtc.keys import Keys  # noqa: E402
+from openrtc.messages import RecordField  # noqa: E402
 
 GOAL: Final = 1.10
 AGENT: Final = "dental"
@@ -217,7 +218,7 @@ async def read_entry(redis: Redis, keys: Keys, call: Call) -> None:
         call.job_id = fields[b"job_id"].decode()
         for name in ("received_at", "routed_at", "enqueued_at"):
             call.entry[name] = float(fields[name.encode()])
-        started = await redis.hget(keys.job(AGENT, call.job_id), "started_at")
+        started = await redis.hget(keys.job(AGENT, call.job_id), RecordField.STARTED_AT)
         if started:
             call.entry["started_at"] = float(started)
         return

@@ -40,7 +40,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from openrtc.messages import DeadReason, ForgedEntry, JobMessage, MalformedEntry
+from openrtc.messages import (
+    DeadReason,
+    ForgedEntry,
+    JobMessage,
+    MalformedEntry,
+    RecordField,
+    RecordState,
+)
 from openrtc.settings import WorkerSettings
 
 __all__ = ["Action", "Start", "Verdict", "judge", "small_count", "start_kind", "waited"]
@@ -108,9 +115,9 @@ def judge(
         redis_offset: Redis's clock minus this host's.
     """
     known = record or {}
-    failed = deliveries - small_count(known.get("healthy", ""))
+    failed = deliveries - small_count(known.get(RecordField.HEALTHY, ""))
     if deliveries > settings.max_deliveries and failed > settings.max_deliveries:
-        last = known.get("last_error") or "no error recorded"
+        last = known.get(RecordField.LAST_ERROR) or "no error recorded"
         return Verdict(
             Action.DEAD_LETTER,
             DeadReason.MAX_DELIVERIES,
@@ -131,10 +138,10 @@ def judge(
         )
     if record is None:
         return Verdict(Action.RETRY, error="its record could not be read")
-    started_before = record.get("state") == "running"
+    started_before = record.get(RecordField.STATE) == RecordState.RUNNING
     if started_before:
         return Verdict(Action.START)
-    if record.get("terminated"):
+    if record.get(RecordField.TERMINATED):
         # Terminated while it waited (its dispatch was deleted, the room
         # closed): nobody should join. A call that had started is another
         # matter: the termination is then the dead worker's agent leaving.

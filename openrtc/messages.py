@@ -515,6 +515,44 @@ class ControlEvent:
         return cls(job_id=job_id, reason=bounded(reason, ID_MAX))
 
 
+class RecordField:
+    """The fields of a job's record hash (``<ns>:job:<agent>:<job id>``), each named once.
+
+    The scripts compose them into their Lua (:mod:`openrtc.scripts`); the
+    worker and its policies (:mod:`openrtc.acceptance`) read and write them
+    by these names. The record only advises (:func:`decode_job_record`).
+    """
+
+    #: The job's live stream entry id.
+    ENTRY: Final = "entry"
+    #: Where the job is (:class:`RecordState`).
+    STATE: Final = "state"
+    #: The dispatcher that enqueued (or replayed) it.
+    DISPATCHER: Final = "dispatcher"
+    #: The worker whose session started it.
+    WORKER: Final = "worker"
+    #: The dead letter it was replayed from.
+    REPLAYED_FROM: Final = "replayed_from"
+    #: Why LiveKit terminated it (set by the dispatcher).
+    TERMINATED: Final = "terminated"
+    #: The delivery its session started on.
+    ATTEMPT: Final = "attempt"
+    #: When that session started (unix s).
+    STARTED_AT: Final = "started_at"
+    #: The delivery whose session lived a lease: the deliveries up to it were no failures.
+    HEALTHY: Final = "healthy"
+    #: The last session's error.
+    LAST_ERROR: Final = "last_error"
+
+
+class RecordState:
+    """The values of a job record's :attr:`RecordField.STATE`."""
+
+    QUEUED: Final = "queued"
+    RUNNING: Final = "running"
+    DONE: Final = "done"
+
+
 def decode_job_record(raw: Mapping[Any, Any]) -> dict[str, str]:
     """A job record hash (``<ns>:job:<agent>:<job id>``) as text; never raises.
 

@@ -18,7 +18,11 @@ import msgpack
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from openrtc.messages import QUEUED_AT_FIELD
+from openrtc.messages import QUEUED_AT_FIELD, RecordField, RecordState
+
+# The job record's field names and states, composed into the scripts' Lua.
+_R: Final = RecordField
+_S: Final = RecordState
 
 __all__ = ["Scripts", "register"]
 
@@ -60,14 +64,15 @@ end
 # No MAXLEN: trimming would cut the oldest entries, running calls included.
 
 ENQUEUE: Final = f"""
-local existing = redis.call('HGET', KEYS[1], 'entry')
+local existing = redis.call('HGET', KEYS[1], '{_R.ENTRY}')
 if existing then
   return {{0, existing}}
 end
 {STAMP_NOW}
 local fields = cmsgpack.unpack(ARGV[3])
 local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(fields))
-redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[2])
+redis.call('HSET', KEYS[1], '{_R.ENTRY}', id, '{_R.STATE}', '{_S.QUEUED}',
+  '{_R.DISPATCHER}', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {{1, id}}
 """
@@ -85,8 +90,8 @@ return {{1, id}}
 #   another worker read the restored entry as new (delivery 1) and has not
 #   started it (the record does not name it: START). The call is still ours;
 #   the worker writes it back, deleting the stray copy.
-RENEW: Final = """
-local lost, forgotten = {}, {}
+RENEW: Final = f"""
+local lost, forgotten = {{}}, {{}}
 for i = 3, #ARGV do
   local id = ARGV[i]
   local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], id, id, 1)
@@ -94,21 +99,21 @@ for i = 3, #ARGV do
   if owner == ARGV[2] then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
   else
-    local rec = redis.call('HMGET', KEYS[i - 1], 'worker', 'state')
+    local rec = redis.call('HMGET', KEYS[i - 1], '{_R.WORKER}', '{_R.STATE}')
     if owner then
       if p[1][4] == 1 and rec[1] ~= owner then
         table.insert(forgotten, id)
       else
         table.insert(lost, id)
       end
-    elseif (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then
+    elseif (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == '{_S.DONE}' then
       table.insert(lost, id)
     else
       table.insert(forgotten, id)
     end
   end
 end
-return {lost, forgotten}
+return {{lost, forgotten}}
 """
 
 # KEYS: job stream, job record. ARGV: group, consumer, entry id, record ttl
@@ -121,7 +126,7 @@ return {lost, forgotten}
 START: Final = f"""
 {PENDING_ON}
 if not pending_on(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[2], 'state', 'running', 'worker', ARGV[2], unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], '{_R.STATE}', '{_S.RUNNING}', '{_R.WORKER}', ARGV[2], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
@@ -131,10 +136,10 @@ return 1
 # a peer), 'moved' (gone, and the record names another worker or says done:
 # the peer ran it), or 'forgotten' (gone, and nobody took it over: Redis lost
 # it; the releasing worker writes the call back as its own).
-RELEASED: Final = """
+RELEASED: Final = f"""
 if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3]) > 0 then return 'present' end
-local rec = redis.call('HMGET', KEYS[2], 'worker', 'state')
-if (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == 'done' then return 'moved' end
+local rec = redis.call('HMGET', KEYS[2], '{_R.WORKER}', '{_R.STATE}')
+if (rec[1] and rec[1] ~= ARGV[2]) or rec[2] == '{_S.DONE}' then return 'moved' end
 return 'forgotten'
 """
 
@@ -148,7 +153,7 @@ return 'forgotten'
 # and the entries that were waiting behind the old position are re-added after
 # it (same fields, same order), so they are still delivered exactly once.
 # Returns the new entry id.
-WRITE_BACK: Final = """
+WRITE_BACK: Final = f"""
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
 if ARGV[4] ~= '' then
@@ -157,7 +162,7 @@ if ARGV[4] ~= '' then
 end
 local last = '0-0'
 for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-  local g = {}
+  local g = {{}}
   for j = 1, #info, 2 do g[info[j]] = info[j + 1] end
   if g['name'] == group then last = g['last-delivered-id'] end
 end
@@ -170,7 +175,7 @@ for _, e in ipairs(waiting) do
   redis.call('XDEL', stream, e[1])
 end
 redis.call('XGROUP', 'SETID', stream, group, id)
-redis.call('HSET', KEYS[2], 'entry', id, 'state', 'running', 'worker', consumer)
+redis.call('HSET', KEYS[2], '{_R.ENTRY}', id, '{_R.STATE}', '{_S.RUNNING}', '{_R.WORKER}', consumer)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return id
 """
@@ -203,7 +208,7 @@ if ARGV[4] then
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(f))
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HSET', KEYS[2], 'entry', id)
+  redis.call('HSET', KEYS[2], '{_R.ENTRY}', id)
 end
 return id
 """
@@ -406,7 +411,7 @@ REPLAY: Final = f"""
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
   return {{0, ''}}
 end
-local live = redis.call('HGET', KEYS[2], 'entry')
+local live = redis.call('HGET', KEYS[2], '{_R.ENTRY}')
 if live and #redis.call('XRANGE', KEYS[3], live, live) > 0 then
   return {{2, live}}
 end
@@ -414,8 +419,8 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 {STAMP_NOW}
 local id = redis.call('XADD', KEYS[3], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 4))
-redis.call('HSET', KEYS[2], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3],
-  'replayed_from', ARGV[1])
+redis.call('HSET', KEYS[2], '{_R.ENTRY}', id, '{_R.STATE}', '{_S.QUEUED}',
+  '{_R.DISPATCHER}', ARGV[3], '{_R.REPLAYED_FROM}', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return {{1, id}}
 """
@@ -430,7 +435,7 @@ return {{1, id}}
 # Returns {1, new id} when replayed; {3, id} when this letter was replayed
 # already (as id); {2, entry} when the job is queued or running as entry.
 REPLAY_INTO: Final = f"""
-local rec = redis.call('HMGET', KEYS[1], 'replayed_from', 'entry')
+local rec = redis.call('HMGET', KEYS[1], '{_R.REPLAYED_FROM}', '{_R.ENTRY}')
 if rec[1] == ARGV[1] and rec[2] then
   return {{3, rec[2]}}
 end
@@ -441,8 +446,8 @@ end
 redis.call('DEL', KEYS[1])
 {STAMP_NOW}
 local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(ARGV, 4))
-redis.call('HSET', KEYS[1], 'entry', id, 'state', 'queued', 'dispatcher', ARGV[3],
-  'replayed_from', ARGV[1])
+redis.call('HSET', KEYS[1], '{_R.ENTRY}', id, '{_R.STATE}', '{_S.QUEUED}',
+  '{_R.DISPATCHER}', ARGV[3], '{_R.REPLAYED_FROM}', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {{1, id}}
 """

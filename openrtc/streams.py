@@ -35,6 +35,7 @@ from openrtc.messages import (
     ControlEvent,
     DeadReason,
     JobMessage,
+    RecordField,
     StatusEvent,
     dead_letter_fields,
     decode_job_record,
@@ -312,7 +313,7 @@ class StreamStore:
             approximate=True,
         )
         record = self.keys.job(agent, job_id)
-        pipe.hset(record, b"terminated", reason.encode())
+        pipe.hset(record, RecordField.TERMINATED, reason.encode())
         pipe.expire(record, self.dedup_ttl)
         await pipe.execute()
 
@@ -537,13 +538,16 @@ class JobConsumer:
         )
         return _text(entry_id)
 
-    async def start(self, entry_id: str, job_id: str, **fields: str | int | float) -> bool:
+    async def start(
+        self, entry_id: str, job_id: str, fields: Mapping[str, str | int | float] | None = None
+    ) -> bool:
         """Mark the job running here, if its entry is still pending on this consumer.
 
         The last step before joining: ``False`` means another worker has the
         call (a live worker wrote back the entry this one read as new).
+        ``fields``: more of the record's (:class:`~openrtc.messages.RecordField`).
         """
-        flat: list[Any] = [part for pair in fields.items() for part in pair]
+        flat: list[Any] = [part for pair in (fields or {}).items() for part in pair]
         marked = await self._scripts.start(
             keys=[self.stream, self.store.keys.job(self.agent, job_id)],
             args=[WORKERS_GROUP, self.consumer, entry_id, self.store.dedup_ttl, *flat],
@@ -623,8 +627,8 @@ class JobConsumer:
         raw = await self.redis.hgetall(self.store.keys.job(self.agent, job_id))
         return decode_job_record(raw)
 
-    async def update_record(self, job_id: str, **fields: str | int | float) -> None:
-        """Update the job's record, keeping its expiry."""
+    async def update_record(self, job_id: str, fields: Mapping[str, str | int | float]) -> None:
+        """Update the job's record (:class:`~openrtc.messages.RecordField`), keeping its expiry."""
         key = self.store.keys.job(self.agent, job_id)
         pipe = self.redis.pipeline(transaction=False)
         mapping: dict[Any, Any] = dict(fields)

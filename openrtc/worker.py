@@ -57,6 +57,8 @@ from openrtc.messages import (
     JobMessage,
     JobStatus,
     MalformedEntry,
+    RecordField,
+    RecordState,
     StatusEvent,
     peek_job_header,
 )
@@ -865,7 +867,7 @@ class Worker:
         claim.start = start_kind(
             delivery.deliveries,
             bool(message.handover_from),
-            (record or {}).get("state") == "running",
+            (record or {}).get(RecordField.STATE) == RecordState.RUNNING,
             room == OURS_IN_ROOM,
         )
         if claim.start is Start.CONTESTED and not await self._contest(claim, message):
@@ -963,8 +965,10 @@ class Worker:
                 ours = await self.consumer.start(
                     claim.entry_id,
                     message.job_id,
-                    attempt=claim.delivery.deliveries,
-                    started_at=f"{self._clock():.6f}",
+                    {
+                        RecordField.ATTEMPT: claim.delivery.deliveries,
+                        RecordField.STARTED_AT: f"{self._clock():.6f}",
+                    },
                 )
         except (*REDIS_DOWN, TimeoutError) as exc:
             logger.warning("job %s: record not updated: %s", message.job_id, exc)
@@ -1124,7 +1128,7 @@ class Worker:
                 await anyio.sleep(self.settings.lease)
                 try:
                     await self.consumer.update_record(
-                        message.job_id, healthy=claim.delivery.deliveries
+                        message.job_id, {RecordField.HEALTHY: claim.delivery.deliveries}
                     )
                 except REDIS_DOWN as exc:
                     logger.warning("job %s: record not updated: %s", message.job_id, exc)
@@ -1255,7 +1259,9 @@ class Worker:
                 outcome.error,
             )
             with contextlib.suppress(*REDIS_DOWN):
-                await self.consumer.update_record(message.job_id, last_error=outcome.error)
+                await self.consumer.update_record(
+                    message.job_id, {RecordField.LAST_ERROR: outcome.error}
+                )
             # Left pending and no longer renewed: after the lease it is
             # delivered again, to this worker or another, until the limit.
             return
@@ -1294,7 +1300,7 @@ class Worker:
         claim.settled = True
         try:
             await self._until_redis(self.consumer.ack, claim.entry_id)
-            await self.consumer.update_record(message.job_id, state="done")
+            await self.consumer.update_record(message.job_id, {RecordField.STATE: RecordState.DONE})
         except REDIS_DOWN as exc:
             logger.warning("job %s: record not updated: %s", message.job_id, exc)
 

@@ -50,7 +50,7 @@ async def test_the_owner_fence_lets_only_the_entry_s_consumer_act(redis: Redis) 
     assert await redis.hget(keys.job("dental", job), "state") == b"queued"
 
     # The owner: each acts.
-    assert await owner.start(first.entry_id, job, attempt=1)
+    assert await owner.start(first.entry_id, job, {"attempt": 1})
     record = await redis.hgetall(keys.job("dental", job))
     assert (record[b"state"], record[b"worker"], record[b"attempt"]) == (
         b"running",
