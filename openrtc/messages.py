@@ -156,10 +156,15 @@ def _millis(fields: Fields, name: str) -> int:
     return int(text)
 
 
+def _is_id(text: str) -> bool:
+    """What an id must be, as it names keys and appears in every log line: short and printable."""
+    return len(text) <= ID_MAX and text.isprintable()
+
+
 def _id(fields: Fields, name: str, *, required: bool = True) -> str:
-    """An id that names keys and appears in every log line: short and printable."""
+    """An id field (:func:`_is_id`); raises :class:`MalformedEntry` when it is not one."""
     text = _text(fields, name, required=required)
-    if len(text) > ID_MAX or not text.isprintable():
+    if not _is_id(text):
         raise MalformedEntry(f"field {name!r} is not an id: {_shown(text)}")
     return text
 
@@ -413,12 +418,17 @@ class JobMessage:
 
 
 def _hint_id(fields: Fields, name: str) -> str:
-    """An optional id field that is only a hint: ``""`` when absent or unusable."""
+    """An optional id field that is only a hint: ``""`` when absent or not an id (:func:`_is_id`).
+
+    Never refuses the entry, and never raises: bytes past :data:`ID_MAX` are
+    not decoded, and bytes that are not UTF-8 are read with replacement
+    characters (a hint still, where :func:`_id` refuses them).
+    """
     raw = fields.get(name.encode())
     if not isinstance(raw, bytes) or len(raw) > ID_MAX:
         return ""
     text = raw.decode(errors="replace")
-    return text if text.isprintable() else ""
+    return text if _is_id(text) else ""
 
 
 def _traceparent(fields: Fields) -> str:
