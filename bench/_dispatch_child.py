@@ -37,13 +37,13 @@ from typing import Any
 
 import anyio
 
-from openrtc.agents import AgentPool
-from openrtc.dispatcher import Dispatcher
-from openrtc.messages import JobMessage
+from openrtc.agents.registry import AgentPool
+from openrtc.dispatcher.dispatcher import Dispatcher
 from openrtc.settings import DispatcherSettings, LiveKitSettings
-from openrtc.signing import keys_from
-from openrtc.streams import EnqueueResult
+from openrtc.store.streams import EnqueueResult
 from openrtc.supervision import freeze_imports
+from openrtc.wire.messages import JobMessage
+from openrtc.wire.signing import keys_from
 
 
 def build(agents_dir: Path, max_backlog: int) -> Dispatcher:
@@ -95,7 +95,7 @@ def record_gc(collections: list[tuple[float, int, float]]) -> None:
 
 
 async def serve(dispatcher: Dispatcher) -> None:
-    """``openrtc.cli._run_service``: the first signal drains, a second one aborts."""
+    """``openrtc.cli.main._run_service``: the first signal drains, a second one aborts."""
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:

@@ -10,7 +10,7 @@ registered under an explicit agent name (``DENSITY_AGENT_NAME``, default
 ``dental-plain``), so it only takes jobs made with
 ``agent_dispatch.create_dispatch``; each job runs in a job process of its own
 (livekit-agents' default: forked from its forkserver, which preloads
-``livekit.agents``). The session is the one ``openrtc.session.run_session``
+``livekit.agents``). The session is the one ``openrtc.session.session.run_session``
 builds for the same agent: the agent class, ``ToneTTS`` and greeting of
 ``examples/offline_agents/dental.py`` (discovered as openrtc's workers discover
 it), no STT, LLM or VAD, manual turn detection; connect, start, say the
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 from livekit.agents import AgentServer, AgentSession, JobContext, cli
 
 if TYPE_CHECKING:
-    from openrtc.agents import AgentConfig
+    from openrtc.agents.registry import AgentConfig
 
 OFFLINE_AGENTS: Final = Path(__file__).resolve().parents[1] / "examples" / "offline_agents"
 AGENT_NAME: Final = os.environ.get("DENSITY_AGENT_NAME", "dental-plain")
@@ -70,7 +70,7 @@ server = AgentServer(
 @cache
 def _dental() -> AgentConfig:
     """The offline dental agent, discovered as openrtc's workers discover it."""
-    from openrtc.agents import AgentPool
+    from openrtc.agents.registry import AgentPool
 
     return AgentPool.from_directory(OFFLINE_AGENTS).get("dental")
 

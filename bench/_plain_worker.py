@@ -34,7 +34,7 @@ from typing import Any, Final
 from livekit import rtc
 from livekit.agents import Agent, AgentServer, AgentSession, JobContext, JobRequest
 
-from openrtc.tone_tts import ToneTTS
+from openrtc.agents.tone_tts import ToneTTS
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 DENTAL: Final = REPO_ROOT / "examples" / "offline_agents" / "dental.py"

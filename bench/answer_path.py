@@ -21,10 +21,10 @@ from typing import Any
 
 from livekit.protocol import agent as proto
 
-from openrtc.agents import AgentPool
-from openrtc.dispatcher import Dispatcher
-from openrtc.messages import JobMessage
+from openrtc.agents.registry import AgentPool
+from openrtc.dispatcher.dispatcher import Dispatcher
 from openrtc.settings import DispatcherSettings, LiveKitSettings
+from openrtc.wire.messages import JobMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ class _Socket:
 def _tracing_on() -> None:
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-    from openrtc import tracing  # type: ignore[attr-defined,unused-ignore]
+    from openrtc.ops import tracing  # type: ignore[attr-defined,unused-ignore]
 
     class Drop(SpanProcessor):
         pass

@@ -6,7 +6,7 @@ Run from the repository root::
     .venv/bin/python bench/capacity.py --figures bench/results/latest.json
     .venv/bin/python bench/capacity.py --peak-rate 5 --concurrent 300 --call-minutes 3
 
-It measures, on a throwaway ``redis-server`` (``openrtc.devstack.RedisServer``):
+It measures, on a throwaway ``redis-server`` (``openrtc.devtools.devstack.RedisServer``):
 
 1. **the raw anchor**: ``redis-benchmark`` XADD, pipelined, and Redis's own CPU
    per XADD;
@@ -476,10 +476,12 @@ async def measure_redis(
     from livekit.protocol import models
     from redis.asyncio import Redis
 
-    from openrtc.devstack import RedisServer
-    from openrtc.keys import Keys
-    from openrtc.membership import Presence, read_agent_loads
-    from openrtc.messages import (
+    from openrtc.devtools.devstack import RedisServer
+    from openrtc.settings import DEFAULT_DEDUP_TTL
+    from openrtc.store.membership import Presence, read_agent_loads
+    from openrtc.store.streams import RECLAIM_SWEEP, JobConsumer, StreamStore
+    from openrtc.wire.keys import Keys
+    from openrtc.wire.messages import (
         JobMessage,
         JobStatus,
         RecordField,
@@ -487,8 +489,6 @@ async def measure_redis(
         StatusEvent,
         accept_arguments,
     )
-    from openrtc.settings import DEFAULT_DEDUP_TTL
-    from openrtc.streams import RECLAIM_SWEEP, JobConsumer, StreamStore
 
     server = RedisServer()
     server.start()
@@ -705,7 +705,7 @@ async def measure_redis(
             per_call = get(renew_entry) * 3 / lease + get(sweep_entry) / (lease * RECLAIM_SWEEP)
             per_worker = (
                 get(phases["worker heartbeat (+TIME)"]) / heartbeat
-                + get(empty)  # one pass a second (openrtc.worker.RECLAIM_INTERVAL)
+                + get(empty)  # one pass a second (openrtc.worker.worker.RECLAIM_INTERVAL)
                 + get(phases["idle reads (jobs, control)"])  # each blocks up to 1 s
                 + get(renew_fixed) * 3 / lease
             )

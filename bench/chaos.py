@@ -8,12 +8,12 @@ Run from the repository root::
     .venv/bin/python bench/chaos.py --short --seed 3 --log-dir /tmp/chaos
 
 One real ``livekit-server`` and one ``redis-server`` on loopback
-(``openrtc.devstack``; Redis starts with ``appendonly yes``), two agents
+(``openrtc.devtools.devstack``; Redis starts with ``appendonly yes``), two agents
 (``examples/offline_agents``: dental, restaurant), two dispatchers
 (automatic dispatch) and four workers, each its own ``python -m openrtc``
 process in its own process group: dental in coroutine and in process
 isolation, restaurant in two coroutine workers. The workers reach LiveKit
-through a loopback TCP proxy (``openrtc.devstack.DelayProxy``) that can hold back the
+through a loopback TCP proxy (``openrtc.devtools.devstack.DelayProxy``) that can hold back the
 server API's requests (``POST /twirp/...``) while signalling passes untouched.
 
 Each call: this process creates a room named ``<agent>-c<n>-<hex>`` whose
@@ -107,7 +107,7 @@ from e2e import JOINED_LINE, Child, percentile  # noqa: E402
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
-from openrtc.devstack import (  # noqa: E402
+from openrtc.devtools.devstack import (  # noqa: E402
     API_REQUEST,
     DelayProxy,
     LiveKitServer,
@@ -115,8 +115,8 @@ from openrtc.devstack import (  # noqa: E402
     delay_proxy,
 )
 from openrtc.errors import ConfigError  # noqa: E402
-from openrtc.keys import Keys  # noqa: E402
-from openrtc.messages import RecordField, RecordState  # noqa: E402
+from openrtc.wire.keys import Keys  # noqa: E402
+from openrtc.wire.messages import RecordField, RecordState  # noqa: E402
 
 AGENTS: Final = ("dental", "restaurant")
 AGENTS_DIR: Final = REPO_ROOT / "examples" / "offline_agents"

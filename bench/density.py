@@ -7,7 +7,7 @@ Run from the repository root::
     .venv/bin/python bench/density.py --sessions 1,5 --systems coroutine,process
 
 One run, on this machine, against a real ``livekit-server`` and a real
-``redis-server`` (``openrtc.devstack``, free loopback ports). Three workers are
+``redis-server`` (``openrtc.devtools.devstack``, free loopback ports). Three workers are
 measured one after the other, each serving the offline dental agent
 (``examples/offline_agents/dental.py``: a tone TTS greeting, no STT or LLM):
 
@@ -90,11 +90,11 @@ from livekit import api, rtc
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from openrtc.devstack import LIVEKIT_VERSION, LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import JobMessage, accept_arguments
+from openrtc.devtools.devstack import LIVEKIT_VERSION, LiveKitServer, RedisServer
 from openrtc.settings import LiveKitSettings
-from openrtc.streams import StreamStore, connect_redis
+from openrtc.store.streams import StreamStore, connect_redis
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import JobMessage, accept_arguments
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
@@ -147,7 +147,7 @@ _T0 = time.monotonic()
 
 
 class BenchLiveKitServer(LiveKitServer):
-    """``openrtc.devstack.LiveKitServer`` that advertises a loopback STUN address.
+    """``openrtc.devtools.devstack.LiveKitServer`` that advertises a loopback STUN address.
 
     With no STUN server configured, livekit-server tells every client to use
     its public defaults (``stun.l.google.com``, ``global.stun.twilio.com``...),
@@ -164,7 +164,7 @@ class BenchLiveKitServer(LiveKitServer):
     def config_yaml(self) -> str:
         anchor = "  enable_loopback_candidate: true\n"
         base = super().config_yaml()
-        assert anchor in base, "openrtc.devstack changed its LiveKit configuration"
+        assert anchor in base, "openrtc.devtools.devstack changed its LiveKit configuration"
         return base.replace(anchor, anchor + "  stun_servers: ['127.0.0.1:9']\n")
 
 

@@ -7,7 +7,7 @@ Run from the repository root::
 
 One run, three kinds of process on loopback:
 
-* a throwaway ``redis-server`` (``openrtc.devstack.RedisServer``);
+* a throwaway ``redis-server`` (``openrtc.devtools.devstack.RedisServer``);
 * the dispatcher, in a process of its own (``_dispatch_child.py``: what
   ``openrtc dispatcher --agents-dir examples/offline_agents`` runs, plus a
   record of when each job's Redis reply came back, and its stats at exit);
@@ -72,10 +72,10 @@ from livekit.protocol import agent as proto  # noqa: E402
 from redis import __version__ as redis_py_version  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
-from openrtc.devstack import RedisServer  # noqa: E402
-from openrtc.keys import Keys  # noqa: E402
-from openrtc.messages import JobMessage, accept_arguments  # noqa: E402
-from openrtc.streams import StreamStore  # noqa: E402
+from openrtc.devtools.devstack import RedisServer  # noqa: E402
+from openrtc.store.streams import StreamStore  # noqa: E402
+from openrtc.wire.keys import Keys  # noqa: E402
+from openrtc.wire.messages import JobMessage, accept_arguments  # noqa: E402
 from tests.standin import StandIn, WorkerConn, make_job, running_standin  # noqa: E402
 
 CHILD_SCRIPT: Final = BENCH_DIR / "_dispatch_child.py"

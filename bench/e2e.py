@@ -7,7 +7,7 @@ Run from the repository root::
     .venv/bin/python bench/e2e.py --calls 200 --log-dir /tmp/e2e-logs
 
 One real ``livekit-server`` and one ``redis-server`` on loopback
-(``openrtc.devstack``), and two ways of serving the same offline agent
+(``openrtc.devtools.devstack``), and two ways of serving the same offline agent
 (``examples/offline_agents/dental.py``: no STT or LLM, a tone TTS greeting):
 
 * **openrtc**: ``python -m openrtc dispatcher --agent-name openrtc-bench`` and
@@ -69,10 +69,10 @@ from _common import ServiceDied, ServiceProcess, percentile, record_figure  # no
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
-from openrtc.devstack import LIVEKIT_VERSION, LiveKitServer, RedisServer  # noqa: E402
+from openrtc.devtools.devstack import LIVEKIT_VERSION, LiveKitServer, RedisServer  # noqa: E402
 from openrtc.errors import ConfigError  # noqa: E402
-from openrtc.keys import Keys  # noqa: E402
-from openrtc.messages import RecordField  # noqa: E402
+from openrtc.wire.keys import Keys  # noqa: E402
+from openrtc.wire.messages import RecordField  # noqa: E402
 
 GOAL: Final = 1.10
 AGENT: Final = "dental"
@@ -86,7 +86,7 @@ OPENRTC_SLOTS: Final = 10
 METADATA: Final = json.dumps({"agent": AGENT})
 OPENRTC: Final = "openrtc"
 PLAIN: Final = "plain"
-#: The worker's INFO line once its agent is in the room (openrtc/worker.py).
+#: The worker's INFO line once its agent is in the room (openrtc/worker/worker.py).
 JOINED_LINE: Final = re.compile(
     r"job (?P<job>\S+): agent '[^']*' joined room (?P<room>\S+) as \S+ "
     r"\((?P<ms>\d+) ms after enqueue\)"
@@ -136,7 +136,7 @@ def make_children(
     agents_dir = ["--agents-dir", str(AGENTS_DIR)]
     dispatcher = [python, "-m", "openrtc", "dispatcher", *agents_dir]
     # Peers of the first worker (--workers): each call then goes through the
-    # spread-by-load check (openrtc.spread) before its read.
+    # spread-by-load check (openrtc.worker.spread) before its read.
     peers = {
         f"worker-{i}": Child(
             f"openrtc worker {i}",

@@ -40,17 +40,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import record_figure
 from redis.asyncio import Redis
 
-from openrtc.devstack import RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.streams import (
+from openrtc.devtools.devstack import RedisServer
+from openrtc.store.streams import (
     RECLAIM_STATE_TTL,
     RECLAIM_SWEEP,
     JobConsumer,
     StreamStore,
 )
+from openrtc.wire.keys import WORKERS_GROUP, Keys
 
 LIVE_CONSUMERS = 10
-RECLAIM_INTERVAL = 1.0  # openrtc.worker.RECLAIM_INTERVAL
+RECLAIM_INTERVAL = 1.0  # openrtc.worker.worker.RECLAIM_INTERVAL
 
 
 async def deliver(redis: Redis, stream: str, consumer: str, n: int) -> list[bytes]:

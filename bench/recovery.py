@@ -61,12 +61,12 @@ from _common import percentile, record_figure
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.caller import AgentSighting, Caller, TrackAudio, caller_in
-from openrtc.devstack import LiveKitServer, RedisCluster, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.redis_url import is_cluster_url
+from openrtc.devtools.caller import AgentSighting, Caller, TrackAudio, caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisCluster, RedisServer
 from openrtc.settings import LiveKitSettings
-from openrtc.streams import connect_redis
+from openrtc.store.redis_url import is_cluster_url
+from openrtc.store.streams import connect_redis
+from openrtc.wire.keys import WORKERS_GROUP, Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS_DIR = ROOT / "examples" / "offline_agents"

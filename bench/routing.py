@@ -1,4 +1,4 @@
-"""Benchmark ``openrtc.routing.resolve_agent`` against the resolver of openrtc 0.20.1.
+"""Benchmark ``openrtc.agents.routing.resolve_agent`` against the resolver of openrtc 0.20.1.
 
 Run from the repository root::
 
@@ -57,7 +57,7 @@ quiet_logging()
 # so leaving it out would flatter this side.
 import livekit.agents  # noqa: E402, F401
 
-from openrtc.routing import RoutingTable, resolve_agent  # noqa: E402
+from openrtc.agents.routing import RoutingTable, resolve_agent  # noqa: E402
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent

@@ -143,7 +143,7 @@ def _memory_gb() -> str:
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     sys.path.insert(0, str(REPO_ROOT))
-    from openrtc.devstack import LIVEKIT_VERSION
+    from openrtc.devtools.devstack import LIVEKIT_VERSION
 
     commit = _command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
     dirty = _command_output(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "openrtc"])

@@ -1,19 +1,19 @@
 """OpenRTC dispatch: route every LiveKit call to the right voice agent over Redis streams.
 
-The data path is LiveKit -> :mod:`openrtc.dispatcher` -> Redis stream ->
-:mod:`openrtc.worker` -> room. Agents are plain ``livekit.agents.Agent``
+The data path is LiveKit -> :mod:`openrtc.dispatcher.dispatcher` -> Redis stream ->
+:mod:`openrtc.worker.worker` -> room. Agents are plain ``livekit.agents.Agent``
 subclasses registered in an :class:`AgentPool`; :func:`resolve_agent` picks
-one per job by the six-step chain in :mod:`openrtc.routing`.
+one per job by the six-step chain in :mod:`openrtc.agents.routing`.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from openrtc.agents import AgentConfig, AgentPool, ProviderValue, agent_config
-from openrtc.checkpoint import idempotency_key
+from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config
+from openrtc.agents.routing import Route, RoutingTable, resolve_agent
 from openrtc.errors import OpenRTCError
-from openrtc.routing import Route, RoutingTable, resolve_agent
+from openrtc.store.checkpoint import idempotency_key
 
 try:
     __version__ = version("openrtc")

@@ -1,5 +1,5 @@
 """``python -m openrtc``: the same as the ``openrtc`` command."""
 
-from openrtc.cli import main
+from openrtc.cli.main import main
 
 main()

@@ -18,8 +18,8 @@ from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from openrtc.errors import ConfigError
-from openrtc.keys import DEFAULT_NAMESPACE
-from openrtc.signing import SigningKeys
+from openrtc.wire.keys import DEFAULT_NAMESPACE
+from openrtc.wire.signing import SigningKeys
 
 NoWorkerPolicy = Literal["queue", "reject"]
 
@@ -365,7 +365,7 @@ class DispatcherSettings:
     #: Dead letters kept; the oldest are trimmed past it (approximately).
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
     #: Signs job and control entries (and, in a worker, checkpoints) and
-    #: refuses unsigned or forged ones (openrtc.signing); ``None``: off, as
+    #: refuses unsigned or forged ones (openrtc.wire.signing); ``None``: off, as
     #: before signing existed (a warning at start-up).
     signing: SigningKeys | None = field(default=None, repr=False)
     #: Refuse to start without ``signing``: for a Redis others can write to.
@@ -463,7 +463,7 @@ class WorkerSettings:
     #: takeovers start afresh. At most MAX_CHECKPOINT_BYTES.
     checkpoint_max_bytes: int = DEFAULT_CHECKPOINT_MAX_BYTES
     #: Signs job and control entries (and, in a worker, checkpoints) and
-    #: refuses unsigned or forged ones (openrtc.signing); ``None``: off, as
+    #: refuses unsigned or forged ones (openrtc.wire.signing); ``None``: off, as
     #: before signing existed (a warning at start-up).
     signing: SigningKeys | None = field(default=None, repr=False)
     #: Refuse to start without ``signing``: for a Redis others can write to.

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import anyio
 
-from openrtc.caller import place_call
-from openrtc.dev import dev_stack
-from openrtc.keys import Keys
-from openrtc.monitor import list_dead_letters, read_status
-from openrtc.streams import connect_redis
+from openrtc.devtools.caller import place_call
+from openrtc.devtools.dev import dev_stack
+from openrtc.ops.monitor import list_dead_letters, read_status
+from openrtc.store.streams import connect_redis
+from openrtc.wire.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLS = [  # room, room metadata, expected agent

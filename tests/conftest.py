@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.devstack import LiveKitServer, RedisCluster, RedisSentinels, RedisServer
-from openrtc.streams import connect_redis
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.devstack import LiveKitServer, RedisCluster, RedisSentinels, RedisServer
+from openrtc.store.streams import connect_redis
 from tests.stack import OFFLINE_AGENTS
 from tests.standin import StandIn, running_standin
 

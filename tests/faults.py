@@ -1,4 +1,4 @@
-"""Fault injection for tests against the real servers (proxies from :mod:`openrtc.devstack`).
+"""Fault injection for tests against the real servers (proxies: :mod:`openrtc.devtools.devstack`).
 
 - :func:`slow_api` sits in front of a LiveKit server and holds back its server
   API's requests (room checks), while the WebSocket signal passes at once.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from openrtc.devstack import API_REQUEST, DelayProxy, delay_proxy
+from openrtc.devtools.devstack import API_REQUEST, DelayProxy, delay_proxy
 
 
 @asynccontextmanager

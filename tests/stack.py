@@ -14,14 +14,14 @@ import anyio
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.devstack import LiveKitServer
-from openrtc.dispatcher import Dispatcher
-from openrtc.messages import JobMessage
-from openrtc.runners import SessionRunner
-from openrtc.session import SessionControl, SessionOutcome
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.devstack import LiveKitServer
+from openrtc.dispatcher.dispatcher import Dispatcher
+from openrtc.session.runners import SessionRunner
+from openrtc.session.session import SessionControl, SessionOutcome
 from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
-from openrtc.worker import Worker
+from openrtc.wire.messages import JobMessage
+from openrtc.worker.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"

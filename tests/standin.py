@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from livekit.protocol import agent as proto
 from livekit.protocol import models
 
-from openrtc.messages import agent_identity
+from openrtc.wire.messages import agent_identity
 
 _ids = itertools.count(1)
 

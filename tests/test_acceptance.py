@@ -8,15 +8,15 @@ import pytest
 from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 
-from openrtc.acceptance import Action, Start, Verdict, judge, small_count, start_kind, waited
-from openrtc.messages import (
+from openrtc.settings import LiveKitSettings, WorkerSettings
+from openrtc.wire.messages import (
     DeadReason,
     ForgedEntry,
     JobMessage,
     MalformedEntry,
     accept_arguments,
 )
-from openrtc.settings import LiveKitSettings, WorkerSettings
+from openrtc.worker.acceptance import Action, Start, Verdict, judge, small_count, start_kind, waited
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from openrtc.admission import LIVEKIT_LOAD_THRESHOLD, REPORTED_LOAD_MAX, AdmissionPolicy
-from openrtc.membership import AgentLoad
+from openrtc.dispatcher.admission import LIVEKIT_LOAD_THRESHOLD, REPORTED_LOAD_MAX, AdmissionPolicy
+from openrtc.store.membership import AgentLoad
 
 pytestmark = pytest.mark.unit
 

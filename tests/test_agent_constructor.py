@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from openrtc.agents import AgentPool
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from tests.stack import (
     creds,
     delete_room,
@@ -35,7 +35,7 @@ BROKEN_AGENT = """
 from livekit.agents import Agent
 
 from openrtc import agent_config
-from openrtc.offline import OfflineLLM, ToneTTS
+from openrtc.agents.offline import OfflineLLM, ToneTTS
 
 
 @agent_config(name="broken", llm=OfflineLLM(), tts=ToneTTS(), greeting="Hello.")
@@ -49,7 +49,7 @@ FLAKY_AGENT = """
 from livekit.agents import Agent, get_job_context
 
 from openrtc import agent_config
-from openrtc.offline import OfflineLLM, ToneTTS
+from openrtc.agents.offline import OfflineLLM, ToneTTS
 
 FAILED = []
 

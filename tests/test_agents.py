@@ -17,9 +17,9 @@ import pytest
 from livekit.agents import Agent
 
 from openrtc import OpenRTCError
-from openrtc.agents import AgentConfig, AgentPool, agent_config, describe_provider
+from openrtc.agents.registry import AgentConfig, AgentPool, agent_config, describe_provider
+from openrtc.agents.routing import Route, resolve_agent
 from openrtc.errors import AgentDiscoveryError, AgentRegistryError
-from openrtc.routing import Route, resolve_agent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_AGENTS = REPO_ROOT / "examples" / "agents"

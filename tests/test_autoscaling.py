@@ -16,10 +16,10 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from openrtc.keys import Keys
-from openrtc.messages import DeadReason
 from openrtc.settings import DEFAULT_DRAIN_TIMEOUT
-from openrtc.streams import JobConsumer, StreamStore
+from openrtc.store.streams import JobConsumer, StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import DeadReason
 from tests.test_monitor import message, unique
 
 pytestmark = pytest.mark.anyio

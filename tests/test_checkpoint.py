@@ -11,7 +11,8 @@ import anyio
 import pytest
 from livekit.agents import llm
 
-from openrtc.checkpoint import (
+from openrtc.agents.offline import offline_reply
+from openrtc.store.checkpoint import (
     INTERRUPTED_OUTPUT,
     Checkpoint,
     CheckpointWriter,
@@ -20,7 +21,6 @@ from openrtc.checkpoint import (
     plain_data,
     shorten_history,
 )
-from openrtc.offline import offline_reply
 
 
 def message(role: str, text: str) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from click.testing import Result
 from redis import Redis as SyncRedis
 from typer.testing import CliRunner
 
-from openrtc.cli import app
-from openrtc.devstack import RedisServer
+from openrtc.cli.main import app
+from openrtc.devtools.devstack import RedisServer
 from openrtc.settings import NUMBERS, DispatcherSettings, WorkerSettings, default_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

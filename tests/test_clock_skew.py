@@ -18,11 +18,11 @@ from contextlib import contextmanager
 import pytest
 from redis.asyncio import Redis
 
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.membership import read_agent_loads
-from openrtc.monitor import read_status
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.ops.monitor import read_status
+from openrtc.store.membership import read_agent_loads
+from openrtc.wire.keys import Keys
 from tests.stack import (
     OFFLINE_AGENTS,
     HoldingRunner,

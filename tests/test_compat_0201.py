@@ -22,11 +22,11 @@ import anyio
 import pytest
 from typer.testing import CliRunner
 
-from openrtc.cli import app
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.monitor import read_status
-from openrtc.streams import connect_redis
+from openrtc.cli.main import app
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.ops.monitor import read_status
+from openrtc.store.streams import connect_redis
+from openrtc.wire.keys import Keys
 from tests.stack import eventually, unique
 
 OPENRTC = [sys.executable, "-m", "openrtc"]

@@ -18,11 +18,11 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
-from openrtc.caller import AgentSighting, Caller, caller_in
-from openrtc.devstack import LiveKitServer, RedisCluster, RedisServer
-from openrtc.keys import Keys
-from openrtc.runners import ProcessRunner
-from openrtc.streams import connect_redis
+from openrtc.devtools.caller import AgentSighting, Caller, caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisCluster, RedisServer
+from openrtc.session.runners import ProcessRunner
+from openrtc.store.streams import connect_redis
+from openrtc.wire.keys import Keys
 from tests.stack import (
     creds,
     dispatcher_settings,

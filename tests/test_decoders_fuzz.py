@@ -28,8 +28,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from openrtc import tracing
-from openrtc.messages import (
+from openrtc.agents.routing import SHOWN_NAME_MAX, UnknownAgentError, resolve_agent
+from openrtc.ops import tracing
+from openrtc.ops.monitor import _decode_entry
+from openrtc.wire.messages import (
     ERROR_TEXT_MAX,
     ControlEvent,
     JobMessage,
@@ -40,8 +42,6 @@ from openrtc.messages import (
     decode_job_record,
     peek_job_header,
 )
-from openrtc.monitor import _decode_entry
-from openrtc.routing import SHOWN_NAME_MAX, UnknownAgentError, resolve_agent
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from openrtc import dev as dev_module
-from openrtc.devstack import LiveKitServer, RedisServer, find_livekit_binary
+from openrtc.devtools import dev as dev_module
+from openrtc.devtools.devstack import LiveKitServer, RedisServer, find_livekit_binary
 from tests.stack import OFFLINE_AGENTS, unique
 
 OPENRTC = [sys.executable, "-m", "openrtc"]

@@ -1,6 +1,6 @@
 """The dispatcher under faults, against the protocol stand-in and a real Redis.
 
-Each test runs a real :class:`~openrtc.dispatcher.Dispatcher` in-process
+Each test runs a real :class:`~openrtc.dispatcher.dispatcher.Dispatcher` in-process
 against ``tests/standin.py`` (LiveKit's ``/agent`` protocol over a real
 WebSocket) and a real ``redis-server``, then breaks something on purpose:
 dropped sockets, a restarted server, garbage frames, duplicate offers, Redis
@@ -29,15 +29,15 @@ from livekit.protocol import agent as proto
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from openrtc.admission import REPORTED_LOAD_MAX
-from openrtc.agents import AgentPool
-from openrtc.devstack import RedisServer
-from openrtc.dispatcher import AGENT_ATTRIBUTE, Dispatcher
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.membership import heartbeat
-from openrtc.messages import JobMessage, JobStatus, StatusEvent, agent_identity
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.devstack import RedisServer
+from openrtc.dispatcher.admission import REPORTED_LOAD_MAX
+from openrtc.dispatcher.dispatcher import AGENT_ATTRIBUTE, Dispatcher
 from openrtc.settings import DispatcherSettings, LiveKitSettings
-from openrtc.streams import StreamStore, connect_redis
+from openrtc.store.membership import heartbeat
+from openrtc.store.streams import StreamStore, connect_redis
+from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import JobMessage, JobStatus, StatusEvent, agent_identity
 from tests.faults import slow_replies
 from tests.stack import dispatcher_settings, dispatching, eventually
 from tests.standin import StandIn, WorkerConn, make_job

@@ -17,9 +17,9 @@ from livekit import api
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import AGENT_ATTRIBUTE, JobMessage, agent_identity
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import AGENT_ATTRIBUTE, JobMessage, agent_identity
 from tests.stack import OFFLINE_AGENTS, dispatcher_settings, dispatching, eventually, unique
 
 pytestmark = pytest.mark.anyio
@@ -286,7 +286,7 @@ async def test_rooms_are_still_dispatched_while_every_worker_is_busy(
     ("no servers available"), never asking the dispatcher, which would have
     queued it. Busy workers must mean a queue, not lost calls.
     """
-    from openrtc.caller import caller_in
+    from openrtc.devtools.caller import caller_in
     from tests.stack import creds, delete_room, working
 
     ns = unique("ns")

@@ -19,19 +19,19 @@ from livekit.protocol.models import Room
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from openrtc.caller import Caller, caller_in
-from openrtc.cli import app
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import (
+from openrtc.cli.main import app
+from openrtc.devtools.caller import Caller, caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.ops.monitor import list_dead_letters, purge_dead_letters, replay_dead_letters
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import (
     AGENT_ATTRIBUTE,
     DeadReason,
     JobMessage,
     accept_arguments,
     agent_identity,
 )
-from openrtc.monitor import list_dead_letters, purge_dead_letters, replay_dead_letters
-from openrtc.streams import StreamStore
 from tests.stack import creds, dispatcher_settings, dispatching, new_room, unique, working
 
 pytestmark = pytest.mark.anyio

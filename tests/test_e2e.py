@@ -15,10 +15,10 @@ import pytest
 from livekit import rtc
 from redis.asyncio import Redis
 
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import AGENT_ATTRIBUTE
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import AGENT_ATTRIBUTE
 from tests.stack import (
     OFFLINE_AGENTS,
     creds,

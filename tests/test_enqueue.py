@@ -11,10 +11,10 @@ from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 from redis.asyncio import Redis
 
-from openrtc.dispatcher import DispatcherStats
-from openrtc.keys import Keys
-from openrtc.messages import QUEUED_AT_FIELD, JobMessage, accept_arguments
-from openrtc.streams import StreamStore
+from openrtc.dispatcher.dispatcher import DispatcherStats
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import QUEUED_AT_FIELD, JobMessage, accept_arguments
 
 pytestmark = pytest.mark.anyio
 

@@ -19,9 +19,9 @@ import pytest
 from livekit import api, rtc
 from livekit.rtc._ffi_client import FfiClient
 
-from openrtc import ffi_routing
-from openrtc.devstack import LiveKitServer
-from openrtc.runners import CoroutineRunner
+from openrtc.devtools.devstack import LiveKitServer
+from openrtc.session import ffi_routing
+from openrtc.session.runners import CoroutineRunner
 from openrtc.settings import LiveKitSettings, WorkerSettings
 from tests.stack import OFFLINE_AGENTS
 
@@ -121,7 +121,7 @@ async def test_frames_reach_only_their_own_stream(livekit_server: LiveKitServer)
 
 
 async def test_coroutine_runner_routes_frames(livekit_server: LiveKitServer) -> None:
-    from openrtc.agents import AgentPool
+    from openrtc.agents.registry import AgentPool
 
     config = AgentPool.from_directory(OFFLINE_AGENTS).get("dental")
     creds = LiveKitSettings(livekit_server.url, livekit_server.api_key, livekit_server.api_secret)

@@ -18,12 +18,12 @@ import pytest
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.membership import Presence
-from openrtc.messages import DeadReason, JobMessage
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.settings import LiveKitSettings
-from openrtc.streams import StreamStore
+from openrtc.store.membership import Presence
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import DeadReason, JobMessage
 from tests.stack import dispatcher_settings, dispatching, eventually, unique, working
 from tests.standin import StandIn, make_job
 from tests.test_worker import job_message

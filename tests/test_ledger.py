@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from livekit.protocol import agent as proto
 
-from openrtc.ledger import MAX_UNSURE, JobLedger, Offer
-from openrtc.routing import Route
+from openrtc.agents.routing import Route
+from openrtc.dispatcher.ledger import MAX_UNSURE, JobLedger, Offer
 
 pytestmark = pytest.mark.unit
 

@@ -17,12 +17,12 @@ import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from openrtc.caller import caller_in
-from openrtc.cli import _hoist_root_options, app
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.logs import ContextFilter, _json_formatter, log_context
-from openrtc.monitor import read_status
+from openrtc.cli.main import _hoist_root_options, app
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.ops.logs import ContextFilter, _json_formatter, log_context
+from openrtc.ops.monitor import read_status
+from openrtc.wire.keys import Keys
 from tests.stack import OFFLINE_AGENTS, creds, delete_room, eventually, new_room, unique
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,11 +18,11 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.membership import live_members
-from openrtc.streams import JobConsumer, StreamStore, connect_redis
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.store.membership import live_members
+from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
+from openrtc.wire.keys import WORKERS_GROUP, Keys
 from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_resume import (
     GREETING,

@@ -20,13 +20,13 @@ from livekit.protocol.models import Room
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from openrtc.cli import app
-from openrtc.devstack import RedisServer
-from openrtc.keys import Keys
-from openrtc.membership import heartbeat
-from openrtc.messages import DeadReason, JobMessage, accept_arguments
-from openrtc.monitor import list_dead_letters, read_status
-from openrtc.streams import StreamStore
+from openrtc.cli.main import app
+from openrtc.devtools.devstack import RedisServer
+from openrtc.ops.monitor import list_dead_letters, read_status
+from openrtc.store.membership import heartbeat
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import DeadReason, JobMessage, accept_arguments
 
 pytestmark = pytest.mark.anyio
 

@@ -26,11 +26,9 @@ import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from openrtc.cli import app
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import DeadReason
-from openrtc.monitor import (
+from openrtc.cli.main import app
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.ops.monitor import (
     AgentStatus,
     DeadLetter,
     StackStatus,
@@ -40,7 +38,9 @@ from openrtc.monitor import (
     list_dead_letters,
     parse_since,
 )
-from openrtc.streams import StreamStore
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import DeadReason
 from tests.stack import (
     OFFLINE_AGENTS,
     dispatcher_settings,

@@ -23,11 +23,11 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer, free_port
-from openrtc.dispatcher import Dispatcher
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
+from openrtc.dispatcher.dispatcher import Dispatcher
 from openrtc.settings import DEFAULT_WORKER_HTTP_PORT
-from openrtc.worker import Worker
+from openrtc.worker.worker import Worker
 from tests.stack import (
     OFFLINE_AGENTS,
     creds,

@@ -17,12 +17,12 @@ import pytest
 from livekit.protocol import agent as proto
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
-from openrtc.streams import StreamStore
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
 from tests.stack import (
     creds,
     delete_room,

@@ -23,14 +23,14 @@ import pytest
 from anyio.abc import Process
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import JobStatus
-from openrtc.runners import ProcessRunner
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.session.runners import ProcessRunner
 from openrtc.settings import WorkerSettings
-from openrtc.streams import StreamStore
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import JobStatus
 from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_worker import AGENT_HEADER, TEST_BUDGET, job_message, wait_status, write_agent
 
@@ -308,7 +308,7 @@ async def _bare_zygote(tmp_path: Path) -> tuple[Process, socket.socket]:
     agents = write_agent(tmp_path / "agents", "plain", PLAIN_AGENT)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     zygote = await anyio.open_process(
-        [sys.executable, "-m", "openrtc.session_child", str(agents), "plain", str(theirs.fileno())],
+        [sys.executable, "-m", "openrtc.session.child", str(agents), "plain", str(theirs.fileno())],
         pass_fds=(theirs.fileno(),),
         stdin=subprocess.DEVNULL,
         stdout=None,

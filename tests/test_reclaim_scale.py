@@ -23,10 +23,10 @@ import pytest
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.settings import WorkerSettings
-from openrtc.streams import StreamStore
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import WORKERS_GROUP, Keys
 from tests.stack import eventually, unique, working
 from tests.test_worker import job_message
 

@@ -14,12 +14,12 @@ import pytest
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.reconciler import REDISPATCH_COOLDOWN, RoomState, needs_agent
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.dispatcher.reconciler import REDISPATCH_COOLDOWN, RoomState, needs_agent
 from openrtc.settings import LiveKitSettings
+from openrtc.wire.keys import Keys
 from tests.faults import slow_api
 from tests.stack import (
     OFFLINE_AGENTS,
@@ -124,7 +124,7 @@ FAREWELL_AGENT = """
 from livekit.agents import Agent, get_job_context
 
 from openrtc import agent_config
-from openrtc.offline import OfflineLLM, ToneTTS
+from openrtc.agents.offline import OfflineLLM, ToneTTS
 
 
 @agent_config(name="farewell", llm=OfflineLLM(), tts=ToneTTS(), greeting="Farewell line, hello.")

@@ -10,10 +10,10 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.redis_health import check_durability
-from openrtc.streams import StreamStore
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.store.redis_health import check_durability
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
 from tests.stack import dispatcher_settings, dispatching, unique, working
 from tests.test_monitor import message
 

@@ -3,7 +3,7 @@
 One real Redis here has ``requirepass`` (the admin's, on a plain port the
 test alone uses) and a TLS port that asks for client certificates; the
 services and commands connect over TLS as an ACL user made from exactly the
-rules the README quotes (:func:`openrtc.redis_access.acl_rules`). A call runs
+rules the README quotes (:func:`openrtc.store.redis_access.acl_rules`). A call runs
 end to end through ``openrtc dispatcher`` and ``openrtc worker`` processes at
 DEBUG, every command runs against the same Redis, and then every log line,
 every command's output and every Redis key and value is searched for the
@@ -30,12 +30,12 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import DeadReason
-from openrtc.redis_access import acl_rules
-from openrtc.signing import KEY_ENV, SigningKeys, verify_job
-from openrtc.streams import StreamStore
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.store.redis_access import acl_rules
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import DeadReason
+from openrtc.wire.signing import KEY_ENV, SigningKeys, verify_job
 from tests.stack import OFFLINE_AGENTS, ROOT, eventually, unique
 from tests.test_monitor import message
 
@@ -287,10 +287,10 @@ def test_the_acl_allows_every_command_the_lua_scripts_send() -> None:
     # otherwise fail only in production, under the documented user.
     import openrtc
 
-    # Every module: scripts live in openrtc/scripts.py, and beside the code
+    # Every module: scripts live in openrtc/store/scripts.py, and beside the code
     # that owns them (the reconciler's leader lease).
     package = Path(openrtc.__file__).parent
-    source = "\n".join(p.read_text() for p in sorted(package.glob("*.py")))
+    source = "\n".join(p.read_text() for p in sorted(package.rglob("*.py")))
     sent = {
         (name + (f"|{sub}" if sub else "")).lower()
         for name, sub in re.findall(r"redis\.p?call\('(\w+)'(?:, '(\w+)')?", source)

@@ -15,15 +15,15 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from openrtc.caller import Caller, caller_in
-from openrtc.cli import app
-from openrtc.devstack import LiveKitServer, RedisCluster, RedisSentinels, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import AGENT_ATTRIBUTE
-from openrtc.monitor import list_dead_letters, read_status, replay_dead_letters
-from openrtc.redis_url import client_from_url, is_cluster_url
+from openrtc.cli.main import app
+from openrtc.devtools.caller import Caller, caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisCluster, RedisSentinels, RedisServer
+from openrtc.ops.monitor import list_dead_letters, read_status, replay_dead_letters
 from openrtc.settings import redact_url
-from openrtc.streams import REDIS_DOWN, connect_redis
+from openrtc.store.redis_url import client_from_url, is_cluster_url
+from openrtc.store.streams import REDIS_DOWN, connect_redis
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import AGENT_ATTRIBUTE
 from tests.stack import (
     creds,
     delete_room,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from openrtc.redis_url import client_from_url, stream_keys
+from openrtc.store.redis_url import client_from_url, stream_keys
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 

@@ -2,7 +2,7 @@
 
 The caller types (livekit-agents' room text input, topic ``lk.chat``) and
 reads the agent's replies from its transcription streams (``lk.transcription``);
-the offline agents answer with :class:`openrtc.offline.OfflineLLM`, which
+the offline agents answer with :class:`openrtc.agents.offline.OfflineLLM`, which
 knows what the caller said first only if the history survived.
 """
 
@@ -22,12 +22,12 @@ import pytest
 from livekit import rtc
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.caller import Caller, caller_in
-from openrtc.checkpoint import Checkpoint, CheckpointStore
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.streams import JobConsumer, StreamStore, connect_redis
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import Caller, caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.store.checkpoint import Checkpoint, CheckpointStore
+from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
+from openrtc.wire.keys import WORKERS_GROUP, Keys
 from tests.stack import (
     OFFLINE_AGENTS,
     creds,
@@ -302,7 +302,7 @@ GREETS_ON_ENTER = """
 from livekit.agents import Agent
 
 from openrtc import agent_config
-from openrtc.offline import OfflineLLM, ToneTTS
+from openrtc.agents.offline import OfflineLLM, ToneTTS
 
 
 @agent_config(name="concierge", llm=OfflineLLM(), tts=ToneTTS())

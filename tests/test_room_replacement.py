@@ -15,7 +15,7 @@ import pytest
 from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 
-from openrtc.messages import (
+from openrtc.wire.messages import (
     AGENT_ATTRIBUTE,
     QUEUED_AT_ATTRIBUTE,
     ROOM_CREATED_ATTRIBUTE,

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from livekit.protocol.agent import Job
 from livekit.protocol.models import Room
 
-from openrtc import routing
-from openrtc.routing import (
+from openrtc.agents import routing
+from openrtc.agents.routing import (
     Route,
     RoutingTable,
     UnknownAgentError,

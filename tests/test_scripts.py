@@ -1,6 +1,6 @@
 """The Lua scripts built from shared fragments, against a real Redis.
 
-Several scripts in :mod:`openrtc.scripts` are composed from one fragment
+Several scripts in :mod:`openrtc.store.scripts` are composed from one fragment
 (the "pending on this consumer" fence, the counted claim that ends a reclaim
 pass): these tests pin what each composed script does when the entry is, or
 is no longer, the caller's, and that every script carries its fragment once.
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from openrtc import scripts
-from openrtc.checkpoint import CheckpointStore
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.streams import JobConsumer, StreamStore
+from openrtc.store import scripts
+from openrtc.store.checkpoint import CheckpointStore
+from openrtc.store.streams import JobConsumer, StreamStore
+from openrtc.wire.keys import WORKERS_GROUP, Keys
 from tests.stack import eventually
 from tests.test_monitor import message, unique
 

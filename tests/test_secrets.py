@@ -24,16 +24,16 @@ from anyio.abc import SocketStream
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.caller import caller_in
-from openrtc.dev import DevStack, write_env_file
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import AcceptArguments, JobMessage, JobStatus, agent_identity
-from openrtc.runners import ProcessRunner, _Child, _Lines
-from openrtc.session import mint_token
-from openrtc.signing import KEY_ENV, keys_from
-from openrtc.streams import StreamStore
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.dev import DevStack, write_env_file
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.session.runners import ProcessRunner, _Child, _Lines
+from openrtc.session.session import mint_token
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import AcceptArguments, JobMessage, JobStatus, agent_identity
+from openrtc.wire.signing import KEY_ENV, keys_from
 from tests.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.test_worker import (
     TEST_BUDGET,
@@ -277,7 +277,7 @@ from __future__ import annotations
 from livekit.agents import Agent
 
 from openrtc import agent_config
-from openrtc.tone_tts import ToneTTS
+from openrtc.agents.tone_tts import ToneTTS
 
 for i in range(5000):
     print("loading prompt fragment", i)

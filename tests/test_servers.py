@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from livekit import api, rtc
 
-from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from openrtc.errors import ConfigError
-from openrtc.keys import DEFAULT_NAMESPACE, Keys
 from openrtc.settings import (
     DEFAULT_DEDUP_TTL,
     DEFAULT_REDIS_URL,
@@ -25,6 +24,7 @@ from openrtc.settings import (
     check_numbers,
     redact_url,
 )
+from openrtc.wire.keys import DEFAULT_NAMESPACE, Keys
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Signed entries and checkpoints (openrtc.signing).
+"""Signed entries and checkpoints (openrtc.wire.signing).
 
 Pure parts first (the canonical encoding, keys, rotation, the key loader: table
 tests and a property test), then against real LiveKit and Redis: a forged, a
@@ -21,13 +21,16 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from openrtc.caller import caller_in
-from openrtc.checkpoint import Checkpoint
-from openrtc.cli import app
-from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.cli.main import app
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.errors import ConfigError
-from openrtc.keys import Keys
-from openrtc.messages import (
+from openrtc.ops.monitor import list_dead_letters
+from openrtc.settings import LiveKitSettings, WorkerSettings
+from openrtc.store.checkpoint import Checkpoint
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import (
     HANDOVER_FIELD,
     QUEUED_AT_FIELD,
     SIGNATURE_FIELD,
@@ -37,9 +40,7 @@ from openrtc.messages import (
     agent_identity,
     replay_entry,
 )
-from openrtc.monitor import list_dead_letters
-from openrtc.settings import LiveKitSettings, WorkerSettings
-from openrtc.signing import (
+from openrtc.wire.signing import (
     KEY_ENV,
     KEY_FILE_ENV,
     PREVIOUS_KEY_ENV,
@@ -54,7 +55,6 @@ from openrtc.signing import (
     verify_control,
     verify_job,
 )
-from openrtc.streams import StreamStore
 from tests.stack import HoldingRunner, creds, eventually, new_room, unique, working
 from tests.test_worker import TEST_BUDGET, job_message, wait_dead_letters
 

@@ -12,9 +12,9 @@ import pytest
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.worker import READ_BLOCK_MS, Worker
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.wire.keys import Keys
+from openrtc.worker.worker import READ_BLOCK_MS, Worker
 from tests.stack import (
     HoldingRunner,
     delete_room,

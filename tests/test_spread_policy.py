@@ -6,7 +6,7 @@ import pytest
 
 from openrtc.errors import ConfigError
 from openrtc.settings import LiveKitSettings, WorkerSettings
-from openrtc.spread import MAX_DEFER, CpuLoad, PeerLoad, decide
+from openrtc.worker.spread import MAX_DEFER, CpuLoad, PeerLoad, decide
 
 pytestmark = pytest.mark.unit
 

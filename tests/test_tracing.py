@@ -16,11 +16,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
-from openrtc import tracing
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import Keys
-from openrtc.messages import TRACEPARENT_FIELD
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.ops import tracing
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import TRACEPARENT_FIELD
 from tests.stack import (
     creds,
     delete_room,

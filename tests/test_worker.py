@@ -24,12 +24,14 @@ from livekit.protocol.agent import Job, JobType
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from openrtc.agents import AgentPool
-from openrtc.caller import caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.errors import ConfigError
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import (
+from openrtc.settings import LiveKitSettings, WorkerSettings
+from openrtc.store.streams import StreamStore, connect_redis
+from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import (
     AGENT_ATTRIBUTE,
     JobMessage,
     JobStatus,
@@ -37,9 +39,7 @@ from openrtc.messages import (
     accept_arguments,
     agent_identity,
 )
-from openrtc.settings import LiveKitSettings, WorkerSettings
-from openrtc.streams import StreamStore, connect_redis
-from openrtc.worker import Worker
+from openrtc.worker.worker import Worker
 from tests.stack import (
     OFFLINE_AGENTS,
     creds,
@@ -160,7 +160,7 @@ from pathlib import Path
 from livekit.agents import Agent, get_job_context
 
 from openrtc import agent_config
-from openrtc.tone_tts import ToneTTS
+from openrtc.agents.tone_tts import ToneTTS
 """
 
 BROKEN_AGENT = (

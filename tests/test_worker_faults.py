@@ -22,14 +22,14 @@ import pytest
 from livekit import api
 from redis.asyncio import Redis
 
-from openrtc.agents import AgentPool
-from openrtc.caller import Caller, caller_in
-from openrtc.devstack import LiveKitServer, RedisServer
-from openrtc.keys import WORKERS_GROUP, Keys
-from openrtc.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, agent_identity
+from openrtc.agents.registry import AgentPool
+from openrtc.devtools.caller import Caller, caller_in
+from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.settings import LiveKitSettings
-from openrtc.streams import StreamStore, connect_redis
-from openrtc.worker import ROOM_CHECK_TIMEOUT
+from openrtc.store.streams import StreamStore, connect_redis
+from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, agent_identity
+from openrtc.worker.worker import ROOM_CHECK_TIMEOUT
 from tests.faults import slow_api
 from tests.stack import (
     OFFLINE_AGENTS,
@@ -624,8 +624,8 @@ async def test_an_old_jobs_session_joining_after_the_new_jobs_agent_leaves_at_on
 async def test_a_retried_dead_letter_is_written_once(
     livekit_server: LiveKitServer, redis: Redis
 ) -> None:
-    from openrtc.messages import DeadReason
-    from openrtc.streams import JobConsumer
+    from openrtc.store.streams import JobConsumer
+    from openrtc.wire.messages import DeadReason
 
     keys = Keys(unique("ns"))
     store = StreamStore(redis, keys)
@@ -676,7 +676,7 @@ async def test_keys_and_consumers_of_workers_that_are_gone_do_not_pile_up(
             await eventually(idle_one_gone, "the idle consumer of a gone worker removed", within=10)
             assert "crashed-busy" in await consumers()
             # A status stream expires when its dispatcher is gone.
-            from openrtc.messages import JobStatus, StatusEvent
+            from openrtc.wire.messages import JobStatus, StatusEvent
 
             await StreamStore(redis, keys).publish_status(
                 dispatcher, StatusEvent("AJ_x", JobStatus.RUNNING)

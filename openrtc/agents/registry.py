@@ -1,0 +1,442 @@
+"""The agent registry: ``@agent_config``, :class:`AgentPool` and directory discovery.
+
+Agents are ordinary ``livekit.agents.Agent`` subclasses. An agents directory
+holds one module per agent; discovery imports them in sorted file-name order
+(skipping ``_*.py``), and that order is the registration order, hence the
+routing chain's default. This matches the ``openrtc`` package on PyPI, so
+existing agents directories work unchanged.
+
+Agent names double as Redis stream keys (``<ns>:jobs:<name>``) and room-name
+prefixes (``<name>-``), so they are restricted to :data:`NAME_PATTERN`: 1-64
+ASCII letters, digits, ``_`` and ``-``, starting and ending with a letter or a
+digit. That keeps ``:`` (our key separator), ``{}`` (Redis Cluster hash tags),
+white space and anything a shell or a URL would mangle out of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
+
+from openrtc.agents.routing import RoutingTable
+from openrtc.errors import AgentBuildError, AgentDiscoveryError, AgentRegistryError
+
+if TYPE_CHECKING:
+    from livekit.agents import Agent
+
+__all__ = [
+    "NAME_PATTERN",
+    "AgentConfig",
+    "AgentPool",
+    "ProviderValue",
+    "agent_config",
+    "describe_provider",
+    "validate_agent_name",
+]
+
+logger = logging.getLogger("openrtc.agents")
+
+#: A provider is a plugin object (``openai.LLM(...)``) or a LiveKit inference
+#: string such as ``"openai/gpt-4.1-mini"``.
+ProviderValue: TypeAlias = str | object
+
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
+_CONFIG_ATTR: Final = "__openrtc_agent_config__"
+_A = TypeVar("_A", bound=type)
+
+
+def validate_agent_name(name: object) -> str:
+    """Return ``name`` stripped, or raise :class:`AgentRegistryError` if it cannot serve."""
+    if not isinstance(name, str):
+        raise AgentRegistryError(f"Agent name must be a string, got {type(name).__name__}.")
+    stripped = name.strip()
+    if not NAME_PATTERN.fullmatch(stripped):
+        raise AgentRegistryError(
+            f"Invalid agent name {name!r}: use 1-64 ASCII letters, digits, '_' or '-', "
+            "starting and ending with a letter or digit (it becomes a Redis key and a "
+            "room-name prefix)."
+        )
+    return stripped
+
+
+@dataclass(frozen=True, slots=True)
+class _Decorated:
+    name: str | None
+    stt: ProviderValue | None
+    llm: ProviderValue | None
+    tts: ProviderValue | None
+    greeting: str | None
+    checkpoint: bool = True
+    resume_line: str | None = None
+
+
+def agent_config(
+    *,
+    name: str | None = None,
+    stt: ProviderValue | None = None,
+    llm: ProviderValue | None = None,
+    tts: ProviderValue | None = None,
+    greeting: str | None = None,
+    checkpoint: bool = True,
+    resume_line: str | None = None,
+) -> Callable[[_A], _A]:
+    """Name an ``Agent`` subclass and set its providers for directory discovery.
+
+    Without ``name`` the agent is named after its module's file stem. Providers
+    left as ``None`` fall back to the pool's defaults. The class is returned
+    unchanged.
+
+    ``checkpoint=False``: its conversations are not saved, so a takeover
+    starts them afresh (greeting included). ``resume_line``: said instead of
+    nothing when a session resumes a taken-over conversation ("Sorry, I lost
+    you for a second."); the greeting is never said twice.
+    """
+    if name is not None:
+        name = validate_agent_name(name)
+    if greeting is not None:
+        if not isinstance(greeting, str):
+            raise AgentRegistryError("greeting must be a string.")
+        greeting = greeting.strip() or None
+    resume_line = _optional_line(resume_line, "resume_line")
+    marker = _Decorated(
+        name=name,
+        stt=stt,
+        llm=llm,
+        tts=tts,
+        greeting=greeting,
+        checkpoint=bool(checkpoint),
+        resume_line=resume_line,
+    )
+
+    def decorate(cls: _A) -> _A:
+        setattr(cls, _CONFIG_ATTR, marker)
+        return cls
+
+    return decorate
+
+
+def _optional_line(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise AgentRegistryError(f"{what} must be a string.")
+    return value.strip() or None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """One registered agent: its name, class and effective providers."""
+
+    name: str
+    agent_cls: type[Agent]
+    stt: ProviderValue | None = None
+    llm: ProviderValue | None = None
+    tts: ProviderValue | None = None
+    greeting: str | None = None
+    session_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    source_path: Path | None = None
+    #: Called once per worker process before its first session, with the
+    #: livekit-agents ``JobProcess`` (load VAD models into ``proc.userdata``).
+    #: Discovered from a module-level ``prewarm(proc)`` function.
+    prewarm: Callable[[Any], Any] | None = None
+    #: Save this agent's conversations so a takeover resumes them (see openrtc.store.checkpoint).
+    checkpoint: bool = True
+    #: Said when a session resumes a conversation, instead of the greeting.
+    resume_line: str | None = None
+
+    @property
+    def class_label(self) -> str:
+        """``file.py:Class`` for discovered agents, ``module:Class`` otherwise."""
+        where = self.source_path.name if self.source_path else self.agent_cls.__module__
+        return f"{where}:{self.agent_cls.__qualname__}"
+
+    def build(self) -> Agent:
+        """An instance of the agent's class, built without arguments as sessions build it.
+
+        Raises :class:`AgentBuildError` (one line: the agent, its class, the
+        error) when the constructor raises.
+        """
+        try:
+            return self.agent_cls()  # type: ignore[call-arg]
+        except Exception as exc:
+            raise AgentBuildError(
+                f"Agent '{self.name}' ({self.class_label}) cannot be built: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def describe(self) -> dict[str, str | None]:
+        """A JSON-ready summary, as ``openrtc list --json`` prints it."""
+        return {
+            "name": self.name,
+            "class": self.class_label,
+            "stt": describe_provider(self.stt),
+            "llm": describe_provider(self.llm),
+            "tts": describe_provider(self.tts),
+            "greeting": self.greeting,
+        }
+
+
+def describe_provider(value: ProviderValue | None) -> str | None:
+    """A short, secret-free label for a provider: the string, or ``module.Class(model)``."""
+    if value is None or isinstance(value, str):
+        return value
+    cls = type(value)
+    module = cls.__module__.removeprefix("livekit.plugins.")
+    label = f"{module.split('.')[0]}.{cls.__qualname__}"
+    model = getattr(value, "model", None)
+    return f"{label}({model})" if isinstance(model, str) and model else label
+
+
+class AgentPool:
+    """The registered agents, in registration order.
+
+    Register explicitly with :meth:`add` or from a directory with
+    :meth:`discover`; routing asks the pool through :meth:`resolve`. Provider
+    defaults apply to every agent that leaves a provider unset.
+    """
+
+    def __init__(
+        self,
+        *,
+        default_stt: ProviderValue | None = None,
+        default_llm: ProviderValue | None = None,
+        default_tts: ProviderValue | None = None,
+        default_greeting: str | None = None,
+    ) -> None:
+        self._defaults = (default_stt, default_llm, default_tts, default_greeting)
+        self._agents: dict[str, AgentConfig] = {}
+        self._table: RoutingTable | None = None
+
+    @classmethod
+    def from_directory(cls, agents_dir: str | Path, **defaults: Any) -> AgentPool:
+        """A pool holding every agent discovered in ``agents_dir``."""
+        pool = cls(**defaults)
+        pool.discover(agents_dir)
+        return pool
+
+    def add(
+        self,
+        name: str,
+        agent_cls: type[Agent],
+        *,
+        stt: ProviderValue | None = None,
+        llm: ProviderValue | None = None,
+        tts: ProviderValue | None = None,
+        greeting: str | None = None,
+        session_kwargs: Mapping[str, Any] | None = None,
+        source_path: str | Path | None = None,
+        prewarm: Callable[[Any], Any] | None = None,
+        checkpoint: bool = True,
+        resume_line: str | None = None,
+    ) -> AgentConfig:
+        """Register ``agent_cls`` under ``name`` and return its configuration.
+
+        Raises:
+            AgentRegistryError: the name is invalid or taken, or ``agent_cls``
+                is not a ``livekit.agents.Agent`` subclass.
+        """
+        from livekit.agents import Agent
+
+        name = validate_agent_name(name)
+        if name in self._agents:
+            existing = self._agents[name]
+            where = ""
+            if existing.source_path is not None:
+                where = f" (from {existing.source_path.name}"
+                if source_path is not None:
+                    where += f"; again in {Path(source_path).name}"
+                where += ")"
+            raise AgentRegistryError(f"Agent '{name}' is already registered{where}.")
+        if not (isinstance(agent_cls, type) and issubclass(agent_cls, Agent)):
+            raise AgentRegistryError(
+                f"Agent '{name}': {agent_cls!r} is not a livekit.agents.Agent subclass."
+            )
+        if greeting is not None:
+            if not isinstance(greeting, str):
+                raise AgentRegistryError(f"Agent '{name}': greeting must be a string.")
+            greeting = greeting.strip() or None
+        from openrtc.agents.compat import resolve_provider
+
+        d_stt, d_llm, d_tts, d_greeting = self._defaults
+        config = AgentConfig(
+            name=name,
+            agent_cls=agent_cls,
+            stt=resolve_provider(d_stt if stt is None else stt),
+            llm=resolve_provider(d_llm if llm is None else llm),
+            tts=resolve_provider(d_tts if tts is None else tts),
+            greeting=d_greeting if greeting is None else greeting,
+            session_kwargs=dict(session_kwargs or {}),
+            source_path=None if source_path is None else Path(source_path).resolve(),
+            prewarm=prewarm,
+            checkpoint=bool(checkpoint),
+            resume_line=_optional_line(resume_line, f"Agent '{name}': resume_line"),
+        )
+        self._agents[name] = config
+        self._table = None
+        return config
+
+    def discover(self, agents_dir: str | Path) -> list[AgentConfig]:
+        """Import every agent module of ``agents_dir`` and register its agent.
+
+        Modules load in sorted file-name order, skipping ``_*.py`` and hidden
+        files (editor lock files). Each must define one local ``Agent``
+        subclass (or mark one with ``@agent_config``). All or nothing: if any
+        module fails, the pool is left as it was. A directory without agent
+        modules registers nothing; whoever needs an agent then says so (the
+        routing chain raises "No agents are registered in the pool.").
+
+        Raises:
+            AgentDiscoveryError: the directory is missing, a module fails to
+                import, or defines no agent.
+            AgentRegistryError: two modules yield the same agent name, or a
+                file stem is not a valid name.
+        """
+        directory = Path(agents_dir).expanduser()
+        if not directory.is_dir():
+            what = "is not a directory" if directory.exists() else "does not exist"
+            raise AgentDiscoveryError(f"Agents directory {str(directory)!r} {what}.")
+        paths = sorted(p for p in directory.glob("*.py") if not p.name.startswith(("_", ".")))
+        if not paths:
+            logger.warning("Agents directory %s holds no agent modules (*.py).", directory)
+        before = dict(self._agents)
+        try:
+            return self._discover_paths(paths)
+        except BaseException:
+            self._agents = before
+            self._table = None
+            raise
+
+    def _discover_paths(self, paths: list[Path]) -> list[AgentConfig]:
+        added = []
+        for path in paths:
+            module = _import_file(path)
+            agent_cls = _agent_class_of(module, path)
+            prewarm = getattr(module, "prewarm", None)
+            marker: _Decorated | None = agent_cls.__dict__.get(_CONFIG_ATTR)
+            if marker is None:
+                marker = _Decorated(None, None, None, None, None)
+            if marker.name is None:
+                try:
+                    name = validate_agent_name(path.stem)
+                except AgentRegistryError as exc:
+                    raise AgentRegistryError(
+                        f"{path.name}: {exc} Rename the file or set @agent_config(name=...)."
+                    ) from None
+            else:
+                name = marker.name
+            added.append(
+                self.add(
+                    name,
+                    agent_cls,
+                    stt=marker.stt,
+                    llm=marker.llm,
+                    tts=marker.tts,
+                    greeting=marker.greeting,
+                    source_path=path,
+                    prewarm=prewarm if callable(prewarm) else None,
+                    checkpoint=marker.checkpoint,
+                    resume_line=marker.resume_line,
+                )
+            )
+            logger.debug("Discovered agent '%s' (%s) in %s.", name, agent_cls.__name__, path)
+        return added
+
+    def get(self, name: str) -> AgentConfig:
+        """The configuration of a registered agent; ``KeyError`` if unknown."""
+        try:
+            return self._agents[name]
+        except KeyError:
+            raise KeyError(f"Unknown agent '{name}'.") from None
+
+    def list_agents(self) -> list[str]:
+        """Registered names in registration order."""
+        return list(self._agents)
+
+    @property
+    def routing_table(self) -> RoutingTable:
+        """The registry compiled for :func:`openrtc.agents.routing.resolve_agent`."""
+        if self._table is None:
+            self._table = RoutingTable(self._agents)
+        return self._table
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._agents
+
+    def __iter__(self) -> Iterator[AgentConfig]:
+        return iter(self._agents.values())
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+
+def _import_file(path: Path) -> ModuleType:
+    resolved = path.resolve()
+    # A stable, unique module name per file: two directories may both hold
+    # dental.py, and re-discovering the same file must not import it twice.
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    module_name = f"openrtc_agents.{resolved.stem}_{digest}"
+    existing = sys.modules.get(module_name)
+    if existing is not None:
+        return existing
+    spec = importlib.util.spec_from_file_location(module_name, resolved)
+    if spec is None or spec.loader is None:
+        raise AgentDiscoveryError(f"Cannot import agent module {path.name}.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(module_name, None)
+        if isinstance(exc, SystemExit):
+            raise AgentDiscoveryError(
+                f"Agent module {path.name} called sys.exit({exc.code!r}) while importing."
+            ) from None
+        if not isinstance(exc, Exception):
+            raise
+        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SyntaxError) and exc.lineno:
+            detail = f"SyntaxError: {exc.msg} (line {exc.lineno})"
+        raise AgentDiscoveryError(f"Failed to import agent module {path.name}: {detail}") from exc
+    return module
+
+
+def _agent_class_of(module: ModuleType, path: Path) -> type[Agent]:
+    """The module's agent: the decorated one, the only one, or the most derived."""
+    from livekit.agents import Agent
+
+    # dict.fromkeys: a class bound to two names (``Default = MyAgent``) is one agent.
+    local = list(
+        dict.fromkeys(
+            value
+            for value in vars(module).values()
+            if isinstance(value, type)
+            and issubclass(value, Agent)
+            and value is not Agent
+            and value.__module__ == module.__name__
+        )
+    )
+    if not local:
+        raise AgentDiscoveryError(
+            f"Agent module {path.name} defines no livekit.agents.Agent subclass."
+        )
+    decorated = [c for c in local if _CONFIG_ATTR in c.__dict__]
+    if len(decorated) == 1:
+        return decorated[0]
+    candidates = decorated or local
+    # Helper base classes in the same file are common; the agent is the leaf.
+    leaves = [c for c in candidates if not any(o is not c and issubclass(o, c) for o in candidates)]
+    if len(leaves) == 1:
+        return leaves[0]
+    names = ", ".join(sorted(c.__name__ for c in leaves))
+    raise AgentDiscoveryError(
+        f"Agent module {path.name} defines several agents ({names}); "
+        "mark the one to register with @agent_config."
+    )

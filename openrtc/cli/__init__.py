@@ -1,0 +1,1 @@
+"""The ``openrtc`` command (:mod:`~openrtc.cli.main`)."""

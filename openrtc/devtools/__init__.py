@@ -1,0 +1,2 @@
+"""Development tools: real servers on free ports, ``openrtc dev``, the all-in-one process,
+a test caller."""

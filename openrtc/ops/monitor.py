@@ -1,0 +1,672 @@
+"""What operators read: stream backlog, live workers and dispatchers, dead letters.
+
+Everything here is read from Redis, which holds all shared state; nothing
+needs a running dispatcher. Used by ``openrtc status`` and ``openrtc dlq``.
+Dead letters are shown with credentials redacted (a job entry carries none,
+but an entry is user input and is treated as such).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from google.protobuf.json_format import MessageToDict
+from livekit.protocol.agent import Job
+from redis.asyncio import Redis
+
+from openrtc.settings import DEFAULT_DEDUP_TTL
+from openrtc.store.membership import live_members, redis_time
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import replay_entry
+from openrtc.wire.signing import SigningKeys, sign_job
+
+__all__ = [
+    "AgentStatus",
+    "DeadLetter",
+    "DeadLetterStats",
+    "Replay",
+    "StackStatus",
+    "check_status",
+    "dead_letter_stats",
+    "dead_letter_tail",
+    "follow_dead_letters",
+    "list_dead_letters",
+    "parse_since",
+    "purge_dead_letters",
+    "purge_plan",
+    "read_status",
+    "replay_dead_letters",
+    "scan_dead_letters",
+    "status_summary",
+]
+
+_SECRET_MARKERS: Final = ("token", "secret", "password", "turn_password")
+
+
+def _s(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
+
+
+def _float(value: Any) -> float:
+    # Records and dead letters are read as they are: garbage reads as 0.
+    try:
+        number = float(_s(value))
+    except ValueError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(_s(value) or 0)
+    except ValueError:
+        return 0
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """``value`` with anything that looks like a credential replaced by ``***``."""
+    if any(marker in key.lower() for marker in _SECRET_MARKERS):
+        return "***" if value else value
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    return value
+
+
+@dataclass
+class WorkerInfo:
+    """One live worker."""
+
+    id: str
+    capacity: int
+    running: int
+    isolation: str
+    host: str
+    pid: str
+    heartbeat_age: float
+    draining: bool
+
+
+@dataclass
+class AgentStatus:
+    """One agent's stream and workers."""
+
+    agent: str
+    stream: str
+    length: int = 0
+    backlog: int = 0
+    pending: int = 0
+    oldest_waiting_age: float | None = None
+    consumers: int = 0
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return sum(w.capacity for w in self.workers)
+
+    @property
+    def running(self) -> int:
+        return sum(w.running for w in self.workers)
+
+
+@dataclass
+class DispatcherInfo:
+    """One live dispatcher."""
+
+    id: str
+    livekit_worker_id: str
+    agent_name: str
+    agents: str
+    held_jobs: int
+    host: str
+    heartbeat_age: float
+    draining: bool
+
+
+@dataclass
+class StackStatus:
+    """Everything ``openrtc status`` shows."""
+
+    namespace: str
+    agents: list[AgentStatus]
+    dispatchers: list[DispatcherInfo]
+    dead_letters: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready, with the derived totals included."""
+        data = asdict(self)
+        for agent, raw in zip(self.agents, data["agents"], strict=True):
+            raw["capacity"] = agent.capacity
+            raw["running"] = agent.running
+        return data
+
+
+async def read_status(redis: Redis, keys: Keys, agents: Iterable[str] = ()) -> StackStatus:
+    """Read the whole picture: every agent that has a stream, plus ``agents``.
+
+    Ages are by Redis's clock, as the heartbeats and entry ids they are taken from.
+    """
+    now = await redis_time(redis, keys.agents)
+    known = {_s(a) for a in await redis.smembers(keys.agents)}
+    names = list(dict.fromkeys([*agents, *sorted(known)]))
+    statuses = []
+    for name in names:
+        status = AgentStatus(agent=name, stream=keys.jobs(name))
+        pipe = redis.pipeline(transaction=False)
+        pipe.xlen(status.stream)
+        pipe.xinfo_groups(status.stream)
+        replies = await pipe.execute(raise_on_error=False)
+        if not isinstance(replies[0], Exception):
+            status.length = int(replies[0])
+        if not isinstance(replies[1], Exception):
+            for group in replies[1]:
+                if _s(group.get("name")) != WORKERS_GROUP:
+                    continue
+                status.pending = int(group.get("pending") or 0)
+                status.consumers = int(group.get("consumers") or 0)
+                lag = group.get("lag")
+                status.backlog = (
+                    int(lag) if lag is not None else max(0, status.length - status.pending)
+                )
+                last = _s(group.get("last-delivered-id")) or "0-0"
+                waiting = await redis.xrange(status.stream, min=f"({last}", count=1)
+                if waiting:
+                    first_ms = int(_s(waiting[0][0]).split("-")[0])
+                    status.oldest_waiting_age = max(0.0, now - first_ms / 1000)
+        for worker_id in await live_members(redis, keys.workers(name)):
+            raw = {_s(k): _s(v) for k, v in (await redis.hgetall(keys.worker(worker_id))).items()}
+            if not raw:
+                continue
+            status.workers.append(
+                WorkerInfo(
+                    id=worker_id,
+                    capacity=_int(raw.get("capacity")),
+                    running=_int(raw.get("running")),
+                    isolation=raw.get("isolation", ""),
+                    host=raw.get("host", ""),
+                    pid=raw.get("pid", ""),
+                    heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
+                    draining=raw.get("draining") == "1",
+                )
+            )
+        statuses.append(status)
+    dispatchers = []
+    for dispatcher_id in await live_members(redis, keys.dispatchers):
+        raw = {
+            _s(k): _s(v) for k, v in (await redis.hgetall(keys.dispatcher(dispatcher_id))).items()
+        }
+        if not raw:
+            continue
+        dispatchers.append(
+            DispatcherInfo(
+                id=dispatcher_id,
+                livekit_worker_id=raw.get("livekit_worker_id", ""),
+                agent_name=raw.get("agent_name", ""),
+                agents=raw.get("agents", ""),
+                held_jobs=_int(raw.get("held_jobs")),
+                host=raw.get("host", ""),
+                heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
+                draining=raw.get("draining") == "1",
+            )
+        )
+    return StackStatus(
+        namespace=keys.namespace,
+        agents=statuses,
+        dispatchers=dispatchers,
+        dead_letters=int(await redis.xlen(keys.dead_letter)),
+    )
+
+
+@dataclass
+class DeadLetter:
+    """One dead-letter entry, decoded for people."""
+
+    id: str
+    reason: str
+    error: str
+    agent: str
+    job_id: str
+    room: str
+    source: str
+    origin: str
+    dead_at: float
+    fields: dict[str, Any]
+    #: For ``unknown-agent``: the name the job asked for (``agent`` is empty).
+    requested_agent: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line view (no payload)."""
+        data = asdict(self)
+        data.pop("fields")
+        return data
+
+    def detail(self) -> dict[str, Any]:
+        """Everything, with the job decoded and credentials redacted."""
+        data = self.summary()
+        data["fields"] = redact(self.fields)
+        return data
+
+
+def _decode_entry(entry_id: Any, raw: Mapping[bytes, bytes]) -> DeadLetter:
+    fields: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _s(key)
+        if name == "job":
+            job = Job()
+            try:
+                job.ParseFromString(value)
+                fields["job"] = MessageToDict(job, preserving_proto_field_name=True)
+            except Exception:
+                fields["job"] = f"<{len(value)} bytes, not a Job>"
+        else:
+            fields[name] = _s(value)
+    return DeadLetter(
+        id=_s(entry_id),
+        reason=fields.get("reason", ""),
+        error=fields.get("error", ""),
+        agent=fields.get("agent", ""),
+        job_id=fields.get("job_id", ""),
+        room=fields.get("room", ""),
+        source=fields.get("source", ""),
+        origin=fields.get("origin", ""),
+        dead_at=_float(fields.get("dead_at")),
+        fields=fields,
+        requested_agent=fields.get("requested_agent", ""),
+    )
+
+
+async def list_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    count: int = 50,
+    reason: str | None = None,
+    agent: str | None = None,
+    since: float | None = None,
+    ids: Sequence[str] = (),
+) -> list[DeadLetter]:
+    """Newest first, optionally filtered (:func:`matches`, ``since`` epoch s); or exactly ``ids``.
+
+    Pages back through the stream until ``count`` letters pass the filters or
+    the stream (or ``since``) ends, so a rare reason is found behind many others.
+    """
+    if ids:
+        letters = []
+        for entry_id in ids:
+            found_ids: Any = await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id)
+            for i, f in found_ids or []:
+                letter = _decode_entry(i, f)
+                if matches(letter, reason=reason, agent=agent):
+                    letters.append(letter)
+        return letters
+    lowest = "-" if since is None else str(max(0, int(since * 1000)))
+    found: list[DeadLetter] = []
+    upper = "+"
+    while len(found) < count:
+        page: Any = await redis.xrevrange(
+            keys.dead_letter, max=upper, min=lowest, count=max(count, 100)
+        )
+        if not page:
+            break
+        for entry_id, raw in page:
+            letter = _decode_entry(entry_id, raw)
+            if matches(letter, reason=reason, agent=agent):
+                found.append(letter)
+        upper = f"({_s(page[-1][0])}"
+    return found[:count]
+
+
+ReplayOutcome = Literal["replayed", "gone", "already-queued", "no-job-id"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What replaying one dead letter did."""
+
+    dead_letter: str
+    outcome: ReplayOutcome
+    #: The new job entry (``replayed``) or the job's live entry (``already-queued``).
+    entry: str = ""
+    agent: str = ""
+
+
+async def replay_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    letters: Sequence[DeadLetter],
+    *,
+    agent: str | None = None,
+    dedup_ttl: float = DEFAULT_DEDUP_TTL,
+    signing: SigningKeys | None = None,
+) -> list[Replay]:
+    """Put dead letters back on their agent's stream (or ``agent``'s), as new jobs.
+
+    Each letter is moved by one script that checks it still exists, deletes
+    it, resets the job's record and adds the job (:func:`messages.replay_entry`:
+    fresh ``enqueued_at``, accept arguments rebuilt for the agent, a new entry
+    so the delivery count starts again). Concurrent replays and purges of the
+    same letter therefore never enqueue a job twice nor lose a letter: whoever
+    comes second finds it ``gone``.
+
+    With ``signing`` (the operator's key), each replayed entry is signed
+    anew: the replay changed it, and replaying is the operator vouching for
+    it, a ``forged`` letter included. Without, it goes unsigned (a worker that
+    verifies dead-letters it again as ``forged``).
+    """
+    store = StreamStore(redis, keys)
+    results = []
+    for letter in letters:
+        target = agent or letter.agent
+        raw_entries: Any = await redis.xrange(keys.dead_letter, min=letter.id, max=letter.id)
+        if not raw_entries:
+            results.append(Replay(letter.id, "gone"))
+            continue
+        raw: Mapping[bytes, bytes] = raw_entries[0][1]
+        if not letter.job_id:
+            results.append(Replay(letter.id, "no-job-id"))
+            continue
+        await store.ensure_group(target)
+        fields = replay_entry(raw, agent=target, now=time.time())
+        if signing is not None:
+            fields = sign_job(signing, fields)
+        args: list[Any] = [letter.id, int(dedup_ttl), fields.get(b"dispatcher", b"")]
+        for key, value in fields.items():
+            args += [key, value]
+        if keys.cluster:
+            code, entry = await _replay_across_slots(redis, store, keys, letter, target, args)
+        else:
+            code, entry = await store.scripts.replay(
+                keys=[keys.dead_letter, keys.job(target, letter.job_id), keys.jobs(target)],
+                args=args,
+            )
+        outcomes: dict[int, ReplayOutcome] = {1: "replayed", 2: "already-queued"}
+        outcome = outcomes.get(int(code), "gone")
+        results.append(Replay(letter.id, outcome, _s(entry), target))
+    return results
+
+
+async def _replay_across_slots(
+    redis: Redis, store: StreamStore, keys: Keys, letter: DeadLetter, target: str, args: list[Any]
+) -> tuple[int, Any]:
+    """Replay under Redis Cluster: the letter and the agent's keys are in different slots.
+
+    Two single-slot steps, enqueue first: the job goes into the agent's slot
+    by a script that records the letter's id on the job record, then the
+    letter is deleted. A crash between them leaves the letter, and replaying
+    it again finds the record naming it and only deletes the letter; two
+    replays at once enqueue once (the second reports ``gone``). A purge that
+    runs between the two steps deletes a letter whose job is replayed anyway.
+    """
+    code, entry = await store.scripts.replay_into(
+        keys=[keys.job(target, letter.job_id), keys.jobs(target)], args=args
+    )
+    if int(code) in (1, 3):
+        await redis.xdel(keys.dead_letter, letter.id)
+    return int(code), entry
+
+
+async def purge_plan(
+    redis: Redis, keys: Keys, *, ids: Sequence[str] = (), older_than: float | None = None
+) -> tuple[int, str]:
+    """What a purge would delete now: how many letters, and the newest entry id among them.
+
+    ``openrtc dlq purge`` asks with this count, then deletes with
+    ``upto=`` that id, so a letter that arrives while the operator reads
+    the question is not deleted unseen. For ``ids`` the id is ``""``.
+    """
+    if ids:
+        present = 0
+        for entry_id in ids:
+            present += len(await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id) or [])
+        return present, ""
+    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
+    if not newest:
+        return 0, ""
+    upper = _s(newest[0][0])
+    if older_than is not None:
+        # Entry ids are Redis's clock: so is the age they are judged by.
+        cutoff_ms = int((await redis_time(redis, keys.dead_letter) - older_than) * 1000)
+        upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
+    count, start, last = 0, "-", ""
+    while True:
+        page: Any = await redis.xrange(keys.dead_letter, min=start, max=upper, count=500)
+        if not page:
+            return count, last
+        count += len(page)
+        last = _s(page[-1][0])
+        start = f"({last}"
+
+
+async def purge_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    ids: Sequence[str] = (),
+    older_than: float | None = None,
+    upto: str | None = None,
+) -> int:
+    """Delete dead letters: ``ids``, or those older than ``older_than`` seconds, or all.
+
+    Only letters listed here are deleted, by id: one added meanwhile is kept,
+    and one replayed meanwhile is not counted. ``upto``: delete none newer
+    than that entry id (what :func:`purge_plan` counted). Returns how many
+    were deleted.
+    """
+    if ids:
+        return int(await redis.xdel(keys.dead_letter, *ids))
+    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
+    if not newest:
+        return 0
+    upper = _s(newest[0][0])
+    if upto is not None:
+        if not upto:
+            return 0
+        upper = min(upper, upto, key=_entry_order)
+    if older_than is not None:
+        # Entry ids are Redis's clock: so is the age they are judged by.
+        cutoff_ms = int((await redis_time(redis, keys.dead_letter) - older_than) * 1000)
+        upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
+    deleted, start = 0, "-"
+    while True:
+        page: Any = await redis.xrange(keys.dead_letter, min=start, max=upper, count=500)
+        if not page:
+            return deleted
+        page_ids = [_s(i) for i, _ in page]
+        deleted += int(await redis.xdel(keys.dead_letter, *page_ids))
+        start = f"({page_ids[-1]}"
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_status(status: StackStatus, *, max_wait: float) -> list[str]:
+    """What is wrong with the stack, one line per problem; empty when all is well.
+
+    Two problems, per agent: calls waiting with no live worker to take them
+    (every worker gone or draining: nobody will answer, whatever the wait),
+    and a waiting call older than ``max_wait`` seconds (workers exist but do
+    not keep up). A pure function of what :func:`read_status` read, so
+    ``openrtc status --check`` decides the same way in tests and in cron.
+    """
+    problems = []
+    for agent in status.agents:
+        if agent.backlog <= 0:
+            continue
+        serving = [w for w in agent.workers if not w.draining]
+        if not serving:
+            what = "no live worker" if not agent.workers else "only draining workers"
+            problems.append(f"agent {agent.agent}: {agent.backlog} waiting call(s) and {what}")
+        age = agent.oldest_waiting_age
+        if age is not None and age > max_wait:
+            problems.append(
+                f"agent {agent.agent}: oldest waiting call {age:.1f}s old (max {max_wait:g}s)"
+            )
+    return problems
+
+
+def status_summary(status: StackStatus) -> str:
+    """The one line ``openrtc status --check`` prints when all is well."""
+    waiting = sum(a.backlog for a in status.agents)
+    workers = sum(len(a.workers) for a in status.agents)
+    return (
+        f"OK: {len(status.agents)} agent(s), {workers} worker(s), "
+        f"{len(status.dispatchers)} dispatcher(s), {waiting} waiting call(s), "
+        f"{status.dead_letters} dead letter(s)"
+    )
+
+
+_DURATION: Final = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+")
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_since(text: str, *, now: float) -> float:
+    """The epoch time ``text`` names: a duration ago (``90s``, ``10m``, ``1h30m``, ``2d``)
+    or an ISO 8601 time (``2024-05-01T12:00:00+00:00``; without an offset: local time).
+
+    Raises:
+        ValueError: neither form, or a time in the future.
+    """
+    raw = text.strip().lower()
+    if _DURATION.fullmatch(raw):
+        ago = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
+        return now - ago
+    try:
+        moment = datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30s, 10m, 2h, 1d, 1h30m) nor an ISO time"
+        ) from None
+    if moment > now:
+        raise ValueError(f"{text!r} is in the future")
+    return moment
+
+
+# --------------------------------------------------------------------------- dead-letter stats
+
+
+@dataclass
+class DeadLetterStats:
+    """Counts of dead letters by reason and by agent, and the oldest and newest."""
+
+    total: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    by_agent: dict[str, int] = field(default_factory=dict)
+    oldest: DeadLetter | None = None
+    newest: DeadLetter | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready; oldest and newest as their one-line summaries."""
+        return {
+            "total": self.total,
+            "by_reason": self.by_reason,
+            "by_agent": self.by_agent,
+            "oldest": self.oldest.summary() if self.oldest else None,
+            "newest": self.newest.summary() if self.newest else None,
+        }
+
+
+def agent_label(letter: DeadLetter) -> str:
+    """Whom a letter was for: its agent, or ``?name`` for a name nobody serves."""
+    if letter.agent:
+        return letter.agent
+    return f"?{letter.requested_agent}" if letter.requested_agent else "?"
+
+
+def dead_letter_stats(letters: Iterable[DeadLetter]) -> DeadLetterStats:
+    """Count ``letters`` (in stream order, oldest first) by reason and agent; most first."""
+    stats = DeadLetterStats()
+    reasons: Counter[str] = Counter()
+    agents: Counter[str] = Counter()
+    for letter in letters:
+        stats.total += 1
+        reasons[letter.reason or "?"] += 1
+        agents[agent_label(letter)] += 1
+        if stats.oldest is None:
+            stats.oldest = letter
+        stats.newest = letter
+    stats.by_reason = dict(reasons.most_common())
+    stats.by_agent = dict(agents.most_common())
+    return stats
+
+
+def matches(letter: DeadLetter, *, reason: str | None = None, agent: str | None = None) -> bool:
+    """Whether ``letter`` passes the ``--reason`` and ``--agent`` filters.
+
+    ``--agent`` matches the agent a letter was for, and for ``unknown-agent``
+    letters the name that was asked for: "why did calls for ghost die" has
+    an answer.
+    """
+    if reason is not None and letter.reason != reason:
+        return False
+    return agent is None or agent in (letter.agent, letter.requested_agent)
+
+
+async def scan_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    reason: str | None = None,
+    agent: str | None = None,
+    since: float | None = None,
+    page: int = 500,
+) -> AsyncIterator[DeadLetter]:
+    """Every dead letter (oldest first) since ``since`` (epoch s), filtered, paged."""
+    start = "-" if since is None else str(max(0, int(since * 1000)))
+    while True:
+        entries: Any = await redis.xrange(keys.dead_letter, min=start, count=page)
+        if not entries:
+            return
+        for entry_id, raw in entries:
+            letter = _decode_entry(entry_id, raw)
+            if matches(letter, reason=reason, agent=agent):
+                yield letter
+        start = f"({_s(entries[-1][0])}"
+
+
+async def dead_letter_tail(redis: Redis, keys: Keys) -> str:
+    """The newest dead letter's entry id (``0-0`` when there is none): where following starts."""
+    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
+    return _s(newest[0][0]) if newest else "0-0"
+
+
+async def follow_dead_letters(
+    redis: Redis,
+    keys: Keys,
+    *,
+    reason: str | None = None,
+    agent: str | None = None,
+    after: str | None = None,
+    block: float = 2.0,
+) -> AsyncIterator[DeadLetter]:
+    """Dead letters added after entry ``after`` (default: from now on), filtered.
+
+    Blocking ``XREAD``s, each at most ``block`` seconds (below the client's
+    socket timeout), each from the last entry id seen rather than ``$``, so
+    none is missed between two reads.
+    """
+    last = after if after is not None else await dead_letter_tail(redis, keys)
+    while True:
+        reply: Any = await redis.xread({keys.dead_letter: last}, block=int(block * 1000))
+        for _stream, entries in reply or []:
+            for entry_id, raw in entries:
+                last = _s(entry_id)
+                letter = _decode_entry(entry_id, raw)
+                if matches(letter, reason=reason, agent=agent):
+                    yield letter

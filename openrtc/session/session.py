@@ -1,0 +1,698 @@
+"""Run one job's agent session in its room, as livekit-agents' own job runner would.
+
+This is the worker's seam into livekit-agents. It builds the same objects the
+framework's job process builds (``RunningJobInfo``, ``JobProcess``,
+``JobContext``) so the user's agent code runs unchanged: ``get_job_context()``
+and ``ctx.job`` give the real job id and metadata, tools, ``on_enter`` and node
+hooks work. Those constructors are not public API, which is why
+``pyproject.toml`` pins livekit-agents to one minor series and
+``tests/test_session_seam.py`` fails loudly when an upgrade moves them.
+
+The room token is minted by the worker from the API secret it holds, for the
+identity the dispatcher answered LiveKit with, and used only against the
+worker's own configured LiveKit URL: the stream never carries a bearer
+credential and an entry never decides where one is sent (docs/delivery.md,
+"Tokens"). A ``process``-isolation child receives the token, not the secret.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import anyio
+from livekit import api, rtc
+from livekit.agents import Agent, AgentSession, llm
+from livekit.agents.job import (
+    JobAcceptArguments,
+    JobContext,
+    JobExecutorType,
+    JobProcess,
+    RunningJobInfo,
+    _JobContextVar,
+)
+from livekit.agents.utils import http_context
+from livekit.agents.voice.events import CloseReason, ToolCallStarted
+
+from openrtc.agents.registry import AgentConfig
+from openrtc.errors import AgentBuildError
+from openrtc.ops.logs import log_context
+from openrtc.settings import LiveKitSettings
+from openrtc.store.checkpoint import Checkpoint, mark_interrupted, plain_data
+from openrtc.wire.messages import (
+    JOINED_ATTRIBUTE,
+    JobMessage,
+    agent_identity,
+    participant_attributes,
+)
+
+__all__ = [
+    "RoomAccess",
+    "SessionControl",
+    "SessionOutcome",
+    "mint_token",
+    "new_job_process",
+    "room_access",
+    "run_session",
+]
+
+logger = logging.getLogger("openrtc.session")
+
+#: The attribute LiveKit stamps on an agent's token with its registered name.
+LIVEKIT_AGENT_NAME_ATTRIBUTE: Final = "lk.agent_name"
+#: LiveKit's own agent token lifetime (``BuildAgentToken``). Long calls need no
+#: more: the server sends connected participants a refreshed token every 5 min.
+TOKEN_TTL: Final = datetime.timedelta(hours=1)
+CLOSE_TIMEOUT: Final = 10.0
+#: A session's outcome reason when the agent could not be built (before the join).
+AGENT_NOT_BUILT: Final = "the agent could not be built"
+#: Why a session closes when its agent ended the call (the worker closing it
+#: finishes the session first, with its own reason).
+_ENDED_BY_AGENT: Final = frozenset({CloseReason.USER_INITIATED, CloseReason.TASK_COMPLETED})
+#: After a reconnect or an agent joining, how long to look for the room's new sid.
+ROOM_SID_WAIT: Final = 10.0
+ROOM_SID_POLL: Final = 0.1
+#: Shortest time between two checkpoints of one session: turns that come
+#: faster are coalesced into one write of the latest state.
+CHECKPOINT_INTERVAL: Final = 0.05
+#: Asked to hand its call over, a session waits at most this long for a turn
+#: boundary (neither the agent nor the caller speaking), then hands over anyway.
+HANDOVER_TURN_WAIT: Final = 10.0
+#: How long announcing the join may hold up the session's start.
+ANNOUNCE_TIMEOUT: Final = 2.0
+
+
+async def _announce(room: rtc.Room, job_id: str) -> None:
+    """Tell the room's participants at once that this agent is in
+    (:data:`~openrtc.wire.messages.JOINED_ATTRIBUTE`): an older job's agent there
+    leaves now, not seconds later when this session has started."""
+    try:
+        with anyio.fail_after(ANNOUNCE_TIMEOUT):
+            await room.local_participant.set_attributes(
+                {JOINED_ATTRIBUTE: str(int(time.time() * 1000))}
+            )
+    except Exception as exc:  # the next batch of updates tells them anyway
+        logger.warning("job %s: join not announced: %s", job_id, exc)
+
+
+def _between_turns(session: AgentSession[Any]) -> bool:
+    """Neither side is speaking and the agent is not preparing a reply."""
+    return session.agent_state in ("listening", "idle") and session.user_state != "speaking"
+
+
+@dataclass
+class SessionOutcome:
+    """How a session ended.
+
+    ``success``: the call ended (room deleted, caller left, terminated) and the
+    job is done. ``failed``: the agent could not run (``error`` says why); the
+    job may be retried. ``taken_over``: another worker joined with the job's
+    identity; this one steps aside without acknowledging anything.
+    """
+
+    status: Literal["success", "failed", "taken_over"]
+    reason: str
+    error: str = ""
+    #: The agent ended the call (``ctx.shutdown()``, ``session.shutdown()``),
+    #: while the caller may stay: the room is not to be dispatched again.
+    ended_by_agent: bool = False
+
+
+@dataclass
+class SessionControl:
+    """The worker's handle on a running session."""
+
+    joined: anyio.Event = field(default_factory=anyio.Event)
+    _stop: anyio.Event = field(default_factory=anyio.Event)
+    stop_reason: str = ""
+    takeover: bool = False
+    #: The job's last checkpoint (encoded), when this session takes a call over.
+    resume: bytes | None = None
+    #: Where checkpoints go (must not block); ``None``: this session keeps none.
+    checkpoint: Callable[[bytes], None] | None = None
+    checkpoint_max_bytes: int = 0
+    #: This session takes its call over from a draining worker (a handover):
+    #: it resumes from ``resume`` without the agent's resume line.
+    handover: bool = False
+    #: The caller was greeted by an earlier session of the call, whatever the
+    #: checkpoint says (one Redis lost): the agent does not greet again.
+    greeted: bool = False
+    #: Set by the session once it is at a turn boundary after :meth:`ask_handover`
+    #: and its last checkpoint was offered: the call can go to a peer now.
+    handover_ready: anyio.Event = field(default_factory=anyio.Event)
+    _handover_asked: anyio.Event = field(default_factory=anyio.Event)
+
+    def stop(self, reason: str, *, takeover: bool = False) -> None:
+        """End the session (idempotent; the first reason wins)."""
+        if not self._stop.is_set():
+            self.stop_reason = reason
+            self.takeover = takeover
+            self._stop.set()
+
+    def ask_handover(self) -> None:
+        """Ask the session for a turn boundary and its last checkpoint (see ``handover_ready``).
+
+        May be asked again after a handover that went nowhere (Redis lost the
+        released entry): ``handover_ready`` is then a new event.
+        """
+        if self.handover_ready.is_set():
+            self.handover_ready = anyio.Event()
+        self._handover_asked.set()
+
+    async def wait_handover_asked(self) -> None:
+        """Until a handover is asked; each ask is answered once."""
+        await self._handover_asked.wait()
+        self._handover_asked = anyio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def wait_stop(self) -> None:
+        await self._stop.wait()
+
+
+def new_job_process(isolation: Literal["coroutine", "process"]) -> JobProcess:
+    """The per-process object livekit-agents hands to prewarm functions."""
+    executor = JobExecutorType.PROCESS if isolation == "process" else JobExecutorType.THREAD
+    return JobProcess(executor_type=executor, user_arguments=None, http_proxy=None)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    """Where a session connects and the room token it connects with."""
+
+    url: str
+    token: str = field(repr=False)
+
+
+def mint_token(credentials: LiveKitSettings, message: JobMessage) -> str:
+    """A room token equivalent to the one LiveKit minted for the dispatcher's answer.
+
+    Kind AGENT, valid :data:`TOKEN_TTL`, for the job's room and the job's agent
+    identity only: raises ``ValueError`` for a message that names another
+    identity (decoding already refuses those entries; this is the last line
+    before a credential is signed). The participant name is the routed agent's
+    name, whatever the entry says (``dlq replay --agent`` changes the agent).
+    """
+    expected = agent_identity(message.job_id)
+    if message.accept.identity != expected:
+        raise ValueError(
+            f"participant identity {message.accept.identity[:80]!r} is not the job's ({expected!r})"
+        )
+    attributes = dict(message.accept.attributes)
+    attributes[LIVEKIT_AGENT_NAME_ATTRIBUTE] = message.job.agent_name
+    attributes.update(
+        participant_attributes(room_created_ms=message.room_created_ms, queued_ms=message.queued_ms)
+    )
+    return (
+        api.AccessToken(credentials.api_key, credentials.api_secret)
+        .with_identity(message.accept.identity)
+        .with_name(message.agent)
+        .with_metadata(message.accept.metadata)
+        .with_attributes(attributes)
+        .with_kind("agent")
+        .with_ttl(TOKEN_TTL)
+        .with_grants(
+            api.VideoGrants(
+                room_join=True,
+                room=message.room,
+                agent=True,
+                can_publish=True,
+                can_subscribe=True,
+                can_publish_data=True,
+                can_update_own_metadata=True,
+            )
+        )
+        .to_jwt()
+    )
+
+
+def room_access(credentials: LiveKitSettings, message: JobMessage) -> RoomAccess:
+    """The worker's own LiveKit URL and a token for the job (``message.livekit_url`` is unused)."""
+    return RoomAccess(credentials.ws_url, mint_token(credentials, message))
+
+
+async def run_session(
+    message: JobMessage,
+    config: AgentConfig,
+    access: LiveKitSettings | RoomAccess,
+    proc: JobProcess,
+    control: SessionControl,
+    *,
+    worker_id: str,
+) -> SessionOutcome:
+    """Join the job's room as its agent and run the agent until the call ends.
+
+    ``access``: the worker's credentials (the token is minted here), or a
+    :class:`RoomAccess` minted by the parent of a session process.
+    """
+    # Every line logged for this session, livekit-agents' included, names the job.
+    with log_context(
+        job_id=message.job_id, agent=message.agent, room=message.room, worker_id=worker_id
+    ):
+        return await _run_session(message, config, access, proc, control, worker_id=worker_id)
+
+
+async def _run_session(
+    message: JobMessage,
+    config: AgentConfig,
+    access: LiveKitSettings | RoomAccess,
+    proc: JobProcess,
+    control: SessionControl,
+    *,
+    worker_id: str,
+) -> SessionOutcome:
+    if isinstance(access, LiveKitSettings):
+        try:
+            access = room_access(access, message)
+        except ValueError as exc:
+            return SessionOutcome("failed", "no room token for this job", str(exc))
+    info = RunningJobInfo(
+        accept_arguments=JobAcceptArguments(
+            name=message.agent,
+            identity=message.accept.identity,
+            metadata=message.accept.metadata,
+            attributes=dict(message.accept.attributes),
+        ),
+        job=message.job,
+        url=access.url,
+        token=access.token,
+        worker_id=worker_id,
+        fake_job=False,
+    )
+    room = rtc.Room()
+    ended = anyio.Event()
+    end: dict[str, Any] = {}
+
+    def finish(reason: str, **extra: Any) -> None:
+        if not ended.is_set():
+            end.update(reason=reason, **extra)
+            ended.set()
+
+    # Set on what may show this session's room was replaced: a reconnect, an
+    # agent joining. The current event; replaced after each is seen.
+    changed = [anyio.Event()]
+
+    @room.on("reconnected")
+    def _on_reconnected() -> None:
+        changed[-1].set()
+
+    @room.on("participant_connected")
+    def _on_participant(participant: rtc.RemoteParticipant) -> None:
+        if participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            changed[-1].set()
+
+    def replaced_by() -> str:
+        """The agent that serves this room now, if the server replaced it (see JobMessage)."""
+        if room.connection_state != rtc.ConnectionState.CONN_CONNECTED:
+            # Leaving in the middle of a reconnect does not stop it: the
+            # engine finished rejoining after disconnect() and left a ghost
+            # agent in the room. Decide once the connection has settled.
+            return ""
+        agents = [
+            (other.identity, other.attributes)
+            for other in room.remote_participants.values()
+            if other.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        ]
+        # The room's sid is kept current by the server's updates (no public event).
+        return message.replaced_by(room._info.sid, agents)
+
+    @room.on("disconnected")
+    def _on_disconnected(reason: Any = None) -> None:
+        name = str(reason)
+        if isinstance(reason, int):
+            name = rtc.DisconnectReason.Name(reason)  # type: ignore[arg-type]
+        finish(f"room disconnected ({name})", disconnect=name)
+
+    ctx = JobContext(
+        proc=proc,
+        info=info,
+        room=room,
+        on_connect=lambda: None,
+        on_shutdown=lambda reason: finish(
+            reason or "shutdown requested by the agent", on_purpose=True
+        ),
+        inference_executor=None,  # type: ignore[arg-type]  # only turn detectors use it
+    )
+    ctx._on_setup()
+    context_token = _JobContextVar.set(ctx)
+    http_context._new_session_ctx()
+    session: AgentSession[Any] | None = None
+    try:
+        try:
+            options = dict(config.session_kwargs)
+            if config.stt is None:
+                # Nothing to detect turns with (text input needs none): say so,
+                # instead of livekit-agents warning on every session that its
+                # turn detector has no VAD.
+                options.setdefault("turn_detection", "manual")
+            session = AgentSession(
+                stt=config.stt,  # type: ignore[arg-type]
+                llm=config.llm,  # type: ignore[arg-type]
+                tts=config.tts,  # type: ignore[arg-type]
+                vad=proc.userdata.get("vad"),
+                **options,
+            )
+            session.on(
+                "close",
+                lambda event: finish(
+                    f"session closed ({event.reason.value})",
+                    on_purpose=event.reason in _ENDED_BY_AGENT,
+                ),
+            )
+            saved = Checkpoint.decode(control.resume) if control.resume else None
+            if not config.checkpoint:
+                saved = None
+            saving = None
+            if control.checkpoint is not None and config.checkpoint:
+                saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
+            # Built before the room is joined: a constructor that raises fails
+            # the session without the caller seeing an agent come and go.
+            try:
+                if saved is not None:
+                    agent = await _restore(session, config, saved, message.job_id)
+                else:
+                    # Agents are constructed without arguments, as livekit-agents'
+                    # examples and the PyPI openrtc package do.
+                    agent = config.build()
+            except Exception as exc:
+                cause = exc.__cause__ if isinstance(exc, AgentBuildError) else exc
+                logger.error("job %s: %s", message.job_id, exc)
+                return SessionOutcome("failed", AGENT_NOT_BUILT, f"{type(cause).__name__}: {cause}")
+            await ctx.connect()
+            control.joined.set()
+            # Joining may itself show the room was replaced: a session that
+            # (re)joins after the newer room's agent is in sees no event for
+            # it. Leave before a word is said; the watcher below looks again
+            # while the room's sid may still come.
+            if successor := replaced_by():
+                finish(f"room replaced by the server; {successor} serves it now", replaced=True)
+                return SessionOutcome("success", end["reason"])
+            await _announce(room, message.job_id)
+            changed[-1].set()
+            await session.start(agent=agent, room=room)
+            greeted = control.greeted or (saved is not None and saved.greeted)
+            if saving is not None:
+                saving.greeted = greeted
+            if saved is not None and config.resume_line and not control.handover:
+                session.say(config.resume_line)
+            elif config.greeting and not greeted:
+                greeting = session.say(config.greeting)
+                if saving is not None:
+                    greeting.add_done_callback(lambda _: saving.said_greeting())
+        except Exception as exc:
+            logger.exception("job %s: the agent failed to start", message.job_id)
+            return SessionOutcome("failed", "agent failed to start", f"{type(exc).__name__}: {exc}")
+
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_told() -> None:
+                await control.wait_stop()
+                finish(control.stop_reason)
+
+            async def leave_a_replaced_room() -> None:
+                # Two agents would talk over each other. Until the new job's
+                # agent is there, this one keeps the caller company: LiveKit
+                # may not have dispatched the new room at all. Looked at once
+                # at the start too: the other job's agent may be there already
+                # (a room dispatched twice, this job the later).
+                changed[-1].set()
+                while True:
+                    await changed[-1].wait()
+                    changed.append(anyio.Event())
+                    # The room's new sid comes with no event: look a while.
+                    for _ in range(int(ROOM_SID_WAIT / ROOM_SID_POLL)):
+                        if successor := replaced_by():
+                            finish(
+                                f"room replaced or dispatched twice; {successor} serves it now",
+                                replaced=True,
+                            )
+                            return
+                        await anyio.sleep(ROOM_SID_POLL)
+
+            async def get_ready_for_a_handover() -> None:
+                assert session is not None
+                turn = [anyio.Event()]
+
+                def _on_state(_: Any) -> None:
+                    turn[0].set()
+
+                session.on("agent_state_changed", _on_state)
+                session.on("user_state_changed", _on_state)
+                while True:  # asked again when Redis lost the handed-over entry
+                    await control.wait_handover_asked()
+                    with anyio.move_on_after(HANDOVER_TURN_WAIT):
+                        # Between turns, so the peer's checkpoint has the whole last one.
+                        while True:
+                            turn[0] = anyio.Event()
+                            if _between_turns(session):
+                                break
+                            await turn[0].wait()
+                    if saving is not None:
+                        saving.offer_now()
+                    control.handover_ready.set()
+
+            tg.start_soon(stop_when_told)
+            tg.start_soon(leave_a_replaced_room)
+            tg.start_soon(get_ready_for_a_handover)
+            if saving is not None:
+                tg.start_soon(saving.run)
+            await ended.wait()
+            tg.cancel_scope.cancel()
+
+        if control.takeover or end.get("disconnect") == "DUPLICATE_IDENTITY":
+            return SessionOutcome("taken_over", end["reason"])
+        return SessionOutcome("success", end["reason"], ended_by_agent=bool(end.get("on_purpose")))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _close(
+                ctx,
+                room,
+                session,
+                end.get("reason", "worker stopping"),
+                leave_first=bool(end.get("replaced")),
+            )
+            _JobContextVar.reset(context_token)
+
+
+class _Checkpointing:
+    """Hands the session's latest state to ``sink`` after every committed turn.
+
+    Event handlers only mark the state changed; :meth:`run`, a task of the
+    session, builds the checkpoint and offers it, so speech never waits for a
+    serialization or a write, and turns in quick succession cost one checkpoint.
+    """
+
+    def __init__(self, session: AgentSession[Any], sink: Callable[[bytes], None], cap: int) -> None:
+        self._session = session
+        self._sink = sink
+        self._cap = cap
+        self._changed = anyio.Event()
+        self._warned = False
+        self.greeted = False
+        #: Tool calls seen starting whose output is not in the history yet: a
+        #: crash now must show them as interrupted, not forget them.
+        self._calls: dict[str, llm.FunctionCall] = {}
+        for event in ("conversation_item_added", "function_tools_executed"):
+            session.on(event, lambda _: self.touch())
+        session.on("tool_execution_updated", self._on_tool)
+
+    def touch(self) -> None:
+        self._changed.set()
+
+    def said_greeting(self) -> None:
+        self.greeted = True
+        self.touch()
+
+    def _on_tool(self, event: Any) -> None:
+        if isinstance(event.update, ToolCallStarted):
+            call = event.update.function_call
+            self._calls[call.call_id] = call
+            self.touch()
+
+    def snapshot(self) -> bytes | None:
+        session = self._session
+        items = session.history.to_dict(exclude_timestamp=False, exclude_config_update=True)
+        history: list[dict[str, Any]] = items["items"]
+        done = {i.get("call_id") for i in history if i.get("type") == "function_call_output"}
+        listed = {i.get("call_id") for i in history if i.get("type") == "function_call"}
+        for call_id in [c for c in self._calls if c in done]:
+            del self._calls[call_id]
+        for call_id, call in self._calls.items():
+            if call_id not in listed:
+                history.append(call.model_dump(mode="json", exclude_none=True))
+        agent = session.current_agent
+        hook = getattr(agent, "checkpoint_state", None)
+        state = plain_data(hook()) if callable(hook) else None
+        cls = type(agent)
+        checkpoint = Checkpoint(
+            agent_class=f"{cls.__module__}:{cls.__qualname__}",
+            greeted=self.greeted,
+            history=history,
+            userdata=plain_data(session._userdata),
+            state=state,
+        )
+        return checkpoint.encode(self._cap)
+
+    def offer_now(self) -> None:
+        """Hand the current state over at once (a handover's last checkpoint)."""
+        self._changed = anyio.Event()
+        self._offer()
+
+    def _offer(self) -> None:
+        try:
+            data = self.snapshot()
+        except Exception:
+            logger.exception("building a checkpoint failed")
+            data = None
+        if data is None:
+            if not self._warned:
+                logger.warning("no checkpoint fits in %d bytes; none written", self._cap)
+                self._warned = True
+        else:
+            self._sink(data)
+
+    async def run(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed = anyio.Event()
+            self._offer()
+            await anyio.sleep(CHECKPOINT_INTERVAL)
+
+
+def _agent_class(config: AgentConfig, name: str) -> type[Agent]:
+    """The agent class a checkpoint names (``module:qualname``), else the entry agent's.
+
+    Discovered modules are named after their path, which may differ on the
+    worker that resumes (a new release): the entry agent's module is searched
+    for the same class name too.
+    """
+    module_name, _, qualname = name.partition(":")
+    for module in (sys.modules.get(module_name), sys.modules.get(config.agent_cls.__module__)):
+        found: Any = module
+        for part in qualname.split(".") if qualname else ():
+            found = getattr(found, part, None)
+        if module is not None and isinstance(found, type) and issubclass(found, Agent):
+            return found
+    if name:
+        logger.warning(
+            "checkpoint names agent %s, not found here: resuming with the entry agent", name
+        )
+    return config.agent_cls
+
+
+async def _restore(
+    session: AgentSession[Any], config: AgentConfig, saved: Checkpoint, job_id: str
+) -> Agent:
+    """The active agent of a checkpoint, with its history, userdata and own state back."""
+    cls = _agent_class(config, saved.agent_class)
+    try:
+        agent: Agent = cls()  # type: ignore[call-arg]
+    except TypeError:
+        # An agent handed off to with constructor arguments cannot be rebuilt
+        # from its class alone; the conversation goes on with the entry agent.
+        logger.warning("job %s: %s needs arguments; resuming with the entry agent", job_id, cls)
+        agent = config.agent_cls()  # type: ignore[call-arg]
+    chat_ctx = llm.ChatContext.from_dict({"items": mark_interrupted(saved.history)})
+    # The session's history goes on from the checkpoint (later checkpoints
+    # keep it); the agent's context is what its model sees.
+    session.history.insert(chat_ctx.items)
+    await agent.update_chat_ctx(chat_ctx)
+    if saved.userdata is not None:
+        _restore_userdata(session, saved.userdata)
+    restore = getattr(agent, "restore_state", None)
+    if saved.state is not None and callable(restore):
+        restore(saved.state)
+    _resume_instead_of_entering(agent)
+    logger.info(
+        "job %s: resuming the conversation (%d items, agent %s)",
+        job_id,
+        len(chat_ctx.items),
+        type(agent).__qualname__,
+    )
+    return agent
+
+
+def _resume_instead_of_entering(agent: Agent) -> None:
+    """The session's start runs the resumed agent's ``on_resume()``, not ``on_enter()``.
+
+    The agent was entered in the session before the takeover: its
+    ``on_enter`` (where livekit-agents' examples greet) already ran. Once
+    only: a later entry of the same agent (a handoff back) is an entry again.
+    """
+
+    async def resumed() -> None:
+        delattr(agent, "on_enter")
+        hook = getattr(agent, "on_resume", None)
+        if callable(hook):
+            await hook()
+
+    # livekit-agents calls ``agent.on_enter()`` on the instance: shadowed here.
+    setattr(agent, "on_enter", resumed)  # noqa: B010
+
+
+def _restore_userdata(session: AgentSession[Any], data: dict[str, Any]) -> None:
+    current = session._userdata
+    if current is None:
+        session.userdata = data
+    elif isinstance(current, dict):
+        current.update(data)
+    else:
+        # A dataclass or model the agent's session was given: its fields back.
+        for key, value in data.items():
+            if hasattr(current, key):
+                try:
+                    setattr(current, key, value)
+                except Exception:
+                    logger.debug("userdata field %s not restored", key)
+
+
+async def _close(
+    ctx: JobContext,
+    room: rtc.Room,
+    session: AgentSession[Any] | None,
+    reason: str,
+    *,
+    leave_first: bool = False,
+) -> None:
+    """End the session, run the agent's shutdown callbacks, leave the room.
+
+    ``leave_first``: another agent serves the room now, so the caller must
+    stop hearing this one at once, before the session's own (slower) close.
+    """
+    with anyio.move_on_after(CLOSE_TIMEOUT) as scope:
+        if leave_first:
+            try:
+                await room.disconnect()
+            except Exception:
+                logger.exception("leaving the room failed")
+        if session is not None:
+            try:
+                await session.aclose()
+            except Exception:
+                logger.exception("closing the agent session failed")
+        for callback in list(ctx._shutdown_callbacks):
+            try:
+                await callback(reason)
+            except Exception:
+                logger.exception("a shutdown callback failed")
+        try:
+            await room.disconnect()
+        except Exception:
+            logger.exception("leaving the room failed")
+        try:
+            await ctx._on_cleanup()
+        except Exception:
+            logger.exception("job context cleanup failed")
+        try:
+            await http_context._close_http_ctx()
+        except Exception:
+            logger.exception("closing the session's HTTP client failed")
+    if scope.cancelled_caught:
+        logger.warning("closing the session took more than %.0fs; abandoned", CLOSE_TIMEOUT)
