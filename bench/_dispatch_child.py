@@ -95,7 +95,7 @@ def record_gc(collections: list[tuple[float, int, float]]) -> None:
 
 
 async def serve(dispatcher: Dispatcher) -> None:
-    """``openrtc.cli.main._run_service``: the first signal drains, a second one aborts."""
+    """``openrtc.cli.service_cmds._run_service``: the first signal drains, a second one aborts."""
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:

@@ -17,7 +17,8 @@ import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
-from openrtc.cli.main import _hoist_root_options, app
+from openrtc.cli.app import _hoist_root_options
+from openrtc.cli.main import app
 from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.ops.logs import ContextFilter, _json_formatter, log_context

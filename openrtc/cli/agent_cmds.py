@@ -1,0 +1,105 @@
+"""``openrtc list`` and ``openrtc route``: the agents directory, read offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from openrtc.agents.routing import STEP_SOURCES, explain_route, resolve_agent
+from openrtc.cli.app import (
+    AgentsDir,
+    AgentsDirPositional,
+    DefaultGreeting,
+    DefaultLlm,
+    DefaultStt,
+    DefaultTts,
+    JsonFlag,
+    _agents_dir,
+    _Checked,
+    _defaults,
+    _fail,
+    _load_pool,
+    _out,
+    _print_json,
+    app,
+)
+
+
+@app.command("list", cls=_Checked)
+def list_agents(
+    agents_dir_arg: AgentsDirPositional = None,
+    agents_dir: AgentsDir = Path("agents"),
+    json_output: JsonFlag = False,
+    plain: Annotated[
+        bool, typer.Option("--plain", help="One tab-separated line per agent.")
+    ] = False,
+    resources: Annotated[
+        bool,
+        typer.Option("--resources", help="With --json: source file sizes and this process's RSS."),
+    ] = False,
+    default_stt: DefaultStt = None,
+    default_llm: DefaultLlm = None,
+    default_tts: DefaultTts = None,
+    default_greeting: DefaultGreeting = None,
+) -> None:
+    """Show the registered agents and their providers, in registration order."""
+    from openrtc.agents.compat import list_payload
+
+    agents_dir = _agents_dir(agents_dir_arg, agents_dir)
+    pool = _load_pool(
+        agents_dir, _defaults(default_stt, default_llm, default_tts, default_greeting)
+    )
+    rows = [config.describe() for config in pool]
+    if json_output:
+        _print_json(list_payload(pool, resources=resources))
+        return
+    if plain:
+        for row in rows:
+            typer.echo("\t".join(v if v is not None else "-" for v in row.values()))
+        return
+    if not rows:
+        typer.echo(f"No agents in {agents_dir}.")
+        return
+    table = Table(title=f"Agents in {agents_dir} (registration order)", title_justify="left")
+    for column in ("#", "name", "class", "stt", "llm", "tts", "greeting"):
+        table.add_column(column, overflow="fold")
+    for i, row in enumerate(rows, 1):
+        table.add_row(str(i), *(v if v is not None else "-" for v in row.values()))
+    _out.print(table)
+
+
+@app.command("route", cls=_Checked)
+def route(
+    agents_dir_arg: AgentsDirPositional = None,
+    agents_dir: AgentsDir = Path("agents"),
+    job_metadata: Annotated[
+        str, typer.Option("--job-metadata", help="The job's (dispatch) metadata.")
+    ] = "",
+    room_metadata: Annotated[
+        str, typer.Option("--room-metadata", help="The room's metadata.")
+    ] = "",
+    room: Annotated[str, typer.Option("--room", help="The room name.")] = "",
+    json_output: JsonFlag = False,
+) -> None:
+    """Dry-run the routing chain for a job and say which step matched and why."""
+    from livekit.protocol.agent import Job
+    from livekit.protocol.models import Room
+
+    pool = _load_pool(_agents_dir(agents_dir_arg, agents_dir))
+    job = Job(id="dry-run", metadata=job_metadata, room=Room(name=room, metadata=room_metadata))
+    try:
+        result = resolve_agent(job, pool.routing_table)
+    except (ValueError, RuntimeError) as exc:
+        if json_output:
+            _print_json({"error": str(exc)})
+        _fail(str(exc))
+    if json_output:
+        _print_json({"agent": result.agent, "step": result.step, "source": result.source})
+        return
+    typer.echo(f"agent: {result.agent}")
+    typer.echo(f"step:  {result.step} ({STEP_SOURCES[result.step]})")
+    for line in explain_route(job, pool.routing_table):
+        typer.echo(f"  {line}")

@@ -1,0 +1,170 @@
+"""``openrtc call`` and ``openrtc dev``: a test caller and the whole stack on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from openrtc.cli.app import (
+    AgentsDir,
+    AgentsDirPositional,
+    ApiKey,
+    ApiSecret,
+    DefaultGreeting,
+    DefaultLlm,
+    DefaultStt,
+    DefaultTts,
+    IsolationMode,
+    JsonFlag,
+    LiveKitUrl,
+    Namespace,
+    RedisUrl,
+    _agents_dir,
+    _Checked,
+    _defaults,
+    _fail,
+    _load_pool,
+    _print_json,
+    app,
+)
+from openrtc.errors import OpenRTCError
+from openrtc.settings import (
+    DEFAULT_NAMESPACE,
+    redact_url,
+)
+from openrtc.supervision import freeze_imports
+
+
+@app.command("call", cls=_Checked)
+def call(
+    room: Annotated[str, typer.Option("--room", help="Room to call into.")],
+    metadata: Annotated[
+        str | None,
+        typer.Option("--metadata", help="Create the room first, with this metadata."),
+    ] = None,
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for an agent.")] = 20.0,
+    listen: Annotated[float, typer.Option("--listen", help="Seconds to wait for audio.")] = 10.0,
+    delete: Annotated[
+        bool, typer.Option("--delete/--keep", help="Delete the room afterwards.")
+    ] = True,
+    json_output: JsonFlag = False,
+) -> None:
+    """Join a room as a caller and report which agent answered and whether it was heard."""
+    import dataclasses
+
+    import anyio
+
+    from openrtc.devtools.caller import close_native_runtime, place_call
+    from openrtc.settings import LiveKitSettings
+
+    try:
+        credentials = LiveKitSettings(livekit_url, api_key, api_secret)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+    try:
+        result = anyio.run(
+            lambda: place_call(
+                credentials, room, metadata=metadata, wait=wait, listen=listen, delete_room=delete
+            )
+        )
+    except Exception as exc:
+        _fail(f"call failed: {type(exc).__name__}: {exc}")
+    finally:
+        # Before any exit path: an abort at interpreter shutdown would turn
+        # this call's result into a crash.
+        close_native_runtime()
+    if json_output:
+        _print_json({**dataclasses.asdict(result), "ok": result.ok})
+    elif result.agent is None:
+        typer.echo(f"{room}: {result.error}")
+    else:
+        heard = f"heard after {result.heard_after:.2f}s" if result.heard_after else "not heard"
+        typer.echo(
+            f"{room}: agent '{result.agent}' ({result.identity}) joined after "
+            f"{result.joined_after:.2f}s, {heard}"
+        )
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command("dev", cls=_Checked)
+def dev(
+    agents_dir_arg: AgentsDirPositional = None,
+    agents_dir: AgentsDir = Path("agents"),
+    env_file: Annotated[
+        Path, typer.Option("--env-file", help="Where to write the stack's settings (mode 0600).")
+    ] = Path(".openrtc/dev.env"),
+    isolation: Annotated[
+        IsolationMode, typer.Option("--isolation", help="coroutine or process.")
+    ] = IsolationMode.COROUTINE,
+    default_stt: DefaultStt = None,
+    default_llm: DefaultLlm = None,
+    default_tts: DefaultTts = None,
+    default_greeting: DefaultGreeting = None,
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: RedisUrl = "",
+    namespace: Namespace = DEFAULT_NAMESPACE,
+) -> None:
+    """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent.
+
+    A server of a kind is started only when its URL (LIVEKIT_URL, REDIS_URL) is unset.
+    """
+    import anyio
+
+    from openrtc.devtools.dev import dev_stack, write_env_file
+    from openrtc.settings import LiveKitSettings
+
+    agents_dir = _agents_dir(agents_dir_arg, agents_dir)
+    pool = _load_pool(
+        agents_dir, _defaults(default_stt, default_llm, default_tts, default_greeting)
+    )
+    if len(pool) == 0:
+        _fail("No agents are registered in the pool.")
+    external_livekit = None
+    if livekit_url:
+        try:
+            external_livekit = LiveKitSettings(livekit_url, api_key, api_secret)
+        except OpenRTCError as exc:
+            _fail(str(exc))
+
+    def progress(line: str) -> None:
+        # stderr: progress, not the stack's settings.
+        typer.echo(f"[dev] {line}", err=True)
+
+    async def serve() -> None:
+        from openrtc.supervision import stop_signals
+
+        async with dev_stack(
+            agents_dir,
+            isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
+            log_dir=env_file.parent / "logs",
+            livekit=external_livekit,
+            redis_url=redis_url or None,
+            namespace=namespace,
+            progress=progress,
+        ) as stack:
+            write_env_file(env_file, stack)
+            typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
+            typer.echo(f"Redis    {redact_url(stack.redis.url)}")
+            typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
+            for name, url in stack.http_urls.items():
+                typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")
+            typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
+            typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
+            typer.echo("Ctrl-C stops everything.")
+            stopped = anyio.Event()
+            with stop_signals(lambda _: stopped.set(), lambda _: stopped.set()):
+                await stopped.wait()
+
+    freeze_imports()
+    try:
+        anyio.run(serve)
+    except OpenRTCError as exc:
+        _fail(str(exc))
