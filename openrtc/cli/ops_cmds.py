@@ -36,10 +36,9 @@ from openrtc.wire.messages import DeadReason
 
 def _keys(namespace: str, redis_url: str) -> Any:
     """The key layout for ``redis_url``: hash-tagged per agent under a cluster URL."""
-    from openrtc.store.redis_url import is_cluster_url
-    from openrtc.wire.keys import Keys
+    from openrtc.store.streams import service_keys
 
-    return Keys(namespace, cluster=is_cluster_url(redis_url))
+    return service_keys(namespace, redis_url)
 
 
 def _with_redis(redis_url: str, work: Any) -> Any:

@@ -37,7 +37,6 @@ import aiohttp
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit.protocol import agent as proto
-from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
 from openrtc.agents.routing import Route, UnknownAgentError, resolve_agent
@@ -61,10 +60,15 @@ from openrtc.settings import DispatcherSettings, redact_url
 from openrtc.store.membership import LoadView, Presence
 from openrtc.store.redis_access import check_redis_access
 from openrtc.store.redis_health import check_durability
-from openrtc.store.redis_url import is_cluster_url
-from openrtc.store.streams import REDIS_DOWN, EnqueueResult, StreamStore, connect_redis
+from openrtc.store.streams import (
+    REDIS_DOWN,
+    EnqueueResult,
+    RedisClient,
+    StreamStore,
+    connect_redis,
+    service_keys,
+)
 from openrtc.supervision import StateLog, backoff_delay, describe, unwrap_group
-from openrtc.wire.keys import Keys
 from openrtc.wire.messages import (
     AGENT_ATTRIBUTE,
     REQUESTED_AGENT_FIELD,
@@ -152,16 +156,15 @@ class Dispatcher:
         settings: DispatcherSettings,
         pool: AgentPool,
         *,
-        redis: Redis | None = None,
+        redis: RedisClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if len(pool) == 0:
             raise ConfigError("No agents are registered in the pool.")
         self.settings = settings
         self.pool = pool
-        self.keys = Keys(
-            settings.namespace,
-            cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
+        self.keys = service_keys(
+            settings.namespace, settings.redis_url, cluster_keys=settings.cluster_keys
         )
         self.policy = AdmissionPolicy(settings.when_no_worker, settings.max_backlog)
         self.stats = DispatcherStats()
@@ -184,7 +187,7 @@ class Dispatcher:
         self._socket: AgentSocket | None = None
         #: The jobs this dispatcher knows, by state.
         self.jobs = JobLedger()
-        #: What a drain waits for: jobs on their way to Redis, handler tasks.
+        #: What a drain waits for: jobs on their way to RedisClient, handler tasks.
         self._inflight = InFlight()
         self._enqueuer = BatchEnqueuer(
             self.store, self._inflight, self._complete, self._enqueue_failed

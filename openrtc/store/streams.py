@@ -35,7 +35,7 @@ from openrtc.settings import (
     DEFAULT_STATUS_TTL,
     redact_url,
 )
-from openrtc.store.redis_url import client_from_url
+from openrtc.store.redis_url import client_from_url, is_cluster_url
 from openrtc.store.scripts import pack_fields, register
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import (
@@ -50,7 +50,15 @@ from openrtc.wire.messages import (
 )
 from openrtc.wire.signing import SigningKeys, sign_control, sign_job
 
-__all__ = ["REDIS_DOWN", "EnqueueResult", "StreamStore", "connect_redis"]
+__all__ = [
+    "REDIS_DOWN",
+    "EnqueueResult",
+    "RedisClient",
+    "RefusedCommand",
+    "StreamStore",
+    "connect_redis",
+    "service_keys",
+]
 
 logger = logging.getLogger("openrtc.streams")
 
@@ -67,6 +75,21 @@ RECLAIM_STATE_TTL: Final = 60.0
 #: ``except`` that rides an outage out names this one tuple. (``TimeoutError``
 #: is an ``OSError`` already; it is named for ``anyio.fail_after``'s readers.)
 REDIS_DOWN: Final = (RedisError, OSError, TimeoutError)
+#: The asyncio client the services hold; named here so that only
+#: ``openrtc.store`` imports redis (an import-linter contract).
+RedisClient = Redis
+#: A command Redis refused (a missing ACL grant, a wrong type): a mistake to
+#: report, not an outage to ride out.
+RefusedCommand = ResponseError
+
+
+def service_keys(namespace: str, redis_url: str, *, cluster_keys: bool = False) -> Keys:
+    """The key builder of a service on ``redis_url``.
+
+    Keys are hash-tagged per agent under Redis Cluster, or when asked
+    (``cluster_keys``: a proxy in front of a cluster hides the scheme).
+    """
+    return Keys(namespace, cluster=cluster_keys or is_cluster_url(redis_url))
 
 
 def connect_redis(url: str, *, client_name: str | None = None) -> Redis:

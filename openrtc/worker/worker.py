@@ -38,8 +38,6 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from openrtc.agents.registry import AgentPool
 from openrtc.errors import ConfigError
@@ -59,10 +57,18 @@ from openrtc.store.checkpoint import CheckpointStore, CheckpointWriter
 from openrtc.store.membership import Presence, hold_liveness, live_members, redis_time
 from openrtc.store.redis_access import check_redis_access
 from openrtc.store.redis_health import check_durability
-from openrtc.store.redis_url import is_cluster_url
-from openrtc.store.streams import REDIS_DOWN, Delivery, JobConsumer, StreamStore, connect_redis
+from openrtc.store.streams import (
+    REDIS_DOWN,
+    Delivery,
+    JobConsumer,
+    RedisClient,
+    RefusedCommand,
+    StreamStore,
+    connect_redis,
+    service_keys,
+)
 from openrtc.supervision import StateLog, backoff_delay, describe
-from openrtc.wire.keys import ENDED_TTL, Keys
+from openrtc.wire.keys import ENDED_TTL
 from openrtc.wire.messages import (
     ID_MAX,
     ControlEvent,
@@ -202,7 +208,7 @@ class Worker:
         pool: AgentPool,
         *,
         runner: SessionRunner | None = None,
-        redis: Redis | None = None,
+        redis: RedisClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if settings.agent not in pool:
@@ -216,9 +222,8 @@ class Worker:
         # Built once now: an agent whose constructor raises fails the worker
         # at start-up (AgentBuildError, one line), never each call in its room.
         self.config.build()
-        self.keys = Keys(
-            settings.namespace,
-            cluster=settings.cluster_keys or is_cluster_url(settings.redis_url),
+        self.keys = service_keys(
+            settings.namespace, settings.redis_url, cluster_keys=settings.cluster_keys
         )
         self.stats = WorkerStats()
         self.metrics = WorkerMetrics(settings.agent)
@@ -695,7 +700,7 @@ class Worker:
                     deliveries = await self.consumer.reclaim_crashed(
                         grace, free, CRASH_CHECK_INTERVAL
                     )
-            except ResponseError as exc:  # a refused command (the ACL?), not an outage
+            except RefusedCommand as exc:  # a refused command (the ACL?), not an outage
                 if not refused:
                     logger.error("crash detection failed (leases still apply): %s", exc)
                 refused = True
