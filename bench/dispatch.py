@@ -12,7 +12,7 @@ One run, three kinds of process on loopback:
   ``openrtc dispatcher --agents-dir examples/offline_agents`` runs, plus a
   record of when each job's Redis reply came back, and its stats at exit);
 * this process: the protocol stand-in for LiveKit's ``/agent`` endpoint
-  (``tests/standin.py``, real protobuf over a real WebSocket) offering jobs,
+  (``openrtc/devtools/standin.py``, real protobuf over a real WebSocket) offering jobs,
   and the measuring.
 
 It prints, beside each other:
@@ -64,8 +64,6 @@ from typing import Any, Final
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # tests.standin
 
 from _common import ServiceDied, ServiceProcess, percentile, record_figure  # noqa: E402
 from livekit.protocol import agent as proto  # noqa: E402
@@ -73,10 +71,10 @@ from redis import __version__ as redis_py_version  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
 from openrtc.devtools.devstack import RedisServer  # noqa: E402
+from openrtc.devtools.standin import StandIn, WorkerConn, make_job, running_standin  # noqa: E402
 from openrtc.store.streams import StreamStore  # noqa: E402
 from openrtc.wire.keys import Keys  # noqa: E402
 from openrtc.wire.messages import JobMessage, accept_arguments  # noqa: E402
-from tests.standin import StandIn, WorkerConn, make_job, running_standin  # noqa: E402
 
 CHILD_SCRIPT: Final = BENCH_DIR / "_dispatch_child.py"
 AGENTS_DIR: Final = REPO_ROOT / "examples" / "offline_agents"

@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.devstack import LiveKitServer, RedisCluster, RedisSentinels, RedisServer
+from openrtc.devtools.standin import StandIn, running_standin
 from openrtc.store.streams import connect_redis
 from tests.stack import OFFLINE_AGENTS
-from tests.standin import StandIn, running_standin
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = Path(os.environ.get("OPENRTC_TEST_LOG_DIR", REPO_ROOT / ".openrtc" / "test-logs"))

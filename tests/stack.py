@@ -73,6 +73,12 @@ async def delete_room(livekit: LiveKitServer, name: str) -> None:
         await lk.room.delete_room(api.DeleteRoomRequest(room=name))
 
 
+async def agents_in(lk: api.LiveKitAPI, room: str) -> list[str]:
+    """The identities of the agent participants (kind AGENT) LiveKit lists in ``room``."""
+    reply = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+    return [p.identity for p in reply.participants if p.kind == api.ParticipantInfo.Kind.AGENT]
+
+
 async def live_rooms(livekit: LiveKitServer, name: str) -> list[api.Room]:
     async with api.LiveKitAPI(livekit.http_url, livekit.api_key, livekit.api_secret) as lk:
         reply = await lk.room.list_rooms(api.ListRoomsRequest(names=[name]))

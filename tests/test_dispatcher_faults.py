@@ -1,7 +1,7 @@
 """The dispatcher under faults, against the protocol stand-in and a real Redis.
 
 Each test runs a real :class:`~openrtc.dispatcher.dispatcher.Dispatcher` in-process
-against ``tests/standin.py`` (LiveKit's ``/agent`` protocol over a real
+against ``openrtc/devtools/standin.py`` (LiveKit's ``/agent`` protocol over a real
 WebSocket) and a real ``redis-server``, then breaks something on purpose:
 dropped sockets, a restarted server, garbage frames, duplicate offers, Redis
 going away, floods, unknown agents. What is asserted is what LiveKit and the
@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.devstack import RedisServer
+from openrtc.devtools.standin import StandIn, WorkerConn, make_job
 from openrtc.dispatcher.admission import REPORTED_LOAD_MAX
 from openrtc.dispatcher.dispatcher import AGENT_ATTRIBUTE, Dispatcher
 from openrtc.settings import DispatcherSettings, LiveKitSettings
@@ -40,7 +41,6 @@ from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import JobMessage, JobStatus, StatusEvent, agent_identity
 from tests.faults import slow_replies
 from tests.stack import dispatcher_settings, dispatching, eventually
-from tests.standin import StandIn, WorkerConn, make_job
 
 pytestmark = pytest.mark.anyio
 

@@ -19,13 +19,13 @@ from livekit import api
 from redis.asyncio import Redis
 
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.devtools.standin import StandIn, make_job
 from openrtc.settings import LiveKitSettings
 from openrtc.store.membership import Presence
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import DeadReason, JobMessage
 from tests.stack import dispatcher_settings, dispatching, eventually, unique, working
-from tests.standin import StandIn, make_job
 from tests.test_worker import job_message
 
 pytestmark = pytest.mark.anyio

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.devtools.standin import StandIn, make_job
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
@@ -32,7 +33,6 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.standin import StandIn, make_job
 from tests.test_dispatcher_faults import make_settings, offer, updates_for
 from tests.test_worker import (
     TEST_BUDGET,

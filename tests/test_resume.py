@@ -12,8 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +23,12 @@ from livekit import rtc
 from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
-from openrtc.devtools.caller import Caller, caller_in
+from openrtc.devtools.caller import AgentSighting, Caller, caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.checkpoint import Checkpoint, CheckpointStore
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import JobMessage
 from tests.stack import (
     OFFLINE_AGENTS,
     creds,
@@ -94,6 +95,7 @@ async def transcribing(caller: Caller) -> AsyncIterator[Transcript]:
             caller.room.unregister_text_stream_handler("lk.transcription")
 
 
+@contextmanager
 def worker_process(
     livekit: LiveKitServer,
     redis_url: str,
@@ -101,7 +103,8 @@ def worker_process(
     *args: str,
     agent: str = "dental",
     agents_dir: Path = OFFLINE_AGENTS,
-) -> subprocess.Popen[bytes]:
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``openrtc worker`` in a process of its own (to be killed); SIGKILLed on exit."""
     env = dict(
         os.environ,
         LIVEKIT_URL=livekit.url,
@@ -112,7 +115,47 @@ def worker_process(
     )
     command = [sys.executable, "-m", "openrtc", "worker", "--agent", agent]
     command += ["--agents-dir", str(agents_dir), "--lease", str(LEASE), "--http-port", "0"]
-    return subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+@dataclass
+class GreetedCall:
+    """A call the worker on ``keys`` answered, greeted and is transcribing."""
+
+    keys: Keys
+    message: JobMessage
+    #: The call's checkpoint key.
+    key: str
+    caller: Caller
+    transcript: Transcript
+    #: The agent that answered.
+    original: AgentSighting
+
+
+@asynccontextmanager
+async def greeted_call(
+    livekit: LiveKitServer, redis: Redis, ns: str, agent: str, room: str, greeting: str
+) -> AsyncIterator[GreetedCall]:
+    """A new room (``room`` a prefix) with a transcribing caller, its job enqueued on
+    ``ns``, until ``agent`` answered and said ``greeting``; the caller leaves on exit."""
+    keys = Keys(ns)
+    lk_room = await new_room(livekit, unique(room))
+    message = job_message(livekit, lk_room, agent, unique("dispatcher"))
+    async with (
+        caller_in(creds(livekit), lk_room.name) as caller,
+        transcribing(caller) as transcript,
+    ):
+        await StreamStore(redis, keys).enqueue([message])
+        original = await caller.wait_agent(within=30)
+        await eventually(lambda: transcript.count(greeting), "the greeting", within=20)
+        key = keys.checkpoint(agent, message.job_id)
+        yield GreetedCall(keys, message, key, caller, transcript, original)
 
 
 def children_of(pid: int) -> list[int]:
@@ -156,19 +199,14 @@ async def test_a_killed_session_resumes_its_conversation_without_a_second_greeti
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, kill: str
 ) -> None:
     ns = unique("ns")
-    keys = Keys(ns)
-    room = await new_room(livekit_server, unique("dental-resume"))
-    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-    key = keys.checkpoint("dental", message.job_id)
     args = ["--isolation", "process", "--idle-processes", "0"] if kill != "worker" else []
-    first = worker_process(livekit_server, redis_server.url, ns, *args)
-    try:
-        async with AsyncExitStack() as stack:
-            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
-            transcript = await stack.enter_async_context(transcribing(caller))
-            await StreamStore(redis, keys).enqueue([message])
-            original = await caller.wait_agent(within=30)
-            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+    with worker_process(livekit_server, redis_server.url, ns, *args) as first:
+        async with (
+            greeted_call(livekit_server, redis, ns, "dental", "dental-resume", GREETING) as call,
+            AsyncExitStack() as stack,
+        ):
+            caller, transcript = call.caller, call.transcript
+            key, original = call.key, call.original
             await three_things_said(transcript, redis, key)
             saved = await redis.get(key)
             assert livekit_server.api_secret.encode() not in saved
@@ -189,10 +227,6 @@ async def test_a_killed_session_resumes_its_conversation_without_a_second_greeti
 
             await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
             assert transcript.count(GREETING) == 1, transcript.lines
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(10)
 
 
 @pytest.mark.parametrize("isolation", ["coroutine", "process"])
@@ -204,20 +238,17 @@ async def test_a_deploy_hands_the_call_over_with_its_conversation(
     (the caller lost nothing), and the old worker exits as soon as the peer
     is in, not when the call ends (its drain timeout is 30 minutes)."""
     agent, ns = "restaurant", unique("ns")
-    keys = Keys(ns)
-    room = await new_room(livekit_server, unique("restaurant-handover"))
-    message = job_message(livekit_server, room, agent, unique("dispatcher"))
-    key = keys.checkpoint(agent, message.job_id)
     args = ["--isolation", isolation]
-    first = worker_process(livekit_server, redis_server.url, ns, *args, agent=agent)
-    try:
-        async with AsyncExitStack() as stack:
-            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
-            transcript = await stack.enter_async_context(transcribing(caller))
-            await StreamStore(redis, keys).enqueue([message])
-            original = await caller.wait_agent(within=30)
-            await eventually(lambda: transcript.count(RESTAURANT_GREETING), "greeting", within=20)
-            await three_things_said(transcript, redis, key)
+    with worker_process(livekit_server, redis_server.url, ns, *args, agent=agent) as first:
+        async with (
+            greeted_call(
+                livekit_server, redis, ns, agent, "restaurant-handover", RESTAURANT_GREETING
+            ) as call,
+            AsyncExitStack() as stack,
+        ):
+            caller, transcript = call.caller, call.transcript
+            original, message = call.original, call.message
+            await three_things_said(transcript, redis, call.key)
             peer = await stack.enter_async_context(
                 working(
                     livekit_server, redis_server.url, ns, agent, lease=LEASE, isolation=isolation
@@ -240,10 +271,6 @@ async def test_a_deploy_hands_the_call_over_with_its_conversation(
             await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
             assert transcript.count(RESTAURANT_GREETING) == 1, transcript.lines
             assert transcript.count(RESUME_LINE) == 0, transcript.lines
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(10)
 
 
 async def test_the_termination_a_handover_causes_does_not_finish_the_call(
@@ -255,19 +282,13 @@ async def test_the_termination_a_handover_causes_does_not_finish_the_call(
     the job's record marked done and its checkpoint deleted under the peer
     (seen in bench/recovery.py), so a later crash of the peer lost the call."""
     ns = unique("ns")
-    keys = Keys(ns)
-    store = StreamStore(redis, keys)
-    room = await new_room(livekit_server, unique("dental-handover-term"))
-    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-    key = keys.checkpoint("dental", message.job_id)
     async with (
-        caller_in(creds(livekit_server), room.name) as caller,
-        transcribing(caller) as transcript,
         working(livekit_server, redis_server.url, ns, "dental", lease=LEASE) as first,
+        greeted_call(livekit_server, redis, ns, "dental", "dental-handover-term", GREETING) as call,
     ):
-        await store.enqueue([message])
-        original = await caller.wait_agent(within=30)
-        await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+        caller, transcript, original = call.caller, call.transcript, call.original
+        keys, message, key, room = call.keys, call.message, call.key, call.caller.room
+        store = StreamStore(redis, keys)
         await three_things_said(transcript, redis, key)
         release = first.consumer.release
 
@@ -325,20 +346,16 @@ async def test_a_resumed_agent_is_not_entered_again(
     an agent that greets on entering does not greet twice."""
     (tmp_path / "concierge.py").write_text(GREETS_ON_ENTER)
     agent, ns = "concierge", unique("ns")
-    keys = Keys(ns)
-    room = await new_room(livekit_server, unique("concierge-resume"))
-    message = job_message(livekit_server, room, agent, unique("dispatcher"))
-    key = keys.checkpoint(agent, message.job_id)
-    first = worker_process(livekit_server, redis_server.url, ns, agent=agent, agents_dir=tmp_path)
-    try:
-        async with AsyncExitStack() as stack:
-            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
-            transcript = await stack.enter_async_context(transcribing(caller))
-            await StreamStore(redis, keys).enqueue([message])
-            original = await caller.wait_agent(within=30)
-            greeting = "Concierge here, greeted on entering."
-            await eventually(lambda: transcript.count(greeting), "the greeting", within=20)
-            await three_things_said(transcript, redis, key)
+    greeting = "Concierge here, greeted on entering."
+    with worker_process(
+        livekit_server, redis_server.url, ns, agent=agent, agents_dir=tmp_path
+    ) as first:
+        async with (
+            greeted_call(livekit_server, redis, ns, agent, "concierge-resume", greeting) as call,
+            AsyncExitStack() as stack,
+        ):
+            caller, transcript, original = call.caller, call.transcript, call.original
+            await three_things_said(transcript, redis, call.key)
             pool = AgentPool.from_directory(tmp_path)
             await stack.enter_async_context(
                 working(livekit_server, redis_server.url, ns, agent, pool=pool, lease=LEASE)
@@ -352,10 +369,6 @@ async def test_a_resumed_agent_is_not_entered_again(
             await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
             assert transcript.count(greeting) == 1, transcript.lines
             assert transcript.count("Concierge here, resumed.") == 1, transcript.lines
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(10)
 
 
 async def test_a_session_whose_call_went_elsewhere_never_overwrites_the_checkpoint(
@@ -387,7 +400,6 @@ async def test_a_redis_outage_does_not_stop_the_call_and_checkpoints_resume_afte
     livekit_server: LiveKitServer, tmp_path: Path
 ) -> None:
     ns = unique("ns")
-    keys = Keys(ns)
     server = RedisServer(log_path=tmp_path / "redis.log")
     with server, anyio.fail_after(90):
         redis = connect_redis(server.url)
@@ -396,14 +408,11 @@ async def test_a_redis_outage_does_not_stop_the_call_and_checkpoints_resume_afte
             worker = await stack.enter_async_context(
                 working(livekit_server, server.url, ns, "dental", lease=LEASE, drain_timeout=0.5)
             )
-            room = await new_room(livekit_server, unique("dental-outage"))
-            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-            key = keys.checkpoint("dental", message.job_id)
-            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
-            transcript = await stack.enter_async_context(transcribing(caller))
-            await StreamStore(redis, keys).enqueue([message])
-            agent = await caller.wait_agent(within=30)
-            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            call = await stack.enter_async_context(
+                greeted_call(livekit_server, redis, ns, "dental", "dental-outage", GREETING)
+            )
+            caller, transcript, key, agent = call.caller, call.transcript, call.key, call.original
+            message = call.message
             await transcript.ask("before the outage", "Noted: before the outage")
 
             await anyio.to_thread.run_sync(server.stop)
@@ -428,20 +437,15 @@ async def test_one_huge_turn_does_not_wipe_the_conversation_it_joins(
     earlier turn with it: after a SIGKILL the resumed agent still knows what
     the caller said first."""
     ns = unique("ns")
-    keys = Keys(ns)
-    room = await new_room(livekit_server, unique("dental-huge-turn"))
-    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-    key = keys.checkpoint("dental", message.job_id)
-    first = worker_process(livekit_server, redis_server.url, ns)
     # One "word" to the tone TTS: its reply is one tone, not minutes of them.
     huge = "paste " + "z" * 70_000
-    try:
-        async with AsyncExitStack() as stack:
-            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
-            transcript = await stack.enter_async_context(transcribing(caller))
-            await StreamStore(redis, keys).enqueue([message])
-            original = await caller.wait_agent(within=30)
-            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+    with worker_process(livekit_server, redis_server.url, ns) as first:
+        async with (
+            greeted_call(livekit_server, redis, ns, "dental", "dental-huge-turn", GREETING) as call,
+            AsyncExitStack() as stack,
+        ):
+            caller, transcript = call.caller, call.transcript
+            key, original = call.key, call.original
             await transcript.ask("remember apple", "Noted: remember apple")
             await transcript.ask("remember pear", "Noted: remember pear")
             await transcript.ask(huge, f"Noted: {huge}", within=40)
@@ -463,7 +467,3 @@ async def test_one_huge_turn_does_not_wipe_the_conversation_it_joins(
             await agent_listening(caller, replacement.identity)
             await transcript.ask("what did I say first?", "You first said: remember apple")
             assert transcript.count(GREETING) == 1, transcript.lines
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(10)

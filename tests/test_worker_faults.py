@@ -34,6 +34,7 @@ from tests.faults import slow_api
 from tests.stack import (
     OFFLINE_AGENTS,
     ROOT,
+    agents_in,
     creds,
     delete_room,
     eventually,
@@ -440,22 +441,14 @@ async def test_a_livekit_restart_leaves_one_agent_per_room(
                 assert (serving.identity == first.identity) == (created[0] == created[1]), created
                 assert created[0] <= created[1], created
 
-                async def agents_in_room() -> list[str]:
-                    async with api.LiveKitAPI(
-                        server.http_url, server.api_key, server.api_secret
-                    ) as lk:
-                        reply = await lk.room.list_participants(
-                            api.ListParticipantsRequest(room=room.name)
-                        )
-                    return [p.identity for p in reply.participants if p.identity != "caller"]
-
                 # The old session's reconnect comes within seconds, if at all;
                 # its agent may overlap the new one only until its room's new
                 # sid is known.
                 agents: list[str] = []
-                for _ in range(20):
-                    await anyio.sleep(0.5)
-                    agents = await agents_in_room()
+                async with api.LiveKitAPI(server.http_url, server.api_key, server.api_secret) as lk:
+                    for _ in range(20):
+                        await anyio.sleep(0.5)
+                        agents = await agents_in(lk, room.name)
                 assert len(agents) == 1, agents
                 assert worker.running_jobs == [agents[0].removeprefix("agent-")]
                 await delete_room(server, room.name)
@@ -509,10 +502,6 @@ async def test_the_old_jobs_agent_leaves_as_soon_as_the_new_jobs_agent_joins(
     pool = AgentPool.from_directory(write_agent(tmp_path / "agents", "dental", SLOW_START_DENTAL))
     lk = api.LiveKitAPI(livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret)
 
-    async def agents_in(room: str) -> list[str]:
-        reply = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
-        return [p.identity for p in reply.participants]
-
     async def started(room: str, identity: str) -> bool:
         """Whether ``identity``'s session has started (livekit-agents says its state)."""
         reply = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
@@ -541,7 +530,7 @@ async def test_the_old_jobs_agent_leaves_as_soon_as_the_new_jobs_agent_joins(
                 await store.enqueue([new])
                 joined = None
                 while True:
-                    now, agents = time.monotonic(), await agents_in(room.name)
+                    now, agents = time.monotonic(), await agents_in(lk, room.name)
                     if joined is None and new_agent in agents:
                         joined = now
                     if joined is not None and old_agent not in agents:

@@ -1,5 +1,8 @@
 """A protocol-level stand-in for LiveKit's ``/agent`` endpoint, for fault injection.
 
+Development tooling, not used by the services: the tests' dispatcher fault
+injection and ``bench/dispatch.py`` (which may not import ``tests``) both drive it.
+
 It speaks the real protobuf messages over a real WebSocket, so the dispatcher
 runs unmodified against it; what it adds is control the real server does not
 give on demand: answer deadlines we choose, sockets dropped mid-flow, restarts,
@@ -85,9 +88,7 @@ class StandIn:
         self._site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await self._site.start()
         if self.port == 0:
-            server = self._site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
         """Stop like a crashed server: every socket is cut."""
@@ -244,7 +245,7 @@ class StandIn:
     def drop(self, worker: WorkerConn | None = None) -> None:
         """Cut a socket without a close handshake (as a crashed server or network does)."""
         worker = worker or self.workers[0]
-        transport = worker.ws._req.transport if worker.ws._req else None  # type: ignore[attr-defined]
+        transport = worker.ws._req.transport if worker.ws._req else None
         if transport is not None:
             transport.abort()
 
