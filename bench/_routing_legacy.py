@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import CorpusRecord, build_jobs, measure, quiet_logging, runtime_info
+from _lib.corpus import CorpusRecord, build_jobs, measure, quiet_logging, runtime_info
 
 LEGACY_VERSION = "0.20.1"
 

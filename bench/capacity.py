@@ -54,7 +54,7 @@ REPO_ROOT: Final = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO_ROOT))
 
-from _common import SUMMARY_ENV, record_figure  # noqa: E402
+from _lib.figures import SUMMARY_ENV, record_figure  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # The model: figures in, a table out (pure; tests/test_capacity_model.py)

@@ -73,7 +73,6 @@ import os
 import random
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -91,7 +90,10 @@ for _path in (str(REPO_ROOT), str(BENCH_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from _common import record_figure  # noqa: E402
+from _lib.figures import record_figure  # noqa: E402
+from _lib.procs import ServiceProcess, service_env  # noqa: E402
+from _lib.stats import median, percentile  # noqa: E402
+from _lib.tokens import caller_token  # noqa: E402
 from chaos_ledger import (  # noqa: E402
     FAILED,
     AgentEvent,
@@ -103,7 +105,7 @@ from chaos_ledger import (  # noqa: E402
     build_ledger,
     guarantees,
 )
-from e2e import JOINED_LINE, Child, percentile  # noqa: E402
+from e2e import JOINED_LINE  # noqa: E402
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
@@ -157,18 +159,6 @@ def log_time(line: str) -> float | None:
 # --- the slow API proxy --------------------------------------------------------
 
 
-# --- calls ---------------------------------------------------------------------
-
-
-def caller_token(livekit: LiveKitServer, room: str, identity: str) -> str:
-    return (
-        api.AccessToken(livekit.api_key, livekit.api_secret)
-        .with_identity(identity)
-        .with_grants(api.VideoGrants(room_join=True, room=room))
-        .to_jwt()
-    )
-
-
 # --- the harness ---------------------------------------------------------------
 
 
@@ -203,7 +193,7 @@ class Harness:
         self.redis_server = RedisServer(log_path=logs / "redis.log", appendonly=True)
         self.livekit = LiveKitServer(log_path=logs / "livekit.log")
         self.proxy: DelayProxy | None = None
-        self.children: dict[str, Child] = {}
+        self.children: dict[str, ServiceProcess] = {}
         self.incarnations: dict[str, int] = Counter()
         #: Every process log this run wrote: incarnation name -> path.
         self.process_logs: dict[str, Path] = {}
@@ -225,19 +215,7 @@ class Harness:
     # -- processes ---------------------------------------------------------------
 
     def env(self, livekit_url: str) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("LIVEKIT_", "OPENRTC_", "BENCH_", "REDIS_URL"))
-        }
-        env.update(
-            LIVEKIT_URL=livekit_url,
-            LIVEKIT_API_KEY=self.livekit.api_key,
-            LIVEKIT_API_SECRET=self.livekit.api_secret,
-            REDIS_URL=self.redis_server.url,
-            OPENRTC_NAMESPACE=NAMESPACE,
-            PYTHONUNBUFFERED="1",
-        )
+        env = service_env(livekit_url, self.livekit, self.redis_server.url, NAMESPACE)
         # A deliberately broken build, to show the ledger catches it.
         env.update(SABOTAGE.get(self.args.sabotage, {}))
         return env
@@ -261,7 +239,7 @@ class Harness:
         name = f"{slot}.{self.incarnations[slot]}"
         argv, url = self.argv(slot)
         path = self.logs / f"{name}.log"
-        child = Child(name, argv, self.env(url), path)
+        child = ServiceProcess(name, argv, self.env(url), path)
         child.start()
         self.children[slot] = child
         self.process_logs[name] = path
@@ -892,7 +870,7 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
         r = ledger.recovery
         print(
             f"recovery (worker SIGKILL -> new agent in the room), {len(r)} kills of a call: "
-            f"p50 {statistics.median(r):.2f}s  p99 {percentile(r, 99):.2f}s  max {max(r):.2f}s"
+            f"p50 {median(r):.2f}s  p99 {percentile(r, 99):.2f}s  max {max(r):.2f}s"
         )
     else:
         print("recovery: no call was recovered after a kill")
@@ -900,7 +878,7 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
         a = ledger.answer
         print(
             f"answer (room created -> first agent), {len(a)} calls: "
-            f"p50 {statistics.median(a):.2f}s  p99 {percentile(a, 99):.2f}s  max {max(a):.2f}s"
+            f"p50 {median(a):.2f}s  p99 {percentile(a, 99):.2f}s  max {max(a):.2f}s"
         )
     print(
         f"garbage entries: {run.garbage_injected} injected; "
@@ -925,7 +903,7 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
     )
     if ledger.recovery:
         r = ledger.recovery
-        for label, value in (("p50", statistics.median(r)), ("max", max(r))):
+        for label, value in (("p50", median(r)), ("max", max(r))):
             record_figure(
                 "chaos",
                 f"recovery after a worker SIGKILL, {label}",

@@ -70,7 +70,6 @@ import platform
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,12 +78,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import IO, Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import anyio
 import numpy as np
 import psutil
-from _common import record_figure
+from _lib.figures import record_figure
+from _lib.procs import Sample, ServiceProcess, median_sample, sample_tree, thread_cpu, tree
+from _lib.tokens import caller_token
 from anyio.abc import TaskGroup, TaskStatus
 from livekit import api, rtc
 from livekit.protocol import agent as proto
@@ -168,116 +169,10 @@ class BenchLiveKitServer(LiveKitServer):
         return base.replace(anchor, anchor + "  stun_servers: ['127.0.0.1:9']\n")
 
 
-# -- memory ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One look at a process tree. Sizes in bytes."""
-
-    rss: int
-    pss: int
-    processes: int
-    threads: int
-    #: The worker process alone (not its children).
-    main_rss: int
-    main_anon: int
-    main_file: int
-    #: CPU seconds used so far by the processes seen (user + system).
-    cpu_seconds: float = 0.0
-    at: float = 0.0
-    #: The machine's 1-minute load average.
-    load: float = 0.0
-    #: CPU use of the tree between the first and last sample, in % of one core.
-    cpu_percent: float = 0.0
-
-
-def _read_kb(path: str, names: Sequence[str]) -> dict[str, int]:
-    values: dict[str, int] = {}
-    with open(path) as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in names:
-                values[key] = int(rest.split()[0])
-    return values
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    """The process and all its descendants (empty once it is gone)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def sample_tree(pid: int) -> Sample:
-    """RSS and PSS summed over ``pid`` and its descendants, from ``/proc``."""
-    rss = pss = threads = processes = 0
-    cpu = 0.0
-    main = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
-    for process in tree(pid):
-        try:
-            status = _read_kb(
-                f"/proc/{process.pid}/status", ("VmRSS", "RssAnon", "RssFile", "Threads")
-            )
-            rollup = _read_kb(f"/proc/{process.pid}/smaps_rollup", ("Pss",))
-            times = process.cpu_times()
-        except (psutil.Error, FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue  # exited while we looked
-        if "VmRSS" not in status:
-            continue  # a zombie
-        processes += 1
-        rss += status["VmRSS"] * 1024
-        pss += rollup.get("Pss", 0) * 1024
-        threads += status.get("Threads", 0)  # a count, not kB
-        cpu += times.user + times.system
-        if process.pid == pid:
-            main = status
-    return Sample(
-        rss=rss,
-        pss=pss,
-        processes=processes,
-        threads=threads,
-        main_rss=main.get("VmRSS", 0) * 1024,
-        main_anon=main.get("RssAnon", 0) * 1024,
-        main_file=main.get("RssFile", 0) * 1024,
-        cpu_seconds=cpu,
-        at=time.monotonic(),
-        load=os.getloadavg()[0],
-    )
-
-
-def median_sample(samples: Sequence[Sample]) -> Sample:
-    """Field by field medians; CPU use over the whole sampling window."""
-
-    def med(get: Callable[[Sample], int]) -> int:
-        return int(statistics.median(get(s) for s in samples))
-
-    return Sample(
-        rss=med(lambda s: s.rss),
-        pss=med(lambda s: s.pss),
-        processes=med(lambda s: s.processes),
-        threads=med(lambda s: s.threads),
-        main_rss=med(lambda s: s.main_rss),
-        main_anon=med(lambda s: s.main_anon),
-        main_file=med(lambda s: s.main_file),
-        load=max(s.load for s in samples),
-        cpu_percent=_cpu_percent(samples[0], samples[-1]),
-    )
-
-
-def _cpu_percent(first: Sample, last: Sample) -> float:
-    elapsed = last.at - first.at
-    if elapsed <= 0:
-        return 0.0
-    return max(0.0, 100 * (last.cpu_seconds - first.cpu_seconds) / elapsed)
-
-
 # -- the worker under test ---------------------------------------------------
 
 
-class Service:
+class Service(ServiceProcess):
     """A worker subprocess in a session of its own (Ctrl-C here does not reach it).
 
     Every process of its tree seen while it runs is remembered, so :meth:`kill`
@@ -287,34 +182,19 @@ class Service:
     """
 
     def __init__(self, label: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.label = label
-        self.argv = argv
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__(label, argv, env, log_path, REPO_ROOT)
         self._seen: dict[int, psutil.Process] = {}
 
+    @property
+    def label(self) -> str:
+        return self.name
+
     def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().start()
         _SERVICES.append(self)
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.running()
 
     def check_alive(self) -> None:
         if not self.alive():
@@ -332,18 +212,13 @@ class Service:
         return sample_tree(self.pid)
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        return "\n".join(self.log_lines()[-lines:])
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # type: ignore[override]
         """SIGTERM (the worker drains), then SIGKILL whatever is left after the grace."""
         if self.alive():
             self.remember()
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGTERM)
+            self.send_signal(signal.SIGTERM)
             with anyio.move_on_after(STOP_GRACE):
                 while self.alive():
                     self.remember()
@@ -453,12 +328,7 @@ class Call:
 
     async def run(self, creds: LiveKitSettings, *, task_status: TaskStatus[None]) -> None:
         """Join, publish the tone, report started; stay until :attr:`leave`."""
-        token = (
-            api.AccessToken(creds.api_key, creds.api_secret)
-            .with_identity(f"caller-{self.index}")
-            .with_grants(api.VideoGrants(room_join=True, room=self.room))
-            .to_jwt()
-        )
+        token = caller_token(creds, self.room, f"caller-{self.index}")
         room = rtc.Room()
         streams: list[rtc.AudioStream] = []
         track_arrived = anyio.Event()
@@ -781,34 +651,6 @@ async def settle_and_sample(service: Service, options: Options, *, profile_as: s
             service.check_alive()
             samples.append(await anyio.to_thread.run_sync(service.sample))
     return median_sample(samples)
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds used so far by the threads of ``pid``'s tree, summed by thread name.
-
-    Native threads (libwebrtc's, the livekit FFI's tokio runtime) are invisible
-    to a Python profiler; their names say where that share of the time goes.
-    """
-    ticks = os.sysconf("SC_CLK_TCK")
-    by_name: dict[str, float] = {}
-    for process in tree(pid):
-        try:
-            tids = os.listdir(f"/proc/{process.pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                stat = Path(f"/proc/{process.pid}/task/{tid}/stat").read_text()
-            except OSError:
-                continue
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
-            # Fields 14 and 15 of stat (utime, stime); fields[0] is field 3.
-            seconds = (int(fields[11]) + int(fields[12])) / ticks
-            # Numbered pool threads ("tokio-runtime-w", "ThreadPoolExecutor-0_3") group.
-            key = name.rstrip("0123456789_-") or name
-            by_name[key] = by_name.get(key, 0.0) + seconds
-    return by_name
 
 
 async def profile_worker(service: Service, out: Path, name: str, seconds: float) -> None:

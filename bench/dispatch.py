@@ -65,7 +65,9 @@ from typing import Any, Final
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
 
-from _common import ServiceDied, ServiceProcess, percentile, record_figure  # noqa: E402
+from _lib.figures import record_figure  # noqa: E402
+from _lib.procs import ServiceDied, ServiceProcess, cpu_seconds, machine_cpu  # noqa: E402
+from _lib.stats import percentile  # noqa: E402
 from livekit.protocol import agent as proto  # noqa: E402
 from redis import __version__ as redis_py_version  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
@@ -186,34 +188,6 @@ class Corpus:
 # --- measuring -----------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far, all threads (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return 0.0
-    fields = data[data.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_seconds() -> tuple[float, float, float]:
-    """(busy in processes, in interrupt handlers, stolen) CPU seconds of the machine so far.
-
-    From ``/proc/stat``; interrupt time (loopback networking's softirqs, mostly)
-    is not charged to any process.
-    """
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0, 0.0, 0.0
-    values += [0] * (8 - len(values))
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system) / tick, (irq + softirq) / tick, steal / tick
-
-
 @dataclass
 class CpuSpan:
     """CPU used by each process of the benchmark, and by everything else, over a phase."""
@@ -225,14 +199,14 @@ class CpuSpan:
 
     def __post_init__(self) -> None:
         self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.machine = machine_seconds()
+        self.machine = machine_cpu().seconds()
 
     def end(self) -> tuple[float, dict[str, float]]:
         """(wall seconds, CPU seconds per process, then the rest of the machine's)."""
         wall = time.perf_counter() - self.began
         used = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
         busy, interrupts, steal = (
-            b - a for a, b in zip(self.machine, machine_seconds(), strict=True)
+            b - a for a, b in zip(self.machine, machine_cpu().seconds(), strict=True)
         )
         ours = sum(used.values())
         used["interrupts"] = interrupts

@@ -65,7 +65,10 @@ REPO_ROOT: Final = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from _common import ServiceDied, ServiceProcess, percentile, record_figure  # noqa: E402
+from _lib.figures import record_figure  # noqa: E402
+from _lib.procs import ServiceDied, ServiceProcess, machine_cpu, service_env  # noqa: E402
+from _lib.stats import median, percentile  # noqa: E402
+from _lib.tokens import caller_token  # noqa: E402
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
@@ -96,37 +99,11 @@ JOINED_LINE: Final = re.compile(
 # --- child processes -----------------------------------------------------------
 
 
-@dataclass
-class Child(ServiceProcess):
-    """A benchmarked service, started from the repository root (``bench/chaos.py`` too)."""
-
-    cwd: Path | None = REPO_ROOT
-
-
-def child_env(livekit: LiveKitServer, redis: RedisServer, **extra: str) -> dict[str, str]:
-    """This environment without LiveKit/openrtc settings, plus the stack's and ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LIVEKIT_", "OPENRTC_", "BENCH_", "REDIS_URL"))
-    }
-    env.update(
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis.url,
-        OPENRTC_NAMESPACE=NAMESPACE,
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
-
-
 def make_children(
     livekit: LiveKitServer, redis: RedisServer, logs: Path, args: argparse.Namespace
-) -> dict[str, Child]:
+) -> dict[str, ServiceProcess]:
     python = sys.executable
-    openrtc_env = child_env(livekit, redis)
+    openrtc_env = service_env(livekit.url, livekit, redis.url, NAMESPACE)
     plain_extra = {"BENCH_TRACE": str(logs / "plain-trace.jsonl")}
     plain_extra["BENCH_PLAIN_AGENT_NAME"] = PLAIN_AGENT_NAME
     if args.plain_idle is not None:
@@ -138,7 +115,7 @@ def make_children(
     # Peers of the first worker (--workers): each call then goes through the
     # spread-by-load check (openrtc.worker.spread) before its read.
     peers = {
-        f"worker-{i}": Child(
+        f"worker-{i}": ServiceProcess(
             f"openrtc worker {i}",
             [python, "-m", "openrtc", "worker", "--agent", AGENT, *agents_dir],
             openrtc_env,
@@ -148,22 +125,22 @@ def make_children(
     }
     return {
         **peers,
-        "dispatcher": Child(
+        "dispatcher": ServiceProcess(
             "openrtc dispatcher",
             [*dispatcher, "--agent-name", OPENRTC_AGENT_NAME],
             openrtc_env,
             logs / "dispatcher.log",
         ),
-        "worker": Child(
+        "worker": ServiceProcess(
             "openrtc worker",
             [python, "-m", "openrtc", "worker", "--agent", AGENT, *agents_dir],
             openrtc_env,
             logs / "worker.log",
         ),
-        "plain": Child(
+        "plain": ServiceProcess(
             "plain livekit-agents worker",
             [python, "-m", "livekit.agents", "start", str(PLAIN_WORKER), "--log-level", "WARNING"],
-            child_env(livekit, redis, **plain_extra),
+            service_env(livekit.url, livekit, redis.url, NAMESPACE, **plain_extra),
             logs / "plain.log",
         ),
     }
@@ -198,15 +175,6 @@ class Call:
     @property
     def seen_wall(self) -> float | None:
         return None if self.seen is None else self.started_wall + (self.seen - self.started)
-
-
-def caller_token(livekit: LiveKitServer, room: str) -> str:
-    return (
-        api.AccessToken(livekit.api_key, livekit.api_secret)
-        .with_identity(f"caller-{uuid.uuid4().hex[:8]}")
-        .with_grants(api.VideoGrants(room_join=True, room=room))
-        .to_jwt()
-    )
 
 
 async def read_entry(redis: Redis, keys: Keys, call: Call) -> None:
@@ -245,7 +213,9 @@ async def place_call(
 
     try:
         await room.connect(
-            livekit.url, caller_token(livekit, call.room), rtc.RoomOptions(auto_subscribe=False)
+            livekit.url,
+            caller_token(livekit, call.room, f"caller-{uuid.uuid4().hex[:8]}"),
+            rtc.RoomOptions(auto_subscribe=False),
         )
         call.started_wall = time.time()
         call.started = time.monotonic()
@@ -276,17 +246,6 @@ async def place_call(
 # --- statistics and report -----------------------------------------------------
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of this machine so far, from /proc/stat (0, 0 elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields) - idle, sum(fields)
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -304,7 +263,7 @@ class Stages:
 
     def median(self, name: str) -> str:
         values = self.rows.get(name)
-        return ms(statistics.median(values)) if values else "-"
+        return ms(median(values)) if values else "-"
 
     def count(self, name: str) -> int:
         return len(self.rows.get(name, []))
@@ -385,7 +344,7 @@ def tail_median(calls: Sequence[Call], key: str) -> str:
         values = [c.latency for c in calls if c.latency is not None]
     else:
         values = [c.stages[key] for c in calls if key in c.stages]
-    return ms(statistics.median(values)) if values else "-"
+    return ms(median(values)) if values else "-"
 
 
 def report(
@@ -443,7 +402,7 @@ def report(
         return False
 
     rows: list[tuple[str, Callable[[Sequence[float]], float]]] = [
-        ("p50", statistics.median),
+        ("p50", median),
         ("p99", lambda v: percentile(v, 99)),
         ("mean", statistics.fmean),
         ("max", max),
@@ -520,7 +479,9 @@ def order(calls: int) -> list[str]:
     return [path for pair in pairs for path in pair]
 
 
-async def wait_ready(children: dict[str, Child], redis: Redis, trace: Path, limit: float) -> None:
+async def wait_ready(
+    children: dict[str, ServiceProcess], redis: Redis, trace: Path, limit: float
+) -> None:
     """The dispatcher and the plain worker registered with LiveKit, the worker with Redis."""
     deadline = time.monotonic() + limit
     keys = Keys(NAMESPACE)
@@ -545,7 +506,7 @@ async def run_calls(
     args: argparse.Namespace,
     livekit: LiveKitServer,
     redis_url: str,
-    children: dict[str, Child],
+    children: dict[str, ServiceProcess],
     cpu_marks: list[tuple[int, int]],
 ) -> list[Call]:
     redis = Redis.from_url(redis_url)
@@ -565,7 +526,7 @@ async def run_calls(
                             raise ServiceDied(
                                 f"every warm-up call of the {failed} path failed{hint}"
                             )
-                    cpu_marks.append(cpu_ticks())
+                    cpu_marks.append(machine_cpu().busy_total())
                 for child in children.values():
                     child.check()
                 call = Call(path, f"e2e-{path}-{i:04d}-{uuid.uuid4().hex[:8]}", warmup)
@@ -577,7 +538,7 @@ async def run_calls(
                 elif not warmup and (i - 2 * args.warmup) % 20 == 19:
                     print(f"  {i + 1 - 2 * args.warmup}/{2 * args.calls} calls", file=sys.stderr)
                 await asyncio.sleep(args.gap)
-            cpu_marks.append(cpu_ticks())
+            cpu_marks.append(machine_cpu().busy_total())
     finally:
         await redis.aclose()
     return calls
@@ -649,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (logs / "plain-trace.jsonl").unlink(missing_ok=True)
         redis = RedisServer(log_path=logs / "redis.log")
         livekit = LiveKitServer(log_path=logs / "livekit.log")
-        children: dict[str, Child] = {}
+        children: dict[str, ServiceProcess] = {}
         try:
             redis.start()
             livekit = start_livekit(logs / "livekit.log")

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import record_figure
+from _lib.figures import record_figure
 from redis.asyncio import Redis
 
 from openrtc.devtools.devstack import RedisServer

@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import percentile, record_figure
+from _lib.figures import record_figure
+from _lib.procs import ServiceProcess, children_of, service_env, stop_all
+from _lib.stats import percentile
 from livekit import api
 from redis.asyncio import Redis
 
@@ -79,28 +80,11 @@ GOAL_CHILD_P99 = 1.0
 CHILD_CALLS = 10
 
 
-def _env(livekit: LiveKitServer, redis_url: str, ns: str) -> dict[str, str]:
-    return dict(
-        os.environ,
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-        OPENRTC_HTTP_PORT="0",
-        PYTHONUNBUFFERED="1",
-    )
-
-
-def _spawn(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "openrtc", *args, "--agents-dir", str(AGENTS_DIR)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def _spawn(env: dict[str, str], log: Path, *args: str) -> ServiceProcess:
+    argv = [sys.executable, "-m", "openrtc", *args, "--agents-dir", str(AGENTS_DIR)]
+    service = ServiceProcess(f"openrtc {args[0]}", argv, env, log)
+    service.start()
+    return service
 
 
 async def _until(check, within: float, what: str):  # type: ignore[no-untyped-def]
@@ -155,7 +139,7 @@ class Services:
     """A dispatcher and workers on one namespace, and the clients to watch them."""
 
     keys: Keys
-    procs: list[subprocess.Popen[bytes]]
+    procs: list[ServiceProcess]
     redis: Redis
     lk: api.LiveKitAPI
     creds: LiveKitSettings
@@ -168,7 +152,7 @@ async def services(
     """One dispatcher and a worker per argument list, registered; all stopped on exit."""
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     keys = Keys(ns, cluster=is_cluster_url(redis_url))
-    env = _env(livekit, redis_url, ns)
+    env = service_env(livekit.url, livekit, redis_url, ns, OPENRTC_HTTP_PORT="0")
     procs = [_spawn(env, logs / f"{label}-dispatcher.log", "dispatcher")]
     procs += [
         _spawn(env, logs / f"{label}-worker-{i}.log", "worker", "--agent", AGENT, *args)
@@ -188,15 +172,7 @@ async def services(
         await _until(registered, 90, f"the dispatcher and {len(workers)} worker(s)")
         yield Services(keys, procs, redis, lk, creds)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_all(procs, 15)
         await lk.aclose()
         await redis.aclose()
 
@@ -307,7 +283,7 @@ async def _deploy(
     redis: Redis,
     keys: Keys,
     killed: str,
-    procs: list[subprocess.Popen[bytes]],
+    procs: list[ServiceProcess],
 ) -> None:
     """SIGTERM the worker holding the most calls now; time each handover at its caller."""
     await asyncio.sleep(2.0)  # the taken-over calls settled, checkpoints written again
@@ -333,25 +309,12 @@ async def _deploy(
         return max(0.0, first.first_at - old)
 
     async def exited() -> float:
-        while proc.poll() is None:  # noqa: ASYNC110 (a child process)
+        while proc.running():  # noqa: ASYNC110 (a child process)
             await asyncio.sleep(0.05)
         return time.monotonic() - sent_at
 
     phase.drained, *gaps = await asyncio.gather(exited(), *(gap(c, a.sid) for c, a in moving))
     phase.gaps = list(gaps)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 async def run_child_phase(
@@ -366,9 +329,9 @@ async def run_child_phase(
         async with AsyncExitStack() as stack:
             callers, agents = await place_calls(stack, svc, "child", calls)
             serving = {c.room.name: a.sid for c, a in zip(callers, agents, strict=True)}
-            [zygote] = _children(worker.pid)
+            [zygote] = children_of(worker.pid)
             times = []
-            for pid in _children(zygote):
+            for pid in children_of(zygote):
                 os.kill(pid, signal.SIGKILL)
                 killed_at = time.monotonic()
 

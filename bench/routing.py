@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,15 +38,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
-from _common import (
+from _lib.corpus import (
     ROUTING_LOGGERS,
     CorpusRecord,
     build_jobs,
     measure,
     quiet_logging,
-    record_figure,
     runtime_info,
 )
+from _lib.figures import record_figure
+from _lib.stats import median
 
 quiet_logging()
 
@@ -467,7 +467,7 @@ def _rate(ns_per_job: float) -> str:
 
 def _per_job(passes: Sequence[int], jobs: int) -> tuple[float, float]:
     """(best, median) nanoseconds per job."""
-    return min(passes) / jobs, statistics.median(passes) / jobs
+    return min(passes) / jobs, median(passes) / jobs
 
 
 def report(
@@ -513,14 +513,14 @@ def report(
         f"{'openrtc ' + LEGACY_VERSION:<22}{theirs_best / 1e3:>9.2f}{theirs_median / 1e3:>9.2f}"
         f"{_rate(theirs_best):>9}"
     )
-    for label, best, median in (
+    for label, best, middle in (
         ("this project, table", ours_best, ours_median),
         ("this project, list", list_best, list_median),
     ):
-        print(f"{label:<22}{best / 1e3:>9.2f}{median / 1e3:>9.2f}{_rate(best):>9}")
-    for form, best, median in (("table", ours_best, ours_median), ("list", list_best, list_median)):
+        print(f"{label:<22}{best / 1e3:>9.2f}{middle / 1e3:>9.2f}{_rate(best):>9}")
+    for form, best, middle in (("table", ours_best, ours_median), ("list", list_best, list_median)):
         print(
-            f"{'speedup, ' + form:<22}{theirs_best / best:>8.1f}x{theirs_median / median:>8.1f}x"
+            f"{'speedup, ' + form:<22}{theirs_best / best:>8.1f}x{theirs_median / middle:>8.1f}x"
             f"   (goal >= {args.goal:g}x)"
         )
     for form, best in (("table", ours_best), ("list", list_best)):

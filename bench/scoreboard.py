@@ -8,7 +8,7 @@ Run from the repository root::
 
 Each benchmark runs as its own process with ``--check``, one after the other
 (never two at once: they measure the machine), and appends its headline
-figures to a file named by ``OPENRTC_BENCH_SUMMARY`` (``_common.record_figure``).
+figures to a file named by ``OPENRTC_BENCH_SUMMARY`` (``_lib.figures.record_figure``).
 The scoreboard then writes ``bench/results/latest.md`` (and ``.json``) with the
 machine, the versions, the date and the commit, one row per figure beside its
 anchor and goal, and each benchmark's full output under
@@ -41,7 +41,10 @@ from typing import Any, Final
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
-SUMMARY_ENV: Final = "OPENRTC_BENCH_SUMMARY"  # the name _common.record_figure reads
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from _lib.figures import SUMMARY_ENV  # noqa: E402
 
 
 @dataclass(frozen=True)
