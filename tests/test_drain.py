@@ -13,8 +13,10 @@ the workers' counters, Redis's stream and the workers' logs.
 from __future__ import annotations
 
 import logging
+import signal
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import pytest
@@ -29,6 +31,7 @@ from openrtc.wire.messages import JobMessage
 from openrtc.worker.worker import Worker
 from tests.stack import delete_room, eventually, new_room, unique, working
 from tests.test_e2e import wait_member
+from tests.test_lease import worker_process
 from tests.test_worker import job_message
 
 pytestmark = pytest.mark.anyio
@@ -324,3 +327,51 @@ async def test_a_peer_that_starts_after_the_sigterm_still_takes_the_calls(
             runner.end_all()
     for room in rooms:
         await delete_room(livekit_server, room.name)
+
+
+async def test_a_second_sigterm_aborts_the_drain_and_leaves_the_call_to_the_lease(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """SIGTERM drains (the call may go on for the drain timeout); a second one aborts at once.
+
+    The call's entry stays pending on the aborted worker, unacknowledged:
+    a peer takes it over as a dead worker's.
+    """
+    ns = unique("ns")
+    keys = Keys(ns)
+    store = StreamStore(redis, keys)
+    log = tmp_path / "worker.log"
+    room = await new_room(livekit_server, unique("dental-abort"))
+    message = job_message(livekit_server, room, "dental", "d")
+    drain_timeout = 300
+    with anyio.fail_after(120):
+        worker = worker_process(
+            livekit_server,
+            redis_server.url,
+            ns,
+            log,
+            "--no-handover",
+            "--drain-timeout",
+            str(drain_timeout),
+        )
+        try:
+            await wait_member(redis, keys, "dental")
+            [entry] = await store.enqueue([message])
+            await eventually(lambda: "joined room" in log.read_text(), "the call joined", within=60)
+            worker.send_signal(signal.SIGTERM)
+            await eventually(lambda: "draining: no new jobs" in log.read_text(), "the drain")
+            worker.send_signal(signal.SIGTERM)
+            # Far below the drain timeout: the abort, not the end of the drain.
+            code = await anyio.to_thread.run_sync(lambda: worker.wait(drain_timeout / 5))
+            text = log.read_text()
+            assert "SIGTERM: stopping gracefully (again to abort)" in text, text
+            assert "SIGTERM again: aborting" in text, text
+            assert "drain timeout" not in text, text
+            assert code == 0, text
+            [row] = await redis.xpending_range(keys.jobs("dental"), WORKERS_GROUP, "-", "+", 10)
+            assert row["message_id"].decode() == entry.entry_id
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+    await delete_room(livekit_server, room.name)
