@@ -37,6 +37,7 @@ from tests.stack import (
     unique,
     working,
 )
+from tests.test_e2e import wait_member
 from tests.test_worker import job_message
 
 pytestmark = pytest.mark.anyio
@@ -540,9 +541,11 @@ async def test_a_takeover_restores_the_agent_s_own_state_and_repeats_no_complete
         async with AsyncExitStack() as stack:
             caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
             transcript = await stack.enter_async_context(transcribing(caller))
+            # Queued once the worker is up: a worker process may take a minute
+            # to start on a loaded machine, and a job waits at most 30 s.
+            await wait_member(redis, keys, agent)
             await StreamStore(redis, keys).enqueue([message])
-            # The worker process may take a minute to start on a loaded machine.
-            original = await caller.wait_agent(within=90)
+            original = await caller.wait_agent(within=30)
             await eventually(lambda: transcript.count("Bookings line."), "the greeting", within=20)
             await transcript.ask("book a table for 4", "Done: table for 4 booked")
 
