@@ -1,9 +1,11 @@
 """Crash recovery without waiting for a lease, against real LiveKit and Redis.
 
-A killed worker's calls come back in about a second (its liveness
+A killed worker's calls come back without waiting for the lease (its liveness
 subscription closes with its process); a live worker whose Redis connections
 are killed keeps its calls; a session process that dies is started again by
-its own worker at once. The figures are printed (``-s``) for the report.
+its own worker. How fast is bench/recovery.py's to measure (its goals: 2 s
+and 1 s p99); the figures here are printed (``-s``), and the bounds are
+liveness bounds that only the path under test can meet.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import signal
 import time
 from contextlib import AsyncExitStack
 
-import anyio
 import psutil
 import pytest
 from redis.asyncio import Redis
@@ -36,11 +37,16 @@ from tests.test_e2e import wait_member, worker_process
 
 pytestmark = pytest.mark.anyio
 
-#: The goal is 2 s (issue 9); the assertion leaves room for a loaded 2-core
-#: machine, and is still well under the 5 s lease the old path needed.
-KILLED_WORKER_BOUND = 3.5
-#: The goal is 1 s; same margin.
-KILLED_CHILD_BOUND = 2.5
+
+async def redis_ms(redis: Redis) -> int:
+    """Redis's clock, ms (what the crash-check scripts stamp)."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+#: The killed worker's lease: far above what crash detection needs, so that
+#: calls back within half of it came back by crash detection.
+KILLED_WORKER_LEASE = 30.0
 
 
 async def _calls(
@@ -57,7 +63,7 @@ async def _calls(
 
 
 @pytest.mark.parametrize("topology", ["single", "cluster"])
-async def test_a_killed_worker_s_calls_come_back_within_two_seconds(
+async def test_a_killed_worker_s_calls_come_back_by_crash_detection_not_the_lease(
     livekit_server: LiveKitServer,
     redis_server: RedisServer,
     redis_cluster: RedisCluster,
@@ -71,8 +77,7 @@ async def test_a_killed_worker_s_calls_come_back_within_two_seconds(
     else:
         url, keys = redis_server.url, Keys(ns)
     calls = 6
-    # A lease far above the bound: only crash detection can bring the calls back in time.
-    lease = "30"
+    lease = str(KILLED_WORKER_LEASE)
     async with (
         dispatching(dispatcher_settings(livekit_server, url, ns)),
         AsyncExitStack() as stack,
@@ -85,7 +90,11 @@ async def test_a_killed_worker_s_calls_come_back_within_two_seconds(
             held = await _calls(stack, livekit_server, calls)
             async with working(livekit_server, url, ns, "dental", lease=float(lease)) as second:
                 await wait_member(redis, keys, "dental", 2)
-                await anyio.sleep(0.5)  # the peer's first crash check has run
+                # The peer's crash checks run (they record its free slots).
+                peer_free = f"@free:{second.settings.worker_id}"
+                await eventually(
+                    lambda: redis.hexists(keys.alive("dental"), peer_free), "the peer's crash check"
+                )
                 first.send_signal(signal.SIGKILL)
                 killed_at = time.monotonic()
                 first.wait(5)
@@ -98,11 +107,12 @@ async def test_a_killed_worker_s_calls_come_back_within_two_seconds(
                     f"\n{topology}: kill -9 -> agent back, {calls} calls: "
                     f"{sorted(round(b, 2) for b in backs)}"
                 )
-                assert max(backs) < KILLED_WORKER_BOUND, backs
+                assert max(backs) < KILLED_WORKER_LEASE / 2, backs
                 assert second.stats.reclaimed == calls
-                await anyio.sleep(1.0)
+                await eventually(
+                    lambda: all(len(c.agents()) == 1 for c, _ in held), "one agent per room"
+                )
                 for caller, _ in held:
-                    assert len(caller.agents()) == 1
                     assert caller.max_agents_at_once <= 2  # the lingering one, replaced
         finally:
             if first.poll() is None:
@@ -124,16 +134,36 @@ async def test_a_live_worker_whose_connections_are_killed_keeps_its_calls(
             await wait_member(redis, keys, "dental", 2)
             name = f"openrtc:{first.settings.worker_id}"
             subscribed = 0
+            killed: set[str] = set()
+
+            async def liveness_back() -> bool:
+                return any(
+                    c["name"] == name and int(c.get("ssub", 0)) and c["id"] not in killed
+                    for c in await redis.client_list()
+                )
+
             for _ in range(4):
                 # Every connection of the first worker, its liveness one too:
                 # as a network blip or a proxy's idle timeout would.
                 for client in await redis.client_list():
                     if client["name"] == name:
                         subscribed += int(client.get("ssub", 0))
+                        killed.add(client["id"])
                         await redis.client_kill_filter(_id=client["id"])
-                await anyio.sleep(0.4)
+                await eventually(liveness_back, "the liveness subscription back")
             assert subscribed == 4  # its liveness subscription, back each time
-            await anyio.sleep(2.0)  # grace and several crash checks later
+            # A peer's crash check (a full scan) after the subscription was
+            # back: every check that could have found the worker gone for its
+            # grace has run by then, and cleared it.
+            back_at = await redis_ms(redis)
+            alive = keys.alive("dental")
+
+            async def scanned_after() -> bool:
+                scan = await redis.hget(alive, "@scan")
+                cleared = await redis.hget(alive, first.settings.worker_id)
+                return scan is not None and int(scan) > back_at and cleared == b"0"
+
+            await eventually(scanned_after, "a crash-check scan after the subscription was back")
             assert second.stats.reclaimed == 0
             assert first.stats.taken_over == 0
             for caller, original in held:
@@ -141,7 +171,7 @@ async def test_a_live_worker_whose_connections_are_killed_keeps_its_calls(
             assert len(first.running) == 2
 
 
-async def test_a_killed_session_process_comes_back_within_a_second(
+async def test_a_killed_session_process_is_started_again_by_its_own_worker(
     livekit_server: LiveKitServer, redis_server: RedisServer
 ) -> None:
     ns = unique("ns")
@@ -167,5 +197,6 @@ async def test_a_killed_session_process_comes_back_within_a_second(
         took = back.at - killed_at
         print(f"\nsession process kill -9 -> agent back: {took:.2f} s")
         assert back.identity == original.identity
-        assert took < KILLED_CHILD_BOUND, took
+        # Not after the lease (by its own reclaim pass): its worker started it again.
+        assert took < worker.settings.lease, took
         assert len(worker.running) == 1

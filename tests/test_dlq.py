@@ -32,7 +32,15 @@ from openrtc.wire.messages import (
     accept_arguments,
     agent_identity,
 )
-from tests.stack import creds, dispatcher_settings, dispatching, new_room, unique, working
+from tests.stack import (
+    creds,
+    dispatcher_settings,
+    dispatching,
+    eventually,
+    new_room,
+    unique,
+    working,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -142,10 +150,17 @@ async def test_an_expired_dead_letter_replays(
     async with dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)):
         await new_room(livekit_server, room)
         async with caller_in(creds(livekit_server), room) as caller:
-            with anyio.fail_after(10):
-                while not await redis.xlen(keys.jobs("dental")):
-                    await anyio.sleep(0.05)
-            await anyio.sleep(2.5)  # nobody serves dental yet: the job grows old
+            [(entry_id, _)] = await eventually(
+                lambda: redis.xrange(keys.jobs("dental")), "the job queued"
+            )
+            queued_ms = int(entry_id.split(b"-")[0])
+
+            async def grown_old() -> bool:
+                # Nobody serves dental yet: the job grows old, by Redis's clock.
+                seconds, micros = await redis.time()
+                return seconds * 1000 + micros // 1000 - queued_ms > 2_200
+
+            await eventually(grown_old, "the job older than 2 s (Redis's clock)")
             async with working(livekit_server, redis_server.url, ns, "dental", max_queue_age=2.0):
                 letter = await wait_letter(redis, keys, "expired")
                 assert caller.agents() == []

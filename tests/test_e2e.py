@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import anyio
@@ -17,7 +16,7 @@ from redis.asyncio import Redis
 
 from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
-from openrtc.wire.keys import Keys
+from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import AGENT_ATTRIBUTE
 from tests.stack import (
     OFFLINE_AGENTS,
@@ -25,6 +24,7 @@ from tests.stack import (
     delete_room,
     dispatcher_settings,
     dispatching,
+    eventually,
     new_room,
     unique,
     working,
@@ -64,7 +64,8 @@ def worker_process(
 
 
 async def wait_member(redis: Redis, keys: Keys, agent: str, count: int = 1) -> list[bytes]:
-    with anyio.fail_after(30):
+    # A worker process's imports take tens of seconds on a loaded machine.
+    with anyio.fail_after(90):
         while True:
             members: list[bytes] = await redis.zrange(keys.workers(agent), 0, -1)
             if len(members) >= count:
@@ -122,9 +123,33 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
         assert record[b"state"] == b"done"
 
 
-async def test_a_killed_worker_s_call_comes_back_within_the_lease(
+async def reclaim_sweeps(redis: Redis, keys: Keys, agent: str, count: int) -> None:
+    """Until ``count`` more sweeps of the agent's reclaim scan have started.
+
+    Each sweep claims every entry idle past the lease (scripts.RECLAIM keeps
+    its start, Redis ms, in the scan's hash): an entry that no sweep moved was
+    renewed in time all along.
+    """
+    seen: list[bytes | None] = [await redis.hget(keys.reclaim(agent), "at")]
+
+    async def advanced() -> bool:
+        at = await redis.hget(keys.reclaim(agent), "at")
+        if at != seen[-1]:
+            seen.append(at)
+        return len(seen) > count
+
+    await eventually(advanced, f"{count} reclaim sweeps", within=60)
+
+
+async def test_a_killed_worker_s_call_comes_back_with_its_identity_and_stays(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:
+    """SIGKILL: a peer takes the call over (crash detection, else the lease) and keeps it.
+
+    How fast is bench/recovery.py's figure (kill -9 -> agent back); here the
+    replacement must come within the wait's generous bound, then stay: the
+    reclaim sweeps that follow never move a call whose worker lives.
+    """
     ns = unique("ns")
     keys = Keys(ns)
     lease = 2.0
@@ -143,20 +168,24 @@ async def test_a_killed_worker_s_call_comes_back_within_the_lease(
                 ) as second:
                     await wait_member(redis, keys, "dental", 2)
                     first.send_signal(signal.SIGKILL)
-                    killed_at = time.monotonic()
                     first.wait(5)
                     replacement = await caller.wait_agent(within=30, other_than=original.sid)
-                    back_after = replacement.at - killed_at
                     assert replacement.identity == original.identity
                     assert replacement.attributes.get(AGENT_ATTRIBUTE) == "dental"
                     assert second.stats.reclaimed == 1
-                    # Within a lease, plus a reclaim scan and the join itself.
-                    assert back_after < lease + 3.0, back_after
-                    await anyio.sleep(lease * 2)
+                    [row] = await redis.xpending_range(
+                        keys.jobs("dental"), WORKERS_GROUP, "-", "+", 10
+                    )
+                    await reclaim_sweeps(redis, keys, "dental", 2)
                     # The replacement stays; it is never taken over while it lives.
                     assert [a.sid for a in caller.agents()] == [replacement.sid]
                     assert second.stats.taken_over == 0
                     assert len(second.running) == 1
+                    [after] = await redis.xpending_range(
+                        keys.jobs("dental"), WORKERS_GROUP, "-", "+", 10
+                    )
+                    assert after["consumer"].decode() == second.settings.worker_id
+                    assert after["times_delivered"] == row["times_delivered"] == 2
         finally:
             if first.poll() is None:
                 first.kill()
@@ -165,30 +194,53 @@ async def test_a_killed_worker_s_call_comes_back_within_the_lease(
 async def test_a_drain_without_handover_lets_the_call_finish_and_leaves_queued_jobs_to_others(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:
-    """``--no-handover`` (and the fallback when no peer has room): the call stays to its end."""
+    """``--no-handover``: the call stays on the draining worker to its end; it reads no new job.
+
+    The draining worker has a free slot, so "took nothing" is its drain, not
+    a full worker. (A drain with handover whose peers are full: test_drain.py.)
+    """
     ns = unique("ns")
     keys = Keys(ns)
+    stream = keys.jobs("dental")
     busy_room, queued_room = unique("dental-busy"), unique("dental-queued")
     async with dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)):
         draining = worker_process(
-            livekit_server, redis_server.url, ns, "dental", "--concurrency", "1", "--no-handover"
+            livekit_server, redis_server.url, ns, "dental", "--concurrency", "2", "--no-handover"
         )
         try:
-            await wait_member(redis, keys, "dental")
+            [member] = await wait_member(redis, keys, "dental")
             await new_room(livekit_server, busy_room)
             async with caller_in(creds(livekit_server), busy_room) as busy_caller:
                 busy_agent = await busy_caller.wait_agent(within=20)
                 draining.send_signal(signal.SIGTERM)
-                await anyio.sleep(0.5)
+
+                async def draining_beat() -> bool:
+                    record = await redis.hgetall(keys.worker(member.decode()))
+                    return record.get(b"draining") == b"1" and record.get(b"capacity") == b"0"
+
+                await eventually(draining_beat, "the worker's beat as draining")
                 await new_room(livekit_server, queued_room)
                 async with caller_in(
                     creds(livekit_server), queued_room, "caller-2"
                 ) as queued_caller:
-                    await anyio.sleep(2.0)
-                    assert queued_caller.agents() == []  # the draining worker took nothing
+
+                    async def queued() -> str:
+                        entries = await redis.xrange(stream)
+                        pending = await redis.xpending_range(stream, WORKERS_GROUP, "-", "+", 10)
+                        held = {p["message_id"] for p in pending}
+                        return next((e.decode() for e, _ in entries if e not in held), "")
+
+                    entry_id = await eventually(queued, "the queued job's entry", within=20)
                     async with working(livekit_server, redis_server.url, ns, "dental") as other:
                         await queued_caller.wait_agent(within=20)
                         assert other.stats.started == 1
+                        # Read first by the new worker: the draining one took nothing.
+                        [row] = await redis.xpending_range(
+                            stream, WORKERS_GROUP, entry_id, entry_id, 1
+                        )
+                        assert row["consumer"].decode() == other.settings.worker_id
+                        assert row["times_delivered"] == 1
+                        assert queued_caller.agents()[0].sid == queued_caller.sightings[0].sid
                         # The draining worker's call is still on, with the same agent.
                         assert [a.sid for a in busy_caller.agents()] == [busy_agent.sid]
                         assert draining.poll() is None

@@ -38,6 +38,7 @@ from tests.stack import (
     unique,
     working,
 )
+from tests.test_e2e import wait_member
 from tests.test_worker import job_message
 
 pytestmark = pytest.mark.anyio
@@ -467,3 +468,112 @@ async def test_one_huge_turn_does_not_wipe_the_conversation_it_joins(
             await agent_listening(caller, replacement.identity)
             await transcript.ask("what did I say first?", "You first said: remember apple")
             assert transcript.count(GREETING) == 1, transcript.lines
+
+
+#: An agent with state of its own and a tool with a side effect, noted in a
+#: file the test reads (the "backend"): what a restored agent got, what was booked.
+BOOKS_TABLES = """
+import json
+import os
+
+from livekit.agents import Agent, RunContext, function_tool
+
+from openrtc import agent_config, idempotency_key
+from openrtc.agents.offline import OfflineLLM, ToneTTS
+
+BACKEND = os.environ["OPENRTC_TEST_BACKEND"]
+
+
+def note(line: str) -> None:
+    with open(BACKEND, "a") as backend:
+        backend.write(line + "\\n")
+
+
+@agent_config(name="bookings", llm=OfflineLLM(), tts=ToneTTS(), greeting="Bookings line.")
+class Bookings(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="Offline bookings.")
+        self.booked: list[int] = []
+
+    def checkpoint_state(self) -> dict:
+        return {"booked": self.booked, "api_key": "never-checkpointed"}
+
+    def restore_state(self, state: dict) -> None:
+        self.booked = list(state["booked"])
+        note("restored " + json.dumps(state, sort_keys=True))
+
+    @function_tool
+    async def book_table(self, context: RunContext, party_size: int) -> str:
+        \"\"\"Book a table for ``party_size`` people.\"\"\"
+        note(f"booked {idempotency_key(context)} {party_size}")
+        self.booked.append(party_size)
+        return f"table for {party_size} booked"
+"""
+
+
+async def test_a_takeover_restores_the_agent_s_own_state_and_repeats_no_completed_tool_call(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``checkpoint_state()`` / ``restore_state()`` and ``idempotency_key`` across a SIGKILL.
+
+    The caller books a table (the tool runs once, with key ``<job id>:<call
+    id>``); the worker is killed; the peer's session gets the agent's own
+    state back (its secret-looking key dropped), knows the conversation, and
+    never books again.
+    """
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    (agents / "bookings.py").write_text(BOOKS_TABLES)
+    backend = tmp_path / "backend.log"
+    backend.touch()
+    monkeypatch.setenv("OPENRTC_TEST_BACKEND", str(backend))
+    agent, ns = "bookings", unique("ns")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("bookings-resume"))
+    message = job_message(livekit_server, room, agent, unique("dispatcher"))
+    key = keys.checkpoint(agent, message.job_id)
+    with (
+        worker_process(
+            livekit_server, redis_server.url, ns, agent=agent, agents_dir=agents
+        ) as first,
+    ):
+        async with AsyncExitStack() as stack:
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            # Queued once the worker is up: a worker process may take a minute
+            # to start on a loaded machine, and a job waits at most 30 s.
+            await wait_member(redis, keys, agent)
+            await StreamStore(redis, keys).enqueue([message])
+            original = await caller.wait_agent(within=30)
+            await eventually(lambda: transcript.count("Bookings line."), "the greeting", within=20)
+            await transcript.ask("book a table for 4", "Done: table for 4 booked")
+
+            async def state_saved() -> bool:
+                saved = await redis.get(key)
+                checkpoint = Checkpoint.decode(saved) if saved else None
+                return checkpoint is not None and (checkpoint.state or {}).get("booked") == [4]
+
+            await eventually(state_saved, "the agent's state checkpointed")
+            [booking] = backend.read_text().splitlines()
+            assert booking.startswith(f"booked {message.job_id}:"), booking
+            await stack.enter_async_context(
+                working(
+                    livekit_server,
+                    redis_server.url,
+                    ns,
+                    agent,
+                    pool=AgentPool.from_directory(agents),
+                    lease=LEASE,
+                )
+            )
+            first.send_signal(signal.SIGKILL)
+            replacement = await caller.wait_agent(within=30, other_than=original.sid)
+            await agent_listening(caller, replacement.identity)
+            await transcript.ask("what did I say first?", "You first said: book a table for 4")
+            lines = backend.read_text().splitlines()
+            assert lines == [booking, 'restored {"booked": [4]}'], lines
+            assert transcript.count("Done: table for 4 booked") == 1, transcript.lines

@@ -138,9 +138,13 @@ async def test_a_worker_above_its_cpu_threshold_leaves_calls_to_peers_unless_all
         await delete_rooms(livekit_server, rooms)
 
 
-async def test_a_peer_that_shows_room_but_never_reads_delays_calls_without_stranding_them(
+async def test_a_peer_that_shows_room_but_never_reads_strands_no_call(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:
+    """A frozen peer's free slots make the worker defer, never wait for good.
+
+    (How long it defers is the spread policy's, table-tested in test_spread_policy.py.)
+    """
     ns = unique("ns")
     keys = Keys(ns)
     rooms = [unique(f"dental-frozen-{i}") for i in range(3)]

@@ -50,6 +50,7 @@ from tests.stack import (
     unique,
     working,
 )
+from tests.test_e2e import reclaim_sweeps
 
 pytestmark = pytest.mark.anyio
 
@@ -340,8 +341,14 @@ async def test_a_job_that_waited_too_long_expires_instead_of_starting(
             caller_in(creds(livekit_server), fresh_room.name, "caller-2") as fresh_caller,
         ):
             [stale_entry] = await store.enqueue([stale])
-            # Its age is judged by Redis's clock from the moment it was queued.
-            await anyio.sleep(3.5)
+            queued_ms = int(stale_entry.entry_id.split("-")[0])
+
+            async def older_than_the_limit() -> bool:
+                # Its age is judged by Redis's clock from the moment it was queued.
+                seconds, micros = await redis.time()
+                return seconds * 1000 + micros // 1000 - queued_ms > 3_200
+
+            await eventually(older_than_the_limit, "the job older than 3 s (Redis's clock)")
             async with working(
                 livekit_server, redis_server.url, ns, "dental", max_queue_age=3.0
             ) as worker:
@@ -350,7 +357,11 @@ async def test_a_job_that_waited_too_long_expires_instead_of_starting(
                 assert letter[b"reason"] == b"expired"
                 assert letter[b"job_id"] == stale.job_id.encode()
                 assert "for a worker (limit 3s)" in letter[b"error"].decode()
-                assert await entry_gone(redis, keys.jobs("dental"), stale_entry.entry_id)
+                # Acknowledged after its letter is written (two steps).
+                await eventually(
+                    lambda: entry_gone(redis, keys.jobs("dental"), stale_entry.entry_id),
+                    "the expired entry gone",
+                )
                 event = await wait_status(redis, keys, dispatcher, stale.job_id, JobStatus.FAILED)
                 assert event.error.startswith("expired: waited 3.")
 
@@ -407,8 +418,9 @@ async def test_a_termination_from_livekit_ends_the_session_and_it_stays_ended(
             record = await redis.hgetall(keys.job("slowbye", message.job_id))
             assert record[b"state"] == b"done"
             assert record[b"terminated"] == b"livekit"
-            # The call stays over: no second delivery, no agent coming back.
-            await anyio.sleep(lease * 2)
+            # The call stays over: no second delivery, no agent coming back,
+            # through reclaim sweeps (and the renewals between them).
+            await reclaim_sweeps(redis, keys, "slowbye", 2)
             assert caller.agents() == []
             assert [s.sid for s in caller.sightings] == [agent.sid]
             assert worker.stats.started == 1
@@ -429,7 +441,7 @@ async def test_a_long_call_is_never_redelivered_while_its_worker_lives(
     ns, dispatcher = unique("ns"), unique("dispatcher")
     keys = Keys(ns)
     store = StreamStore(redis, keys)
-    lease = 1.0
+    lease = 3.0  # renewed every second: a loaded machine must not make one late
     room = await new_room(livekit_server, unique("dental-long"))
     message = job_message(livekit_server, room, "dental", dispatcher)
     with anyio.fail_after(TEST_BUDGET):
@@ -442,8 +454,9 @@ async def test_a_long_call_is_never_redelivered_while_its_worker_lives(
             agent = await caller.wait_agent(within=20)
             holder, other = (first, second) if first.running_jobs else (second, first)
             assert holder.running_jobs == [message.job_id]
-            await anyio.sleep(lease * 4.5)
-            # Same participant all along, nobody took it over or got it again.
+            # Four reclaim sweeps, half a lease apart (each would claim an entry
+            # idle past the lease): nobody took it over or got it again.
+            await reclaim_sweeps(redis, keys, "dental", 4)
             assert [a.sid for a in caller.agents()] == [agent.sid]
             assert len(caller.sightings) == 1
             assert caller.max_agents_at_once == 1
@@ -488,7 +501,7 @@ async def test_a_job_whose_room_is_gone_is_finished_without_joining(
                     await wait_status(redis, keys, dispatcher, job.job_id, JobStatus.SUCCESS)
                 for entry in entries:
                     assert await entry_gone(redis, keys.jobs("dental"), entry.entry_id)
-                await anyio.sleep(1.0)
+                # A session would have started (counted) before the success.
                 assert worker.stats.started == 0
                 assert caller.sightings == []
             # Joining would have created the deleted room again.
@@ -620,11 +633,13 @@ async def test_membership_shows_capacity_and_running_calls_and_is_left_on_stop(
             assert first["capacity"] == "3"
             assert first["running"] == "0"
             assert first["draining"] == "0"
+
             # The score keeps moving: the heartbeat is alive.
-            await anyio.sleep(0.5)
-            later = await redis.zscore(keys.workers("dental"), worker_id)
-            assert later is not None
-            assert later > score
+            async def moved() -> bool:
+                later = await redis.zscore(keys.workers("dental"), worker_id)
+                return later is not None and later > score
+
+            await eventually(moved, "the heartbeat's score moving", within=5)
 
             async with caller_in(creds(livekit_server), room.name) as caller:
                 await StreamStore(redis, keys).enqueue([message])
