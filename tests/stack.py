@@ -163,7 +163,7 @@ async def working(
         settings, pool or AgentPool.from_directory(OFFLINE_AGENTS), clock=clock, runner=runner
     )
     async with anyio.create_task_group() as tg:
-        with anyio.fail_after(60):
+        with anyio.fail_after(90):
             await tg.start(worker.run)
         try:
             yield worker
