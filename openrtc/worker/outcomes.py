@@ -1,0 +1,179 @@
+"""Outcomes: what becomes of a held entry once it is decided or its session ended.
+
+Acknowledged (done), dead-lettered, handed back unstarted, or left pending for a
+redelivery; the job's record marked and its dispatcher told. Not a loop: the entry
+check and the session supervisor call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from openrtc.session.session import SessionOutcome
+from openrtc.wire.keys import ENDED_TTL
+from openrtc.wire.messages import (
+    DeadReason,
+    JobMessage,
+    JobStatus,
+    RecordField,
+    RecordState,
+    StatusEvent,
+)
+from openrtc.worker.claims import Claim
+from openrtc.worker.context import DOWN, WorkerContext, logger
+
+__all__ = ["Outcomes"]
+
+
+class Outcomes:
+    """Settles claims: acknowledge, dead-letter, release; records and status events."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self._ctx = ctx
+
+    async def settle(self, claim: Claim, message: JobMessage, outcome: SessionOutcome) -> None:
+        """A session ended: count it, and finish the job or leave it to a redelivery."""
+        ctx = self._ctx
+        if claim.handed_over and outcome.status == "success" and await self._released_lost(claim):
+            # The call ended here, and Redis lost the entry it was handed over
+            # as: nobody else will ever finish it.
+            claim.handed_over = False
+        if outcome.status == "taken_over" or claim.handed_over:
+            # Handed over, however the session ended: the peer has the job now
+            # (its record, its entry, its checkpoint), and finishes it.
+            ctx.stats.taken_over += 1
+            ctx.metrics.ended("taken_over")
+            logger.log(
+                logging.INFO if claim.handed_over else logging.WARNING,
+                "job %s: another worker took the call over (%s); stepping aside",
+                message.job_id,
+                outcome.reason,
+            )
+            return
+        if outcome.status == "failed":
+            ctx.stats.failed += 1
+            ctx.metrics.ended("failed")
+            claim.settled = True
+            logger.error(
+                "job %s: session failed (delivery %d of %d): %s",
+                message.job_id,
+                claim.delivery.deliveries,
+                ctx.settings.max_deliveries,
+                outcome.error,
+            )
+            await ctx.redis(
+                lambda: ctx.consumer.update_record(
+                    message.job_id, {RecordField.LAST_ERROR: outcome.error}
+                ),
+                within=math.inf,
+            )
+            # Left pending and no longer renewed: after the lease it is
+            # delivered again, to this worker or another, until the limit.
+            return
+        ctx.stats.succeeded += 1
+        ctx.metrics.ended("succeeded")
+        logger.info("job %s ended: %s", message.job_id, outcome.reason)
+        if outcome.ended_by_agent:
+            await self._mark_ended(message)
+        await self.finish(claim, message)
+        await self.status(message, JobStatus.SUCCESS, "")
+
+    async def _mark_ended(self, message: JobMessage) -> None:
+        """The agent ended the call on purpose: the reconciler leaves its room alone.
+
+        Written before the acknowledgement: a crash between the two leaves the
+        call to a peer, never the room to a new dispatch.
+        """
+        ctx = self._ctx
+        key, sid = ctx.keys.ended(message.room), message.job.room.sid or message.room
+        await ctx.until_redis(lambda: ctx.redis_client.set(key, sid, ex=ENDED_TTL))
+
+    async def _released_lost(self, claim: Claim) -> bool:
+        """Whether Redis lost the entry this claim's call was handed over as."""
+        if not (claim.released and claim.message):
+            return False
+        released, job_id = claim.released, claim.message.job_id
+        where = await self._ctx.redis(lambda: self._ctx.consumer.released(released, job_id))
+        return where == "forgotten"
+
+    async def finish(self, claim: Claim, message: JobMessage) -> None:
+        """The job is done with: acknowledge (and delete) its entry, mark its record."""
+        ctx = self._ctx
+        # Settled first: a renewal racing the ack must not take the vanished
+        # entry for one Redis forgot and write it back.
+        claim.settled = True
+        await ctx.until_redis(ctx.consumer.ack, claim.entry_id)
+        await ctx.redis(
+            lambda: ctx.consumer.update_record(
+                message.job_id, {RecordField.STATE: RecordState.DONE}
+            ),
+            "job %s: record not updated: %s",
+            message.job_id,
+            within=math.inf,
+        )
+
+    async def dead_letter(
+        self,
+        claim: Claim,
+        reason: DeadReason,
+        error: str,
+        message: JobMessage | None,
+        job_id: str = "",
+    ) -> bool:
+        """Move the entry to the dead letters; tell its dispatcher if ``message``."""
+        ctx = self._ctx
+        claim.settled = True
+        delivery = claim.delivery
+        ctx.stats.dead_lettered += 1
+        ctx.metrics.dead_letters.labels(ctx.settings.agent, reason.value).inc()
+        job = message.job_id if message else job_id or "?"
+        logger.error(
+            "entry %s (job %s) -> dead letters (%s): %s", delivery.entry_id, job, reason, error
+        )
+        try:
+            await ctx.until_redis(ctx.consumer.dead_letter, delivery, reason, error)
+        except Exception:
+            logger.exception("entry %s could not be dead-lettered", delivery.entry_id)
+            return False
+        if message is not None:
+            await self.status(message, JobStatus.FAILED, f"{reason}: {error}")
+        return True
+
+    async def release(self, claim: Claim, message: JobMessage) -> None:
+        """Hand an unstarted entry back to the stream, for a peer to read at once."""
+        ctx = self._ctx
+        claim.settled = True
+        # Not released: still pending on us and no longer renewed, a peer
+        # reclaims it after the lease.
+        new_id = await ctx.redis(
+            lambda: ctx.consumer.release(claim.entry_id, message.job_id),
+            "job %s: not released (%s); left to the lease",
+            message.job_id,
+        )
+        if new_id is DOWN:
+            return
+        logger.info(
+            "job %s: draining, handed back unstarted (entry %s -> %s)",
+            message.job_id,
+            claim.entry_id,
+            new_id,
+        )
+
+    async def status(self, message: JobMessage, status: JobStatus, error: str) -> None:
+        """Tell the job's dispatcher how it went (best effort)."""
+        await self.publish(message.dispatcher_id, message.job_id, status, error)
+
+    async def publish(self, dispatcher_id: str, job_id: str, status: JobStatus, error: str) -> None:
+        """A status event for ``dispatcher_id`` (nothing without both ids)."""
+        if not dispatcher_id or not job_id:
+            return
+        ctx = self._ctx
+        event = StatusEvent(job_id, status, error, ctx.settings.worker_id)
+        await ctx.redis(
+            lambda: ctx.store.publish_status(dispatcher_id, event),
+            "job %s: status %s not sent: %s",
+            job_id,
+            status,
+            within=2,
+        )
