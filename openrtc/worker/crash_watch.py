@@ -18,9 +18,9 @@ from anyio.abc import TaskStatus
 
 from openrtc.store.membership import hold_liveness
 from openrtc.store.streams import RefusedCommand
-from openrtc.worker.admission import EntryCheck
 from openrtc.worker.claims import ClaimTable
 from openrtc.worker.context import DOWN, WorkerContext, logger
+from openrtc.worker.entry_check import EntryCheck
 
 __all__ = ["CRASH_CHECK_INTERVAL", "CrashWatch"]
 
@@ -32,10 +32,10 @@ CRASH_CHECK_INTERVAL: Final = 0.15
 class CrashWatch:
     """The crash step: this worker's liveness subscription, and its peers' crashes."""
 
-    def __init__(self, ctx: WorkerContext, claims: ClaimTable, admission: EntryCheck) -> None:
+    def __init__(self, ctx: WorkerContext, claims: ClaimTable, entry_check: EntryCheck) -> None:
         self._ctx = ctx
         self._claims = claims
-        self._admission = admission
+        self._entry_check = entry_check
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Started once this worker's liveness subscription holds (and it is watched)."""
@@ -77,4 +77,4 @@ class CrashWatch:
                     len(deliveries),
                     grace,
                 )
-            self._admission.admit(deliveries)
+            self._entry_check.admit(deliveries)

@@ -1,6 +1,6 @@
 """Intake: read new entries while there are free slots, reclaim those of frozen or dead peers.
 
-Each delivered entry goes to the entry check (:mod:`openrtc.worker.admission`). With
+Each delivered entry goes to the entry check (:mod:`openrtc.worker.entry_check`). With
 live peers a worker reads one entry at a time, and only when
 :func:`openrtc.worker.spread.decide` says it is the one to take it. The intake also
 reports Redis outages, and after one waits a lease before reclaiming anything.
@@ -16,9 +16,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from openrtc.store.streams import Delivery
-from openrtc.worker.admission import EntryCheck
 from openrtc.worker.claims import ClaimTable
 from openrtc.worker.context import DOWN, READ_BLOCK_MS, WorkerContext, logger
+from openrtc.worker.entry_check import EntryCheck
 from openrtc.worker.heartbeat import PeerView
 from openrtc.worker.spread import DEFER_STEP, MAX_DEFER, PeerLoad, decide
 
@@ -32,12 +32,12 @@ class Intake:
     """The consume step (until the worker drains)."""
 
     def __init__(
-        self, ctx: WorkerContext, claims: ClaimTable, view: PeerView, admission: EntryCheck
+        self, ctx: WorkerContext, claims: ClaimTable, view: PeerView, entry_check: EntryCheck
     ) -> None:
         self._ctx = ctx
         self._claims = claims
         self._view = view
-        self._admission = admission
+        self._entry_check = entry_check
         # Read and written by this step only.
         self._last_reclaim = 0.0
         self._last_forget = 0.0
@@ -72,7 +72,7 @@ class Intake:
                 with anyio.move_on_after(DEFER_STEP):
                     await claims.changed()
                 continue
-            self._admission.admit(deliveries)
+            self._entry_check.admit(deliveries)
 
     async def _pass(self) -> tuple[list[Delivery], bool]:
         """One pass: reclaimed or read entries, and whether the next read was left to a peer."""

@@ -19,7 +19,7 @@ under one task group:
 6. **intake** (``intake.py``): read new entries while there are free slots
    (spread by load among peers), reclaim those of frozen or dead peers.
 
-Not loops: the **entry check** (``admission.py``: each held entry checked,
+Not loops: the **entry check** (``entry_check.py``: each held entry checked,
 concurrently, into a session or a dead letter), the **room check** (``rooms.py``)
 and the **outcomes** (``outcomes.py``: acknowledge, dead-letter, release,
 status). After a stop request the **drainer** (``drainer.py``) hands running
@@ -65,12 +65,12 @@ from openrtc.store.streams import (
 )
 from openrtc.wire.messages import JobMessage
 from openrtc.wire.signing import log_signing
-from openrtc.worker.admission import EntryCheck
 from openrtc.worker.claims import ClaimTable
 from openrtc.worker.context import READ_BLOCK_MS, WorkerContext, WorkerStats, logger
 from openrtc.worker.control import ControlListener
 from openrtc.worker.crash_watch import CrashWatch
 from openrtc.worker.drainer import Drainer
+from openrtc.worker.entry_check import EntryCheck
 from openrtc.worker.heartbeat import Heartbeat, PeerView
 from openrtc.worker.intake import Intake
 from openrtc.worker.leases import LeaseKeeper
@@ -149,12 +149,12 @@ class Worker:
         self.rooms = RoomCheck(ctx.settings)
         self.outcomes = Outcomes(ctx)
         self.sessions = SessionSupervisor(ctx, self.claims, self.outcomes, runner)
-        self.admission = EntryCheck(ctx, self.claims, self.outcomes, self.sessions, self.rooms)
-        self.crash_watch = CrashWatch(ctx, self.claims, self.admission)
+        self.entry_check = EntryCheck(ctx, self.claims, self.outcomes, self.sessions, self.rooms)
+        self.crash_watch = CrashWatch(ctx, self.claims, self.entry_check)
         self.heartbeat = Heartbeat(ctx, self.claims, self._presence, self.peer_view)
         self.leases = LeaseKeeper(ctx, self.claims)
         self.control = ControlListener(ctx, self.claims)
-        self.intake = Intake(ctx, self.claims, self.peer_view, self.admission)
+        self.intake = Intake(ctx, self.claims, self.peer_view, self.entry_check)
         self.drainer = Drainer(ctx, self.claims, self.heartbeat, self.peer_view)
 
     @property
