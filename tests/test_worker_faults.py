@@ -545,6 +545,72 @@ async def test_the_old_jobs_agent_leaves_as_soon_as_the_new_jobs_agent_joins(
         await lk.aclose()
 
 
+#: The same agent, slower still: its start outlasts the new job's agent's
+#: join by seconds even on a loaded host.
+VERY_SLOW_START_DENTAL = SLOW_START_DENTAL.replace("asyncio.sleep(4)", "asyncio.sleep(8)")
+
+
+async def test_a_replaced_session_leaves_while_its_agent_is_still_starting(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """The old job's session rejoined after a LiveKit restart and its agent is
+    still starting (toolsets, MCP servers: seconds) when the new job's agent
+    joins: it leaves the room at once, not once its own start has returned.
+
+    The watcher that leaves a replaced room started only after
+    ``session.start()``: measured 8.06 s beside the new agent here (8 s start);
+    0.19 s since it starts at the join.
+    """
+    ns = unique("ns")
+    store = StreamStore(redis, Keys(ns))
+    pool = AgentPool.from_directory(
+        write_agent(tmp_path / "agents", "dental", VERY_SLOW_START_DENTAL)
+    )
+    lk = api.LiveKitAPI(livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret)
+
+    async def participants(room: str) -> dict[str, dict[str, str]]:
+        reply = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+        return {p.identity: dict(p.attributes) for p in reply.participants}
+
+    try:
+        with anyio.fail_after(TEST_BUDGET):
+            async with working(livekit_server, redis_server.url, ns, "dental", pool=pool) as worker:
+                room = await new_room(livekit_server, unique("dental-replaced-starting"))
+                new = job_message(livekit_server, room, "dental", "d1")
+                old = job_message(livekit_server, room, "dental", "d1")
+                # The old job's room is the one the restarted server forgot.
+                old.job.room.creation_time_ms = new.room_created_ms - 60_000
+                old.job.room.creation_time = old.job.room.creation_time_ms // 1000
+                old_agent, new_agent = agent_identity(old.job_id), agent_identity(new.job_id)
+                await store.enqueue([old])
+
+                async def old_in() -> bool:
+                    return old_agent in await participants(room.name)
+
+                await eventually(old_in, "the old job's agent in the room", within=30)
+                await store.enqueue([new])
+                joined = None
+                while True:
+                    now, agents = time.monotonic(), await participants(room.name)
+                    if joined is None and new_agent in agents:
+                        joined = now
+                        # The case at hand: the old session has not started yet.
+                        assert STATE not in agents.get(old_agent, {}), "the old one had started"
+                    if joined is not None and old_agent not in agents:
+                        break
+                    await anyio.sleep(0.05)
+                beside = now - joined
+                print(f"\nthe starting old job's agent stayed {beside:.2f}s beside the new one")
+                assert beside < 1.0, beside
+                await eventually(
+                    lambda: worker.running_jobs == [new.job_id], "the new job alone", within=20
+                )
+                assert worker.stats.failed == 0
+                await delete_room(livekit_server, room.name)
+    finally:
+        await lk.aclose()
+
+
 async def test_an_old_jobs_session_joining_after_the_new_jobs_agent_leaves_at_once(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:

@@ -488,6 +488,11 @@ def dlq_replay(
         results = _with_redis(redis_url, work)
     except typer.BadParameter as exc:
         _fail(str(exc), 2)
+    _print_replays(results, json_output=json_output)
+
+
+def _print_replays(results: list[Any], *, json_output: bool) -> None:
+    """What ``dlq replay`` did, one line per letter (or JSON)."""
     replayed = [r for r in results if r.outcome == "replayed"]
     skipped = [r for r in results if r.outcome != "replayed"]
     if json_output:

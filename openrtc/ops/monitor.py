@@ -19,12 +19,11 @@ from typing import Any, Final, Literal
 
 from google.protobuf.json_format import MessageToDict
 from livekit.protocol.agent import Job
-from redis.asyncio import Redis
 
 from openrtc.settings import DEFAULT_DEDUP_TTL
-from openrtc.store.membership import live_members, redis_time
-from openrtc.store.streams import StreamStore
-from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.store.readers import DeadLetterStream, StatusReader
+from openrtc.store.streams import RedisClient, StreamStore
+from openrtc.wire.keys import Keys
 from openrtc.wire.messages import replay_entry
 from openrtc.wire.signing import SigningKeys, sign_job
 
@@ -152,79 +151,61 @@ class StackStatus:
         return data
 
 
-async def read_status(redis: Redis, keys: Keys, agents: Iterable[str] = ()) -> StackStatus:
+async def read_status(redis: RedisClient, keys: Keys, agents: Iterable[str] = ()) -> StackStatus:
     """Read the whole picture: every agent that has a stream, plus ``agents``.
 
     Ages are by Redis's clock, as the heartbeats and entry ids they are taken from.
     """
-    now = await redis_time(redis, keys.agents)
-    known = {_s(a) for a in await redis.smembers(keys.agents)}
-    names = list(dict.fromkeys([*agents, *sorted(known)]))
-    statuses = []
-    for name in names:
-        status = AgentStatus(agent=name, stream=keys.jobs(name))
-        pipe = redis.pipeline(transaction=False)
-        pipe.xlen(status.stream)
-        pipe.xinfo_groups(status.stream)
-        replies = await pipe.execute(raise_on_error=False)
-        if not isinstance(replies[0], Exception):
-            status.length = int(replies[0])
-        if not isinstance(replies[1], Exception):
-            for group in replies[1]:
-                if _s(group.get("name")) != WORKERS_GROUP:
-                    continue
-                status.pending = int(group.get("pending") or 0)
-                status.consumers = int(group.get("consumers") or 0)
-                lag = group.get("lag")
-                status.backlog = (
-                    int(lag) if lag is not None else max(0, status.length - status.pending)
-                )
-                last = _s(group.get("last-delivered-id")) or "0-0"
-                waiting = await redis.xrange(status.stream, min=f"({last}", count=1)
-                if waiting:
-                    first_ms = int(_s(waiting[0][0]).split("-")[0])
-                    status.oldest_waiting_age = max(0.0, now - first_ms / 1000)
-        for worker_id in await live_members(redis, keys.workers(name)):
-            raw = {_s(k): _s(v) for k, v in (await redis.hgetall(keys.worker(worker_id))).items()}
-            if not raw:
-                continue
-            status.workers.append(
-                WorkerInfo(
-                    id=worker_id,
-                    capacity=_int(raw.get("capacity")),
-                    running=_int(raw.get("running")),
-                    isolation=raw.get("isolation", ""),
-                    host=raw.get("host", ""),
-                    pid=raw.get("pid", ""),
-                    heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
-                    draining=raw.get("draining") == "1",
-                )
-            )
-        statuses.append(status)
-    dispatchers = []
-    for dispatcher_id in await live_members(redis, keys.dispatchers):
-        raw = {
-            _s(k): _s(v) for k, v in (await redis.hgetall(keys.dispatcher(dispatcher_id))).items()
-        }
-        if not raw:
-            continue
-        dispatchers.append(
-            DispatcherInfo(
-                id=dispatcher_id,
-                livekit_worker_id=raw.get("livekit_worker_id", ""),
-                agent_name=raw.get("agent_name", ""),
-                agents=raw.get("agents", ""),
-                held_jobs=_int(raw.get("held_jobs")),
+    reader = StatusReader(redis, keys)
+    now = await reader.now()
+    names = list(dict.fromkeys([*agents, *sorted(await reader.known_agents())]))
+    return StackStatus(
+        namespace=keys.namespace,
+        agents=[await _agent_status(reader, keys, name, now) for name in names],
+        dispatchers=[
+            _dispatcher_info(dispatcher_id, raw, now)
+            for dispatcher_id, raw in await reader.live_records(keys.dispatchers, keys.dispatcher)
+        ],
+        dead_letters=await reader.dead_letter_count(),
+    )
+
+
+async def _agent_status(reader: StatusReader, keys: Keys, name: str, now: float) -> AgentStatus:
+    status = AgentStatus(agent=name, stream=keys.jobs(name))
+    stream = await reader.job_stream(name)
+    status.length = stream.length
+    if stream.group is not None:
+        status.pending = stream.group.pending
+        status.consumers = stream.group.consumers
+        status.backlog = stream.group.backlog
+    if stream.oldest_waiting_ms is not None:
+        status.oldest_waiting_age = max(0.0, now - stream.oldest_waiting_ms / 1000)
+    for worker_id, raw in await reader.live_records(keys.workers(name), keys.worker):
+        status.workers.append(
+            WorkerInfo(
+                id=worker_id,
+                capacity=_int(raw.get("capacity")),
+                running=_int(raw.get("running")),
+                isolation=raw.get("isolation", ""),
                 host=raw.get("host", ""),
+                pid=raw.get("pid", ""),
                 heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
                 draining=raw.get("draining") == "1",
             )
         )
-    return StackStatus(
-        namespace=keys.namespace,
-        agents=statuses,
-        dispatchers=dispatchers,
-        dead_letters=int(await redis.xlen(keys.dead_letter)),
+    return status
+
+
+def _dispatcher_info(dispatcher_id: str, raw: Mapping[str, str], now: float) -> DispatcherInfo:
+    return DispatcherInfo(
+        id=dispatcher_id,
+        livekit_worker_id=raw.get("livekit_worker_id", ""),
+        agent_name=raw.get("agent_name", ""),
+        agents=raw.get("agents", ""),
+        held_jobs=_int(raw.get("held_jobs")),
+        host=raw.get("host", ""),
+        heartbeat_age=round(now - _float(raw.get("heartbeat_at")), 1),
+        draining=raw.get("draining") == "1",
     )
 
 
@@ -287,7 +268,7 @@ def _decode_entry(entry_id: Any, raw: Mapping[bytes, bytes]) -> DeadLetter:
 
 
 async def list_dead_letters(
-    redis: Redis,
+    redis: RedisClient,
     keys: Keys,
     *,
     count: int = 50,
@@ -301,12 +282,12 @@ async def list_dead_letters(
     Pages back through the stream until ``count`` letters pass the filters or
     the stream (or ``since``) ends, so a rare reason is found behind many others.
     """
+    stream = DeadLetterStream(redis, keys)
     if ids:
         letters = []
         for entry_id in ids:
-            found_ids: Any = await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id)
-            for i, f in found_ids or []:
-                letter = _decode_entry(i, f)
+            if (entry := await stream.get(entry_id)) is not None:
+                letter = _decode_entry(*entry)
                 if matches(letter, reason=reason, agent=agent):
                     letters.append(letter)
         return letters
@@ -314,16 +295,14 @@ async def list_dead_letters(
     found: list[DeadLetter] = []
     upper = "+"
     while len(found) < count:
-        page: Any = await redis.xrevrange(
-            keys.dead_letter, max=upper, min=lowest, count=max(count, 100)
-        )
+        page = await stream.newest_first(upper=upper, lowest=lowest, count=max(count, 100))
         if not page:
             break
         for entry_id, raw in page:
             letter = _decode_entry(entry_id, raw)
             if matches(letter, reason=reason, agent=agent):
                 found.append(letter)
-        upper = f"({_s(page[-1][0])}"
+        upper = f"({page[-1][0]}"
     return found[:count]
 
 
@@ -342,7 +321,7 @@ class Replay:
 
 
 async def replay_dead_letters(
-    redis: Redis,
+    redis: RedisClient,
     keys: Keys,
     letters: Sequence[DeadLetter],
     *,
@@ -365,14 +344,15 @@ async def replay_dead_letters(
     verifies dead-letters it again as ``forged``).
     """
     store = StreamStore(redis, keys)
+    stream = DeadLetterStream(redis, keys)
     results = []
     for letter in letters:
         target = agent or letter.agent
-        raw_entries: Any = await redis.xrange(keys.dead_letter, min=letter.id, max=letter.id)
-        if not raw_entries:
+        entry = await stream.get(letter.id)
+        if entry is None:
             results.append(Replay(letter.id, "gone"))
             continue
-        raw: Mapping[bytes, bytes] = raw_entries[0][1]
+        raw = entry[1]
         if not letter.job_id:
             results.append(Replay(letter.id, "no-job-id"))
             continue
@@ -384,20 +364,25 @@ async def replay_dead_letters(
         for key, value in fields.items():
             args += [key, value]
         if keys.cluster:
-            code, entry = await _replay_across_slots(redis, store, keys, letter, target, args)
+            code, new_id = await _replay_across_slots(stream, store, keys, letter, target, args)
         else:
-            code, entry = await store.scripts.replay(
+            code, new_id = await store.scripts.replay(
                 keys=[keys.dead_letter, keys.job(target, letter.job_id), keys.jobs(target)],
                 args=args,
             )
         outcomes: dict[int, ReplayOutcome] = {1: "replayed", 2: "already-queued"}
         outcome = outcomes.get(int(code), "gone")
-        results.append(Replay(letter.id, outcome, _s(entry), target))
+        results.append(Replay(letter.id, outcome, _s(new_id), target))
     return results
 
 
 async def _replay_across_slots(
-    redis: Redis, store: StreamStore, keys: Keys, letter: DeadLetter, target: str, args: list[Any]
+    stream: DeadLetterStream,
+    store: StreamStore,
+    keys: Keys,
+    letter: DeadLetter,
+    target: str,
+    args: list[Any],
 ) -> tuple[int, Any]:
     """Replay under Redis Cluster: the letter and the agent's keys are in different slots.
 
@@ -412,12 +397,12 @@ async def _replay_across_slots(
         keys=[keys.job(target, letter.job_id), keys.jobs(target)], args=args
     )
     if int(code) in (1, 3):
-        await redis.xdel(keys.dead_letter, letter.id)
+        await stream.delete(letter.id)
     return int(code), entry
 
 
 async def purge_plan(
-    redis: Redis, keys: Keys, *, ids: Sequence[str] = (), older_than: float | None = None
+    redis: RedisClient, keys: Keys, *, ids: Sequence[str] = (), older_than: float | None = None
 ) -> tuple[int, str]:
     """What a purge would delete now: how many letters, and the newest entry id among them.
 
@@ -425,31 +410,24 @@ async def purge_plan(
     ``upto=`` that id, so a letter that arrives while the operator reads
     the question is not deleted unseen. For ``ids`` the id is ``""``.
     """
+    stream = DeadLetterStream(redis, keys)
     if ids:
-        present = 0
-        for entry_id in ids:
-            present += len(await redis.xrange(keys.dead_letter, min=entry_id, max=entry_id) or [])
-        return present, ""
-    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
-    if not newest:
+        return sum([await stream.get(entry_id) is not None for entry_id in ids]), ""
+    upper = await _purge_upper(stream, older_than=older_than)
+    if not upper:
         return 0, ""
-    upper = _s(newest[0][0])
-    if older_than is not None:
-        # Entry ids are Redis's clock: so is the age they are judged by.
-        cutoff_ms = int((await redis_time(redis, keys.dead_letter) - older_than) * 1000)
-        upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
     count, start, last = 0, "-", ""
     while True:
-        page: Any = await redis.xrange(keys.dead_letter, min=start, max=upper, count=500)
+        page = await stream.oldest_first(start=start, upper=upper)
         if not page:
             return count, last
         count += len(page)
-        last = _s(page[-1][0])
+        last = page[-1][0]
         start = f"({last}"
 
 
 async def purge_dead_letters(
-    redis: Redis,
+    redis: RedisClient,
     keys: Keys,
     *,
     ids: Sequence[str] = (),
@@ -463,28 +441,38 @@ async def purge_dead_letters(
     than that entry id (what :func:`purge_plan` counted). Returns how many
     were deleted.
     """
+    stream = DeadLetterStream(redis, keys)
     if ids:
-        return int(await redis.xdel(keys.dead_letter, *ids))
-    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
-    if not newest:
+        return await stream.delete(*ids)
+    if upto == "":
         return 0
-    upper = _s(newest[0][0])
+    upper = await _purge_upper(stream, older_than=older_than, upto=upto)
+    if not upper:
+        return 0
+    deleted, start = 0, "-"
+    while True:
+        page = await stream.oldest_first(start=start, upper=upper)
+        if not page:
+            return deleted
+        page_ids = [entry_id for entry_id, _ in page]
+        deleted += await stream.delete(*page_ids)
+        start = f"({page_ids[-1]}"
+
+
+async def _purge_upper(
+    stream: DeadLetterStream, *, older_than: float | None, upto: str | None = None
+) -> str:
+    """The newest entry id a purge may delete (``""``: none): the newest now, or older."""
+    upper = await stream.newest_id()
+    if not upper:
+        return ""
     if upto is not None:
-        if not upto:
-            return 0
         upper = min(upper, upto, key=_entry_order)
     if older_than is not None:
         # Entry ids are Redis's clock: so is the age they are judged by.
-        cutoff_ms = int((await redis_time(redis, keys.dead_letter) - older_than) * 1000)
+        cutoff_ms = int((await stream.now() - older_than) * 1000)
         upper = min(upper, f"{cutoff_ms - 1}-{2**64 - 1}", key=_entry_order)
-    deleted, start = 0, "-"
-    while True:
-        page: Any = await redis.xrange(keys.dead_letter, min=start, max=upper, count=500)
-        if not page:
-            return deleted
-        page_ids = [_s(i) for i, _ in page]
-        deleted += int(await redis.xdel(keys.dead_letter, *page_ids))
-        start = f"({page_ids[-1]}"
+    return upper
 
 
 def _entry_order(entry_id: str) -> tuple[int, int]:
@@ -619,7 +607,7 @@ def matches(letter: DeadLetter, *, reason: str | None = None, agent: str | None 
 
 
 async def scan_dead_letters(
-    redis: Redis,
+    redis: RedisClient,
     keys: Keys,
     *,
     reason: str | None = None,
@@ -628,26 +616,26 @@ async def scan_dead_letters(
     page: int = 500,
 ) -> AsyncIterator[DeadLetter]:
     """Every dead letter (oldest first) since ``since`` (epoch s), filtered, paged."""
+    stream = DeadLetterStream(redis, keys)
     start = "-" if since is None else str(max(0, int(since * 1000)))
     while True:
-        entries: Any = await redis.xrange(keys.dead_letter, min=start, count=page)
+        entries = await stream.oldest_first(start=start, count=page)
         if not entries:
             return
         for entry_id, raw in entries:
             letter = _decode_entry(entry_id, raw)
             if matches(letter, reason=reason, agent=agent):
                 yield letter
-        start = f"({_s(entries[-1][0])}"
+        start = f"({entries[-1][0]}"
 
 
-async def dead_letter_tail(redis: Redis, keys: Keys) -> str:
+async def dead_letter_tail(redis: RedisClient, keys: Keys) -> str:
     """The newest dead letter's entry id (``0-0`` when there is none): where following starts."""
-    newest: Any = await redis.xrevrange(keys.dead_letter, count=1)
-    return _s(newest[0][0]) if newest else "0-0"
+    return await DeadLetterStream(redis, keys).newest_id() or "0-0"
 
 
 async def follow_dead_letters(
-    redis: Redis,
+    redis: RedisClient,
     keys: Keys,
     *,
     reason: str | None = None,
@@ -661,12 +649,11 @@ async def follow_dead_letters(
     socket timeout), each from the last entry id seen rather than ``$``, so
     none is missed between two reads.
     """
+    stream = DeadLetterStream(redis, keys)
     last = after if after is not None else await dead_letter_tail(redis, keys)
     while True:
-        reply: Any = await redis.xread({keys.dead_letter: last}, block=int(block * 1000))
-        for _stream, entries in reply or []:
-            for entry_id, raw in entries:
-                last = _s(entry_id)
-                letter = _decode_entry(entry_id, raw)
-                if matches(letter, reason=reason, agent=agent):
-                    yield letter
+        for entry_id, raw in await stream.read_after(last, block=block):
+            last = entry_id
+            letter = _decode_entry(entry_id, raw)
+            if matches(letter, reason=reason, agent=agent):
+                yield letter

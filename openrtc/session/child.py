@@ -48,65 +48,18 @@ def _emit(value: dict[str, Any]) -> None:
 
 async def _serve(config: Any, proc: Any) -> int:
     """One session, in a forked child: stdin and stdout are its socket to the worker."""
-    from openrtc.session.session import RoomAccess, SessionControl, run_session
-    from openrtc.wire.messages import JobMessage
+    from openrtc.session.session import run_session
 
     _emit({"ready": True, "pid": os.getpid()})
-
-    stdin = TextReceiveStream(_StdinStream())
-    buffer = ""
-
-    async def next_line() -> str | None:
-        nonlocal buffer
-        while "\n" not in buffer:
-            try:
-                buffer += await stdin.receive()
-            except anyio.EndOfStream:
-                return None
-        line, buffer = buffer.split("\n", 1)
-        return line
-
-    first = await next_line()
+    lines = _Lines()
+    first = await lines.next()
     if first is None:
         return 0  # the worker went away before giving us a job
     job = json.loads(first)
-    message = JobMessage.decode({k.encode(): base64.b64decode(v) for k, v in job["fields"].items()})
-    access = RoomAccess(job["url"], job["token"])
-    control = SessionControl()
-    # The child has no Redis: its worker read the checkpoint and writes the new ones.
-    control.resume = job.get("checkpoint", "").encode() or None
-    control.checkpoint_max_bytes = int(job.get("checkpoint_max_bytes", 0))
-    if job.get("checkpointing"):
-        control.checkpoint = lambda data: _emit({"checkpoint": data.decode()})
-    control.handover = bool(job.get("handover"))
-    control.greeted = bool(job.get("greeted"))
-
+    message, access, control = _session_of(job)
     async with anyio.create_task_group() as tg:
-
-        async def watch_stdin() -> None:
-            while True:
-                line = await next_line()
-                if line is None:  # our worker died: leave the room now
-                    control.stop("worker process gone", takeover=True)
-                    return
-                command = json.loads(line)
-                if "stop" in command:
-                    control.stop(command["stop"], takeover=bool(command.get("takeover")))
-                elif command.get("handover"):
-                    control.ask_handover()
-                    # Each ask is answered (again after a handover that went nowhere).
-                    tg.start_soon(report_handover_ready, control.handover_ready)
-
-        async def report_joined() -> None:
-            await control.joined.wait()
-            _emit({"joined": True})
-
-        async def report_handover_ready(ready: anyio.Event) -> None:
-            await ready.wait()
-            _emit({"handover_ready": True})
-
-        tg.start_soon(watch_stdin)
-        tg.start_soon(report_joined)
+        tg.start_soon(_follow_the_worker, lines, control, tg)
+        tg.start_soon(_report_joined, control)
         outcome = await run_session(
             message, config, access, proc, control, worker_id=job["worker_id"]
         )
@@ -122,6 +75,68 @@ async def _serve(config: Any, proc: Any) -> int:
         )
         tg.cancel_scope.cancel()
     return 0
+
+
+class _Lines:
+    """stdin, line by line."""
+
+    def __init__(self) -> None:
+        self._stdin = TextReceiveStream(_StdinStream())
+        self._buffer = ""
+
+    async def next(self) -> str | None:
+        """The next line, ``None`` once stdin is closed."""
+        while "\n" not in self._buffer:
+            try:
+                self._buffer += await self._stdin.receive()
+            except anyio.EndOfStream:
+                return None
+        line, self._buffer = self._buffer.split("\n", 1)
+        return line
+
+
+def _session_of(job: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The job's message, room access and session control, from the worker's first line."""
+    from openrtc.session.session import RoomAccess, SessionControl
+    from openrtc.wire.messages import JobMessage
+
+    message = JobMessage.decode({k.encode(): base64.b64decode(v) for k, v in job["fields"].items()})
+    access = RoomAccess(job["url"], job["token"])
+    control = SessionControl()
+    # The child has no Redis: its worker read the checkpoint and writes the new ones.
+    control.resume = job.get("checkpoint", "").encode() or None
+    control.checkpoint_max_bytes = int(job.get("checkpoint_max_bytes", 0))
+    if job.get("checkpointing"):
+        control.checkpoint = lambda data: _emit({"checkpoint": data.decode()})
+    control.handover = bool(job.get("handover"))
+    control.greeted = bool(job.get("greeted"))
+    return message, access, control
+
+
+async def _follow_the_worker(lines: _Lines, control: Any, tg: anyio.abc.TaskGroup) -> None:
+    """The worker's commands (stop, handover); its death stops the session."""
+    while True:
+        line = await lines.next()
+        if line is None:  # our worker died: leave the room now
+            control.stop("worker process gone", takeover=True)
+            return
+        command = json.loads(line)
+        if "stop" in command:
+            control.stop(command["stop"], takeover=bool(command.get("takeover")))
+        elif command.get("handover"):
+            control.ask_handover()
+            # Each ask is answered (again after a handover that went nowhere).
+            tg.start_soon(_report_handover_ready, control.handover_ready)
+
+
+async def _report_joined(control: Any) -> None:
+    await control.joined.wait()
+    _emit({"joined": True})
+
+
+async def _report_handover_ready(ready: anyio.Event) -> None:
+    await ready.wait()
+    _emit({"handover_ready": True})
 
 
 class _StdinStream(anyio.abc.ByteReceiveStream):

@@ -4,9 +4,17 @@ This is the worker's seam into livekit-agents. It builds the same objects the
 framework's job process builds (``RunningJobInfo``, ``JobProcess``,
 ``JobContext``) so the user's agent code runs unchanged: ``get_job_context()``
 and ``ctx.job`` give the real job id and metadata, tools, ``on_enter`` and node
-hooks work. Those constructors are not public API, which is why
-``pyproject.toml`` pins livekit-agents to one minor series and
-``tests/test_session_seam.py`` fails loudly when an upgrade moves them.
+hooks work. Those constructors are not public API: every part of
+livekit-agents relied on is reached through, and listed in,
+:mod:`openrtc.session.livekit_parts`; ``pyproject.toml`` pins livekit-agents
+to one minor series and ``tests/test_session_seam.py`` fails by name when an
+upgrade moves one.
+
+A session runs as named steps (:class:`_SessionRun`): build the agent session
+and the agent, join, look whether the room was already replaced, then, with
+the replaced-room watcher running from the join on, announce, start and
+greet; watch for the end (caller left or room gone, the worker's stop, a
+replaced room, the agent ending the call); close.
 
 The room token is minted by the worker from the API secret it holds, for the
 identity the dispatcher answered LiveKit with, and used only against the
@@ -27,21 +35,19 @@ from typing import Any, Final, Literal
 
 import anyio
 from livekit import api, rtc
-from livekit.agents import Agent, AgentSession, llm
-from livekit.agents.job import (
+from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, llm
+
+from openrtc.agents.registry import AgentConfig
+from openrtc.errors import AgentBuildError
+from openrtc.ops.logs import log_context
+from openrtc.session import livekit_parts as parts
+from openrtc.session.livekit_parts import (
     JobAcceptArguments,
     JobContext,
     JobExecutorType,
     JobProcess,
     RunningJobInfo,
-    _JobContextVar,
 )
-from livekit.agents.utils import http_context
-from livekit.agents.voice.events import CloseReason, ToolCallStarted
-
-from openrtc.agents.registry import AgentConfig
-from openrtc.errors import AgentBuildError
-from openrtc.ops.logs import log_context
 from openrtc.settings import LiveKitSettings
 from openrtc.store.checkpoint import Checkpoint, mark_interrupted, plain_data
 from openrtc.wire.messages import (
@@ -273,7 +279,18 @@ async def _run_session(
             access = room_access(access, message)
         except ValueError as exc:
             return SessionOutcome("failed", "no room token for this job", str(exc))
-    info = RunningJobInfo(
+    run = _SessionRun(message, config, proc, control, _running_job_info(message, access, worker_id))
+    with parts.current_job(run.ctx):
+        try:
+            return await run.serve()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run.close()
+
+
+def _running_job_info(message: JobMessage, access: RoomAccess, worker_id: str) -> RunningJobInfo:
+    """What livekit-agents' job process is given for this job."""
+    return RunningJobInfo(
         accept_arguments=JobAcceptArguments(
             name=message.agent,
             identity=message.accept.identity,
@@ -286,30 +303,81 @@ async def _run_session(
         worker_id=worker_id,
         fake_job=False,
     )
-    room = rtc.Room()
-    ended = anyio.Event()
-    end: dict[str, Any] = {}
 
-    def finish(reason: str, **extra: Any) -> None:
-        if not ended.is_set():
-            end.update(reason=reason, **extra)
-            ended.set()
 
-    # Set on what may show this session's room was replaced: a reconnect, an
-    # agent joining. The current event; replaced after each is seen.
-    changed = [anyio.Event()]
+class _End:
+    """Why the session ends: the first reason reported wins."""
 
-    @room.on("reconnected")
-    def _on_reconnected() -> None:
-        changed[-1].set()
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self.reason: str | None = None
+        #: The room's disconnect reason (``rtc.DisconnectReason`` name), if that ended it.
+        self.disconnect = ""
+        #: The agent ended the call.
+        self.on_purpose = False
+        #: Another agent serves the room now: leave it before closing the session.
+        self.replaced = False
 
-    @room.on("participant_connected")
-    def _on_participant(participant: rtc.RemoteParticipant) -> None:
+    def finish(
+        self, reason: str, *, disconnect: str = "", on_purpose: bool = False, replaced: bool = False
+    ) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self.disconnect, self.on_purpose, self.replaced = disconnect, on_purpose, replaced
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def on_disconnected(self, reason: Any = None) -> None:
+        """The room's ``disconnected`` event."""
+        name = str(reason)
+        if isinstance(reason, int):
+            name = rtc.DisconnectReason.Name(reason)  # type: ignore[arg-type]
+        self.finish(f"room disconnected ({name})", disconnect=name)
+
+    def on_job_shutdown(self, reason: str) -> None:
+        """The job context's shutdown (``ctx.shutdown()`` by the agent)."""
+        self.finish(reason or "shutdown requested by the agent", on_purpose=True)
+
+    def on_session_close(self, event: Any) -> None:
+        """The agent session's ``close`` event."""
+        self.finish(
+            f"session closed ({event.reason.value})", on_purpose=event.reason in _ENDED_BY_AGENT
+        )
+
+
+class _RoomWatch:
+    """Whether the server replaced this session's room (see ``JobMessage.replaced_by``).
+
+    Marks as changed what may show it: a reconnect, an agent joining.
+    """
+
+    def __init__(self, room: rtc.Room, message: JobMessage) -> None:
+        self._room = room
+        self._message = message
+        self._changed = anyio.Event()
+        room.on("reconnected", lambda: self.changed())
+        room.on("participant_connected", self._on_participant)
+
+    def _on_participant(self, participant: rtc.RemoteParticipant) -> None:
         if participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
-            changed[-1].set()
+            self.changed()
 
-    def replaced_by() -> str:
-        """The agent that serves this room now, if the server replaced it (see JobMessage)."""
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def wait_changed(self) -> None:
+        """Until something changed since the last wait."""
+        await self._changed.wait()
+        self._changed = anyio.Event()
+
+    def replaced_by(self) -> str:
+        """The agent that serves this room now, if the server replaced it."""
+        room = self._room
         if room.connection_state != rtc.ConnectionState.CONN_CONNECTED:
             # Leaving in the middle of a reconnect does not stop it: the
             # engine finished rejoining after disconnect() and left a ghost
@@ -320,165 +388,213 @@ async def _run_session(
             for other in room.remote_participants.values()
             if other.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
         ]
-        # The room's sid is kept current by the server's updates (no public event).
-        return message.replaced_by(room._info.sid, agents)
+        return self._message.replaced_by(parts.room_sid(room), agents)
 
-    @room.on("disconnected")
-    def _on_disconnected(reason: Any = None) -> None:
-        name = str(reason)
-        if isinstance(reason, int):
-            name = rtc.DisconnectReason.Name(reason)  # type: ignore[arg-type]
-        finish(f"room disconnected ({name})", disconnect=name)
 
-    ctx = JobContext(
-        proc=proc,
-        info=info,
-        room=room,
-        on_connect=lambda: None,
-        on_shutdown=lambda reason: finish(
-            reason or "shutdown requested by the agent", on_purpose=True
-        ),
-        inference_executor=None,  # type: ignore[arg-type]  # only turn detectors use it
-    )
-    ctx._on_setup()
-    context_token = _JobContextVar.set(ctx)
-    http_context._new_session_ctx()
-    session: AgentSession[Any] | None = None
-    try:
+class _SessionRun:
+    """One session of a job, as named steps; :meth:`serve` runs them, :meth:`close` ends it."""
+
+    def __init__(
+        self,
+        message: JobMessage,
+        config: AgentConfig,
+        proc: JobProcess,
+        control: SessionControl,
+        info: RunningJobInfo,
+    ) -> None:
+        self.message = message
+        self.config = config
+        self.proc = proc
+        self.control = control
+        self.room = rtc.Room()
+        self.end = _End()
+        self.watch = _RoomWatch(self.room, message)
+        self.room.on("disconnected", self.end.on_disconnected)
+        self.ctx = parts.new_job_context(proc, info, self.room, self.end.on_job_shutdown)
+        self.session: AgentSession[Any] | None = None
+        self.saving: _Checkpointing | None = None
+
+    async def serve(self) -> SessionOutcome:
+        """Build, join, start and run the session until its end; how it ended."""
         try:
-            options = dict(config.session_kwargs)
-            if config.stt is None:
-                # Nothing to detect turns with (text input needs none): say so,
-                # instead of livekit-agents warning on every session that its
-                # turn detector has no VAD.
-                options.setdefault("turn_detection", "manual")
-            session = AgentSession(
-                stt=config.stt,  # type: ignore[arg-type]
-                llm=config.llm,  # type: ignore[arg-type]
-                tts=config.tts,  # type: ignore[arg-type]
-                vad=proc.userdata.get("vad"),
-                **options,
-            )
-            session.on(
-                "close",
-                lambda event: finish(
-                    f"session closed ({event.reason.value})",
-                    on_purpose=event.reason in _ENDED_BY_AGENT,
-                ),
-            )
-            saved = Checkpoint.decode(control.resume) if control.resume else None
-            if not config.checkpoint:
-                saved = None
-            saving = None
-            if control.checkpoint is not None and config.checkpoint:
-                saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
-            # Built before the room is joined: a constructor that raises fails
-            # the session without the caller seeing an agent come and go.
-            try:
-                if saved is not None:
-                    agent = await _restore(session, config, saved, message.job_id)
-                else:
-                    # Agents are constructed without arguments, as livekit-agents'
-                    # examples and the PyPI openrtc package do.
-                    agent = config.build()
-            except Exception as exc:
-                cause = exc.__cause__ if isinstance(exc, AgentBuildError) else exc
-                logger.error("job %s: %s", message.job_id, exc)
-                return SessionOutcome("failed", AGENT_NOT_BUILT, f"{type(cause).__name__}: {cause}")
-            await ctx.connect()
-            control.joined.set()
+            session = self.session = self._new_agent_session()
+            saved = self._saved_checkpoint(session)
+            agent = await self._build_agent(session, saved)
+            if isinstance(agent, SessionOutcome):
+                return agent
+            await self._join()
             # Joining may itself show the room was replaced: a session that
             # (re)joins after the newer room's agent is in sees no event for
-            # it. Leave before a word is said; the watcher below looks again
-            # while the room's sid may still come.
-            if successor := replaced_by():
-                finish(f"room replaced by the server; {successor} serves it now", replaced=True)
-                return SessionOutcome("success", end["reason"])
-            await _announce(room, message.job_id)
-            changed[-1].set()
-            await session.start(agent=agent, room=room)
-            greeted = control.greeted or (saved is not None and saved.greeted)
-            if saving is not None:
-                saving.greeted = greeted
-            if saved is not None and config.resume_line and not control.handover:
-                session.say(config.resume_line)
-            elif config.greeting and not greeted:
-                greeting = session.say(config.greeting)
-                if saving is not None:
-                    greeting.add_done_callback(lambda _: saving.said_greeting())
+            # it. Leave before a word is said.
+            if successor := self.watch.replaced_by():
+                self.end.finish(
+                    f"room replaced by the server; {successor} serves it now", replaced=True
+                )
+                return SessionOutcome("success", self.end.reason or "")
         except Exception as exc:
-            logger.exception("job %s: the agent failed to start", message.job_id)
-            return SessionOutcome("failed", "agent failed to start", f"{type(exc).__name__}: {exc}")
-
+            return self._failed_to_start(exc)
         async with anyio.create_task_group() as tg:
-
-            async def stop_when_told() -> None:
-                await control.wait_stop()
-                finish(control.stop_reason)
-
-            async def leave_a_replaced_room() -> None:
-                # Two agents would talk over each other. Until the new job's
-                # agent is there, this one keeps the caller company: LiveKit
-                # may not have dispatched the new room at all. Looked at once
-                # at the start too: the other job's agent may be there already
-                # (a room dispatched twice, this job the later).
-                changed[-1].set()
-                while True:
-                    await changed[-1].wait()
-                    changed.append(anyio.Event())
-                    # The room's new sid comes with no event: look a while.
-                    for _ in range(int(ROOM_SID_WAIT / ROOM_SID_POLL)):
-                        if successor := replaced_by():
-                            finish(
-                                f"room replaced or dispatched twice; {successor} serves it now",
-                                replaced=True,
-                            )
-                            return
-                        await anyio.sleep(ROOM_SID_POLL)
-
-            async def get_ready_for_a_handover() -> None:
-                assert session is not None
-                turn = [anyio.Event()]
-
-                def _on_state(_: Any) -> None:
-                    turn[0].set()
-
-                session.on("agent_state_changed", _on_state)
-                session.on("user_state_changed", _on_state)
-                while True:  # asked again when Redis lost the handed-over entry
-                    await control.wait_handover_asked()
-                    with anyio.move_on_after(HANDOVER_TURN_WAIT):
-                        # Between turns, so the peer's checkpoint has the whole last one.
-                        while True:
-                            turn[0] = anyio.Event()
-                            if _between_turns(session):
-                                break
-                            await turn[0].wait()
-                    if saving is not None:
-                        saving.offer_now()
-                    control.handover_ready.set()
-
-            tg.start_soon(stop_when_told)
-            tg.start_soon(leave_a_replaced_room)
-            tg.start_soon(get_ready_for_a_handover)
-            if saving is not None:
-                tg.start_soon(saving.run)
-            await ended.wait()
+            # From the join on, not after the start: an agent whose start is
+            # slow (toolsets, MCP servers: seconds) would keep a replaced room.
+            tg.start_soon(self._leave_a_replaced_room)
+            if failed := await self._start(session, agent, saved):
+                tg.cancel_scope.cancel()
+                return failed
+            tg.start_soon(self._stop_when_told)
+            tg.start_soon(self._get_ready_for_a_handover, session)
+            if self.saving is not None:
+                tg.start_soon(self.saving.run)
+            await self.end.wait()
             tg.cancel_scope.cancel()
+        return self._outcome()
 
-        if control.takeover or end.get("disconnect") == "DUPLICATE_IDENTITY":
-            return SessionOutcome("taken_over", end["reason"])
-        return SessionOutcome("success", end["reason"], ended_by_agent=bool(end.get("on_purpose")))
-    finally:
-        with anyio.CancelScope(shield=True):
-            await _close(
-                ctx,
-                room,
-                session,
-                end.get("reason", "worker stopping"),
-                leave_first=bool(end.get("replaced")),
-            )
-            _JobContextVar.reset(context_token)
+    def _new_agent_session(self) -> AgentSession[Any]:
+        """The agent's session from its providers (pool defaults where unset)."""
+        config = self.config
+        options = dict(config.session_kwargs)
+        if config.stt is None:
+            # Nothing to detect turns with (text input needs none): say so,
+            # instead of livekit-agents warning on every session that its
+            # turn detector has no VAD.
+            options.setdefault("turn_detection", "manual")
+        session: AgentSession[Any] = AgentSession(
+            stt=config.stt,  # type: ignore[arg-type]
+            llm=config.llm,  # type: ignore[arg-type]
+            tts=config.tts,  # type: ignore[arg-type]
+            vad=self.proc.userdata.get("vad"),
+            **options,
+        )
+        session.on("close", self.end.on_session_close)
+        return session
+
+    def _saved_checkpoint(self, session: AgentSession[Any]) -> Checkpoint | None:
+        """The checkpoint this session resumes from, if any; checkpointing set up if kept."""
+        control, config = self.control, self.config
+        saved = Checkpoint.decode(control.resume) if control.resume else None
+        if not config.checkpoint:
+            saved = None
+        if control.checkpoint is not None and config.checkpoint:
+            self.saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
+        return saved
+
+    async def _build_agent(
+        self, session: AgentSession[Any], saved: Checkpoint | None
+    ) -> Agent | SessionOutcome:
+        """The agent (restored from ``saved``), or the failed outcome.
+
+        Built before the room is joined: a constructor that raises fails the
+        session without the caller seeing an agent come and go.
+        """
+        try:
+            if saved is not None:
+                return await _restore(session, self.config, saved, self.message.job_id)
+            # Agents are constructed without arguments, as livekit-agents'
+            # examples and the PyPI openrtc package do.
+            return self.config.build()
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc, AgentBuildError) else exc
+            logger.error("job %s: %s", self.message.job_id, exc)
+            return SessionOutcome("failed", AGENT_NOT_BUILT, f"{type(cause).__name__}: {cause}")
+
+    async def _join(self) -> None:
+        await self.ctx.connect()
+        self.control.joined.set()
+
+    async def _start(
+        self, session: AgentSession[Any], agent: Agent, saved: Checkpoint | None
+    ) -> SessionOutcome | None:
+        """Announce the join, start the agent and greet (or resume); the outcome if that failed."""
+        try:
+            await _announce(self.room, self.message.job_id)
+            self.watch.changed()
+            await session.start(agent=agent, room=self.room)
+            self._greet(session, saved)
+        except Exception as exc:
+            if self.end.replaced:
+                # It left a replaced room while starting: not the agent's fault.
+                logger.info("job %s: start cut short by leaving: %s", self.message.job_id, exc)
+                return None
+            return self._failed_to_start(exc)
+        return None
+
+    def _greet(self, session: AgentSession[Any], saved: Checkpoint | None) -> None:
+        """The greeting, or the resume line; neither when the caller was greeted already."""
+        config, control, saving = self.config, self.control, self.saving
+        greeted = control.greeted or (saved is not None and saved.greeted)
+        if saving is not None:
+            saving.greeted = greeted
+        if saved is not None and config.resume_line and not control.handover:
+            session.say(config.resume_line)
+        elif config.greeting and not greeted:
+            greeting = session.say(config.greeting)
+            if saving is not None:
+                greeting.add_done_callback(lambda _: saving.said_greeting())
+
+    def _failed_to_start(self, exc: Exception) -> SessionOutcome:
+        logger.exception("job %s: the agent failed to start", self.message.job_id)
+        return SessionOutcome("failed", "agent failed to start", f"{type(exc).__name__}: {exc}")
+
+    async def _stop_when_told(self) -> None:
+        await self.control.wait_stop()
+        self.end.finish(self.control.stop_reason)
+
+    async def _leave_a_replaced_room(self) -> None:
+        """Leave the room once the new job's agent is in it.
+
+        Two agents would talk over each other. Until the new job's agent is
+        there, this one keeps the caller company: LiveKit may not have
+        dispatched the new room at all. Looked at once at the start too: the
+        other job's agent may be there already (a room dispatched twice, this
+        job the later).
+        """
+        self.watch.changed()
+        while True:
+            await self.watch.wait_changed()
+            # The room's new sid comes with no event: look a while.
+            for _ in range(int(ROOM_SID_WAIT / ROOM_SID_POLL)):
+                if successor := self.watch.replaced_by():
+                    self.end.finish(
+                        f"room replaced or dispatched twice; {successor} serves it now",
+                        replaced=True,
+                    )
+                    # At once, even while the session still starts: the
+                    # caller stops hearing this agent; the session closes after.
+                    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                        await _leave(self.room)
+                    return
+                await anyio.sleep(ROOM_SID_POLL)
+
+    async def _get_ready_for_a_handover(self, session: AgentSession[Any]) -> None:
+        """On each handover ask: wait for a turn boundary, offer the last checkpoint."""
+        turn = [anyio.Event()]
+
+        def _on_state(_: Any) -> None:
+            turn[0].set()
+
+        session.on("agent_state_changed", _on_state)
+        session.on("user_state_changed", _on_state)
+        while True:  # asked again when Redis lost the handed-over entry
+            await self.control.wait_handover_asked()
+            with anyio.move_on_after(HANDOVER_TURN_WAIT):
+                # Between turns, so the peer's checkpoint has the whole last one.
+                while True:
+                    turn[0] = anyio.Event()
+                    if _between_turns(session):
+                        break
+                    await turn[0].wait()
+            if self.saving is not None:
+                self.saving.offer_now()
+            self.control.handover_ready.set()
+
+    def _outcome(self) -> SessionOutcome:
+        reason = self.end.reason or ""
+        if self.control.takeover or self.end.disconnect == "DUPLICATE_IDENTITY":
+            return SessionOutcome("taken_over", reason)
+        return SessionOutcome("success", reason, ended_by_agent=self.end.on_purpose)
+
+    async def close(self) -> None:
+        reason = self.end.reason if self.end.is_set() else "worker stopping"
+        await _close(self.ctx, self.room, self.session, reason or "", leave_first=self.end.replaced)
 
 
 class _Checkpointing:
@@ -535,7 +651,7 @@ class _Checkpointing:
             agent_class=f"{cls.__module__}:{cls.__qualname__}",
             greeted=self.greeted,
             history=history,
-            userdata=plain_data(session._userdata),
+            userdata=plain_data(parts.session_userdata(session)),
             state=state,
         )
         return checkpoint.encode(self._cap)
@@ -638,7 +754,7 @@ def _resume_instead_of_entering(agent: Agent) -> None:
 
 
 def _restore_userdata(session: AgentSession[Any], data: dict[str, Any]) -> None:
-    current = session._userdata
+    current = parts.session_userdata(session)
     if current is None:
         session.userdata = data
     elif isinstance(current, dict):
@@ -668,31 +784,33 @@ async def _close(
     """
     with anyio.move_on_after(CLOSE_TIMEOUT) as scope:
         if leave_first:
-            try:
-                await room.disconnect()
-            except Exception:
-                logger.exception("leaving the room failed")
+            await _leave(room)
         if session is not None:
             try:
                 await session.aclose()
             except Exception:
                 logger.exception("closing the agent session failed")
-        for callback in list(ctx._shutdown_callbacks):
+        for callback in parts.shutdown_callbacks(ctx):
             try:
                 await callback(reason)
             except Exception:
                 logger.exception("a shutdown callback failed")
+        await _leave(room)
         try:
-            await room.disconnect()
-        except Exception:
-            logger.exception("leaving the room failed")
-        try:
-            await ctx._on_cleanup()
+            await parts.cleanup_job_context(ctx)
         except Exception:
             logger.exception("job context cleanup failed")
         try:
-            await http_context._close_http_ctx()
+            await parts.close_http_context()
         except Exception:
             logger.exception("closing the session's HTTP client failed")
     if scope.cancelled_caught:
         logger.warning("closing the session took more than %.0fs; abandoned", CLOSE_TIMEOUT)
+
+
+async def _leave(room: rtc.Room) -> None:
+    """Leave the room (a no-op once left)."""
+    try:
+        await room.disconnect()
+    except Exception:
+        logger.exception("leaving the room failed")

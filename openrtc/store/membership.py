@@ -30,9 +30,9 @@ from redis.exceptions import RedisClusterException
 
 from openrtc.store.redis_url import refresh_slots, slot_master_client
 from openrtc.store.scripts import HEARTBEAT, LIVE_MEMBERS, REDIS_TIME
-from openrtc.store.streams import REDIS_DOWN
+from openrtc.store.streams import REDIS_DOWN, workers_group
 from openrtc.supervision import backoff_delay
-from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.keys import Keys
 
 __all__ = [
     "AgentLoad",
@@ -170,7 +170,6 @@ async def read_agent_loads(
         pipe.xinfo_groups(keys.jobs(agent))
         pipe.xlen(keys.jobs(agent))
     replies = await pipe.execute(raise_on_error=False)
-
     members: dict[str, list[bytes]] = {}
     queue: dict[str, tuple[int, int, bool]] = {}
     for i, agent in enumerate(agents):
@@ -178,40 +177,8 @@ async def read_agent_loads(
         if isinstance(worker_ids, Exception):
             raise worker_ids
         members[agent] = [member for member, expires in worker_ids if expires > now]
-        backlog = pending = 0
-        has_group = False
-        if not isinstance(groups, Exception):
-            for group in groups:
-                name = group.get("name")
-                if name in (WORKERS_GROUP, WORKERS_GROUP.encode()):
-                    has_group = True
-                    pending = _int(group.get("pending"))
-                    lag = group.get("lag")
-                    # Redis reports no lag when deletions make it unknowable;
-                    # workers delete acknowledged entries, so what is left in
-                    # the stream is exactly the backlog plus the pending.
-                    backlog = _int(lag) if lag is not None else max(0, _int(length) - pending)
-        elif not isinstance(length, Exception):
-            backlog = _int(length)  # stream without a group yet: all of it waits
-        queue[agent] = (backlog, pending, has_group)
-
-    pipe = redis.pipeline(transaction=False)
-    order: list[tuple[str, int]] = []
-    for agent, worker_ids in members.items():
-        for worker_id in worker_ids:
-            pipe.hmget(keys.worker(worker_id.decode(errors="replace")), ["capacity", "running"])
-            order.append((agent, 0))
-    records = await pipe.execute() if order else []
-
-    totals: dict[str, list[int]] = {agent: [0, 0, 0] for agent in agents}
-    for (agent, _), record in zip(order, records, strict=True):
-        capacity, running = record
-        if capacity is None:  # record expired between the two round trips
-            continue
-        t = totals[agent]
-        t[0] += 1
-        t[1] += _int(capacity)
-        t[2] += _int(running)
+        queue[agent] = _queue(groups, length)
+    totals = await _worker_totals(redis, keys, members)
     return {
         agent: AgentLoad(
             agent=agent,
@@ -224,6 +191,37 @@ async def read_agent_loads(
         )
         for agent in agents
     }
+
+
+def _queue(groups: Any, length: Any) -> tuple[int, int, bool]:
+    """Backlog, pending and whether the workers group exists, from ``XINFO GROUPS`` and ``XLEN``."""
+    size = 0 if isinstance(length, Exception) else _int(length)
+    if isinstance(groups, Exception):
+        return size, 0, False  # stream without a group yet: all of it waits
+    group = workers_group(groups, size)
+    return (0, 0, False) if group is None else (group.backlog, group.pending, True)
+
+
+async def _worker_totals(
+    redis: Redis, keys: Keys, members: Mapping[str, list[bytes]]
+) -> dict[str, list[int]]:
+    """Per agent: live workers with a record, their capacity and running sessions."""
+    pipe = redis.pipeline(transaction=False)
+    order: list[str] = []
+    for agent, worker_ids in members.items():
+        for worker_id in worker_ids:
+            pipe.hmget(keys.worker(worker_id.decode(errors="replace")), ["capacity", "running"])
+            order.append(agent)
+    records = await pipe.execute() if order else []
+    totals: dict[str, list[int]] = {agent: [0, 0, 0] for agent in members}
+    for agent, (capacity, running) in zip(order, records, strict=True):
+        if capacity is None:  # record expired between the two round trips
+            continue
+        t = totals[agent]
+        t[0] += 1
+        t[1] += _int(capacity)
+        t[2] += _int(running)
+    return totals
 
 
 @dataclass(frozen=True, slots=True)

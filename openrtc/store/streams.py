@@ -53,11 +53,13 @@ from openrtc.wire.signing import SigningKeys, sign_control, sign_job
 __all__ = [
     "REDIS_DOWN",
     "EnqueueResult",
+    "GroupRow",
     "RedisClient",
     "RefusedCommand",
     "StreamStore",
     "connect_redis",
     "service_keys",
+    "workers_group",
 ]
 
 logger = logging.getLogger("openrtc.streams")
@@ -666,3 +668,41 @@ class JobConsumer:
 def _entries(reply: Any) -> list[tuple[Any, Any]]:
     # XREADGROUP's RESP2 reply: [[stream, [(id, fields), ...]], ...]
     return [entry for _, entries in reply for entry in entries]
+
+
+def _group_text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+
+
+def _group_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    """A job stream's workers group, as ``XINFO GROUPS`` reports it."""
+
+    pending: int
+    consumers: int
+    #: Entries no worker has read yet.
+    backlog: int
+    last_delivered: str
+
+
+def workers_group(groups: Any, length: int) -> GroupRow | None:
+    """The workers group among an ``XINFO GROUPS`` reply, ``None`` when there is none yet."""
+    for group in groups:
+        if _group_text(group.get("name")) != WORKERS_GROUP:
+            continue
+        pending = _group_int(group.get("pending"))
+        lag = group.get("lag")
+        # Redis reports no lag when deletions make it unknowable; workers
+        # delete acknowledged entries, so what is left in the stream is
+        # exactly the backlog plus the pending.
+        backlog = _group_int(lag) if lag is not None else max(0, length - pending)
+        last = _group_text(group.get("last-delivered-id")) or "0-0"
+        return GroupRow(pending, _group_int(group.get("consumers")), backlog, last)
+    return None

@@ -349,20 +349,7 @@ class JobMessage:
     def decode(cls, fields: Fields) -> JobMessage:
         """Parse stream entry fields; raises :class:`MalformedEntry`."""
         _check_version(fields)
-        raw_job = fields.get(b"job")
-        if raw_job is None:
-            raise MalformedEntry("missing field 'job'")
-        job = Job()
-        try:
-            job.ParseFromString(raw_job)
-        except DecodeError as exc:
-            raise MalformedEntry(f"field 'job' is not a serialized Job: {exc}") from None
-        except Exception as exc:  # the C parser's other complaints (nesting, sizes)
-            raise MalformedEntry(
-                f"field 'job' is not a serialized Job: {type(exc).__name__}"
-            ) from None
-        if not job.id or not job.room.name:
-            raise MalformedEntry("job has no id or no room name")
+        job = _decode_job(fields)
         job_id = _id(fields, "job_id")
         if job_id != job.id:
             raise MalformedEntry(
@@ -371,14 +358,7 @@ class JobMessage:
         agent = _text(fields, "agent")
         if not NAME_PATTERN.fullmatch(agent):
             raise MalformedEntry(f"field 'agent' is not an agent name: {_shown(agent)}")
-        try:
-            attributes = orjson.loads(fields.get(b"attributes") or b"{}")
-        except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
-            raise MalformedEntry("field 'attributes' is not JSON") from None
-        if not isinstance(attributes, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
-        ):
-            raise MalformedEntry("field 'attributes' is not an object of strings")
+        attributes = _decode_attributes(fields)
         identity = _text(fields, "identity")
         if identity != agent_identity(job.id):
             raise MalformedEntry(
@@ -388,13 +368,7 @@ class JobMessage:
         room = _text(fields, "room")
         if room != job.room.name:
             raise MalformedEntry(f"room {room[:80]!r} is not the job's room ({job.room.name!r})")
-        step_text = _text(fields, "step", required=False) or "0"
-        # Not str.isdigit(): "²" passes it and int() raises, a ValueError that
-        # killed every worker which read the entry.
-        if not step_text.isascii() or not step_text.isdecimal():
-            raise MalformedEntry(f"field 'step' is not an integer: {_shown(step_text, 10)}")
-        if not _STEP.fullmatch(step_text):
-            raise MalformedEntry(f"field 'step' is not a routing step: {_shown(step_text, 10)}")
+        step = _decode_step(fields)
         return cls(
             job=job,
             agent=agent,
@@ -405,7 +379,7 @@ class JobMessage:
                 attributes=attributes,
             ),
             livekit_url=_text(fields, "url"),
-            step=int(step_text),
+            step=step,
             source=_text(fields, "source", required=False),
             dispatcher_id=_id(fields, "dispatcher", required=False),
             received_at=_float(fields, "received_at"),
@@ -676,3 +650,45 @@ def replay_entry(letter: Fields, *, agent: str, now: float) -> dict[bytes, bytes
     entry[b"enqueued_at"] = f"{now:.6f}".encode()
     entry.pop(QUEUED_AT_FIELD.encode(), None)  # the replay stamps a fresh one
     return entry
+
+
+def _decode_job(fields: Fields) -> Job:
+    """The entry's serialized ``Job``, with an id and a room name."""
+    raw_job = fields.get(b"job")
+    if raw_job is None:
+        raise MalformedEntry("missing field 'job'")
+    job = Job()
+    try:
+        job.ParseFromString(raw_job)
+    except DecodeError as exc:
+        raise MalformedEntry(f"field 'job' is not a serialized Job: {exc}") from None
+    except Exception as exc:  # the C parser's other complaints (nesting, sizes)
+        raise MalformedEntry(f"field 'job' is not a serialized Job: {type(exc).__name__}") from None
+    if not job.id or not job.room.name:
+        raise MalformedEntry("job has no id or no room name")
+    return job
+
+
+def _decode_attributes(fields: Fields) -> dict[str, str]:
+    """The participant attributes: a JSON object of strings."""
+    try:
+        attributes = orjson.loads(fields.get(b"attributes") or b"{}")
+    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
+        raise MalformedEntry("field 'attributes' is not JSON") from None
+    if not isinstance(attributes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()
+    ):
+        raise MalformedEntry("field 'attributes' is not an object of strings")
+    return attributes
+
+
+def _decode_step(fields: Fields) -> int:
+    """The routing step (0 when absent)."""
+    step_text = _text(fields, "step", required=False) or "0"
+    # Not str.isdigit(): "²" passes it and int() raises, a ValueError that
+    # killed every worker which read the entry.
+    if not step_text.isascii() or not step_text.isdecimal():
+        raise MalformedEntry(f"field 'step' is not an integer: {_shown(step_text, 10)}")
+    if not _STEP.fullmatch(step_text):
+        raise MalformedEntry(f"field 'step' is not a routing step: {_shown(step_text, 10)}")
+    return int(step_text)
