@@ -1,7 +1,8 @@
 """What the dispatcher's parts share: one :class:`DispatcherContext`, and the handler tasks.
 
-Each mutable attribute has one writer, named beside it; every other part
-only reads it. The parts are in :mod:`openrtc.dispatcher.dispatcher`'s list.
+Each mutable attribute has one writer, named beside it (Redis's health
+excepted: every part that meets a failure says so); every other part only
+reads it. The parts are in :mod:`openrtc.dispatcher.dispatcher`'s list.
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ class DispatcherContext:
     jobs: JobLedger = field(default_factory=JobLedger)
     #: What a drain waits for: jobs on their way to Redis, handler tasks.
     inflight: InFlight = field(default_factory=InFlight)
+    #: The LiveKit connection's state, logged on change. Writer: the LiveKit link.
     livekit_state: StateLog = field(default_factory=lambda: StateLog("LiveKit connection", logger))
+    #: Redis's state, logged on change: "connected" by the membership keeper;
+    #: "unreachable" by whichever part meets the failure (keeper, relay, assignment desk).
     redis_state: StateLog = field(default_factory=lambda: StateLog("Redis", logger))
     #: The registered socket, ``None`` between connections. Writer: the LiveKit link.
     socket: AgentSocket | None = None
