@@ -90,8 +90,18 @@ DeadLetterMaxlen = Annotated[
         help="Dead letters kept; past it the oldest are trimmed (approximately).",
     ),
 ]
+# Each command's default from its own settings class; module-level: ruff (B008) wants no call
+# in a parameter default.
 _DISPATCHER_DEAD_LETTERS = _dispatcher_default("dead_letter_maxlen")
 _WORKER_DEAD_LETTERS = _worker_default("dead_letter_maxlen")
+Isolation = Annotated[
+    IsolationMode,
+    typer.Option(
+        "--isolation",
+        envvar="OPENRTC_ISOLATION",
+        help="coroutine (sessions share this process) or process (one child per session).",
+    ),
+]
 
 
 def _http_port(port: int | None, default: int) -> dict[str, Any]:
@@ -113,7 +123,11 @@ def _service_settings(
     signing_key_file: Path | None,
     require_signing: bool,
 ) -> dict[str, Any]:
-    """The settings ``openrtc dispatcher`` and ``openrtc worker`` share, as keyword arguments."""
+    """The settings ``openrtc dispatcher`` and ``openrtc worker`` share, as keyword arguments.
+
+    Called inside each command's ``build``: a missing signing key file is then
+    a one-line error (:func:`_serve`), not a traceback.
+    """
     from openrtc.settings import LiveKitSettings
 
     return {
@@ -257,7 +271,6 @@ def dispatcher(
     from openrtc.dispatcher.dispatcher import Dispatcher
 
     def build(pool: AgentPool) -> Dispatcher:
-        # Inside build: a missing signing key file is a one-line error (_serve).
         service = _service_settings(
             livekit_url,
             api_key,
@@ -297,14 +310,7 @@ def worker(
         int,
         typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
     ] = _worker_default("concurrency"),
-    isolation: Annotated[
-        IsolationMode,
-        typer.Option(
-            "--isolation",
-            envvar="OPENRTC_ISOLATION",
-            help="coroutine (sessions share this process) or process (one child per session).",
-        ),
-    ] = _ISOLATION,
+    isolation: Isolation = _ISOLATION,
     idle_processes: Annotated[
         int,
         typer.Option(
@@ -401,7 +407,6 @@ def worker(
     from openrtc.worker.worker import Worker
 
     def build(pool: AgentPool) -> Worker:
-        # Inside build: a missing signing key file is a one-line error (_serve).
         service = _service_settings(
             livekit_url,
             api_key,
@@ -459,14 +464,7 @@ def start(
             help="Sessions at once, per agent.",
         ),
     ] = _worker_default("concurrency"),
-    isolation: Annotated[
-        IsolationMode,
-        typer.Option(
-            "--isolation",
-            envvar="OPENRTC_ISOLATION",
-            help="coroutine (sessions share this process) or process (one child per session).",
-        ),
-    ] = _ISOLATION,
+    isolation: Isolation = _ISOLATION,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
