@@ -82,12 +82,63 @@ DispatcherHttpPort = Annotated[
 ]
 
 
+DeadLetterMaxlen = Annotated[
+    int,
+    typer.Option(
+        "--dead-letter-maxlen",
+        envvar="OPENRTC_DEAD_LETTER_MAXLEN",
+        help="Dead letters kept; past it the oldest are trimmed (approximately).",
+    ),
+]
+# Each command's default from its own settings class; module-level: ruff (B008) wants no call
+# in a parameter default.
+_DISPATCHER_DEAD_LETTERS = _dispatcher_default("dead_letter_maxlen")
+_WORKER_DEAD_LETTERS = _worker_default("dead_letter_maxlen")
+Isolation = Annotated[
+    IsolationMode,
+    typer.Option(
+        "--isolation",
+        envvar="OPENRTC_ISOLATION",
+        help="coroutine (sessions share this process) or process (one child per session).",
+    ),
+]
+
+
 def _http_port(port: int | None, default: int) -> dict[str, Any]:
     """Settings for ``--http-port``: a port asked for is that port or an error;
     the default falls back to a free one (several services share a host)."""
     if port is None:
         return {"http_port": default, "http_port_fallback": True}
     return {"http_port": port}
+
+
+def _service_settings(
+    livekit_url: str,
+    api_key: str,
+    api_secret: str,
+    redis_url: str,
+    namespace: str,
+    http_port: dict[str, Any],
+    dead_letter_maxlen: int,
+    signing_key_file: Path | None,
+    require_signing: bool,
+) -> dict[str, Any]:
+    """The settings ``openrtc dispatcher`` and ``openrtc worker`` share, as keyword arguments.
+
+    Called inside each command's ``build``: a missing signing key file is then
+    a one-line error (:func:`_serve`), not a traceback.
+    """
+    from openrtc.settings import LiveKitSettings
+
+    return {
+        "livekit": LiveKitSettings(livekit_url, api_key, api_secret),
+        "redis_url": redis_url,
+        "namespace": namespace,
+        **http_port,
+        "dead_letter_maxlen": dead_letter_maxlen,
+        "signing": _signing(signing_key_file),
+        "require_signing": require_signing,
+    }
 
 
 def _run_service(service: Any) -> None:
@@ -212,36 +263,33 @@ def dispatcher(
         ),
     ] = _dispatcher_default("reconcile_grace"),
     http_port: DispatcherHttpPort = None,
-    dead_letter_maxlen: Annotated[
-        int,
-        typer.Option(
-            "--dead-letter-maxlen",
-            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
-            help="Dead letters kept; past it the oldest are trimmed (approximately).",
-        ),
-    ] = _dispatcher_default("dead_letter_maxlen"),
+    dead_letter_maxlen: DeadLetterMaxlen = _DISPATCHER_DEAD_LETTERS,
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
 ) -> None:
     """Register with LiveKit and publish each routed job to its agent's Redis stream."""
     from openrtc.dispatcher.dispatcher import Dispatcher
-    from openrtc.settings import LiveKitSettings
 
     def build(pool: AgentPool) -> Dispatcher:
+        service = _service_settings(
+            livekit_url,
+            api_key,
+            api_secret,
+            redis_url,
+            namespace,
+            _http_port(http_port, DEFAULT_DISPATCHER_HTTP_PORT),
+            dead_letter_maxlen,
+            signing_key_file,
+            require_signing,
+        )
         settings = DispatcherSettings(
-            livekit=LiveKitSettings(livekit_url, api_key, api_secret),
-            redis_url=redis_url,
-            namespace=namespace,
+            **service,
             agent_name=agent_name,
             when_no_worker="reject" if when_no_worker is NoWorkerPolicyChoice.REJECT else "queue",
             max_backlog=max_backlog,
             wait_replicas=wait_replicas,
             reconcile_interval=reconcile_interval,
             reconcile_grace=reconcile_grace,
-            **_http_port(http_port, DEFAULT_DISPATCHER_HTTP_PORT),
-            dead_letter_maxlen=dead_letter_maxlen,
-            signing=_signing(signing_key_file),
-            require_signing=require_signing,
         )
         return Dispatcher(settings, pool)
 
@@ -262,14 +310,7 @@ def worker(
         int,
         typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
     ] = _worker_default("concurrency"),
-    isolation: Annotated[
-        IsolationMode,
-        typer.Option(
-            "--isolation",
-            envvar="OPENRTC_ISOLATION",
-            help="coroutine (sessions share this process) or process (one child per session).",
-        ),
-    ] = _ISOLATION,
+    isolation: Isolation = _ISOLATION,
     idle_processes: Annotated[
         int,
         typer.Option(
@@ -349,14 +390,7 @@ def worker(
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
     default_greeting: DefaultGreeting = None,
-    dead_letter_maxlen: Annotated[
-        int,
-        typer.Option(
-            "--dead-letter-maxlen",
-            envvar="OPENRTC_DEAD_LETTER_MAXLEN",
-            help="Dead letters kept; past it the oldest are trimmed (approximately).",
-        ),
-    ] = _worker_default("dead_letter_maxlen"),
+    dead_letter_maxlen: DeadLetterMaxlen = _WORKER_DEAD_LETTERS,
     checkpoint_max_bytes: Annotated[
         int,
         typer.Option(
@@ -370,15 +404,23 @@ def worker(
     require_signing: RequireSigning = False,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
-    from openrtc.settings import LiveKitSettings
     from openrtc.worker.worker import Worker
 
     def build(pool: AgentPool) -> Worker:
+        service = _service_settings(
+            livekit_url,
+            api_key,
+            api_secret,
+            redis_url,
+            namespace,
+            _http_port(http_port, DEFAULT_WORKER_HTTP_PORT),
+            dead_letter_maxlen,
+            signing_key_file,
+            require_signing,
+        )
         settings = WorkerSettings(
-            livekit=LiveKitSettings(livekit_url, api_key, api_secret),
+            **service,
             agent=agent,
-            redis_url=redis_url,
-            namespace=namespace,
             concurrency=concurrency,
             isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
             idle_processes=idle_processes,
@@ -390,11 +432,7 @@ def worker(
             drain_timeout=drain_timeout,
             forget_consumers_after=forget_consumers_after,
             load_threshold=load_threshold,
-            **_http_port(http_port, DEFAULT_WORKER_HTTP_PORT),
-            dead_letter_maxlen=dead_letter_maxlen,
             checkpoint_max_bytes=checkpoint_max_bytes,
-            signing=_signing(signing_key_file),
-            require_signing=require_signing,
         )
         return Worker(settings, pool)
 
@@ -426,14 +464,7 @@ def start(
             help="Sessions at once, per agent.",
         ),
     ] = _worker_default("concurrency"),
-    isolation: Annotated[
-        IsolationMode,
-        typer.Option(
-            "--isolation",
-            envvar="OPENRTC_ISOLATION",
-            help="coroutine (sessions share this process) or process (one child per session).",
-        ),
-    ] = _ISOLATION,
+    isolation: Isolation = _ISOLATION,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,

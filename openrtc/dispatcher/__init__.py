@@ -1,2 +1,3 @@
-"""The dispatcher: answers LiveKit's availability requests (admission), routes each job
-and enqueues it (enqueuer, ledger), relays statuses, re-dispatches lost jobs (reconciler)."""
+"""The dispatcher: LiveKit's offers answered (availability, admission), each job routed and
+enqueued (assignment, enqueuer, ledger), statuses relayed (relay), lost jobs re-dispatched
+(leader, reconciler); parts started from one list in :mod:`openrtc.dispatcher.dispatcher`."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
+from anyio.abc import TaskStatus
 
 from openrtc.agents.routing import Route
 from openrtc.dispatcher.livekit_protocol import AgentSocket
@@ -106,8 +107,9 @@ class BatchEnqueuer:
         except anyio.WouldBlock:
             self._report(pending, None, RuntimeError("dispatcher overloaded"))
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The enqueue loop: one pipeline per batch, until cancelled."""
+        task_status.started()
         async with self._receive:
             async for first in self._receive:
                 batch = [first]

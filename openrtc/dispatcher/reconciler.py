@@ -5,7 +5,7 @@ is created: with no agent worker registered at that moment (every dispatcher
 restarting) the job is dropped for good, and a job whose agent left (or
 whose enqueue failed) is never dispatched again (docs/dispatcher.md,
 "Reconciler"). So one dispatcher at a time (the holder of a Redis lease,
-:class:`LeaderLease`) looks at every room every ``reconcile_interval``:
+:class:`~openrtc.store.reconcile.LeaderLease`) looks at every room every ``reconcile_interval``:
 
 - a room is **ours** when it has a dispatch for the agent name the
   dispatchers register (``""`` for automatic dispatch: LiveKit records one
@@ -35,16 +35,21 @@ from typing import Any, Final
 import anyio
 from livekit import api
 from livekit.protocol import agent as proto
-from redis.asyncio import Redis
 
 from openrtc.agents.routing import RoutingTable, UnknownAgentError, resolve_agent
 from openrtc.settings import LiveKitSettings
 from openrtc.store.membership import redis_time
-from openrtc.store.scripts import LEASE_HOLD, LEASE_RELEASE
-from openrtc.store.streams import REDIS_DOWN
-from openrtc.wire.keys import ENDED_TTL, Keys
+from openrtc.store.reconcile import LeaderLease, ended_on_purpose, rooms_in_stream
+from openrtc.store.streams import RedisClient
+from openrtc.wire.keys import Keys
 
-__all__ = ["LeaderLease", "LeaseLost", "Reconciler", "RoomState", "needs_agent"]
+__all__ = [
+    "LeaderLease",
+    "LeaseLost",
+    "Reconciler",
+    "RoomState",
+    "needs_agent",
+]
 
 logger = logging.getLogger("openrtc.reconciler")
 
@@ -58,61 +63,6 @@ API_TIMEOUT: Final = 5.0
 
 class LeaseLost(Exception):
     """The reconciler lease lapsed or went to another member during a pass."""
-
-
-@dataclass(slots=True)
-class LeaderLease:
-    """A Redis key held by one member at a time, with an expiry (``SET NX PX`` and renewal).
-
-    The holder renews it well within ``ttl`` (between passes, and every
-    ``ttl / 3`` during one: :meth:`keep`); a holder that dies or loses Redis
-    loses it after ``ttl`` (Redis's clock) and another member takes it.
-    """
-
-    redis: Redis
-    key: str
-    member: str
-    ttl: float
-    held: bool = False
-    _hold: Any = None
-    _release: Any = None
-
-    def __post_init__(self) -> None:
-        self._hold = self.redis.register_script(LEASE_HOLD)
-        self._release = self.redis.register_script(LEASE_RELEASE)
-
-    async def hold(self) -> bool:
-        """Take or renew the lease; whether this member holds it now."""
-        self.held = bool(
-            await self._hold(keys=[self.key], args=[self.member, int(self.ttl * 1000)])
-        )
-        return self.held
-
-    async def keep(self) -> None:
-        """Renew the lease every ``ttl / 3`` until cancelled; return when it is lost.
-
-        Lost: Redis says another member holds it (or nobody: it lapsed), or no
-        renewal was confirmed for two thirds of ``ttl`` (Redis may have let it
-        lapse already, and another member taken it, before this one learns).
-        """
-        confirmed = anyio.current_time()
-        while True:
-            await anyio.sleep(self.ttl / 3)
-            try:
-                with anyio.fail_after(self.ttl / 3):
-                    if not await self.hold():
-                        return
-                confirmed = anyio.current_time()
-            except (*REDIS_DOWN, TimeoutError):
-                if anyio.current_time() - confirmed >= self.ttl * 2 / 3:
-                    self.held = False
-                    return
-
-    async def release(self) -> None:
-        """Give the lease up (only if held), so another member takes it at once."""
-        if self.held:
-            self.held = False
-            await self._release(keys=[self.key], args=[self.member])
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +112,7 @@ class Reconciler:
     """One pass over the LiveKit project's rooms (run by the lease holder only)."""
 
     livekit: LiveKitSettings
-    redis: Redis
+    redis: RedisClient
     keys: Keys
     table: RoutingTable
     #: The agent name the dispatchers register with LiveKit ("" = automatic).
@@ -222,9 +172,43 @@ class Reconciler:
             )
         lk = self._lkapi
         counts = ReconcileCounts()
+        rooms, states = await self._look(lk)
+        counts.rooms = len(rooms)
+        # Redis's clock, as every age is judged (a dispatcher host's may be
+        # off); callers' join times are LiveKit's, a server's clock too.
+        now = await redis_time(self.redis, self.keys.reconciler_lease)
+        for name, state in states.items():
+            if state.has_agent:
+                self._served_at[name] = now
+        candidates = [
+            room
+            for room in rooms
+            if room.name in states
+            and needs_agent(
+                states[room.name],
+                now=now,
+                grace=self.grace,
+                served_at=self._served_at.get(room.name),
+                dispatched_at=self._dispatched_at.get(room.name),
+                queued=False,
+            )
+        ]
+        if not candidates:
+            return counts
+        ended = await ended_on_purpose(
+            self.redis, self.keys, [(room.name, room.sid) for room in candidates]
+        )
+        queued: dict[str, set[str]] = {}
+        for room in candidates:
+            if room.sid in self._not_ours or room.name in ended:
+                continue
+            await self._dispatch_again(lk, room, lease, now, queued, counts)
+        return counts
+
+    async def _look(self, lk: api.LiveKitAPI) -> tuple[list[api.Room], dict[str, RoomState]]:
+        """Every room, and the state of those with participants; forget rooms gone."""
         with anyio.fail_after(API_TIMEOUT):
             rooms = list((await lk.room.list_rooms(api.ListRoomsRequest())).rooms)
-        counts.rooms = len(rooms)
         names = {r.name for r in rooms}
         for seen in (self._served_at, self._dispatched_at):
             for gone in [n for n in seen if n not in names]:
@@ -247,116 +231,57 @@ class Reconciler:
             for room in rooms:
                 if room.num_participants > 0:
                     tg.start_soon(look, room)
+        return rooms, states
 
-        # Redis's clock, as every age is judged (a dispatcher host's may be
-        # off); callers' join times are LiveKit's, a server's clock too.
-        now = await redis_time(self.redis, self.keys.reconciler_lease)
-        for name, state in states.items():
-            if state.has_agent:
-                self._served_at[name] = now
-        candidates = [
-            (room, states[room.name])
-            for room in rooms
-            if room.name in states
-            and needs_agent(
-                states[room.name],
-                now=now,
-                grace=self.grace,
-                served_at=self._served_at.get(room.name),
-                dispatched_at=self._dispatched_at.get(room.name),
-                queued=False,
-            )
-        ]
-        if not candidates:
-            return counts
-        ended = await self._ended_on_purpose([room for room, _state in candidates])
-        queued: dict[str, set[str]] = {}
-        for room, _state in candidates:
-            if room.sid in self._not_ours or room.name in ended:
-                continue
-            with anyio.fail_after(API_TIMEOUT):
-                dispatches = await lk.agent_dispatch.list_dispatch(room_name=room.name)
-            ours = [d for d in dispatches if d.agent_name == self.agent_name]
-            if not ours:
-                self._not_ours.add(room.sid)  # dispatched to other agent names only
-                continue
-            latest = max(ours, key=lambda d: d.state.created_at)
-            job = proto.Job(room=room, metadata=latest.metadata)
-            try:
-                agent = resolve_agent(job, self.table).agent
-            except UnknownAgentError as exc:
-                counts.unroutable += 1
-                if room.name not in self._unroutable_logged:
-                    self._unroutable_logged.add(room.name)
-                    logger.warning(
-                        "room %s has a caller and no agent, left alone: %s", room.name, exc
-                    )
-                continue
-            if agent not in queued:
-                queued[agent] = await self._rooms_in_stream(agent)
-            if room.name in queued[agent]:
-                continue  # its job waits for a worker, or a worker is joining
-            if lease is not None and not await lease.hold():
-                raise LeaseLost("the reconciler lease went to another dispatcher")
-            with anyio.fail_after(API_TIMEOUT):
-                await lk.agent_dispatch.create_dispatch(
-                    api.CreateAgentDispatchRequest(
-                        agent_name=self.agent_name, room=room.name, metadata=latest.metadata
-                    )
+    async def _dispatch_again(
+        self,
+        lk: api.LiveKitAPI,
+        room: api.Room,
+        lease: LeaderLease | None,
+        now: float,
+        queued: dict[str, set[str]],
+        counts: ReconcileCounts,
+    ) -> None:
+        """Dispatch ``room`` again if it is ours, routable, and no job for it is queued.
+
+        ``queued``: the rooms in each agent's stream, read once per pass.
+        """
+        with anyio.fail_after(API_TIMEOUT):
+            dispatches = await lk.agent_dispatch.list_dispatch(room_name=room.name)
+        ours = [d for d in dispatches if d.agent_name == self.agent_name]
+        if not ours:
+            self._not_ours.add(room.sid)  # dispatched to other agent names only
+            return
+        latest = max(ours, key=lambda d: d.state.created_at)
+        job = proto.Job(room=room, metadata=latest.metadata)
+        try:
+            agent = resolve_agent(job, self.table).agent
+        except UnknownAgentError as exc:
+            counts.unroutable += 1
+            if room.name not in self._unroutable_logged:
+                self._unroutable_logged.add(room.name)
+                logger.warning("room %s has a caller and no agent, left alone: %s", room.name, exc)
+            return
+        if agent not in queued:
+            queued[agent] = await rooms_in_stream(self.redis, self.keys, agent)
+        if room.name in queued[agent]:
+            return  # its job waits for a worker, or a worker is joining
+        if lease is not None and not await lease.hold():
+            raise LeaseLost("the reconciler lease went to another dispatcher")
+        with anyio.fail_after(API_TIMEOUT):
+            await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(
+                    agent_name=self.agent_name, room=room.name, metadata=latest.metadata
                 )
-            self._dispatched_at[room.name] = now
-            counts.dispatched += 1
-            logger.warning(
-                "room %s had a caller and no agent for %.0fs+: dispatched again (agent '%s')",
-                room.name,
-                self.grace,
-                agent,
             )
-        return counts
-
-    async def _ended_on_purpose(self, rooms: list[api.Room]) -> set[str]:
-        """Names of ``rooms`` whose agent ended the call on purpose (a worker marked them).
-
-        A mark names the room's sid: a later room of the same name is not
-        covered. Each mark still matched is renewed: it lasts as long as the
-        caller stays, and :data:`ENDED_TTL` after.
-        """
-        if not rooms:
-            return set()
-        pipe = self.redis.pipeline(transaction=False)
-        for room in rooms:
-            pipe.get(self.keys.ended(room.name))
-        marks = await pipe.execute()
-        ended = {
-            room.name
-            for room, mark in zip(rooms, marks, strict=True)
-            if mark is not None and mark.decode(errors="replace") in (room.sid, room.name)
-        }
-        if ended:
-            pipe = self.redis.pipeline(transaction=False)
-            for name in ended:
-                pipe.expire(self.keys.ended(name), ENDED_TTL)
-            await pipe.execute()
-        return ended
-
-    async def _rooms_in_stream(self, agent: str) -> set[str]:
-        """Rooms of the jobs in ``agent``'s stream: waiting, or held by a worker.
-
-        The stream holds only those (workers delete what they acknowledge) and
-        is bounded by admission, so reading it whole is bounded too.
-        """
-        rooms: set[str] = set()
-        start = "-"
-        while True:
-            entries: Any = await self.redis.xrange(self.keys.jobs(agent), start, "+", count=500)
-            for _entry_id, fields in entries:
-                room = fields.get(b"room")
-                if isinstance(room, bytes):
-                    rooms.add(room.decode(errors="replace"))
-            if len(entries) < 500:
-                return rooms
-            last = entries[-1][0]
-            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        self._dispatched_at[room.name] = now
+        counts.dispatched += 1
+        logger.warning(
+            "room %s had a caller and no agent for %.0fs+: dispatched again (agent '%s')",
+            room.name,
+            self.grace,
+            agent,
+        )
 
 
 #: Participants that are someone to talk to (a recorder is not).

@@ -18,11 +18,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from openrtc import __version__
 
-__all__ = ["DispatcherMetrics", "WorkerMetrics"]
+__all__ = ["DispatcherMetrics", "WorkerMetrics", "count"]
 
 #: Enqueue latency buckets (s): a pipeline round trip is ~1 ms on a LAN; the
 #: enqueue timeout is 2 s by default.
 _ENQUEUE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+def count(metric: Counter | Gauge, **labels: str) -> int:
+    """A counter's total (or a gauge's value), summed over the children with ``labels``.
+
+    The in-process reading of what ``/metrics`` shows: the services' counts
+    for tests, benchmarks and the demo are read here, not kept a second time.
+    """
+    value = 0.0
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            if all(sample.labels.get(name) == want for name, want in labels.items()):
+                value += sample.value
+    return int(value)
 
 
 class _Common:

@@ -33,6 +33,8 @@ from openrtc.settings import (
     DEFAULT_DEAD_LETTER_MAXLEN,
     DEFAULT_DEDUP_TTL,
     DEFAULT_STATUS_TTL,
+    DispatcherSettings,
+    WorkerSettings,
     redact_url,
 )
 from openrtc.store.redis_url import client_from_url, is_cluster_url
@@ -181,6 +183,40 @@ class StreamStore:
         self.scripts = register(redis)
         self._enqueue_loaded = False
         self._known_groups: set[str] = set()
+        #: The client was made for this store (:meth:`for_service`): its owner closes it.
+        self.owns_redis = False
+
+    @classmethod
+    def for_service(
+        cls,
+        settings: DispatcherSettings | WorkerSettings,
+        member_id: str,
+        *,
+        redis: Redis | None = None,
+        **options: Any,
+    ) -> StreamStore:
+        """The store of a dispatcher or worker: its keys, a client, the settings' limits.
+
+        ``redis``: a client to use (tests, benchmarks); by default one is made
+        from ``settings.redis_url``, named ``openrtc:<member_id>``, and
+        :attr:`owns_redis` is set (the service closes it on exit). ``options``:
+        the :class:`StreamStore` arguments only one kind of service has
+        (``wait_replicas`` and ``wait_timeout``; ``status_ttl``).
+        """
+        keys = service_keys(
+            settings.namespace, settings.redis_url, cluster_keys=settings.cluster_keys
+        )
+        client = redis or connect_redis(settings.redis_url, client_name=f"openrtc:{member_id}")
+        store = cls(
+            client,
+            keys,
+            dedup_ttl=settings.dedup_ttl,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            signing=settings.signing,
+            **options,
+        )
+        store.owns_redis = redis is None
+        return store
 
     async def ensure_group(self, agent: str) -> None:
         """Create ``agent``'s stream and consumer group if missing (idempotent).
