@@ -60,8 +60,6 @@ from openrtc.store.streams import (
     JobConsumer,
     RedisClient,
     StreamStore,
-    connect_redis,
-    service_keys,
 )
 from openrtc.wire.messages import JobMessage
 from openrtc.wire.signing import log_signing
@@ -116,7 +114,6 @@ class Worker:
         # Built once now: an agent whose constructor raises fails the worker
         # at start-up (AgentBuildError, one line), never each call in its room.
         self.config.build()
-        self._own_redis = redis is None
         self.ctx = ctx = _context(settings, self.config, redis, clock)
         self.keys, self.store, self.consumer = ctx.keys, ctx.store, ctx.consumer
         self.checkpoints, self.stats, self.metrics = ctx.checkpoints, ctx.stats, ctx.metrics
@@ -298,7 +295,7 @@ class Worker:
         await ctx.redis(self._presence.leave, within=math.inf)
         await self.runner.aclose()
         await self.rooms.aclose()
-        if self._own_redis:
+        if self.store.owns_redis:
             await ctx.redis_client.aclose()
 
 
@@ -309,16 +306,10 @@ def _context(
     clock: Callable[[], float],
 ) -> WorkerContext:
     """The worker's context: its keys and Redis clients (one connection pool)."""
-    keys = service_keys(settings.namespace, settings.redis_url, cluster_keys=settings.cluster_keys)
-    client = redis or connect_redis(settings.redis_url, client_name=f"openrtc:{settings.worker_id}")
-    store = StreamStore(
-        client,
-        keys,
-        dedup_ttl=settings.dedup_ttl,
-        dead_letter_maxlen=settings.dead_letter_maxlen,
-        status_ttl=settings.status_ttl,
-        signing=settings.signing,
+    store = StreamStore.for_service(
+        settings, settings.worker_id, redis=redis, status_ttl=settings.status_ttl
     )
+    keys, client = store.keys, store.redis
     return WorkerContext(
         settings=settings,
         config=config,
