@@ -8,6 +8,7 @@ zygote from children started cold.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -26,7 +27,9 @@ from redis.asyncio import Redis
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.session.child import worker_gone
 from openrtc.session.runners import ProcessRunner
+from openrtc.session.session import room_access
 from openrtc.settings import WorkerSettings
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
@@ -302,13 +305,16 @@ class Plain(Agent):
 """
 
 
-async def _bare_zygote(tmp_path: Path) -> tuple[Process, socket.socket]:
+async def _bare_zygote(
+    tmp_path: Path, agents: Path | None = None, agent: str = "plain"
+) -> tuple[Process, socket.socket]:
     """A session zygote started as the worker starts one, and the worker's end of
     its control socket; its stderr is piped for the test to read."""
-    agents = write_agent(tmp_path / "agents", "plain", PLAIN_AGENT)
+    if agents is None:
+        agents = write_agent(tmp_path / "agents", "plain", PLAIN_AGENT)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     zygote = await anyio.open_process(
-        [sys.executable, "-m", "openrtc.session.child", str(agents), "plain", str(theirs.fileno())],
+        [sys.executable, "-m", "openrtc.session.child", str(agents), agent, str(theirs.fileno())],
         pass_fds=(theirs.fileno(),),
         stdin=subprocess.DEVNULL,
         stdout=None,
@@ -371,3 +377,102 @@ async def test_a_zygote_whose_worker_gave_up_before_it_was_ready_goes_quietly(
             code = await zygote.wait()
     assert "Traceback" not in stderr, stderr
     assert code == 0, stderr
+
+
+async def test_a_session_child_whose_worker_left_mid_call_leaves_the_room_quietly(
+    livekit_server: LiveKitServer, tmp_path: Path
+) -> None:
+    """A worker stopped during a call (SIGTERM in `openrtc dev --isolation
+    process`, or its stop gave up waiting) closes its end of the child's socket:
+    the child leaves the room, and its outcome line then meets nobody. It exits 0
+    without a traceback: nobody is left to tell."""
+    forked_pool(tmp_path)  # writes the agent to tmp_path/agents
+    room = await new_room(livekit_server, unique("forked-orphan"))
+    message = job_message(livekit_server, room, "forked", unique("dispatcher"))
+    zygote, ours = await _bare_zygote(tmp_path, tmp_path / "agents", "forked")
+    stderr: list[bytes] = []
+
+    async def drain() -> None:
+        # Read all along: a session's log lines could fill the pipe and stall it.
+        assert zygote.stderr is not None
+        stderr.extend([chunk async for chunk in zygote.stderr])
+
+    async with zygote, anyio.create_task_group() as tg:
+        tg.start_soon(drain)
+        try:
+            with anyio.fail_after(TEST_BUDGET * 2):
+                await anyio.wait_readable(ours)
+                assert json.loads(ours.recv(4096))["ready"] is True
+                worker_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                socket.send_fds(ours, [b"F"], [child_end.fileno()])
+                child_end.close()
+                ready = json.loads(await _line(worker_end))
+                assert ready["ready"] is True
+                access = room_access(creds(livekit_server), message)
+                job = {
+                    "worker_id": "w-orphan",
+                    "url": access.url,
+                    "token": access.token,
+                    "fields": {
+                        k.decode(): base64.b64encode(v).decode()
+                        for k, v in message.encode().items()
+                    },
+                }
+                async with caller_in(creds(livekit_server), room.name) as caller:
+                    worker_end.sendall((json.dumps(job) + "\n").encode())
+                    await caller.wait_agent(within=30)
+                    assert json.loads(await _line(worker_end)) == {"joined": True}
+                    worker_end.close()  # the worker is gone, mid-call
+                    await caller.wait_no_agent(within=30)  # nobody left behind
+                report = await _zygote_report(ours)
+                assert report["exit"] == ready["pid"]
+                code = report["code"]
+                ours.close()  # the zygote exits; its stderr (and its child's) ends
+                await zygote.wait()
+        finally:
+            if zygote.returncode is None:
+                zygote.kill()
+            await delete_room(livekit_server, room.name)
+    text = b"".join(stderr).decode(errors="replace")
+    assert "Traceback" not in text, text
+    assert code == 0, text
+
+
+def _pipe() -> BrokenPipeError:
+    return BrokenPipeError(32, "Broken pipe")
+
+
+WORKER_GONE_CASES: list[tuple[BaseException, bool]] = [
+    (_pipe(), True),
+    (ExceptionGroup("task group", [_pipe()]), True),
+    (ExceptionGroup("task group", [_pipe(), ExceptionGroup("inner", [_pipe()])]), True),
+    # A real failure beside a broken pipe is still a failure, logged.
+    (ExceptionGroup("task group", [_pipe(), RuntimeError("agent bug")]), False),
+    (BaseExceptionGroup("task group", [_pipe(), KeyboardInterrupt()]), False),
+    (ExceptionGroup("task group", [ConnectionRefusedError()]), False),
+    (RuntimeError("agent bug"), False),
+    (ConnectionResetError(), False),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("exc", "gone"), WORKER_GONE_CASES)
+def test_only_a_broken_pipe_says_the_worker_is_gone(exc: BaseException, gone: bool) -> None:
+    assert worker_gone(exc) is gone
+
+
+async def _line(sock: socket.socket) -> str:
+    """The next line a child wrote on its socket (one at a time: no read-ahead)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        await anyio.wait_readable(sock)
+        chunk = sock.recv(1)
+        assert chunk, f"the child closed its socket after {data!r}"
+        data += chunk
+    return data.decode()
+
+
+async def _zygote_report(sock: socket.socket) -> dict[str, Any]:
+    await anyio.wait_readable(sock)
+    value: dict[str, Any] = json.loads(sock.recv(4096))
+    return value

@@ -42,8 +42,13 @@ logger = logging.getLogger("openrtc.worker.process")
 
 
 def _emit(value: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(value) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(value) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Our worker closed its end (it was stopped or killed, or gave up waiting):
+        # nobody is left to tell. Its EOF on our stdin stops the session.
+        pass
 
 
 async def _serve(config: Any, proc: Any) -> int:
@@ -195,6 +200,14 @@ def _warm(agents_dir: str, agent: str) -> tuple[Any, Any]:
     return config, proc
 
 
+def worker_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` only says our worker closed its end of our socket: a
+    ``BrokenPipeError``, or a group (from a task group) of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(BrokenPipeError)[1] is None
+    return isinstance(exc, BrokenPipeError)
+
+
 def _child(channel: int, control: socket.socket, wakeup: tuple[int, int], warm: Any) -> None:
     """In a freshly forked child: become a session process; never returns."""
     code = 1
@@ -208,13 +221,13 @@ def _child(channel: int, control: socket.socket, wakeup: tuple[int, int], warm: 
         os.dup2(channel, 1)
         os.close(channel)
         code = anyio.run(_serve, *warm)
-    except BrokenPipeError:
-        # The worker closed our channel (it stopped while we started): nobody
-        # is left to tell.
-        code = 0
-    except BaseException:
-        # In the log's format (JSON lines stay JSON), not a bare traceback.
-        logger.exception("session process failed")
+    except BaseException as exc:
+        if worker_gone(exc):
+            # A write other than _emit's (agent code's print) met the closed socket.
+            code = 0
+        else:
+            # In the log's format (JSON lines stay JSON), not a bare traceback.
+            logger.exception("session process failed")
     finally:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
