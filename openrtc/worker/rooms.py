@@ -42,7 +42,9 @@ class RoomCheck:
 
         ``gone``: the job's room (the same room, not a namesake) no longer
         exists; joining would create it again with only the agent in it,
-        waiting for a caller who has hung up. An agent of ours with another
+        waiting for a caller who has hung up. A namesake with the job's own
+        agent in it is the same call: LiveKit made the room anew (a restart)
+        and the job's session reconnected into it. An agent of ours with another
         identity already in the room is the previous job's, back after a
         LiveKit restart made the room (and this job) anew: a second agent
         would talk over it. On an API error the room is assumed live: a worker
@@ -84,7 +86,12 @@ class RoomCheck:
                     if r.sid == message.job.room.sid or not message.job.room.sid
                 ]
                 if not same:
-                    return "gone"
+                    # LiveKit made the room anew (a restart) and this job's own
+                    # session reconnected into it: still this call, not gone.
+                    mine = any(p.identity == message.accept.identity for p in people.participants)
+                    if not (rooms.rooms and mine):
+                        return "gone"
+                    same = list(rooms.rooms)
         except Exception as exc:
             logger.warning("job %s: cannot check room %s: %s", message.job_id, message.room, exc)
             return "live"
