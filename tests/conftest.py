@@ -7,9 +7,7 @@ fail with a message naming that script; nothing is skipped.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -18,10 +16,8 @@ from openrtc.agents.registry import AgentPool
 from openrtc.devtools.devstack import LiveKitServer, RedisCluster, RedisSentinels, RedisServer
 from openrtc.devtools.standin import StandIn, running_standin
 from openrtc.store.streams import connect_redis
-from tests.stack import OFFLINE_AGENTS
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOG_DIR = Path(os.environ.get("OPENRTC_TEST_LOG_DIR", REPO_ROOT / ".openrtc" / "test-logs"))
+from tests.support.paths import LOG_DIR
+from tests.support.stack import OFFLINE_AGENTS
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
-from tests.stack import (
+from tests.support.stack import (
     creds,
     delete_room,
     dispatcher_settings,

@@ -20,7 +20,8 @@ from openrtc.settings import DEFAULT_DRAIN_TIMEOUT
 from openrtc.store.streams import JobConsumer, StreamStore
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import DeadReason
-from tests.test_monitor import message, unique
+from tests.support.jobs import message
+from tests.support.stack import unique
 
 pytestmark = pytest.mark.anyio
 

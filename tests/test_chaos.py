@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LOG_DIR
+from tests.support.paths import LOG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

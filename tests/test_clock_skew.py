@@ -23,7 +23,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.ops.monitor import read_status
 from openrtc.store.membership import read_agent_loads
 from openrtc.wire.keys import Keys
-from tests.stack import (
+from tests.support.stack import (
     OFFLINE_AGENTS,
     HoldingRunner,
     creds,

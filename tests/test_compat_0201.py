@@ -27,7 +27,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.ops.monitor import read_status
 from openrtc.store.streams import connect_redis
 from openrtc.wire.keys import Keys
-from tests.stack import eventually, unique
+from tests.support.stack import eventually, unique
 
 OPENRTC = [sys.executable, "-m", "openrtc"]
 

@@ -24,7 +24,8 @@ from openrtc.devtools.devstack import LiveKitServer, RedisCluster, RedisServer
 from openrtc.session.runners import ProcessRunner
 from openrtc.store.streams import connect_redis
 from openrtc.wire.keys import Keys
-from tests.stack import (
+from tests.support.processes import worker_process
+from tests.support.stack import (
     creds,
     dispatcher_settings,
     dispatching,
@@ -33,7 +34,7 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.test_e2e import wait_member, worker_process
+from tests.support.waits import wait_member
 
 pytestmark = pytest.mark.anyio
 

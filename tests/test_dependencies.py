@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 SCRIPTS = REPO_ROOT / "scripts"
 

@@ -15,7 +15,7 @@ import pytest
 
 from openrtc.devtools import dev as dev_module
 from openrtc.devtools.devstack import LiveKitServer, RedisServer, find_livekit_binary
-from tests.stack import OFFLINE_AGENTS, unique
+from tests.support.stack import OFFLINE_AGENTS, unique
 
 OPENRTC = [sys.executable, "-m", "openrtc"]
 

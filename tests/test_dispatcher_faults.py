@@ -34,41 +34,24 @@ from openrtc.devtools.devstack import RedisServer
 from openrtc.devtools.standin import StandIn, WorkerConn, make_job
 from openrtc.dispatcher.admission import REPORTED_LOAD_MAX
 from openrtc.dispatcher.dispatcher import AGENT_ATTRIBUTE, Dispatcher
-from openrtc.settings import DispatcherSettings, LiveKitSettings
 from openrtc.store.membership import heartbeat
 from openrtc.store.streams import StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import JobMessage, JobStatus, StatusEvent, agent_identity
-from tests.faults import slow_replies
-from tests.stack import dispatcher_settings, dispatching, eventually
+from tests.support.faults import slow_replies
+from tests.support.stack import dispatching, eventually
+from tests.support.standin import API_SECRET, make_settings, offer, updates_for
 
 pytestmark = pytest.mark.anyio
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 AGENTS = ("dental", "restaurant", "support")
-API_SECRET = "fault-test-api-secret-0123456789abcdefXYZ"
 ASSIGNMENT_TOKEN = "standin.jwt.token"
 TURN_PASSWORD = "s3cret-turn"
 GHOST_ERROR = "Unknown agent 'ghost' requested via job metadata."
 
 
 # -- fixtures and helpers ------------------------------------------------------
-
-
-def make_settings(standin: StandIn, redis_url: str, **overrides: Any) -> DispatcherSettings:
-    """Settings for a dispatcher of the stand-in (load reported every 0.2 s)."""
-    livekit = LiveKitSettings(standin.url, "devkey", API_SECRET)
-    return dispatcher_settings(livekit, redis_url, **{"load_interval": 0.2, **overrides})
-
-
-async def offer(
-    standin: StandIn, job: proto.Job, worker: WorkerConn | None = None
-) -> proto.AvailabilityResponse:
-    """Offer ``job`` and insist on an answer within the server's 3 s deadline."""
-    with anyio.fail_after(5):
-        answer = await standin.offer(job, worker)
-    assert answer is not None, f"no answer for {job.id} within the 3 s deadline"
-    return answer
 
 
 async def stream_jobs(redis: Redis, keys: Keys, agent: str) -> list[JobMessage]:
@@ -85,10 +68,6 @@ async def enqueued_ids(redis: Redis, keys: Keys) -> list[str]:
 
 async def dead_letters(redis: Redis, keys: Keys) -> list[dict[bytes, bytes]]:
     return [fields for _, fields in await redis.xrange(keys.dead_letter)]
-
-
-def updates_for(worker: WorkerConn, job_id: str) -> list[proto.UpdateJobStatus]:
-    return [u for u in worker.job_updates if u.job_id == job_id]
 
 
 async def membership_refreshed(

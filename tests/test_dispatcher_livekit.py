@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import AGENT_ATTRIBUTE, JobMessage, agent_identity
-from tests.stack import OFFLINE_AGENTS, dispatcher_settings, dispatching, eventually, unique
+from tests.support.stack import OFFLINE_AGENTS, dispatcher_settings, dispatching, eventually, unique
 
 pytestmark = pytest.mark.anyio
 
@@ -287,7 +287,7 @@ async def test_rooms_are_still_dispatched_while_every_worker_is_busy(
     queued it. Busy workers must mean a queue, not lost calls.
     """
     from openrtc.devtools.caller import caller_in
-    from tests.stack import creds, delete_room, working
+    from tests.support.stack import creds, delete_room, working
 
     ns = unique("ns")
     keys = Keys(ns)

@@ -32,7 +32,7 @@ from openrtc.wire.messages import (
     accept_arguments,
     agent_identity,
 )
-from tests.stack import (
+from tests.support.stack import (
     creds,
     dispatcher_settings,
     dispatching,

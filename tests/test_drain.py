@@ -29,10 +29,10 @@ from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import JobMessage
 from openrtc.worker.worker import Worker
-from tests.stack import delete_room, eventually, new_room, unique, working
-from tests.test_e2e import wait_member
-from tests.test_lease import worker_process
-from tests.test_worker import job_message
+from tests.support.jobs import job_message
+from tests.support.processes import worker_process_logged as worker_process
+from tests.support.stack import delete_room, eventually, new_room, unique, working
+from tests.support.waits import wait_member
 
 pytestmark = pytest.mark.anyio
 

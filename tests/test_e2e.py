@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
 import uuid
 
 import anyio
@@ -18,8 +15,8 @@ from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import AGENT_ATTRIBUTE
-from tests.stack import (
-    OFFLINE_AGENTS,
+from tests.support.processes import worker_process
+from tests.support.stack import (
     creds,
     delete_room,
     dispatcher_settings,
@@ -29,48 +26,9 @@ from tests.stack import (
     unique,
     working,
 )
+from tests.support.waits import reclaim_sweeps, wait_member
 
 pytestmark = pytest.mark.anyio
-
-
-def worker_process(
-    livekit: LiveKitServer, redis_url: str, ns: str, agent: str, *args: str
-) -> subprocess.Popen[str]:
-    env = dict(
-        os.environ,
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "openrtc",
-            "worker",
-            "--agent",
-            agent,
-            "--agents-dir",
-            str(OFFLINE_AGENTS),
-            *args,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-async def wait_member(redis: Redis, keys: Keys, agent: str, count: int = 1) -> list[bytes]:
-    # A worker process's imports take tens of seconds on a loaded machine.
-    with anyio.fail_after(90):
-        while True:
-            members: list[bytes] = await redis.zrange(keys.workers(agent), 0, -1)
-            if len(members) >= count:
-                return members
-            await anyio.sleep(0.05)
 
 
 @pytest.mark.parametrize("isolation", ["coroutine", "process"])
@@ -121,24 +79,6 @@ async def test_calls_reach_the_right_agent_and_end_cleanly(
         assert await redis.xlen(keys.jobs("dental")) == 0
         record = await redis.hgetall(keys.job("dental", job_id))
         assert record[b"state"] == b"done"
-
-
-async def reclaim_sweeps(redis: Redis, keys: Keys, agent: str, count: int) -> None:
-    """Until ``count`` more sweeps of the agent's reclaim scan have started.
-
-    Each sweep claims every entry idle past the lease (scripts.RECLAIM keeps
-    its start, Redis ms, in the scan's hash): an entry that no sweep moved was
-    renewed in time all along.
-    """
-    seen: list[bytes | None] = [await redis.hget(keys.reclaim(agent), "at")]
-
-    async def advanced() -> bool:
-        at = await redis.hget(keys.reclaim(agent), "at")
-        if at != seen[-1]:
-            seen.append(at)
-        return len(seen) > count
-
-    await eventually(advanced, f"{count} reclaim sweeps", within=60)
 
 
 async def test_a_killed_worker_s_call_comes_back_with_its_identity_and_stays(

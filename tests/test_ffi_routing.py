@@ -23,7 +23,7 @@ from openrtc.devtools.devstack import LiveKitServer
 from openrtc.session import ffi_routing
 from openrtc.session.runners import CoroutineRunner
 from openrtc.settings import LiveKitSettings, WorkerSettings
-from tests.stack import OFFLINE_AGENTS
+from tests.support.stack import OFFLINE_AGENTS
 
 pytestmark = pytest.mark.anyio
 

@@ -25,8 +25,8 @@ from openrtc.store.membership import Presence
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import DeadReason, JobMessage
-from tests.stack import dispatcher_settings, dispatching, eventually, unique, working
-from tests.test_worker import job_message
+from tests.support.jobs import job_message
+from tests.support.stack import dispatcher_settings, dispatching, eventually, unique, working
 
 pytestmark = pytest.mark.anyio
 

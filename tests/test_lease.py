@@ -9,10 +9,7 @@ the room's participants, the worker's counters and its /metrics page.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -25,8 +22,9 @@ from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
-from tests.stack import (
-    OFFLINE_AGENTS,
+from tests.support.jobs import job_message
+from tests.support.processes import worker_process_logged as worker_process
+from tests.support.stack import (
     HoldingRunner,
     creds,
     delete_room,
@@ -37,8 +35,7 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.test_e2e import wait_member
-from tests.test_worker import job_message
+from tests.support.waits import wait_member
 
 pytestmark = pytest.mark.anyio
 
@@ -100,24 +97,6 @@ async def test_a_worker_that_reclaims_its_own_late_entry_runs_no_second_session(
             assert worker.stats.started == 1
             runner.end_all()
     await delete_room(livekit_server, room.name)
-
-
-def worker_process(
-    livekit: LiveKitServer, redis_url: str, ns: str, log: Path, *args: str
-) -> subprocess.Popen[bytes]:
-    """``openrtc worker --agent dental``, its output to ``log``."""
-    env = dict(
-        os.environ,
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
-    command = [sys.executable, "-m", "openrtc", "worker", "--agent", "dental"]
-    command += ["--agents-dir", str(OFFLINE_AGENTS), *args]
-    with log.open("wb") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 async def metric(port: int, name: str, **labels: str) -> float:

@@ -24,7 +24,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.ops.logs import ContextFilter, _json_formatter, log_context
 from openrtc.ops.monitor import read_status
 from openrtc.wire.keys import Keys
-from tests.stack import OFFLINE_AGENTS, creds, delete_room, eventually, new_room, unique
+from tests.support.stack import OFFLINE_AGENTS, creds, delete_room, eventually, new_room, unique
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,16 +23,11 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.membership import live_members
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
-from tests.stack import creds, delete_room, eventually, new_room, unique, working
-from tests.test_resume import (
-    GREETING,
-    THREE_THINGS,
-    three_things_said,
-    transcribing,
-    worker_process,
-)
-from tests.test_worker import job_message
-from tests.test_worker_faults import pending_on
+from tests.support.conversation import GREETING, THREE_THINGS, three_things_said, transcribing
+from tests.support.jobs import job_message
+from tests.support.processes import worker_process_killed_on_exit as worker_process
+from tests.support.stack import creds, delete_room, eventually, new_room, unique, working
+from tests.support.waits import pending_on
 
 pytestmark = pytest.mark.anyio
 

@@ -9,14 +9,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from livekit.protocol.agent import Job
-from livekit.protocol.models import Room
 from redis.asyncio import Redis
 from typer.testing import CliRunner
 
@@ -26,31 +23,14 @@ from openrtc.ops.monitor import list_dead_letters, read_status
 from openrtc.store.membership import heartbeat
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
-from openrtc.wire.messages import DeadReason, JobMessage, accept_arguments
+from openrtc.wire.messages import DeadReason, JobMessage
+from tests.support.jobs import message
+from tests.support.stack import unique
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def message(agent: str, room: str, *, turn_password: str = "") -> JobMessage:
-    job_id = f"AJ_{uuid.uuid4().hex[:10]}"
-    return JobMessage(
-        job=Job(id=job_id, room=Room(name=room, sid="RM_x", turn_password=turn_password)),
-        agent=agent,
-        accept=accept_arguments(job_id, agent),
-        livekit_url="ws://127.0.0.1:1",
-        step=5,
-        source="room name prefix",
-        dispatcher_id="d-1",
-        received_at=time.time(),
-        routed_at=time.time(),
-    )
 
 
 async def cli(redis_server: RedisServer, ns: str, *args: str) -> Any:

@@ -41,7 +41,7 @@ from openrtc.ops.monitor import (
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import DeadReason
-from tests.stack import (
+from tests.support.stack import (
     OFFLINE_AGENTS,
     dispatcher_settings,
     dispatching,

@@ -28,7 +28,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
 from openrtc.dispatcher.dispatcher import Dispatcher
 from openrtc.settings import DEFAULT_WORKER_HTTP_PORT
 from openrtc.worker.worker import Worker
-from tests.stack import (
+from tests.support.stack import (
     OFFLINE_AGENTS,
     creds,
     delete_room,

@@ -26,7 +26,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 KUBERNETES_VERSION = "1.37.0"
 MANIFESTS = ["dispatcher/deployment.yaml", "workers/deployment.yaml"]

@@ -24,7 +24,8 @@ from openrtc.devtools.standin import StandIn, make_job
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import ERROR_TEXT_MAX, JobStatus, StatusEvent, agent_identity
-from tests.stack import (
+from tests.support.jobs import job_message
+from tests.support.stack import (
     creds,
     delete_room,
     dispatching,
@@ -33,14 +34,8 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.test_dispatcher_faults import make_settings, offer, updates_for
-from tests.test_worker import (
-    TEST_BUDGET,
-    entry_gone,
-    job_message,
-    wait_dead_letters,
-    wait_status,
-)
+from tests.support.standin import make_settings, offer, updates_for
+from tests.support.waits import TEST_BUDGET, entry_gone, wait_dead_letters, wait_status
 
 pytestmark = pytest.mark.anyio
 

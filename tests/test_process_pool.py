@@ -34,8 +34,9 @@ from openrtc.settings import WorkerSettings
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import JobStatus
-from tests.stack import creds, delete_room, eventually, new_room, unique, working
-from tests.test_worker import AGENT_HEADER, TEST_BUDGET, job_message, wait_status, write_agent
+from tests.support.jobs import AGENT_HEADER, job_message, write_agent
+from tests.support.stack import creds, delete_room, eventually, new_room, unique, working
+from tests.support.waits import TEST_BUDGET, wait_status
 
 pytestmark = pytest.mark.anyio
 

@@ -27,8 +27,8 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.settings import WorkerSettings
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
-from tests.stack import eventually, unique, working
-from tests.test_worker import job_message
+from tests.support.jobs import job_message
+from tests.support.stack import eventually, unique, working
 
 pytestmark = pytest.mark.anyio
 

@@ -20,8 +20,8 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.dispatcher.reconciler import REDISPATCH_COOLDOWN, RoomState, needs_agent
 from openrtc.settings import LiveKitSettings
 from openrtc.wire.keys import Keys
-from tests.faults import slow_api
-from tests.stack import (
+from tests.support.faults import slow_api
+from tests.support.stack import (
     OFFLINE_AGENTS,
     HoldingRunner,
     creds,

@@ -14,8 +14,8 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.redis_health import check_durability
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
-from tests.stack import dispatcher_settings, dispatching, unique, working
-from tests.test_monitor import message
+from tests.support.jobs import message
+from tests.support.stack import dispatcher_settings, dispatching, unique, working
 
 pytestmark = pytest.mark.anyio
 

@@ -36,8 +36,8 @@ from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import DeadReason
 from openrtc.wire.signing import KEY_ENV, SigningKeys, verify_job
-from tests.stack import OFFLINE_AGENTS, ROOT, eventually, unique
-from tests.test_monitor import message
+from tests.support.jobs import message
+from tests.support.stack import OFFLINE_AGENTS, ROOT, eventually, unique
 
 pytestmark = pytest.mark.anyio
 

@@ -24,7 +24,7 @@ from openrtc.store.redis_url import client_from_url, is_cluster_url
 from openrtc.store.streams import REDIS_DOWN, connect_redis
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import AGENT_ATTRIBUTE
-from tests.stack import (
+from tests.support.stack import (
     creds,
     delete_room,
     dispatcher_settings,

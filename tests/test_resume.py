@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
-from livekit import rtc
 from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
@@ -29,8 +26,17 @@ from openrtc.store.checkpoint import Checkpoint, CheckpointStore
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import JobMessage
-from tests.stack import (
-    OFFLINE_AGENTS,
+from tests.support.conversation import (
+    GREETING,
+    THREE_THINGS,
+    Transcript,
+    three_things_said,
+    transcribing,
+)
+from tests.support.jobs import job_message
+from tests.support.processes import LEASE
+from tests.support.processes import worker_process_killed_on_exit as worker_process
+from tests.support.stack import (
     creds,
     delete_room,
     eventually,
@@ -38,91 +44,12 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.test_e2e import wait_member
-from tests.test_worker import job_message
+from tests.support.waits import wait_member
 
 pytestmark = pytest.mark.anyio
 
-GREETING = "Bright Smile Dental, offline line. How can we help you today?"
 RESTAURANT_GREETING = "Trattoria Luca, offline line. A table for how many?"
 RESUME_LINE = "Sorry, I lost you for a second."
-LEASE = 2.0
-THREE_THINGS = ["my name is Ada", "I need a cleaning", "Tuesdays suit me"]
-
-
-@dataclass
-class Transcript:
-    """What the caller read from agents' transcription streams, one entry per segment."""
-
-    caller: Caller
-    lines: list[str] = field(default_factory=list)
-
-    def count(self, text: str) -> int:
-        return sum(1 for line in self.lines if line == text)
-
-    async def say(self, text: str) -> None:
-        await self.caller.room.local_participant.send_text(text, topic="lk.chat")
-
-    async def ask(self, text: str, expected: str, *, within: float = 20.0) -> None:
-        before = self.count(expected)
-        await self.say(text)
-        await eventually(
-            lambda: self.count(expected) > before, f"reply {expected!r}", within=within
-        )
-
-
-@asynccontextmanager
-async def transcribing(caller: Caller) -> AsyncIterator[Transcript]:
-    transcript = Transcript(caller)
-    send, receive = anyio.create_memory_object_stream[rtc.TextStreamReader](100)
-
-    def on_stream(reader: rtc.TextStreamReader, identity: str) -> None:
-        send.send_nowait(reader)
-
-    caller.room.register_text_stream_handler("lk.transcription", on_stream)
-
-    async def read() -> None:
-        async for reader in receive:
-            text = await reader.read_all()
-            if reader.info.attributes.get("lk.transcription_final") != "false":
-                transcript.lines.append(text.strip())
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read)
-        try:
-            yield transcript
-        finally:
-            tg.cancel_scope.cancel()
-            caller.room.unregister_text_stream_handler("lk.transcription")
-
-
-@contextmanager
-def worker_process(
-    livekit: LiveKitServer,
-    redis_url: str,
-    ns: str,
-    *args: str,
-    agent: str = "dental",
-    agents_dir: Path = OFFLINE_AGENTS,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``openrtc worker`` in a process of its own (to be killed); SIGKILLed on exit."""
-    env = dict(
-        os.environ,
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
-    command = [sys.executable, "-m", "openrtc", "worker", "--agent", agent]
-    command += ["--agents-dir", str(agents_dir), "--lease", str(LEASE), "--http-port", "0"]
-    process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
 
 
 @dataclass
@@ -182,17 +109,6 @@ async def agent_listening(caller: Caller, identity: str) -> None:
         return False
 
     await eventually(listening, "the agent listening", within=20)
-
-
-async def three_things_said(transcript: Transcript, redis: Redis, key: str) -> None:
-    for thing in THREE_THINGS:
-        await transcript.ask(thing, f"Noted: {thing}")
-
-    async def saved() -> bool:
-        data = await redis.get(key)
-        return data is not None and THREE_THINGS[-1].encode() in data
-
-    await eventually(saved, "the third turn checkpointed")
 
 
 @pytest.mark.parametrize("kill", ["worker", "session-process"])

@@ -15,8 +15,8 @@ from openrtc.store import scripts
 from openrtc.store.checkpoint import CheckpointStore
 from openrtc.store.streams import JobConsumer, StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
-from tests.stack import eventually
-from tests.test_monitor import message, unique
+from tests.support.jobs import message
+from tests.support.stack import eventually, unique
 
 pytestmark = pytest.mark.anyio
 

@@ -34,14 +34,9 @@ from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import AcceptArguments, JobMessage, JobStatus, agent_identity
 from openrtc.wire.signing import KEY_ENV, keys_from
-from tests.stack import creds, delete_room, eventually, new_room, unique, working
-from tests.test_worker import (
-    TEST_BUDGET,
-    job_message,
-    wait_dead_letters,
-    wait_status,
-    write_agent,
-)
+from tests.support.jobs import job_message, write_agent
+from tests.support.stack import creds, delete_room, eventually, new_room, unique, working
+from tests.support.waits import TEST_BUDGET, wait_dead_letters, wait_status
 
 pytestmark = pytest.mark.anyio
 

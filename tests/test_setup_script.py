@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 FAKE_GO = """#!/usr/bin/env bash
 # Stands in for `go`: a download that names a directory, a build that takes a while.

@@ -55,8 +55,9 @@ from openrtc.wire.signing import (
     verify_control,
     verify_job,
 )
-from tests.stack import HoldingRunner, creds, eventually, new_room, unique, working
-from tests.test_worker import TEST_BUDGET, job_message, wait_dead_letters
+from tests.support.jobs import job_message
+from tests.support.stack import HoldingRunner, creds, eventually, new_room, unique, working
+from tests.support.waits import TEST_BUDGET, wait_dead_letters
 
 OLD = secrets.token_hex(32).encode()
 NEW = secrets.token_hex(32).encode()

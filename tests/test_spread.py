@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.wire.keys import Keys
 from openrtc.worker.worker import READ_BLOCK_MS, Worker
-from tests.stack import (
+from tests.support.stack import (
     HoldingRunner,
     delete_room,
     dispatcher_settings,

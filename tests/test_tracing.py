@@ -21,7 +21,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.ops import tracing
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import TRACEPARENT_FIELD
-from tests.stack import (
+from tests.support.stack import (
     creds,
     delete_room,
     dispatcher_settings,

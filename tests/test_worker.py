@@ -13,14 +13,11 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from livekit import api
-from livekit.protocol.agent import Job, JobType
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -33,14 +30,12 @@ from openrtc.store.streams import StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import (
     AGENT_ATTRIBUTE,
-    JobMessage,
     JobStatus,
-    StatusEvent,
-    accept_arguments,
     agent_identity,
 )
 from openrtc.worker.worker import Worker
-from tests.stack import (
+from tests.support.jobs import AGENT_HEADER, job_message, write_agent
+from tests.support.stack import (
     OFFLINE_AGENTS,
     creds,
     delete_room,
@@ -50,86 +45,19 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.test_e2e import reclaim_sweeps
+from tests.support.waits import (
+    TEST_BUDGET,
+    entry_gone,
+    reclaim_sweeps,
+    statuses,
+    wait_dead_letters,
+    wait_status,
+)
 
 pytestmark = pytest.mark.anyio
 
-#: Every test's whole body runs under this bound (each wait inside has a tighter one).
-TEST_BUDGET = 60.0
-
 
 # -- helpers -------------------------------------------------------------------
-
-
-def job_message(
-    livekit: LiveKitServer,
-    room: api.Room,
-    agent: str,
-    dispatcher_id: str,
-    *,
-    metadata: str = "",
-    enqueued_at: float = 0.0,
-) -> JobMessage:
-    """A job entry as ``Dispatcher._job_message`` builds it from a LiveKit assignment."""
-    job = Job(id=f"AJ_{uuid.uuid4().hex[:12]}", type=JobType.JT_ROOM, metadata=metadata)
-    job.room.CopyFrom(room)
-    job.room.ClearField("turn_password")
-    now = time.time()
-    return JobMessage(
-        job=job,
-        agent=agent,
-        accept=accept_arguments(job.id, agent),
-        livekit_url=livekit.url,
-        step=3,
-        source="room metadata",
-        dispatcher_id=dispatcher_id,
-        received_at=now,
-        routed_at=now,
-        enqueued_at=enqueued_at,
-    )
-
-
-async def statuses(redis: Redis, keys: Keys, dispatcher_id: str) -> list[StatusEvent]:
-    entries = await redis.xrange(keys.status(dispatcher_id))
-    return [StatusEvent.decode(fields) for _, fields in entries]
-
-
-async def wait_status(
-    redis: Redis,
-    keys: Keys,
-    dispatcher_id: str,
-    job_id: str,
-    status: JobStatus,
-    within: float = 20.0,
-) -> StatusEvent:
-    with anyio.fail_after(within):
-        while True:
-            for event in await statuses(redis, keys, dispatcher_id):
-                if event.job_id == job_id and event.status == status:
-                    return event
-            await anyio.sleep(0.05)
-
-
-async def wait_dead_letters(
-    redis: Redis, keys: Keys, count: int, within: float = 20.0
-) -> dict[tuple[str, str], dict[bytes, bytes]]:
-    """The dead letters by (stream, entry id) they came from, once there are ``count``."""
-    with anyio.fail_after(within):
-        while True:
-            entries = await redis.xrange(keys.dead_letter)
-            if len(entries) >= count:
-                return {
-                    (fields[b"origin"].decode(), fields[b"origin_id"].decode()): fields
-                    for _, fields in entries
-                }
-            await anyio.sleep(0.05)
-
-
-async def entry_gone(redis: Redis, stream: str, entry_id: str) -> bool:
-    """Acknowledged and deleted: neither in the stream nor pending."""
-    in_stream = await redis.xrange(stream, entry_id, entry_id)
-    pending = await redis.xpending_range(stream, WORKERS_GROUP, entry_id, entry_id, 1)
-    return not in_stream and not pending
 
 
 def _ignoring_missing(check: Any) -> Any:
@@ -143,26 +71,6 @@ def _ignoring_missing(check: Any) -> Any:
 
     return wrapped
 
-
-def write_agent(directory: Path, name: str, source: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.py"
-    path.write_text(source)
-    return directory
-
-
-AGENT_HEADER = """\
-from __future__ import annotations
-
-import asyncio
-import json
-from pathlib import Path
-
-from livekit.agents import Agent, get_job_context
-
-from openrtc import agent_config
-from openrtc.agents.tone_tts import ToneTTS
-"""
 
 BROKEN_AGENT = (
     AGENT_HEADER

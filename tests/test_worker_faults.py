@@ -30,8 +30,9 @@ from openrtc.store.streams import StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, agent_identity
 from openrtc.worker.worker import ROOM_CHECK_TIMEOUT
-from tests.faults import slow_api
-from tests.stack import (
+from tests.support.faults import slow_api
+from tests.support.jobs import AGENT_HEADER, job_message, write_agent
+from tests.support.stack import (
     OFFLINE_AGENTS,
     ROOT,
     agents_in,
@@ -42,7 +43,7 @@ from tests.stack import (
     unique,
     working,
 )
-from tests.test_worker import AGENT_HEADER, job_message, write_agent
+from tests.support.waits import pending_on
 
 pytestmark = pytest.mark.anyio
 
@@ -50,12 +51,6 @@ TEST_BUDGET = 90.0
 #: After a LiveKit restart: longest time a caller may see the old job's agent
 #: beside the new job's (measured 0-0.16 s; the chaos ledger allows the same 3 s).
 MAX_RESTART_OVERLAP = 3.0
-
-
-async def pending_on(redis: Redis, stream: str, consumer: str) -> list[str]:
-    """Entry ids pending on ``consumer`` in the workers group."""
-    rows = await redis.xpending_range(stream, WORKERS_GROUP, "-", "+", 1000, consumername=consumer)
-    return [row["message_id"].decode() for row in rows]
 
 
 async def jobs_pending_on(redis: Redis, stream: str, consumer: str) -> set[str]:
@@ -403,7 +398,7 @@ async def test_a_livekit_restart_leaves_one_agent_per_room(
     dispatches it as a new job, whose agent joins. The old job's session
     reconnects too: it must leave, or the caller hears two agents.
     """
-    from tests.stack import dispatcher_settings, dispatching
+    from tests.support.stack import dispatcher_settings, dispatching
 
     ns = unique("ns")
     server = LiveKitServer(log_path=tmp_path / "livekit.log")

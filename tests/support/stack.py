@@ -23,7 +23,7 @@ from openrtc.settings import DispatcherSettings, LiveKitSettings, WorkerSettings
 from openrtc.wire.messages import JobMessage
 from openrtc.worker.worker import Worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_AGENTS = ROOT / "examples" / "offline_agents"
 
 

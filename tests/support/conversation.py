@@ -1,0 +1,76 @@
+"""A caller's side of a conversation with an offline agent: its transcript, its turns."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+from livekit import rtc
+from redis.asyncio import Redis
+
+from openrtc.devtools.caller import Caller
+from tests.support.stack import eventually
+
+GREETING = "Bright Smile Dental, offline line. How can we help you today?"
+
+
+THREE_THINGS = ["my name is Ada", "I need a cleaning", "Tuesdays suit me"]
+
+
+@dataclass
+class Transcript:
+    """What the caller read from agents' transcription streams, one entry per segment."""
+
+    caller: Caller
+    lines: list[str] = field(default_factory=list)
+
+    def count(self, text: str) -> int:
+        return sum(1 for line in self.lines if line == text)
+
+    async def say(self, text: str) -> None:
+        await self.caller.room.local_participant.send_text(text, topic="lk.chat")
+
+    async def ask(self, text: str, expected: str, *, within: float = 20.0) -> None:
+        before = self.count(expected)
+        await self.say(text)
+        await eventually(
+            lambda: self.count(expected) > before, f"reply {expected!r}", within=within
+        )
+
+
+@asynccontextmanager
+async def transcribing(caller: Caller) -> AsyncIterator[Transcript]:
+    transcript = Transcript(caller)
+    send, receive = anyio.create_memory_object_stream[rtc.TextStreamReader](100)
+
+    def on_stream(reader: rtc.TextStreamReader, identity: str) -> None:
+        send.send_nowait(reader)
+
+    caller.room.register_text_stream_handler("lk.transcription", on_stream)
+
+    async def read() -> None:
+        async for reader in receive:
+            text = await reader.read_all()
+            if reader.info.attributes.get("lk.transcription_final") != "false":
+                transcript.lines.append(text.strip())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        try:
+            yield transcript
+        finally:
+            tg.cancel_scope.cancel()
+            caller.room.unregister_text_stream_handler("lk.transcription")
+
+
+async def three_things_said(transcript: Transcript, redis: Redis, key: str) -> None:
+    for thing in THREE_THINGS:
+        await transcript.ask(thing, f"Noted: {thing}")
+
+    async def saved() -> bool:
+        data = await redis.get(key)
+        return data is not None and THREE_THINGS[-1].encode() in data
+
+    await eventually(saved, "the third turn checkpointed")

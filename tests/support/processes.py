@@ -1,0 +1,100 @@
+"""``openrtc worker`` in processes of their own (to be killed, drained, restarted).
+
+Three variants, kept apart because they differ in behaviour: ``worker_process``
+(any agent, output piped), ``worker_process_logged`` (dental, output to a log
+file) and ``worker_process_killed_on_exit`` (a context manager; a short lease,
+an ephemeral HTTP port, SIGKILLed on exit).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from openrtc.devtools.devstack import LiveKitServer
+from tests.support.stack import OFFLINE_AGENTS
+
+
+def worker_process(
+    livekit: LiveKitServer, redis_url: str, ns: str, agent: str, *args: str
+) -> subprocess.Popen[str]:
+    env = dict(
+        os.environ,
+        LIVEKIT_URL=livekit.url,
+        LIVEKIT_API_KEY=livekit.api_key,
+        LIVEKIT_API_SECRET=livekit.api_secret,
+        REDIS_URL=redis_url,
+        OPENRTC_NAMESPACE=ns,
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "openrtc",
+            "worker",
+            "--agent",
+            agent,
+            "--agents-dir",
+            str(OFFLINE_AGENTS),
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def worker_process_logged(
+    livekit: LiveKitServer, redis_url: str, ns: str, log: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """``openrtc worker --agent dental``, its output to ``log``."""
+    env = dict(
+        os.environ,
+        LIVEKIT_URL=livekit.url,
+        LIVEKIT_API_KEY=livekit.api_key,
+        LIVEKIT_API_SECRET=livekit.api_secret,
+        REDIS_URL=redis_url,
+        OPENRTC_NAMESPACE=ns,
+    )
+    command = [sys.executable, "-m", "openrtc", "worker", "--agent", "dental"]
+    command += ["--agents-dir", str(OFFLINE_AGENTS), *args]
+    with log.open("wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+#: The lease of `worker_process_killed_on_exit` workers (s): a takeover within seconds.
+LEASE = 2.0
+
+
+@contextmanager
+def worker_process_killed_on_exit(
+    livekit: LiveKitServer,
+    redis_url: str,
+    ns: str,
+    *args: str,
+    agent: str = "dental",
+    agents_dir: Path = OFFLINE_AGENTS,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``openrtc worker`` in a process of its own (to be killed); SIGKILLed on exit."""
+    env = dict(
+        os.environ,
+        LIVEKIT_URL=livekit.url,
+        LIVEKIT_API_KEY=livekit.api_key,
+        LIVEKIT_API_SECRET=livekit.api_secret,
+        REDIS_URL=redis_url,
+        OPENRTC_NAMESPACE=ns,
+    )
+    command = [sys.executable, "-m", "openrtc", "worker", "--agent", agent]
+    command += ["--agents-dir", str(agents_dir), "--lease", str(LEASE), "--http-port", "0"]
+    process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
