@@ -23,9 +23,10 @@ from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
-from tests.stack import creds, eventually, new_room, unique, working
-from tests.test_resume import LEASE, worker_process
-from tests.test_worker import job_message
+from tests.support.jobs import job_message
+from tests.support.processes import LEASE
+from tests.support.processes import worker_process_killed_on_exit as worker_process
+from tests.support.stack import creds, eventually, new_room, unique, working
 
 pytestmark = pytest.mark.anyio
 
