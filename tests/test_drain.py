@@ -30,7 +30,7 @@ from openrtc.wire.keys import WORKERS_GROUP, Keys
 from openrtc.wire.messages import JobMessage
 from openrtc.worker.worker import Worker
 from tests.support.jobs import job_message
-from tests.support.processes import worker_process_logged as worker_process
+from tests.support.processes import worker_process_logged
 from tests.support.stack import delete_room, eventually, new_room, unique, working
 from tests.support.waits import wait_member
 
@@ -345,7 +345,7 @@ async def test_a_second_sigterm_aborts_the_drain_and_leaves_the_call_to_the_leas
     message = job_message(livekit_server, room, "dental", "d")
     drain_timeout = 300
     with anyio.fail_after(300):  # a worker process starts slowly on a loaded machine
-        worker = worker_process(
+        worker = worker_process_logged(
             livekit_server,
             redis_server.url,
             ns,

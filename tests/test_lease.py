@@ -23,7 +23,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from tests.support.jobs import job_message
-from tests.support.processes import worker_process_logged as worker_process
+from tests.support.processes import worker_process_logged
 from tests.support.stack import (
     HoldingRunner,
     creds,
@@ -145,7 +145,7 @@ async def test_a_frozen_worker_past_its_lease_steps_aside_for_the_peer_that_took
     runner = None if peer_joins else HoldingRunner()
     with anyio.fail_after(150):
         async with dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)):
-            frozen = worker_process(
+            frozen = worker_process_logged(
                 livekit_server,
                 redis_server.url,
                 ns,

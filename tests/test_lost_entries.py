@@ -25,7 +25,7 @@ from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
 from tests.support.conversation import GREETING, THREE_THINGS, three_things_said, transcribing
 from tests.support.jobs import job_message
-from tests.support.processes import worker_process_killed_on_exit as worker_process
+from tests.support.processes import worker_process_killed_on_exit
 from tests.support.stack import creds, delete_room, eventually, new_room, unique, working
 from tests.support.waits import pending_on
 
@@ -191,61 +191,56 @@ async def test_a_peer_reading_a_restored_entry_does_not_displace_the_live_sessio
     server = RedisServer(log_path=tmp_path / "redis.log")
     with server, anyio.fail_after(BUDGET):
         redis = connect_redis(server.url)
-        first = None
-        try:
-            async with AsyncExitStack() as stack:
-                stack.push_async_callback(redis.aclose)
-                store = StreamStore(redis, keys)
-                await store.ensure_group("dental")
-                room = await new_room(livekit_server, unique("dental-lostread"))
-                message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-                await store.enqueue([message])
-                await redis.save()
-                caller = await stack.enter_async_context(
-                    caller_in(creds(livekit_server), room.name)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(redis.aclose)
+            store = StreamStore(redis, keys)
+            await store.ensure_group("dental")
+            room = await new_room(livekit_server, unique("dental-lostread"))
+            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+            await store.enqueue([message])
+            await redis.save()
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            # (It may start late, its imports slowed by the machine's load.)
+            first = stack.enter_context(
+                worker_process_killed_on_exit(
+                    livekit_server,
+                    server.url,
+                    ns,
+                    "--lease",
+                    str(lease),
+                    "--max-queue-age",
+                    "600",
                 )
-                transcript = await stack.enter_async_context(transcribing(caller))
-                # (It may start late, its imports slowed by the machine's load.)
-                first = worker_process(
-                    livekit_server, server.url, ns, "--lease", str(lease), "--max-queue-age", "600"
-                )
-                # A worker process imports for 20 s and more on a loaded 2-core machine.
-                original = await caller.wait_agent(within=90)
-                await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
-                await three_things_said(
-                    transcript, redis, keys.checkpoint("dental", message.job_id)
-                )
-                # The restored entry is older than a caller would wait: it is
-                # not a late start either.
-                peer = await stack.enter_async_context(
-                    working(
-                        livekit_server, server.url, ns, "dental", lease=lease, max_queue_age=1.0
-                    )
-                )
+            )
+            # A worker process imports for 20 s and more on a loaded 2-core machine.
+            original = await caller.wait_agent(within=90)
+            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            await three_things_said(transcript, redis, keys.checkpoint("dental", message.job_id))
+            # The restored entry is older than a caller would wait: it is
+            # not a late start either.
+            peer = await stack.enter_async_context(
+                working(livekit_server, server.url, ns, "dental", lease=lease, max_queue_age=1.0)
+            )
 
-                first.send_signal(signal.SIGSTOP)
-                paused_at = anyio.current_time()
-                await anyio.to_thread.run_sync(restart, server)
+            first.send_signal(signal.SIGSTOP)
+            paused_at = anyio.current_time()
+            await anyio.to_thread.run_sync(restart, server)
 
-                async def peer_holds_it() -> bool:
-                    return bool(await pending_on(redis, stream, peer.settings.worker_id))
+            async def peer_holds_it() -> bool:
+                return bool(await pending_on(redis, stream, peer.settings.worker_id))
 
-                await eventually(peer_holds_it, "the peer reading the restored entry")
-                await anyio.sleep(max(0.0, paused_at + 3.0 - anyio.current_time()))
-                first.send_signal(signal.SIGCONT)
+            await eventually(peer_holds_it, "the peer reading the restored entry")
+            await anyio.sleep(max(0.0, paused_at + 3.0 - anyio.current_time()))
+            first.send_signal(signal.SIGCONT)
 
-                await transcript.ask(RECALL, ANSWER, within=30)
-                assert [a.sid for a in caller.agents()] == [original.sid]
-                assert transcript.count(GREETING) == 1, transcript.lines
-                assert peer.stats.started == 0
-                assert peer.stats.dead_lettered == 0
-                assert len(await job_entries(redis, stream, message.job_id)) == 1
-                await delete_room(livekit_server, room.name)
-        finally:
-            if first is not None:
-                first.send_signal(signal.SIGCONT)
-                first.kill()
-                first.wait(10)
+            await transcript.ask(RECALL, ANSWER, within=30)
+            assert [a.sid for a in caller.agents()] == [original.sid]
+            assert transcript.count(GREETING) == 1, transcript.lines
+            assert peer.stats.started == 0
+            assert peer.stats.dead_lettered == 0
+            assert len(await job_entries(redis, stream, message.job_id)) == 1
+            await delete_room(livekit_server, room.name)
 
 
 async def test_a_handed_over_entry_lost_before_a_peer_reads_it_is_handed_over_again(
@@ -259,61 +254,52 @@ async def test_a_handed_over_entry_lost_before_a_peer_reads_it_is_handed_over_ag
     server = RedisServer(log_path=tmp_path / "redis.log")
     with server, anyio.fail_after(BUDGET):
         redis = connect_redis(server.url)
-        peer = None
-        try:
-            async with AsyncExitStack() as stack:
-                stack.push_async_callback(redis.aclose)
-                store = StreamStore(redis, keys)
-                room = await new_room(livekit_server, unique("dental-lostrelease"))
-                message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-                caller = await stack.enter_async_context(
-                    caller_in(creds(livekit_server), room.name)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(redis.aclose)
+            store = StreamStore(redis, keys)
+            room = await new_room(livekit_server, unique("dental-lostrelease"))
+            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            first = await stack.enter_async_context(
+                working(livekit_server, server.url, ns, "dental", lease=lease, drain_timeout=90)
+            )
+            await store.enqueue([message])
+            original = await caller.wait_agent(within=30)
+            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            await three_things_said(transcript, redis, keys.checkpoint("dental", message.job_id))
+            peer = stack.enter_context(
+                worker_process_killed_on_exit(livekit_server, server.url, ns, "--lease", str(lease))
+            )
+
+            async def two_workers() -> bool:
+                return len(await live_members(redis, keys.workers("dental"))) == 2
+
+            await eventually(two_workers, "the peer's heartbeat", within=60)
+            peer.send_signal(signal.SIGSTOP)
+            mine = f"openrtc:{first.settings.worker_id}"
+
+            async def no_read_in_flight() -> bool:
+                # A read the peer sent before it was paused would be served
+                # by Redis (into its socket's buffer) as soon as the entry
+                # is released: that is a read, not the loss tested here.
+                clients = await redis.client_list()
+                return not any(
+                    c["cmd"] == "xreadgroup" and "b" in c["flags"] and c["name"] != mine
+                    for c in clients
                 )
-                transcript = await stack.enter_async_context(transcribing(caller))
-                first = await stack.enter_async_context(
-                    working(livekit_server, server.url, ns, "dental", lease=lease, drain_timeout=90)
-                )
-                await store.enqueue([message])
-                original = await caller.wait_agent(within=30)
-                await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
-                await three_things_said(
-                    transcript, redis, keys.checkpoint("dental", message.job_id)
-                )
-                peer = worker_process(livekit_server, server.url, ns, "--lease", str(lease))
 
-                async def two_workers() -> bool:
-                    return len(await live_members(redis, keys.workers("dental"))) == 2
+            await eventually(no_read_in_flight, "the paused peer's blocked read timed out")
+            first.request_stop()
+            await eventually(lambda: first.stats.handed_over == 1, "the handover", within=20)
+            server.stop()
+            server.wipe()
+            await anyio.to_thread.run_sync(server.start)
+            peer.send_signal(signal.SIGCONT)
 
-                await eventually(two_workers, "the peer's heartbeat", within=60)
-                peer.send_signal(signal.SIGSTOP)
-                mine = f"openrtc:{first.settings.worker_id}"
-
-                async def no_read_in_flight() -> bool:
-                    # A read the peer sent before it was paused would be served
-                    # by Redis (into its socket's buffer) as soon as the entry
-                    # is released: that is a read, not the loss tested here.
-                    clients = await redis.client_list()
-                    return not any(
-                        c["cmd"] == "xreadgroup" and "b" in c["flags"] and c["name"] != mine
-                        for c in clients
-                    )
-
-                await eventually(no_read_in_flight, "the paused peer's blocked read timed out")
-                first.request_stop()
-                await eventually(lambda: first.stats.handed_over == 1, "the handover", within=20)
-                server.stop()
-                server.wipe()
-                await anyio.to_thread.run_sync(server.start)
-                peer.send_signal(signal.SIGCONT)
-
-                replacement = await caller.wait_agent(within=40, other_than=original.sid)
-                assert replacement.identity == original.identity
-                await eventually(lambda: not first.running_jobs, "the old session gone", within=20)
-                await transcript.ask(RECALL, ANSWER, within=30)
-                assert transcript.count(GREETING) == 1, transcript.lines
-                await delete_room(livekit_server, room.name)
-        finally:
-            if peer is not None:
-                peer.send_signal(signal.SIGCONT)
-                peer.kill()
-                peer.wait(10)
+            replacement = await caller.wait_agent(within=40, other_than=original.sid)
+            assert replacement.identity == original.identity
+            await eventually(lambda: not first.running_jobs, "the old session gone", within=20)
+            await transcript.ask(RECALL, ANSWER, within=30)
+            assert transcript.count(GREETING) == 1, transcript.lines
+            await delete_room(livekit_server, room.name)

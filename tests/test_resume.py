@@ -34,8 +34,7 @@ from tests.support.conversation import (
     transcribing,
 )
 from tests.support.jobs import job_message
-from tests.support.processes import LEASE
-from tests.support.processes import worker_process_killed_on_exit as worker_process
+from tests.support.processes import LEASE, worker_process_killed_on_exit
 from tests.support.stack import (
     creds,
     delete_room,
@@ -117,7 +116,7 @@ async def test_a_killed_session_resumes_its_conversation_without_a_second_greeti
 ) -> None:
     ns = unique("ns")
     args = ["--isolation", "process", "--idle-processes", "0"] if kill != "worker" else []
-    with worker_process(livekit_server, redis_server.url, ns, *args) as first:
+    with worker_process_killed_on_exit(livekit_server, redis_server.url, ns, *args) as first:
         async with (
             greeted_call(livekit_server, redis, ns, "dental", "dental-resume", GREETING) as call,
             AsyncExitStack() as stack,
@@ -156,7 +155,9 @@ async def test_a_deploy_hands_the_call_over_with_its_conversation(
     is in, not when the call ends (its drain timeout is 30 minutes)."""
     agent, ns = "restaurant", unique("ns")
     args = ["--isolation", isolation]
-    with worker_process(livekit_server, redis_server.url, ns, *args, agent=agent) as first:
+    with worker_process_killed_on_exit(
+        livekit_server, redis_server.url, ns, *args, agent=agent
+    ) as first:
         async with (
             greeted_call(
                 livekit_server, redis, ns, agent, "restaurant-handover", RESTAURANT_GREETING
@@ -264,7 +265,7 @@ async def test_a_resumed_agent_is_not_entered_again(
     (tmp_path / "concierge.py").write_text(GREETS_ON_ENTER)
     agent, ns = "concierge", unique("ns")
     greeting = "Concierge here, greeted on entering."
-    with worker_process(
+    with worker_process_killed_on_exit(
         livekit_server, redis_server.url, ns, agent=agent, agents_dir=tmp_path
     ) as first:
         async with (
@@ -356,7 +357,7 @@ async def test_one_huge_turn_does_not_wipe_the_conversation_it_joins(
     ns = unique("ns")
     # One "word" to the tone TTS: its reply is one tone, not minutes of them.
     huge = "paste " + "z" * 70_000
-    with worker_process(livekit_server, redis_server.url, ns) as first:
+    with worker_process_killed_on_exit(livekit_server, redis_server.url, ns) as first:
         async with (
             greeted_call(livekit_server, redis, ns, "dental", "dental-huge-turn", GREETING) as call,
             AsyncExitStack() as stack,
@@ -453,7 +454,7 @@ async def test_a_takeover_restores_the_agent_s_own_state_and_repeats_no_complete
     message = job_message(livekit_server, room, agent, unique("dispatcher"))
     key = keys.checkpoint(agent, message.job_id)
     with (
-        worker_process(
+        worker_process_killed_on_exit(
             livekit_server, redis_server.url, ns, agent=agent, agents_dir=agents
         ) as first,
     ):

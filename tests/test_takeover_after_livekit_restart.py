@@ -24,8 +24,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
 from tests.support.jobs import job_message
-from tests.support.processes import LEASE
-from tests.support.processes import worker_process_killed_on_exit as worker_process
+from tests.support.processes import LEASE, worker_process_killed_on_exit
 from tests.support.stack import creds, eventually, new_room, unique, working
 
 pytestmark = pytest.mark.anyio
@@ -47,7 +46,7 @@ async def test_a_call_whose_room_a_livekit_restart_made_anew_is_taken_over(
     room = await new_room(own_livekit, unique("dental-lk-restart"))
     message = job_message(own_livekit, room, "dental", unique("dispatcher"))
     try:
-        with worker_process(own_livekit, redis_server.url, ns) as first:
+        with worker_process_killed_on_exit(own_livekit, redis_server.url, ns) as first:
             async with AsyncExitStack() as stack:
                 caller = await stack.enter_async_context(caller_in(creds(own_livekit), room.name))
                 await StreamStore(redis, keys).enqueue([message])
