@@ -23,6 +23,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.ops.monitor import read_status
 from openrtc.store.membership import read_agent_loads
 from openrtc.wire.keys import Keys
+from tests.support.processes import service_env
 from tests.support.stack import (
     OFFLINE_AGENTS,
     HoldingRunner,
@@ -56,15 +57,7 @@ def skewed_worker(
     livekit: LiveKitServer, redis_url: str, ns: str, offset: str
 ) -> Iterator[subprocess.Popen[str]]:
     """A worker process for ``dental`` whose clock is ``offset`` (faketime syntax: -8s)."""
-    env = dict(
-        os.environ,
-        **faketime_env(offset),
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
+    env = service_env(livekit, redis_url, ns, **faketime_env(offset))
     process = subprocess.Popen(
         [
             sys.executable,
@@ -96,15 +89,7 @@ def skewed_dispatcher(
     livekit: LiveKitServer, redis_url: str, ns: str, offset: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A dispatcher process (fast reconciler) whose clock is ``offset``."""
-    env = dict(
-        os.environ,
-        **faketime_env(offset),
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
+    env = service_env(livekit, redis_url, ns, **faketime_env(offset))
     command = [sys.executable, "-m", "openrtc", "dispatcher"]
     command += ["--agents-dir", str(OFFLINE_AGENTS), "--http-port", "0"]
     command += ["--reconcile-interval", "0.3", "--reconcile-grace", "1"]

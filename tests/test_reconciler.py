@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from openrtc.dispatcher.reconciler import REDISPATCH_COOLDOWN, RoomState, needs_
 from openrtc.settings import LiveKitSettings
 from openrtc.wire.keys import Keys
 from tests.support.faults import slow_api
+from tests.support.processes import service_env
 from tests.support.stack import (
     OFFLINE_AGENTS,
     HoldingRunner,
@@ -256,14 +256,7 @@ async def test_a_pass_longer_than_the_lease_keeps_it_and_no_second_leader_runs(
 
 
 def dispatcher_process(livekit: LiveKitServer, redis_url: str, ns: str) -> subprocess.Popen[str]:
-    env = dict(
-        os.environ,
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
+    env = service_env(livekit, redis_url, ns)
     return subprocess.Popen(
         [sys.executable, "-m", "openrtc", "dispatcher", "--agents-dir", str(OFFLINE_AGENTS)],
         env=env,

@@ -19,17 +19,24 @@ from openrtc.devtools.devstack import LiveKitServer
 from tests.support.stack import OFFLINE_AGENTS
 
 
-def worker_process(
-    livekit: LiveKitServer, redis_url: str, ns: str, agent: str, *args: str
-) -> subprocess.Popen[str]:
-    env = dict(
+def service_env(livekit: LiveKitServer, redis_url: str, ns: str, **extra: str) -> dict[str, str]:
+    """This process's environment, plus what an ``openrtc`` service process needs to
+    reach ``livekit`` and ``redis_url`` in namespace ``ns`` (and ``extra``)."""
+    return dict(
         os.environ,
+        **extra,
         LIVEKIT_URL=livekit.url,
         LIVEKIT_API_KEY=livekit.api_key,
         LIVEKIT_API_SECRET=livekit.api_secret,
         REDIS_URL=redis_url,
         OPENRTC_NAMESPACE=ns,
     )
+
+
+def worker_process(
+    livekit: LiveKitServer, redis_url: str, ns: str, agent: str, *args: str
+) -> subprocess.Popen[str]:
+    env = service_env(livekit, redis_url, ns)
     return subprocess.Popen(
         [
             sys.executable,
@@ -53,14 +60,7 @@ def worker_process_logged(
     livekit: LiveKitServer, redis_url: str, ns: str, log: Path, *args: str
 ) -> subprocess.Popen[bytes]:
     """``openrtc worker --agent dental``, its output to ``log``."""
-    env = dict(
-        os.environ,
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
+    env = service_env(livekit, redis_url, ns)
     command = [sys.executable, "-m", "openrtc", "worker", "--agent", "dental"]
     command += ["--agents-dir", str(OFFLINE_AGENTS), *args]
     with log.open("wb") as out:
@@ -81,14 +81,7 @@ def worker_process_killed_on_exit(
     agents_dir: Path = OFFLINE_AGENTS,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``openrtc worker`` in a process of its own (to be killed); SIGKILLed on exit."""
-    env = dict(
-        os.environ,
-        LIVEKIT_URL=livekit.url,
-        LIVEKIT_API_KEY=livekit.api_key,
-        LIVEKIT_API_SECRET=livekit.api_secret,
-        REDIS_URL=redis_url,
-        OPENRTC_NAMESPACE=ns,
-    )
+    env = service_env(livekit, redis_url, ns)
     command = [sys.executable, "-m", "openrtc", "worker", "--agent", agent]
     command += ["--agents-dir", str(agents_dir), "--lease", str(LEASE), "--http-port", "0"]
     process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
