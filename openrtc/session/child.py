@@ -115,6 +115,7 @@ def _session_of(job: dict[str, Any]) -> tuple[Any, Any, Any]:
         control.checkpoint = lambda data: _emit({"checkpoint": data.decode()})
     control.handover = bool(job.get("handover"))
     control.greeted = bool(job.get("greeted"))
+    control.room_remade = lambda sid: _emit({"room_sid": sid})
     return message, access, control
 
 

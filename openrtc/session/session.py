@@ -148,6 +148,9 @@ class SessionControl:
     #: The caller was greeted by an earlier session of the call, whatever the
     #: checkpoint says (one Redis lost): the agent does not greet again.
     greeted: bool = False
+    #: Told the sid of the room this session is in when it is not the job's
+    #: (LiveKit made the room anew, a restart); must not block. ``None``: untold.
+    room_remade: Callable[[str], None] | None = None
     #: Set by the session once it is at a turn boundary after :meth:`ask_handover`
     #: and its last checkpoint was offered: the call can go to a peer now.
     handover_ready: anyio.Event = field(default_factory=anyio.Event)
@@ -351,7 +354,8 @@ class _End:
 
 
 class _RoomWatch:
-    """Whether the server replaced this session's room (see ``JobMessage.replaced_by``).
+    """Whether the server replaced this session's room (see ``JobMessage.replaced_by``),
+    or made it anew with this session in it (:meth:`remade_sid`).
 
     Marks as changed what may show it: a reconnect, an agent joining.
     """
@@ -360,6 +364,7 @@ class _RoomWatch:
         self._room = room
         self._message = message
         self._changed = anyio.Event()
+        self._sid = message.job.room.sid
         room.on("reconnected", lambda: self.changed())
         room.on("participant_connected", self._on_participant)
 
@@ -389,6 +394,16 @@ class _RoomWatch:
             if other.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
         ]
         return self._message.replaced_by(parts.room_sid(room), agents)
+
+    def remade_sid(self) -> str:
+        """The room's sid when it is not the last one seen (LiveKit made it anew), once each."""
+        if self._room.connection_state != rtc.ConnectionState.CONN_CONNECTED:
+            return ""
+        sid = parts.room_sid(self._room)
+        if not sid or sid == self._sid:
+            return ""
+        self._sid = sid
+        return sid
 
 
 class _SessionRun:
@@ -562,6 +577,10 @@ class _SessionRun:
                     with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
                         await _leave(self.room)
                     return
+                if (sid := self.watch.remade_sid()) and self.control.room_remade is not None:
+                    # Not replaced: still this call, in a new room. A taker
+                    # knows the room by this sid once this agent is gone.
+                    self.control.room_remade(sid)
                 await anyio.sleep(ROOM_SID_POLL)
 
     async def _get_ready_for_a_handover(self, session: AgentSession[Any]) -> None:

@@ -527,6 +527,10 @@ class RecordField:
     HEALTHY: Final = "healthy"
     #: The last session's error.
     LAST_ERROR: Final = "last_error"
+    #: The sid of the room the job's session is in, when it is not the job's
+    #: own: LiveKit made the room anew (a restart) and the session reconnected
+    #: into it. A taker knows the call's room by it once the agent is gone.
+    ROOM_SID: Final = "room_sid"
 
 
 class RecordState:

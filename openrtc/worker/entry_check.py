@@ -104,11 +104,12 @@ class EntryCheck:
     async def _check(self, claim: Claim) -> bool:
         """Checks an entry and starts its session; False when it did not start one."""
         verdict, message, record = await self._decide(claim)
+        remade_sid = (record or {}).get(RecordField.ROOM_SID, "")
         room: str | None = None
         if verdict.reason is DeadReason.EXPIRED and message is not None:
             # Old, yet maybe not waiting: restored by a Redis that lost the
             # read of a worker serving it (a snapshot taken before the read).
-            room = await self._rooms.check(message)
+            room = await self._rooms.check(message, remade_sid)
             if room == OURS_IN_ROOM:
                 verdict = Verdict(Action.START)
         if verdict.action in (Action.DEAD_LETTER, Action.RETRY, Action.FINISH):
@@ -118,7 +119,7 @@ class EntryCheck:
         # Concurrently with the rest of the batch, each bounded: a slow LiveKit
         # API delays calls, it does not let their leases lapse.
         if room is None:
-            room = await self._rooms.check(message)
+            room = await self._rooms.check(message, remade_sid)
         if claim.lost:
             logger.warning(
                 "job %s: another worker took the entry while its room was checked; not joining",

@@ -34,24 +34,28 @@ class RoomCheck:
         if self._lkapi is not None:
             await self._lkapi.aclose()
 
-    async def check(self, message: JobMessage) -> str:
+    async def check(self, message: JobMessage, remade_sid: str = "") -> str:
         """``live``, ``gone``, :data:`OURS_IN_ROOM`, or the identity of another job's agent.
+
+        ``remade_sid``: the sid of the room the job's session last said it is
+        in (:data:`RecordField.ROOM_SID`), when LiveKit made the room anew.
 
         :data:`OURS_IN_ROOM`: live, and the job's own agent is there already (a
         takeover, a handover, or Redis lost the read of a worker serving it).
 
         ``gone``: the job's room (the same room, not a namesake) no longer
         exists; joining would create it again with only the agent in it,
-        waiting for a caller who has hung up. A namesake with the job's own
-        agent in it is the same call: LiveKit made the room anew (a restart)
-        and the job's session reconnected into it. An agent of ours with another
+        waiting for a caller who has hung up. A namesake is the same call when
+        the job's session said it reconnected into it (``remade_sid``), or
+        when the job's own agent is in it (that word lost with Redis): LiveKit
+        made the room anew (a restart). An agent of ours with another
         identity already in the room is the previous job's, back after a
         LiveKit restart made the room (and this job) anew: a second agent
         would talk over it. On an API error the room is assumed live: a worker
         that cannot check must not drop calls.
         """
         async with self._limiter:
-            return await self._check(message)
+            return await self._check(message, remade_sid)
 
     def _client(self) -> api.LiveKitAPI:
         if self._lkapi is None:
@@ -61,7 +65,7 @@ class RoomCheck:
             self._lkapi = api.LiveKitAPI(creds.http_url, creds.api_key, creds.api_secret)
         return self._lkapi
 
-    async def _check(self, message: JobMessage) -> str:
+    async def _check(self, message: JobMessage, remade_sid: str) -> str:
         lkapi = self._client()
         people = api.ListParticipantsResponse()
 
@@ -80,11 +84,8 @@ class RoomCheck:
                     # there already (num_participants does not count agents).
                     tg.start_soon(list_people)
                     rooms = await lkapi.room.list_rooms(api.ListRoomsRequest(names=[message.room]))
-                same = [
-                    r
-                    for r in rooms.rooms
-                    if r.sid == message.job.room.sid or not message.job.room.sid
-                ]
+                known = {message.job.room.sid, remade_sid}
+                same = [r for r in rooms.rooms if r.sid in known or not message.job.room.sid]
                 if not same:
                     # LiveKit made the room anew (a restart) and this job's own
                     # session reconnected into it: still this call, not gone.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -94,9 +95,12 @@ class SessionSupervisor:
         writer: CheckpointWriter | None,
         span: Any,
     ) -> SessionOutcome:
-        """The session itself, with its watchers (join, checkpoint writer) beside it."""
+        """The session itself, with its watchers (join, checkpoint writer, room) beside it."""
         async with anyio.create_task_group() as watch:
             watch.start_soon(self._mark_joined, claim, message, control, span)
+            remade, remade_sids = anyio.create_memory_object_stream[str](math.inf)
+            control.room_remade = remade.send_nowait
+            watch.start_soon(self._record_room_sids, message, remade_sids)
             if writer is not None:
                 watch.start_soon(writer.run)
             try:
@@ -143,6 +147,26 @@ class SessionSupervisor:
             message.job_id,
             within=math.inf,
         )
+
+    async def _record_room_sids(
+        self, message: JobMessage, sids: anyio.abc.ObjectReceiveStream[str]
+    ) -> None:
+        """Record each room LiveKit made anew that the session is in (its call's room now)."""
+        ctx = self._ctx
+        async with sids:
+            async for sid in sids:
+                logger.info(
+                    "job %s: LiveKit made room %s anew (sid %s); the call goes on in it",
+                    message.job_id,
+                    message.room,
+                    sid,
+                )
+                fields = {RecordField.ROOM_SID: sid}
+                await ctx.redis(
+                    partial(ctx.consumer.update_record, message.job_id, fields),
+                    "job %s: the room's new sid not recorded: %s",
+                    message.job_id,
+                )
 
     async def _redeliver(self, claim: Claim) -> Delivery | None:
         """A call whose session process died, delivered again to start at once, as a takeover.
