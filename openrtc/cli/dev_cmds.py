@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from openrtc.agents.registry import AgentPool
 from openrtc.cli.app import (
     AgentsDir,
     AgentsDirPositional,
@@ -32,9 +33,13 @@ from openrtc.cli.app import (
 from openrtc.errors import OpenRTCError
 from openrtc.settings import (
     DEFAULT_NAMESPACE,
+    LiveKitSettings,
     redact_url,
 )
 from openrtc.supervision import freeze_imports
+
+if TYPE_CHECKING:
+    from openrtc.devtools.dev import DevStack
 
 
 @app.command("call", cls=_Checked)
@@ -92,6 +97,33 @@ def call(
         raise typer.Exit(1)
 
 
+def _external_livekit(livekit_url: str, api_key: str, api_secret: str) -> LiveKitSettings | None:
+    """The LiveKit ``openrtc dev`` is pointed at (``None``: it starts one); bad settings fail."""
+    if not livekit_url:
+        return None
+    try:
+        return LiveKitSettings(livekit_url, api_key, api_secret)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+
+
+def _dev_progress(line: str) -> None:
+    # stderr: progress, not the stack's settings.
+    typer.echo(f"[dev] {line}", err=True)
+
+
+def _print_stack(stack: DevStack, pool: AgentPool, env_file: Path) -> None:
+    """Where the running stack's pieces are; the API secret only in the env file."""
+    typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
+    typer.echo(f"Redis    {redact_url(stack.redis.url)}")
+    typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
+    for name, url in stack.http_urls.items():
+        typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")
+    typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
+    typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
+    typer.echo("Ctrl-C stops everything.")
+
+
 @app.command("dev", cls=_Checked)
 def dev(
     agents_dir_arg: AgentsDirPositional = None,
@@ -119,7 +151,6 @@ def dev(
     import anyio
 
     from openrtc.devtools.dev import dev_stack, write_env_file
-    from openrtc.settings import LiveKitSettings
 
     agents_dir = _agents_dir(agents_dir_arg, agents_dir)
     pool = _load_pool(
@@ -127,16 +158,7 @@ def dev(
     )
     if len(pool) == 0:
         _fail("No agents are registered in the pool.")
-    external_livekit = None
-    if livekit_url:
-        try:
-            external_livekit = LiveKitSettings(livekit_url, api_key, api_secret)
-        except OpenRTCError as exc:
-            _fail(str(exc))
-
-    def progress(line: str) -> None:
-        # stderr: progress, not the stack's settings.
-        typer.echo(f"[dev] {line}", err=True)
+    external_livekit = _external_livekit(livekit_url, api_key, api_secret)
 
     async def serve() -> None:
         from openrtc.supervision import stop_signals
@@ -148,17 +170,10 @@ def dev(
             livekit=external_livekit,
             redis_url=redis_url or None,
             namespace=namespace,
-            progress=progress,
+            progress=_dev_progress,
         ) as stack:
             write_env_file(env_file, stack)
-            typer.echo(f"LiveKit  {stack.livekit.url}  (API key {stack.livekit.api_key})")
-            typer.echo(f"Redis    {redact_url(stack.redis.url)}")
-            typer.echo(f"agents   {', '.join(pool.list_agents())} (one worker each)")
-            for name, url in stack.http_urls.items():
-                typer.echo(f"http     {url}  ({name}: /healthz /readyz /metrics)")
-            typer.echo(f"settings {env_file} (includes the API secret; mode 0600)")
-            typer.echo(f"try:     set -a; . {env_file}; set +a; openrtc status")
-            typer.echo("Ctrl-C stops everything.")
+            _print_stack(stack, pool, env_file)
             stopped = anyio.Event()
             with stop_signals(lambda _: stopped.set(), lambda _: stopped.set()):
                 await stopped.wait()

@@ -90,16 +90,170 @@ DeadLetterMaxlen = Annotated[
         help="Dead letters kept; past it the oldest are trimmed (approximately).",
     ),
 ]
-# Each command's default from its own settings class; module-level: ruff (B008) wants no call
-# in a parameter default.
-_DISPATCHER_DEAD_LETTERS = _dispatcher_default("dead_letter_maxlen")
-_WORKER_DEAD_LETTERS = _worker_default("dead_letter_maxlen")
 Isolation = Annotated[
     IsolationMode,
     typer.Option(
         "--isolation",
         envvar="OPENRTC_ISOLATION",
         help="coroutine (sessions share this process) or process (one child per session).",
+    ),
+]
+
+
+# -- `openrtc dispatcher`'s own options
+AgentName = Annotated[
+    str,
+    typer.Option(
+        "--agent-name",
+        envvar="OPENRTC_AGENT_NAME",
+        help="Name to register with LiveKit: empty for automatic dispatch, "
+        "a name for explicit dispatch to it.",
+    ),
+]
+WhenNoWorker = Annotated[
+    NoWorkerPolicyChoice,
+    typer.Option(
+        "--when-no-worker",
+        envvar="OPENRTC_WHEN_NO_WORKER",
+        help="queue (wait for an autoscaler; expire to the dead letters) or reject.",
+    ),
+]
+MaxBacklog = Annotated[
+    int,
+    typer.Option(
+        "--max-backlog",
+        envvar="OPENRTC_MAX_BACKLOG",
+        help="Jobs an agent may have waiting beyond free worker slots.",
+    ),
+]
+WaitReplicas = Annotated[
+    int,
+    typer.Option(
+        "--wait-replicas",
+        envvar="OPENRTC_WAIT_REPLICAS",
+        help="Replicas that must have each job before it counts as enqueued (Redis WAIT); 0 = off.",
+    ),
+]
+ReconcileInterval = Annotated[
+    float,
+    typer.Option(
+        "--reconcile-interval",
+        envvar="OPENRTC_RECONCILE_INTERVAL",
+        help="Seconds between looks for rooms with a caller and no agent "
+        "(one dispatcher at a time); 0 = off.",
+    ),
+]
+ReconcileGrace = Annotated[
+    float,
+    typer.Option(
+        "--reconcile-grace",
+        envvar="OPENRTC_RECONCILE_GRACE",
+        help="Seconds a room may have a caller and no agent before it is dispatched again.",
+    ),
+]
+
+# -- `openrtc worker`'s own options
+Agent = Annotated[str, typer.Option("--agent", help="The agent this worker serves.")]
+Concurrency = Annotated[
+    int,
+    typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
+]
+IdleProcesses = Annotated[
+    int,
+    typer.Option(
+        "--idle-processes",
+        envvar="OPENRTC_IDLE_PROCESSES",
+        help="With --isolation process: warm child processes kept ready for new calls.",
+    ),
+]
+Lease = Annotated[
+    float,
+    typer.Option(
+        "--lease",
+        envvar="OPENRTC_LEASE",
+        help="Seconds without renewal after which another worker takes a call over.",
+    ),
+]
+CrashDetection = Annotated[
+    bool,
+    typer.Option(
+        "--crash-detection/--no-crash-detection",
+        envvar="OPENRTC_CRASH_DETECTION",
+        help="Take a crashed worker's calls over at once (its connections closed), "
+        "not after the lease.",
+    ),
+]
+Handover = Annotated[
+    bool,
+    typer.Option(
+        "--handover/--no-handover",
+        envvar="OPENRTC_HANDOVER",
+        help="On SIGTERM, hand running calls to peers with free slots (at a turn "
+        "boundary, conversation kept) instead of waiting for them to end.",
+    ),
+]
+MaxDeliveries = Annotated[
+    int,
+    typer.Option(
+        "--max-deliveries",
+        envvar="OPENRTC_MAX_DELIVERIES",
+        help="Deliveries after which a job goes to the dead letters.",
+    ),
+]
+MaxQueueAge = Annotated[
+    float,
+    typer.Option(
+        "--max-queue-age",
+        envvar="OPENRTC_MAX_QUEUE_AGE",
+        help="Seconds a job may wait before it expires to the dead letters.",
+    ),
+]
+DrainTimeout = Annotated[
+    float,
+    typer.Option(
+        "--drain-timeout",
+        envvar="OPENRTC_DRAIN_TIMEOUT",
+        help="On SIGTERM, seconds running calls may go on before others take them over.",
+    ),
+]
+ForgetConsumersAfter = Annotated[
+    float,
+    typer.Option(
+        "--forget-consumers-after",
+        envvar="OPENRTC_FORGET_CONSUMERS_AFTER",
+        help="Seconds a consumer holding nothing may go unread before it leaves the group.",
+    ),
+]
+LoadThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--load-threshold",
+        envvar="OPENRTC_LOAD_THRESHOLD",
+        help="Host CPU share (0-1] at or above which new calls go to peers below theirs.",
+    ),
+]
+CheckpointMaxBytes = Annotated[
+    int,
+    typer.Option(
+        "--checkpoint-max-bytes",
+        envvar="OPENRTC_CHECKPOINT_MAX_BYTES",
+        help="Largest conversation checkpoint per call (long texts shortened, then the "
+        f"oldest turns dropped); 0 = no checkpoints; at most {MAX_CHECKPOINT_BYTES}.",
+    ),
+]
+
+# -- `openrtc start`'s own spellings (openrtc 0.20.1's flag names also accepted)
+StartLiveKitUrl = Annotated[
+    str,
+    typer.Option("--livekit-url", "--url", envvar="LIVEKIT_URL", help="LiveKit server URL."),
+]
+StartConcurrency = Annotated[
+    int,
+    typer.Option(
+        "--concurrency",
+        "--max-concurrent-sessions",
+        envvar="OPENRTC_CONCURRENCY",
+        help="Sessions at once, per agent.",
     ),
 ]
 
@@ -211,59 +365,14 @@ def dispatcher(
     api_secret: ApiSecret = "",
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
-    agent_name: Annotated[
-        str,
-        typer.Option(
-            "--agent-name",
-            envvar="OPENRTC_AGENT_NAME",
-            help="Name to register with LiveKit: empty for automatic dispatch, "
-            "a name for explicit dispatch to it.",
-        ),
-    ] = "",
-    when_no_worker: Annotated[
-        NoWorkerPolicyChoice,
-        typer.Option(
-            "--when-no-worker",
-            envvar="OPENRTC_WHEN_NO_WORKER",
-            help="queue (wait for an autoscaler; expire to the dead letters) or reject.",
-        ),
-    ] = _WHEN_NO_WORKER,
-    max_backlog: Annotated[
-        int,
-        typer.Option(
-            "--max-backlog",
-            envvar="OPENRTC_MAX_BACKLOG",
-            help="Jobs an agent may have waiting beyond free worker slots.",
-        ),
-    ] = _dispatcher_default("max_backlog"),
-    wait_replicas: Annotated[
-        int,
-        typer.Option(
-            "--wait-replicas",
-            envvar="OPENRTC_WAIT_REPLICAS",
-            help="Replicas that must have each job before it counts as enqueued (Redis WAIT); "
-            "0 = off.",
-        ),
-    ] = _dispatcher_default("wait_replicas"),
-    reconcile_interval: Annotated[
-        float,
-        typer.Option(
-            "--reconcile-interval",
-            envvar="OPENRTC_RECONCILE_INTERVAL",
-            help="Seconds between looks for rooms with a caller and no agent "
-            "(one dispatcher at a time); 0 = off.",
-        ),
-    ] = _dispatcher_default("reconcile_interval"),
-    reconcile_grace: Annotated[
-        float,
-        typer.Option(
-            "--reconcile-grace",
-            envvar="OPENRTC_RECONCILE_GRACE",
-            help="Seconds a room may have a caller and no agent before it is dispatched again.",
-        ),
-    ] = _dispatcher_default("reconcile_grace"),
+    agent_name: AgentName = "",
+    when_no_worker: WhenNoWorker = _WHEN_NO_WORKER,
+    max_backlog: MaxBacklog = _dispatcher_default("max_backlog"),
+    wait_replicas: WaitReplicas = _dispatcher_default("wait_replicas"),
+    reconcile_interval: ReconcileInterval = _dispatcher_default("reconcile_interval"),
+    reconcile_grace: ReconcileGrace = _dispatcher_default("reconcile_grace"),
     http_port: DispatcherHttpPort = None,
-    dead_letter_maxlen: DeadLetterMaxlen = _DISPATCHER_DEAD_LETTERS,
+    dead_letter_maxlen: DeadLetterMaxlen = _dispatcher_default("dead_letter_maxlen"),
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
 ) -> None:
@@ -298,7 +407,7 @@ def dispatcher(
 
 @app.command("worker", cls=_Checked)
 def worker(
-    agent: Annotated[str, typer.Option("--agent", help="The agent this worker serves.")],
+    agent: Agent,
     agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
     livekit_url: LiveKitUrl = "",
@@ -306,100 +415,24 @@ def worker(
     api_secret: ApiSecret = "",
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
-    concurrency: Annotated[
-        int,
-        typer.Option("--concurrency", envvar="OPENRTC_CONCURRENCY", help="Sessions at once."),
-    ] = _worker_default("concurrency"),
+    concurrency: Concurrency = _worker_default("concurrency"),
     isolation: Isolation = _ISOLATION,
-    idle_processes: Annotated[
-        int,
-        typer.Option(
-            "--idle-processes",
-            envvar="OPENRTC_IDLE_PROCESSES",
-            help="With --isolation process: warm child processes kept ready for new calls.",
-        ),
-    ] = _worker_default("idle_processes"),
-    lease: Annotated[
-        float,
-        typer.Option(
-            "--lease",
-            envvar="OPENRTC_LEASE",
-            help="Seconds without renewal after which another worker takes a call over.",
-        ),
-    ] = _worker_default("lease"),
-    crash_detection: Annotated[
-        bool,
-        typer.Option(
-            "--crash-detection/--no-crash-detection",
-            envvar="OPENRTC_CRASH_DETECTION",
-            help="Take a crashed worker's calls over at once (its connections closed), "
-            "not after the lease.",
-        ),
-    ] = _worker_default("crash_detection"),
-    handover: Annotated[
-        bool,
-        typer.Option(
-            "--handover/--no-handover",
-            envvar="OPENRTC_HANDOVER",
-            help="On SIGTERM, hand running calls to peers with free slots (at a turn "
-            "boundary, conversation kept) instead of waiting for them to end.",
-        ),
-    ] = _worker_default("handover"),
-    max_deliveries: Annotated[
-        int,
-        typer.Option(
-            "--max-deliveries",
-            envvar="OPENRTC_MAX_DELIVERIES",
-            help="Deliveries after which a job goes to the dead letters.",
-        ),
-    ] = _worker_default("max_deliveries"),
-    max_queue_age: Annotated[
-        float,
-        typer.Option(
-            "--max-queue-age",
-            envvar="OPENRTC_MAX_QUEUE_AGE",
-            help="Seconds a job may wait before it expires to the dead letters.",
-        ),
-    ] = _worker_default("max_queue_age"),
-    drain_timeout: Annotated[
-        float,
-        typer.Option(
-            "--drain-timeout",
-            envvar="OPENRTC_DRAIN_TIMEOUT",
-            help="On SIGTERM, seconds running calls may go on before others take them over.",
-        ),
-    ] = _worker_default("drain_timeout"),
-    forget_consumers_after: Annotated[
-        float,
-        typer.Option(
-            "--forget-consumers-after",
-            envvar="OPENRTC_FORGET_CONSUMERS_AFTER",
-            help="Seconds a consumer holding nothing may go unread before it leaves the group.",
-        ),
-    ] = _worker_default("forget_consumers_after"),
-    load_threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--load-threshold",
-            envvar="OPENRTC_LOAD_THRESHOLD",
-            help="Host CPU share (0-1] at or above which new calls go to peers below theirs.",
-        ),
-    ] = _worker_default("load_threshold"),
+    idle_processes: IdleProcesses = _worker_default("idle_processes"),
+    lease: Lease = _worker_default("lease"),
+    crash_detection: CrashDetection = _worker_default("crash_detection"),
+    handover: Handover = _worker_default("handover"),
+    max_deliveries: MaxDeliveries = _worker_default("max_deliveries"),
+    max_queue_age: MaxQueueAge = _worker_default("max_queue_age"),
+    drain_timeout: DrainTimeout = _worker_default("drain_timeout"),
+    forget_consumers_after: ForgetConsumersAfter = _worker_default("forget_consumers_after"),
+    load_threshold: LoadThreshold = _worker_default("load_threshold"),
     http_port: HttpPort = None,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,
     default_tts: DefaultTts = None,
     default_greeting: DefaultGreeting = None,
-    dead_letter_maxlen: DeadLetterMaxlen = _WORKER_DEAD_LETTERS,
-    checkpoint_max_bytes: Annotated[
-        int,
-        typer.Option(
-            "--checkpoint-max-bytes",
-            envvar="OPENRTC_CHECKPOINT_MAX_BYTES",
-            help="Largest conversation checkpoint per call (long texts shortened, then the "
-            f"oldest turns dropped); 0 = no checkpoints; at most {MAX_CHECKPOINT_BYTES}.",
-        ),
-    ] = _worker_default("checkpoint_max_bytes"),
+    dead_letter_maxlen: DeadLetterMaxlen = _worker_default("dead_letter_maxlen"),
+    checkpoint_max_bytes: CheckpointMaxBytes = _worker_default("checkpoint_max_bytes"),
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
 ) -> None:
@@ -447,23 +480,12 @@ def worker(
 def start(
     agents_dir_arg: AgentsDirPositional = None,
     agents_dir: AgentsDir = Path("agents"),
-    livekit_url: Annotated[
-        str,
-        typer.Option("--livekit-url", "--url", envvar="LIVEKIT_URL", help="LiveKit server URL."),
-    ] = "",
+    livekit_url: StartLiveKitUrl = "",
     api_key: ApiKey = "",
     api_secret: ApiSecret = "",
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
     namespace: Namespace = DEFAULT_NAMESPACE,
-    concurrency: Annotated[
-        int,
-        typer.Option(
-            "--concurrency",
-            "--max-concurrent-sessions",
-            envvar="OPENRTC_CONCURRENCY",
-            help="Sessions at once, per agent.",
-        ),
-    ] = _worker_default("concurrency"),
+    concurrency: StartConcurrency = _worker_default("concurrency"),
     isolation: Isolation = _ISOLATION,
     default_stt: DefaultStt = None,
     default_llm: DefaultLlm = None,

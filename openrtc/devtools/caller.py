@@ -123,6 +123,81 @@ class Caller:
                 await self._changed.wait()
 
 
+class _RoomWatch:
+    """The room's event handlers: they record on ``caller`` the agents and their audio.
+
+    Audio tracks subscribed while the caller listens are sent to :meth:`listen`,
+    which decodes each in a task of its own (:meth:`hear`).
+    """
+
+    def __init__(self, caller: Caller) -> None:
+        self.caller = caller
+        #: Every audio stream opened, to close before the room is left (:func:`_leave`).
+        self.streams: list[rtc.AudioStream] = []
+        self._send, self._receive = anyio.create_memory_object_stream[tuple[rtc.Track, TrackAudio]](
+            1000
+        )
+        room = caller.room
+        room.on("participant_connected", self.on_join)
+        room.on("participant_disconnected", self.on_leave)
+        room.on("participant_attributes_changed", self.on_attributes)
+        room.on("track_subscribed", self.on_track)
+        room.on("track_unsubscribed", self.on_untrack)
+
+    def on_join(self, p: rtc.RemoteParticipant) -> None:
+        if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            self.caller.sightings.append(
+                AgentSighting(p.identity, p.sid, p.kind, dict(p.attributes), time.monotonic())
+            )
+        self.caller._participants_changed()
+
+    def on_leave(self, p: rtc.RemoteParticipant) -> None:
+        self.caller._participants_changed()
+
+    def on_attributes(self, changed: dict[str, str], p: rtc.Participant) -> None:
+        for s in self.caller.sightings:
+            if s.sid == p.sid:
+                s.attributes = dict(p.attributes)
+
+    def on_track(self, track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
+        if (
+            track.kind == rtc.TrackKind.KIND_AUDIO
+            and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        ):
+            record = TrackAudio(p.identity, p.sid)
+            self.caller.audio.append(record)
+            if self.caller.listening:
+                self._send.send_nowait((track, record))
+
+    def on_untrack(self, track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
+        for record in self.caller.audio:
+            if record.sid == p.sid and not record.unsubscribed_at:
+                record.unsubscribed_at = time.monotonic()
+
+    async def listen(self, tg: TaskGroup) -> None:
+        """Hear each track sent by :meth:`on_track`, in a task of ``tg``."""
+        async for track, record in self._receive:
+            tg.start_soon(self.hear, track, record)
+
+    async def hear(self, track: rtc.Track, record: TrackAudio) -> None:
+        # 50 ms frames, not 10: a process holding many callers (the benchmarks)
+        # must keep up with their audio, or every event it times comes late.
+        stream = rtc.AudioStream(track, sample_rate=48000, num_channels=1, frame_size_ms=FRAME_MS)
+        self.streams.append(stream)
+        caller = self.caller
+        async for event in stream:
+            record.last_at = time.monotonic()
+            record.first_at = record.first_at or record.last_at
+            record.frames += 1
+            if caller.heard.is_set():
+                continue
+            samples = np.frombuffer(event.frame.data, dtype=np.int16)
+            if samples.size and int(np.abs(samples).max()) > LOUD:
+                caller.loud_frames += 1
+                if caller.loud_frames >= HEARD_FRAMES:
+                    caller.heard.set()
+
+
 @asynccontextmanager
 async def caller_in(
     livekit: LiveKitSettings, room: str, identity: str = "caller", *, listen: bool = True
@@ -141,80 +216,20 @@ async def caller_in(
     )
     lk_room = rtc.Room()
     caller = Caller(lk_room, listening=listen)
-
-    @lk_room.on("participant_connected")
-    def _on_join(p: rtc.RemoteParticipant) -> None:
-        if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
-            caller.sightings.append(
-                AgentSighting(p.identity, p.sid, p.kind, dict(p.attributes), time.monotonic())
-            )
-        caller._participants_changed()
-
-    @lk_room.on("participant_disconnected")
-    def _on_leave(p: rtc.RemoteParticipant) -> None:
-        caller._participants_changed()
-
-    @lk_room.on("participant_attributes_changed")
-    def _on_attrs(changed: dict[str, str], p: rtc.Participant) -> None:
-        for s in caller.sightings:
-            if s.sid == p.sid:
-                s.attributes = dict(p.attributes)
-
-    send, receive = anyio.create_memory_object_stream[tuple[rtc.Track, TrackAudio]](1000)
-
-    @lk_room.on("track_subscribed")
-    def _on_track(track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
-        if (
-            track.kind == rtc.TrackKind.KIND_AUDIO
-            and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-        ):
-            record = TrackAudio(p.identity, p.sid)
-            caller.audio.append(record)
-            if caller.listening:
-                send.send_nowait((track, record))
-
-    @lk_room.on("track_unsubscribed")
-    def _on_untrack(track: rtc.Track, _pub: object, p: rtc.RemoteParticipant) -> None:
-        for record in caller.audio:
-            if record.sid == p.sid and not record.unsubscribed_at:
-                record.unsubscribed_at = time.monotonic()
-
-    streams: list[rtc.AudioStream] = []
-
-    async def hear(track: rtc.Track, record: TrackAudio) -> None:
-        # 50 ms frames, not 10: a process holding many callers (the benchmarks)
-        # must keep up with their audio, or every event it times comes late.
-        stream = rtc.AudioStream(track, sample_rate=48000, num_channels=1, frame_size_ms=FRAME_MS)
-        streams.append(stream)
-        async for event in stream:
-            record.last_at = time.monotonic()
-            record.first_at = record.first_at or record.last_at
-            record.frames += 1
-            if caller.heard.is_set():
-                continue
-            samples = np.frombuffer(event.frame.data, dtype=np.int16)
-            if samples.size and int(np.abs(samples).max()) > LOUD:
-                caller.loud_frames += 1
-                if caller.loud_frames >= HEARD_FRAMES:
-                    caller.heard.set()
-
-    async def start_listening(tg: TaskGroup) -> None:
-        async for track, record in receive:
-            tg.start_soon(hear, track, record)
-
+    watch = _RoomWatch(caller)
     await lk_room.connect(livekit.ws_url, token)
     for p in lk_room.remote_participants.values():
-        _on_join(p)
+        watch.on_join(p)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(start_listening, tg)
+            tg.start_soon(watch.listen, tg)
             try:
                 yield caller
             finally:
                 tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await _leave(lk_room, streams)
+            await _leave(lk_room, watch.streams)
 
 
 async def _leave(room: rtc.Room, streams: list[rtc.AudioStream]) -> None:

@@ -165,6 +165,86 @@ def _check_livekit(url: str) -> None:
         ) from None
 
 
+async def _redis(
+    servers: contextlib.AsyncExitStack, url: str | None, log_dir: Path | None, progress: Progress
+) -> RedisServer | ExternalRedis:
+    """The Redis at ``url`` once it answers, else one started here (stopped with ``servers``)."""
+    if url:
+        progress(f"Redis: using {redact_url(url)} (REDIS_URL), starting none")
+        await _check_redis(url)
+        return ExternalRedis(url)
+    # Durable like a deployment (AOF in the server's temporary directory),
+    # so the services' start-up check has nothing to warn about.
+    server = RedisServer(
+        log_path=log_dir / "redis.log" if log_dir else None,
+        appendonly=True,
+    )
+    binary = find_redis_binary()
+    progress(f"redis-server: starting {binary} on 127.0.0.1:{server.port}")
+    servers.callback(server.close)
+    await _timed("redis-server", server.start, progress)
+    return server
+
+
+async def _livekit(
+    servers: contextlib.AsyncExitStack,
+    livekit: LiveKitSettings | None,
+    log_dir: Path | None,
+    progress: Progress,
+) -> LiveKitServer | LiveKitSettings:
+    """The LiveKit ``livekit`` once it answers, else one started here (stopped with ``servers``)."""
+    if livekit is not None:
+        progress(f"LiveKit: using {redact_url(livekit.url)} (LIVEKIT_URL), starting none")
+        await anyio.to_thread.run_sync(_check_livekit, livekit.url)
+        return livekit
+    server = LiveKitServer(log_path=log_dir / "livekit.log" if log_dir else None)
+    binary = find_livekit_binary()
+    progress(f"livekit-server: starting {binary} on 127.0.0.1:{server.port}")
+    servers.callback(server.close)
+    await _timed("livekit-server", server.start, progress)
+    return server
+
+
+def _services(
+    pool: AgentPool,
+    credentials: LiveKitSettings,
+    redis_url: str,
+    *,
+    namespace: str,
+    concurrency: int,
+    isolation: Isolation,
+    http: bool,
+) -> tuple[Dispatcher, list[Worker]]:
+    """A dispatcher and a worker per agent, not started yet."""
+
+    def http_port() -> dict[str, Any]:
+        return {"http_port": free_port(), "http_host": "127.0.0.1"} if http else {}
+
+    dispatcher = Dispatcher(
+        DispatcherSettings(
+            livekit=credentials, redis_url=redis_url, namespace=namespace, **http_port()
+        ),
+        pool,
+    )
+    workers = [
+        Worker(
+            WorkerSettings(
+                livekit=credentials,
+                agent=name,
+                redis_url=redis_url,
+                namespace=namespace,
+                concurrency=concurrency,
+                isolation=isolation,
+                drain_timeout=5.0,
+                **http_port(),
+            ),
+            pool,
+        )
+        for name in pool.list_agents()
+    ]
+    return dispatcher, workers
+
+
 @asynccontextmanager
 async def dev_stack(
     agents_dir: str | Path,
@@ -194,63 +274,18 @@ async def dev_stack(
         raise ConfigError("No agents are registered in the pool.")
     if log_dir is not None:
         await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
-    redis: RedisServer | ExternalRedis
-    lk: LiveKitServer | LiveKitSettings
     async with contextlib.AsyncExitStack() as servers:
-        if redis_url:
-            progress(f"Redis: using {redact_url(redis_url)} (REDIS_URL), starting none")
-            await _check_redis(redis_url)
-            redis = ExternalRedis(redis_url)
-        else:
-            # Durable like a deployment (AOF in the server's temporary directory),
-            # so the services' start-up check has nothing to warn about.
-            server = RedisServer(
-                log_path=log_dir / "redis.log" if log_dir else None,
-                appendonly=True,
-            )
-            binary = find_redis_binary()
-            progress(f"redis-server: starting {binary} on 127.0.0.1:{server.port}")
-            servers.callback(server.close)
-            await _timed("redis-server", server.start, progress)
-            redis = server
-        if livekit is not None:
-            progress(f"LiveKit: using {redact_url(livekit.url)} (LIVEKIT_URL), starting none")
-            await anyio.to_thread.run_sync(_check_livekit, livekit.url)
-            lk = livekit
-        else:
-            lk_server = LiveKitServer(log_path=log_dir / "livekit.log" if log_dir else None)
-            binary = find_livekit_binary()
-            progress(f"livekit-server: starting {binary} on 127.0.0.1:{lk_server.port}")
-            servers.callback(lk_server.close)
-            await _timed("livekit-server", lk_server.start, progress)
-            lk = lk_server
-        credentials = LiveKitSettings(lk.url, lk.api_key, lk.api_secret)
-
-        def http_port() -> dict[str, Any]:
-            return {"http_port": free_port(), "http_host": "127.0.0.1"} if http else {}
-
-        dispatcher = Dispatcher(
-            DispatcherSettings(
-                livekit=credentials, redis_url=redis.url, namespace=namespace, **http_port()
-            ),
+        redis = await _redis(servers, redis_url, log_dir, progress)
+        lk = await _livekit(servers, livekit, log_dir, progress)
+        dispatcher, workers = _services(
             pool,
+            LiveKitSettings(lk.url, lk.api_key, lk.api_secret),
+            redis.url,
+            namespace=namespace,
+            concurrency=concurrency,
+            isolation=isolation,
+            http=http,
         )
-        workers = [
-            Worker(
-                WorkerSettings(
-                    livekit=credentials,
-                    agent=name,
-                    redis_url=redis.url,
-                    namespace=namespace,
-                    concurrency=concurrency,
-                    isolation=isolation,
-                    drain_timeout=5.0,
-                    **http_port(),
-                ),
-                pool,
-            )
-            for name in pool.list_agents()
-        ]
         started = time.monotonic()
         progress(f"services: starting a dispatcher and {len(workers)} worker(s)")
         async with anyio.create_task_group() as tg:

@@ -114,15 +114,36 @@ class StandIn:
         self.tokens.append(authorization.removeprefix("Bearer "))
         ws = web.WebSocketResponse(heartbeat=None)
         await ws.prepare(request)
+        worker = await self._register(ws)
+        if worker is None:
+            return ws
+        self.workers.append(worker)
+        self.registered.set()
+        try:
+            async for frame in ws:
+                if frame.type != WSMsgType.BINARY:
+                    continue
+                self.frames_received += 1
+                incoming = proto.WorkerMessage()
+                incoming.ParseFromString(frame.data)
+                await self._receive(worker, incoming)
+        finally:
+            worker.closed.set()
+            if worker in self.workers:
+                self.workers.remove(worker)
+        return ws
+
+    async def _register(self, ws: web.WebSocketResponse) -> WorkerConn | None:
+        """Answer the socket's first message, a registration (else close it: ``None``)."""
         first = await ws.receive()
         if first.type != WSMsgType.BINARY:
             await ws.close()
-            return ws
+            return None
         message = proto.WorkerMessage()
         message.ParseFromString(first.data)
         if message.WhichOneof("message") != "register":
             await ws.close()
-            return ws
+            return None
         worker = WorkerConn(
             worker_id=f"AW_standin{next(_ids):06d}",
             agent_name=message.register.agent_name,
@@ -136,41 +157,31 @@ class StandIn:
                 )
             ).SerializeToString()
         )
-        self.workers.append(worker)
-        self.registered.set()
-        try:
-            async for frame in ws:
-                if frame.type != WSMsgType.BINARY:
-                    continue
-                self.frames_received += 1
-                incoming = proto.WorkerMessage()
-                incoming.ParseFromString(frame.data)
-                kind = incoming.WhichOneof("message")
-                if kind == "availability":
-                    answer = incoming.availability
-                    future = worker.availability.pop(answer.job_id, None)
-                    if future is None or future.done():
-                        worker.late_answers.append(answer.job_id)
-                    else:
-                        future.set_result(answer)
-                elif kind == "update_job":
-                    worker.job_updates.append(incoming.update_job)
-                elif kind == "update_worker":
-                    worker.worker_updates.append(incoming.update_worker)
-                elif kind == "ping":
-                    await ws.send_bytes(
-                        proto.ServerMessage(
-                            pong=proto.WorkerPong(
-                                last_timestamp=incoming.ping.timestamp,
-                                timestamp=int(time.time() * 1000),
-                            )
-                        ).SerializeToString()
+        return worker
+
+    async def _receive(self, worker: WorkerConn, incoming: proto.WorkerMessage) -> None:
+        """Record a registered worker's message (answer it, for a ping)."""
+        kind = incoming.WhichOneof("message")
+        if kind == "availability":
+            answer = incoming.availability
+            future = worker.availability.pop(answer.job_id, None)
+            if future is None or future.done():
+                worker.late_answers.append(answer.job_id)
+            else:
+                future.set_result(answer)
+        elif kind == "update_job":
+            worker.job_updates.append(incoming.update_job)
+        elif kind == "update_worker":
+            worker.worker_updates.append(incoming.update_worker)
+        elif kind == "ping":
+            await worker.ws.send_bytes(
+                proto.ServerMessage(
+                    pong=proto.WorkerPong(
+                        last_timestamp=incoming.ping.timestamp,
+                        timestamp=int(time.time() * 1000),
                     )
-        finally:
-            worker.closed.set()
-            if worker in self.workers:
-                self.workers.remove(worker)
-        return ws
+                ).SerializeToString()
+            )
 
     # -- driving it -------------------------------------------------------------
 

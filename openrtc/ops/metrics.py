@@ -78,6 +78,15 @@ class DispatcherMetrics(_Common):
 
     def __init__(self) -> None:
         super().__init__("dispatcher")
+        # In this order: a registry lists its metrics in the order they were defined.
+        self._define_routing()
+        self._define_relaying()
+        self._define_reconciler()
+        self._define_livekit_link()
+        self._define_queues()
+
+    def _define_routing(self) -> None:
+        """Availability answers and jobs written (or not) to the agents' streams."""
         r = self.registry
         self.availability_answers = Counter(
             "openrtc_availability_answers",
@@ -114,6 +123,10 @@ class DispatcherMetrics(_Common):
             buckets=_ENQUEUE_BUCKETS,
             registry=r,
         )
+
+    def _define_relaying(self) -> None:
+        """What the dispatcher relays between the workers and LiveKit."""
+        r = self.registry
         self.statuses_relayed = Counter(
             "openrtc_job_statuses_relayed",
             "Workers' job status events relayed to LiveKit, by status.",
@@ -125,6 +138,10 @@ class DispatcherMetrics(_Common):
             "LiveKit job terminations relayed to workers.",
             registry=r,
         )
+
+    def _define_reconciler(self) -> None:
+        """The reconciler: rooms dispatched again, its passes, its lease."""
+        r = self.registry
         self.reconciled = Counter(
             "openrtc_reconciler_dispatched",
             "Rooms with a caller and no agent that the reconciler dispatched again.",
@@ -141,6 +158,10 @@ class DispatcherMetrics(_Common):
             "1 while this dispatcher holds the reconciler lease.",
             registry=r,
         )
+
+    def _define_livekit_link(self) -> None:
+        """The registration with LiveKit."""
+        r = self.registry
         self.livekit_reconnects = Counter(
             "openrtc_livekit_reconnects",
             "Reconnections to LiveKit after a lost registration.",
@@ -151,6 +172,10 @@ class DispatcherMetrics(_Common):
             "1 while registered with LiveKit, else 0.",
             registry=r,
         )
+
+    def _define_queues(self) -> None:
+        """Per-agent queue and capacity gauges and the dead-letter backlog, read at scrape."""
+        r = self.registry
         agent = ["agent"]
         self.jobs_waiting = Gauge(
             "openrtc_jobs_waiting",
