@@ -149,22 +149,31 @@ async def _started(
     room = rtc.Room()
     ctx = parts.new_job_context(proc, console_job(config), room, ended.finish)
     with parts.current_job(ctx):
-        session = new_agent_session(config, proc)
-        session.on("close", lambda event: ended.finish(f"session closed ({event.reason.value})"))
+        session: AgentSession[Any] | None = None
         try:
-            on_session(session)
-            agent = config.build()
-            # capture_run: the start's own turn (a reply ``on_enter`` asks for) is awaited too.
-            entered = await session.start(agent=agent, capture_run=True)
-            greeting = say_greeting(session, config)
-            if entered is not None:
-                await entered
-            if greeting is not None:
-                await greeting
+            try:
+                session = new_agent_session(config, proc)
+                session.on("close", lambda e: ended.finish(f"session closed ({e.reason.value})"))
+                on_session(session)
+                agent = config.build()
+                # capture_run: the start's own turn (a reply on_enter asks for) is awaited too.
+                entered = await session.start(agent=agent, capture_run=True)
+                greeting = say_greeting(session, config)
+                if entered is not None:
+                    await entered
+                if greeting is not None:
+                    await greeting
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, OpenRTCError) else _named(exc)
+                raise ConsoleError(f"the agent failed to start: {reason}") from exc
             yield session
         finally:
             with anyio.CancelScope(shield=True):
                 await _close(ctx, room, session, ended.reason or "console closed")
+
+
+def _named(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def run_text(
@@ -181,34 +190,37 @@ async def run_text(
     """
     ended = _Ended()
     said: list[_Said] = []
+    failure: ConsoleError | None = None
 
     def emit(texts: list[str]) -> None:
         if texts:
             print(reply_line(texts), file=out, flush=True)
 
+    async def converse(session: AgentSession[Any], done: anyio.CancelScope) -> None:
+        nonlocal failure
+        while True:
+            line = await anyio.to_thread.run_sync(lines.readline, abandon_on_cancel=True)
+            if not line:
+                break
+            if not line.strip():
+                continue
+            try:
+                await session.run(user_input=line.strip())
+            except Exception as exc:
+                failure = ConsoleError(f"the agent failed to answer: {_named(exc)}")
+                break
+            finally:
+                emit(said[0].take())
+        done.cancel()
+
     async with _started(config, proc, ended, lambda s: said.append(_Said(s, err))) as session:
         emit(said[0].take())
         async with anyio.create_task_group() as tg:
-
-            async def stop_when_ended() -> None:
-                await ended.event.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_when_ended)
-            while True:
-                line = await anyio.to_thread.run_sync(lines.readline, abandon_on_cancel=True)
-                if not line:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    await session.run(user_input=line.strip())
-                except Exception as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-                    raise ConsoleError(f"the agent failed to answer: {reason}") from exc
-                finally:
-                    emit(said[0].take())
+            tg.start_soon(converse, session, tg.cancel_scope)
+            await ended.event.wait()  # the agent ended the call
             tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def sound_devices(input_device: int | str | None, output_device: int | str | None) -> None:
@@ -285,4 +297,6 @@ def run_audio(
     finally:
         signal.signal(signal.SIGUSR1, previous)
     if failure is not None:
-        raise ConsoleError(f"the agent session failed: {type(failure).__name__}: {failure}")
+        if isinstance(failure, ConsoleError):
+            raise failure
+        raise ConsoleError(f"the agent session failed: {_named(failure)}")
