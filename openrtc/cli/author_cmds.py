@@ -32,7 +32,9 @@ def _device(value: str | None) -> int | str | None:
 
 @app.command("console", cls=_Checked)
 def console(
-    agent: Annotated[str, typer.Argument(help="The agent to talk to (its registered name).")],
+    agent: Annotated[
+        str, typer.Argument(help="The agent to talk to (its registered name).", metavar="AGENT")
+    ],
     agents_dir: AgentsDir = Path("agents"),
     text: Annotated[
         bool,
