@@ -88,6 +88,8 @@ def console(
             )
     except ConsoleError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None  # Ctrl+C: the shell's code for it, no traceback
 
 
 @app.command("download-files", cls=_Checked)

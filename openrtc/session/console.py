@@ -181,12 +181,10 @@ async def run_text(
 ) -> None:
     """Talk to the agent by text: each line of ``lines`` a user turn, its reply a line of ``out``.
 
-    Tool calls go to ``err``, one line each.
-
     The greeting (what the agent says before the first turn) is the first
-    line, when it says anything; blank input lines are skipped. Returns at
-    the end of ``lines`` or when the agent ends the call; raises
-    :class:`ConsoleError` when a turn fails.
+    line, when it says anything; blank input lines are skipped; the agent's
+    tool calls go to ``err``, one line each. Returns at the end of ``lines``
+    or when the agent ends the call; raises :class:`ConsoleError` when a turn fails.
     """
     ended = _Ended()
     said: list[_Said] = []
