@@ -19,10 +19,15 @@ FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 OPENRTC_AGENTS_DIR=/agents \
     PATH=/opt/venv/bin:$PATH
 COPY --from=build /opt/venv /opt/venv
-RUN useradd --system --uid 10001 openrtc
+RUN useradd --system --create-home --uid 10001 openrtc
 WORKDIR /app
 COPY examples/offline_agents /agents
 USER openrtc
+# What the agents' livekit plugins fetch at run time (VAD and turn-detector
+# models, ...) is downloaded now, into the image (~openrtc/.cache): a container
+# starts without downloads. A derived image that copies its own /agents runs
+# this line again after its COPY.
+RUN openrtc download-files
 # /healthz of the service's HTTP server (port from OPENRTC_HTTP_PORT, set per
 # target below: set the variable, not --http-port, so this check follows it).
 # 503 = event loop stalled; no answer within the timeout counts as unhealthy too.

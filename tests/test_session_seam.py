@@ -143,3 +143,16 @@ def test_the_seam_reaches_livekit_agents_internals_only_through_livekit_parts() 
             assert node.module in {"livekit", "livekit.agents"}, node.module
     for token in ("._info", "._userdata", "._shutdown_callbacks", "._on_setup", "._on_cleanup"):
         assert token not in source, token
+
+
+def test_the_console_reaches_livekit_agents_internals_only_through_livekit_parts() -> None:
+    """``openrtc console`` (openrtc.session.console) too: its private livekit names are listed."""
+    from openrtc.session import console
+
+    source = Path(console.__file__).read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("livekit"):
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"console.py imports {private} from {node.module}"
+            assert "_legacy" not in (node.module or ""), node.module
+    assert "_legacy" not in source

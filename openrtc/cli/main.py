@@ -15,11 +15,12 @@ from openrtc.cli import agent_cmds  # list, route
 from openrtc.cli import service_cmds  # dispatcher, worker, start
 from openrtc.cli import ops_cmds  # status, dlq
 from openrtc.cli import dev_cmds  # call, dev
+from openrtc.cli import author_cmds  # console, download-files
 
 # isort: on
 from openrtc.cli.app import app
 
-__all__ = ["agent_cmds", "app", "dev_cmds", "main", "ops_cmds", "service_cmds"]
+__all__ = ["agent_cmds", "app", "author_cmds", "dev_cmds", "main", "ops_cmds", "service_cmds"]
 
 
 def main() -> None:

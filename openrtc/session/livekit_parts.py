@@ -12,6 +12,7 @@ same reason.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,11 +40,14 @@ __all__ = [
     "RunningJobInfo",
     "cleanup_job_context",
     "close_http_context",
+    "console_mode_until_toggled",
     "current_job",
+    "local_console",
     "new_job_context",
     "room_sid",
     "session_userdata",
     "shutdown_callbacks",
+    "terminal_kept",
 ]
 
 
@@ -75,6 +79,8 @@ _CONTEXT: Final = "livekit.agents.job.JobContext"
 _HTTP: Final = "livekit.agents.utils.http_context"
 _SESSION: Final = "livekit.agents.voice.agent_session.AgentSession"
 _EVENTS: Final = "livekit.agents.voice.events"
+_LEGACY_CLI: Final = "livekit.agents.cli._legacy"
+_CONSOLE: Final = "livekit.agents.cli.cli.AgentsConsole"
 
 #: The AgentSession events the seam listens to (``session.on(...)``).
 SESSION_EVENTS: Final = (
@@ -153,7 +159,70 @@ PARTS: Final[tuple[Part, ...]] = (
     ),
     Part("livekit.agents.Agent", "on_enter", "callable", "called on the instance: shadowed"),
     Part("livekit.rtc.Room", "_info", "instance", "the room's sid, kept current by the server"),
+    # openrtc console's audio mode: livekit-agents' local console, without its worker.
+    Part(_LEGACY_CLI, "AgentsConsole", "callable", "the local console: sound devices, text mode"),
+    Part(
+        _CONSOLE,
+        "_instance",
+        "attribute",
+        "the console AgentSession.start consults (livekit-agents' console sets it so too)",
+    ),
+    Part(
+        _LEGACY_CLI,
+        "_audio_mode",
+        "callable",
+        "the console's audio mode, until Ctrl+T",
+        ("input_device", "output_device"),
+    ),
+    Part(_LEGACY_CLI, "_text_mode", "callable", "the console's text mode, until Ctrl+T or Ctrl+C"),
+    Part(_LEGACY_CLI, "_ToggleMode", "attribute", "what the console's modes raise on Ctrl+T"),
 )
+
+
+def local_console(mode: Literal["audio", "text"]) -> Any:
+    """livekit-agents' local console, made the one the next ``AgentSession.start`` takes
+    its sound (or text) from, as its ``console`` command makes it."""
+    from livekit.agents.cli import _legacy, cli
+
+    console = _legacy.AgentsConsole.get_instance()
+    cli.AgentsConsole._instance = console  # type: ignore[assignment]
+    console.console_mode = mode
+    console.enabled = True
+    return console
+
+
+def console_mode_until_toggled(
+    console: Any, *, input_device: int | str | None, output_device: int | str | None
+) -> bool:
+    """Run the console's current mode: ``True`` when Ctrl+T switched it, ``False`` at its end."""
+    from livekit.agents.cli import _legacy
+
+    try:
+        if console.console_mode == "text":
+            _legacy._text_mode(console)
+            return False
+        _legacy._audio_mode(console, input_device=input_device, output_device=output_device)  # type: ignore[arg-type]
+    except _legacy._ToggleMode:
+        console.console_mode = "audio" if console.console_mode == "text" else "text"
+        return True
+    return False
+
+
+@contextmanager
+def terminal_kept() -> Iterator[None]:
+    """The terminal's settings restored on the way out (the console reads keys raw)."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except Exception:  # not a terminal: nothing to restore
+        yield
+        return
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def new_job_context(

@@ -35,7 +35,7 @@ from typing import Any, Final, Literal
 
 import anyio
 from livekit import api, rtc
-from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, llm
+from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, llm, voice
 
 from openrtc.agents.registry import AgentConfig
 from openrtc.errors import AgentBuildError
@@ -62,9 +62,11 @@ __all__ = [
     "SessionControl",
     "SessionOutcome",
     "mint_token",
+    "new_agent_session",
     "new_job_process",
     "room_access",
     "run_session",
+    "say_greeting",
 ]
 
 logger = logging.getLogger("openrtc.session")
@@ -190,6 +192,33 @@ def new_job_process(isolation: Literal["coroutine", "process"]) -> JobProcess:
     """The per-process object livekit-agents hands to prewarm functions."""
     executor = JobExecutorType.PROCESS if isolation == "process" else JobExecutorType.THREAD
     return JobProcess(executor_type=executor, user_arguments=None, http_proxy=None)
+
+
+def new_agent_session(config: AgentConfig, proc: JobProcess) -> AgentSession[Any]:
+    """The agent's session from its providers (pool defaults where unset), not started.
+
+    What every session of the agent runs on: the worker's, in its room, and
+    ``openrtc console``'s, without one. ``proc`` is the prewarmed process
+    object (a VAD a ``prewarm`` loaded into ``proc.userdata["vad"]`` is used).
+    """
+    options = dict(config.session_kwargs)
+    if config.stt is None:
+        # Nothing to detect turns with (text input needs none): say so,
+        # instead of livekit-agents warning on every session that its
+        # turn detector has no VAD.
+        options.setdefault("turn_detection", "manual")
+    return AgentSession(
+        stt=config.stt,  # type: ignore[arg-type]
+        llm=config.llm,  # type: ignore[arg-type]
+        tts=config.tts,  # type: ignore[arg-type]
+        vad=proc.userdata.get("vad"),
+        **options,
+    )
+
+
+def say_greeting(session: AgentSession[Any], config: AgentConfig) -> voice.SpeechHandle | None:
+    """The agent's greeting, said now; ``None`` when it has none."""
+    return session.say(config.greeting) if config.greeting else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,21 +493,7 @@ class _SessionRun:
         return self._outcome()
 
     def _new_agent_session(self) -> AgentSession[Any]:
-        """The agent's session from its providers (pool defaults where unset)."""
-        config = self.config
-        options = dict(config.session_kwargs)
-        if config.stt is None:
-            # Nothing to detect turns with (text input needs none): say so,
-            # instead of livekit-agents warning on every session that its
-            # turn detector has no VAD.
-            options.setdefault("turn_detection", "manual")
-        session: AgentSession[Any] = AgentSession(
-            stt=config.stt,  # type: ignore[arg-type]
-            llm=config.llm,  # type: ignore[arg-type]
-            tts=config.tts,  # type: ignore[arg-type]
-            vad=self.proc.userdata.get("vad"),
-            **options,
-        )
+        session = new_agent_session(self.config, self.proc)
         session.on("close", self.end.on_session_close)
         return session
 
@@ -540,9 +555,9 @@ class _SessionRun:
             saving.greeted = greeted
         if saved is not None and config.resume_line and not control.handover:
             session.say(config.resume_line)
-        elif config.greeting and not greeted:
-            greeting = session.say(config.greeting)
-            if saving is not None:
+        elif not greeted:
+            greeting = say_greeting(session, config)
+            if greeting is not None and saving is not None:
                 greeting.add_done_callback(lambda _: saving.said_greeting())
 
     def _failed_to_start(self, exc: Exception) -> SessionOutcome:
