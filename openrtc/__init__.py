@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config
+from openrtc.agents.reloading import pin_reload
 from openrtc.agents.routing import Route, RoutingTable, resolve_agent
 from openrtc.errors import OpenRTCError
 from openrtc.store.checkpoint import idempotency_key
@@ -30,5 +31,6 @@ __all__ = [
     "__version__",
     "agent_config",
     "idempotency_key",
+    "pin_reload",
     "resolve_agent",
 ]
