@@ -33,6 +33,7 @@ __all__ = [
     "imported_names",
     "is_pinned",
     "pin_reload",
+    "reload_agent",
     "reload_agents",
 ]
 
@@ -151,6 +152,16 @@ def reload_agents(pool: AgentPool, directory: Path, changed: Iterable[Path]) -> 
         except Exception as exc:  # whatever the module did: the old code keeps serving
             result.errors.append(error_line(exc, path, directory))
     return result
+
+
+def reload_agent(pool: AgentPool, name: str) -> AgentConfig:
+    """Agent ``name`` imported again with every helper beside it (a session process's
+    reload: its worker decided what changed). Raises as :meth:`AgentPool.reload`."""
+    path = pool.get(name).source_path
+    if path is not None:
+        directory = path.parent.resolve()
+        _forget_helpers(set(directory.rglob("*.py")) - {path})
+    return pool.reload(name)
 
 
 def _forget_helpers(paths: set[Path]) -> None:

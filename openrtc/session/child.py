@@ -120,13 +120,16 @@ def _session_of(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     control.handover = bool(job.get("handover"))
     control.greeted = bool(job.get("greeted"))
     control.room_remade = lambda sid: _emit({"room_sid": sid})
+    control.on_moved = lambda: _emit({"moved": True})
     return message, access, control
 
 
 def _reload(pool: Any, agent: str) -> Any:
     """The agent's module imported again (hot reload); ``None`` if it fails (logged)."""
+    from openrtc.agents.reloading import reload_agent
+
     try:
-        return pool.reload(agent)
+        return reload_agent(pool, agent)
     except Exception as exc:
         logger.error("agent '%s': not reloaded in this session process: %s", agent, exc)
         return None
@@ -225,9 +228,11 @@ def _reload_warm(warm: tuple[Any, Any, Any]) -> tuple[tuple[Any, Any, Any], dict
     ``prewarm`` does not run again (as in ``coroutine`` isolation). A module that
     fails keeps the old code (the worker imported it first, so this is rare).
     """
+    from openrtc.agents.reloading import reload_agent
+
     pool, config, proc = warm
     try:
-        config = pool.reload(config.name)
+        config = reload_agent(pool, config.name)
     except Exception as exc:
         return warm, {"reloaded": False, "error": str(exc)}
     gc.collect()

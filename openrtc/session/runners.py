@@ -21,10 +21,11 @@ replaced.
 A child serves exactly one session and exits. Worker and child talk in JSON
 lines over a socket pair that is the child's stdin and stdout: the child sends
 ``ready``, ``joined``, its ``checkpoint`` and ``room_sid`` lines,
-``handover_ready`` and the ``outcome``; the worker sends the job and, later,
-a ``handover`` request or a ``stop``. A child whose stdin closes (its worker
-died) leaves the room at once, so a killed worker never leaves a second agent
-behind when a peer takes the call over.
+``handover_ready``, ``moved`` (to reloaded code) and the ``outcome``; the
+worker sends the job and, later, a ``handover`` request, a ``reload`` or a
+``stop``. A child whose stdin closes (its worker died) leaves the room at
+once, so a killed worker never leaves a second agent behind when a peer takes
+the call over.
 
 A child needs a room, not the API: the parent mints the job's room token and
 sends it with its own LiveKit URL; the API key and secret never reach the
@@ -577,6 +578,8 @@ class ProcessRunner:
             elif "room_sid" in event:
                 if control.room_remade is not None and isinstance(event["room_sid"], str):
                     control.room_remade(event["room_sid"])
+            elif event.get("moved"):
+                control.moved()
             elif event.get("handover_ready"):
                 # After the child's last checkpoint line: the worker has it.
                 control.handover_ready.set()

@@ -92,6 +92,8 @@ CHECKPOINT_INTERVAL: Final = 0.05
 #: Asked to hand its call over, a session waits at most this long for a turn
 #: boundary (neither the agent nor the caller speaking), then hands over anyway.
 HANDOVER_TURN_WAIT: Final = 10.0
+#: A hot reload's move of a call waits this long for the new agent to run.
+MOVE_TIMEOUT: Final = 5.0
 #: How long announcing the join may hold up the session's start.
 ANNOUNCE_TIMEOUT: Final = 2.0
 
@@ -179,6 +181,10 @@ class SessionControl:
     #: The agent's reloaded configuration (hot reload), once :meth:`ask_reload` was asked.
     reloaded: AgentConfig | None = None
     _reload_asked: anyio.Event = field(default_factory=anyio.Event)
+    #: Moves of the call to reloaded code so far (hot reload; the agent runs it now).
+    moves: int = 0
+    #: Told of each move too (a session process tells its worker); must not block.
+    on_moved: Callable[[], None] | None = None
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""
@@ -213,6 +219,12 @@ class SessionControl:
         self._reload_asked = anyio.Event()
         assert self.reloaded is not None
         return self.reloaded
+
+    def moved(self) -> None:
+        """The call runs the reloaded code now."""
+        self.moves += 1
+        if self.on_moved is not None:
+            self.on_moved()
 
     @property
     def stopping(self) -> bool:
@@ -661,8 +673,9 @@ class _SessionRun:
                 )
                 return
             await _turn_boundary(session)
+            running = anyio.Event()
             try:
-                agent = await _reloaded_agent(session, config)
+                agent = await _reloaded_agent(session, config, running)
             except Exception as exc:
                 logger.error(
                     "job %s: the reloaded agent cannot be built (%s: %s); "
@@ -674,7 +687,10 @@ class _SessionRun:
                 continue
             self.config = config
             session.update_agent(agent)
+            with anyio.move_on_after(MOVE_TIMEOUT):
+                await running.wait()
             logger.info("job %s: moved to the reloaded code (%s)", job_id, type(agent).__qualname__)
+            self.control.moved()
 
     def _outcome(self) -> SessionOutcome:
         reason = self.end.reason or ""
@@ -825,8 +841,13 @@ async def _restore(
     return agent
 
 
-async def _reloaded_agent(session: AgentSession[Any], config: AgentConfig) -> Agent:
-    """The session's current agent rebuilt from its reloaded class, carrying its state on."""
+async def _reloaded_agent(
+    session: AgentSession[Any], config: AgentConfig, running: anyio.Event
+) -> Agent:
+    """The session's current agent rebuilt from its reloaded class, carrying its state on.
+
+    ``running`` is set once the session runs it (where it would have entered).
+    """
     current = session.current_agent
     cls = _agent_class(config, f"{type(current).__module__}:{type(current).__qualname__}")
     try:
@@ -841,11 +862,13 @@ async def _reloaded_agent(session: AgentSession[Any], config: AgentConfig) -> Ag
     )
     if callable(save) and callable(restore):
         restore(plain_data(save()))
-    _resume_instead_of_entering(agent, hook=None)
+    _resume_instead_of_entering(agent, hook=None, entered=running)
     return agent
 
 
-def _resume_instead_of_entering(agent: Agent, hook: str | None = "on_resume") -> None:
+def _resume_instead_of_entering(
+    agent: Agent, hook: str | None = "on_resume", entered: anyio.Event | None = None
+) -> None:
     """The session's start runs the resumed agent's ``hook`` (``on_resume()``), not ``on_enter()``.
 
     The agent was entered in the session before the takeover: its
@@ -855,6 +878,8 @@ def _resume_instead_of_entering(agent: Agent, hook: str | None = "on_resume") ->
 
     async def resumed() -> None:
         delattr(agent, "on_enter")
+        if entered is not None:
+            entered.set()
         resume = getattr(agent, hook, None) if hook else None
         if callable(resume):
             await resume()
