@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from openrtc.wire.keys import Keys
 from openrtc.worker.worker import Worker
 from tests.support.conversation import Transcript, transcribing
 from tests.support.jobs import job_message
+from tests.support.paths import forget_agents_dir
 from tests.support.stack import creds, eventually, new_room, unique, working
 
 pytestmark = pytest.mark.anyio
@@ -57,8 +58,15 @@ class Echo(Agent):
 """
 
 
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "agents"
+    directory.mkdir()
+    yield directory
+    forget_agents_dir(directory)
+
+
 def write_agents(directory: Path, *, mark: str, pinned: bool = False) -> None:
-    directory.mkdir(exist_ok=True)
     (directory / "echo.py").write_text(AGENT.format(greeting=GREETING, pinned=pinned))
     (directory / "_replies.py").write_text(f"MARK = {mark!r}\n")
 
@@ -99,11 +107,10 @@ async def test_a_save_moves_the_live_call_to_the_new_code_with_its_conversation(
     livekit_server: LiveKitServer,
     redis_server: RedisServer,
     redis: Redis,
-    tmp_path: Path,
+    agents: Path,
     caplog: pytest.LogCaptureFixture,
     isolation: str,
 ) -> None:
-    agents = tmp_path / "agents"
     write_agents(agents, mark="v1")
     pool = AgentPool.from_directory(agents)
     ns = unique("ns")
@@ -149,3 +156,32 @@ async def test_a_save_moves_the_live_call_to_the_new_code_with_its_conversation(
         # A new call gets the new code from its first word.
         async with call(livekit_server, redis, ns) as second:
             await second.ask("plum", "v2 Noted: plum")
+
+
+async def test_a_pinned_call_finishes_on_its_code_while_new_calls_get_the_new_one(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, agents: Path
+) -> None:
+    write_agents(agents, mark="v1", pinned=True)
+    ns = unique("ns")
+    async with (
+        working(
+            livekit_server,
+            redis_server.url,
+            ns,
+            "echo",
+            pool=AgentPool.from_directory(agents),
+            reload=True,
+        ) as worker,
+        call(livekit_server, redis, ns) as pinned,
+    ):
+        await pinned.ask("apple", "v1 Noted: apple")
+        first_class = worker.config.agent_cls
+        control = the_call(worker)
+        save(agents / "_replies.py", "MARK = 'v2'\n")
+        await eventually(lambda: worker.config.agent_cls is not first_class, "the reload")
+        # A new call runs the new code; by the time it answered, the pinned call
+        # had every chance to move (its worker asked it at the reload).
+        async with call(livekit_server, redis, ns) as second:
+            await second.ask("pear", "v2 Noted: pear")
+        await pinned.ask("what did I say first", "v1 You first said: apple")
+        assert control.moves == 0
