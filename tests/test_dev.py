@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -158,3 +161,60 @@ async def test_a_slow_start_reports_elapsed_time_while_it_waits(
     await dev_module._timed("thing", slow, lines.append)
     assert any(line.startswith("thing: still starting (") for line in lines)
     assert lines[-1].startswith("thing: ready after 1.")
+
+
+def test_dev_reloads_a_saved_agent_and_keeps_the_old_code_on_a_broken_save(
+    tmp_path: Path, redis_server: RedisServer, livekit_server: LiveKitServer
+) -> None:
+    """Hot reload is on in ``openrtc dev``: a broken save prints one line, a good one reloads."""
+    agents = tmp_path / "agents"
+    shutil.copytree(OFFLINE_AGENTS, agents, ignore=shutil.ignore_patterns("__pycache__"))
+    env = _clean_env(
+        LIVEKIT_URL=livekit_server.url,
+        LIVEKIT_API_KEY=livekit_server.api_key,
+        LIVEKIT_API_SECRET=livekit_server.api_secret,
+        REDIS_URL=redis_server.url,
+        OPENRTC_NAMESPACE=unique("devreload"),
+    )
+    proc = subprocess.Popen(
+        [*OPENRTC, "dev", str(agents), "--env-file", str(tmp_path / "dev.env")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def wait_for(text: str) -> str:
+        seen = []
+        while True:
+            try:
+                line = lines.get(timeout=60)
+            except queue.Empty:
+                pytest.fail(f"no line with {text!r} in:\n" + "".join(seen))
+            seen.append(line)
+            if text in line:
+                return line
+
+    try:
+        wait_for("hot reload: on")
+        wait_for("Ctrl-C")
+        source = (agents / "support.py").read_text()
+        (agents / "support.py").write_text(source + "\ndef (:\n")
+        line = wait_for("reload failed")
+        assert f"support.py:{source.count(chr(10)) + 2}: SyntaxError" in line, line
+        (agents / "support.py").write_text(
+            source.replace("Offline support agent.", "Edited support agent.")
+        )
+        wait_for("reloaded agent 'support'")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0

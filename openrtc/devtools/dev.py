@@ -246,6 +246,17 @@ def _services(
     return dispatcher, workers
 
 
+async def _watching(
+    scope: anyio.CancelScope,
+    reloader: Reloader,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The reloader, until ``scope`` is cancelled (the stack stops)."""
+    with scope:
+        await reloader.run(task_status=task_status)
+
+
 @asynccontextmanager
 async def dev_stack(
     agents_dir: str | Path,
@@ -297,13 +308,15 @@ async def dev_stack(
             await tg.start(dispatcher.run)
             with anyio.fail_after(15):
                 await dispatcher.registered.wait()
+            watching = anyio.CancelScope()
             if reload:
-                await tg.start(Reloader(pool, Path(agents_dir), workers).run)
+                await tg.start(_watching, watching, Reloader(pool, Path(agents_dir), workers))
                 progress(f"hot reload: on, watching {agents_dir} (--no-reload: off)")
             progress(f"services: ready after {time.monotonic() - started:.1f}s")
             try:
                 yield DevStack(redis, lk, dispatcher, workers, namespace)
             finally:
+                watching.cancel()
                 dispatcher.request_stop()
                 for worker in workers:
                     worker.request_stop()

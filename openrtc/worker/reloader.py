@@ -36,6 +36,8 @@ logger = logging.getLogger("openrtc.reload")
 SETTLE_MS: Final = 50
 #: At most this long from the first change of a group to its reload; milliseconds.
 GROUP_MS: Final = 400
+#: A stop waits at most this long for the watching thread; milliseconds.
+STOP_MS: Final = 500
 
 
 class Reloadable(Protocol):
@@ -64,6 +66,8 @@ class Reloader:
             watch_filter=watchfiles.PythonFilter(),
             debounce=GROUP_MS,
             step=SETTLE_MS,
+            # The watching thread looks for cancellation this often: a stop waits no longer.
+            rust_timeout=STOP_MS,
         ):
             await self.apply({Path(path) for _, path in changes})
 
