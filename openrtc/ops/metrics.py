@@ -12,9 +12,11 @@ a real dispatcher and worker export.
 from __future__ import annotations
 
 import platform
-from typing import Final
+from collections.abc import Iterator, Mapping
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from openrtc import __version__
 
@@ -73,6 +75,40 @@ class _Common:
         )
 
 
+class _RouterCounts(Protocol):
+    """What a custom router counts (:class:`openrtc.agents.routing.Router`)."""
+
+    @property
+    def fallthroughs(self) -> Mapping[str, int]: ...
+    @property
+    def slow_calls(self) -> int: ...
+
+
+class _RouterCollector:
+    """The custom router's counts, read at scrape time: the router counts plain
+    integers on the answer path (cheaper than a Prometheus child's lock)."""
+
+    def __init__(self, router: _RouterCounts) -> None:
+        self._router = router
+
+    def collect(self) -> Iterator[Metric]:
+        fallthroughs = CounterMetricFamily(
+            "openrtc_router_fallthroughs",
+            "Jobs the routing chain decided because the custom router raised or named "
+            "no registered agent, by reason.",
+            labels=["reason"],
+        )
+        for reason, total in self._router.fallthroughs.items():
+            fallthroughs.add_metric([reason], total)
+        yield fallthroughs
+        slow = CounterMetricFamily(
+            "openrtc_router_slow_calls",
+            "Custom router calls over their budget on the answer path.",
+        )
+        slow.add_metric([], self._router.slow_calls)
+        yield slow
+
+
 class DispatcherMetrics(_Common):
     """The dispatcher's metrics; the per-agent queue gauges are set at scrape time."""
 
@@ -123,6 +159,10 @@ class DispatcherMetrics(_Common):
             buckets=_ENQUEUE_BUCKETS,
             registry=r,
         )
+
+    def watch_router(self, router: _RouterCounts) -> None:
+        """Export ``router``'s fallthroughs and slow calls (a dispatcher with a custom router)."""
+        self.registry.register(_RouterCollector(router))
 
     def _define_relaying(self) -> None:
         """What the dispatcher relays between the workers and LiveKit."""
