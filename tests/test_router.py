@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Callable
@@ -460,6 +463,25 @@ def test_cli_two_routers_fail_naming_both(tmp_path: Path) -> None:
             "error: Two routers: numbers:by_dialled_number and zones:by_room; "
             "an agents directory has at most one.\n"
         )
+
+
+def test_console_serves_the_agent_named_whatever_the_router_says(tmp_path: Path) -> None:
+    directory = agents_dir(
+        tmp_path,
+        numbers="from openrtc import router\n\n"
+        "@router\ndef everything(request):\n    return 'support'\n",
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OPENRTC_", "LIVEKIT_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "openrtc", "console", "dental", "--text", "--agents-dir", directory],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("Bright Smile Dental")
 
 
 # --- the dispatcher, against the real LiveKit server and Redis -------------------
