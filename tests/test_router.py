@@ -346,6 +346,28 @@ def test_two_routers_are_a_startup_error_naming_both(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_set_router_by_hand() -> None:
+    pool = AgentPool()
+
+    def first(request: RouteRequest) -> str | None:
+        return None
+
+    def second(request: RouteRequest) -> str | None:
+        return "dental"
+
+    pool.set_router(first)
+    assert pool.router is not None
+    assert pool.router.label == f"{__name__}:test_set_router_by_hand.<locals>.first"
+    with pytest.raises(AgentRegistryError, match=r"^Two routers: "):
+        pool.set_router(second)
+    # The same module:function again (its module imported anew) replaces it.
+    pool.set_router(second, label=pool.router.label)
+    assert pool.router.function is second
+    pool.set_router(None)
+    assert pool.router is None
+
+
+@pytest.mark.unit
 def test_a_router_must_be_a_plain_function() -> None:
     async def slow(request: RouteRequest) -> str:
         return "dental"

@@ -344,7 +344,9 @@ class AgentPool:
         _check_router(function)
         label = label or _function_label(function)
         current = self._router
-        if current is not None and current.function is not function:
+        # The same module:function again (a module imported anew, as a reload
+        # does) replaces it; another function is a second router.
+        if current is not None and current.function is not function and current.label != label:
             raise AgentRegistryError(
                 f"Two routers: {current.label} and {label}; an agents directory has at most one."
             )
