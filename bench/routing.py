@@ -94,8 +94,8 @@ def _sip_router(request: RouteRequest) -> str | None:
 
 #: The custom routers timed beside the chain alone (``openrtc.router``, step 0).
 ROUTERS: Final = (
-    ("router returning None", _router_returning_none),
-    ("SIP router (job_data look-up)", _sip_router),
+    ("a router returning None", _router_returning_none),
+    ("a SIP router (job_data look-up)", _sip_router),
 )
 
 
@@ -583,14 +583,13 @@ def report(
             )
             record_figure(
                 "routing",
-                f"resolve_agent(job, RoutingTable) with a custom router: {label}",
+                f"resolve_agent(job, RoutingTable + {label})",
                 ours=best / 1e3,
                 anchor=ours_best / 1e3,
                 anchor_label="the chain alone",
                 unit="us/job",
                 goal="",
                 met=None,
-                note=f"budget per call {ROUTER_BUDGET * 1e3:g} ms (logged and counted over it)",
             )
         print(
             "  every job falls through these routers (checked: same route as the chain alone); "
