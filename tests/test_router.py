@@ -204,6 +204,21 @@ def test_faults_are_logged_once_per_distinct_cause(caplog: pytest.LogCaptureFixt
 
 
 @pytest.mark.unit
+def test_a_long_error_text_is_logged_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, LOGGER)
+
+    def quoting(request: RouteRequest) -> str:
+        raise ValueError(f"bad metadata {request.room_metadata}")
+
+    huge = '{"pad": "' + "x" * 1_000_000 + '"}'
+    for _ in range(2):
+        assert resolve_agent(job(room_metadata=huge), table_with(quoting)).step == 6
+    logged = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(logged) == 2  # a new Router per table: each logs its first
+    assert all(len(m) < 1000 and "(1000043 chars)" in m for m in logged), logged[0][-80:]
+
+
+@pytest.mark.unit
 def test_distinct_faults_logged_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, LOGGER)
     counter = iter(range(10_000))

@@ -282,6 +282,8 @@ ROUTER_BUDGET: Final = 0.010
 
 #: Distinct faults a router logs at most (each once): past this, only counted.
 ROUTER_FAULTS_LOGGED: Final = 100
+#: The longest fault text logged (and remembered) whole.
+ROUTER_FAULT_TEXT_MAX: Final = 300
 
 
 def _as_text(metadata: Any) -> str:
@@ -397,7 +399,10 @@ class Router:
 
     def _fault(self, reason: str, detail: str, exc: BaseException | None = None) -> None:
         self.fallthroughs[reason] += 1
-        key = (reason, detail[:200])
+        # Bounded: an exception's text may quote megabytes of metadata.
+        if len(detail) > ROUTER_FAULT_TEXT_MAX:
+            detail = f"{detail[:ROUTER_FAULT_TEXT_MAX]}…({len(detail)} chars)"
+        key = (reason, detail)
         seen = self._faults_seen
         if key in seen or len(seen) > ROUTER_FAULTS_LOGGED:
             return
