@@ -44,6 +44,7 @@ import orjson
 
 __all__ = [
     "ROUTER_BUDGET",
+    "ROUTER_FALLTHROUGH_REASONS",
     "ROUTER_STEP",
     "SHOWN_NAME_MAX",
     "STEP_SOURCES",
@@ -280,6 +281,10 @@ RouterFunction: TypeAlias = Callable[[RouteRequest], "str | None"]
 #: function cannot be stopped (docs/dispatcher.md, "Custom router").
 ROUTER_BUDGET: Final = 0.010
 
+#: Why the chain decided in the router's place: it raised, it named an agent
+#: nobody registered, it returned neither a string nor ``None``.
+ROUTER_FALLTHROUGH_REASONS: Final = ("error", "unknown_agent", "not_a_name")
+
 #: Distinct faults a router logs at most (each once): past this, only counted.
 ROUTER_FAULTS_LOGGED: Final = 100
 #: The longest fault text logged (and remembered) whole.
@@ -321,9 +326,9 @@ class Router:
         #: ``module:function``, as ``openrtc route`` and ``openrtc list`` show it.
         self.label = label
         self.budget = budget
-        #: Calls the chain decided because of the router, by reason:
-        #: ``error`` (it raised), ``unknown_agent``, ``not_a_name``.
-        self.fallthroughs: dict[str, int] = {"error": 0, "unknown_agent": 0, "not_a_name": 0}
+        #: Calls the chain decided because of the router, by reason
+        #: (:data:`ROUTER_FALLTHROUGH_REASONS`).
+        self.fallthroughs: dict[str, int] = dict.fromkeys(ROUTER_FALLTHROUGH_REASONS, 0)
         self.slow_calls = 0
         self._faults_seen: set[tuple[str, str]] = set()
         self._worst = 0.0
