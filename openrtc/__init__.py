@@ -12,6 +12,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config, router
+from openrtc.agents.reloading import pin_reload
 from openrtc.agents.routing import Route, RouteRequest, RoutingTable, resolve_agent
 from openrtc.errors import OpenRTCError
 from openrtc.store.checkpoint import idempotency_key
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "agent_config",
     "idempotency_key",
+    "pin_reload",
     "resolve_agent",
     "router",
 ]

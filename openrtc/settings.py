@@ -430,6 +430,10 @@ class WorkerSettings:
     #: Warm child processes kept ready in ``process`` isolation
     #: (``--idle-processes``); a job takes one instead of waiting for a fork.
     idle_processes: int = 1
+    #: Hot reload (``--reload``, a developer's own stack; ``openrtc dev`` has its
+    #: own): a saved agent module serves new calls, and moves live ones at their
+    #: next turn boundary, with their conversation.
+    reload: bool = False
     #: A worker that took a call over ignores LiveKit's termination of the
     #: replaced participant for this long (it is caused by the takeover itself).
     takeover_grace: float = 10.0

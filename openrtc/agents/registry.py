@@ -286,8 +286,6 @@ class AgentPool:
             AgentRegistryError: the name is invalid or taken, or ``agent_cls``
                 is not a ``livekit.agents.Agent`` subclass.
         """
-        from livekit.agents import Agent
-
         name = validate_agent_name(name)
         if name in self._agents:
             existing = self._agents[name]
@@ -298,6 +296,43 @@ class AgentPool:
                     where += f"; again in {Path(source_path).name}"
                 where += ")"
             raise AgentRegistryError(f"Agent '{name}' is already registered{where}.")
+        config = self._config(
+            name,
+            agent_cls,
+            stt=stt,
+            llm=llm,
+            tts=tts,
+            greeting=greeting,
+            session_kwargs=session_kwargs,
+            source_path=source_path,
+            prewarm=prewarm,
+            checkpoint=checkpoint,
+            resume_line=resume_line,
+        )
+        self._agents[name] = config
+        self._table = None
+        return config
+
+    def _config(
+        self,
+        name: str,
+        agent_cls: type[Agent],
+        *,
+        stt: ProviderValue | None,
+        llm: ProviderValue | None,
+        tts: ProviderValue | None,
+        greeting: str | None,
+        session_kwargs: Mapping[str, Any] | None,
+        source_path: str | Path | None,
+        prewarm: Callable[[Any], Any] | None,
+        checkpoint: bool,
+        resume_line: str | None,
+    ) -> AgentConfig:
+        """``agent_cls`` as the agent ``name``, the pool's defaults where unset (validated)."""
+        from livekit.agents import Agent
+
+        from openrtc.agents.compat import resolve_provider
+
         if not (isinstance(agent_cls, type) and issubclass(agent_cls, Agent)):
             raise AgentRegistryError(
                 f"Agent '{name}': {agent_cls!r} is not a livekit.agents.Agent subclass."
@@ -306,7 +341,6 @@ class AgentPool:
             if not isinstance(greeting, str):
                 raise AgentRegistryError(f"Agent '{name}': greeting must be a string.")
             greeting = greeting.strip() or None
-        from openrtc.agents.compat import resolve_provider
 
         d_stt, d_llm, d_tts, d_greeting = self._defaults
         config = AgentConfig(
@@ -322,8 +356,6 @@ class AgentPool:
             checkpoint=bool(checkpoint),
             resume_line=_optional_line(resume_line, f"Agent '{name}': resume_line"),
         )
-        self._agents[name] = config
-        self._table = None
         return config
 
     def set_router(self, function: RouterFunction | None, *, label: str | None = None) -> None:
@@ -362,9 +394,11 @@ class AgentPool:
         """Import every agent module of ``agents_dir`` and register its agent.
 
         Modules load in sorted file-name order, skipping ``_*.py`` and hidden
-        files (editor lock files). Each must define one local ``Agent``
-        subclass (or mark one with ``@agent_config``), or the directory's
-        ``@router`` function, or both. All or nothing: if any
+        files (editor lock files); the directory is put at the end of
+        ``sys.path``, so agents import helper modules beside them by name.
+        Each must define one local ``Agent`` subclass (or mark one with
+        ``@agent_config``), or the directory's ``@router`` function, or both.
+        All or nothing: if any
         module fails, the pool is left as it was. A directory without agent
         modules registers nothing; whoever needs an agent then says so (the
         routing chain raises "No agents are registered in the pool.").
@@ -383,6 +417,7 @@ class AgentPool:
         paths = sorted(p for p in directory.glob("*.py") if not p.name.startswith(("_", ".")))
         if not paths:
             logger.warning("Agents directory %s holds no agent modules (*.py).", directory)
+        _importable(directory)
         before = dict(self._agents), self._router
         try:
             return self._discover_paths(paths)
@@ -401,36 +436,45 @@ class AgentPool:
                 self.set_router(function, label=_function_label(function, path if own else None))
             if routers and not _has_agent_class(module):
                 continue  # a module for the router alone
-            agent_cls = _agent_class_of(module, path)
-            prewarm = getattr(module, "prewarm", None)
-            marker: _Decorated | None = agent_cls.__dict__.get(_CONFIG_ATTR)
-            if marker is None:
-                marker = _Decorated(None, None, None, None, None)
-            if marker.name is None:
-                try:
-                    name = validate_agent_name(path.stem)
-                except AgentRegistryError as exc:
-                    raise AgentRegistryError(
-                        f"{path.name}: {exc} Rename the file or set @agent_config(name=...)."
-                    ) from None
-            else:
-                name = marker.name
-            added.append(
-                self.add(
-                    name,
-                    agent_cls,
-                    stt=marker.stt,
-                    llm=marker.llm,
-                    tts=marker.tts,
-                    greeting=marker.greeting,
-                    source_path=path,
-                    prewarm=prewarm if callable(prewarm) else None,
-                    checkpoint=marker.checkpoint,
-                    resume_line=marker.resume_line,
-                )
-            )
+            name, agent_cls, options = _registration(module, path)
+            added.append(self.add(name, agent_cls, **options))
             logger.debug("Discovered agent '%s' (%s) in %s.", name, agent_cls.__name__, path)
         return added
+
+    def reload(self, name: str) -> AgentConfig:
+        """Import agent ``name``'s module again from its file; its new configuration.
+
+        What the module's file says now replaces the registered agent (class,
+        providers, greeting, ``prewarm``); sessions already built keep the
+        objects they have. All or nothing: a module that fails to import, no
+        longer defines an agent, or now names another agent leaves the
+        registered agent (and its module in ``sys.modules``) as it was.
+
+        Raises:
+            AgentDiscoveryError: the module fails to import or defines no agent.
+            AgentRegistryError: the agent was not discovered from a file, or
+                its module now registers another name (a rename needs a restart).
+        """
+        old = self.get(name)
+        path = old.source_path
+        if path is None:
+            raise AgentRegistryError(f"Agent '{name}' was not discovered from a file.")
+        previous = sys.modules.get(_module_name(path))
+        try:
+            found, agent_cls, options = _registration(_import_file(path, fresh=True), path)
+            if found != name:
+                raise AgentRegistryError(
+                    f"{path.name} now registers agent '{found}', not '{name}': "
+                    "renaming an agent needs a restart."
+                )
+            config = self._config(name, agent_cls, **options)
+        except BaseException:
+            if previous is not None:
+                sys.modules[_module_name(path)] = previous
+            raise
+        self._agents[name] = config
+        self._table = None
+        return config
 
     def get(self, name: str) -> AgentConfig:
         """The configuration of a registered agent; ``KeyError`` if unknown."""
@@ -460,14 +504,60 @@ class AgentPool:
         return len(self._agents)
 
 
-def _import_file(path: Path) -> ModuleType:
+def _registration(module: ModuleType, path: Path) -> tuple[str, type[Agent], dict[str, Any]]:
+    """The agent an imported agent module registers: its name, class and options."""
+    agent_cls = _agent_class_of(module, path)
+    prewarm = getattr(module, "prewarm", None)
+    marker: _Decorated | None = agent_cls.__dict__.get(_CONFIG_ATTR)
+    if marker is None:
+        marker = _Decorated(None, None, None, None, None)
+    if marker.name is None:
+        try:
+            name = validate_agent_name(path.stem)
+        except AgentRegistryError as exc:
+            raise AgentRegistryError(
+                f"{path.name}: {exc} Rename the file or set @agent_config(name=...)."
+            ) from None
+    else:
+        name = marker.name
+    options: dict[str, Any] = {
+        "stt": marker.stt,
+        "llm": marker.llm,
+        "tts": marker.tts,
+        "greeting": marker.greeting,
+        "session_kwargs": None,
+        "source_path": path,
+        "prewarm": prewarm if callable(prewarm) else None,
+        "checkpoint": marker.checkpoint,
+        "resume_line": marker.resume_line,
+    }
+    return name, agent_cls, options
+
+
+def _importable(directory: Path) -> None:
+    """Helper modules beside the agents (``_prompts.py``, ``tools/``) importable by name.
+
+    Appended, not prepended: a helper never shadows an installed module.
+    """
+    entry = str(directory.resolve())
+    if entry not in sys.path:
+        sys.path.append(entry)
+
+
+def _module_name(path: Path) -> str:
     resolved = path.resolve()
     # A stable, unique module name per file: two directories may both hold
     # dental.py, and re-discovering the same file must not import it twice.
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
-    module_name = f"openrtc_agents.{resolved.stem}_{digest}"
+    return f"openrtc_agents.{resolved.stem}_{digest}"
+
+
+def _import_file(path: Path, *, fresh: bool = False) -> ModuleType:
+    """The module of an agent file, imported once (``fresh``: from the file again)."""
+    resolved = path.resolve()
+    module_name = _module_name(resolved)
     existing = sys.modules.get(module_name)
-    if existing is not None:
+    if existing is not None and not fresh:
         return existing
     spec = importlib.util.spec_from_file_location(module_name, resolved)
     if spec is None or spec.loader is None:

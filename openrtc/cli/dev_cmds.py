@@ -143,6 +143,14 @@ def dev(
     api_secret: ApiSecret = "",
     redis_url: RedisUrl = "",
     namespace: Namespace = DEFAULT_NAMESPACE,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload/--no-reload",
+            help="Hot reload: a saved agent module serves new calls, and live calls move "
+            "to it at their next turn, with their conversation.",
+        ),
+    ] = True,
 ) -> None:
     """The whole stack on this machine: LiveKit, Redis, a dispatcher, a worker per agent.
 
@@ -171,6 +179,7 @@ def dev(
             redis_url=redis_url or None,
             namespace=namespace,
             progress=_dev_progress,
+            reload=reload,
         ) as stack:
             write_env_file(env_file, stack)
             _print_stack(stack, pool, env_file)

@@ -183,6 +183,15 @@ CrashDetection = Annotated[
         "not after the lease.",
     ),
 ]
+Reload = Annotated[
+    bool,
+    typer.Option(
+        "--reload/--no-reload",
+        envvar="OPENRTC_RELOAD",
+        help="Hot reload, for a developer's own stack: a saved agent module serves new "
+        "calls, and live calls move to it at their next turn, with their conversation.",
+    ),
+]
 Handover = Annotated[
     bool,
     typer.Option(
@@ -435,6 +444,7 @@ def worker(
     checkpoint_max_bytes: CheckpointMaxBytes = _worker_default("checkpoint_max_bytes"),
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
+    reload: Reload = _worker_default("reload"),
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.worker.worker import Worker
@@ -466,6 +476,7 @@ def worker(
             forget_consumers_after=forget_consumers_after,
             load_threshold=load_threshold,
             checkpoint_max_bytes=checkpoint_max_bytes,
+            reload=reload,
         )
         return Worker(settings, pool)
 

@@ -41,6 +41,7 @@ from openrtc.settings import (
     WorkerSettings,
     redact_url,
 )
+from openrtc.worker.reloader import Reloader
 from openrtc.worker.worker import Worker
 
 __all__ = ["DevStack", "ExternalRedis", "dev_stack", "write_env_file"]
@@ -257,6 +258,7 @@ async def dev_stack(
     redis_url: str | None = None,
     progress: Progress = _ignore,
     http: bool = True,
+    reload: bool = False,
 ) -> AsyncIterator[DevStack]:
     """Start servers, a dispatcher and a worker per agent; stop them all on exit.
 
@@ -265,7 +267,8 @@ async def dev_stack(
     (what starts, where, and the elapsed time), also while a server is slow
     to come up. ``http``: give each service its own /healthz, /readyz, /metrics
     server on a free loopback port (several workers on one host cannot share
-    the services' default ports).
+    the services' default ports). ``reload``: hot reload (:mod:`openrtc.worker.reloader`),
+    one watcher for all the workers.
     """
     from openrtc.agents.compat import provider_defaults_from_env
 
@@ -294,6 +297,9 @@ async def dev_stack(
             await tg.start(dispatcher.run)
             with anyio.fail_after(15):
                 await dispatcher.registered.wait()
+            if reload:
+                await tg.start(Reloader(pool, Path(agents_dir), workers).run)
+                progress(f"hot reload: on, watching {agents_dir} (--no-reload: off)")
             progress(f"services: ready after {time.monotonic() - started:.1f}s")
             try:
                 yield DevStack(redis, lk, dispatcher, workers, namespace)

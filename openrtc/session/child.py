@@ -12,8 +12,10 @@ sends ``{"ready": true}`` (or ``{"ready": false, "error": ...}``) on it once
 warm, then each message it receives carries one file descriptor: the child's
 end of a fresh socket pair. It forks a child with that socket as stdin and
 stdout, and reports each child's exit as ``{"exit": PID, "code": CODE}``
-(``CODE`` negative for a signal, as :mod:`subprocess` does). It exits when the
-worker closes the control socket.
+(``CODE`` negative for a signal, as :mod:`subprocess` does). A message ``R``
+without a descriptor (hot reload) makes it import the agent's module again, so
+children forked after it run the new code; it answers ``{"reloaded": ...}``.
+It exits when the worker closes the control socket.
 
 A child serves exactly one session and exits; see :mod:`openrtc.session.runners` for
 its line protocol. The job line carries the room URL and token the worker
@@ -33,6 +35,8 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -51,7 +55,7 @@ def _emit(value: dict[str, Any]) -> None:
         pass
 
 
-async def _serve(config: Any, proc: Any) -> int:
+async def _serve(pool: Any, config: Any, proc: Any) -> int:
     """One session, in a forked child: stdin and stdout are its socket to the worker."""
     from openrtc.session.session import run_session
 
@@ -63,7 +67,7 @@ async def _serve(config: Any, proc: Any) -> int:
     job = json.loads(first)
     message, access, control = _session_of(job)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_follow_the_worker, lines, control, tg)
+        tg.start_soon(_follow_the_worker, lines, control, tg, partial(_reload, pool, config.name))
         tg.start_soon(_report_joined, control)
         outcome = await run_session(
             message, config, access, proc, control, worker_id=job["worker_id"]
@@ -116,11 +120,25 @@ def _session_of(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     control.handover = bool(job.get("handover"))
     control.greeted = bool(job.get("greeted"))
     control.room_remade = lambda sid: _emit({"room_sid": sid})
+    control.on_moved = lambda: _emit({"moved": True})
     return message, access, control
 
 
-async def _follow_the_worker(lines: _Lines, control: Any, tg: anyio.abc.TaskGroup) -> None:
-    """The worker's commands (stop, handover); its death stops the session."""
+def _reload(pool: Any, agent: str) -> Any:
+    """The agent's module imported again (hot reload); ``None`` if it fails (logged)."""
+    from openrtc.agents.reloading import reload_agent
+
+    try:
+        return reload_agent(pool, agent)
+    except Exception as exc:
+        logger.error("agent '%s': not reloaded in this session process: %s", agent, exc)
+        return None
+
+
+async def _follow_the_worker(
+    lines: _Lines, control: Any, tg: anyio.abc.TaskGroup, reload: Callable[[], Any]
+) -> None:
+    """The worker's commands (stop, handover, reload); its death stops the session."""
     while True:
         line = await lines.next()
         if line is None:  # our worker died: leave the room now
@@ -133,6 +151,8 @@ async def _follow_the_worker(lines: _Lines, control: Any, tg: anyio.abc.TaskGrou
             control.ask_handover()
             # Each ask is answered (again after a handover that went nowhere).
             tg.start_soon(_report_handover_ready, control.handover_ready)
+        elif command.get("reload") and (config := reload()) is not None:
+            control.ask_reload(config)
 
 
 async def _report_joined(control: Any) -> None:
@@ -169,7 +189,7 @@ def _send(control: socket.socket, value: dict[str, Any]) -> bool:
     return True
 
 
-def _warm(agents_dir: str, agent: str) -> tuple[Any, Any]:
+def _warm(agents_dir: str, agent: str) -> tuple[Any, Any, Any]:
     """Everything a session needs before its job: imports, discovery, ``prewarm``."""
     from livekit.rtc._ffi_client import get_ffi_lib
 
@@ -178,7 +198,8 @@ def _warm(agents_dir: str, agent: str) -> tuple[Any, Any]:
     from openrtc.session.session import new_job_process
 
     # The defaults the worker was given (its flags are exported to the environment).
-    config = AgentPool.from_directory(agents_dir, **provider_defaults_from_env()).get(agent)
+    pool = AgentPool.from_directory(agents_dir, **provider_defaults_from_env())
+    config = pool.get(agent)
     proc = new_job_process("process")
     if config.prewarm is not None:
         config.prewarm(proc)
@@ -198,7 +219,25 @@ def _warm(agents_dir: str, agent: str) -> tuple[Any, Any]:
     # writes to every tracked object's header, which unshares the page.
     gc.collect()
     gc.freeze()
-    return config, proc
+    return pool, config, proc
+
+
+def _reload_warm(warm: tuple[Any, Any, Any]) -> tuple[tuple[Any, Any, Any], dict[str, Any]]:
+    """The zygote's agent imported again (hot reload): what children forked from now on run.
+
+    ``prewarm`` does not run again (as in ``coroutine`` isolation). A module that
+    fails keeps the old code (the worker imported it first, so this is rare).
+    """
+    from openrtc.agents.reloading import reload_agent
+
+    pool, config, proc = warm
+    try:
+        config = reload_agent(pool, config.name)
+    except Exception as exc:
+        return warm, {"reloaded": False, "error": str(exc)}
+    gc.collect()
+    gc.freeze()
+    return (pool, config, proc), {"reloaded": True}
 
 
 def worker_gone(exc: BaseException) -> bool:
@@ -274,6 +313,10 @@ def _zygote(agents_dir: str, agent: str, control_fd: int) -> int:
                 return 0
             if not data:
                 return 0  # the worker is gone; children notice on their own sockets
+            if data == b"R":
+                warm, report = _reload_warm(warm)
+                if not _send(control, report):
+                    return 0
             for fd in fds:
                 sys.stdout.flush()
                 sys.stderr.flush()

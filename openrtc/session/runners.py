@@ -21,10 +21,11 @@ replaced.
 A child serves exactly one session and exits. Worker and child talk in JSON
 lines over a socket pair that is the child's stdin and stdout: the child sends
 ``ready``, ``joined``, its ``checkpoint`` and ``room_sid`` lines,
-``handover_ready`` and the ``outcome``; the worker sends the job and, later,
-a ``handover`` request or a ``stop``. A child whose stdin closes (its worker
-died) leaves the room at once, so a killed worker never leaves a second agent
-behind when a peer takes the call over.
+``handover_ready``, ``moved`` (to reloaded code) and the ``outcome``; the
+worker sends the job and, later, a ``handover`` request, a ``reload`` or a
+``stop``. A child whose stdin closes (its worker died) leaves the room at
+once, so a killed worker never leaves a second agent behind when a peer takes
+the call over.
 
 A child needs a room, not the API: the parent mints the job's room token and
 sends it with its own LiveKit URL; the API key and secret never reach the
@@ -97,6 +98,10 @@ class SessionRunner(Protocol):
         self, message: JobMessage, control: SessionControl, *, worker_id: str
     ) -> SessionOutcome: ...
 
+    async def reload(self, config: AgentConfig) -> None:
+        """New sessions run ``config`` (the agent's reloaded code); live ones are asked apart."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -125,6 +130,10 @@ class CoroutineRunner:
 
     async def maintain(self) -> None:
         return None
+
+    async def reload(self, config: AgentConfig) -> None:
+        # ``prewarm`` ran once for this process; what it loaded stays.
+        self._config = config
 
     async def aclose(self) -> None:
         return None
@@ -209,11 +218,15 @@ def _exists(pid: int) -> bool:
 class _Child:
     """A session process forked by the zygote; its stdin and stdout are ``stream``."""
 
-    def __init__(self, stream: UNIXSocketStream, lines: _Lines, pid: int, exits: _Exits) -> None:
+    def __init__(
+        self, stream: UNIXSocketStream, lines: _Lines, pid: int, exits: _Exits, code: int
+    ) -> None:
         self.stream = stream
         self.lines = lines
         self.pid = pid
         self._exits = exits
+        #: Which reload of the agent's code it runs (:attr:`_Zygote.code`).
+        self.code = code
 
     @property
     def returncode(self) -> int | None:
@@ -255,6 +268,8 @@ class _Zygote:
         self._process: Process | None = None
         self._control: socket.socket | None = None
         self._sending = anyio.Lock()
+        #: Reloads of the agent's code asked so far; a child forked now runs this one.
+        self.code = 0
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -301,23 +316,19 @@ class _Zygote:
         while (report := await self._receive()) is not None:
             if "exit" in report:
                 self._exits.record(int(report["exit"]), int(report["code"]))
+            elif report.get("reloaded") is False:
+                logger.error("the session zygote kept the old code: %s", report.get("error"))
 
-    async def fork(self) -> UNIXSocketStream:
-        """A new child; returns the worker's end of its stdin/stdout socket."""
+    async def fork(self) -> tuple[UNIXSocketStream, int]:
+        """A new child: the worker's end of its stdin/stdout socket, and its :attr:`code`."""
         control = self._control
         if control is None:
             raise RuntimeError("the session zygote is not running")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # One writer at a time: anyio allows a single waiter per socket, and
-            # forks are requested in parallel. The send itself takes microseconds.
             async with self._sending:
-                while True:
-                    try:
-                        socket.send_fds(control, [b"F"], [theirs.fileno()])
-                        break
-                    except BlockingIOError:
-                        await anyio.wait_writable(control)
+                await self._send(control, b"F", [theirs.fileno()])
+                code = self.code
         except BaseException as exc:
             ours.close()
             if isinstance(exc, OSError):
@@ -325,7 +336,31 @@ class _Zygote:
             raise
         finally:
             theirs.close()
-        return await UNIXSocketStream.from_socket(ours)
+        return await UNIXSocketStream.from_socket(ours), code
+
+    async def reload(self) -> None:
+        """Have the zygote import the agent's module again: children forked after this run it."""
+        control = self._control
+        if control is None:  # a zygote started from now on imports the new code anyway
+            self.code += 1
+            return
+        async with self._sending:
+            # Gone: its replacement imports the new code anyway.
+            with contextlib.suppress(OSError):
+                await self._send(control, b"R", [])
+            # Messages are handled in order: every fork asked after this one is new code.
+            self.code += 1
+
+    @staticmethod
+    async def _send(control: socket.socket, data: bytes, fds: list[int]) -> None:
+        # One writer at a time (the caller holds ``_sending``): anyio allows a single
+        # waiter per socket, and forks are requested in parallel. A send takes microseconds.
+        while True:
+            try:
+                socket.send_fds(control, [data], fds)
+                return
+            except BlockingIOError:
+                await anyio.wait_writable(control)
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -379,7 +414,7 @@ class ProcessRunner:
     async def _spawn(self) -> _Child:
         # Bounded: every child starts its runtime at once on a few cores.
         async with self._spawning:
-            stream = await self._zygote.fork()
+            stream, code = await self._zygote.fork()
             lines = _Lines(stream)
             try:
                 with anyio.fail_after(READY_TIMEOUT):
@@ -390,7 +425,7 @@ class ProcessRunner:
             if not first or not first.get("ready"):
                 await stream.aclose()  # EOF: a child that did start exits
                 raise RuntimeError(f"session process failed to start: {first}")
-            return _Child(stream, lines, int(first["pid"]), self._exits)
+            return _Child(stream, lines, int(first["pid"]), self._exits, code)
 
     async def prepare(self) -> None:
         await self._zygote.start()
@@ -424,6 +459,9 @@ class ProcessRunner:
                         dead.returncode,
                     )
                     await dead.kill()
+                for stale in [c for c in self._idle if c.code != self._zygote.code]:
+                    self._idle.remove(stale)  # it has the code from before a reload
+                    await stale.kill()
                 while len(self._idle) + self._filling < self._settings.idle_processes:
                     self._filling += 1
                     tg.start_soon(self._fill_one)
@@ -446,7 +484,7 @@ class ProcessRunner:
         try:
             while self._idle:
                 child = self._idle.pop(0)
-                if child.returncode is None:
+                if child.returncode is None and child.code == self._zygote.code:
                     return child
                 await child.kill()
             return await self._spawn()
@@ -491,6 +529,15 @@ class ProcessRunner:
                     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                         await child.send(stop)
 
+                async def forward_reload() -> None:
+                    while True:
+                        await control.wait_reload_asked()
+                        # The child imports the agent's module again itself.
+                        with contextlib.suppress(
+                            anyio.BrokenResourceError, anyio.ClosedResourceError
+                        ):
+                            await child.send({"reload": True})
+
                 async def forward_handover() -> None:
                     while True:  # asked again when Redis lost the handed-over entry
                         await control.wait_handover_asked()
@@ -501,6 +548,7 @@ class ProcessRunner:
 
                 tg.start_soon(forward_stop)
                 tg.start_soon(forward_handover)
+                tg.start_soon(forward_reload)
                 outcome = await self._outcome(child, control)
                 tg.cancel_scope.cancel()
             return outcome
@@ -530,6 +578,8 @@ class ProcessRunner:
             elif "room_sid" in event:
                 if control.room_remade is not None and isinstance(event["room_sid"], str):
                     control.room_remade(event["room_sid"])
+            elif event.get("moved"):
+                control.moved()
             elif event.get("handover_ready"):
                 # After the child's last checkpoint line: the worker has it.
                 control.handover_ready.set()
@@ -541,6 +591,12 @@ class ProcessRunner:
                     o.get("error", ""),
                     ended_by_agent=o.get("ended_by_agent") is True,
                 )
+
+    async def reload(self, config: AgentConfig) -> None:
+        """Children forked from now on run the reloaded code; idle ones are replaced."""
+        self._config = config
+        await self._zygote.reload()
+        self._poke()
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

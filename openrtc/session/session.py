@@ -38,6 +38,7 @@ from livekit import api, rtc
 from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, llm, voice
 
 from openrtc.agents.registry import AgentConfig
+from openrtc.agents.reloading import is_pinned
 from openrtc.errors import AgentBuildError
 from openrtc.ops.logs import log_context
 from openrtc.session import livekit_parts as parts
@@ -91,6 +92,8 @@ CHECKPOINT_INTERVAL: Final = 0.05
 #: Asked to hand its call over, a session waits at most this long for a turn
 #: boundary (neither the agent nor the caller speaking), then hands over anyway.
 HANDOVER_TURN_WAIT: Final = 10.0
+#: A hot reload's move of a call waits this long for the new agent to run.
+MOVE_TIMEOUT: Final = 5.0
 #: How long announcing the join may hold up the session's start.
 ANNOUNCE_TIMEOUT: Final = 2.0
 
@@ -111,6 +114,24 @@ async def _announce(room: rtc.Room, job_id: str) -> None:
 def _between_turns(session: AgentSession[Any]) -> bool:
     """Neither side is speaking and the agent is not preparing a reply."""
     return session.agent_state in ("listening", "idle") and session.user_state != "speaking"
+
+
+async def _turn_boundary(session: AgentSession[Any]) -> None:
+    """Until the session is between turns (at once if it is)."""
+    wake = [anyio.Event()]
+
+    def _on_state(_: Any) -> None:
+        wake[0].set()
+
+    session.on("agent_state_changed", _on_state)
+    session.on("user_state_changed", _on_state)
+    try:
+        while not _between_turns(session):
+            await wake[0].wait()
+            wake[0] = anyio.Event()
+    finally:
+        session.off("agent_state_changed", _on_state)
+        session.off("user_state_changed", _on_state)
 
 
 @dataclass
@@ -157,6 +178,13 @@ class SessionControl:
     #: and its last checkpoint was offered: the call can go to a peer now.
     handover_ready: anyio.Event = field(default_factory=anyio.Event)
     _handover_asked: anyio.Event = field(default_factory=anyio.Event)
+    #: The agent's reloaded configuration (hot reload), once :meth:`ask_reload` was asked.
+    reloaded: AgentConfig | None = None
+    _reload_asked: anyio.Event = field(default_factory=anyio.Event)
+    #: Moves of the call to reloaded code so far (hot reload; the agent runs it now).
+    moves: int = 0
+    #: Told of each move too (a session process tells its worker); must not block.
+    on_moved: Callable[[], None] | None = None
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""
@@ -179,6 +207,24 @@ class SessionControl:
         """Until a handover is asked; each ask is answered once."""
         await self._handover_asked.wait()
         self._handover_asked = anyio.Event()
+
+    def ask_reload(self, config: AgentConfig) -> None:
+        """Move the call to ``config``'s (reloaded) code at its next turn boundary."""
+        self.reloaded = config
+        self._reload_asked.set()
+
+    async def wait_reload_asked(self) -> AgentConfig:
+        """Until a reload is asked; the latest reloaded configuration."""
+        await self._reload_asked.wait()
+        self._reload_asked = anyio.Event()
+        assert self.reloaded is not None
+        return self.reloaded
+
+    def moved(self) -> None:
+        """The call runs the reloaded code now."""
+        self.moves += 1
+        if self.on_moved is not None:
+            self.on_moved()
 
     @property
     def stopping(self) -> bool:
@@ -486,6 +532,7 @@ class _SessionRun:
                 return failed
             tg.start_soon(self._stop_when_told)
             tg.start_soon(self._get_ready_for_a_handover, session)
+            tg.start_soon(self._move_to_reloaded_code, session)
             if self.saving is not None:
                 tg.start_soon(self.saving.run)
             await self.end.wait()
@@ -600,25 +647,50 @@ class _SessionRun:
 
     async def _get_ready_for_a_handover(self, session: AgentSession[Any]) -> None:
         """On each handover ask: wait for a turn boundary, offer the last checkpoint."""
-        turn = [anyio.Event()]
-
-        def _on_state(_: Any) -> None:
-            turn[0].set()
-
-        session.on("agent_state_changed", _on_state)
-        session.on("user_state_changed", _on_state)
         while True:  # asked again when Redis lost the handed-over entry
             await self.control.wait_handover_asked()
+            # Between turns, so the peer's checkpoint has the whole last one.
             with anyio.move_on_after(HANDOVER_TURN_WAIT):
-                # Between turns, so the peer's checkpoint has the whole last one.
-                while True:
-                    turn[0] = anyio.Event()
-                    if _between_turns(session):
-                        break
-                    await turn[0].wait()
+                await _turn_boundary(session)
             if self.saving is not None:
                 self.saving.offer_now()
             self.control.handover_ready.set()
+
+    async def _move_to_reloaded_code(self, session: AgentSession[Any]) -> None:
+        """On each hot reload of the agent's code: move the call to it at a turn boundary.
+
+        The agent is rebuilt from the reloaded class and carries on the
+        conversation (its context, userdata and ``checkpoint_state``) without
+        entering again: no greeting, no ``on_enter``. A pinned call
+        (:func:`openrtc.pin_reload`) stays on the code it started with.
+        """
+        job_id = self.message.job_id
+        while True:
+            config = await self.control.wait_reload_asked()
+            if is_pinned(session):
+                logger.info(
+                    "job %s: pinned (pin_reload); it finishes on the code it started with", job_id
+                )
+                return
+            await _turn_boundary(session)
+            running = anyio.Event()
+            try:
+                agent = await _reloaded_agent(session, config, running)
+            except Exception as exc:
+                logger.error(
+                    "job %s: the reloaded agent cannot be built (%s: %s); "
+                    "the call stays on the code it has",
+                    job_id,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            self.config = config
+            session.update_agent(agent)
+            with anyio.move_on_after(MOVE_TIMEOUT):
+                await running.wait()
+            logger.info("job %s: moved to the reloaded code (%s)", job_id, type(agent).__qualname__)
+            self.control.moved()
 
     def _outcome(self) -> SessionOutcome:
         reason = self.end.reason or ""
@@ -769,8 +841,35 @@ async def _restore(
     return agent
 
 
-def _resume_instead_of_entering(agent: Agent) -> None:
-    """The session's start runs the resumed agent's ``on_resume()``, not ``on_enter()``.
+async def _reloaded_agent(
+    session: AgentSession[Any], config: AgentConfig, running: anyio.Event
+) -> Agent:
+    """The session's current agent rebuilt from its reloaded class, carrying its state on.
+
+    ``running`` is set once the session runs it (where it would have entered).
+    """
+    current = session.current_agent
+    cls = _agent_class(config, f"{type(current).__module__}:{type(current).__qualname__}")
+    try:
+        agent: Agent = cls()  # type: ignore[call-arg]
+    except TypeError:
+        # Handed off to with constructor arguments: the entry agent carries on.
+        agent = config.build()
+    await agent.update_chat_ctx(current.chat_ctx.copy())
+    save, restore = (
+        getattr(current, "checkpoint_state", None),
+        getattr(agent, "restore_state", None),
+    )
+    if callable(save) and callable(restore):
+        restore(plain_data(save()))
+    _resume_instead_of_entering(agent, hook=None, entered=running)
+    return agent
+
+
+def _resume_instead_of_entering(
+    agent: Agent, hook: str | None = "on_resume", entered: anyio.Event | None = None
+) -> None:
+    """The session's start runs the resumed agent's ``hook`` (``on_resume()``), not ``on_enter()``.
 
     The agent was entered in the session before the takeover: its
     ``on_enter`` (where livekit-agents' examples greet) already ran. Once
@@ -779,9 +878,11 @@ def _resume_instead_of_entering(agent: Agent) -> None:
 
     async def resumed() -> None:
         delattr(agent, "on_enter")
-        hook = getattr(agent, "on_resume", None)
-        if callable(hook):
-            await hook()
+        if entered is not None:
+            entered.set()
+        resume = getattr(agent, hook, None) if hook else None
+        if callable(resume):
+            await resume()
 
     # livekit-agents calls ``agent.on_enter()`` on the instance: shadowed here.
     setattr(agent, "on_enter", resumed)  # noqa: B010

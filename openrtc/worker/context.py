@@ -65,6 +65,7 @@ class WorkerContext:
     """The worker's shared facts and clients; the fields below the line change while it runs."""
 
     settings: WorkerSettings
+    #: The agent served. Changes with a hot reload; writer: ``Worker.reload``.
     config: AgentConfig
     keys: Keys
     redis_client: RedisClient

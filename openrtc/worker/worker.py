@@ -18,6 +18,8 @@ under one task group:
    dispatcher, end sessions.
 6. **intake** (``intake.py``): read new entries while there are free slots
    (spread by load among peers), reclaim those of frozen or dead peers.
+7. **reloader** (``reloader.py``, with ``--reload``): a saved agent module
+   serves new calls, and live calls move to it at their next turn boundary.
 
 Not loops: the **entry check** (``entry_check.py``: each held entry checked,
 concurrently, into a session or a dead letter), the **room check** (``rooms.py``)
@@ -73,6 +75,7 @@ from openrtc.worker.heartbeat import Heartbeat, PeerView
 from openrtc.worker.intake import Intake
 from openrtc.worker.leases import LeaseKeeper
 from openrtc.worker.outcomes import Outcomes
+from openrtc.worker.reloader import Reloader
 from openrtc.worker.rooms import ROOM_CHECK_TIMEOUT, RoomCheck
 from openrtc.worker.sessions import SessionSupervisor
 from openrtc.worker.spread import CpuLoad
@@ -110,6 +113,7 @@ class Worker:
                 f"(registered: {known})."
             )
         self.settings = settings
+        self.pool = pool
         self.config = pool.get(settings.agent)
         # Built once now: an agent whose constructor raises fails the worker
         # at start-up (AgentBuildError, one line), never each call in its room.
@@ -153,6 +157,14 @@ class Worker:
         self.control = ControlListener(ctx, self.claims)
         self.intake = Intake(ctx, self.claims, self.peer_view, self.entry_check)
         self.drainer = Drainer(ctx, self.claims, self.heartbeat, self.peer_view)
+        self.reloader: Reloader | None = None
+        if ctx.settings.reload:
+            if self.config.source_path is None:
+                raise ConfigError(
+                    f"Agent '{ctx.settings.agent}' was not discovered from a file: "
+                    "there is nothing to reload."
+                )
+            self.reloader = Reloader(self.pool, self.config.source_path.parent, [self])
 
     @property
     def steps(self) -> list[Step]:
@@ -166,9 +178,24 @@ class Worker:
             self.leases.run,
             self.control.run,
             self.intake.run,
+            *([self.reloader.run] if self.reloader is not None else []),
         ]
 
     # -- public surface ------------------------------------------------------
+
+    @property
+    def agent(self) -> str:
+        """The agent this worker serves."""
+        return self.settings.agent
+
+    async def reload(self, config: AgentConfig) -> None:
+        """Serve ``config`` (the agent's reloaded code): new calls run it, and each
+        live call moves to it at its next turn boundary (hot reload)."""
+        self.config = self.ctx.config = config
+        await self.runner.reload(config)
+        for claim in self.claims:
+            if claim.control is not None:
+                claim.control.ask_reload(config)
 
     @property
     def ready(self) -> anyio.Event:
