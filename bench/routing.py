@@ -14,6 +14,8 @@ and routes it on both sides as real ``livekit.protocol.agent.Job`` messages:
 
 * this project, in this interpreter: ``resolve_agent(job, table)`` with a
   ``RoutingTable`` compiled once;
+* this project with a custom router (``openrtc.router``, step 0) that lets
+  every job fall through: the router's added cost, beside the chain alone;
 * 0.20.1, in a child process of the bench venv (``_routing_legacy.py``):
   ``_resolve_agent_config(agents, ctx)``, i.e. ``for_livekit(ctx)``, then
   ``_resolve_agent_name(agents.keys(), view)``, then the registry look-up,
@@ -57,7 +59,13 @@ quiet_logging()
 # so leaving it out would flatter this side.
 import livekit.agents  # noqa: E402, F401
 
-from openrtc.agents.routing import RoutingTable, resolve_agent  # noqa: E402
+from openrtc.agents.routing import (  # noqa: E402
+    ROUTER_BUDGET,
+    Router,
+    RouteRequest,
+    RoutingTable,
+    resolve_agent,
+)
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 REPO_ROOT: Final = BENCH_DIR.parent
@@ -66,6 +74,29 @@ LEGACY_SCRIPT: Final = BENCH_DIR / "_routing_legacy.py"
 LEGACY_PROJECT: Final = BENCH_DIR / "legacy"
 LEGACY_VERSION: Final = "0.20.1"
 GOAL: Final = 2.5
+
+
+#: The numbers a SIP router knows: none of the corpus's callers, so every job
+#: falls through and routes as by the chain alone (checked before timing).
+DIALLED: Final = {f"+1999{n:07d}": "support" for n in range(1000)}
+
+
+def _router_returning_none(request: RouteRequest) -> str | None:
+    """The mechanism alone: the request built, the call made, the chain decides."""
+    return None
+
+
+def _sip_router(request: RouteRequest) -> str | None:
+    """A typical router: a number from the job metadata (its JSON parsed), looked up."""
+    dialled = request.job_data.get("caller")
+    return DIALLED.get(dialled) if isinstance(dialled, str) else None
+
+
+#: The custom routers timed beside the chain alone (``openrtc.router``, step 0).
+ROUTERS: Final = (
+    ("a router returning None", _router_returning_none),
+    ("a SIP router (job_data look-up)", _sip_router),
+)
 
 
 class Category(NamedTuple):
@@ -478,6 +509,7 @@ def report(
     ours_ns: Sequence[int],
     list_ns: Sequence[int],
     ours_by_step: dict[str, list[int]],
+    router_ns: dict[str, list[int]],
 ) -> dict[str, float]:
     """Print the table; return the best-pass speedup of each call form."""
     n = len(records)
@@ -538,6 +570,31 @@ def report(
     print(f"  {LEGACY_VERSION}: _resolve_agent_config(agents, ctx) per job")
     print("  this project, table: resolve_agent(job, RoutingTable) per job")
     print("  this project, list: resolve_agent(job, [names...]) per job (table cached by names)")
+
+    if router_ns:
+        print()
+        print(f"{'custom router (step 0)':<34}{'us/job':>9}{'median':>9}{'added':>9}")
+        print(f"{'none: the chain alone':<34}{ours_best / 1e3:>9.2f}{ours_median / 1e3:>9.2f}")
+        for label, passes in router_ns.items():
+            best, middle = _per_job(passes, n)
+            print(
+                f"{label:<34}{best / 1e3:>9.2f}{middle / 1e3:>9.2f}"
+                f"{(best - ours_best) / 1e3:>+9.2f}"
+            )
+            record_figure(
+                "routing",
+                f"resolve_agent(job, RoutingTable + {label})",
+                ours=best / 1e3,
+                anchor=ours_best / 1e3,
+                anchor_label="the chain alone",
+                unit="us/job",
+                goal="",
+                met=None,
+            )
+        print(
+            "  every job falls through these routers (checked: same route as the chain alone); "
+            f"a call's budget is {ROUTER_BUDGET * 1e3:g} ms"
+        )
 
     if ours_by_step:
         print()
@@ -616,6 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours_ns = measure(_our_pass(jobs, table), repeat=args.repeat, warmup=args.warmup)
     # The docstring allows a plain list of names: the same jobs, routed that way.
     list_ns = measure(_our_pass(jobs, list(agents)), repeat=args.repeat, warmup=args.warmup)
+    router_ns: dict[str, list[int]] = {}
+    for label, function in ROUTERS:
+        routed = RoutingTable(agents, router=Router(function, f"bench:{function.__name__}"))
+        for job, expected in zip(jobs, ours_routes, strict=True):
+            if resolve_agent(job, routed) != expected:
+                raise SystemExit(f"{label}: a job routed otherwise than by the chain alone")
+        router_ns[label] = measure(_our_pass(jobs, routed), repeat=args.repeat, warmup=args.warmup)
     ours_by_step: dict[str, list[int]] = {}
     if args.by_step:
         for category in categories:
@@ -625,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _our_pass(batch, table), repeat=args.repeat, warmup=args.warmup
                 )
 
-    speedups = report(args, records, agents, legacy, ours_ns, list_ns, ours_by_step)
+    speedups = report(args, records, agents, legacy, ours_ns, list_ns, ours_by_step, router_ns)
     failed = [f"{form} {x:.2f}x" for form, x in speedups.items() if x < args.goal]
     if args.check and failed:
         print(f"FAIL: below the {args.goal:g}x goal: {', '.join(failed)}", file=sys.stderr)

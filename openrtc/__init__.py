@@ -3,16 +3,17 @@
 The data path is LiveKit -> :mod:`openrtc.dispatcher.dispatcher` -> Redis stream ->
 :mod:`openrtc.worker.worker` -> room. Agents are plain ``livekit.agents.Agent``
 subclasses registered in an :class:`AgentPool`; :func:`resolve_agent` picks
-one per job by the six-step chain in :mod:`openrtc.agents.routing`.
+one per job: the agents directory's ``@router`` function if it names one, else
+the six-step chain in :mod:`openrtc.agents.routing`.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config
+from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config, router
 from openrtc.agents.reloading import pin_reload
-from openrtc.agents.routing import Route, RoutingTable, resolve_agent
+from openrtc.agents.routing import Route, RouteRequest, RoutingTable, resolve_agent
 from openrtc.errors import OpenRTCError
 from openrtc.store.checkpoint import idempotency_key
 
@@ -27,10 +28,12 @@ __all__ = [
     "OpenRTCError",
     "ProviderValue",
     "Route",
+    "RouteRequest",
     "RoutingTable",
     "__version__",
     "agent_config",
     "idempotency_key",
     "pin_reload",
     "resolve_agent",
+    "router",
 ]

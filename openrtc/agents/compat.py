@@ -136,6 +136,8 @@ def list_payload(pool: AgentPool, *, resources: bool = False) -> dict[str, Any]:
         "command": "list",
         "agents": agents,
     }
+    if pool.router is not None:
+        payload["router"] = pool.router.label  # ours: its ``module:function``
     if resources:
         payload["resource_summary"] = {
             "agent_count": len(agents),

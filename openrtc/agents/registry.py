@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import logging
 import re
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
-from openrtc.agents.routing import RoutingTable
+from openrtc.agents.routing import Router, RouterFunction, RoutingTable
 from openrtc.errors import AgentBuildError, AgentDiscoveryError, AgentRegistryError
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "ProviderValue",
     "agent_config",
     "describe_provider",
+    "router",
     "validate_agent_name",
 ]
 
@@ -50,7 +52,9 @@ ProviderValue: TypeAlias = str | object
 
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
 _CONFIG_ATTR: Final = "__openrtc_agent_config__"
+_ROUTER_ATTR: Final = "__openrtc_router__"
 _A = TypeVar("_A", bound=type)
+_F = TypeVar("_F", bound=RouterFunction)
 
 
 def validate_agent_name(name: object) -> str:
@@ -121,6 +125,44 @@ def agent_config(
         return cls
 
     return decorate
+
+
+def router(function: _F) -> _F:
+    """Mark ``function`` as the agents directory's custom router (routing step 0).
+
+    Discovery registers it; it is called for every offered job, before the
+    six-step chain, with a :class:`~openrtc.agents.routing.RouteRequest`
+    (job metadata, room name, room metadata, the agent names) and returns
+    the name of the agent to serve the job, or ``None`` to let the chain
+    decide. An exception or a name that is not registered is logged once and
+    the chain decides. It runs on the dispatcher's answer path, so it must be
+    a plain, fast function (no I/O: load lookup tables at import).
+
+        @openrtc.router
+        def by_dialled_number(request: RouteRequest) -> str | None:
+            return NUMBERS.get(request.job_data.get("dialled"))
+
+    The function is returned unchanged. At most one per agents directory.
+    """
+    _check_router(function)
+    setattr(function, _ROUTER_ATTR, True)
+    return function
+
+
+def _check_router(function: object) -> None:
+    if not callable(function) or isinstance(function, type):
+        raise AgentRegistryError(f"@router marks a function, not {function!r}.")
+    if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+        raise AgentRegistryError(
+            f"Router {_function_label(function)} is async: a router runs on the answer path "
+            "and must be a plain function (load what it looks up at import)."
+        )
+
+
+def _function_label(function: Any, path: Path | None = None) -> str:
+    """``module:function``: the file's stem for discovered modules (as their author names them)."""
+    module = path.stem if path is not None else getattr(function, "__module__", "?")
+    return f"{module}:{getattr(function, '__qualname__', repr(function))}"
 
 
 def _optional_line(value: object, what: str) -> str | None:
@@ -213,6 +255,7 @@ class AgentPool:
     ) -> None:
         self._defaults = (default_stt, default_llm, default_tts, default_greeting)
         self._agents: dict[str, AgentConfig] = {}
+        self._router: Router | None = None
         self._table: RoutingTable | None = None
 
     @classmethod
@@ -315,6 +358,38 @@ class AgentPool:
         )
         return config
 
+    def set_router(self, function: RouterFunction | None, *, label: str | None = None) -> None:
+        """Make ``function`` the pool's custom router (``None``: no router).
+
+        ``label``: how ``openrtc route`` and ``list`` name it (default
+        ``module:function``). Discovery calls this for the ``@router``
+        function of an agents directory.
+
+        Raises:
+            AgentRegistryError: ``function`` is async or not a function, or
+                the pool already has another router (both are named).
+        """
+        if function is None:
+            self._router = None
+            self._table = None
+            return
+        _check_router(function)
+        label = label or _function_label(function)
+        current = self._router
+        # The same module:function again (a module imported anew, as a reload
+        # does) replaces it; another function is a second router.
+        if current is not None and current.function is not function and current.label != label:
+            raise AgentRegistryError(
+                f"Two routers: {current.label} and {label}; an agents directory has at most one."
+            )
+        self._router = Router(function, label)
+        self._table = None
+
+    @property
+    def router(self) -> Router | None:
+        """The custom router consulted before the chain, if one is registered."""
+        return self._router
+
     def discover(self, agents_dir: str | Path) -> list[AgentConfig]:
         """Import every agent module of ``agents_dir`` and register its agent.
 
@@ -322,7 +397,8 @@ class AgentPool:
         files (editor lock files); the directory is put at the end of
         ``sys.path``, so agents import helper modules beside them by name.
         Each must define one local ``Agent`` subclass (or mark one with
-        ``@agent_config``). All or nothing: if any
+        ``@agent_config``), or the directory's ``@router`` function, or both.
+        All or nothing: if any
         module fails, the pool is left as it was. A directory without agent
         modules registers nothing; whoever needs an agent then says so (the
         routing chain raises "No agents are registered in the pool.").
@@ -330,8 +406,9 @@ class AgentPool:
         Raises:
             AgentDiscoveryError: the directory is missing, a module fails to
                 import, or defines no agent.
-            AgentRegistryError: two modules yield the same agent name, or a
-                file stem is not a valid name.
+            AgentRegistryError: two modules yield the same agent name, a
+                file stem is not a valid name, or two ``@router`` functions
+                are defined (both are named).
         """
         directory = Path(agents_dir).expanduser()
         if not directory.is_dir():
@@ -341,18 +418,25 @@ class AgentPool:
         if not paths:
             logger.warning("Agents directory %s holds no agent modules (*.py).", directory)
         _importable(directory)
-        before = dict(self._agents)
+        before = dict(self._agents), self._router
         try:
             return self._discover_paths(paths)
         except BaseException:
-            self._agents = before
+            self._agents, self._router = before
             self._table = None
             raise
 
     def _discover_paths(self, paths: list[Path]) -> list[AgentConfig]:
         added = []
         for path in paths:
-            name, agent_cls, options = _registration(_import_file(path), path)
+            module = _import_file(path)
+            routers = _routers_of(module)
+            for function in routers:
+                own = getattr(function, "__module__", None) == module.__name__
+                self.set_router(function, label=_function_label(function, path if own else None))
+            if routers and not _has_agent_class(module):
+                continue  # a module for the router alone
+            name, agent_cls, options = _registration(module, path)
             added.append(self.add(name, agent_cls, **options))
             logger.debug("Discovered agent '%s' (%s) in %s.", name, agent_cls.__name__, path)
         return added
@@ -405,9 +489,9 @@ class AgentPool:
 
     @property
     def routing_table(self) -> RoutingTable:
-        """The registry compiled for :func:`openrtc.agents.routing.resolve_agent`."""
+        """The registry and its router, compiled for routing (:func:`resolve_agent`)."""
         if self._table is None:
-            self._table = RoutingTable(self._agents)
+            self._table = RoutingTable(self._agents, router=self._router)
         return self._table
 
     def __contains__(self, name: object) -> bool:
@@ -495,6 +579,30 @@ def _import_file(path: Path, *, fresh: bool = False) -> ModuleType:
             detail = f"SyntaxError: {exc.msg} (line {exc.lineno})"
         raise AgentDiscoveryError(f"Failed to import agent module {path.name}: {detail}") from exc
     return module
+
+
+def _routers_of(module: ModuleType) -> list[Any]:
+    """The ``@router`` functions in the module's namespace, its own or imported (a
+    shared one imported by several modules is one router)."""
+    return list(
+        dict.fromkeys(
+            value
+            for value in vars(module).values()
+            if callable(value) and getattr(value, _ROUTER_ATTR, False) is True
+        )
+    )
+
+
+def _has_agent_class(module: ModuleType) -> bool:
+    from livekit.agents import Agent
+
+    return any(
+        isinstance(value, type)
+        and issubclass(value, Agent)
+        and value is not Agent
+        and value.__module__ == module.__name__
+        for value in vars(module).values()
+    )
 
 
 def _agent_class_of(module: ModuleType, path: Path) -> type[Agent]:

@@ -8,6 +8,8 @@ docs/dispatcher.md ("Routing"); first match wins:
 ====  ===========================  =========================================
 step  source                       rule
 ====  ===========================  =========================================
+0     custom router                ``@openrtc.router`` function, if one is
+                                   registered: its name, or ``None`` (go on)
 1     ``job.metadata["agent"]``    JSON object string or mapping
 2     ``job.metadata["demo"]``     legacy alias
 3     ``job.room.metadata["agent"]``
@@ -21,22 +23,35 @@ on typical dispatch metadata), a parse is skipped when the text cannot contain
 either key, the registry is compiled once into a :class:`RoutingTable`, and the
 prefix step walks the room name's dashes from the right with set look-ups, so
 its cost does not grow with the number of registered agents.
+
+The custom router (step 0, :class:`Router`) is the author's own code on this
+path: a plain function of a :class:`RouteRequest`. It is called inline and
+timed; a call over :data:`ROUTER_BUDGET` is logged and counted, an exception
+or a name nobody registered is logged once per distinct cause and the chain
+decides (docs/dispatcher.md, "Custom router").
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
-from typing import Any, Final, NamedTuple, Protocol
+from time import perf_counter
+from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 
 import orjson
 
 __all__ = [
+    "ROUTER_BUDGET",
+    "ROUTER_FALLTHROUGH_REASONS",
+    "ROUTER_STEP",
     "SHOWN_NAME_MAX",
     "STEP_SOURCES",
     "Route",
+    "RouteRequest",
+    "Router",
+    "RouterFunction",
     "RoutingTable",
     "UnknownAgentError",
     "explain_route",
@@ -51,9 +66,15 @@ SOURCE_JOB_METADATA: Final = "job metadata"
 SOURCE_ROOM_METADATA: Final = "room metadata"
 SOURCE_ROOM_PREFIX: Final = "room name prefix"
 SOURCE_DEFAULT: Final = "default fallback"
+SOURCE_ROUTER: Final = "custom router"
+
+#: The custom router's step: 0, before the chain's 1-6. An entry's ``step``
+#: field has always allowed 0, so workers of any version accept its jobs.
+ROUTER_STEP: Final = 0
 
 #: What each step reads, for ``openrtc route`` and the docs.
 STEP_SOURCES: Final[Mapping[int, str]] = {
+    ROUTER_STEP: "custom router",
     1: 'job metadata "agent" key',
     2: 'job metadata "demo" key',
     3: 'room metadata "agent" key',
@@ -63,7 +84,7 @@ STEP_SOURCES: Final[Mapping[int, str]] = {
 }
 
 _STEP_SOURCE_LABELS: Final = (
-    "",
+    SOURCE_ROUTER,
     SOURCE_JOB_METADATA,
     SOURCE_JOB_METADATA,
     SOURCE_ROOM_METADATA,
@@ -116,9 +137,10 @@ class Route(NamedTuple):
 
     Attributes:
         agent: the registered agent name that serves the job.
-        step: which step of the chain matched, 1-6 (see the module docstring).
-        source: ``"job metadata"``, ``"room metadata"``, ``"room name prefix"``
-            or ``"default fallback"``.
+        step: which step matched: 0 the custom router, 1-6 the chain (see the
+            module docstring).
+        source: ``"custom router"``, ``"job metadata"``, ``"room metadata"``,
+            ``"room name prefix"`` or ``"default fallback"``.
     """
 
     agent: str
@@ -131,12 +153,15 @@ class RoutingTable:
 
     Build one whenever the registry changes and pass it to
     :func:`resolve_agent`; a plain sequence of names works too: its table is
-    compiled once and cached (see :func:`table_for`).
+    compiled once and cached (see :func:`table_for`). ``router``: the custom
+    router consulted before the chain (:attr:`AgentPool.routing_table
+    <openrtc.agents.registry.AgentPool.routing_table>` carries the pool's).
     """
 
-    __slots__ = ("_dash_free", "_default", "_max_dashes", "_names", "_routes", "_set")
+    __slots__ = ("_dash_free", "_default", "_max_dashes", "_names", "_router", "_routes", "_set")
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], *, router: Router | None = None) -> None:
+        self._router = router
         self._names: tuple[str, ...] = tuple(names)
         self._set: frozenset[str] = frozenset(self._names)
         # Every possible outcome is built up front, so routing a job allocates
@@ -156,6 +181,11 @@ class RoutingTable:
         """Registered names in registration order."""
         return self._names
 
+    @property
+    def router(self) -> Router | None:
+        """The custom router consulted before the chain, if any."""
+        return self._router
+
     def __contains__(self, name: object) -> bool:
         return name in self._set
 
@@ -163,7 +193,8 @@ class RoutingTable:
         return len(self._names)
 
     def __repr__(self) -> str:
-        return f"RoutingTable({list(self._names)!r})"
+        router = "" if self._router is None else f", router={self._router.label!r}"
+        return f"RoutingTable({list(self._names)!r}{router})"
 
     def prefix_match(self, room_name: str) -> str | None:
         """The longest registered name ``n`` such that ``room_name`` starts with ``n-``."""
@@ -206,6 +237,194 @@ class _JobLike(Protocol):
     def metadata(self) -> Any: ...
     @property
     def room(self) -> _RoomLike: ...
+
+
+class RouteRequest(NamedTuple):
+    """What a custom router is told about a job: what the dispatcher knows before any connect.
+
+    One argument rather than several, so fields can be added later (at the
+    end, with defaults) without breaking a router written today; read it by
+    attribute. Immutable (a named tuple: a frozen dataclass cost a microsecond
+    more per call to build, on the answer path). The metadata is the text
+    LiveKit carries (``""`` when none); :attr:`job_data` and :attr:`room_data`
+    parse it.
+
+    Attributes:
+        job_metadata: the job's (dispatch) metadata: a SIP dispatch rule's or
+            ``create_dispatch``'s ``metadata``.
+        room_name: the room's name (a SIP rule's ``roomPrefix`` plus the call).
+        room_metadata: the room's metadata when the job was offered.
+        agents: the registered agent names, in registration order.
+    """
+
+    job_metadata: str
+    room_name: str
+    room_metadata: str
+    agents: tuple[str, ...]
+
+    @property
+    def job_data(self) -> Mapping[str, Any]:
+        """:attr:`job_metadata` as a JSON object; ``{}`` when it is not one (parsed per access)."""
+        return (_parse_object(self.job_metadata) if self.job_metadata else None) or {}
+
+    @property
+    def room_data(self) -> Mapping[str, Any]:
+        """:attr:`room_metadata` as a JSON object; ``{}`` when it is not one (parsed per access)."""
+        return (_parse_object(self.room_metadata) if self.room_metadata else None) or {}
+
+
+#: A custom router: the name of the agent to serve the job, or ``None`` for the chain.
+RouterFunction: TypeAlias = Callable[[RouteRequest], "str | None"]
+
+#: A router call taking longer than this (seconds) is logged and counted as
+#: slow. Its answer is still used: the time is spent by then, and a sync
+#: function cannot be stopped (docs/dispatcher.md, "Custom router").
+ROUTER_BUDGET: Final = 0.010
+
+#: Why the chain decided in the router's place: it raised, it named an agent
+#: nobody registered, it returned neither a string nor ``None``.
+ROUTER_FALLTHROUGH_REASONS: Final = ("error", "unknown_agent", "not_a_name")
+
+#: Distinct faults a router logs at most (each once): past this, only counted.
+ROUTER_FAULTS_LOGGED: Final = 100
+#: The longest fault text logged (and remembered) whole.
+ROUTER_FAULT_TEXT_MAX: Final = 300
+
+
+def _as_text(metadata: Any) -> str:
+    if isinstance(metadata, str):
+        return metadata
+    if isinstance(metadata, Mapping):  # test fixtures shaped like a Job
+        return orjson.dumps(dict(metadata)).decode()
+    return ""
+
+
+class Router:
+    """A registered custom router (step 0) and what it did wrong so far.
+
+    :meth:`pick` calls the function on the answer path. The function's
+    exception, or a returned value that is not a registered name, is logged
+    once per distinct cause (a router failing on every call must not flood
+    the log) and the chain decides; :attr:`fallthroughs` counts every such
+    call by reason, :attr:`slow_calls` the calls over :attr:`budget`.
+    """
+
+    __slots__ = (
+        "_faults_seen",
+        "_worst",
+        "budget",
+        "fallthroughs",
+        "function",
+        "label",
+        "slow_calls",
+    )
+
+    def __init__(
+        self, function: RouterFunction, label: str, *, budget: float = ROUTER_BUDGET
+    ) -> None:
+        self.function = function
+        #: ``module:function``, as ``openrtc route`` and ``openrtc list`` show it.
+        self.label = label
+        self.budget = budget
+        #: Calls the chain decided because of the router, by reason
+        #: (:data:`ROUTER_FALLTHROUGH_REASONS`).
+        self.fallthroughs: dict[str, int] = dict.fromkeys(ROUTER_FALLTHROUGH_REASONS, 0)
+        self.slow_calls = 0
+        self._faults_seen: set[tuple[str, str]] = set()
+        self._worst = 0.0
+
+    def __repr__(self) -> str:
+        return f"Router({self.label!r})"
+
+    def request(self, job: _JobLike, table: RoutingTable) -> RouteRequest:
+        """The router's argument for ``job``."""
+        room = job.room
+        room_name = room.name
+        return RouteRequest(
+            _as_text(job.metadata),
+            room_name if isinstance(room_name, str) else "",
+            _as_text(room.metadata),
+            table._names,
+        )
+
+    def pick(self, request: RouteRequest, table: RoutingTable) -> Route | None:
+        """The router's route for ``request``, or ``None``: the chain decides."""
+        started = perf_counter()
+        try:
+            answer: object = self.function(request)
+        except Exception as exc:
+            self._timed(started)
+            self._fault("error", f"raised {type(exc).__name__}: {exc}", exc)
+            return None
+        self._timed(started)
+        if answer is None:
+            return None
+        if not isinstance(answer, str):
+            self._fault("not_a_name", f"returned a {type(answer).__name__}, not a name or None")
+            return None
+        route = table._routes[ROUTER_STEP].get(answer.strip())
+        if route is None:
+            self._fault(
+                "unknown_agent", f"returned '{shown_name(answer)}', which is not a registered agent"
+            )
+        return route
+
+    def explain(self, job: _JobLike, table: RoutingTable) -> tuple[Route | None, str]:
+        """What the router says for ``job``, as a line of ``openrtc route``; nothing is logged."""
+        where = f"step {ROUTER_STEP}: custom router {self.label}"
+        try:
+            answer: object = self.function(self.request(job, table))
+        except Exception as exc:
+            return None, f"{where} raised {type(exc).__name__}: {exc}; the chain decides"
+        if answer is None:
+            return None, f"{where} returned None: the chain decides"
+        if not isinstance(answer, str):
+            return None, f"{where} returned a {type(answer).__name__}: the chain decides"
+        route = table._routes[ROUTER_STEP].get(answer.strip())
+        if route is None:
+            return None, f"{where} names '{shown_name(answer)}', NOT registered: the chain decides"
+        return route, f"{where} names '{route.agent}', registered"
+
+    def _timed(self, started: float) -> None:
+        elapsed = perf_counter() - started
+        if elapsed <= self.budget:
+            return
+        self.slow_calls += 1
+        # Logged when it is a new worst by half again: a router that is
+        # always slow says so a few times, not once per call.
+        if elapsed > self._worst * 1.5:
+            self._worst = elapsed
+            logger.warning(
+                "custom router %s took %.1f ms, over its %.0f ms budget on the answer path "
+                "(LiveKit waits for the answer; answers are given one at a time)",
+                self.label,
+                elapsed * 1e3,
+                self.budget * 1e3,
+            )
+
+    def _fault(self, reason: str, detail: str, exc: BaseException | None = None) -> None:
+        self.fallthroughs[reason] += 1
+        # Bounded: an exception's text may quote megabytes of metadata.
+        if len(detail) > ROUTER_FAULT_TEXT_MAX:
+            detail = f"{detail[:ROUTER_FAULT_TEXT_MAX]}…({len(detail)} chars)"
+        key = (reason, detail)
+        seen = self._faults_seen
+        if key in seen or len(seen) > ROUTER_FAULTS_LOGGED:
+            return
+        seen.add(key)
+        if len(seen) > ROUTER_FAULTS_LOGGED:
+            logger.warning(
+                "custom router %s: %d distinct faults logged; further ones are only counted",
+                self.label,
+                ROUTER_FAULTS_LOGGED,
+            )
+            return
+        logger.warning(
+            "custom router %s %s; the routing chain decides (logged once)",
+            self.label,
+            detail,
+            exc_info=exc,
+        )
 
 
 def _parse_object(text: str) -> Mapping[str, Any] | None:
@@ -305,7 +524,7 @@ def table_for(agents: RoutingTable | Iterable[str]) -> RoutingTable:
 
 
 def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
-    """Resolve which registered agent serves ``job``, by the six-step chain.
+    """Resolve which registered agent serves ``job``: the custom router, then the six steps.
 
     Args:
         job: a ``livekit.protocol.agent.Job`` (or any object with ``metadata``
@@ -313,7 +532,10 @@ def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
             or a mapping).
         agents: registered names in registration order: a
             :class:`RoutingTable`, or any iterable of names (its table is
-            compiled on first use and cached by the names).
+            compiled on first use and cached by the names). A table's
+            :attr:`~RoutingTable.router` is asked first; when it names no
+            registered agent (``None``, an exception, an unknown name) the
+            chain decides.
 
     Returns:
         The matching :class:`Route`.
@@ -322,7 +544,8 @@ def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
         UnknownAgentError: (a ``ValueError``) job or room metadata names an
             agent that is not registered: ``Unknown agent '<name>' requested
             via job metadata.`` (or ``room metadata``). There is deliberately
-            no fallback.
+            no fallback. (Only the chain raises it: a router's unknown name
+            falls through.)
         RuntimeError: no agents are registered.
     """
     table = table_for(agents)
@@ -330,16 +553,45 @@ def resolve_agent(job: _JobLike, agents: RoutingTable | Iterable[str]) -> Route:
     if default is None:
         raise RuntimeError(_NO_AGENTS)
 
-    route = _from_metadata(job.metadata, table, 1)
-    if route is None:
-        room = job.room
-        route = _from_metadata(room.metadata, table, 3)
+    router = table._router
+    route: Route | None
+    if router is not None:
+        route = _resolve_routed(job, table, router, default)
+    else:
+        route = _from_metadata(job.metadata, table, 1)
         if route is None:
-            room_name = room.name
-            name = table.prefix_match(room_name) if isinstance(room_name, str) else None
-            route = default if name is None else table._routes[5][name]
+            room = job.room
+            route = _from_metadata(room.metadata, table, 3)
+            if route is None:
+                room_name = room.name
+                name = table.prefix_match(room_name) if isinstance(room_name, str) else None
+                route = default if name is None else table._routes[5][name]
     if logger.isEnabledFor(logging.INFO):
         logger.info("Resolved agent '%s' via %s.", route.agent, route.source)
+    return route
+
+
+def _resolve_routed(job: _JobLike, table: RoutingTable, router: Router, default: Route) -> Route:
+    """:func:`resolve_agent` with a custom router: each field of the job is read
+    once, for the router and then the chain (a protobuf field read costs about
+    200 ns here, once livekit.rtc is loaded)."""
+    metadata = job.metadata
+    room = job.room
+    room_metadata = room.metadata
+    name_value: object = room.name  # a look-alike's may be anything
+    room_name = name_value if isinstance(name_value, str) else ""
+    request = RouteRequest(
+        metadata if isinstance(metadata, str) else _as_text(metadata),
+        room_name,
+        room_metadata if isinstance(room_metadata, str) else _as_text(room_metadata),
+        table._names,
+    )
+    route = router.pick(request, table)
+    if route is None:
+        route = _from_metadata(metadata, table, 1) or _from_metadata(room_metadata, table, 3)
+    if route is None:
+        name = table.prefix_match(room_name)
+        route = default if name is None else table._routes[5][name]
     return route
 
 
@@ -367,11 +619,17 @@ def explain_route(job: _JobLike, agents: RoutingTable | Iterable[str]) -> list[s
     """Say, step by step, why the chain reached the route it did.
 
     For operators (``openrtc route``): one line per step up to the match. The
-    outcome is always the one :func:`resolve_agent` gives; this is slower and
-    never on the hot path.
+    outcome is always the one :func:`resolve_agent` gives (a custom router is
+    called again, so for one that answers the same job the same way); this is
+    slower and never on the hot path.
     """
     table = table_for(agents)
     lines: list[str] = []
+    if table._router is not None:
+        route, line = table._router.explain(job, table)
+        lines.append(line)
+        if route is not None:
+            return lines
     for first_step, metadata in ((1, job.metadata), (3, job.room.metadata)):
         where = _STEP_SOURCE_LABELS[first_step]
         reason, keys = _describe_source(metadata)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from openrtc.agents.routing import STEP_SOURCES, explain_route, resolve_agent
+from openrtc.agents.routing import ROUTER_STEP, STEP_SOURCES, explain_route, resolve_agent
 from openrtc.cli.app import (
     AgentsDir,
     AgentsDirPositional,
@@ -53,22 +53,28 @@ def list_agents(
         agents_dir, _defaults(default_stt, default_llm, default_tts, default_greeting)
     )
     rows = [config.describe() for config in pool]
+    router = pool.router.label if pool.router is not None else None
     if json_output:
         _print_json(list_payload(pool, resources=resources))
         return
     if plain:
         for row in rows:
             typer.echo("\t".join(v if v is not None else "-" for v in row.values()))
+        if router is not None:
+            # Not an agent row: its first column says so, and a name cannot hold a space.
+            typer.echo(f"(router)\t{router}")
         return
     if not rows:
         typer.echo(f"No agents in {agents_dir}.")
-        return
-    table = Table(title=f"Agents in {agents_dir} (registration order)", title_justify="left")
-    for column in ("#", "name", "class", "stt", "llm", "tts", "greeting"):
-        table.add_column(column, overflow="fold")
-    for i, row in enumerate(rows, 1):
-        table.add_row(str(i), *(v if v is not None else "-" for v in row.values()))
-    _out.print(table)
+    else:
+        table = Table(title=f"Agents in {agents_dir} (registration order)", title_justify="left")
+        for column in ("#", "name", "class", "stt", "llm", "tts", "greeting"):
+            table.add_column(column, overflow="fold")
+        for i, row in enumerate(rows, 1):
+            table.add_row(str(i), *(v if v is not None else "-" for v in row.values()))
+        _out.print(table)
+    if router is not None:
+        typer.echo(f"Custom router: {router} (runs before the routing chain)")
 
 
 @app.command("route", cls=_Checked)
@@ -84,7 +90,7 @@ def route(
     room: Annotated[str, typer.Option("--room", help="The room name.")] = "",
     json_output: JsonFlag = False,
 ) -> None:
-    """Dry-run the routing chain for a job and say which step matched and why."""
+    """Dry-run routing for a job (the custom router, then the chain): which step matched and why."""
     from livekit.protocol.agent import Job
     from livekit.protocol.models import Room
 
@@ -96,10 +102,17 @@ def route(
         if json_output:
             _print_json({"error": str(exc)})
         _fail(str(exc))
+    router = pool.router.label if pool.router is not None else None
     if json_output:
-        _print_json({"agent": result.agent, "step": result.step, "source": result.source})
+        shown = {"agent": result.agent, "step": result.step, "source": result.source}
+        if router is not None:
+            shown["router"] = router
+        _print_json(shown)
         return
     typer.echo(f"agent: {result.agent}")
-    typer.echo(f"step:  {result.step} ({STEP_SOURCES[result.step]})")
+    how = STEP_SOURCES[result.step]
+    if result.step == ROUTER_STEP:
+        how = f"{how} {router}"
+    typer.echo(f"step:  {result.step} ({how})")
     for line in explain_route(job, pool.routing_table):
         typer.echo(f"  {line}")

@@ -70,9 +70,11 @@ def console(
         agents_dir, _defaults(default_stt, default_llm, default_tts, default_greeting)
     )
     # Named as a dispatch names it (job metadata), so a bad name reads as routing says it.
+    # By the chain alone (its names, not the table with the router): AGENT is
+    # explicit, and a custom router must not put another agent in its place.
     job = Job(id="console", metadata=json.dumps({"agent": agent}), room=Room(name="console"))
     try:
-        config = pool.get(resolve_agent(job, pool.routing_table).agent)
+        config = pool.get(resolve_agent(job, pool.routing_table.names).agent)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     try:

@@ -99,6 +99,8 @@ class Dispatcher:
         )
         self.keys = self.store.keys
         self.metrics = DispatcherMetrics()
+        if pool.router is not None:
+            self.metrics.watch_router(pool.router)
         self._ctx = ctx = _context(settings, pool, self.store, self.metrics, clock)
         self.assignments = AssignmentDesk(ctx)
         self.availability = AvailabilityDesk(ctx, self.assignments.dead_letter_unknown)
@@ -228,6 +230,10 @@ class Dispatcher:
             settings.when_no_worker,
         )
         log_signing(logger, settings.signing)
+        if self._ctx.table.router is not None:
+            logger.info(
+                "custom router %s runs before the routing chain", self._ctx.table.router.label
+            )
         try:
             # Before LiveKit: a dispatcher Redis refuses must not take calls.
             await check_redis_access(self.store.redis, settings.redis_url, logger)

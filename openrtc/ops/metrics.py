@@ -12,11 +12,14 @@ a real dispatcher and worker export.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from openrtc import __version__
+from openrtc.agents.routing import ROUTER_FALLTHROUGH_REASONS, Router
 
 __all__ = ["DispatcherMetrics", "WorkerMetrics", "count"]
 
@@ -73,6 +76,34 @@ class _Common:
         )
 
 
+class _RouterCollector:
+    """The custom router's counts, read at scrape time: the router counts plain
+    integers on the answer path (cheaper than a Prometheus child's lock).
+    Exported at zero by a dispatcher without a router, like every other metric."""
+
+    def __init__(self) -> None:
+        #: The dispatcher's router, if it has one (set by :meth:`DispatcherMetrics.watch_router`).
+        self.router: Router | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        router = self.router
+        fallthroughs = CounterMetricFamily(
+            "openrtc_router_fallthroughs",
+            "Jobs the routing chain decided because the custom router raised or named "
+            "no registered agent, by reason.",
+            labels=["reason"],
+        )
+        for reason in ROUTER_FALLTHROUGH_REASONS:
+            fallthroughs.add_metric([reason], router.fallthroughs[reason] if router else 0)
+        yield fallthroughs
+        slow = CounterMetricFamily(
+            "openrtc_router_slow_calls",
+            "Custom router calls over their budget on the answer path.",
+        )
+        slow.add_metric([], router.slow_calls if router else 0)
+        yield slow
+
+
 class DispatcherMetrics(_Common):
     """The dispatcher's metrics; the per-agent queue gauges are set at scrape time."""
 
@@ -123,6 +154,12 @@ class DispatcherMetrics(_Common):
             buckets=_ENQUEUE_BUCKETS,
             registry=r,
         )
+        self._router_counts = _RouterCollector()
+        r.register(self._router_counts)
+
+    def watch_router(self, router: Router) -> None:
+        """Export ``router``'s fallthroughs and slow calls (a dispatcher with a custom router)."""
+        self._router_counts.router = router
 
     def _define_relaying(self) -> None:
         """What the dispatcher relays between the workers and LiveKit."""

@@ -64,7 +64,8 @@ ID_MAX: Final = 128
 _NUMBER: Final = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 #: Anything past this is no unix time (the year 5138).
 _TIMESTAMP_MAX: Final = 1e11
-#: Routing steps 1-6; 0 when an entry does not say.
+#: Routing steps: 1-6 the chain; 0 the custom router (``source`` "custom router")
+#: or, with no source, an entry that does not say.
 _STEP: Final = re.compile(r"[0-6]")
 #: The optional field carrying the call's trace context (W3C Trace Context).
 TRACEPARENT_FIELD: Final = "traceparent"
