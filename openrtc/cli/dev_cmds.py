@@ -1,9 +1,10 @@
-"""``openrtc call`` and ``openrtc dev``: a test caller and the whole stack on this machine."""
+"""``openrtc call``, ``openrtc connect`` and ``openrtc dev``: a test caller, an agent put into a
+room by hand, and the whole stack on this machine."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -30,8 +31,10 @@ from openrtc.cli.app import (
     _print_json,
     app,
 )
+from openrtc.cli.service_cmds import AgentName
 from openrtc.errors import OpenRTCError
 from openrtc.settings import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_NAMESPACE,
     LiveKitSettings,
     redact_url,
@@ -95,6 +98,104 @@ def call(
         )
     if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command("connect", cls=_Checked)
+def connect(
+    room: Annotated[str, typer.Option("--room", help="The room (it must exist).")],
+    agent: Annotated[str, typer.Option("--agent", help="The agent to put into it.")],
+    agents_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--agents-dir",
+            envvar="OPENRTC_AGENTS_DIR",
+            help="Check the agent name against this directory before dispatching. "
+            "Without it, a name the dispatchers do not know is caught by its dead letter "
+            "(needs REDIS_URL).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the agent to join.")
+    ] = DEFAULT_CONNECT_TIMEOUT,
+    dispatcher_agent_name: AgentName = "",
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: Annotated[
+        str,
+        typer.Option(
+            "--redis-url",
+            envvar="REDIS_URL",
+            help="Redis URL: a dead letter of the job ends the wait at once (optional).",
+        ),
+    ] = "",
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    json_output: JsonFlag = False,
+) -> None:
+    """Put an agent into an existing room now (an explicit dispatch through the
+    dispatchers), and print its job id and identity once it joined. The people
+    and agents already in the room are left alone."""
+    import dataclasses
+
+    import anyio
+
+    from openrtc.ops.connect import connect_agent, dispatch_metadata
+
+    if agents_dir is not None:
+        from livekit.protocol.agent import Job
+        from livekit.protocol.models import Room
+
+        from openrtc.agents.routing import resolve_agent
+
+        pool = _load_pool(agents_dir)
+        # Checked as the dispatcher will route it, so the error reads the same.
+        job = Job(id="connect", metadata=dispatch_metadata(agent), room=Room(name=room))
+        try:
+            resolve_agent(job, pool.routing_table)
+        except (ValueError, RuntimeError) as exc:
+            _fail(str(exc))
+    try:
+        credentials = LiveKitSettings(livekit_url, api_key, api_secret)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+
+    async def go() -> Any:
+        if not redis_url:
+            return await connect_agent(
+                credentials,
+                room,
+                agent,
+                dispatcher_agent_name=dispatcher_agent_name,
+                within=timeout,
+            )
+        from openrtc.store.streams import connect_redis, service_keys
+
+        client = connect_redis(redis_url)
+        try:
+            return await connect_agent(
+                credentials,
+                room,
+                agent,
+                dispatcher_agent_name=dispatcher_agent_name,
+                within=timeout,
+                redis=client,
+                keys=service_keys(namespace, redis_url),
+            )
+        finally:
+            await client.aclose()
+
+    try:
+        joined = anyio.run(go)
+    except OpenRTCError as exc:  # ConnectError among them
+        _fail(str(exc))
+    if json_output:
+        _print_json(dataclasses.asdict(joined))
+        return
+    typer.echo(
+        f"{room}: agent '{agent}' joined after {joined.joined_after:.2f}s:"
+        f" job {joined.job_id}, identity {joined.identity}"
+    )
 
 
 def _external_livekit(livekit_url: str, api_key: str, api_secret: str) -> LiveKitSettings | None:
