@@ -14,10 +14,14 @@ from types import SimpleNamespace
 import anyio
 import pytest
 from livekit import api, rtc
+from livekit.protocol.agent import Job
+from livekit.protocol.models import Room
 
-from openrtc.devtools.caller import caller_in
+from openrtc.agents.registry import AgentPool
+from openrtc.agents.routing import resolve_agent
+from openrtc.devtools.caller import AgentSighting, caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
-from openrtc.ops.connect import agent_in_room
+from openrtc.ops.connect import agent_in_room, connect_agent, dispatch_metadata, made_by_connect
 from openrtc.wire.messages import AGENT_ATTRIBUTE, agent_identity
 from tests.support.processes import service_env
 from tests.support.stack import (
@@ -27,6 +31,7 @@ from tests.support.stack import (
     delete_room,
     dispatcher_settings,
     dispatching,
+    eventually,
     live_rooms,
     new_room,
     unique,
@@ -220,3 +225,70 @@ async def test_connect_says_when_livekit_is_unreachable(redis_server: RedisServe
     )
     assert len(result.stderr.strip().splitlines()) == 1
     assert "s3cr3t-x" not in result.stdout + result.stderr
+
+
+@pytest.mark.anyio
+async def test_a_room_left_without_agents_gets_its_own_agent_back_not_the_connected_one(
+    livekit_server: LiveKitServer, redis_server: RedisServer
+) -> None:
+    """The reconciler dispatches a room again from its own dispatch, not connect's."""
+    ns = unique("ns")
+    room = unique("connect")
+    settings = dispatcher_settings(
+        livekit_server, redis_server.url, ns, reconcile_interval=0.3, reconcile_grace=1.0
+    )
+    async with (
+        dispatching(settings) as dispatcher,
+        working(livekit_server, redis_server.url, ns, "dental") as dental,
+        working(livekit_server, redis_server.url, ns, "restaurant") as restaurant,
+    ):
+        await new_room(livekit_server, room, '{"agent": "dental"}')
+        async with caller_in(creds(livekit_server), room) as caller:
+            first = await caller.wait_agent(within=30)
+            joined = await connect_agent(creds(livekit_server), room, "restaurant")
+            async with api.LiveKitAPI(
+                livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
+            ) as lk:
+                for identity in (first.identity, joined.identity):
+                    await lk.room.remove_participant(
+                        api.RoomParticipantIdentity(room=room, identity=identity)
+                    )
+            await eventually(
+                lambda: dental.stats.succeeded == 1 and restaurant.stats.succeeded == 1,
+                "both sessions' end",
+                within=30,
+            )
+            gone = {first.identity, joined.identity}
+
+            def newcomers() -> list[AgentSighting]:
+                here = {p.sid for p in caller.agents()}
+                return [s for s in caller.sightings if s.identity not in gone and s.sid in here]
+
+            (again,) = await eventually(newcomers, "an agent dispatched again", within=30)
+            assert again.attributes.get(AGENT_ATTRIBUTE) == "dental"
+            assert dispatcher.stats.reconciled == 1
+            assert restaurant.stats.started == 1
+        await delete_room(livekit_server, room)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        (dispatch_metadata("dental"), True),
+        ("", False),
+        ('{"agent": "dental"}', False),
+        ('{"agent": "dental", "via": "elsewhere"}', False),
+        ('{"via": "openrtc connect"', False),  # not JSON
+        ('["via", "openrtc connect"]', False),  # not an object
+    ],
+)
+def test_made_by_connect(metadata: str, expected: bool) -> None:
+    assert made_by_connect(metadata) is expected
+
+
+@pytest.mark.unit
+def test_the_dispatch_metadata_routes_to_the_agent_at_step_1(pool: AgentPool) -> None:
+    job = Job(id="j", metadata=dispatch_metadata("restaurant"), room=Room(name="dental-1"))
+    route = resolve_agent(job, pool.routing_table)
+    assert (route.agent, route.step) == ("restaurant", 1)

@@ -41,6 +41,7 @@ __all__ = [
     "agent_in_room",
     "connect_agent",
     "dispatch_metadata",
+    "made_by_connect",
 ]
 
 #: Seconds between two looks at the dispatch, the room and the dead letters.
@@ -68,9 +69,28 @@ class Connected:
     joined_after: float
 
 
+#: The job metadata key (and its value) that marks a dispatch made by ``connect``.
+_VIA: Final = ("via", "openrtc connect")
+
+
 def dispatch_metadata(agent: str) -> str:
-    """The dispatch's job metadata: names ``agent`` at routing step 1."""
-    return json.dumps({"agent": agent})
+    """The dispatch's job metadata: names ``agent`` at routing step 1, marked as ours."""
+    return json.dumps({"agent": agent, _VIA[0]: _VIA[1]})
+
+
+def made_by_connect(metadata: str) -> bool:
+    """Whether a dispatch's metadata is one :func:`dispatch_metadata` wrote.
+
+    Such a dispatch put an extra agent into a room once: the reconciler
+    brings back the room's own agent, from the room's other dispatches.
+    """
+    if f'"{_VIA[0]}"' not in metadata:
+        return False  # the common case, without parsing
+    try:
+        parsed = json.loads(metadata)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get(_VIA[0]) == _VIA[1]
 
 
 def agent_in_room(participants: Iterable[Any], agent: str) -> str:
