@@ -7,6 +7,7 @@ the room; the command runs as its own process, as an operator would run it.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from openrtc.agents.registry import AgentPool
 from openrtc.agents.routing import resolve_agent
 from openrtc.devtools.caller import AgentSighting, caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
-from openrtc.ops.connect import agent_in_room, connect_agent, dispatch_metadata, made_by_connect
+from openrtc.ops.connect import agent_in_room, dispatch_metadata, made_by_connect
 from openrtc.wire.messages import AGENT_ATTRIBUTE, agent_identity
 from tests.support.processes import service_env
 from tests.support.stack import (
@@ -245,11 +246,21 @@ async def test_a_room_left_without_agents_gets_its_own_agent_back_not_the_connec
         await new_room(livekit_server, room, '{"agent": "dental"}')
         async with caller_in(creds(livekit_server), room) as caller:
             first = await caller.wait_agent(within=30)
-            joined = await connect_agent(creds(livekit_server), room, "restaurant")
+            # In text mode, as a person reads it.
+            env = service_env(livekit_server, redis_server.url, ns)
+            result = await _connect(env, "--room", room, "--agent", "restaurant")
+            assert result.returncode == 0, result.stderr
+            line = result.stdout.strip()
+            assert re.fullmatch(
+                rf"{re.escape(room)}: agent 'restaurant' joined after \d+\.\d\ds: job (AJ_\w+), "
+                r"identity agent-\1",
+                line,
+            ), line
+            joined_identity = line.rsplit("identity ", 1)[1]
             async with api.LiveKitAPI(
                 livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
             ) as lk:
-                for identity in (first.identity, joined.identity):
+                for identity in (first.identity, joined_identity):
                     await lk.room.remove_participant(
                         api.RoomParticipantIdentity(room=room, identity=identity)
                     )
@@ -258,7 +269,7 @@ async def test_a_room_left_without_agents_gets_its_own_agent_back_not_the_connec
                 "both sessions' end",
                 within=30,
             )
-            gone = {first.identity, joined.identity}
+            gone = {first.identity, joined_identity}
 
             def newcomers() -> list[AgentSighting]:
                 here = {p.sid for p in caller.agents()}

@@ -31,7 +31,6 @@ from openrtc.cli.app import (
     _print_json,
     app,
 )
-from openrtc.cli.service_cmds import AgentName
 from openrtc.errors import OpenRTCError
 from openrtc.settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -118,7 +117,15 @@ def connect(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the agent to join.")
     ] = DEFAULT_CONNECT_TIMEOUT,
-    dispatcher_agent_name: AgentName = "",
+    dispatcher_agent_name: Annotated[
+        str,
+        typer.Option(
+            "--agent-name",
+            envvar="OPENRTC_AGENT_NAME",
+            help="The name the dispatchers register with LiveKit (their --agent-name): "
+            "empty for automatic dispatch.",
+        ),
+    ] = "",
     livekit_url: LiveKitUrl = "",
     api_key: ApiKey = "",
     api_secret: ApiSecret = "",
