@@ -146,6 +146,24 @@ async def test_connect_refuses_a_room_that_does_not_exist_and_does_not_create_it
     )
     assert await live_rooms(livekit_server, room) == []
 
+    # With --json, the same error as an object on stdout too.
+    as_json = await _connect(env, "--room", room, "--agent", "dental", "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout) == {
+        "error": f"room {room!r} does not exist (connect puts agents into existing rooms)"
+    }
+
+    # Credentials LiveKit refuses: said so, the secret never shown.
+    wrong = "not-the-secret-but-long-enough-for-hs256-000"
+    refused = await _connect({**env, "LIVEKIT_API_SECRET": wrong}, "--room", room, "--agent", "x")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"error: LiveKit at {livekit_server.http_url} refused: "), (
+        refused.stderr
+    )
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert wrong not in refused.stdout + refused.stderr
+    assert await live_rooms(livekit_server, room) == []
+
 
 @pytest.mark.anyio
 async def test_connect_refuses_an_unknown_agent_from_the_agents_dir_or_its_dead_letter(
@@ -203,6 +221,20 @@ async def test_connect_times_out_naming_the_job_when_no_worker_serves_the_agent(
         job_id = line.split("(job ", 1)[1].split(",", 1)[0]
         assert f"identity {agent_identity(job_id)})" in line
         assert line.endswith("see `openrtc dlq list` and `openrtc status`")
+
+        # No dispatcher registered under the name the dispatch is for: no job at all.
+        nobody = await _connect(
+            {**env, "OPENRTC_AGENT_NAME": "nobody"},
+            *("--room", room, "--agent", "dental", "--timeout", "8"),
+        )
+        _no_secret(nobody, livekit_server)
+        assert nobody.returncode == 1
+        assert re.fullmatch(
+            r"error: no dispatcher took dispatch AD_\w+ within 8s \(none is registered with "
+            r"agent name 'nobody', or each refused it: no live worker of 'dental', or a full "
+            r"backlog\): see `openrtc status`",
+            nobody.stderr.strip(),
+        ), nobody.stderr
     await delete_room(livekit_server, room)
 
 

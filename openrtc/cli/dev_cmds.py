@@ -4,7 +4,7 @@ room by hand, and the whole stack on this machine."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -147,47 +147,28 @@ def connect(
 
     import anyio
 
-    from openrtc.ops.connect import connect_agent, dispatch_metadata
+    from openrtc.ops.connect import connect_agent
 
-    if agents_dir is not None:
-        from livekit.protocol.agent import Job
-        from livekit.protocol.models import Room
+    def fail(message: str) -> NoReturn:
+        if json_output:
+            _print_json({"error": message})
+        _fail(message)
 
-        from openrtc.agents.routing import resolve_agent
-
-        pool = _load_pool(agents_dir)
-        # Checked as the dispatcher will route it, so the error reads the same.
-        job = Job(id="connect", metadata=dispatch_metadata(agent), room=Room(name=room))
-        try:
-            resolve_agent(job, pool.routing_table)
-        except (ValueError, RuntimeError) as exc:
-            _fail(str(exc))
-    try:
-        credentials = LiveKitSettings(livekit_url, api_key, api_secret)
-    except OpenRTCError as exc:
-        _fail(str(exc))
+    if agents_dir is not None and (unknown := _unknown_agent(agents_dir, agent, room)):
+        fail(unknown)
 
     async def go() -> Any:
+        credentials = LiveKitSettings(livekit_url, api_key, api_secret)
+        options: dict[str, Any] = {"dispatcher_agent_name": dispatcher_agent_name}
         if not redis_url:
-            return await connect_agent(
-                credentials,
-                room,
-                agent,
-                dispatcher_agent_name=dispatcher_agent_name,
-                within=timeout,
-            )
+            return await connect_agent(credentials, room, agent, within=timeout, **options)
         from openrtc.store.streams import connect_redis, service_keys
 
         client = connect_redis(redis_url)
         try:
+            keys = service_keys(namespace, redis_url)
             return await connect_agent(
-                credentials,
-                room,
-                agent,
-                dispatcher_agent_name=dispatcher_agent_name,
-                within=timeout,
-                redis=client,
-                keys=service_keys(namespace, redis_url),
+                credentials, room, agent, within=timeout, redis=client, keys=keys, **options
             )
         finally:
             await client.aclose()
@@ -195,7 +176,7 @@ def connect(
     try:
         joined = anyio.run(go)
     except OpenRTCError as exc:  # ConnectError among them
-        _fail(str(exc))
+        fail(str(exc))
     if json_output:
         _print_json(dataclasses.asdict(joined))
         return
@@ -203,6 +184,23 @@ def connect(
         f"{room}: agent '{agent}' joined after {joined.joined_after:.2f}s:"
         f" job {joined.job_id}, identity {joined.identity}"
     )
+
+
+def _unknown_agent(agents_dir: Path, agent: str, room: str) -> str:
+    """The routing error a dispatcher with ``agents_dir`` would give ``connect``'s job, or ""."""
+    from livekit.protocol.agent import Job
+    from livekit.protocol.models import Room
+
+    from openrtc.agents.routing import resolve_agent
+    from openrtc.ops.connect import dispatch_metadata
+
+    pool = _load_pool(agents_dir)
+    job = Job(id="connect", metadata=dispatch_metadata(agent), room=Room(name=room))
+    try:
+        resolve_agent(job, pool.routing_table)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return ""
 
 
 def _external_livekit(livekit_url: str, api_key: str, api_secret: str) -> LiveKitSettings | None:

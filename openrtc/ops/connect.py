@@ -216,41 +216,59 @@ async def _connect(
             )
         )
     started = time.monotonic()
-    job: tuple[str, str] | None = None
+    job: list[tuple[str, str]] = []  # ours, once LiveKit says which it is
     with anyio.move_on_after(within):
-        while True:
-            if letters is not None:
-                await letters.poll()
-                letter = _letter_of(letters.seen, dispatch.id, job[0] if job else "")
-                if letter is not None:
-                    raise ConnectError(
-                        f"job {letter.job_id} (dispatch {dispatch.id}) went to the dead letters"
-                        f" ({letter.reason}): {letter.error} ({WHERE_TO_LOOK})"
-                    )
-            if job is None:
-                with anyio.fail_after(API_TIMEOUT):
-                    job = _our_job(
-                        await lk.agent_dispatch.list_dispatch(room_name=room), dispatch.id
-                    )
-            if job is not None:
-                with anyio.fail_after(API_TIMEOUT):
-                    people = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
-                if any(p.identity == job[1] for p in people.participants):
-                    return Connected(
-                        room=room,
-                        agent=agent,
-                        job_id=job[0],
-                        identity=job[1],
-                        dispatch_id=dispatch.id,
-                        joined_after=round(time.monotonic() - started, 3),
-                    )
-            await anyio.sleep(POLL_INTERVAL)
-    if job is None:
+        job_id, identity = await _wait_joined(lk, room, dispatch.id, letters, job)
+        return Connected(
+            room=room,
+            agent=agent,
+            job_id=job_id,
+            identity=identity,
+            dispatch_id=dispatch.id,
+            joined_after=round(time.monotonic() - started, 3),
+        )
+    if not job:
+        # LiveKit drops a dispatch no registered worker takes: there is no job to name.
         raise ConnectError(
-            f"no job for dispatch {dispatch.id} within {within:g}s: is a dispatcher registered"
-            f" with agent name {dispatcher_agent_name!r}? ({WHERE_TO_LOOK})"
+            f"no dispatcher took dispatch {dispatch.id} within {within:g}s (none is registered"
+            f" with agent name {dispatcher_agent_name!r}, or each refused it: no live worker"
+            f" of {agent!r}, or a full backlog): see `openrtc status`"
         )
     raise ConnectError(
         f"agent {agent!r} did not join room {room!r} within {within:g}s"
-        f" (job {job[0]}, identity {job[1]}): {WHERE_TO_LOOK}"
+        f" (job {job[0][0]}, identity {job[0][1]}): {WHERE_TO_LOOK}"
     )
+
+
+async def _wait_joined(
+    lk: api.LiveKitAPI,
+    room: str,
+    dispatch_id: str,
+    letters: _DeadLetters | None,
+    job: list[tuple[str, str]],
+) -> tuple[str, str]:
+    """(job id, identity) once the job's agent is in ``room``; ``job`` gets them when known.
+
+    A dead letter of the job ends the wait with :class:`ConnectError`.
+    """
+    while True:
+        if letters is not None:
+            await letters.poll()
+            letter = _letter_of(letters.seen, dispatch_id, job[0][0] if job else "")
+            if letter is not None:
+                error = " ".join(letter.error.split())  # one line, whatever a worker wrote
+                raise ConnectError(
+                    f"job {letter.job_id} (dispatch {dispatch_id}) went to the dead letters"
+                    f" ({letter.reason}): {error} ({WHERE_TO_LOOK})"
+                )
+        if not job:
+            with anyio.fail_after(API_TIMEOUT):
+                found = _our_job(await lk.agent_dispatch.list_dispatch(room_name=room), dispatch_id)
+            if found is not None:
+                job.append(found)
+        if job:
+            with anyio.fail_after(API_TIMEOUT):
+                people = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+            if any(p.identity == job[0][1] for p in people.participants):
+                return job[0]
+        await anyio.sleep(POLL_INTERVAL)
