@@ -65,6 +65,9 @@ DEFAULT_DRAIN_TIMEOUT: Final = 1800.0
 #: Dead letters kept (approximate ``MAXLEN`` on the dead-letter stream): the
 #: oldest are trimmed past it. ~1-2 KB each, so about 10-20 MB at most.
 DEFAULT_DEAD_LETTER_MAXLEN: Final = 10_000
+#: How long ``openrtc connect`` waits for the agent to join, by default (s): a
+#: LiveKit server reports a dispatch's job seconds late, a worker may be starting.
+DEFAULT_CONNECT_TIMEOUT: Final = 30.0
 #: A dispatcher's status stream expires this long after its last event (s).
 DEFAULT_STATUS_TTL: Final = 3600.0
 #: Largest conversation checkpoint kept per call, by default (bytes).
@@ -202,6 +205,7 @@ NUMBERS: Final[Mapping[str, Bound]] = {
     "older_than": Bound(0, 100 * 365 * _DAY, unit="seconds", flag="--older-than"),
     "wait": Bound(0, 3600, above=True, unit="seconds", flag="--wait"),
     "listen": Bound(0, 3600, unit="seconds", flag="--listen"),
+    "timeout": Bound(0, 3600, above=True, unit="seconds", flag="--timeout"),
 }
 
 

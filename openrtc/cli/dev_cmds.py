@@ -1,9 +1,10 @@
-"""``openrtc call`` and ``openrtc dev``: a test caller and the whole stack on this machine."""
+"""``openrtc call``, ``openrtc connect`` and ``openrtc dev``: a test caller, an agent put into a
+room by hand, and the whole stack on this machine."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -32,6 +33,7 @@ from openrtc.cli.app import (
 )
 from openrtc.errors import OpenRTCError
 from openrtc.settings import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_NAMESPACE,
     LiveKitSettings,
     redact_url,
@@ -95,6 +97,110 @@ def call(
         )
     if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command("connect", cls=_Checked)
+def connect(
+    room: Annotated[str, typer.Option("--room", help="The room (it must exist).")],
+    agent: Annotated[str, typer.Option("--agent", help="The agent to put into it.")],
+    agents_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--agents-dir",
+            envvar="OPENRTC_AGENTS_DIR",
+            help="Check the agent name against this directory before dispatching. "
+            "Without it, a name the dispatchers do not know is caught by its dead letter "
+            "(needs REDIS_URL).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the agent to join.")
+    ] = DEFAULT_CONNECT_TIMEOUT,
+    dispatcher_agent_name: Annotated[
+        str,
+        typer.Option(
+            "--agent-name",
+            envvar="OPENRTC_AGENT_NAME",
+            help="The name the dispatchers register with LiveKit (their --agent-name): "
+            "empty for automatic dispatch.",
+        ),
+    ] = "",
+    livekit_url: LiveKitUrl = "",
+    api_key: ApiKey = "",
+    api_secret: ApiSecret = "",
+    redis_url: Annotated[
+        str,
+        typer.Option(
+            "--redis-url",
+            envvar="REDIS_URL",
+            help="Redis URL: a dead letter of the job ends the wait at once (optional).",
+        ),
+    ] = "",
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    json_output: JsonFlag = False,
+) -> None:
+    """Put an agent into an existing room now (an explicit dispatch through the
+    dispatchers), and print its job id and identity once it joined. The people
+    and agents already in the room are left alone."""
+    import dataclasses
+
+    import anyio
+
+    from openrtc.ops.connect import connect_agent
+
+    def fail(message: str) -> NoReturn:
+        if json_output:
+            _print_json({"error": message})
+        _fail(message)
+
+    if agents_dir is not None and (unknown := _unknown_agent(agents_dir, agent, room)):
+        fail(unknown)
+
+    async def go() -> Any:
+        credentials = LiveKitSettings(livekit_url, api_key, api_secret)
+        options: dict[str, Any] = {"dispatcher_agent_name": dispatcher_agent_name}
+        if not redis_url:
+            return await connect_agent(credentials, room, agent, within=timeout, **options)
+        from openrtc.store.streams import connect_redis, service_keys
+
+        client = connect_redis(redis_url)
+        try:
+            keys = service_keys(namespace, redis_url)
+            return await connect_agent(
+                credentials, room, agent, within=timeout, redis=client, keys=keys, **options
+            )
+        finally:
+            await client.aclose()
+
+    try:
+        joined = anyio.run(go)
+    except OpenRTCError as exc:  # ConnectError among them
+        fail(str(exc))
+    if json_output:
+        _print_json(dataclasses.asdict(joined))
+        return
+    typer.echo(
+        f"{room}: agent '{agent}' joined after {joined.joined_after:.2f}s:"
+        f" job {joined.job_id}, identity {joined.identity}"
+    )
+
+
+def _unknown_agent(agents_dir: Path, agent: str, room: str) -> str:
+    """The routing error a dispatcher with ``agents_dir`` would give ``connect``'s job, or ""."""
+    from livekit.protocol.agent import Job
+    from livekit.protocol.models import Room
+
+    from openrtc.agents.routing import resolve_agent
+    from openrtc.ops.connect import dispatch_metadata
+
+    pool = _load_pool(agents_dir)
+    job = Job(id="connect", metadata=dispatch_metadata(agent), room=Room(name=room))
+    try:
+        resolve_agent(job, pool.routing_table)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return ""
 
 
 def _external_livekit(livekit_url: str, api_key: str, api_secret: str) -> LiveKitSettings | None:

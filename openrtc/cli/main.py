@@ -14,7 +14,7 @@ import sys
 from openrtc.cli import agent_cmds  # list, route
 from openrtc.cli import service_cmds  # dispatcher, worker, start
 from openrtc.cli import ops_cmds  # status, dlq
-from openrtc.cli import dev_cmds  # call, dev
+from openrtc.cli import dev_cmds  # call, connect, dev
 from openrtc.cli import author_cmds  # console, download-files
 
 # isort: on

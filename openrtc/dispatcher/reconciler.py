@@ -37,6 +37,7 @@ from livekit import api
 from livekit.protocol import agent as proto
 
 from openrtc.agents.routing import RoutingTable, UnknownAgentError, resolve_agent
+from openrtc.ops.connect import made_by_connect
 from openrtc.settings import LiveKitSettings
 from openrtc.store.membership import redis_time
 from openrtc.store.reconcile import LeaderLease, ended_on_purpose, rooms_in_stream
@@ -248,9 +249,15 @@ class Reconciler:
         """
         with anyio.fail_after(API_TIMEOUT):
             dispatches = await lk.agent_dispatch.list_dispatch(room_name=room.name)
-        ours = [d for d in dispatches if d.agent_name == self.agent_name]
+        # A dispatch by `openrtc connect` added an agent once: the room's own
+        # dispatch says which agent the room needs back.
+        ours = [
+            d
+            for d in dispatches
+            if d.agent_name == self.agent_name and not made_by_connect(d.metadata)
+        ]
         if not ours:
-            self._not_ours.add(room.sid)  # dispatched to other agent names only
+            self._not_ours.add(room.sid)  # dispatched to other agent names (or by hand) only
             return
         latest = max(ours, key=lambda d: d.state.created_at)
         job = proto.Job(room=room, metadata=latest.metadata)

@@ -634,6 +634,13 @@ async def dead_letter_tail(redis: RedisClient, keys: Keys) -> str:
     return await DeadLetterStream(redis, keys).newest_id() or "0-0"
 
 
+async def dead_letters_after(redis: RedisClient, keys: Keys, after: str) -> list[DeadLetter]:
+    """Dead letters added after entry ``after``, oldest first, without waiting for one."""
+    # XREAD BLOCK 0 would wait forever: a millisecond is "now".
+    entries = await DeadLetterStream(redis, keys).read_after(after, block=0.001)
+    return [_decode_entry(entry_id, raw) for entry_id, raw in entries]
+
+
 async def follow_dead_letters(
     redis: RedisClient,
     keys: Keys,
