@@ -99,6 +99,13 @@ BENCHES: Final = (
         ("--calls", "10"),
         "kill -9 of a worker -> its calls' agents back: crash detection vs lease only",
     ),
+    Bench(
+        "reload",
+        "reload.py",
+        (),
+        ("--saves", "5"),
+        "hot reload: a saved module -> the live call on the new code, both isolation modes",
+    ),
     # Last: it reads the dispatch and density figures of this same run.
     Bench(
         "capacity",
