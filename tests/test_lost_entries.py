@@ -23,7 +23,13 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.membership import live_members
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
-from tests.support.conversation import GREETING, THREE_THINGS, three_things_said, transcribing
+from tests.support.conversation import (
+    GREETING,
+    THREE_THINGS,
+    agent_listening,
+    three_things_said,
+    transcribing,
+)
 from tests.support.jobs import job_message
 from tests.support.processes import worker_process_killed_on_exit
 from tests.support.stack import creds, delete_room, eventually, new_room, unique, working
@@ -300,6 +306,9 @@ async def test_a_handed_over_entry_lost_before_a_peer_reads_it_is_handed_over_ag
             replacement = await caller.wait_agent(within=40, other_than=original.sid)
             assert replacement.identity == original.identity
             await eventually(lambda: not first.running_jobs, "the old session gone", within=20)
+            # Joined is not started: a line typed before the session's text
+            # input is attached is dropped ("no callback attached").
+            await agent_listening(caller, replacement.identity)
             await transcript.ask(RECALL, ANSWER, within=30)
             assert transcript.count(GREETING) == 1, transcript.lines
             await delete_room(livekit_server, room.name)

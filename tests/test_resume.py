@@ -30,6 +30,7 @@ from tests.support.conversation import (
     GREETING,
     THREE_THINGS,
     Transcript,
+    agent_listening,
     three_things_said,
     transcribing,
 )
@@ -96,18 +97,6 @@ def children_of(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
-
-
-async def agent_listening(caller: Caller, identity: str) -> None:
-    """Until the agent's session is started (it publishes its state as an attribute)."""
-
-    def listening() -> bool:
-        for p in caller.agents():
-            if p.identity == identity and p.attributes.get("lk.agent.state") == "listening":
-                return True
-        return False
-
-    await eventually(listening, "the agent listening", within=20)
 
 
 @pytest.mark.parametrize("kill", ["worker", "session-process"])

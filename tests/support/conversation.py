@@ -74,3 +74,15 @@ async def three_things_said(transcript: Transcript, redis: Redis, key: str) -> N
         return data is not None and THREE_THINGS[-1].encode() in data
 
     await eventually(saved, "the third turn checkpointed")
+
+
+async def agent_listening(caller: Caller, identity: str) -> None:
+    """Until the agent's session is started (it publishes its state as an attribute)."""
+
+    def listening() -> bool:
+        for p in caller.agents():
+            if p.identity == identity and p.attributes.get("lk.agent.state") == "listening":
+                return True
+        return False
+
+    await eventually(listening, "the agent listening", within=20)
