@@ -8,8 +8,12 @@ sessions. The offline LLM counts words as tokens, so the sums are known.
 from __future__ import annotations
 
 import json
+import os
 import signal
 from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -188,3 +192,108 @@ def test_a_report_sums_models_and_reads_latency_in_ms() -> None:
 )
 def test_the_default_redaction_masks_long_numbers(text: str, expected: str) -> None:
     assert redact_numbers("user", text) == expected
+
+
+def _report(job: str, agent: str, tenant: str, outcome: str, ended_at: float) -> CallReport:
+    tally = CallTally(started_at=ended_at - 60, turns=2, takeovers=1, workers=["w1", "w2"])
+    tally.add_llm("gpt-4.1-mini", 1000, 500)
+    tally.tts_characters = 200
+    tally.stt_audio_seconds = 30.0
+    return CallReport(job, agent, f"room-{job}", ended_at - 60, ended_at, outcome, tenant=tenant,
+                      tally=tally)  # fmt: skip
+
+
+PRICES = """
+tts_per_character = 0.0001
+stt_per_second = 0.001
+[llm."gpt-4.1-mini"]
+prompt_per_1k = 0.4
+completion_per_1k = 1.6
+"""
+#: One call's cost under PRICES: 0.4 + 0.8 (tokens) + 0.02 (TTS) + 0.03 (STT).
+ONE_CALL = 1.25
+
+
+async def test_sessions_list_show_stats_read_the_reports_with_costs(
+    redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    import subprocess
+    import time
+
+    import anyio
+    from typer.testing import CliRunner
+
+    from openrtc.cli.main import app
+    from openrtc.settings import DEFAULT_REPORT_MAX_AGE, DEFAULT_REPORT_MAXLEN
+    from openrtc.store.streams import StreamStore
+
+    ns = unique("ns")
+    store = StreamStore(redis, Keys(ns))
+    now = time.time()
+    add = partial(store.add_report, maxlen=DEFAULT_REPORT_MAXLEN, max_age=DEFAULT_REPORT_MAX_AGE)
+    assert await add(_report("j1", "dental", "acme", "ended", now - 7200))
+    assert await add(_report("j2", "dental", "globex", "failed", now - 10))
+    assert await add(_report("j3", "support", "acme", "agent_ended", now - 5))
+    assert await add(_report("j3", "support", "acme", "agent_ended", now)) is None  # once
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "OPENRTC_NAMESPACE": ns,
+        "NO_COLOR": "1",
+        "COLUMNS": "250",
+    }
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        def invoke() -> Any:
+            return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+
+        result = await anyio.to_thread.run_sync(invoke)
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+    async def jobs(*args: str) -> list[str]:
+        result = await cli("sessions", "list", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return [s["job_id"] for s in json.loads(result.stdout)["sessions"]]
+
+    assert await jobs() == ["j3", "j2", "j1"]
+    assert await jobs("--agent", "dental") == ["j2", "j1"]
+    assert await jobs("--tenant", "acme") == ["j3", "j1"]
+    assert await jobs("--outcome", "failed") == ["j2"]
+    assert await jobs("--since", "1h") == ["j3", "j2"]
+    listed = json.loads((await cli("sessions", "list", "--json", "--prices", str(prices))).stdout)
+    assert [s["cost"] for s in listed["sessions"]] == [ONE_CALL] * 3
+    table = await cli("sessions", "list", "--prices", str(prices))
+    assert table.returncode == 0
+    assert "j2" in table.stdout
+    assert "1.2500" in table.stdout
+
+    shown = await cli("sessions", "show", "j2", "--prices", str(prices))
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert doc["tenant"] == "globex"
+    assert doc["takeovers"] == 1
+    assert doc["cost"] == ONE_CALL
+    missing = await cli("sessions", "show", "nope")
+    assert missing.returncode == 1
+    assert "no call report" in missing.stderr
+
+    stats = json.loads((await cli("sessions", "stats", "--json", "--prices", str(prices))).stdout)
+    assert stats["total"]["calls"] == 3
+    assert stats["total"]["cost"] == pytest.approx(3 * ONE_CALL)
+    assert stats["by_agent"]["dental"]["llm_prompt_tokens"] == 2000
+    assert stats["by_tenant"]["acme"]["calls"] == 2
+    assert stats["by_tenant"]["acme"]["outcomes"] == {"ended": 1, "agent_ended": 1}
+    recent = json.loads((await cli("sessions", "stats", "--json", "--since", "1h")).stdout)
+    assert recent["total"]["calls"] == 2
+    assert "cost" not in recent["total"]
+    text = await cli("sessions", "stats", "--prices", str(prices))
+    assert text.returncode == 0
+    assert "By tenant" in text.stdout
+    assert "globex" in text.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[llm\n")
+    refused = await cli("sessions", "list", "--prices", str(bad))
+    assert refused.returncode == 2
+    assert "price table" in refused.stderr
