@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -22,13 +23,19 @@ from openrtc.agents.registry import redact_numbers
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import Keys
+from openrtc.wire.messages import RecordField
 from openrtc.wire.reports import REPORT_FIELD, CallReport, CallTally, percentile
 from tests.support.conversation import GREETING, THREE_THINGS
 from tests.support.processes import LEASE, worker_process_killed_on_exit
 from tests.support.stack import delete_room, eventually, unique, working
-from tests.test_resume import agent_listening, greeted_call
+from tests.test_resume import agent_listening, children_of, greeted_call
 
 pytestmark = pytest.mark.anyio
+
+
+def runs_it(process: subprocess.Popen[bytes], worker_id: bytes | None) -> bool:
+    """Whether ``worker_id`` is that worker process's (worker ids hold their pid)."""
+    return worker_id is not None and f"-{process.pid}-".encode() in worker_id
 
 
 async def tally_of(redis: Redis, key: str) -> CallTally:
@@ -37,17 +44,20 @@ async def tally_of(redis: Redis, key: str) -> CallTally:
     return CallTally.from_dict(saved.call if saved else None)
 
 
+@pytest.mark.parametrize("isolation", ["coroutine", "process"])
 async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_usage(
-    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, isolation: str
 ) -> None:
     """Done when (issue 20): three turns, a SIGKILL takeover, a SIGTERM handover:
     exactly one report, the usage of all sessions summed, ``takeovers == 2``."""
     ns, agent = unique("ns"), "dental"
+    # No idle session processes: three workers' worth on two cores starve the join.
+    args = ["--isolation", isolation, "--idle-processes", "0"]
     keys = Keys(ns)
     replies = [f"Noted: {thing}" for thing in THREE_THINGS]
     with (
-        worker_process_killed_on_exit(livekit_server, redis_server.url, ns) as first,
-        worker_process_killed_on_exit(livekit_server, redis_server.url, ns) as second,
+        worker_process_killed_on_exit(livekit_server, redis_server.url, ns, *args) as first,
+        worker_process_killed_on_exit(livekit_server, redis_server.url, ns, *args) as second,
     ):
         async with (
             greeted_call(livekit_server, redis, ns, agent, "dental-report", GREETING) as call,
@@ -63,23 +73,35 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
                 return tally.turns == n and completion == sum(len(r.split()) for r in replies[:n])
 
             await eventually(lambda: turns_saved(1), "turn 1 and its usage checkpointed")
-            # `second` is up (it was started first); the first worker dies.
-            first.send_signal(signal.SIGKILL)
-            taker = await caller.wait_agent(within=30, other_than=call.original.sid)
+            ran = await redis.hget(keys.job(agent, call.message.job_id), RecordField.WORKER)
+            if isolation == "coroutine":
+                # Whichever worker has the call dies; the other takes it over.
+                serving, other = (first, second) if runs_it(first, ran) else (second, first)
+                serving.send_signal(signal.SIGKILL)
+            else:
+                # The session's process dies (in process isolation the worker's
+                # children would outlive a SIGKILLed worker for a while): its
+                # worker starts it again, as a takeover, from the checkpoint.
+                other = first if runs_it(first, ran) else second
+                (zygote,) = children_of(other.pid)
+                (session_process,) = children_of(zygote)
+                os.kill(session_process, signal.SIGKILL)
+            taker = await caller.wait_agent(within=60, other_than=call.original.sid)
             await agent_listening(caller, taker.identity)
             await transcript.ask(THREE_THINGS[1], replies[1])
             await eventually(lambda: turns_saved(2), "turn 2 checkpointed on the taker")
             assert (await tally_of(redis, key)).takeovers == 1
 
-            last = await stack.enter_async_context(
-                working(livekit_server, redis_server.url, ns, agent, lease=LEASE)
-            )
-            second.send_signal(signal.SIGTERM)
-            handed = await caller.wait_agent(within=30, other_than=taker.sid)
+            if isolation == "coroutine":
+                # The handover's peer (in process isolation: the idle worker).
+                await stack.enter_async_context(
+                    working(livekit_server, redis_server.url, ns, agent, lease=LEASE)
+                )
+            other.send_signal(signal.SIGTERM)
+            handed = await caller.wait_agent(within=60, other_than=taker.sid)
             await agent_listening(caller, handed.identity)
-            assert last.running_jobs == [call.message.job_id]
             await transcript.ask(THREE_THINGS[2], replies[2])
-            assert second.wait(30) == 0
+            assert other.wait(30) == 0
             assert await redis.xlen(keys.reports) == 0  # nobody reported a call still on
 
             # The caller hangs up: the room goes, the call ends on `last`.
@@ -89,7 +111,7 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
                 return await redis.xlen(keys.reports) > 0
 
             await eventually(reported, "the call's report", within=30)
-            await eventually(lambda: not last.running_jobs, "the session over")
+            final = await redis.hget(keys.job(agent, call.message.job_id), RecordField.WORKER)
             entries = await redis.xrange(keys.reports)
             assert len(entries) == 1, entries
             report = json.loads(entries[0][1][REPORT_FIELD])
@@ -102,8 +124,9 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
     assert report["turns"] == 3
     assert report["takeovers"] == 2
     assert len(report["workers"]) == 3
-    assert report["workers"][2] == last.settings.worker_id
-    assert len(set(report["workers"])) == 3
+    assert report["workers"][2] == final.decode()
+    # A session process's crash is taken over by its own worker.
+    assert len(set(report["workers"])) == (3 if isolation == "coroutine" else 2)
     usage = report["usage"]
     assert usage["llm_completion_tokens"] == sum(len(r.split()) for r in replies)
     assert usage["llm_by_model"]["rules"]["completion_tokens"] == usage["llm_completion_tokens"]
