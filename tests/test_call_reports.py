@@ -320,3 +320,45 @@ async def test_sessions_list_show_stats_read_the_reports_with_costs(
     refused = await cli("sessions", "list", "--prices", str(bad))
     assert refused.returncode == 2
     assert "price table" in refused.stderr
+
+
+async def test_a_call_given_up_is_reported_failed_with_its_last_checkpoint_s_totals(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """Dead-lettered (too many deliveries): the report says failed, and why, with
+    the usage its sessions had checkpointed."""
+    from openrtc.store.streams import StreamStore
+    from openrtc.wire.keys import WORKERS_GROUP
+    from tests.support.jobs import job_message
+    from tests.support.stack import new_room
+
+    ns = unique("ns")
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("dental-given-up"))
+    message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+    store = StreamStore(redis, keys)
+    await store.ensure_group("dental")
+    await store.enqueue([message])
+    tally = CallTally(started_at=1000.0, turns=4, takeovers=1, workers=["w-a", "w-gone"])
+    tally.add_llm("rules", 40, 12)
+    data = Checkpoint(call=tally.to_dict()).encode(4096)
+    assert data is not None
+    await redis.set(keys.checkpoint("dental", message.job_id), data)
+    # Delivered to a worker that died with it.
+    await redis.xreadgroup(WORKERS_GROUP, "w-gone", {keys.jobs("dental"): ">"}, count=1)
+    async with working(livekit_server, redis_server.url, ns, "dental", max_deliveries=1, lease=1.0):
+
+        async def reported() -> bool:
+            return await redis.xlen(keys.reports) > 0
+
+        await eventually(reported, "the given-up call's report", within=30)
+    [(_, fields)] = await redis.xrange(keys.reports)
+    report = json.loads(fields[REPORT_FIELD])
+    assert report["job_id"] == message.job_id
+    assert report["outcome"] == "failed"
+    assert report["reason"].startswith("max-deliveries"), report["reason"]
+    assert report["turns"] == 4
+    assert report["takeovers"] == 1
+    assert report["workers"] == ["w-a", "w-gone"]
+    assert report["usage"]["llm_prompt_tokens"] == 40
+    assert report["started_at"] == 1000.0

@@ -148,21 +148,31 @@ class Outcomes:
         except Exception:
             logger.exception("entry %s could not be dead-lettered", delivery.entry_id)
             return False
+        if message is not None or job_id:
+            # Given up on (a call, even one given up on before its entry was
+            # decoded: then its room is not known here).
+            await self.report(
+                message or job_id, CallOutcome.FAILED, f"{reason.value}: {error}", None
+            )
         if message is not None:
-            await self.report(message, CallOutcome.FAILED, f"{reason}: {error}", None)
             await self.status(message, JobStatus.FAILED, f"{reason}: {error}")
         return True
 
     async def report(
-        self, message: JobMessage, outcome: str, reason: str, call: dict[str, Any] | None
+        self,
+        message: JobMessage | str,
+        outcome: str,
+        reason: str,
+        call: dict[str, Any] | None,
     ) -> None:
         """Write the call's report (once per call: its marker keeps a second one out).
 
+        ``message``: the job, or only its id (an entry given up on undecoded).
         ``call``: the ending session's totals (its outcome's). Without them (a
         call given up) the totals are those of its last checkpoint.
         """
         ctx = self._ctx
-        job_id = message.job_id
+        job_id = message if isinstance(message, str) else message.job_id
         if call is None:
             stored = await ctx.redis(
                 lambda: ctx.checkpoints.load(job_id),
@@ -175,9 +185,10 @@ class Outcomes:
         transcript = _transcript(call.get("transcript") if call else None)
         report = CallReport(
             job_id=job_id,
-            agent=message.agent,
-            room=message.room,
-            started_at=tally.started_at or message.enqueued_at,
+            agent=ctx.settings.agent if isinstance(message, str) else message.agent,
+            room="" if isinstance(message, str) else message.room,
+            started_at=tally.started_at
+            or (0.0 if isinstance(message, str) else message.enqueued_at),
             ended_at=ctx.clock(),
             outcome=outcome,
             reason=reason,
