@@ -146,8 +146,10 @@ NUMBERS: Final[Mapping[str, Bound]] = {
     "dead_letter_maxlen": Bound(
         1, 10_000_000, flag="--dead-letter-maxlen", env="OPENRTC_DEAD_LETTER_MAXLEN"
     ),
-    "report_maxlen": Bound(100, 10_000_000),
-    "report_max_age": Bound(3600, 366 * _DAY, unit="seconds"),
+    "report_maxlen": Bound(100, 10_000_000, flag="--report-maxlen", env="OPENRTC_REPORT_MAXLEN"),
+    "report_max_age": Bound(
+        3600, 366 * _DAY, unit="seconds", flag="--report-max-age", env="OPENRTC_REPORT_MAX_AGE"
+    ),
     "http_port": Bound(1, 65535, off=0, flag="--http-port", env="OPENRTC_HTTP_PORT"),
     "health_max_lag": Bound(0, 3600, above=True, unit="seconds"),
     # The dispatcher.

@@ -315,6 +315,23 @@ async def test_sessions_list_show_stats_read_the_reports_with_costs(
     assert text.returncode == 0
     assert "By tenant" in text.stdout
     assert "globex" in text.stdout
+    # Signed like the entries: `show` with the key says whether it verifies.
+    from openrtc.wire.signing import SigningKeys
+
+    key = "k" * 40
+    signed = StreamStore(redis, Keys(ns), signing=SigningKeys(key.encode()))
+    assert await signed.add_report(
+        _report("j4", "dental", "acme", "ended", time.time()),
+        maxlen=DEFAULT_REPORT_MAXLEN,
+        max_age=DEFAULT_REPORT_MAX_AGE,
+    )
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    await redis.xadd(Keys(ns).reports, {REPORT_FIELD: b'{"job_id": "j5"}', b"sig": b"v1:x:y"})
+    for job, expected in (("j4", "signed"), ("j3", "unsigned"), ("j5", "forged")):
+        checked = await cli("sessions", "show", job, "--signing-key-file", str(key_file))
+        assert checked.returncode == 0, checked.stderr
+        assert json.loads(checked.stdout)["signature"] == expected
     bad = tmp_path / "bad.toml"
     bad.write_text("[llm\n")
     refused = await cli("sessions", "list", "--prices", str(bad))

@@ -24,7 +24,7 @@ from openrtc.settings import DEFAULT_DEDUP_TTL
 from openrtc.store.readers import PAGE, DeadLetterStream, ReportStream, StatusReader
 from openrtc.store.streams import RedisClient, StreamStore
 from openrtc.wire.keys import Keys
-from openrtc.wire.messages import ForgedEntry, replay_entry
+from openrtc.wire.messages import SIGNATURE_FIELD, ForgedEntry, replay_entry
 from openrtc.wire.reports import REPORT_FIELD
 from openrtc.wire.signing import SigningKeys, sign_job, verify_report
 
@@ -731,7 +731,8 @@ class Report:
 
     id: str
     doc: dict[str, Any]
-    #: ``unsigned``, ``signed`` or ``forged`` (checked only when keys are given).
+    #: ``unsigned``, ``signed`` or ``forged`` (checked only when keys are given):
+    #: reports written before signing was turned on are ``unsigned``.
     signature: str = "unsigned"
 
     def shown(self, prices: Prices | None) -> dict[str, Any]:
@@ -754,7 +755,7 @@ def _decode_report(
     if not isinstance(doc, dict):
         return None
     signature = "unsigned"
-    if signing is not None:
+    if signing is not None and raw.get(SIGNATURE_FIELD):
         try:
             verify_report(signing, raw)
             signature = "signed"
