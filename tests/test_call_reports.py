@@ -32,6 +32,9 @@ from tests.test_resume import agent_listening, children_of, greeted_call
 
 pytestmark = pytest.mark.anyio
 
+#: The offline dental agent's instructions (examples/offline_agents/dental.py).
+INSTRUCTIONS = "Offline dental receptionist."
+
 
 def runs_it(process: subprocess.Popen[bytes], worker_id: bytes | None) -> bool:
     """Whether ``worker_id`` is that worker process's (worker ids hold their pid)."""
@@ -130,12 +133,17 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
     usage = report["usage"]
     assert usage["llm_completion_tokens"] == sum(len(r.split()) for r in replies)
     assert usage["llm_by_model"]["rules"]["completion_tokens"] == usage["llm_completion_tokens"]
-    # Each turn's prompt is the whole conversation before its reply: more every turn.
-    assert usage["llm_prompt_tokens"] >= sum(len(t.split()) for t in THREE_THINGS) * 2
-    # The greeting (session 1) and a reply on each session were spoken (ToneTTS's
-    # characters, as livekit-agents counts them: a character less here and there).
-    spoken = len(GREETING) + sum(len(r) for r in replies)
-    assert spoken - 4 <= usage["tts_characters"] <= spoken
+    # Each turn's prompt is the whole conversation before its reply, the agent's
+    # instructions first: the resumed sessions saw all of it again.
+    context = len(INSTRUCTIONS.split()) + len(GREETING.split())
+    prompts = []
+    for n, thing in enumerate(THREE_THINGS):
+        context += len(thing.split()) + (len(replies[n - 1].split()) if n else 0)
+        prompts.append(context)
+    assert usage["llm_prompt_tokens"] == sum(prompts) == 80
+    # The greeting (session 1) and a reply on each session were spoken; the
+    # greeting is two sentences, synthesized apart: the space between is not.
+    assert usage["tts_characters"] == len(GREETING) - 1 + sum(len(r) for r in replies)
     assert report["duration_s"] > 0
     assert report["latency_ms"]["llm_ttft_p50"] is not None
     said = [line["text"] for line in report["transcript"] if line["role"] == "user"]

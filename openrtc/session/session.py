@@ -755,10 +755,10 @@ class _Checkpointing:
         #: Tool calls seen starting whose output is not in the history yet: a
         #: crash now must show them as interrupted, not forget them.
         self._calls: dict[str, llm.FunctionCall] = {}
-        # Metrics too: a turn's usage arrives after its conversation item,
-        # and a takeover must resume the call's totals with it.
-        for event in ("conversation_item_added", "function_tools_executed", "metrics_collected"):
+        for event in ("conversation_item_added", "function_tools_executed"):
             session.on(event, lambda _: self.touch())
+        self._usage_seen: Any = None
+        session.on("session_usage_updated", self._on_usage)
         session.on("tool_execution_updated", self._on_tool)
 
     def touch(self) -> None:
@@ -767,6 +767,15 @@ class _Checkpointing:
     def said_greeting(self) -> None:
         self.greeted = True
         self.touch()
+
+    def _on_usage(self, event: Any) -> None:
+        # A turn's usage arrives after its conversation item, and a takeover
+        # must resume the call's totals with it. Sent for every metric, VAD's
+        # too (every second or so): only a change is worth a checkpoint.
+        seen = [u.model_dump() for u in event.usage.model_usage]
+        if seen != self._usage_seen:
+            self._usage_seen = seen
+            self.touch()
 
     def _on_tool(self, event: Any) -> None:
         if isinstance(event.update, ToolCallStarted):
@@ -828,38 +837,37 @@ class _Checkpointing:
 class _CallUsage:
     """The call's totals: those carried in from earlier sessions plus this one's.
 
-    This session's usage comes from livekit-agents' ``metrics_collected``
-    events, summed per model by its ``ModelUsageCollector``; turns are the
-    caller's messages committed here; latency samples are LLM time to first
-    token and end-of-utterance delay.
+    This session's usage is livekit-agents' own (``AgentSession.usage``: its
+    ``ModelUsageCollector`` over every ``metrics_collected``, per model);
+    turns are the caller's messages committed here; latency samples are read
+    off the committed messages' metrics (the LLM's time to first token on the
+    agent's, the end-of-turn delay on the caller's).
     """
 
     def __init__(
         self, session: AgentSession[Any], base: CallTally, worker_id: str, *, resumed: bool
     ) -> None:
+        self._session = session
         self._base = base
         if not base.started_at:
             base.started_at = time.time()
         if resumed:
             base.takeovers += 1
         base.workers.append(worker_id)
-        self._collector = metrics.ModelUsageCollector()
         self._here = CallTally()
-        session.on("metrics_collected", self._on_metrics)
         session.on("conversation_item_added", self._on_item)
-
-    def _on_metrics(self, event: Any) -> None:
-        m = event.metrics
-        self._collector.collect(m)
-        if isinstance(m, metrics.LLMMetrics) and m.ttft >= 0:
-            self._here.sample(self._here.llm_ttft, m.ttft)
-        elif isinstance(m, metrics.EOUMetrics):
-            self._here.sample(self._here.end_of_turn, m.end_of_utterance_delay)
 
     def _on_item(self, event: Any) -> None:
         item = event.item
-        if getattr(item, "type", "") == "message" and getattr(item, "role", "") == "user":
+        if getattr(item, "type", "") != "message":
+            return
+        measured = getattr(item, "metrics", None) or {}
+        if item.role == "user":
             self._here.turns += 1
+            if (delay := measured.get("end_of_turn_delay")) is not None:
+                self._here.sample(self._here.end_of_turn, delay)
+        elif item.role == "assistant" and (ttft := measured.get("llm_node_ttft")) is not None:
+            self._here.sample(self._here.llm_ttft, ttft)
 
     def tally(self) -> CallTally:
         """The call's totals now (a new tally)."""
@@ -868,7 +876,7 @@ class _CallUsage:
             llm_ttft=self._here.llm_ttft,
             end_of_turn=self._here.end_of_turn,
         )
-        for usage in self._collector.flatten():
+        for usage in self._session.usage.model_usage:
             if isinstance(usage, metrics.LLMModelUsage):
                 here.add_llm(usage.model or usage.provider, usage.input_tokens, usage.output_tokens)
             elif isinstance(usage, metrics.TTSModelUsage):
