@@ -359,8 +359,11 @@ class StreamStore:
         fields: dict[bytes, bytes] = {REPORT_FIELD: report.encode()}
         if self.signing is not None:
             fields = sign_report(self.signing, fields)
-        # The marker outlives every report the stream may keep.
-        flat: list[Any] = [max(1, int(max_age)), maxlen, max(1, int(max_age * 1000))]
+        # The marker lives as long as the job's record: a second writer can
+        # only come while the job is still known (a redelivery, a peer's
+        # takeover), and a marker per call for the stream's whole age would
+        # cost more than the reports.
+        flat: list[Any] = [max(1, self.dedup_ttl), maxlen, max(1, int(max_age * 1000))]
         for key, value in fields.items():
             flat += [key, value]
         added = await self.scripts.add_report(
