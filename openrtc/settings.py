@@ -65,6 +65,11 @@ DEFAULT_DRAIN_TIMEOUT: Final = 1800.0
 #: Dead letters kept (approximate ``MAXLEN`` on the dead-letter stream): the
 #: oldest are trimmed past it. ~1-2 KB each, so about 10-20 MB at most.
 DEFAULT_DEAD_LETTER_MAXLEN: Final = 10_000
+#: Call reports kept (approximate ``MAXLEN`` on the reports stream): the oldest
+#: are trimmed past it. ~1-3 KB each without transcripts, so about 0.1-0.3 GB at most.
+DEFAULT_REPORT_MAXLEN: Final = 100_000
+#: Call reports older than this are trimmed (s; ``MINID`` on Redis's clock).
+DEFAULT_REPORT_MAX_AGE: Final = 30 * 86400.0
 #: How long ``openrtc connect`` waits for the agent to join, by default (s): a
 #: LiveKit server reports a dispatch's job seconds late, a worker may be starting.
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
@@ -140,6 +145,10 @@ NUMBERS: Final[Mapping[str, Bound]] = {
     "dedup_ttl": Bound(1, 30 * _DAY, unit="seconds"),
     "dead_letter_maxlen": Bound(
         1, 10_000_000, flag="--dead-letter-maxlen", env="OPENRTC_DEAD_LETTER_MAXLEN"
+    ),
+    "report_maxlen": Bound(100, 10_000_000, flag="--report-maxlen", env="OPENRTC_REPORT_MAXLEN"),
+    "report_max_age": Bound(
+        3600, 366 * _DAY, unit="seconds", flag="--report-max-age", env="OPENRTC_REPORT_MAX_AGE"
     ),
     "http_port": Bound(1, 65535, off=0, flag="--http-port", env="OPENRTC_HTTP_PORT"),
     "health_max_lag": Bound(0, 3600, above=True, unit="seconds"),
@@ -448,6 +457,10 @@ class WorkerSettings:
     dedup_ttl: float = DEFAULT_DEDUP_TTL
     #: Dead letters kept; the oldest are trimmed past it (approximately).
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
+    #: Call reports kept; the oldest are trimmed past it (approximately).
+    report_maxlen: int = DEFAULT_REPORT_MAXLEN
+    #: Call reports older than this are trimmed (s).
+    report_max_age: float = DEFAULT_REPORT_MAX_AGE
     #: A dispatcher's status stream expires this long after the last event a
     #: worker sent it, so the streams of dispatchers that are gone do not pile up.
     status_ttl: float = DEFAULT_STATUS_TTL

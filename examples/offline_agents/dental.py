@@ -13,6 +13,8 @@ from openrtc.offline import OfflineLLM, ToneTTS
     llm=OfflineLLM(),
     tts=ToneTTS(),
     greeting="Bright Smile Dental, offline line. How can we help you today?",
+    # Its call reports keep what was said (long numbers masked: the default redaction).
+    transcript=True,
 )
 class OfflineDental(Agent):
     def __init__(self) -> None:

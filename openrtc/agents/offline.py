@@ -3,7 +3,9 @@
 Neither needs a cloud key nor a model download. :class:`OfflineLLM` answers
 from the chat history it is given, deterministically, so a test can check
 that a conversation survived a takeover: asked "what did I say first?", it
-answers with the first user message of the history. It can call one tool:
+answers with the first user message of the history. It reports usage: a
+token is a word (of every text of the chat it is shown, and of its reply),
+so call reports have counts to sum. It can call one tool:
 a user message like "book a table for 4" becomes a ``book_table`` call (with
 ``party_size``) when the agent has a tool of that name. Callers type with
 livekit-agents' room text input (topic ``lk.chat``) and read the agent's
@@ -94,3 +96,22 @@ class _OfflineStream(llm.LLMStream):
         else:
             delta = llm.ChoiceDelta(role="assistant", content=reply)
         self._event_ch.send_nowait(llm.ChatChunk(id=request, delta=delta))
+        # Deterministic usage, so calls run on it have token counts to report:
+        # a "token" is a word, of every text it was shown and of its reply.
+        prompt = sum(_words(item) for item in self.chat_ctx.items)
+        completion = len(str(reply if isinstance(reply, str) else json.dumps(reply)).split())
+        usage = llm.CompletionUsage(
+            completion_tokens=completion, prompt_tokens=prompt, total_tokens=prompt + completion
+        )
+        self._event_ch.send_nowait(llm.ChatChunk(id=request, usage=usage))
+
+
+def _words(item: Any) -> int:
+    """Words of one chat item as :class:`OfflineLLM` counts them as prompt tokens."""
+    if item.type == "message":
+        return len((item.text_content or "").split())
+    if item.type == "function_call":
+        return len(item.arguments.split()) + 1
+    if item.type == "function_call_output":
+        return len(str(item.output).split())
+    return 0

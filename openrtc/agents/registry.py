@@ -38,8 +38,10 @@ __all__ = [
     "AgentConfig",
     "AgentPool",
     "ProviderValue",
+    "Redactor",
     "agent_config",
     "describe_provider",
+    "redact_numbers",
     "router",
     "validate_agent_name",
 ]
@@ -49,6 +51,8 @@ logger = logging.getLogger("openrtc.agents")
 #: A provider is a plugin object (``openai.LLM(...)``) or a LiveKit inference
 #: string such as ``"openai/gpt-4.1-mini"``.
 ProviderValue: TypeAlias = str | object
+#: A transcript redaction hook: ``(role, text)`` -> the text a report keeps, or ``None``.
+Redactor: TypeAlias = Callable[[str, str], "str | None"]
 
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
 _CONFIG_ATTR: Final = "__openrtc_agent_config__"
@@ -80,6 +84,8 @@ class _Decorated:
     greeting: str | None
     checkpoint: bool = True
     resume_line: str | None = None
+    transcript: bool = False
+    redact: Redactor | None = None
 
 
 def agent_config(
@@ -91,6 +97,8 @@ def agent_config(
     greeting: str | None = None,
     checkpoint: bool = True,
     resume_line: str | None = None,
+    transcript: bool = False,
+    redact: Redactor | None = None,
 ) -> Callable[[_A], _A]:
     """Name an ``Agent`` subclass and set its providers for directory discovery.
 
@@ -102,6 +110,10 @@ def agent_config(
     starts them afresh (greeting included). ``resume_line``: said instead of
     nothing when a session resumes a taken-over conversation ("Sorry, I lost
     you for a second."); the greeting is never said twice.
+
+    ``transcript=True``: the call's report keeps what was said, each line
+    through ``redact(role, text)`` first (its return is kept; ``None`` drops
+    the line). Without ``redact``, :func:`redact_numbers` masks long digit runs.
     """
     if name is not None:
         name = validate_agent_name(name)
@@ -118,6 +130,8 @@ def agent_config(
         greeting=greeting,
         checkpoint=bool(checkpoint),
         resume_line=resume_line,
+        transcript=bool(transcript),
+        redact=_redactor(redact),
     )
 
     def decorate(cls: _A) -> _A:
@@ -125,6 +139,22 @@ def agent_config(
         return cls
 
     return decorate
+
+
+#: Runs of digits this long or longer are masked by :func:`redact_numbers`:
+#: card, account and phone numbers, not party sizes or times.
+_LONG_NUMBER: Final = re.compile(r"\d(?:[\s-]?\d){5,}")
+
+
+def redact_numbers(role: str, text: str) -> str | None:
+    """The default transcript redaction: runs of 6+ digits (spaces or dashes between) masked."""
+    return _LONG_NUMBER.sub(lambda m: "#" * len(m.group()), text)
+
+
+def _redactor(redact: Redactor | None) -> Redactor | None:
+    if redact is not None and not callable(redact):
+        raise AgentRegistryError("redact must be a function (role, text) -> str | None.")
+    return redact
 
 
 def router(function: _F) -> _F:
@@ -193,6 +223,10 @@ class AgentConfig:
     checkpoint: bool = True
     #: Said when a session resumes a conversation, instead of the greeting.
     resume_line: str | None = None
+    #: Keep the transcript in the call's report (through :attr:`redact`).
+    transcript: bool = False
+    #: ``redact(role, text)``: what the report keeps of a line (``None``: nothing).
+    redact: Redactor | None = None
 
     @property
     def class_label(self) -> str:
@@ -279,6 +313,8 @@ class AgentPool:
         prewarm: Callable[[Any], Any] | None = None,
         checkpoint: bool = True,
         resume_line: str | None = None,
+        transcript: bool = False,
+        redact: Redactor | None = None,
     ) -> AgentConfig:
         """Register ``agent_cls`` under ``name`` and return its configuration.
 
@@ -308,6 +344,8 @@ class AgentPool:
             prewarm=prewarm,
             checkpoint=checkpoint,
             resume_line=resume_line,
+            transcript=transcript,
+            redact=redact,
         )
         self._agents[name] = config
         self._table = None
@@ -327,6 +365,8 @@ class AgentPool:
         prewarm: Callable[[Any], Any] | None,
         checkpoint: bool,
         resume_line: str | None,
+        transcript: bool = False,
+        redact: Redactor | None = None,
     ) -> AgentConfig:
         """``agent_cls`` as the agent ``name``, the pool's defaults where unset (validated)."""
         from livekit.agents import Agent
@@ -355,6 +395,8 @@ class AgentPool:
             prewarm=prewarm,
             checkpoint=bool(checkpoint),
             resume_line=_optional_line(resume_line, f"Agent '{name}': resume_line"),
+            transcript=bool(transcript),
+            redact=_redactor(redact),
         )
         return config
 
@@ -530,6 +572,8 @@ def _registration(module: ModuleType, path: Path) -> tuple[str, type[Agent], dic
         "prewarm": prewarm if callable(prewarm) else None,
         "checkpoint": marker.checkpoint,
         "resume_line": marker.resume_line,
+        "transcript": marker.transcript,
+        "redact": marker.redact,
     }
     return name, agent_cls, options
 

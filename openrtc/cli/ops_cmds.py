@@ -559,3 +559,228 @@ def dlq_purge(
         lambda r: purge_dead_letters(r, keys, ids=ids, older_than=older_than, upto=upto),
     )
     typer.echo(f"deleted {removed} dead letter(s)")
+
+
+# --------------------------------------------------------------------------- sessions
+
+sessions = typer.Typer(
+    help="Call reports: one per ended call, with its usage (and cost).", no_args_is_help=True
+)
+app.add_typer(sessions, name="sessions")
+
+TenantFilter = Annotated[str | None, typer.Option("--tenant", help="Only calls for this tenant.")]
+OutcomeFilter = Annotated[
+    str | None,
+    typer.Option("--outcome", help="Only calls that ended so: ended, agent_ended, failed."),
+]
+ReportAgentFilter = Annotated[str | None, typer.Option("--agent", help="Only this agent's calls.")]
+ReportSinceFilter = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        help="Only calls that ended since then: a duration ago (30s, 10m, 2h, 1d) or an ISO time.",
+    ),
+]
+PricesFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--prices",
+        envvar="OPENRTC_PRICES",
+        help="A TOML price table (per model per 1k prompt/completion tokens, per TTS "
+        "character, per STT second): each report gets a cost (docs/operating.md).",
+    ),
+]
+
+
+def _prices(path: Path | None) -> Any:
+    from openrtc.ops.monitor import Prices
+
+    if path is None:
+        return None
+    try:
+        return Prices.from_toml(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--prices'") from None
+
+
+def _report_filters(
+    agent: str | None, tenant: str | None, outcome: str | None, since: str | None
+) -> dict[str, Any]:
+    return {"agent": agent, "tenant": tenant, "outcome": outcome, "since": _since(since)}
+
+
+def _report_row(doc: dict[str, Any]) -> list[str]:
+    import datetime
+
+    ended = doc.get("ended_at") or 0
+    usage = doc.get("usage") or {}
+    row = [
+        datetime.datetime.fromtimestamp(ended).strftime("%Y-%m-%d %H:%M:%S") if ended else "-",
+        str(doc.get("agent", "")),
+        str(doc.get("tenant", "")) or "-",
+        str(doc.get("job_id", "")),
+        f"{doc.get('duration_s', 0):.0f}s",
+        str(doc.get("outcome", "")),
+        str(doc.get("turns", 0)),
+        str(doc.get("takeovers", 0)),
+        f"{usage.get('llm_prompt_tokens', 0)}/{usage.get('llm_completion_tokens', 0)}",
+        str(usage.get("tts_characters", 0)),
+    ]
+    if "cost" in doc:
+        row.append(f"{doc['cost']:.4f}")
+    return row
+
+
+_REPORT_COLUMNS = (
+    "ended", "agent", "tenant", "job", "duration", "outcome", "turns", "takeovers",
+    "llm tokens (in/out)", "tts chars",
+)  # fmt: skip
+
+
+@sessions.command("list", cls=_Checked)
+def sessions_list(
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    count: Annotated[int, typer.Option("--count", "-n", help="Most reports to show.")] = 50,
+    agent: ReportAgentFilter = None,
+    tenant: TenantFilter = None,
+    outcome: OutcomeFilter = None,
+    since: ReportSinceFilter = None,
+    prices: PricesFile = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """The newest call reports, one line each."""
+    from openrtc.ops.monitor import list_reports
+
+    filters = _report_filters(agent, tenant, outcome, since)
+    table_prices = _prices(prices)
+    reports = _with_redis(
+        redis_url,
+        lambda r: list_reports(r, _keys(namespace, redis_url), count=count, **filters),
+    )
+    docs = [report.shown(table_prices) for report in reports]
+    if json_output:
+        _print_json({"sessions": docs})
+        return
+    if not docs:
+        typer.echo("No call reports.")
+        return
+    table = Table(title=f"Calls (newest first, namespace {namespace!r})", title_justify="left")
+    for column in _REPORT_COLUMNS + (("cost",) if table_prices else ()):
+        table.add_column(column, overflow="fold")
+    for doc in docs:
+        table.add_row(*_report_row(doc))
+    _out.print(table)
+
+
+@sessions.command("show", cls=_Checked)
+def sessions_show(
+    job_id: Annotated[str, typer.Argument(help="The call's job id (or its report's entry id).")],
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    prices: PricesFile = None,
+    key_file: SigningKeyFile = None,
+) -> None:
+    """One call's report in full (JSON), its transcript included where kept."""
+    from openrtc.ops.monitor import list_reports
+
+    table_prices = _prices(prices)
+    signing = _signing(key_file)
+
+    async def work(r: Any) -> Any:
+        keys = _keys(namespace, redis_url)
+        found = await list_reports(r, keys, job_id=job_id, signing=signing)
+        if not found and "-" in job_id:
+            found = await list_reports(r, keys, ids=[job_id], signing=signing)
+        return found
+
+    reports = _with_redis(redis_url, work)
+    if not reports:
+        _fail(f"no call report for {job_id!r}")
+    doc = reports[0].shown(table_prices)
+    if signing is not None:
+        doc["signature"] = reports[0].signature
+    _print_json(doc)
+
+
+@sessions.command("follow", cls=_Checked)
+def sessions_follow(
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    agent: ReportAgentFilter = None,
+    tenant: TenantFilter = None,
+    outcome: OutcomeFilter = None,
+    prices: PricesFile = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line (for piping).")
+    ] = False,
+) -> None:
+    """Print call reports as calls end, until Ctrl-C."""
+    from openrtc.ops.monitor import follow_reports
+    from openrtc.store.streams import connect_redis
+
+    table_prices = _prices(prices)
+
+    async def go() -> None:
+        client = connect_redis(redis_url)
+        try:
+            keys = _keys(namespace, redis_url)
+            typer.echo(
+                f"following call reports in namespace {namespace!r} (Ctrl-C stops)", err=True
+            )
+            reports = follow_reports(client, keys, agent=agent, tenant=tenant, outcome=outcome)
+            async for report in reports:
+                doc = report.shown(table_prices)
+                if json_output:
+                    line = json.dumps(doc, ensure_ascii=False)
+                else:
+                    line = "  ".join(_report_row(doc))
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        finally:
+            await client.aclose()
+
+    _with_redis_loop(redis_url, go)
+
+
+@sessions.command("stats", cls=_Checked)
+def sessions_stats(
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    agent: ReportAgentFilter = None,
+    tenant: TenantFilter = None,
+    outcome: OutcomeFilter = None,
+    since: ReportSinceFilter = None,
+    prices: PricesFile = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Calls, duration, usage (and cost, with --prices) summed by agent and by tenant."""
+    from openrtc.ops.monitor import report_stats, scan_reports
+
+    filters = _report_filters(agent, tenant, outcome, since)
+    table_prices = _prices(prices)
+
+    async def work(r: Any) -> Any:
+        found = scan_reports(r, _keys(namespace, redis_url), **filters)
+        return report_stats([x async for x in found], table_prices)
+
+    stats = _with_redis(redis_url, work)
+    if json_output:
+        _print_json(stats)
+        return
+    typer.echo(f"calls: {stats['total']['calls']}")
+    if not stats["total"]["calls"]:
+        return
+    for title in ("agent", "tenant"):
+        table = Table(title=f"By {title}", title_justify="left")
+        columns = [title, "calls", "duration s", "turns", "llm in", "llm out", "tts chars", "stt s"]
+        for column in columns + (["cost"] if table_prices else []):
+            table.add_column(column)
+        for name, row in stats[f"by_{title}"].items():
+            cells = [name or "-", str(row["calls"]), f"{row['duration_s']:.0f}", str(row["turns"])]
+            cells += [str(row["llm_prompt_tokens"]), str(row["llm_completion_tokens"])]
+            cells += [str(row["tts_characters"]), f"{row['stt_audio_seconds']:.1f}"]
+            if table_prices:
+                cells.append(f"{row['cost']:.4f}")
+            table.add_row(*cells)
+        _out.print(table)

@@ -90,6 +90,22 @@ DeadLetterMaxlen = Annotated[
         help="Dead letters kept; past it the oldest are trimmed (approximately).",
     ),
 ]
+ReportMaxlen = Annotated[
+    int,
+    typer.Option(
+        "--report-maxlen",
+        envvar="OPENRTC_REPORT_MAXLEN",
+        help="Call reports kept; past it the oldest are trimmed (approximately).",
+    ),
+]
+ReportMaxAge = Annotated[
+    float,
+    typer.Option(
+        "--report-max-age",
+        envvar="OPENRTC_REPORT_MAX_AGE",
+        help="Seconds a call report is kept; older ones are trimmed.",
+    ),
+]
 Isolation = Annotated[
     IsolationMode,
     typer.Option(
@@ -442,6 +458,8 @@ def worker(
     default_greeting: DefaultGreeting = None,
     dead_letter_maxlen: DeadLetterMaxlen = _worker_default("dead_letter_maxlen"),
     checkpoint_max_bytes: CheckpointMaxBytes = _worker_default("checkpoint_max_bytes"),
+    report_maxlen: ReportMaxlen = _worker_default("report_maxlen"),
+    report_max_age: ReportMaxAge = _worker_default("report_max_age"),
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
     reload: Reload = _worker_default("reload"),
@@ -476,6 +494,8 @@ def worker(
             forget_consumers_after=forget_consumers_after,
             load_threshold=load_threshold,
             checkpoint_max_bytes=checkpoint_max_bytes,
+            report_maxlen=report_maxlen,
+            report_max_age=report_max_age,
             reload=reload,
         )
         return Worker(settings, pool)

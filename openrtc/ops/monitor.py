@@ -21,11 +21,12 @@ from google.protobuf.json_format import MessageToDict
 from livekit.protocol.agent import Job
 
 from openrtc.settings import DEFAULT_DEDUP_TTL
-from openrtc.store.readers import DeadLetterStream, StatusReader
+from openrtc.store.readers import PAGE, DeadLetterStream, ReportStream, StatusReader
 from openrtc.store.streams import RedisClient, StreamStore
 from openrtc.wire.keys import Keys
-from openrtc.wire.messages import replay_entry
-from openrtc.wire.signing import SigningKeys, sign_job
+from openrtc.wire.messages import SIGNATURE_FIELD, ForgedEntry, replay_entry
+from openrtc.wire.reports import REPORT_FIELD
+from openrtc.wire.signing import SigningKeys, sign_job, verify_report
 
 __all__ = [
     "AgentStatus",
@@ -664,3 +665,241 @@ async def follow_dead_letters(
             letter = _decode_entry(entry_id, raw)
             if matches(letter, reason=reason, agent=agent):
                 yield letter
+
+
+# --------------------------------------------------------------------------- call reports
+
+
+@dataclass(frozen=True)
+class Prices:
+    """A price table: what usage costs (``openrtc sessions --prices``).
+
+    Per LLM model, per 1000 prompt and completion tokens; per TTS character
+    and per STT audio second (one rate each: the report sums those over
+    models). Applied when reports are read, never stored: a price change
+    re-prices history, and the reports stay facts.
+    """
+
+    llm: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    tts_character: float = 0.0
+    stt_second: float = 0.0
+
+    @classmethod
+    def from_toml(cls, text: str) -> Prices:
+        """A table like::
+
+            tts_per_character = 0.000015
+            stt_per_second = 0.0001
+            [llm."gpt-4.1-mini"]
+            prompt_per_1k = 0.0004
+            completion_per_1k = 0.0016
+
+        Raises ``ValueError`` for a table that is not one.
+        """
+        import tomllib
+
+        try:
+            doc = tomllib.loads(text)
+            llm = {
+                str(model): (
+                    float(rates.get("prompt_per_1k", 0)),
+                    float(rates.get("completion_per_1k", 0)),
+                )
+                for model, rates in (doc.get("llm") or {}).items()
+            }
+            return cls(
+                llm, float(doc.get("tts_per_character", 0)), float(doc.get("stt_per_second", 0))
+            )
+        except (tomllib.TOMLDecodeError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a price table: {exc}") from None
+
+    def cost(self, usage: Mapping[str, Any]) -> float:
+        """What ``usage`` (a report's) costs, in the table's currency."""
+        total = 0.0
+        for model, tokens in (usage.get("llm_by_model") or {}).items():
+            prompt, completion = self.llm.get(model, (0.0, 0.0))
+            total += _int(tokens.get("prompt_tokens")) * prompt / 1000
+            total += _int(tokens.get("completion_tokens")) * completion / 1000
+        total += _int(usage.get("tts_characters")) * self.tts_character
+        total += _float(usage.get("stt_audio_seconds")) * self.stt_second
+        return round(total, 6)
+
+
+@dataclass
+class Report:
+    """One call report as read back: its entry id and its document."""
+
+    id: str
+    doc: dict[str, Any]
+    #: ``unsigned``, ``signed`` or ``forged`` (checked only when keys are given):
+    #: reports written before signing was turned on are ``unsigned``.
+    signature: str = "unsigned"
+
+    def shown(self, prices: Prices | None) -> dict[str, Any]:
+        """The document, with ``cost`` when a price table is given."""
+        doc = {"id": self.id, **self.doc}
+        if prices is not None:
+            doc["cost"] = prices.cost(self.doc.get("usage") or {})
+        return doc
+
+
+def _decode_report(
+    entry_id: str, raw: Mapping[bytes, bytes], signing: SigningKeys | None
+) -> Report | None:
+    import json
+
+    try:
+        doc = json.loads(raw.get(REPORT_FIELD, b""))
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    signature = "unsigned"
+    if signing is not None and raw.get(SIGNATURE_FIELD):
+        try:
+            verify_report(signing, raw)
+            signature = "signed"
+        except ForgedEntry:
+            signature = "forged"
+    return Report(entry_id, doc, signature)
+
+
+def report_matches(
+    report: Report,
+    *,
+    agent: str | None = None,
+    tenant: str | None = None,
+    outcome: str | None = None,
+    since: float | None = None,
+) -> bool:
+    """Whether ``report`` passes the --agent, --tenant, --outcome and --since filters."""
+    d = report.doc
+    return (
+        (agent is None or d.get("agent") == agent)
+        and (tenant is None or d.get("tenant") == tenant)
+        and (outcome is None or d.get("outcome") == outcome)
+        and (since is None or _float(d.get("ended_at")) >= since)
+    )
+
+
+async def list_reports(
+    redis: RedisClient,
+    keys: Keys,
+    *,
+    count: int = 50,
+    ids: Sequence[str] = (),
+    job_id: str | None = None,
+    signing: SigningKeys | None = None,
+    **filters: Any,
+) -> list[Report]:
+    """The newest reports (newest first) that pass ``filters``; or those of ``ids``,
+    or the one of ``job_id``."""
+    stream = ReportStream(redis, keys)
+    if ids:
+        found = [await stream.get(i) for i in ids]
+        return [r for e in found if e and (r := _decode_report(*e, signing))]
+    out: list[Report] = []
+    upper = "+"
+    while len(out) < count:
+        page = await stream.newest_first(upper=upper, count=PAGE)
+        if not page:
+            break
+        for entry_id, raw in page:
+            report = _decode_report(entry_id, raw, signing)
+            if report is None:
+                continue
+            if job_id is not None:
+                if report.doc.get("job_id") == job_id:
+                    return [report]
+                continue
+            if report_matches(report, **filters):
+                out.append(report)
+                if len(out) >= count:
+                    break
+        upper = f"({page[-1][0]}"
+    return [] if job_id is not None else out
+
+
+async def scan_reports(
+    redis: RedisClient, keys: Keys, *, signing: SigningKeys | None = None, **filters: Any
+) -> AsyncIterator[Report]:
+    """Every report (oldest first) that passes ``filters``, paged."""
+    stream = ReportStream(redis, keys)
+    start = "-"
+    since = filters.get("since")
+    if since is not None:
+        # Reports are added when calls end: none that ended since then is older.
+        start = str(max(0, int(since * 1000) - 1000))
+    while True:
+        entries = await stream.oldest_first(start=start, count=PAGE)
+        if not entries:
+            return
+        for entry_id, raw in entries:
+            report = _decode_report(entry_id, raw, signing)
+            if report is not None and report_matches(report, **filters):
+                yield report
+        start = f"({entries[-1][0]}"
+
+
+async def follow_reports(
+    redis: RedisClient,
+    keys: Keys,
+    *,
+    signing: SigningKeys | None = None,
+    block: float = 2.0,
+    **filters: Any,
+) -> AsyncIterator[Report]:
+    """Reports added from now on that pass ``filters`` (as :func:`follow_dead_letters`)."""
+    stream = ReportStream(redis, keys)
+    last = await stream.newest_id() or "0-0"
+    while True:
+        for entry_id, raw in await stream.read_after(last, block=block):
+            last = entry_id
+            report = _decode_report(entry_id, raw, signing)
+            if report is not None and report_matches(report, **filters):
+                yield report
+
+
+def report_stats(reports: Iterable[Report], prices: Prices | None) -> dict[str, Any]:
+    """Calls, duration, usage (and cost) summed by agent and by tenant."""
+
+    def empty() -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "calls": 0,
+            "duration_s": 0.0,
+            "turns": 0,
+            "takeovers": 0,
+            "llm_prompt_tokens": 0,
+            "llm_completion_tokens": 0,
+            "tts_characters": 0,
+            "stt_audio_seconds": 0.0,
+            "outcomes": {},
+        }
+        if prices is not None:
+            row["cost"] = 0.0
+        return row
+
+    groups: dict[str, dict[str, dict[str, Any]]] = {"by_agent": {}, "by_tenant": {}}
+    total = empty()
+    for report in reports:
+        d = report.doc
+        usage = d.get("usage") or {}
+        for group, name in (("by_agent", d.get("agent")), ("by_tenant", d.get("tenant"))):
+            rows = [groups[group].setdefault(str(name or ""), empty())]
+            if group == "by_agent":
+                rows.append(total)
+            for row in rows:
+                row["calls"] += 1
+                row["duration_s"] = round(row["duration_s"] + _float(d.get("duration_s")), 3)
+                row["turns"] += _int(d.get("turns"))
+                row["takeovers"] += _int(d.get("takeovers"))
+                for k in ("llm_prompt_tokens", "llm_completion_tokens", "tts_characters"):
+                    row[k] += _int(usage.get(k))
+                row["stt_audio_seconds"] = round(
+                    row["stt_audio_seconds"] + _float(usage.get("stt_audio_seconds")), 3
+                )
+                outcome = str(d.get("outcome") or "")
+                row["outcomes"][outcome] = row["outcomes"].get(outcome, 0) + 1
+                if prices is not None:
+                    row["cost"] = round(row["cost"] + prices.cost(usage), 6)
+    return {"total": total, **groups}

@@ -79,6 +79,9 @@ async def _serve(pool: Any, config: Any, proc: Any) -> int:
                     "reason": outcome.reason,
                     "error": outcome.error,
                     "ended_by_agent": outcome.ended_by_agent,
+                    # The call's totals, for its report: on the outcome line,
+                    # not left to a checkpoint line still on its way.
+                    "call": outcome.call,
                 }
             }
         )

@@ -590,6 +590,7 @@ class ProcessRunner:
                     o.get("reason", ""),
                     o.get("error", ""),
                     ended_by_agent=o.get("ended_by_agent") is True,
+                    call=o["call"] if isinstance(o.get("call"), dict) else None,
                 )
 
     async def reload(self, config: AgentConfig) -> None:

@@ -35,9 +35,9 @@ from typing import Any, Final, Literal
 
 import anyio
 from livekit import api, rtc
-from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, llm, voice
+from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, llm, metrics, voice
 
-from openrtc.agents.registry import AgentConfig
+from openrtc.agents.registry import AgentConfig, redact_numbers
 from openrtc.agents.reloading import is_pinned
 from openrtc.errors import AgentBuildError
 from openrtc.ops.logs import log_context
@@ -57,6 +57,7 @@ from openrtc.wire.messages import (
     agent_identity,
     participant_attributes,
 )
+from openrtc.wire.reports import CallTally, cap_transcript
 
 __all__ = [
     "RoomAccess",
@@ -150,6 +151,11 @@ class SessionOutcome:
     #: The agent ended the call (``ctx.shutdown()``, ``session.shutdown()``),
     #: while the caller may stay: the room is not to be dispatched again.
     ended_by_agent: bool = False
+    #: The call's totals so far, this session's included
+    #: (:class:`~openrtc.wire.reports.CallTally` as a dict), with the
+    #: ``transcript`` where the agent keeps one: what the call's report is made
+    #: of if this session ends the call. ``None``: the session never started.
+    call: dict[str, Any] | None = None
 
 
 @dataclass
@@ -503,6 +509,8 @@ class _SessionRun:
         self.ctx = parts.new_job_context(proc, info, self.room, self.end.on_job_shutdown)
         self.session: AgentSession[Any] | None = None
         self.saving: _Checkpointing | None = None
+        self.worker_id = info.worker_id
+        self.usage: _CallUsage | None = None
 
     async def serve(self) -> SessionOutcome:
         """Build, join, start and run the session until its end; how it ended."""
@@ -520,7 +528,7 @@ class _SessionRun:
                 self.end.finish(
                     f"room replaced by the server; {successor} serves it now", replaced=True
                 )
-                return SessionOutcome("success", self.end.reason or "")
+                return SessionOutcome("success", self.end.reason or "", call=self._call())
         except Exception as exc:
             return self._failed_to_start(exc)
         async with anyio.create_task_group() as tg:
@@ -550,8 +558,16 @@ class _SessionRun:
         saved = Checkpoint.decode(control.resume) if control.resume else None
         if not config.checkpoint:
             saved = None
+        self.usage = _CallUsage(
+            session,
+            CallTally.from_dict(saved.call if saved is not None else None),
+            self.worker_id,
+            resumed=saved is not None,
+        )
         if control.checkpoint is not None and config.checkpoint:
-            self.saving = _Checkpointing(session, control.checkpoint, control.checkpoint_max_bytes)
+            self.saving = _Checkpointing(
+                session, control.checkpoint, control.checkpoint_max_bytes, self.usage
+            )
         return saved
 
     async def _build_agent(
@@ -696,7 +712,18 @@ class _SessionRun:
         reason = self.end.reason or ""
         if self.control.takeover or self.end.disconnect == "DUPLICATE_IDENTITY":
             return SessionOutcome("taken_over", reason)
-        return SessionOutcome("success", reason, ended_by_agent=self.end.on_purpose)
+        return SessionOutcome(
+            "success", reason, ended_by_agent=self.end.on_purpose, call=self._call()
+        )
+
+    def _call(self) -> dict[str, Any] | None:
+        """The call's totals and, where the agent keeps one, its transcript (redacted)."""
+        if self.usage is None:
+            return None
+        call = self.usage.tally().to_dict()
+        if self.config.transcript and self.session is not None:
+            call["transcript"] = _transcript(self.session, self.config)
+        return call
 
     async def close(self) -> None:
         reason = self.end.reason if self.end.is_set() else "worker stopping"
@@ -711,10 +738,17 @@ class _Checkpointing:
     serialization or a write, and turns in quick succession cost one checkpoint.
     """
 
-    def __init__(self, session: AgentSession[Any], sink: Callable[[bytes], None], cap: int) -> None:
+    def __init__(
+        self,
+        session: AgentSession[Any],
+        sink: Callable[[bytes], None],
+        cap: int,
+        usage: _CallUsage | None = None,
+    ) -> None:
         self._session = session
         self._sink = sink
         self._cap = cap
+        self._usage = usage
         self._changed = anyio.Event()
         self._warned = False
         self.greeted = False
@@ -723,6 +757,8 @@ class _Checkpointing:
         self._calls: dict[str, llm.FunctionCall] = {}
         for event in ("conversation_item_added", "function_tools_executed"):
             session.on(event, lambda _: self.touch())
+        self._usage_seen: Any = None
+        session.on("session_usage_updated", self._on_usage)
         session.on("tool_execution_updated", self._on_tool)
 
     def touch(self) -> None:
@@ -731,6 +767,15 @@ class _Checkpointing:
     def said_greeting(self) -> None:
         self.greeted = True
         self.touch()
+
+    def _on_usage(self, event: Any) -> None:
+        # A turn's usage arrives after its conversation item, and a takeover
+        # must resume the call's totals with it. Sent for every metric, VAD's
+        # too (every second or so): only a change is worth a checkpoint.
+        seen = [u.model_dump() for u in event.usage.model_usage]
+        if seen != self._usage_seen:
+            self._usage_seen = seen
+            self.touch()
 
     def _on_tool(self, event: Any) -> None:
         if isinstance(event.update, ToolCallStarted):
@@ -759,6 +804,7 @@ class _Checkpointing:
             history=history,
             userdata=plain_data(parts.session_userdata(session)),
             state=state,
+            call=self._usage.tally().to_dict() if self._usage is not None else None,
         )
         return checkpoint.encode(self._cap)
 
@@ -786,6 +832,77 @@ class _Checkpointing:
             self._changed = anyio.Event()
             self._offer()
             await anyio.sleep(CHECKPOINT_INTERVAL)
+
+
+class _CallUsage:
+    """The call's totals: those carried in from earlier sessions plus this one's.
+
+    This session's usage is livekit-agents' own (``AgentSession.usage``: its
+    ``ModelUsageCollector`` over every ``metrics_collected``, per model);
+    turns are the caller's messages committed here; latency samples are read
+    off the committed messages' metrics (the LLM's time to first token on the
+    agent's, the end-of-turn delay on the caller's).
+    """
+
+    def __init__(
+        self, session: AgentSession[Any], base: CallTally, worker_id: str, *, resumed: bool
+    ) -> None:
+        self._session = session
+        self._base = base
+        if not base.started_at:
+            base.started_at = time.time()
+        if resumed:
+            base.takeovers += 1
+        base.workers.append(worker_id)
+        self._here = CallTally()
+        session.on("conversation_item_added", self._on_item)
+
+    def _on_item(self, event: Any) -> None:
+        item = event.item
+        if getattr(item, "type", "") != "message":
+            return
+        measured = getattr(item, "metrics", None) or {}
+        if item.role == "user":
+            self._here.turns += 1
+            if (delay := measured.get("end_of_turn_delay")) is not None:
+                self._here.sample(self._here.end_of_turn, delay)
+        elif item.role == "assistant" and (ttft := measured.get("llm_node_ttft")) is not None:
+            self._here.sample(self._here.llm_ttft, ttft)
+
+    def tally(self) -> CallTally:
+        """The call's totals now (a new tally)."""
+        here = CallTally(
+            turns=self._here.turns,
+            llm_ttft=self._here.llm_ttft,
+            end_of_turn=self._here.end_of_turn,
+        )
+        for usage in self._session.usage.model_usage:
+            if isinstance(usage, metrics.LLMModelUsage):
+                here.add_llm(usage.model or usage.provider, usage.input_tokens, usage.output_tokens)
+            elif isinstance(usage, metrics.TTSModelUsage):
+                here.tts_characters += usage.characters_count
+            elif isinstance(usage, metrics.STTModelUsage):
+                here.stt_audio_seconds += usage.audio_duration
+        return self._base.plus(here)
+
+
+def _transcript(session: AgentSession[Any], config: AgentConfig) -> list[dict[str, str]]:
+    """What was said (the session's history, a resumed call's earlier turns included),
+    each line through the agent's redaction hook; a line the hook fails on is left out."""
+    redact = config.redact or redact_numbers
+    lines: list[dict[str, str]] = []
+    for item in session.history.items:
+        if item.type != "message" or item.role not in ("user", "assistant"):
+            continue
+        text = item.text_content or ""
+        try:
+            kept = redact(item.role, text)
+        except Exception as exc:
+            logger.warning("the transcript's redaction hook failed (%s); line left out", exc)
+            continue
+        if kept is not None:
+            lines.append({"role": item.role, "text": str(kept)})
+    return cap_transcript(lines)
 
 
 def _agent_class(config: AgentConfig, name: str) -> type[Agent]:

@@ -262,6 +262,10 @@ class Checkpoint:
     state: dict[str, Any] | None = None
     #: History items dropped so far to stay under the cap.
     dropped: int = 0
+    #: The call's running totals (:class:`openrtc.wire.reports.CallTally` as a
+    #: dict): usage, turns, takeovers, workers, since the call's first session.
+    #: ``None`` in checkpoints written before reports existed.
+    call: dict[str, Any] | None = None
 
     def encode(self, max_bytes: int) -> bytes | None:
         """JSON of at most ``max_bytes``: long items shortened first, then the oldest dropped.
@@ -309,6 +313,10 @@ class Checkpoint:
             "state": self.state if extras else None,
             "history": history,
         }
+        if self.call is not None:
+            # Never dropped: small (bounded samples), and the report of a call
+            # taken over needs it.
+            doc["call"] = self.call
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -324,6 +332,7 @@ class Checkpoint:
             if not isinstance(history, list) or not all(isinstance(i, dict) for i in history):
                 raise ValueError("history is not a list of items")
             userdata, state = doc.get("userdata"), doc.get("state")
+            call = doc.get("call")
             return cls(
                 agent_class=str(doc.get("agent_class") or ""),
                 greeted=bool(doc.get("greeted")),
@@ -331,6 +340,7 @@ class Checkpoint:
                 userdata=userdata if isinstance(userdata, dict) else None,
                 state=state if isinstance(state, dict) else None,
                 dropped=int(doc.get("dropped") or 0),
+                call=call if isinstance(call, dict) else None,
             )
         except (TypeError, ValueError) as exc:
             logger.warning("ignoring an unreadable checkpoint: %s", exc)

@@ -15,7 +15,7 @@ from openrtc.store.membership import live_members, redis_time
 from openrtc.store.streams import GroupRow, RedisClient, workers_group
 from openrtc.wire.keys import Keys
 
-__all__ = ["DeadLetterStream", "StatusReader", "StreamReading"]
+__all__ = ["DeadLetterStream", "ReportStream", "StatusReader", "StreamReading"]
 
 #: A stream entry: its id and its raw fields.
 Entry = tuple[str, Mapping[bytes, bytes]]
@@ -120,6 +120,14 @@ class DeadLetterStream:
         """Entries after id ``last``, waiting at most ``block`` seconds for one."""
         reply: Any = await self._redis.xread({self.key: last}, block=int(block * 1000))
         return [entry for _stream, entries in reply or [] for entry in _entries(entries)]
+
+
+class ReportStream(DeadLetterStream):
+    """The call reports' stream, raw: what ``openrtc sessions`` reads (same reads)."""
+
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        super().__init__(redis, keys)
+        self.key = keys.reports
 
 
 def _entries(reply: Any) -> list[Entry]:

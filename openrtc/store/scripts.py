@@ -37,6 +37,23 @@ end
 return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
 
+# KEYS: marker, reports stream. ARGV: marker ttl (s), maxlen, max age (ms), then
+# the report's field/value pairs. Adds the call's report unless its marker says
+# it was added already (a retried write, two workers both believing they ended
+# the call): one report per call. Trimmed by count and by age (Redis's clock).
+ADD_REPORT: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+  return false
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+local t = redis.call('TIME')
+local oldest = t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ARGV[3])
+if oldest > 0 then
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', oldest))
+end
+return id
+"""
+
 #: A fragment that sets ``now`` to Redis's clock in unix ms, for ``QUEUED_AT_FIELD``.
 STAMP_NOW: Final = """
 local t = redis.call('TIME')
@@ -541,6 +558,7 @@ class Scripts:
     leave_group: AsyncScript
     replay: AsyncScript
     replay_into: AsyncScript
+    add_report: AsyncScript
 
 
 def pack_fields(fields: Mapping[bytes, bytes]) -> bytes:
@@ -571,4 +589,5 @@ def register(redis: Redis) -> Scripts:
         leave_group=redis.register_script(LEAVE_GROUP),
         replay=redis.register_script(REPLAY),
         replay_into=redis.register_script(REPLAY_INTO),
+        add_report=redis.register_script(ADD_REPORT),
     )

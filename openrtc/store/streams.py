@@ -50,7 +50,8 @@ from openrtc.wire.messages import (
     dead_letter_fields,
     decode_job_record,
 )
-from openrtc.wire.signing import SigningKeys, sign_control, sign_job
+from openrtc.wire.reports import REPORT_FIELD, CallReport
+from openrtc.wire.signing import SigningKeys, sign_control, sign_job, sign_report
 
 __all__ = [
     "REDIS_DOWN",
@@ -346,6 +347,27 @@ class StreamStore:
             flat += [key, value]
         added = await self.scripts.dead_letter_once(
             keys=[self.keys.dead_letter_seen(once_for), self.keys.dead_letter], args=flat
+        )
+        return _text(added) if added else None
+
+    async def add_report(self, report: CallReport, *, maxlen: int, max_age: float) -> str | None:
+        """Add a call's report, once per call: ``None`` if it has one already.
+
+        Signed like job entries when the store signs. The stream keeps about
+        ``maxlen`` reports, none older than ``max_age`` seconds.
+        """
+        fields: dict[bytes, bytes] = {REPORT_FIELD: report.encode()}
+        if self.signing is not None:
+            fields = sign_report(self.signing, fields)
+        # The marker lives as long as the job's record: a second writer can
+        # only come while the job is still known (a redelivery, a peer's
+        # takeover), and a marker per call for the stream's whole age would
+        # cost more than the reports.
+        flat: list[Any] = [max(1, self.dedup_ttl), maxlen, max(1, int(max_age * 1000))]
+        for key, value in fields.items():
+            flat += [key, value]
+        added = await self.scripts.add_report(
+            keys=[self.keys.report_seen(report.job_id), self.keys.reports], args=flat
         )
         return _text(added) if added else None
 

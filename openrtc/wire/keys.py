@@ -88,6 +88,21 @@ class Keys:
     def _dlq(self) -> str:
         return "{dead-letter}" if self.cluster else "dead-letter"
 
+    @property
+    def reports(self) -> str:
+        """Stream of call reports, one per ended call (bounded: ``report_maxlen``,
+        ``report_max_age``). Under cluster it and its markers share the hash tag
+        ``{reports}`` (one slot), so the add-once script stays single-slot."""
+        return f"{self.namespace}:{self._reports}"
+
+    def report_seen(self, job_id: str) -> str:
+        """Marker (with expiry) that the call ``job_id`` has its report already."""
+        return f"{self.namespace}:{self._reports}:seen:{job_id}"
+
+    @property
+    def _reports(self) -> str:
+        return "{reports}" if self.cluster else "reports"
+
     def status(self, dispatcher_id: str) -> str:
         """Stream of job status events for the dispatcher holding those jobs' socket."""
         return f"{self.namespace}:status:{dispatcher_id}"

@@ -63,8 +63,10 @@ __all__ = [
     "seal_checkpoint",
     "sign_control",
     "sign_job",
+    "sign_report",
     "verify_control",
     "verify_job",
+    "verify_report",
 ]
 
 #: The variable holding the current key (never a flag: flags show in ``ps``).
@@ -114,6 +116,7 @@ _SCHEME: Final = b"v1"
 _JOB: Final = b"job"
 _CONTROL: Final = b"control"
 _CHECKPOINT: Final = b"checkpoint"
+_REPORT: Final = b"report"
 #: How a signed checkpoint starts (a plain one is JSON, so starts with ``{``).
 _CHECKPOINT_PREFIX: Final = b"openrtc-signed:"
 
@@ -266,6 +269,18 @@ def open_checkpoint(keys: SigningKeys | None, agent: str, job_id: str, stored: b
     if keys is not None:
         keys.verify(_CHECKPOINT, _checkpoint_fields(agent, job_id, data), frozenset(), signature)
     return data
+
+
+def sign_report(keys: SigningKeys, fields: Mapping[bytes, bytes]) -> dict[bytes, bytes]:
+    """A call report entry's fields, signed like job entries (its own context)."""
+    signed = dict(fields)
+    signed[SIGNATURE_FIELD] = keys.sign(_REPORT, signed, _UNSIGNED_CONTROL_FIELDS)
+    return signed
+
+
+def verify_report(keys: SigningKeys, fields: Mapping[bytes, bytes]) -> None:
+    """Raise :class:`ForgedEntry` unless the report entry is signed by us."""
+    keys.verify(_REPORT, fields, _UNSIGNED_CONTROL_FIELDS, fields.get(SIGNATURE_FIELD))
 
 
 def _key_text(raw: str, source: str) -> bytes:

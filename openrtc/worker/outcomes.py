@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from openrtc.session.session import SessionOutcome
+from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import ENDED_TTL
 from openrtc.wire.messages import (
     DeadReason,
@@ -20,6 +22,7 @@ from openrtc.wire.messages import (
     RecordState,
     StatusEvent,
 )
+from openrtc.wire.reports import CallOutcome, CallReport, CallTally
 from openrtc.worker.claims import Claim
 from openrtc.worker.context import DOWN, WorkerContext, logger
 
@@ -74,6 +77,15 @@ class Outcomes:
         ctx.stats.succeeded += 1
         ctx.metrics.ended("succeeded")
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
+        # Before the acknowledgement: a crash between the two leaves the call
+        # to a peer whose session ends at once and writes it again (the
+        # report's marker keeps it to one), never a call without a report.
+        await self.report(
+            message,
+            CallOutcome.AGENT_ENDED if outcome.ended_by_agent else CallOutcome.ENDED,
+            outcome.reason,
+            outcome.call,
+        )
         if outcome.ended_by_agent:
             await self._mark_ended(message)
         await self.finish(claim, message)
@@ -136,9 +148,64 @@ class Outcomes:
         except Exception:
             logger.exception("entry %s could not be dead-lettered", delivery.entry_id)
             return False
+        if message is not None or job_id:
+            # Given up on (a call, even one given up on before its entry was
+            # decoded: then its room is not known here).
+            await self.report(
+                message or job_id, CallOutcome.FAILED, f"{reason.value}: {error}", None
+            )
         if message is not None:
             await self.status(message, JobStatus.FAILED, f"{reason}: {error}")
         return True
+
+    async def report(
+        self,
+        message: JobMessage | str,
+        outcome: str,
+        reason: str,
+        call: dict[str, Any] | None,
+    ) -> None:
+        """Write the call's report (once per call: its marker keeps a second one out).
+
+        ``message``: the job, or only its id (an entry given up on undecoded).
+        ``call``: the ending session's totals (its outcome's). Without them (a
+        call given up) the totals are those of its last checkpoint.
+        """
+        ctx = self._ctx
+        job_id = message if isinstance(message, str) else message.job_id
+        if call is None:
+            stored = await ctx.redis(
+                lambda: ctx.checkpoints.load(job_id),
+                "job %s: checkpoint not read for the report (%s)",
+                job_id,
+            )
+            saved = Checkpoint.decode(stored) if isinstance(stored, bytes) else None
+            call = saved.call if saved is not None else None
+        tally = CallTally.from_dict(call)
+        transcript = _transcript(call.get("transcript") if call else None)
+        report = CallReport(
+            job_id=job_id,
+            agent=ctx.settings.agent if isinstance(message, str) else message.agent,
+            room="" if isinstance(message, str) else message.room,
+            started_at=tally.started_at
+            or (0.0 if isinstance(message, str) else message.enqueued_at),
+            ended_at=ctx.clock(),
+            outcome=outcome,
+            reason=reason,
+            tally=tally,
+            transcript=transcript,
+        )
+        settings = ctx.settings
+        added = await ctx.redis(
+            lambda: ctx.store.add_report(
+                report, maxlen=settings.report_maxlen, max_age=settings.report_max_age
+            ),
+            "job %s: call report not written: %s",
+            job_id,
+            within=math.inf if outcome != CallOutcome.FAILED else None,
+        )
+        if added is None:
+            logger.info("job %s: the call has its report already", job_id)
 
     async def release(self, claim: Claim, message: JobMessage) -> None:
         """Hand an unstarted entry back to the stream, for a peer to read at once."""
@@ -177,3 +244,14 @@ class Outcomes:
             status,
             within=2,
         )
+
+
+def _transcript(value: Any) -> list[dict[str, str]] | None:
+    """A session's transcript as a report keeps it; ``None`` if there is none (or it is bad)."""
+    if not isinstance(value, list):
+        return None
+    return [
+        {"role": str(line.get("role", "")), "text": str(line.get("text", ""))}
+        for line in value
+        if isinstance(line, dict)
+    ]
