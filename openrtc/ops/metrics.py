@@ -311,7 +311,15 @@ class WorkerMetrics(_Common):
             labels,
             registry=r,
         )
+        self.memory_bytes = Gauge(
+            "openrtc_worker_memory_bytes",
+            "The worker's memory (PSS, with its session processes), as its guard last "
+            "measured it; set only with a memory limit or warning level.",
+            labels,
+            registry=r,
+        )
         self.agent = agent
+        self.memory = self.memory_bytes.labels(agent)
         self.handed_over = self.handovers.labels(agent)
         self.started = self.sessions_started.labels(agent)
         self.reclaimed = self.reclaims.labels(agent)
