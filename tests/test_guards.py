@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
+from openrtc.ops.metrics import count
 from openrtc.settings import SettingError, WorkerSettings
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
@@ -276,6 +277,8 @@ async def test_a_session_process_over_its_limit_has_its_call_moved_with_its_conv
             within=30,
         )
         assert worker.running_jobs == [call.message.job_id]
+        # Measured, and exported (the worker with its zygote and children).
+        assert count(worker.metrics.memory_bytes, agent="hungry") > 100 * 1024 * 1024
         (claim,) = list(worker.claims)
         assert claim.control is not None
         assert claim.control.pid not in (0, old_pid)

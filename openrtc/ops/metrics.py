@@ -314,12 +314,11 @@ class WorkerMetrics(_Common):
         self.memory_bytes = Gauge(
             "openrtc_worker_memory_bytes",
             "The worker's memory (PSS, with its session processes), as its guard last "
-            "measured it; set only with a memory limit or warning level.",
+            "measured it; only with a memory threshold set (no sample otherwise).",
             labels,
             registry=r,
         )
         self.agent = agent
-        self.memory = self.memory_bytes.labels(agent)
         self.handed_over = self.handovers.labels(agent)
         self.started = self.sessions_started.labels(agent)
         self.reclaimed = self.reclaims.labels(agent)

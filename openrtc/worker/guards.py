@@ -149,7 +149,8 @@ class Guards:
             )
         )
         self.last = sample
-        self._ctx.metrics.memory.set(sample.worker_mb * _MB)
+        # Labelled here, not at start: with the guards off nothing is exported.
+        self._ctx.metrics.memory_bytes.labels(s.agent).set(sample.worker_mb * _MB)
         self._worker_level(sample)
         if s.session_memory_limit_mb is not None:
             for pid, mb in sample.sessions.items():

@@ -268,7 +268,8 @@ class Worker:
         """Set the gauges read at scrape time (no I/O)."""
         m, agent, draining = self.metrics, self.settings.agent, self.ctx.draining
         m.sessions_running.labels(agent).set(len(self.running))
-        m.session_capacity.labels(agent).set(0 if draining else self.settings.concurrency)
+        refusing = draining or self.ctx.failures.refusing() is not None
+        m.session_capacity.labels(agent).set(0 if refusing else self.settings.concurrency)
         m.redis_connected.set(self.ctx.redis_state.state == "connected")
         m.draining.set(draining or self._stop.is_set())
 
