@@ -6,7 +6,10 @@
 It is their PSS (proportional set size), summed: children forked from the
 zygote share its pages copy-on-write, and RSS would count each shared page once
 per process (ten children of a 300 MB zygote would "use" 3 GB); PSS gives each
-process its share, so the sum is what the tree costs. Over the warning: one
+process its share, so the sum is what the tree costs. PSS costs a read of
+``/proc/PID/smaps_rollup`` (milliseconds per process), RSS microseconds, and
+PSS is never above RSS: RSS is read every time, PSS only when the summed RSS
+reaches the lowest threshold (and every 10 s for the gauge). Over the warning: one
 line (and one when back under). Over the limit: the worker drains as on SIGTERM
 (no new jobs, running calls handed to peers at a turn boundary with their
 conversation) and exits with :data:`EXIT_MEMORY_LIMIT` for its supervisor to
@@ -35,6 +38,7 @@ The policies are pure (:mod:`openrtc.worker.limits`), table-tested; this step
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -53,9 +57,12 @@ from openrtc.worker.limits import EXIT_MEMORY_LIMIT, Level, memory_level
 
 __all__ = ["GUARD_INTERVAL", "Guards", "Sample", "measure"]
 
-#: How often memory is measured (s). One sample costs about a millisecond per
-#: process (``/proc/PID/smaps_rollup``), read in a thread off the event loop.
+#: How often memory is measured (s): in a thread off the event loop, RSS
+#: (microseconds), PSS only when RSS nears a threshold or for the gauge.
 GUARD_INTERVAL: Final = 2.0
+#: Every this many samples the worker's PSS is read whatever its RSS (the
+#: gauge's value, every 10 s); in between only when RSS nears a threshold.
+GAUGE_EVERY: Final = 5
 #: A session process over its limit that was not handed over (and gone)
 #: within this long is killed: its call starts again from its checkpoint.
 SESSION_SHED_WAIT: Final = 20.0
@@ -65,35 +72,60 @@ _MB: Final = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One measurement: the worker's memory (its tree's PSS) and each session process's USS."""
+    """One measurement: the worker's memory and each session process's USS asked for."""
 
+    #: The tree's PSS (``precise``), else its summed RSS: a bound never below it.
     worker_mb: float
-    #: Session process pid -> its USS (MB); ``process`` isolation only.
+    precise: bool
+    #: Session process pid -> its USS (MB), for those whose RSS reached ``session_floor``.
     sessions: dict[int, float]
     #: Seconds the measurement took (its cost).
     took: float
 
 
-def measure(pid: int, session_pids: list[int], *, tree: bool) -> Sample:
-    """Measure (blocking: run it in a thread). ``tree``: with every descendant of ``pid``."""
+def measure(
+    pid: int,
+    session_pids: list[int],
+    *,
+    tree: bool,
+    floor: float | None = None,
+    session_floor: float | None = None,
+) -> Sample:
+    """Measure (blocking: run it in a thread). ``tree``: with every descendant of ``pid``.
+
+    RSS first (``/proc/PID/statm``: microseconds): PSS and USS are never above
+    it, so below ``floor`` (the lowest worker threshold; ``None``: always
+    precise) no process's ``smaps_rollup`` is read (milliseconds each, more
+    with more memory mapped), and a session process whose RSS is below
+    ``session_floor`` cannot be over its limit.
+    """
     started = time.perf_counter()
     root = psutil.Process(pid)
     procs = [root, *(root.children(recursive=True) if tree else [])]
-    total = 0
+    rss: dict[int, int] = {}
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            total += _pss(proc)
+            rss[proc.pid] = proc.memory_info().rss
+    bound = sum(rss.values())
+    precise = floor is None or bound / _MB >= floor
+    wanted = {
+        p
+        for p in session_pids
+        if session_floor is not None and rss.get(p, 0) / _MB >= session_floor
+    }
+    total = 0
     sessions: dict[int, float] = {}
-    for child in session_pids:
+    for proc in procs:
+        if not (precise or proc.pid in wanted):
+            continue
         with contextlib.suppress(psutil.Error):
-            sessions[child] = psutil.Process(child).memory_full_info().uss / _MB
-    return Sample(total / _MB, sessions, time.perf_counter() - started)
-
-
-def _pss(proc: psutil.Process) -> int:
-    """Its PSS where the platform has it (Linux), else its RSS."""
-    info = proc.memory_full_info()
-    return int(getattr(info, "pss", info.rss))
+            info = proc.memory_full_info()
+            # PSS where the platform has it (Linux), else RSS.
+            total += int(getattr(info, "pss", info.rss))
+            if proc.pid in wanted:
+                sessions[proc.pid] = info.uss / _MB
+    worker = total if precise else bound
+    return Sample(worker / _MB, precise, sessions, time.perf_counter() - started)
 
 
 class Guards:
@@ -111,6 +143,7 @@ class Guards:
         self._drainer = drainer
         self._stop = stop
         self._level = Level.OK
+        self._samples = 0
         #: Session processes being shed (handed over, or killed).
         self._shedding: set[int] = set()
         #: The last sample (tests, logs).
@@ -141,16 +174,23 @@ class Guards:
             for claim in self._claims
             if claim.control is not None and claim.control.pid
         }
+        thresholds = [t for t in (s.memory_warn_mb, s.memory_limit_mb) if t is not None]
+        self._samples += 1
+        # Precise (PSS) every GAUGE_EVERY samples for the gauge; else only near a threshold.
+        floor = None if self._samples % GAUGE_EVERY == 1 else min(thresholds, default=math.inf)
         sample = await anyio.to_thread.run_sync(
             lambda: measure(
                 os.getpid(),
-                list(running) if s.session_memory_limit_mb is not None else [],
+                list(running),
                 tree=s.isolation == "process",
+                floor=floor,
+                session_floor=s.session_memory_limit_mb,
             )
         )
         self.last = sample
-        # Labelled here, not at start: with the guards off nothing is exported.
-        self._ctx.metrics.memory_bytes.labels(s.agent).set(sample.worker_mb * _MB)
+        if sample.precise:
+            # Labelled here, not at start: with the guards off nothing is exported.
+            self._ctx.metrics.memory_bytes.labels(s.agent).set(sample.worker_mb * _MB)
         self._worker_level(sample)
         if s.session_memory_limit_mb is not None:
             for pid, mb in sample.sessions.items():
