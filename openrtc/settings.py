@@ -508,8 +508,9 @@ class WorkerSettings:
     #: ``process`` isolation: a session process's own memory (MB) at which its
     #: call is handed over and the process replaced; ``None``: off.
     session_memory_limit_mb: float | None = None
-    #: Sessions in a row ending ``failed`` after which the worker takes no new
-    #: jobs (``/readyz`` 503) for ``failure_cooldown``; 0: off.
+    #: Calls in a row whose sessions ended ``failed`` (one failing again counts
+    #: once) after which the worker takes no new jobs (``/readyz`` 503) for
+    #: ``failure_cooldown``; 0: off.
     max_consecutive_failures: int = 5
     failure_cooldown: float = 60.0
     #: Signs job and control entries (and, in a worker, checkpoints) and

@@ -123,37 +123,40 @@ def test_memory_level(mb: float, warn: float | None, limit: float | None, level:
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    ("streak", "status", "after"),
+    ("streak", "status", "again", "after"),
     [
-        (0, "failed", 1),
-        (4, "failed", 5),
-        (4, "success", 0),
-        (0, "success", 0),
+        (0, "failed", False, 1),
+        (4, "failed", False, 5),
+        # The call whose failure was counted last, failing again: its own fault.
+        (1, "failed", True, 1),
+        (4, "success", False, 0),
+        (0, "success", False, 0),
         # Another worker has the call: nothing said about this worker's sessions.
-        (3, "taken_over", 3),
+        (3, "taken_over", False, 3),
     ],
 )
-def test_next_streak(streak: int, status: str, after: int) -> None:
-    assert next_streak(streak, status) == after
+def test_next_streak(streak: int, status: str, again: bool, after: int) -> None:
+    assert next_streak(streak, status, again=again) == after
 
 
 @pytest.mark.unit
 def test_the_failure_guard_stops_after_the_limit_tries_again_after_the_cooldown() -> None:
     now = [0.0]
     guard = FailureGuard(limit=2, cooldown=60.0, clock=lambda: now[0])
-    guard.record("failed")
+    guard.record("failed", "a")
+    guard.record("failed", "a")  # the same call again (delivered again): counted once
     assert guard.refusing() is None
-    guard.record("taken_over")
+    guard.record("taken_over", "b")
     assert guard.refusing() is None
-    guard.record("failed")
+    guard.record("failed", "c")
     reason = guard.refusing()
     assert reason is not None
-    assert "2 sessions in a row failed" in reason
+    assert "2 calls in a row failed" in reason
     now[0] = 61.0
     assert guard.refusing() is None  # tried again ...
-    guard.record("failed")  # ... one more failure stops it again
+    guard.record("failed", "d")  # ... one more failed call stops it again
     assert guard.refusing() is not None
-    guard.record("success")  # a success makes it ready
+    guard.record("success", "e")  # a success makes it ready
     assert guard.refusing() is None
     assert guard.streak == 0
 
@@ -161,8 +164,8 @@ def test_the_failure_guard_stops_after_the_limit_tries_again_after_the_cooldown(
 @pytest.mark.unit
 def test_off_never_refuses() -> None:
     guard = FailureGuard(limit=0, cooldown=60.0)
-    for _ in range(100):
-        guard.record("failed")
+    for n in range(100):
+        guard.record("failed", str(n))
     assert guard.refusing() is None
 
 
@@ -290,7 +293,7 @@ async def test_a_session_process_over_its_limit_has_its_call_moved_with_its_conv
 async def test_failed_sessions_in_a_row_stop_the_intake_and_readyz_says_why(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
 ) -> None:
-    """Two sessions in a row fail (the agent cannot be built in a call): the worker
+    """Two calls in a row fail (the agent cannot be built in a call): the worker
     reads nothing more, /readyz answers 503 with the reason, and the next call goes
     to a peer whose agent works."""
     failing, healthy = tmp_path / "failing", tmp_path / "working"
@@ -311,20 +314,24 @@ async def test_failed_sessions_in_a_row_stop_the_intake_and_readyz_says_why(
         failure_cooldown=3600.0,
         http_port=free_port(),
     ) as worker:
-        first = job_message(
-            livekit_server, await new_room(livekit_server, unique("fail")), "failing", "d"
-        )
-        await store.enqueue([first])
-        # Built in the call and failed, started again at once, failed again.
-        await eventually(lambda: worker.stats.failed == 2, "two failed sessions", within=30)
+        failed = [
+            job_message(
+                livekit_server, await new_room(livekit_server, unique("fail")), "failing", "d"
+            )
+            for _ in range(2)
+        ]
+        await store.enqueue(failed)
+        # Each built in its call and failed (maybe started again at once and
+        # failed again: that call counts once); two calls failed: stopped.
+        await eventually(lambda: worker.readiness() is not None, "stopped by failures", within=30)
         reason = worker.readiness()
         assert reason is not None
-        assert "2 sessions in a row failed" in reason
-        assert worker.stats.started == 2
+        assert "2 calls in a row failed" in reason
+        started = worker.stats.started
         assert worker.http is not None
         status, text = await get(worker.http.port, "/readyz")
         assert status == 503
-        assert "2 sessions in a row failed" in text
+        assert "2 calls in a row failed" in text
 
         async with working(
             livekit_server,
@@ -341,9 +348,11 @@ async def test_failed_sessions_in_a_row_stop_the_intake_and_readyz_says_why(
             await eventually(
                 lambda: second.job_id in peer.running_jobs, "the peer took the next call", within=30
             )
-            # The first call too, after its lease: the stopped worker left it.
+            # The failed calls too, after their lease: the stopped worker left them.
             await eventually(
-                lambda: first.job_id in peer.running_jobs, "the peer took the first call", within=30
+                lambda: all(m.job_id in peer.running_jobs for m in failed),
+                "the peer took the failed calls",
+                within=30,
             )
-            assert worker.stats.started == 2
+            assert worker.stats.started == started
             assert worker.running_jobs == []

@@ -272,7 +272,7 @@ MaxConsecutiveFailures = Annotated[
     typer.Option(
         "--max-consecutive-failures",
         envvar="OPENRTC_MAX_CONSECUTIVE_FAILURES",
-        help="Failed sessions in a row after which the worker takes no new jobs "
+        help="Calls failed in a row after which the worker takes no new jobs "
         "(/readyz 503) for --failure-cooldown; 0 = off.",
     ),
 ]

@@ -23,8 +23,9 @@ conversation, and the process ends with it; one that cannot be handed over in
 time (no turn boundary, nobody with a free slot) is killed, and its call starts
 again at once in a new process from its last checkpoint.
 
-**Failed sessions** (``--max-consecutive-failures``): that many sessions in a
-row ending ``failed`` (a success resets the count) and the worker stops reading
+**Failed calls** (``--max-consecutive-failures``): that many calls in a row
+whose sessions ended ``failed`` (a success resets the count; a call failing
+again counts once) and the worker stops reading
 entries, ``/readyz`` answers 503 with the reason, and its heartbeat shows no
 capacity, so peers and the dispatcher count on it for nothing. It tries again
 after ``--failure-cooldown``: one more failure stops it again, one success

@@ -45,15 +45,18 @@ def memory_level(mb: float, *, warn_mb: float | None, limit_mb: float | None) ->
     return Level.OK
 
 
-def next_streak(streak: int, status: str) -> int:
-    """Consecutive failed sessions after one ended with ``status``.
+def next_streak(streak: int, status: str, *, again: bool = False) -> int:
+    """Calls in a row whose sessions failed, after one ended with ``status``.
 
     ``failed`` counts, ``success`` resets; ``taken_over`` (another worker has
     the call: a handover, a lost lease) says nothing about this worker's
-    sessions and leaves the count as it is.
+    sessions and leaves the count as it is. ``again``: the failed session's
+    call is the one whose failure was counted last: a call that fails every
+    delivery is the call's fault, not the worker's (``max_deliveries`` deals
+    with it), so it counts once.
     """
     if status == "failed":
-        return streak + 1
+        return streak if again else streak + 1
     if status == "success":
         return 0
     return streak
@@ -61,34 +64,42 @@ def next_streak(streak: int, status: str) -> int:
 
 @dataclass(slots=True)
 class FailureGuard:
-    """The run of failed sessions; refusing new entries once it reaches ``limit``.
+    """The run of failed calls; refusing new entries once it reaches ``limit``.
 
     Written by the outcomes (:meth:`record`); read by the intake, the
     heartbeat and ``/readyz`` (:meth:`refusing`).
     """
 
-    #: Failures in a row that stop the worker; 0: off.
+    #: Calls failed in a row that stop the worker; 0: off.
     limit: int
     #: How long it stops before it tries again (s).
     cooldown: float
     clock: Callable[[], float] = time.monotonic
     streak: int = 0
+    #: The job whose failure was counted last ("": none since the last success).
+    last_failed: str = ""
     #: Refusing until then (``clock``); 0: not refusing.
     until: float = 0.0
     reason: str = field(default="")
 
-    def record(self, status: str) -> None:
-        """A session ended with ``status`` (``success``, ``failed``, ``taken_over``)."""
-        self.streak = next_streak(self.streak, status)
-        if status == "success" and self.until:
-            self.until, self.reason = 0.0, ""
-            logger.info("a session succeeded: ready again")
+    def record(self, status: str, job_id: str) -> None:
+        """A session of ``job_id`` ended: ``success``, ``failed`` or ``taken_over``."""
+        again = status == "failed" and job_id == self.last_failed
+        self.streak = next_streak(self.streak, status, again=again)
+        if status == "success":
+            self.last_failed = ""
+            if self.until:
+                self.until, self.reason = 0.0, ""
+                logger.info("a session succeeded: ready again")
             return
-        if self.limit and self.streak >= self.limit and status == "failed":
+        if status != "failed" or again:
+            return
+        self.last_failed = job_id
+        if self.limit and self.streak >= self.limit:
             was = self.until > self.clock()
             self.until = self.clock() + self.cooldown
             self.reason = (
-                f"{self.streak} sessions in a row failed (--max-consecutive-failures "
+                f"{self.streak} calls in a row failed (--max-consecutive-failures "
                 f"{self.limit}): taking no new jobs for {self.cooldown:.0f}s"
             )
             if not was:
@@ -102,6 +113,6 @@ class FailureGuard:
             return self.reason
         self.until, self.reason = 0.0, ""
         logger.warning(
-            "failure cool-down over: taking jobs again (one more failure stops it again)"
+            "failure cool-down over: taking jobs again (one more failed call stops it again)"
         )
         return None
