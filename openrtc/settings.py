@@ -198,6 +198,35 @@ NUMBERS: Final[Mapping[str, Bound]] = {
     "load_threshold": Bound(
         0, 1, above=True, flag="--load-threshold", env="OPENRTC_LOAD_THRESHOLD"
     ),
+    # Below 64 MB not even the runtime fits: the worker would stop at once.
+    "memory_warn_mb": Bound(
+        64, 1_048_576, unit="MB", flag="--memory-warn-mb", env="OPENRTC_MEMORY_WARN_MB"
+    ),
+    "memory_limit_mb": Bound(
+        64, 1_048_576, unit="MB", flag="--memory-limit-mb", env="OPENRTC_MEMORY_LIMIT_MB"
+    ),
+    "session_memory_limit_mb": Bound(
+        16,
+        1_048_576,
+        unit="MB",
+        flag="--session-memory-limit-mb",
+        env="OPENRTC_SESSION_MEMORY_LIMIT_MB",
+    ),
+    "max_consecutive_failures": Bound(
+        1,
+        10_000,
+        off=0,
+        flag="--max-consecutive-failures",
+        env="OPENRTC_MAX_CONSECUTIVE_FAILURES",
+    ),
+    "failure_cooldown": Bound(
+        0,
+        _DAY,
+        above=True,
+        unit="seconds",
+        flag="--failure-cooldown",
+        env="OPENRTC_FAILURE_COOLDOWN",
+    ),
     # Below 4 KiB hardly a turn fits: every takeover would start afresh.
     "checkpoint_max_bytes": Bound(
         4096,
@@ -483,6 +512,20 @@ class WorkerSettings:
     #: shortened, then the oldest turns dropped); 0 = no checkpoints,
     #: takeovers start afresh. At most MAX_CHECKPOINT_BYTES.
     checkpoint_max_bytes: int = DEFAULT_CHECKPOINT_MAX_BYTES
+    #: Memory (MB; the worker's, with its session processes) over which one
+    #: warning is logged; ``None``: off (openrtc.worker.guards).
+    memory_warn_mb: float | None = None
+    #: Memory (MB) at which the worker drains (its calls handed to peers with
+    #: their conversation) and exits with code 75 to be restarted; ``None``: off.
+    memory_limit_mb: float | None = None
+    #: ``process`` isolation: a session process's own memory (MB) at which its
+    #: call is handed over and the process replaced; ``None``: off.
+    session_memory_limit_mb: float | None = None
+    #: Calls in a row whose sessions ended ``failed`` (one failing again counts
+    #: once) after which the worker takes no new jobs (``/readyz`` 503) for
+    #: ``failure_cooldown``; 0: off.
+    max_consecutive_failures: int = 5
+    failure_cooldown: float = 60.0
     #: Signs job and control entries (and, in a worker, checkpoints) and
     #: refuses unsigned or forged ones (openrtc.wire.signing); ``None``: off, as
     #: before signing existed (a warning at start-up).
@@ -495,5 +538,13 @@ class WorkerSettings:
         _check_signing(self.signing, self.require_signing)
         if self.membership_ttl <= self.heartbeat_interval:
             raise SettingError("membership_ttl must be more than heartbeat_interval")
+        if (
+            self.memory_warn_mb is not None
+            and self.memory_limit_mb is not None
+            and self.memory_warn_mb >= self.memory_limit_mb
+        ):
+            raise SettingError("--memory-warn-mb must be less than --memory-limit-mb")
+        if self.session_memory_limit_mb is not None and self.isolation != "process":
+            raise SettingError("--session-memory-limit-mb needs --isolation process")
         if self.isolation not in ("coroutine", "process"):
             raise ConfigError(f"isolation must be 'coroutine' or 'process', not {self.isolation!r}")

@@ -159,6 +159,8 @@ def outside(bound: Bound, integer: bool) -> list[float]:
 #: Settings that are also bounded by another one (checked apart).
 RELATED = {"wait_timeout", "enqueue_timeout", "membership_ttl", "heartbeat_interval"}
 RELATED |= {"reconnect_initial", "reconnect_max"}
+# Below the limit; process isolation only.
+RELATED |= {"memory_warn_mb", "memory_limit_mb", "session_memory_limit_mb"}
 
 
 def test_the_service_settings_are_found() -> None:

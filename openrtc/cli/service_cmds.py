@@ -257,6 +257,49 @@ LoadThreshold = Annotated[
         help="Host CPU share (0-1] at or above which new calls go to peers below theirs.",
     ),
 ]
+MemoryWarnMb = Annotated[
+    float | None,
+    typer.Option(
+        "--memory-warn-mb",
+        envvar="OPENRTC_MEMORY_WARN_MB",
+        help="Memory (MB, PSS with the session processes) over which a warning is logged.",
+    ),
+]
+MemoryLimitMb = Annotated[
+    float | None,
+    typer.Option(
+        "--memory-limit-mb",
+        envvar="OPENRTC_MEMORY_LIMIT_MB",
+        help="Memory (MB) at which the worker hands its calls to peers and exits "
+        "(code 75) to be restarted.",
+    ),
+]
+SessionMemoryLimitMb = Annotated[
+    float | None,
+    typer.Option(
+        "--session-memory-limit-mb",
+        envvar="OPENRTC_SESSION_MEMORY_LIMIT_MB",
+        help="Process isolation: a session process's own memory (MB, USS) at which its "
+        "call is handed over and the process replaced.",
+    ),
+]
+MaxConsecutiveFailures = Annotated[
+    int,
+    typer.Option(
+        "--max-consecutive-failures",
+        envvar="OPENRTC_MAX_CONSECUTIVE_FAILURES",
+        help="Calls failed in a row after which the worker takes no new jobs "
+        "(/readyz 503) for --failure-cooldown; 0 = off.",
+    ),
+]
+FailureCooldown = Annotated[
+    float,
+    typer.Option(
+        "--failure-cooldown",
+        envvar="OPENRTC_FAILURE_COOLDOWN",
+        help="Seconds a worker stopped by --max-consecutive-failures waits to try again.",
+    ),
+]
 CheckpointMaxBytes = Annotated[
     int,
     typer.Option(
@@ -348,6 +391,9 @@ def _run_service(service: Any) -> None:
         anyio.run(serve)
     except OpenRTCError as exc:  # e.g. the HTTP port is taken
         _fail(str(exc))
+    # A worker that stopped over its memory limit: its supervisor restarts it.
+    if code := getattr(service, "exit_code", 0):
+        raise typer.Exit(code)
 
 
 def _serve(
@@ -463,6 +509,11 @@ def worker(
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
     reload: Reload = _worker_default("reload"),
+    memory_warn_mb: MemoryWarnMb = None,
+    memory_limit_mb: MemoryLimitMb = None,
+    session_memory_limit_mb: SessionMemoryLimitMb = None,
+    max_consecutive_failures: MaxConsecutiveFailures = _worker_default("max_consecutive_failures"),
+    failure_cooldown: FailureCooldown = _worker_default("failure_cooldown"),
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.worker.worker import Worker
@@ -497,6 +548,11 @@ def worker(
             report_maxlen=report_maxlen,
             report_max_age=report_max_age,
             reload=reload,
+            memory_warn_mb=memory_warn_mb,
+            memory_limit_mb=memory_limit_mb,
+            session_memory_limit_mb=session_memory_limit_mb,
+            max_consecutive_failures=max_consecutive_failures,
+            failure_cooldown=failure_cooldown,
         )
         return Worker(settings, pool)
 

@@ -311,6 +311,13 @@ class WorkerMetrics(_Common):
             labels,
             registry=r,
         )
+        self.memory_bytes = Gauge(
+            "openrtc_worker_memory_bytes",
+            "The worker's memory (PSS, with its session processes), as its guard last "
+            "measured it; only with a memory threshold set (no sample otherwise).",
+            labels,
+            registry=r,
+        )
         self.agent = agent
         self.handed_over = self.handovers.labels(agent)
         self.started = self.sessions_started.labels(agent)

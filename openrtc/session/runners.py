@@ -502,6 +502,7 @@ class ProcessRunner:
             child = await self._acquire()
         except Exception as exc:
             return SessionOutcome("failed", "no session process", str(exc))
+        control.pid = child.pid
         try:
             async with anyio.create_task_group() as tg:
                 with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -191,6 +191,9 @@ class SessionControl:
     moves: int = 0
     #: Told of each move too (a session process tells its worker); must not block.
     on_moved: Callable[[], None] | None = None
+    #: The session process's pid (``process`` isolation; 0: none): the memory guard
+    #: measures it.
+    pid: int = 0
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""

@@ -25,6 +25,7 @@ from openrtc.store.checkpoint import CheckpointStore
 from openrtc.store.streams import REDIS_DOWN, JobConsumer, RedisClient, StreamStore
 from openrtc.supervision import StateLog, backoff_delay, describe
 from openrtc.wire.keys import Keys
+from openrtc.worker.limits import FailureGuard
 
 __all__ = ["DOWN", "READ_BLOCK_MS", "Down", "WorkerContext", "WorkerStats", "logger"]
 
@@ -88,6 +89,8 @@ class WorkerContext:
     draining: bool = False
     #: The worker's task group: checks and sessions run in it. Writer: ``Worker._run``.
     tg: TaskGroup | None = None
+    #: The run of failed sessions, and whether it stops the intake. Writer: the outcomes.
+    failures: FailureGuard = field(default_factory=lambda: FailureGuard(0, 0.0))
 
     @property
     def step_timeout(self) -> float:

@@ -127,6 +127,17 @@ class Drainer:
             if not overloaded
         )
 
+    async def hand_over_call(self, claim: Claim) -> None:
+        """Hand one running call over now, as the drain does (a guard's: its process is
+        over its memory limit); until the peer has joined, or it was not handed over."""
+        if claim.asked:
+            return
+        claim.asked = True
+        if not await self._hand_over_one(claim):
+            claim.asked = False  # the drain may try it again
+            return
+        await self._watch_released(claim)
+
     async def _hand_over(self, claim: Claim, limiter: anyio.CapacityLimiter) -> None:
         async with limiter:
             if not await self._hand_over_one(claim):

@@ -134,7 +134,9 @@ class EntryCheck:
         )
         if claim.start is Start.CONTESTED and not await self._contest(claim, message):
             return False
-        if self._ctx.draining:
+        # Stopped by its failures: an entry a read already under way brought in
+        # goes back as a draining worker's does.
+        if self._ctx.draining or self._ctx.failures.refusing() is not None:
             if claim.start is Start.CONTESTED:
                 # Not released: a copy under a new id would be one the call's
                 # worker cannot tell from its own. Left unrenewed, it is deleted

@@ -64,6 +64,12 @@ class Heartbeat:
         await self.refresh_peers()
         await self.measure_redis_clock()
 
+    @property
+    def _refusing(self) -> bool:
+        # No capacity shown while draining or stopped by failures: peers and the
+        # dispatcher count on it for nothing (a peer would leave it jobs).
+        return self._ctx.draining or self._ctx.failures.refusing() is not None
+
     async def beat(self) -> None:
         """Write this worker's record (and keep its membership)."""
         s, view = self._ctx.settings, self._view
@@ -72,7 +78,7 @@ class Heartbeat:
         await self._presence.beat(
             {
                 "agent": s.agent,
-                "capacity": 0 if self._ctx.draining else s.concurrency,
+                "capacity": 0 if self._refusing else s.concurrency,
                 "running": len(running),
                 "isolation": s.isolation,
                 "jobs": ",".join(m.job_id for m in running),

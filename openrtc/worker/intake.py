@@ -52,6 +52,10 @@ class Intake:
         self._last_forget = time.monotonic()
         task_status.started()
         while not ctx.draining:
+            if ctx.failures.refusing() is not None:
+                # Too many sessions in a row failed: peers take the jobs meanwhile.
+                await anyio.sleep(RECLAIM_INTERVAL)
+                continue
             if claims.free <= 0:
                 with anyio.move_on_after(RECLAIM_INTERVAL):
                     await claims.changed()

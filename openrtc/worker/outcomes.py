@@ -42,6 +42,7 @@ class Outcomes:
             # The call ended here, and Redis lost the entry it was handed over
             # as: nobody else will ever finish it.
             claim.handed_over = False
+        ctx.failures.record("taken_over" if claim.handed_over else outcome.status, message.job_id)
         if outcome.status == "taken_over" or claim.handed_over:
             # Handed over, however the session ended: the peer has the job now
             # (its record, its entry, its checkpoint), and finishes it.
@@ -221,8 +222,9 @@ class Outcomes:
         if new_id is DOWN:
             return
         logger.info(
-            "job %s: draining, handed back unstarted (entry %s -> %s)",
+            "job %s: %s, handed back unstarted (entry %s -> %s)",
             message.job_id,
+            "draining" if ctx.draining else "stopped by failed sessions",
             claim.entry_id,
             new_id,
         )

@@ -83,6 +83,8 @@ class SessionSupervisor:
             outcome.status == "failed"
             and outcome.reason in (PROCESS_DIED, AGENT_NOT_BUILT)
             and not (control.stopping or claim.lost or self._ctx.draining)
+            # Stopped by its run of failures: the call goes to a peer, by the lease.
+            and self._ctx.failures.refusing() is None
         ):
             return await self._redeliver(claim)
         return None

@@ -18,7 +18,12 @@ under one task group:
    dispatcher, end sessions.
 6. **intake** (``intake.py``): read new entries while there are free slots
    (spread by load among peers), reclaim those of frozen or dead peers.
-7. **reloader** (``reloader.py``, with ``--reload``): a saved agent module
+7. **guards** (``guards.py``, with a memory limit set): the worker's memory
+   and its session processes' measured; over ``--memory-limit-mb`` it drains
+   and exits (code 75) to be restarted; a session process over
+   ``--session-memory-limit-mb`` has its call handed over. (The run of failed
+   sessions is the outcomes': ``limits.FailureGuard``.)
+8. **reloader** (``reloader.py``, with ``--reload``): a saved agent module
    serves new calls, and live calls move to it at their next turn boundary.
 
 Not loops: the **entry check** (``entry_check.py``: each held entry checked,
@@ -71,9 +76,11 @@ from openrtc.worker.control import ControlListener
 from openrtc.worker.crash_watch import CrashWatch
 from openrtc.worker.drainer import Drainer
 from openrtc.worker.entry_check import EntryCheck
+from openrtc.worker.guards import Guards
 from openrtc.worker.heartbeat import Heartbeat, PeerView
 from openrtc.worker.intake import Intake
 from openrtc.worker.leases import LeaseKeeper
+from openrtc.worker.limits import FailureGuard
 from openrtc.worker.outcomes import Outcomes
 from openrtc.worker.reloader import Reloader
 from openrtc.worker.rooms import ROOM_CHECK_TIMEOUT, RoomCheck
@@ -136,6 +143,9 @@ class Worker:
         self.runner = runner
         self._build_parts(ctx, runner)
         self._stop = anyio.Event()
+        #: The process's exit code once it stopped: 0, or
+        #: :data:`openrtc.worker.limits.EXIT_MEMORY_LIMIT` after its memory limit.
+        self.exit_code = 0
         self._ready = anyio.Event()
         self._startup: anyio.CancelScope | None = None
         #: The /healthz, /readyz and /metrics server; ``None`` when off.
@@ -157,6 +167,7 @@ class Worker:
         self.control = ControlListener(ctx, self.claims)
         self.intake = Intake(ctx, self.claims, self.peer_view, self.entry_check)
         self.drainer = Drainer(ctx, self.claims, self.heartbeat, self.peer_view)
+        self.guards = Guards(ctx, self.claims, self.drainer, self._stop_for)
         self.reloader: Reloader | None = None
         if ctx.settings.reload:
             if self.config.source_path is None:
@@ -178,6 +189,7 @@ class Worker:
             self.leases.run,
             self.control.run,
             self.intake.run,
+            self.guards.run,
             *([self.reloader.run] if self.reloader is not None else []),
         ]
 
@@ -232,10 +244,19 @@ class Worker:
         if self._startup is not None:
             self._startup.cancel()
 
+    def _stop_for(self, code: int) -> None:
+        """Drain and exit with ``code`` (a guard's: over the memory limit)."""
+        self.exit_code = code
+        self.request_stop()
+
     def readiness(self) -> str | None:
         """``None`` when taking jobs, else why not (one line, for ``/readyz``)."""
+        if self.exit_code:
+            return f"draining: over the memory limit (exit code {self.exit_code} follows)"
         if self.ctx.draining or self._stop.is_set():
             return "draining: taking no new jobs"
+        if (failing := self.ctx.failures.refusing()) is not None:
+            return failing
         state = self.ctx.redis_state
         unreachable = state.state == "unreachable"
         redis = f"Redis unreachable: {state.detail}" if unreachable else ""
@@ -247,7 +268,8 @@ class Worker:
         """Set the gauges read at scrape time (no I/O)."""
         m, agent, draining = self.metrics, self.settings.agent, self.ctx.draining
         m.sessions_running.labels(agent).set(len(self.running))
-        m.session_capacity.labels(agent).set(0 if draining else self.settings.concurrency)
+        refusing = draining or self.ctx.failures.refusing() is not None
+        m.session_capacity.labels(agent).set(0 if refusing else self.settings.concurrency)
         m.redis_connected.set(self.ctx.redis_state.state == "connected")
         m.draining.set(draining or self._stop.is_set())
 
@@ -349,4 +371,5 @@ def _context(
         ),
         metrics=WorkerMetrics(settings.agent),
         clock=clock,
+        failures=FailureGuard(settings.max_consecutive_failures, settings.failure_cooldown),
     )
