@@ -25,10 +25,9 @@ from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import RecordField
 from openrtc.wire.reports import REPORT_FIELD, CallReport, CallTally, percentile
-from tests.support.conversation import GREETING, THREE_THINGS
-from tests.support.processes import LEASE, worker_process_killed_on_exit
+from tests.support.conversation import GREETING, THREE_THINGS, agent_listening, greeted_call
+from tests.support.processes import LEASE, children_of, worker_process_killed_on_exit
 from tests.support.stack import delete_room, eventually, unique, working
-from tests.test_resume import agent_listening, children_of, greeted_call
 
 pytestmark = pytest.mark.anyio
 

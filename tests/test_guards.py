@@ -24,12 +24,16 @@ from openrtc.settings import SettingError, WorkerSettings
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
 from openrtc.worker.limits import EXIT_MEMORY_LIMIT, FailureGuard, Level, memory_level, next_streak
-from tests.support.conversation import THREE_THINGS, three_things_said
+from tests.support.conversation import (
+    THREE_THINGS,
+    agent_listening,
+    greeted_call,
+    three_things_said,
+)
+from tests.support.http import get
 from tests.support.jobs import job_message
 from tests.support.processes import LEASE, worker_process_killed_on_exit
 from tests.support.stack import eventually, new_room, unique, working
-from tests.test_ops_http import get
-from tests.test_resume import agent_listening, greeted_call
 
 HUNGRY_GREETING = "Hungry line, hello."
 

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +27,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
 from openrtc.dispatcher.dispatcher import Dispatcher
 from openrtc.settings import DEFAULT_WORKER_HTTP_PORT
 from openrtc.worker.worker import Worker
+from tests.support.http import get
 from tests.support.stack import (
     OFFLINE_AGENTS,
     creds,
@@ -45,14 +45,6 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "openrtc.json"
-
-
-async def get(port: int, path: str) -> tuple[int, str]:
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
-        http.get(f"http://127.0.0.1:{port}{path}") as reply,
-    ):
-        return reply.status, await reply.text()
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

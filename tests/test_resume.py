@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -20,22 +18,21 @@ import pytest
 from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
-from openrtc.devtools.caller import AgentSighting, Caller, caller_in
+from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.checkpoint import Checkpoint, CheckpointStore
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
-from openrtc.wire.messages import JobMessage
 from tests.support.conversation import (
     GREETING,
     THREE_THINGS,
-    Transcript,
     agent_listening,
+    greeted_call,
     three_things_said,
     transcribing,
 )
 from tests.support.jobs import job_message
-from tests.support.processes import LEASE, worker_process_killed_on_exit
+from tests.support.processes import LEASE, children_of, worker_process_killed_on_exit
 from tests.support.stack import (
     creds,
     delete_room,
@@ -50,53 +47,6 @@ pytestmark = pytest.mark.anyio
 
 RESTAURANT_GREETING = "Trattoria Luca, offline line. A table for how many?"
 RESUME_LINE = "Sorry, I lost you for a second."
-
-
-@dataclass
-class GreetedCall:
-    """A call the worker on ``keys`` answered, greeted and is transcribing."""
-
-    keys: Keys
-    message: JobMessage
-    #: The call's checkpoint key.
-    key: str
-    caller: Caller
-    transcript: Transcript
-    #: The agent that answered.
-    original: AgentSighting
-
-
-@asynccontextmanager
-async def greeted_call(
-    livekit: LiveKitServer, redis: Redis, ns: str, agent: str, room: str, greeting: str
-) -> AsyncIterator[GreetedCall]:
-    """A new room (``room`` a prefix) with a transcribing caller, its job enqueued on
-    ``ns``, until ``agent`` answered and said ``greeting``; the caller leaves on exit."""
-    keys = Keys(ns)
-    lk_room = await new_room(livekit, unique(room))
-    message = job_message(livekit, lk_room, agent, unique("dispatcher"))
-    async with (
-        caller_in(creds(livekit), lk_room.name) as caller,
-        transcribing(caller) as transcript,
-    ):
-        await StreamStore(redis, keys).enqueue([message])
-        original = await caller.wait_agent(within=30)
-        await eventually(lambda: transcript.count(greeting), "the greeting", within=20)
-        key = keys.checkpoint(agent, message.job_id)
-        yield GreetedCall(keys, message, key, caller, transcript, original)
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize("kill", ["worker", "session-process"])

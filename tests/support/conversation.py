@@ -10,8 +10,13 @@ import anyio
 from livekit import rtc
 from redis.asyncio import Redis
 
-from openrtc.devtools.caller import Caller
-from tests.support.stack import eventually
+from openrtc.devtools.caller import AgentSighting, Caller, caller_in
+from openrtc.devtools.devstack import LiveKitServer
+from openrtc.store.streams import StreamStore
+from openrtc.wire.keys import Keys
+from openrtc.wire.messages import JobMessage
+from tests.support.jobs import job_message
+from tests.support.stack import creds, eventually, new_room, unique
 
 GREETING = "Bright Smile Dental, offline line. How can we help you today?"
 
@@ -86,3 +91,37 @@ async def agent_listening(caller: Caller, identity: str) -> None:
         return False
 
     await eventually(listening, "the agent listening", within=20)
+
+
+@dataclass
+class GreetedCall:
+    """A call the worker on ``keys`` answered, greeted and is transcribing."""
+
+    keys: Keys
+    message: JobMessage
+    #: The call's checkpoint key.
+    key: str
+    caller: Caller
+    transcript: Transcript
+    #: The agent that answered.
+    original: AgentSighting
+
+
+@asynccontextmanager
+async def greeted_call(
+    livekit: LiveKitServer, redis: Redis, ns: str, agent: str, room: str, greeting: str
+) -> AsyncIterator[GreetedCall]:
+    """A new room (``room`` a prefix) with a transcribing caller, its job enqueued on
+    ``ns``, until ``agent`` answered and said ``greeting``; the caller leaves on exit."""
+    keys = Keys(ns)
+    lk_room = await new_room(livekit, unique(room))
+    message = job_message(livekit, lk_room, agent, unique("dispatcher"))
+    async with (
+        caller_in(creds(livekit), lk_room.name) as caller,
+        transcribing(caller) as transcript,
+    ):
+        await StreamStore(redis, keys).enqueue([message])
+        original = await caller.wait_agent(within=30)
+        await eventually(lambda: transcript.count(greeting), "the greeting", within=20)
+        key = keys.checkpoint(agent, message.job_id)
+        yield GreetedCall(keys, message, key, caller, transcript, original)
