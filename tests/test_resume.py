@@ -49,12 +49,13 @@ RESTAURANT_GREETING = "Trattoria Luca, offline line. A table for how many?"
 RESUME_LINE = "Sorry, I lost you for a second."
 
 
-@pytest.mark.parametrize("kill", ["worker", "session-process"])
+@pytest.mark.parametrize("kill", ["worker", "session-process", "process-isolated-worker"])
 async def test_a_killed_session_resumes_its_conversation_without_a_second_greeting(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, kill: str
 ) -> None:
     ns = unique("ns")
     args = ["--isolation", "process", "--idle-processes", "0"] if kill != "worker" else []
+    isolation = "process" if kill == "process-isolated-worker" else "coroutine"
     with worker_process_killed_on_exit(livekit_server, redis_server.url, ns, *args) as first:
         async with (
             greeted_call(livekit_server, redis, ns, "dental", "dental-resume", GREETING) as call,
@@ -67,9 +68,18 @@ async def test_a_killed_session_resumes_its_conversation_without_a_second_greeti
             assert livekit_server.api_secret.encode() not in saved
             assert Checkpoint.decode(saved) is not None
 
-            if kill == "worker":
+            if kill != "session-process":
+                # A worker of the call's isolation takes it; in process isolation
+                # the killed worker's session process leaves the room on its own.
                 await stack.enter_async_context(
-                    working(livekit_server, redis_server.url, ns, "dental", lease=LEASE)
+                    working(
+                        livekit_server,
+                        redis_server.url,
+                        ns,
+                        "dental",
+                        lease=LEASE,
+                        isolation=isolation,
+                    )
                 )
                 first.send_signal(signal.SIGKILL)
             else:
