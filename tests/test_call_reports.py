@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from openrtc.agents.registry import redact_numbers
 from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
+from openrtc.ops.metrics import count
 from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import RecordField
@@ -531,12 +532,23 @@ async def test_a_call_given_up_is_reported_failed_with_its_last_checkpoint_s_tot
     await redis.set(keys.checkpoint("dental", message.job_id), data)
     # Delivered to a worker that died with it.
     await redis.xreadgroup(WORKERS_GROUP, "w-gone", {keys.jobs("dental"): ">"}, count=1)
-    async with working(livekit_server, redis_server.url, ns, "dental", max_deliveries=1, lease=1.0):
+    async with working(
+        livekit_server, redis_server.url, ns, "dental", max_deliveries=1, lease=1.0
+    ) as worker:
 
         async def reported() -> bool:
             return await redis.xlen(keys.reports) > 0
 
         await eventually(reported, "the given-up call's report", within=30)
+        registry = worker.metrics.registry
+
+        def duration_observed() -> bool:
+            labels = {"agent": "dental", "outcome": "failed"}
+            return registry.get_sample_value("openrtc_call_duration_seconds_count", labels) == 1
+
+        await eventually(duration_observed, "the given-up call's duration observed, as failed")
+        # Its usage was counted by the worker that checkpointed it, not again here.
+        assert count(worker.metrics.llm_tokens) == 0
     [(_, fields)] = await redis.xrange(keys.reports)
     report = json.loads(fields[REPORT_FIELD])
     assert report["job_id"] == message.job_id
