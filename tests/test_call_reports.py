@@ -262,6 +262,40 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
     }, total
 
 
+async def test_an_agent_without_checkpoints_counts_its_usage_when_the_call_ends(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """No checkpoints (``--checkpoint-max-bytes 0``): nothing to count as it goes;
+    the call's usage is counted from the ending session's outcome, as reported."""
+    ns, agent = unique("ns"), "dental"
+    keys = Keys(ns)
+    reply = f"Noted: {THREE_THINGS[0]}"
+    async with working(
+        livekit_server, redis_server.url, ns, agent, checkpoint_max_bytes=0
+    ) as worker:
+        async with greeted_call(
+            livekit_server, redis, ns, agent, "dental-uncheckpointed", GREETING
+        ) as call:
+            await call.transcript.ask(THREE_THINGS[0], reply)
+            await delete_room(livekit_server, call.message.room)
+
+            async def reported() -> bool:
+                return await redis.xlen(keys.reports) > 0
+
+            await eventually(reported, "the call's report", within=30)
+        [(_, fields)] = await redis.xrange(keys.reports)
+        usage = json.loads(fields[REPORT_FIELD])["usage"]
+        metrics = worker.metrics
+        assert count(metrics.llm_tokens, kind="prompt") == usage["llm_prompt_tokens"] > 0
+        assert count(metrics.llm_tokens, kind="completion") == len(reply.split())
+        assert count(metrics.llm_tokens, model="rules", tenant="") == (
+            usage["llm_prompt_tokens"] + usage["llm_completion_tokens"]
+        )
+        assert count(metrics.tts_characters) == usage["tts_characters"] > 0
+        ttft = metrics.registry.get_sample_value("openrtc_llm_ttft_seconds_count", {"agent": agent})
+        assert ttft == 1
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize(
     ("samples", "share", "expected"),
