@@ -2,7 +2,9 @@
 
 A call runs on three workers in turn (a SIGKILL takeover, then a SIGTERM
 handover); the report the last one writes holds the usage of all three
-sessions. The offline LLM counts words as tokens, so the sums are known.
+sessions, and the workers' usage counters (/metrics) add up to it: no session
+counts what an earlier one did. The offline LLM counts words as tokens, so the
+sums are known.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from openrtc.agents.registry import redact_numbers
-from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.devtools.devstack import LiveKitServer, RedisServer, free_port
+from openrtc.ops.metrics import count
 from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import Keys
 from openrtc.wire.messages import RecordField
 from openrtc.wire.reports import REPORT_FIELD, CallReport, CallTally, percentile
 from tests.support.conversation import GREETING, THREE_THINGS, agent_listening, greeted_call
+from tests.support.http import get
 from tests.support.processes import LEASE, children_of, worker_process_killed_on_exit
 from tests.support.stack import delete_room, eventually, unique, working
 
@@ -46,6 +51,45 @@ async def tally_of(redis: Redis, key: str) -> CallTally:
     return CallTally.from_dict(saved.call if saved else None)
 
 
+#: What a worker's /metrics say of calls, summed over labels (see :func:`counted_on`).
+COUNTED = ("prompt", "completion", "tts", "stt", "ttft", "end_of_turn", "calls")
+
+
+async def counted_on(*ports: int) -> dict[str, float]:
+    """The usage counters, latency and call-duration observations of workers, summed."""
+    names = {
+        "openrtc_tts_characters_total": "tts",
+        "openrtc_stt_audio_seconds_total": "stt",
+        "openrtc_llm_ttft_seconds_count": "ttft",
+        "openrtc_end_of_turn_delay_seconds_count": "end_of_turn",
+        "openrtc_call_duration_seconds_count": "calls",
+    }
+    seen = dict.fromkeys(COUNTED, 0.0)
+    for port in ports:
+        status, page = await get(port, "/metrics")
+        assert status == 200
+        for family in text_string_to_metric_families(page):
+            for sample in family.samples:
+                if sample.name == "openrtc_llm_tokens_total":
+                    seen[sample.labels["kind"]] += sample.value
+                elif sample.name in names:
+                    seen[names[sample.name]] += sample.value
+    return seen
+
+
+def usage_in(tally: CallTally) -> dict[str, float]:
+    """A tally's usage as :func:`counted_on` says it (its latency samples, if all are kept)."""
+    return {
+        "prompt": sum(m.prompt_tokens for m in tally.llm.values()),
+        "completion": sum(m.completion_tokens for m in tally.llm.values()),
+        "tts": tally.tts_characters,
+        "stt": tally.stt_audio_seconds,
+        "ttft": len(tally.llm_ttft),
+        "end_of_turn": len(tally.end_of_turn),
+        "calls": 0,
+    }
+
+
 @pytest.mark.parametrize("isolation", ["coroutine", "process"])
 async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_usage(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, isolation: str
@@ -57,10 +101,16 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
     args = ["--isolation", isolation, "--idle-processes", "0"]
     keys = Keys(ns)
     replies = [f"Noted: {thing}" for thing in THREE_THINGS]
+    ports = [free_port(), free_port()]
     with (
-        worker_process_killed_on_exit(livekit_server, redis_server.url, ns, *args) as first,
-        worker_process_killed_on_exit(livekit_server, redis_server.url, ns, *args) as second,
+        worker_process_killed_on_exit(
+            livekit_server, redis_server.url, ns, *args, "--http-port", str(ports[0])
+        ) as first,
+        worker_process_killed_on_exit(
+            livekit_server, redis_server.url, ns, *args, "--http-port", str(ports[1])
+        ) as second,
     ):
+        port = {first.pid: ports[0], second.pid: ports[1]}
         async with (
             greeted_call(livekit_server, redis, ns, agent, "dental-report", GREETING) as call,
             AsyncExitStack() as stack,
@@ -74,17 +124,39 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
                 # The turn and its usage (its metrics come after its message).
                 return tally.turns == n and completion == sum(len(r.split()) for r in replies[:n])
 
+            async def counted_as_saved(
+                n: int, worker: subprocess.Popen[bytes], before: dict[str, float]
+            ) -> bool:
+                # Nothing more to come of turn n (its reply spoken): what the
+                # workers counted (``before``: a dead one's) is what the
+                # checkpoint says, no more.
+                tally = await tally_of(redis, key)
+                spoken = len(GREETING) - 1 + sum(len(r) for r in replies[:n])
+                if not await turns_saved(n) or tally.tts_characters != spoken:
+                    return False
+                now = await counted_on(port[worker.pid])
+                return {k: now[k] + before[k] for k in COUNTED} == usage_in(tally)
+
             await eventually(lambda: turns_saved(1), "turn 1 and its usage checkpointed")
             ran = await redis.hget(keys.job(agent, call.message.job_id), RecordField.WORKER)
             if isolation == "coroutine":
                 # Whichever worker has the call dies; the other takes it over.
                 serving, other = (first, second) if runs_it(first, ran) else (second, first)
+                await eventually(
+                    lambda: counted_as_saved(1, serving, dict.fromkeys(COUNTED, 0.0)),
+                    "turn 1 counted as saved",
+                    within=30,
+                )
+                # Its counters die with it: read them last thing before.
+                counted = await counted_on(port[serving.pid])
                 serving.send_signal(signal.SIGKILL)
             else:
                 # The session's process dies (in process isolation the worker's
                 # children would outlive a SIGKILLed worker for a while): its
                 # worker starts it again, as a takeover, from the checkpoint.
                 other = first if runs_it(first, ran) else second
+                # The worker outlives its session process: its counters too.
+                counted = dict.fromkeys(COUNTED, 0.0)
                 (zygote,) = children_of(other.pid)
                 (session_process,) = children_of(zygote)
                 os.kill(session_process, signal.SIGKILL)
@@ -93,12 +165,29 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
             await transcript.ask(THREE_THINGS[1], replies[1])
             await eventually(lambda: turns_saved(2), "turn 2 checkpointed on the taker")
             assert (await tally_of(redis, key)).takeovers == 1
-
+            # The taker counted only its own session's usage, not the call's so far.
+            await eventually(
+                lambda: counted_as_saved(2, other, counted),
+                "turn 2 counted once",
+                within=30,
+            )
             if isolation == "coroutine":
                 # The handover's peer (in process isolation: the idle worker).
-                await stack.enter_async_context(
-                    working(livekit_server, redis_server.url, ns, agent, lease=LEASE)
+                last = await stack.enter_async_context(
+                    working(
+                        livekit_server,
+                        redis_server.url,
+                        ns,
+                        agent,
+                        lease=LEASE,
+                        http_port=free_port(),
+                    )
                 )
+                assert last.http is not None
+                last_port = last.http.port
+            else:
+                last_port = port[(second if other is first else first).pid]
+            handing_over = await counted_on(port[other.pid])
             other.send_signal(signal.SIGTERM)
             handed = await caller.wait_agent(within=60, other_than=taker.sid)
             await agent_listening(caller, handed.identity)
@@ -117,6 +206,14 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
             entries = await redis.xrange(keys.reports)
             assert len(entries) == 1, entries
             report = json.loads(entries[0][1][REPORT_FIELD])
+
+            async def duration_observed() -> bool:
+                _, page = await get(last_port, "/metrics")
+                line = 'openrtc_call_duration_seconds_count{agent="dental",outcome="ended"} 1.0'
+                return line in page
+
+            await eventually(duration_observed, "the call's duration observed once, as ended")
+            at_last = await counted_on(last_port)
 
     assert report["job_id"] == call.message.job_id
     assert report["agent"] == "dental"
@@ -147,6 +244,56 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
     assert report["latency_ms"]["llm_ttft_p50"] is not None
     said = [line["text"] for line in report["transcript"] if line["role"] == "user"]
     assert said == THREE_THINGS
+    # The workers' counters add up to the report: each token counted once.
+    if isolation == "process":
+        counted = handing_over  # the same worker ran the first two sessions
+    else:
+        counted = {k: counted[k] + handing_over[k] for k in COUNTED}
+    total = {k: counted[k] + at_last[k] for k in COUNTED}
+    assert total == {
+        "prompt": usage["llm_prompt_tokens"],
+        "completion": usage["llm_completion_tokens"],
+        "tts": usage["tts_characters"],
+        "stt": usage["stt_audio_seconds"],
+        "ttft": 3,  # one per reply; the greeting is said, not generated
+        # A texting caller's turns have no end-of-turn delay to count.
+        "end_of_turn": 0,
+        "calls": 1,
+    }, total
+
+
+async def test_an_agent_without_checkpoints_counts_its_usage_when_the_call_ends(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """No checkpoints (``--checkpoint-max-bytes 0``): nothing to count as it goes;
+    the call's usage is counted from the ending session's outcome, as reported."""
+    ns, agent = unique("ns"), "dental"
+    keys = Keys(ns)
+    reply = f"Noted: {THREE_THINGS[0]}"
+    async with working(
+        livekit_server, redis_server.url, ns, agent, checkpoint_max_bytes=0
+    ) as worker:
+        async with greeted_call(
+            livekit_server, redis, ns, agent, "dental-uncheckpointed", GREETING
+        ) as call:
+            await call.transcript.ask(THREE_THINGS[0], reply)
+            await delete_room(livekit_server, call.message.room)
+
+            async def reported() -> bool:
+                return await redis.xlen(keys.reports) > 0
+
+            await eventually(reported, "the call's report", within=30)
+        [(_, fields)] = await redis.xrange(keys.reports)
+        usage = json.loads(fields[REPORT_FIELD])["usage"]
+        metrics = worker.metrics
+        assert count(metrics.llm_tokens, kind="prompt") == usage["llm_prompt_tokens"] > 0
+        assert count(metrics.llm_tokens, kind="completion") == len(reply.split())
+        assert count(metrics.llm_tokens, model="rules", tenant="") == (
+            usage["llm_prompt_tokens"] + usage["llm_completion_tokens"]
+        )
+        assert count(metrics.tts_characters) == usage["tts_characters"] > 0
+        ttft = metrics.registry.get_sample_value("openrtc_llm_ttft_seconds_count", {"agent": agent})
+        assert ttft == 1
 
 
 @pytest.mark.unit
@@ -182,6 +329,55 @@ def test_tallies_add_up_and_survive_junk() -> None:
     assert junk.llm == {}
     assert junk.llm_ttft == [1.0]
     assert CallTally.from_dict(None) == CallTally()
+
+
+def _tally(prompt: int = 0, tts: int = 0, ttft: tuple[float, ...] = ()) -> CallTally:
+    tally = CallTally(tts_characters=tts)
+    if prompt:
+        tally.add_llm("m", prompt, 1)
+    for value in ttft:
+        tally.add_ttft(value)
+    return tally
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("earlier", "later", "tokens", "tts", "ttft"),
+    [
+        # A session's first checkpoint: all of it is new.
+        (CallTally(), _tally(10, 5, (0.5,)), {"m": (10, 1)}, 5, [0.5]),
+        # A later checkpoint: only what came since.
+        (_tally(10, 5, (0.5,)), _tally(25, 9, (0.5, 0.7)), {"m": (15, 0)}, 4, [0.7]),
+        # Nothing new (a checkpoint for a history change only).
+        (_tally(10, 5, (0.5,)), _tally(10, 5, (0.5,)), {"m": (0, 0)}, 0, []),
+        # Behind what was counted (not expected): nothing, never negative.
+        (_tally(10, 5, (0.5,)), CallTally(), {}, 0, []),
+        # More new samples than a tally keeps: the latest it kept.
+        (CallTally(), _tally(ttft=tuple(range(200))), {}, 0, [float(v) for v in range(72, 200)]),
+    ],
+)
+def test_a_tally_since_an_earlier_one(
+    earlier: CallTally,
+    later: CallTally,
+    tokens: dict[str, tuple[int, int]],
+    tts: int,
+    ttft: list[float],
+) -> None:
+    new = later.since(earlier)
+    assert {m: (t.prompt_tokens, t.completion_tokens) for m, t in new.llm.items()} == tokens
+    assert new.tts_characters == tts
+    assert new.llm_ttft == ttft
+    assert new.llm_ttft_count == len(ttft)
+
+
+@pytest.mark.unit
+def test_sample_counts_add_up_and_default_for_old_tallies() -> None:
+    a, b = _tally(ttft=(0.1, 0.2)), _tally(ttft=(0.3,))
+    assert a.plus(b).llm_ttft_count == 3
+    # A tally written before the counts: its samples are all it ever took.
+    old = CallTally.from_dict({"llm_ttft": [0.1, 0.2]})
+    assert old.llm_ttft_count == 2
+    assert CallTally.from_dict(a.to_dict()) == a
 
 
 @pytest.mark.unit
@@ -370,12 +566,23 @@ async def test_a_call_given_up_is_reported_failed_with_its_last_checkpoint_s_tot
     await redis.set(keys.checkpoint("dental", message.job_id), data)
     # Delivered to a worker that died with it.
     await redis.xreadgroup(WORKERS_GROUP, "w-gone", {keys.jobs("dental"): ">"}, count=1)
-    async with working(livekit_server, redis_server.url, ns, "dental", max_deliveries=1, lease=1.0):
+    async with working(
+        livekit_server, redis_server.url, ns, "dental", max_deliveries=1, lease=1.0
+    ) as worker:
 
         async def reported() -> bool:
             return await redis.xlen(keys.reports) > 0
 
         await eventually(reported, "the given-up call's report", within=30)
+        registry = worker.metrics.registry
+
+        def duration_observed() -> bool:
+            labels = {"agent": "dental", "outcome": "failed"}
+            return registry.get_sample_value("openrtc_call_duration_seconds_count", labels) == 1
+
+        await eventually(duration_observed, "the given-up call's duration observed, as failed")
+        # Its usage was counted by the worker that checkpointed it, not again here.
+        assert count(worker.metrics.llm_tokens) == 0
     [(_, fields)] = await redis.xrange(keys.reports)
     report = json.loads(fields[REPORT_FIELD])
     assert report["job_id"] == message.job_id

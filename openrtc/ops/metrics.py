@@ -20,12 +20,17 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from openrtc import __version__
 from openrtc.agents.routing import ROUTER_FALLTHROUGH_REASONS, Router
+from openrtc.wire.reports import NO_TENANT, CallTally
 
 __all__ = ["DispatcherMetrics", "WorkerMetrics", "count"]
 
 #: Enqueue latency buckets (s): a pipeline round trip is ~1 ms on a LAN; the
 #: enqueue timeout is 2 s by default.
 _ENQUEUE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+#: Call durations (s): from a hang-up at the greeting to a two-hour call.
+_CALL_BUCKETS: Final = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
+#: Turn latencies (s): a voice turn feels slow past ~1 s; 10 s is a stalled model.
+_TURN_BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 def count(metric: Counter | Gauge, **labels: str) -> int:
@@ -318,6 +323,7 @@ class WorkerMetrics(_Common):
             labels,
             registry=r,
         )
+        self._define_usage()
         self.agent = agent
         self.handed_over = self.handovers.labels(agent)
         self.started = self.sessions_started.labels(agent)
@@ -325,6 +331,80 @@ class WorkerMetrics(_Common):
         self.renewals_failed = self.lease_renewals_failed.labels(agent)
         self.lost = self.leases_lost.labels(agent)
 
+    def _define_usage(self) -> None:
+        """Calls' usage, turn latency and duration (issue 20).
+
+        ``tenant`` is empty until calls carry one (bounded: a tenant per
+        customer, not per call); ``model`` takes the few models an agent uses.
+        """
+        r = self.registry
+        usage = ["agent", "tenant"]
+        self.llm_tokens = Counter(
+            "openrtc_llm_tokens",
+            "LLM tokens the sessions here used, by model and kind (prompt, completion).",
+            [*usage, "model", "kind"],
+            registry=r,
+        )
+        self.tts_characters = Counter(
+            "openrtc_tts_characters",
+            "Characters the sessions here had synthesized.",
+            usage,
+            registry=r,
+        )
+        self.stt_audio_seconds = Counter(
+            "openrtc_stt_audio_seconds",
+            "Seconds of audio the sessions here had transcribed.",
+            usage,
+            registry=r,
+        )
+        self.llm_ttft = Histogram(
+            "openrtc_llm_ttft_seconds",
+            "Each agent reply's LLM time to first token.",
+            ["agent"],
+            buckets=_TURN_BUCKETS,
+            registry=r,
+        )
+        self.end_of_turn_delay = Histogram(
+            "openrtc_end_of_turn_delay_seconds",
+            "Each caller turn's end-of-turn delay: the caller stopped speaking -> the turn "
+            "committed.",
+            ["agent"],
+            buckets=_TURN_BUCKETS,
+            registry=r,
+        )
+        self.call_duration = Histogram(
+            "openrtc_call_duration_seconds",
+            "Calls' durations, observed once per call with its report, by the report's outcome.",
+            ["agent", "outcome"],
+            buckets=_CALL_BUCKETS,
+            registry=r,
+        )
+
     def ended(self, outcome: str) -> None:
         """Count a session's end: ``succeeded``, ``failed`` or ``taken_over``."""
         self.sessions_ended.labels(self.agent, outcome).inc()
+
+    def count_usage(self, counted: CallTally, now: CallTally, tenant: str = NO_TENANT) -> CallTally:
+        """Count what ``now`` (a call's tally) holds beyond ``counted``; the new ``counted``.
+
+        ``counted``: the tally this worker counted last for the session, or
+        the one the session resumed from (earlier sessions counted it).
+        """
+        new = now.since(counted)
+        agent = self.agent
+        for model, tokens in new.llm.items():
+            if tokens.prompt_tokens:
+                self.llm_tokens.labels(agent, tenant, model, "prompt").inc(tokens.prompt_tokens)
+            if tokens.completion_tokens:
+                self.llm_tokens.labels(agent, tenant, model, "completion").inc(
+                    tokens.completion_tokens
+                )
+        if new.tts_characters:
+            self.tts_characters.labels(agent, tenant).inc(new.tts_characters)
+        if new.stt_audio_seconds:
+            self.stt_audio_seconds.labels(agent, tenant).inc(new.stt_audio_seconds)
+        for value in new.llm_ttft:
+            self.llm_ttft.labels(agent).observe(value)
+        for value in new.end_of_turn:
+            self.end_of_turn_delay.labels(agent).observe(value)
+        return now

@@ -868,9 +868,9 @@ class _CallUsage:
         if item.role == "user":
             self._here.turns += 1
             if (delay := measured.get("end_of_turn_delay")) is not None:
-                self._here.sample(self._here.end_of_turn, delay)
+                self._here.add_end_of_turn(delay)
         elif item.role == "assistant" and (ttft := measured.get("llm_node_ttft")) is not None:
-            self._here.sample(self._here.llm_ttft, ttft)
+            self._here.add_ttft(ttft)
 
     def tally(self) -> CallTally:
         """The call's totals now (a new tally)."""
@@ -878,6 +878,8 @@ class _CallUsage:
             turns=self._here.turns,
             llm_ttft=self._here.llm_ttft,
             end_of_turn=self._here.end_of_turn,
+            llm_ttft_count=self._here.llm_ttft_count,
+            end_of_turn_count=self._here.end_of_turn_count,
         )
         for usage in self._session.usage.model_usage:
             if isinstance(usage, metrics.LLMModelUsage):

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 __all__ = [
     "LATENCY_SAMPLES",
+    "NO_TENANT",
     "REPORT_FIELD",
     "TRANSCRIPT_MAX_CHARS",
     "CallOutcome",
@@ -34,6 +35,9 @@ REPORT_FIELD: Final = b"report"
 #: Latency samples kept per kind across a call (the latest): enough for a
 #: p95 of a long call, small in a checkpoint (a few KB).
 LATENCY_SAMPLES: Final = 128
+#: A call's tenant until calls carry one (the tenancy issue): reports and the
+#: usage metrics keep the field/label, so nothing downstream changes then.
+NO_TENANT: Final = ""
 #: Most transcript text a report keeps (the latest lines); one call's
 #: report must stay a small stream entry.
 TRANSCRIPT_MAX_CHARS: Final = 32 * 1024
@@ -94,18 +98,25 @@ class CallTally:
     llm_ttft: list[float] = field(default_factory=list)
     #: The latest end-of-turn delays (s): the caller stopped speaking -> the turn committed.
     end_of_turn: list[float] = field(default_factory=list)
+    #: Samples ever taken of each kind (the lists keep only the latest): a
+    #: worker tells the new ones of two tallies apart by them (:meth:`since`).
+    llm_ttft_count: int = 0
+    end_of_turn_count: int = 0
 
     def add_llm(self, model: str, prompt: int, completion: int) -> None:
         tokens = self.llm.setdefault(model or "unknown", ModelTokens())
         tokens.prompt_tokens += max(0, prompt)
         tokens.completion_tokens += max(0, completion)
 
-    def sample(self, samples: list[float], value: float) -> None:
-        """Add a latency sample to ``samples`` (one of this tally's), keeping the latest."""
-        if math.isfinite(value) and value >= 0:
-            # Milliseconds are precision enough, and keep the checkpoint small.
-            samples.append(round(value, 3))
-            del samples[:-LATENCY_SAMPLES]
+    def add_ttft(self, value: float) -> None:
+        """An LLM time-to-first-token sample (s)."""
+        if _keep(self.llm_ttft, value):
+            self.llm_ttft_count += 1
+
+    def add_end_of_turn(self, value: float) -> None:
+        """An end-of-turn delay sample (s)."""
+        if _keep(self.end_of_turn, value):
+            self.end_of_turn_count += 1
 
     def plus(self, other: CallTally) -> CallTally:
         """This tally with ``other``'s usage, turns and samples added (a new tally)."""
@@ -116,9 +127,37 @@ class CallTally:
         out.tts_characters += other.tts_characters
         out.stt_audio_seconds += other.stt_audio_seconds
         for value in other.llm_ttft:
-            out.sample(out.llm_ttft, value)
+            _keep(out.llm_ttft, value)
         for value in other.end_of_turn:
-            out.sample(out.end_of_turn, value)
+            _keep(out.end_of_turn, value)
+        out.llm_ttft_count += other.llm_ttft_count
+        out.end_of_turn_count += other.end_of_turn_count
+        return out
+
+    def since(self, earlier: CallTally) -> CallTally:
+        """What this tally holds that ``earlier`` (an older tally of the same call) did not.
+
+        The usage added since, and the latency samples taken since (the
+        latest :data:`LATENCY_SAMPLES` of them at most). Never negative: a
+        tally behind ``earlier`` (not expected) adds nothing. Counts (turns,
+        takeovers, workers, ``started_at``) are left out: only usage and
+        samples are counted from it.
+        """
+        out = CallTally()
+        for model, tokens in self.llm.items():
+            before = earlier.llm.get(model, ModelTokens())
+            out.add_llm(
+                model,
+                tokens.prompt_tokens - before.prompt_tokens,
+                tokens.completion_tokens - before.completion_tokens,
+            )
+        out.tts_characters = max(0, self.tts_characters - earlier.tts_characters)
+        out.stt_audio_seconds = max(0.0, self.stt_audio_seconds - earlier.stt_audio_seconds)
+        for kind in ("llm_ttft", "end_of_turn"):
+            new = getattr(self, f"{kind}_count") - getattr(earlier, f"{kind}_count")
+            samples: list[float] = getattr(self, kind)[-new:] if new > 0 else []
+            setattr(out, kind, samples)
+            setattr(out, f"{kind}_count", len(samples))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +177,7 @@ class CallTally:
                         _num(tokens.get("prompt_tokens")), _num(tokens.get("completion_tokens"))
                     )
         workers = data.get("workers")
+        ttft, end_of_turn = _samples(data.get("llm_ttft")), _samples(data.get("end_of_turn"))
         return cls(
             started_at=_num(data.get("started_at"), float),
             turns=_num(data.get("turns")),
@@ -146,9 +186,22 @@ class CallTally:
             llm=llm,
             tts_characters=_num(data.get("tts_characters")),
             stt_audio_seconds=_num(data.get("stt_audio_seconds"), float),
-            llm_ttft=_samples(data.get("llm_ttft")),
-            end_of_turn=_samples(data.get("end_of_turn")),
+            llm_ttft=ttft,
+            end_of_turn=end_of_turn,
+            # Tallies from before the counts: their samples are all there were.
+            llm_ttft_count=max(len(ttft), _num(data.get("llm_ttft_count"))),
+            end_of_turn_count=max(len(end_of_turn), _num(data.get("end_of_turn_count"))),
         )
+
+
+def _keep(samples: list[float], value: float) -> bool:
+    """Add a latency sample to ``samples``, keeping the latest; whether it was one."""
+    if not (math.isfinite(value) and value >= 0):
+        return False
+    # Milliseconds are precision enough, and keep the checkpoint small.
+    samples.append(round(value, 3))
+    del samples[:-LATENCY_SAMPLES]
+    return True
 
 
 def percentile(samples: list[float], share: float) -> float | None:
@@ -176,7 +229,7 @@ class CallReport:
     outcome: str
     reason: str = ""
     #: The customer the call was for; empty until calls carry a tenant.
-    tenant: str = ""
+    tenant: str = NO_TENANT
     tally: CallTally = field(default_factory=CallTally)
     #: ``[{"role", "text"}]`` when the agent keeps transcripts (redacted); else ``None``.
     transcript: list[dict[str, str]] | None = None

@@ -19,6 +19,7 @@ from openrtc.session.session import SessionControl
 from openrtc.store.checkpoint import CheckpointWriter
 from openrtc.store.streams import Delivery
 from openrtc.wire.messages import ID_MAX, JobMessage
+from openrtc.wire.reports import CallTally
 from openrtc.worker.acceptance import Start
 
 __all__ = ["Claim", "ClaimTable", "Gate"]
@@ -58,6 +59,10 @@ class Claim:
     lost_event: anyio.Event = field(default_factory=anyio.Event)
     #: Session supervisor: the session's checkpoint writer, when it keeps checkpoints.
     writer: CheckpointWriter | None = None
+    #: Session supervisor and outcomes: the call's tally as far as this worker counted
+    #: its usage (:meth:`openrtc.ops.metrics.WorkerMetrics.count_usage`): at the start,
+    #: the one the session resumed from (counted by the sessions before it).
+    counted: CallTally = field(default_factory=CallTally)
     #: The claim table: set when the worker forgets it (its session, if any, is over).
     dropped: anyio.Event = field(default_factory=anyio.Event)
     #: Tracing on only: when it was read (ns; intake), and the claim span (entry check).

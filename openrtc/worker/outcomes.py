@@ -78,6 +78,12 @@ class Outcomes:
         ctx.stats.succeeded += 1
         ctx.metrics.ended("succeeded")
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
+        if outcome.call is not None:
+            # The call ends here: its usage since the last checkpoint (all
+            # of it, for an agent without checkpoints) is counted now.
+            claim.counted = ctx.metrics.count_usage(
+                claim.counted, CallTally.from_dict(outcome.call)
+            )
         # Before the acknowledgement: a crash between the two leaves the call
         # to a peer whose session ends at once and writes it again (the
         # report's marker keeps it to one), never a call without a report.
@@ -207,6 +213,11 @@ class Outcomes:
         )
         if added is None:
             logger.info("job %s: the call has its report already", job_id)
+        elif added is not DOWN:
+            # Once per call, by the one writer whose report went in.
+            ctx.metrics.call_duration.labels(report.agent, outcome).observe(
+                max(0.0, report.ended_at - report.started_at)
+            )
 
     async def release(self, claim: Claim, message: JobMessage) -> None:
         """Hand an unstarted entry back to the stream, for a peer to read at once."""

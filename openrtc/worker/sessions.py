@@ -20,9 +20,10 @@ from anyio.abc import TaskStatus
 from openrtc.ops import tracing
 from openrtc.session.runners import SessionRunner
 from openrtc.session.session import AGENT_NOT_BUILT, SessionControl, SessionOutcome
-from openrtc.store.checkpoint import CheckpointWriter
+from openrtc.store.checkpoint import Checkpoint, CheckpointWriter
 from openrtc.store.streams import Delivery
 from openrtc.wire.messages import JobMessage, JobStatus, RecordField
+from openrtc.wire.reports import CallTally
 from openrtc.worker.acceptance import Start
 from openrtc.worker.claims import Claim, ClaimTable
 from openrtc.worker.context import DOWN, WorkerContext, logger
@@ -210,12 +211,19 @@ class SessionSupervisor:
             )
             if resume is not DOWN:
                 control.resume = resume
+                # Its usage was counted by the sessions that ran before.
+                claim.counted = _tally_in(resume)
 
         async def save(data: bytes) -> bool:
             # Fenced by the entry (as it is now: a write-back renames it).
-            return await ctx.checkpoints.save(
+            saved = await ctx.checkpoints.save(
                 job_id, data, entry_id=claim.entry_id, consumer=ctx.settings.worker_id
             )
+            if saved:
+                # Usage is counted as it is checkpointed: what the next session
+                # resumes from is exactly what was counted, so none counts it twice.
+                claim.counted = ctx.metrics.count_usage(claim.counted, _tally_in(data))
+            return saved
 
         writer = CheckpointWriter(
             save,
@@ -227,6 +235,12 @@ class SessionSupervisor:
         control.checkpoint = writer.offer
         control.checkpoint_max_bytes = ctx.settings.checkpoint_max_bytes
         return writer
+
+
+def _tally_in(data: bytes | None) -> CallTally:
+    """The call's tally in a checkpoint (empty if none, as the session takes it)."""
+    saved = Checkpoint.decode(data) if data else None
+    return CallTally.from_dict(saved.call if saved is not None else None)
 
 
 def _session_span(claim: Claim, message: JobMessage, isolation: str) -> Any:
