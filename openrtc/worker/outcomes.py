@@ -11,6 +11,7 @@ import logging
 import math
 from typing import Any
 
+from openrtc.agents.observers import Observer, observe
 from openrtc.session.session import SessionOutcome
 from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import ENDED_TTL
@@ -207,6 +208,26 @@ class Outcomes:
         )
         if added is None:
             logger.info("job %s: the call has its report already", job_id)
+        elif added is not DOWN and ctx.observers.end:
+            # This write was the call's first (its marker was unset): the end
+            # observers' once. In the worker's task group: settling the call
+            # (the ack, the status) does not wait for them.
+            ctx.spawn(self._observe_end, report)
+
+    async def _observe_end(self, report: CallReport) -> None:
+        ctx = self._ctx
+        errors = ctx.metrics.observer_errors
+
+        def failed(observer: Observer) -> None:
+            errors.labels(ctx.settings.agent, observer.hook).inc()
+
+        await observe(
+            ctx.observers.end,
+            report,
+            bound=ctx.settings.observer_timeout,
+            failed=failed,
+            what=f"job {report.job_id}",
+        )
 
     async def release(self, claim: Claim, message: JobMessage) -> None:
         """Hand an unstarted entry back to the stream, for a peer to read at once."""
