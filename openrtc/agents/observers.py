@@ -24,14 +24,18 @@ a slow one delays none of the others.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
 from openrtc.errors import AgentRegistryError
 
@@ -94,7 +98,7 @@ def on_session_start(function: _F) -> _F:
     handover) does not call it again.
 
     An ``async`` function runs on the session's event loop (it may use the
-    session); a plain function runs in a worker thread (it may block, and must
+    session); a plain function runs in a thread of its own (it may block, and must
     not touch the session). Either is bounded by the worker's
     ``--observer-timeout``; an exception or a timeout is logged and the call
     goes on. It never delays the caller: it runs beside the session.
@@ -114,7 +118,7 @@ def on_session_end(function: _F) -> _F:
     Once per call (ended, ended by the agent, or given up), across takeovers
     and handovers: by the worker that wrote the call's report, after writing
     it. Runs in the worker process (both isolation modes), as an ``async``
-    function on its loop or a plain one in a worker thread, bounded by
+    function on its loop or a plain one in a thread of its own, bounded by
     ``--observer-timeout``; an exception or a timeout is logged.
 
         @openrtc.on_session_end
@@ -182,11 +186,7 @@ async def _call(
             if inspect.iscoroutinefunction(observer.function):
                 await observer.function(*args)
             else:
-                # A thread, so a blocking observer does not stop the loop; abandoned
-                # (left to finish on its own) at the timeout: a thread cannot be cancelled.
-                result = await anyio.to_thread.run_sync(
-                    partial(observer.function, *args), abandon_on_cancel=True
-                )
+                result = await _in_a_thread(partial(observer.function, *args), observer.label)
                 if inspect.isawaitable(result):
                     await result
         if not scope.cancelled_caught:
@@ -199,3 +199,32 @@ async def _call(
             failed(observer)
         except Exception:
             logger.exception("counting a failed observer failed")
+
+
+async def _in_a_thread(function: Callable[[], Any], label: str) -> Any:
+    """``function()`` in a thread of its own, so a blocking observer does not stop the loop.
+
+    A daemon thread, not anyio's pool: a thread cannot be cancelled, so at the
+    timeout it is abandoned, left to finish on its own, and one that never
+    returns must not hold the process's exit (Python joins pool threads).
+    """
+    done = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:
+            # sys.exit() in an observer must not stop the loop's process.
+            outcome["error"] = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+        finally:
+            # Abandoned (timed out, cancelled, its loop closed): nobody is waiting.
+            with contextlib.suppress(Exception):
+                anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=run, name=f"observer {label}", daemon=True).start()
+    await done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
