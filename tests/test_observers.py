@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from tests.support.conversation import GREETING, THREE_THINGS, agent_listening, 
 from tests.support.processes import LEASE, children_of, worker_process_killed_on_exit
 from tests.support.stack import OFFLINE_AGENTS, delete_room, eventually, unique, working
 
-OBSERVERS = '''
+OBSERVERS = """
 import json
 import os
 import time
@@ -82,7 +83,7 @@ async def raises_at_end(report):
 @openrtc.on_session_end
 async def sleeps_at_end(report):
     await anyio.sleep(3600)
-'''
+"""
 
 #: Longer than the caller waits for the greeting (20 s): a start observer that
 #: held the greeting up until its timeout would fail the call's first step.
@@ -129,11 +130,11 @@ async def test_observers_run_once_per_call_across_a_takeover_and_a_handover(
     keys = Keys(ns)
     args = ["--isolation", isolation, "--idle-processes", "0", "--observer-timeout", SLOW]
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    spawn = worker_process_killed_on_exit
+    spawn = partial(worker_process_killed_on_exit, livekit_server, redis_server.url, ns, *args)
     replies = [f"Noted: {thing}" for thing in THREE_THINGS]
     with (
-        spawn(livekit_server, redis_server.url, ns, *args, agents_dir=agents, log=logs[0]) as first,
-        spawn(livekit_server, redis_server.url, ns, *args, agents_dir=agents, log=logs[1]) as second,
+        spawn(agents_dir=agents, log=logs[0]) as first,
+        spawn(agents_dir=agents, log=logs[1]) as second,
     ):
         # Greeted within 20 s while a start observer blocks for an hour with a
         # 25 s timeout: the caller did not wait for it.
