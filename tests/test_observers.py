@@ -294,3 +294,29 @@ async def test_a_failing_or_hanging_observer_is_logged_and_holds_up_no_other(
     assert sum("m:raises (on_session_end) failed: ValueError: no" in m for m in messages) == 1
     assert sum("m:hangs (on_session_end) took more than 0.5s" in m for m in messages) == 1
     assert sum("m:blocks (on_session_end) took more than 0.5s" in m for m in messages) == 1
+
+
+@pytest.mark.unit
+def test_openrtc_list_names_the_observers(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from openrtc.cli.main import app
+
+    agents = observed_agents(tmp_path / "agents")
+
+    def invoke(*args: str) -> str:
+        result = CliRunner().invoke(app, ["list", str(agents), *args], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    table = invoke()
+    assert (
+        "Observers of each call's start: observers:record_start, observers:raises_at_start, "
+        "observers:blocks_at_start"
+    ) in table
+    assert "(on_session_end)\tobservers:record_end" in invoke("--plain")
+    listed = json.loads(invoke("--json"))
+    assert listed["observers"]["end"][0] == "observers:record_end"
+    assert "observers" not in json.loads(
+        CliRunner().invoke(app, ["list", str(OFFLINE_AGENTS), "--json"]).stdout
+    )
