@@ -136,6 +136,13 @@ async def test_observers_run_once_per_call_across_a_takeover_and_a_handover(
         spawn(agents_dir=agents, log=logs[0]) as first,
         spawn(agents_dir=agents, log=logs[1]) as second,
     ):
+
+        async def both_up() -> bool:
+            # Started (a zygote each in process isolation) before the call: the
+            # caller's bounds are for the call, not for two workers starting on a busy host.
+            return await redis.zcard(keys.workers(agent)) >= 2
+
+        await eventually(both_up, "both workers up", within=90)
         # Greeted within 20 s while a start observer blocks for an hour with a
         # 25 s timeout: the caller did not wait for it.
         async with (
