@@ -171,8 +171,9 @@ async def test_observers_run_once_per_call_across_a_takeover_and_a_handover(
             await agent_listening(caller, taker.identity)
             await transcript.ask(THREE_THINGS[1], replies[1])
 
+            last = None
             if isolation == "coroutine":
-                await stack.enter_async_context(
+                last = await stack.enter_async_context(
                     working(
                         livekit_server,
                         redis_server.url,
@@ -196,6 +197,14 @@ async def test_observers_run_once_per_call_across_a_takeover_and_a_handover(
             await eventually(ended, "the end observer's line", within=30)
             [(_, fields)] = await redis.xrange(keys.reports)
             report = json.loads(fields[REPORT_FIELD])
+            if last is not None:
+                # The end observers ran here: the one that raised is counted.
+                errors = last.metrics.observer_errors
+
+                def counted() -> bool:
+                    return errors.labels(agent, "end")._value.get() == 1
+
+                await eventually(counted, "the failed end observer counted")
 
     lines = observed(agents)
     starts = [line for line in lines if line["hook"] == "start"]
