@@ -181,7 +181,9 @@ async def test_observers_run_once_per_call_across_a_takeover_and_a_handover(
                         agent,
                         pool=AgentPool.from_directory(agents),
                         lease=LEASE,
-                        observer_timeout=float(SLOW),
+                        # It runs no call's start, and waits for its end
+                        # observers when it stops: the hanging one's timeout here.
+                        observer_timeout=2.0,
                     )
                 )
             other.send_signal(signal.SIGTERM)
@@ -226,6 +228,11 @@ async def test_observers_run_once_per_call_across_a_takeover_and_a_handover(
     assert "RuntimeError: boom at start" in said
     assert "observer observers:raises_at_end (on_session_end)" in said, said[-4000:]
     assert "RuntimeError: boom at end" in said
+    if isolation == "coroutine":
+        # The in-process worker ended the call, and stopped: the hanging end
+        # observer was abandoned at its timeout, and said so.
+        assert "observer observers:sleeps_at_end (on_session_end) for job" in said
+        assert "took more than 2s; abandoned" in said
 
 
 @pytest.mark.unit

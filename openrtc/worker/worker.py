@@ -314,6 +314,7 @@ class Worker:
                 task_status.started()
                 await self._stop.wait()
                 await self.drainer.drain()
+                await self.outcomes.observers_done()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
