@@ -4,13 +4,16 @@ The data path is LiveKit -> :mod:`openrtc.dispatcher.dispatcher` -> Redis stream
 :mod:`openrtc.worker.worker` -> room. Agents are plain ``livekit.agents.Agent``
 subclasses registered in an :class:`AgentPool`; :func:`resolve_agent` picks
 one per job: the agents directory's ``@router`` function if it names one, else
-the six-step chain in :mod:`openrtc.agents.routing`.
+the six-step chain in :mod:`openrtc.agents.routing`. Functions marked
+``@on_session_start`` / ``@on_session_end`` observe each call's start and end
+(:mod:`openrtc.agents.observers`).
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from openrtc.agents.observers import on_session_end, on_session_start
 from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config, router
 from openrtc.agents.reloading import pin_reload
 from openrtc.agents.routing import Route, RouteRequest, RoutingTable, resolve_agent
@@ -33,6 +36,8 @@ __all__ = [
     "__version__",
     "agent_config",
     "idempotency_key",
+    "on_session_end",
+    "on_session_start",
     "pin_reload",
     "resolve_agent",
     "router",

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_DISPATCHER_HTTP_PORT",
     "DEFAULT_DRAIN_TIMEOUT",
     "DEFAULT_NAMESPACE",
+    "DEFAULT_OBSERVER_TIMEOUT",
     "DEFAULT_REDIS_URL",
     "DEFAULT_STATUS_TTL",
     "DEFAULT_WORKER_HTTP_PORT",
@@ -70,6 +71,8 @@ DEFAULT_DEAD_LETTER_MAXLEN: Final = 10_000
 DEFAULT_REPORT_MAXLEN: Final = 100_000
 #: Call reports older than this are trimmed (s; ``MINID`` on Redis's clock).
 DEFAULT_REPORT_MAX_AGE: Final = 30 * 86400.0
+#: How long one session observer call may take (s) before it is abandoned and logged.
+DEFAULT_OBSERVER_TIMEOUT: Final = 5.0
 #: How long ``openrtc connect`` waits for the agent to join, by default (s): a
 #: LiveKit server reports a dispatch's job seconds late, a worker may be starting.
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
@@ -186,6 +189,14 @@ NUMBERS: Final[Mapping[str, Bound]] = {
         0, _DAY, above=True, unit="seconds", flag="--drain-timeout", env="OPENRTC_DRAIN_TIMEOUT"
     ),
     "takeover_grace": Bound(0, 600, above=True, unit="seconds"),
+    "observer_timeout": Bound(
+        0,
+        3600,
+        above=True,
+        unit="seconds",
+        flag="--observer-timeout",
+        env="OPENRTC_OBSERVER_TIMEOUT",
+    ),
     "forget_consumers_after": Bound(
         0,
         30 * _DAY,
@@ -490,6 +501,9 @@ class WorkerSettings:
     report_maxlen: int = DEFAULT_REPORT_MAXLEN
     #: Call reports older than this are trimmed (s).
     report_max_age: float = DEFAULT_REPORT_MAX_AGE
+    #: Each session observer call (``@on_session_start``/``_end``) is abandoned
+    #: and logged after this long (s).
+    observer_timeout: float = DEFAULT_OBSERVER_TIMEOUT
     #: A dispatcher's status stream expires this long after the last event a
     #: worker sent it, so the streams of dispatchers that are gone do not pile up.
     status_ttl: float = DEFAULT_STATUS_TTL

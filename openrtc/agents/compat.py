@@ -138,6 +138,13 @@ def list_payload(pool: AgentPool, *, resources: bool = False) -> dict[str, Any]:
     }
     if pool.router is not None:
         payload["router"] = pool.router.label  # ours: its ``module:function``
+    observers = pool.observers
+    if observers.start or observers.end:
+        # Ours: each hook's ``module:function``s, in the order they start.
+        payload["observers"] = {
+            "start": [o.label for o in observers.start],
+            "end": [o.label for o in observers.end],
+        }
     if resources:
         payload["resource_summary"] = {
             "agent_count": len(agents),

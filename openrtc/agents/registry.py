@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
+from openrtc.agents.observers import Hook, Observer, Observers, marked_hooks
 from openrtc.agents.routing import Router, RouterFunction, RoutingTable
 from openrtc.errors import AgentBuildError, AgentDiscoveryError, AgentRegistryError
 
@@ -291,6 +292,7 @@ class AgentPool:
         self._agents: dict[str, AgentConfig] = {}
         self._router: Router | None = None
         self._table: RoutingTable | None = None
+        self._observers: list[Observer] = []
 
     @classmethod
     def from_directory(cls, agents_dir: str | Path, **defaults: Any) -> AgentPool:
@@ -427,6 +429,36 @@ class AgentPool:
         self._router = Router(function, label)
         self._table = None
 
+    def add_observer(
+        self, function: Callable[..., Any], hook: Hook, *, label: str | None = None
+    ) -> None:
+        """Register ``function`` as an ``on_session_<hook>`` observer (after those there are).
+
+        ``label``: how logs name it (default ``module:function``). Discovery
+        calls this for the ``@on_session_start`` / ``@on_session_end``
+        functions of an agents directory. The same function (or ``module:function``,
+        imported anew) registered again for the same hook replaces its entry.
+        """
+        if not callable(function) or isinstance(function, type):
+            raise AgentRegistryError(f"An observer is a function, not {function!r}.")
+        if hook not in ("start", "end"):
+            raise AgentRegistryError(f"Unknown observer hook {hook!r}: 'start' or 'end'.")
+        label = label or _function_label(function)
+        observer = Observer(function, hook, label)
+        for i, known in enumerate(self._observers):
+            if known.hook == hook and (known.function is function or known.label == label):
+                self._observers[i] = observer
+                return
+        self._observers.append(observer)
+
+    @property
+    def observers(self) -> Observers:
+        """The pool's session observers, each hook's in registration order."""
+        return Observers(
+            start=tuple(o for o in self._observers if o.hook == "start"),
+            end=tuple(o for o in self._observers if o.hook == "end"),
+        )
+
     @property
     def router(self) -> Router | None:
         """The custom router consulted before the chain, if one is registered."""
@@ -439,7 +471,9 @@ class AgentPool:
         files (editor lock files); the directory is put at the end of
         ``sys.path``, so agents import helper modules beside them by name.
         Each must define one local ``Agent`` subclass (or mark one with
-        ``@agent_config``), or the directory's ``@router`` function, or both.
+        ``@agent_config``), or the directory's ``@router`` function, or
+        session observers (``@on_session_start`` / ``@on_session_end``,
+        registered in file and definition order), or several of these.
         All or nothing: if any
         module fails, the pool is left as it was. A directory without agent
         modules registers nothing; whoever needs an agent then says so (the
@@ -460,11 +494,11 @@ class AgentPool:
         if not paths:
             logger.warning("Agents directory %s holds no agent modules (*.py).", directory)
         _importable(directory)
-        before = dict(self._agents), self._router
+        before = dict(self._agents), self._router, list(self._observers)
         try:
             return self._discover_paths(paths)
         except BaseException:
-            self._agents, self._router = before
+            self._agents, self._router, self._observers = before
             self._table = None
             raise
 
@@ -476,8 +510,13 @@ class AgentPool:
             for function in routers:
                 own = getattr(function, "__module__", None) == module.__name__
                 self.set_router(function, label=_function_label(function, path if own else None))
-            if routers and not _has_agent_class(module):
-                continue  # a module for the router alone
+            observers = _observers_of(module)
+            for function, hook in observers:
+                own = getattr(function, "__module__", None) == module.__name__
+                label = _function_label(function, path if own else None)
+                self.add_observer(function, hook, label=label)
+            if (routers or observers) and not _has_agent_class(module):
+                continue  # a module for the router or the observers alone
             name, agent_cls, options = _registration(module, path)
             added.append(self.add(name, agent_cls, **options))
             logger.debug("Discovered agent '%s' (%s) in %s.", name, agent_cls.__name__, path)
@@ -635,6 +674,19 @@ def _routers_of(module: ModuleType) -> list[Any]:
             if callable(value) and getattr(value, _ROUTER_ATTR, False) is True
         )
     )
+
+
+def _observers_of(module: ModuleType) -> list[tuple[Any, Hook]]:
+    """The ``@on_session_start`` / ``@on_session_end`` functions in the module's
+    namespace, in definition order (its own or imported: one function, once)."""
+    found: list[tuple[Any, Hook]] = []
+    seen: set[int] = set()
+    for value in vars(module).values():
+        hooks = marked_hooks(value)
+        if hooks and id(value) not in seen:
+            seen.add(id(value))
+            found.extend((value, hook) for hook in ("start", "end") if hook in hooks)
+    return found
 
 
 def _has_agent_class(module: ModuleType) -> bool:

@@ -63,6 +63,8 @@ def list_agents(
         if router is not None:
             # Not an agent row: its first column says so, and a name cannot hold a space.
             typer.echo(f"(router)\t{router}")
+        for observer in (*pool.observers.start, *pool.observers.end):
+            typer.echo(f"(on_session_{observer.hook})\t{observer.label}")
         return
     if not rows:
         typer.echo(f"No agents in {agents_dir}.")
@@ -75,6 +77,10 @@ def list_agents(
         _out.print(table)
     if router is not None:
         typer.echo(f"Custom router: {router} (runs before the routing chain)")
+    for hook, observers in (("start", pool.observers.start), ("end", pool.observers.end)):
+        if observers:
+            labels = ", ".join(o.label for o in observers)
+            typer.echo(f"Observers of each call's {hook}: {labels}")
 
 
 @app.command("route", cls=_Checked)

@@ -106,6 +106,14 @@ ReportMaxAge = Annotated[
         help="Seconds a call report is kept; older ones are trimmed.",
     ),
 ]
+ObserverTimeout = Annotated[
+    float,
+    typer.Option(
+        "--observer-timeout",
+        envvar="OPENRTC_OBSERVER_TIMEOUT",
+        help="Seconds one session observer call may take before it is abandoned and logged.",
+    ),
+]
 Isolation = Annotated[
     IsolationMode,
     typer.Option(
@@ -506,6 +514,7 @@ def worker(
     checkpoint_max_bytes: CheckpointMaxBytes = _worker_default("checkpoint_max_bytes"),
     report_maxlen: ReportMaxlen = _worker_default("report_maxlen"),
     report_max_age: ReportMaxAge = _worker_default("report_max_age"),
+    observer_timeout: ObserverTimeout = _worker_default("observer_timeout"),
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
     reload: Reload = _worker_default("reload"),
@@ -547,6 +556,7 @@ def worker(
             checkpoint_max_bytes=checkpoint_max_bytes,
             report_maxlen=report_maxlen,
             report_max_age=report_max_age,
+            observer_timeout=observer_timeout,
             reload=reload,
             memory_warn_mb=memory_warn_mb,
             memory_limit_mb=memory_limit_mb,

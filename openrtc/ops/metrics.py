@@ -323,6 +323,12 @@ class WorkerMetrics(_Common):
             labels,
             registry=r,
         )
+        self.observer_errors = Counter(
+            "openrtc_observer_errors",
+            "Session observer calls that raised or timed out, by hook (start, end).",
+            [*labels, "hook"],
+            registry=r,
+        )
         self._define_usage()
         self.agent = agent
         self.handed_over = self.handovers.labels(agent)

@@ -66,6 +66,9 @@ async def _serve(pool: Any, config: Any, proc: Any) -> int:
         return 0  # the worker went away before giving us a job
     job = json.loads(first)
     message, access, control = _session_of(job)
+    # The agents directory's start observers: imported here (functions do not
+    # cross the socket); which session runs them its worker's first line says.
+    control.on_start = pool.observers.start
     async with anyio.create_task_group() as tg:
         tg.start_soon(_follow_the_worker, lines, control, tg, partial(_reload, pool, config.name))
         tg.start_soon(_report_joined, control)
@@ -124,6 +127,9 @@ def _session_of(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     control.greeted = bool(job.get("greeted"))
     control.room_remade = lambda sid: _emit({"room_sid": sid})
     control.on_moved = lambda: _emit({"moved": True})
+    if "observer_timeout" in job:
+        control.observer_timeout = float(job["observer_timeout"])
+    control.observer_failed = lambda hook: _emit({"observer_failed": hook})
     return message, access, control
 
 

@@ -21,7 +21,8 @@ replaced.
 A child serves exactly one session and exits. Worker and child talk in JSON
 lines over a socket pair that is the child's stdin and stdout: the child sends
 ``ready``, ``joined``, its ``checkpoint`` and ``room_sid`` lines,
-``handover_ready``, ``moved`` (to reloaded code) and the ``outcome``; the
+``handover_ready``, ``moved`` (to reloaded code), ``observer_failed`` (a
+start observer raised or timed out: the worker counts it) and the ``outcome``; the
 worker sends the job and, later, a ``handover`` request, a ``reload`` or a
 ``stop``. A child whose stdin closes (its worker died) leaves the room at
 once, so a killed worker never leaves a second agent behind when a peer takes
@@ -517,6 +518,7 @@ class ProcessRunner:
                             "checkpointing": control.checkpoint is not None,
                             "handover": control.handover,
                             "greeted": control.greeted,
+                            "observer_timeout": control.observer_timeout,
                             "fields": {
                                 k.decode(): base64.b64encode(v).decode()
                                 for k, v in message.encode().items()
@@ -581,6 +583,11 @@ class ProcessRunner:
                     control.room_remade(event["room_sid"])
             elif event.get("moved"):
                 control.moved()
+            elif "observer_failed" in event:
+                if control.observer_failed is not None and isinstance(
+                    event["observer_failed"], str
+                ):
+                    control.observer_failed(event["observer_failed"])
             elif event.get("handover_ready"):
                 # After the child's last checkpoint line: the worker has it.
                 control.handover_ready.set()

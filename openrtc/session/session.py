@@ -29,7 +29,7 @@ import datetime
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -37,6 +37,7 @@ import anyio
 from livekit import api, rtc
 from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, llm, metrics, voice
 
+from openrtc.agents.observers import Observer, observe, starts_call
 from openrtc.agents.registry import AgentConfig, redact_numbers
 from openrtc.agents.reloading import is_pinned
 from openrtc.errors import AgentBuildError
@@ -49,7 +50,7 @@ from openrtc.session.livekit_parts import (
     JobProcess,
     RunningJobInfo,
 )
-from openrtc.settings import LiveKitSettings
+from openrtc.settings import DEFAULT_OBSERVER_TIMEOUT, LiveKitSettings
 from openrtc.store.checkpoint import Checkpoint, mark_interrupted, plain_data
 from openrtc.wire.messages import (
     JOINED_ATTRIBUTE,
@@ -194,6 +195,13 @@ class SessionControl:
     #: The session process's pid (``process`` isolation; 0: none): the memory guard
     #: measures it.
     pid: int = 0
+    #: The ``@on_session_start`` observers, run if this session starts its call
+    #: (:func:`~openrtc.agents.observers.starts_call`), each bounded by ``observer_timeout``.
+    on_start: Sequence[Observer] = ()
+    observer_timeout: float = DEFAULT_OBSERVER_TIMEOUT
+    #: Told the hook of each observer call that raised or timed out (a session
+    #: process tells its worker); must not block.
+    observer_failed: Callable[[str], None] | None = None
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""
@@ -514,6 +522,8 @@ class _SessionRun:
         self.saving: _Checkpointing | None = None
         self.worker_id = info.worker_id
         self.usage: _CallUsage | None = None
+        #: This session is its call's first (set once its checkpoint is read).
+        self.starts_call = False
 
     async def serve(self) -> SessionOutcome:
         """Build, join, start and run the session until its end; how it ended."""
@@ -541,6 +551,10 @@ class _SessionRun:
             if failed := await self._start(session, agent, saved):
                 tg.cancel_scope.cancel()
                 return failed
+            if self.starts_call:
+                # Beside the session, after its greeting was asked for: the
+                # caller never waits for an observer.
+                tg.start_soon(self._observe_start, session)
             tg.start_soon(self._stop_when_told)
             tg.start_soon(self._get_ready_for_a_handover, session)
             tg.start_soon(self._move_to_reloaded_code, session)
@@ -558,6 +572,9 @@ class _SessionRun:
     def _saved_checkpoint(self, session: AgentSession[Any]) -> Checkpoint | None:
         """The checkpoint this session resumes from, if any; checkpointing set up if kept."""
         control, config = self.control, self.config
+        self.starts_call = starts_call(
+            resumed=bool(control.resume), handover=control.handover, greeted=control.greeted
+        )
         saved = Checkpoint.decode(control.resume) if control.resume else None
         if not config.checkpoint:
             saved = None
@@ -625,6 +642,23 @@ class _SessionRun:
             greeting = say_greeting(session, config)
             if greeting is not None and saving is not None:
                 greeting.add_done_callback(lambda _: saving.said_greeting())
+
+    async def _observe_start(self, session: AgentSession[Any]) -> None:
+        """The ``@on_session_start`` observers, with the live session and the job's context."""
+        control = self.control
+
+        def failed(observer: Observer) -> None:
+            if control.observer_failed is not None:
+                control.observer_failed(observer.hook)
+
+        await observe(
+            control.on_start,
+            session,
+            self.ctx,
+            bound=control.observer_timeout,
+            failed=failed,
+            what=f"job {self.message.job_id}",
+        )
 
     def _failed_to_start(self, exc: Exception) -> SessionOutcome:
         logger.exception("job %s: the agent failed to start", self.message.job_id)

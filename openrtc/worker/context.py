@@ -18,6 +18,7 @@ from typing import Any, Final, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+from openrtc.agents.observers import Observers
 from openrtc.agents.registry import AgentConfig
 from openrtc.ops.metrics import WorkerMetrics
 from openrtc.settings import WorkerSettings, redact_url
@@ -75,6 +76,8 @@ class WorkerContext:
     checkpoints: CheckpointStore
     metrics: WorkerMetrics
     clock: Callable[[], float] = time.time
+    #: The agents directory's session observers (as discovered at start).
+    observers: Observers = field(default_factory=Observers)
     stats: WorkerStats = field(default_factory=WorkerStats)
     #: Redis reachable or not, for logs and ``/readyz``: set by every step that sees
     #: Redis answer or fail (a state log: it logs changes only, so many writers are fine).

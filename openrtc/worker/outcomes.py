@@ -11,6 +11,9 @@ import logging
 import math
 from typing import Any
 
+import anyio
+
+from openrtc.agents.observers import Observer, observe
 from openrtc.session.session import SessionOutcome
 from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import ENDED_TTL
@@ -34,6 +37,9 @@ class Outcomes:
 
     def __init__(self, ctx: WorkerContext) -> None:
         self._ctx = ctx
+        #: End observer runs going on, and an event set (and renewed) as each ends.
+        self._observing = 0
+        self._observed = anyio.Event()
 
     async def settle(self, claim: Claim, message: JobMessage, outcome: SessionOutcome) -> None:
         """A session ended: count it, and finish the job or leave it to a redelivery."""
@@ -214,10 +220,45 @@ class Outcomes:
         if added is None:
             logger.info("job %s: the call has its report already", job_id)
         elif added is not DOWN:
-            # Once per call, by the one writer whose report went in.
+            # This write was the call's first (its marker was unset): once per
+            # call, by the one writer whose report went in.
             ctx.metrics.call_duration.labels(report.agent, outcome).observe(
                 max(0.0, report.ended_at - report.started_at)
             )
+            if ctx.observers.end:
+                # In the worker's task group: settling the call (the ack, the
+                # status) does not wait for the end observers.
+                ctx.spawn(self._observe_end, report)
+
+    async def _observe_end(self, report: CallReport) -> None:
+        ctx = self._ctx
+        errors = ctx.metrics.observer_errors
+
+        def failed(observer: Observer) -> None:
+            errors.labels(ctx.settings.agent, observer.hook).inc()
+
+        self._observing += 1
+        try:
+            await observe(
+                ctx.observers.end,
+                report,
+                bound=ctx.settings.observer_timeout,
+                failed=failed,
+                what=f"job {report.job_id}",
+            )
+        finally:
+            self._observing -= 1
+            self._observed.set()
+            self._observed = anyio.Event()
+
+    async def observers_done(self) -> None:
+        """Until no end observer runs (each is bounded by the observer timeout).
+
+        A stopping worker waits for them: the call's report is written, and
+        its end observers run nowhere else.
+        """
+        while self._observing:
+            await self._observed.wait()
 
     async def release(self, claim: Claim, message: JobMessage) -> None:
         """Hand an unstarted entry back to the stream, for a peer to read at once."""

@@ -61,6 +61,7 @@ class SessionSupervisor:
         self._ctx.stats.started += 1
         self._ctx.metrics.started.inc()
         span = _session_span(claim, message, self._ctx.settings.isolation)
+        self._observing(control)
         try:
             writer = await self._checkpointing(claim, message, control)
             async with anyio.create_task_group() as tg:
@@ -188,6 +189,14 @@ class SessionSupervisor:
             return None
         logger.warning("entry %s: its session process died; starting it again", claim.entry_id)
         return delivery
+
+    def _observing(self, control: SessionControl) -> None:
+        """The start observers for the session (which runs them if it starts its call)."""
+        ctx = self._ctx
+        control.on_start = ctx.observers.start
+        control.observer_timeout = ctx.settings.observer_timeout
+        errors = ctx.metrics.observer_errors
+        control.observer_failed = lambda hook: errors.labels(ctx.settings.agent, hook).inc()
 
     async def _checkpointing(
         self, claim: Claim, message: JobMessage, control: SessionControl

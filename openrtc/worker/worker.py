@@ -126,6 +126,7 @@ class Worker:
         # at start-up (AgentBuildError, one line), never each call in its room.
         self.config.build()
         self.ctx = ctx = _context(settings, self.config, redis, clock)
+        ctx.observers = pool.observers
         self.keys, self.store, self.consumer = ctx.keys, ctx.store, ctx.consumer
         self.checkpoints, self.stats, self.metrics = ctx.checkpoints, ctx.stats, ctx.metrics
         self._presence = Presence(
@@ -313,6 +314,7 @@ class Worker:
                 task_status.started()
                 await self._stop.wait()
                 await self.drainer.drain()
+                await self.outcomes.observers_done()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):

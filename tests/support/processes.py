@@ -8,6 +8,7 @@ an ephemeral HTTP port, SIGKILLed on exit).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -79,12 +80,23 @@ def worker_process_killed_on_exit(
     *args: str,
     agent: str = "dental",
     agents_dir: Path = OFFLINE_AGENTS,
+    log: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``openrtc worker`` in a process of its own (to be killed); SIGKILLed on exit."""
+    """``openrtc worker`` in a process of its own (to be killed); SIGKILLed on exit.
+
+    ``log``: where its output (its log lines) goes; else its log goes to ours.
+    """
     env = service_env(livekit, redis_url, ns)
     command = [sys.executable, "-m", "openrtc", "worker", "--agent", agent]
     command += ["--agents-dir", str(agents_dir), "--lease", str(LEASE), "--http-port", "0"]
-    process = subprocess.Popen([*command, *args], env=env, stdout=subprocess.DEVNULL)
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(log.open("wb")) if log is not None else None
+        process = subprocess.Popen(
+            [*command, *args],
+            env=env,
+            stdout=out or subprocess.DEVNULL,
+            stderr=out if out is not None else None,
+        )
     try:
         yield process
     finally:
