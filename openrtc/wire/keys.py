@@ -69,6 +69,11 @@ class Keys:
         """Hash describing one worker: agent, capacity, running jobs, host, pid."""
         return f"{self.namespace}:worker:{worker_id}"
 
+    def top(self, worker_id: str) -> str:
+        """String: one worker's running sessions for ``openrtc top`` (JSON, expiring;
+        :class:`openrtc.wire.top.WorkerSnapshot`)."""
+        return f"{self.namespace}:top:{worker_id}"
+
     @property
     def dead_letter(self) -> str:
         """Stream of jobs that cannot be served.
