@@ -73,6 +73,8 @@ DEFAULT_REPORT_MAXLEN: Final = 100_000
 DEFAULT_REPORT_MAX_AGE: Final = 30 * 86400.0
 #: How long one session observer call may take (s) before it is abandoned and logged.
 DEFAULT_OBSERVER_TIMEOUT: Final = 5.0
+#: How often a worker publishes its running sessions for ``openrtc top`` (s).
+DEFAULT_TOP_INTERVAL: Final = 2.0
 #: How long ``openrtc connect`` waits for the agent to join, by default (s): a
 #: LiveKit server reports a dispatch's job seconds late, a worker may be starting.
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
@@ -197,6 +199,7 @@ NUMBERS: Final[Mapping[str, Bound]] = {
         flag="--observer-timeout",
         env="OPENRTC_OBSERVER_TIMEOUT",
     ),
+    "top_interval": Bound(0, 60, unit="seconds", flag="--top-interval", env="OPENRTC_TOP_INTERVAL"),
     "forget_consumers_after": Bound(
         0,
         30 * _DAY,
@@ -504,6 +507,9 @@ class WorkerSettings:
     #: Each session observer call (``@on_session_start``/``_end``) is abandoned
     #: and logged after this long (s).
     observer_timeout: float = DEFAULT_OBSERVER_TIMEOUT
+    #: How often this worker publishes its running sessions for ``openrtc top``
+    #: (s); 0: never.
+    top_interval: float = DEFAULT_TOP_INTERVAL
     #: A dispatcher's status stream expires this long after the last event a
     #: worker sent it, so the streams of dispatchers that are gone do not pile up.
     status_ttl: float = DEFAULT_STATUS_TTL

@@ -114,6 +114,14 @@ ObserverTimeout = Annotated[
         help="Seconds one session observer call may take before it is abandoned and logged.",
     ),
 ]
+TopInterval = Annotated[
+    float,
+    typer.Option(
+        "--top-interval",
+        envvar="OPENRTC_TOP_INTERVAL",
+        help="Seconds between snapshots of this worker's sessions for `openrtc top`; 0: none.",
+    ),
+]
 Isolation = Annotated[
     IsolationMode,
     typer.Option(
@@ -515,6 +523,7 @@ def worker(
     report_maxlen: ReportMaxlen = _worker_default("report_maxlen"),
     report_max_age: ReportMaxAge = _worker_default("report_max_age"),
     observer_timeout: ObserverTimeout = _worker_default("observer_timeout"),
+    top_interval: TopInterval = _worker_default("top_interval"),
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
     reload: Reload = _worker_default("reload"),
@@ -557,6 +566,7 @@ def worker(
             report_maxlen=report_maxlen,
             report_max_age=report_max_age,
             observer_timeout=observer_timeout,
+            top_interval=top_interval,
             reload=reload,
             memory_warn_mb=memory_warn_mb,
             memory_limit_mb=memory_limit_mb,

@@ -37,7 +37,7 @@ import sys
 import threading
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import anyio
 from anyio.streams.text import TextReceiveStream
@@ -72,6 +72,7 @@ async def _serve(pool: Any, config: Any, proc: Any) -> int:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_follow_the_worker, lines, control, tg, partial(_reload, pool, config.name))
         tg.start_soon(_report_joined, control)
+        tg.start_soon(_report_live, control.live)
         outcome = await run_session(
             message, config, access, proc, control, worker_id=job["worker_id"]
         )
@@ -167,6 +168,24 @@ async def _follow_the_worker(
 async def _report_joined(control: Any) -> None:
     await control.joined.wait()
     _emit({"joined": True})
+
+
+#: How often a session process looks whether what ``top`` shows of it changed (s).
+LIVE_REPORT_INTERVAL: Final = 1.0
+
+
+async def _report_live(live: Any) -> None:
+    """What ``openrtc top`` shows of this session, to the worker whenever it changed."""
+    from openrtc.session.live import install_loop_accounting
+
+    install_loop_accounting()
+    sent: dict[str, Any] = {}
+    while True:
+        shown = live.shown()
+        if shown != sent:
+            _emit({"live": shown})
+            sent = shown
+        await anyio.sleep(LIVE_REPORT_INTERVAL)
 
 
 async def _report_handover_ready(ready: anyio.Event) -> None:

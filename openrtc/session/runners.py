@@ -55,6 +55,7 @@ from anyio.streams.text import TextReceiveStream
 from openrtc.agents.registry import AgentConfig
 from openrtc.ops.logs import child_env
 from openrtc.session import ffi_routing
+from openrtc.session.live import install_loop_accounting
 from openrtc.session.session import (
     SessionControl,
     SessionOutcome,
@@ -118,6 +119,8 @@ class CoroutineRunner:
         # Many sessions share this process's livekit-rtc event queue: deliver
         # each caller-audio frame to its own stream, not to all of them.
         ffi_routing.install()
+        # Each session's share of the loop, and its blocks, for ``openrtc top``.
+        install_loop_accounting()
         if self._config.prewarm is not None:
             _coroutine_logger.info("prewarming agent '%s'", self._config.name)
             await anyio.to_thread.run_sync(self._config.prewarm, self._proc)
@@ -581,6 +584,8 @@ class ProcessRunner:
             elif "room_sid" in event:
                 if control.room_remade is not None and isinstance(event["room_sid"], str):
                     control.room_remade(event["room_sid"])
+            elif "live" in event:
+                control.live.update(event["live"])
             elif event.get("moved"):
                 control.moved()
             elif "observer_failed" in event:

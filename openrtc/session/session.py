@@ -42,7 +42,9 @@ from openrtc.agents.registry import AgentConfig, redact_numbers
 from openrtc.agents.reloading import is_pinned
 from openrtc.errors import AgentBuildError
 from openrtc.ops.logs import log_context
+from openrtc.session import live
 from openrtc.session import livekit_parts as parts
+from openrtc.session.live import LiveState
 from openrtc.session.livekit_parts import (
     JobAcceptArguments,
     JobContext,
@@ -202,6 +204,8 @@ class SessionControl:
     #: Told the hook of each observer call that raised or timed out (a session
     #: process tells its worker); must not block.
     observer_failed: Callable[[str], None] | None = None
+    #: What ``openrtc top`` shows of the session; written by it (or its process's lines).
+    live: LiveState = field(default_factory=LiveState)
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""
@@ -353,7 +357,8 @@ async def run_session(
     ``access``: the worker's credentials (the token is minted here), or a
     :class:`RoomAccess` minted by the parent of a session process.
     """
-    # Every line logged for this session, livekit-agents' included, names the job.
+    # Its tasks' loop time is the session's, as every line they log names the job.
+    live.attribute_to(control.live)
     with log_context(
         job_id=message.job_id, agent=message.agent, room=message.room, worker_id=worker_id
     ):
@@ -578,12 +583,9 @@ class _SessionRun:
         saved = Checkpoint.decode(control.resume) if control.resume else None
         if not config.checkpoint:
             saved = None
-        self.usage = _CallUsage(
-            session,
-            CallTally.from_dict(saved.call if saved is not None else None),
-            self.worker_id,
-            resumed=saved is not None,
-        )
+        tally = CallTally.from_dict(saved.call if saved is not None else None)
+        self.usage = _CallUsage(session, tally, self.worker_id, resumed=saved is not None)
+        live.follow(session, control.live, started_at=tally.started_at, turns_before=tally.turns)
         if control.checkpoint is not None and config.checkpoint:
             self.saving = _Checkpointing(
                 session, control.checkpoint, control.checkpoint_max_bytes, self.usage

@@ -23,7 +23,9 @@ under one task group:
    and exits (code 75) to be restarted; a session process over
    ``--session-memory-limit-mb`` has its call handed over. (The run of failed
    sessions is the outcomes': ``limits.FailureGuard``.)
-8. **reloader** (``reloader.py``, with ``--reload``): a saved agent module
+8. **top** (``top.py``, unless ``--top-interval 0``): the running sessions
+   (state, turns, latency, CPU, memory, loop blocks) published for ``openrtc top``.
+9. **reloader** (``reloader.py``, with ``--reload``): a saved agent module
    serves new calls, and live calls move to it at their next turn boundary.
 
 Not loops: the **entry check** (``entry_check.py``: each held entry checked,
@@ -86,6 +88,7 @@ from openrtc.worker.reloader import Reloader
 from openrtc.worker.rooms import ROOM_CHECK_TIMEOUT, RoomCheck
 from openrtc.worker.sessions import SessionSupervisor
 from openrtc.worker.spread import CpuLoad
+from openrtc.worker.top import TopPublisher
 
 __all__ = ["READ_BLOCK_MS", "ROOM_CHECK_TIMEOUT", "Step", "Worker", "WorkerStats"]
 
@@ -169,6 +172,7 @@ class Worker:
         self.intake = Intake(ctx, self.claims, self.peer_view, self.entry_check)
         self.drainer = Drainer(ctx, self.claims, self.heartbeat, self.peer_view)
         self.guards = Guards(ctx, self.claims, self.drainer, self._stop_for)
+        self.top = TopPublisher(ctx, self.claims)
         self.reloader: Reloader | None = None
         if ctx.settings.reload:
             if self.config.source_path is None:
@@ -191,6 +195,7 @@ class Worker:
             self.control.run,
             self.intake.run,
             self.guards.run,
+            self.top.run,
             *([self.reloader.run] if self.reloader is not None else []),
         ]
 
