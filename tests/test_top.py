@@ -76,6 +76,7 @@ def top_json(redis_url: str, ns: str, *args: str) -> dict[str, Any]:
     return doc
 
 
+@pytest.mark.anyio
 async def test_top_lists_every_running_session_of_two_workers(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
 ) -> None:
@@ -284,3 +285,24 @@ def test_cpu_shares_of_ended_sessions_are_forgotten() -> None:
     rate.keep({"b"})
     assert rate.share("a", 2.0, 1.0) is None
     assert rate.share("b", 2.0, 1.0) == 1.0
+
+
+@pytest.mark.unit
+def test_a_processes_cpu_and_memory_read_from_one_proc_file() -> None:
+    import psutil
+
+    from openrtc.worker.top import proc_stat
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        read = proc_stat(sleeper.pid)
+        assert read is not None
+        seconds, rss = read
+        mine = psutil.Process(sleeper.pid)
+        # (The kernel's two files count resident pages a little apart.)
+        assert rss == pytest.approx(mine.memory_info().rss, rel=0.2)
+        assert seconds == pytest.approx(sum(mine.cpu_times()[:2]), abs=0.02)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert proc_stat(sleeper.pid) is None  # gone
