@@ -43,7 +43,7 @@ from openrtc.ops.top import (
     top_document,
 )
 from openrtc.store.membership import Presence
-from openrtc.store.streams import StreamStore
+from openrtc.store.streams import StreamStore, connect_redis
 from openrtc.store.top import publish_snapshot
 from openrtc.wire.keys import Keys
 from openrtc.wire.top import SessionRow, WorkerSnapshot
@@ -238,6 +238,8 @@ def test_header_counts_workers_sessions_and_states() -> None:
     assert fleet_header(fleet) == "2 workers, 4 sessions: 2 listening, 1 thinking, 1 speaking"
     assert fleet_header(fleet, 1).endswith("(1 shown)")
     assert fleet_header(Fleet()) == "0 workers, 0 sessions"
+    one = Fleet([_snapshot("wa", "dental", _fleet_rows("wa", "wb")[0][:1], "coroutine")])
+    assert fleet_header(one) == "1 worker, 1 session: 1 listening"
 
 
 @pytest.mark.unit
@@ -515,13 +517,33 @@ async def test_top_interactive_sorts_filters_and_quits_in_a_real_terminal(
 
 
 async def test_top_interactive_with_redis_down_says_so_and_keeps_trying(
-    terminal: Any,
+    terminal: Any, tmp_path: Path
 ) -> None:
-    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
-    term = terminal("--redis-url", url, "--interval", "0.3")
+    port = free_port()
+    url = f"redis://:s3cret-pw@127.0.0.1:{port}/0"
+    ns = unique("top")
+    term = terminal("--redis-url", url, "--namespace", ns, "--interval", "0.3")
     screen = await term.shows(lambda s: "Redis unreachable:" in s, "the outage on screen")
     assert "s3cret-pw" not in screen
     assert "Traceback" not in screen
     assert "0 workers, 0 sessions" in screen
-    term.type("q")
-    assert await term.exit_code() == 0
+
+    # Redis comes up (with that password): the next refresh reads it.
+    server = RedisServer(port=port, log_path=tmp_path / "redis.log")
+    server.args = ("--requirepass", "s3cret-pw")
+    with server:
+        redis = connect_redis(url)
+        try:
+            wa, wb = unique("wa"), unique("wb")
+            a, _ = _fleet_rows(wa, wb)
+            await _live_worker(redis, Keys(ns), _snapshot(wa, "dental", a, "coroutine"))
+            screen = await term.shows(
+                lambda s: "Redis unreachable" not in s and sorted(_jobs(s)) == ["job-a1", "job-a2"],
+                "the view back once Redis answers",
+            )
+            assert "1 worker, 2 sessions" in screen
+            assert "s3cret-pw" not in screen
+        finally:
+            await redis.aclose()
+        term.type("q")
+        assert await term.exit_code() == 0

@@ -201,12 +201,16 @@ def fleet_header(fleet: Fleet, shown: int | None = None) -> str:
     # Known states in the agent's order, then anything a newer worker sent.
     order = [s for s in SESSION_STATES if states[s]] + sorted(set(states) - set(SESSION_STATES))
     per_state = ", ".join(f"{states[s]} {s}" for s in order)
-    line = f"{len(fleet.snapshots)} workers, {len(rows)} sessions"
+    line = f"{_count(len(fleet.snapshots), 'worker')}, {_count(len(rows), 'session')}"
     if per_state:
         line += f": {per_state}"
     if shown is not None and shown != len(rows):
         line += f" ({shown} shown)"
     return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def top_document(
@@ -348,66 +352,84 @@ def run_interactive(
     errors: tuple[type[BaseException], ...],
     close: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """The live view in this terminal until ``q`` (or Ctrl-C).
+    """The live view in this terminal until ``q`` (or Ctrl-C, SIGTERM, SIGHUP).
 
     ``read`` is called every ``interval`` s (not while paused); one that raises
     one of ``errors`` leaves the last fleet on screen with
     ``describe_error(exc)`` in the status line, and is retried at the next
-    refresh; ``close`` is awaited when the view ends. Drawing goes through
-    curses' diffing (``erase`` + one ``doupdate``): only changed cells are
-    written, so the screen does not flicker.
+    refresh; ``close`` is awaited when the view ends. Reads run beside the
+    keyboard, so a Redis slow to answer never holds up ``q``. Drawing goes
+    through curses' diffing (``erase`` + one ``doupdate``): only changed cells
+    are written, so the screen does not flicker.
     """
     import curses
     import os
+    import signal
 
     import anyio
 
     os.environ.setdefault("ESCDELAY", "25")  # Esc answers at once, not after 1 s
+    view = _View(state)
+    # A read stuck on a silent Redis gives up after this and says so.
+    patience = max(interval, 5.0)
 
-    async def loop(screen: Any) -> None:
-        _hide_cursor(curses)
-        screen.nodelay(True)
-        screen.keypad(True)
-        current: TopState | None = state
-        fleet = Fleet()
-        error: str | None = None
-        next_read = 0.0
-        dirty = True
-        while current is not None:
-            now = time.monotonic()
-            if now >= next_read and not current.paused:
+    async def reader() -> None:
+        while True:
+            if not view.state.paused:
                 try:
-                    with anyio.fail_after(max(interval, 5.0)):
-                        fleet = await read()
-                    error = None
-                except errors as exc:
-                    error = describe_error(exc)
+                    with anyio.fail_after(patience):
+                        view.fleet = await read()
+                    view.error = None
                 except TimeoutError:
-                    error = "no answer"
-                next_read = time.monotonic() + interval
-                dirty = True
-            if dirty:
-                _draw(curses, screen, current, fleet, title=title, error=error)
-                dirty = False
+                    view.error = f"no answer in {patience:.0f}s"
+                except errors as exc:
+                    view.error = describe_error(exc)
+                view.dirty = True
+            with anyio.move_on_after(interval):
+                await view.wake.wait()
+            view.wake = anyio.Event()
+
+    async def stopper(scope: anyio.CancelScope) -> None:
+        # The terminal restored on a kill or a closed terminal too, not only on q.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+            async for _ in signals:
+                scope.cancel()
+
+    async def keyboard(screen: Any) -> None:
+        while True:
+            if view.dirty:
+                view.dirty = False
+                _draw(curses, screen, view.state, view.fleet, title=title, error=view.error)
             key = _read_key(curses, screen)
             if key is None:
                 await anyio.sleep(0.05)
                 continue
+            view.dirty = True
             if key == "<resize>":
                 curses.update_lines_cols()
-            else:
-                was_paused = current.paused
-                current = handle_key(current, key, fleet.agents)
-                if current is not None and was_paused and not current.paused:
-                    next_read = 0.0
-            dirty = True
+                continue
+            was_paused = view.state.paused
+            after = handle_key(view.state, key, view.fleet.agents)
+            if after is None:
+                return
+            view.state = after
+            if was_paused and not after.paused:
+                view.wake.set()  # unpaused: fresh numbers now, not at the next tick
 
     async def run(screen: Any) -> None:
+        view.wake = anyio.Event()
+        _hide_cursor(curses)
+        screen.nodelay(True)
+        screen.keypad(True)
         try:
-            await loop(screen)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                tg.start_soon(stopper, tg.cancel_scope)
+                await keyboard(screen)
+                tg.cancel_scope.cancel()
         finally:
             if close is not None:
-                with contextlib.suppress(*errors):
+                with anyio.CancelScope(shield=True), contextlib.suppress(*errors):
                     await close()
 
     def main(screen: Any) -> None:
@@ -417,6 +439,18 @@ def run_interactive(
         curses.wrapper(main)
     except KeyboardInterrupt:
         return
+
+
+@dataclass(slots=True)
+class _View:
+    """What the reader and the keyboard share: the settings, the last read, its error."""
+
+    state: TopState
+    fleet: Fleet = field(default_factory=Fleet)
+    error: str | None = None
+    dirty: bool = True
+    #: Set to make the reader read now (an ``anyio.Event``, made in the loop).
+    wake: Any = None
 
 
 def _hide_cursor(curses: Any) -> None:
