@@ -46,6 +46,15 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# tmux: `openrtc top`'s interactive view is tested in a real terminal
+# (tests/test_top_cli.py drives it with send-keys and reads capture-pane).
+if ! command -v tmux >/dev/null; then
+  log "installing tmux (apt: tmux)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq tmux >/dev/null
+fi
+
 # The project, its extras and its dev group, at exactly the versions in uv.lock
 # (scripts/sync.sh); a lock that pyproject.toml has moved away from stops here
 # with one line saying how to re-lock.
@@ -57,3 +66,4 @@ LIVEKIT_SERVER_BIN="$(bash scripts/livekit-server.sh)"
 log "livekit-server: $LIVEKIT_SERVER_BIN"
 log "redis-server:   $(command -v redis-server)"
 log "promtool:       $(command -v promtool)"
+log "tmux:           $(command -v tmux)"

@@ -784,3 +784,144 @@ def sessions_stats(
                 cells.append(f"{row['cost']:.4f}")
             table.add_row(*cells)
         _out.print(table)
+
+
+# --------------------------------------------------------------------------- top
+
+
+def _sort_key(value: str) -> str:
+    from openrtc.wire.top import SORT_KEYS
+
+    if value not in SORT_KEYS:
+        raise typer.BadParameter(
+            f"{value!r} is not one of {', '.join(SORT_KEYS)}", param_hint="'--sort'"
+        )
+    return value
+
+
+def _session_state(value: str | None) -> str | None:
+    from openrtc.wire.top import SESSION_STATES
+
+    if value is not None and value not in SESSION_STATES:
+        raise typer.BadParameter(
+            f"{value!r} is not one of {', '.join(SESSION_STATES)}", param_hint="'--state'"
+        )
+    return value
+
+
+@app.command("top", cls=_Checked)
+def top(
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    namespace: Namespace = DEFAULT_NAMESPACE,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the table once and exit (for scripts).")
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="With --once: print the sessions and workers as JSON.")
+    ] = False,
+    sort: Annotated[
+        str,
+        typer.Option(
+            "--sort",
+            callback=_sort_key,
+            help="Sort by: cpu, memory, duration, turns, latency, blocks, agent, worker, "
+            "state, job (numbers largest first).",
+        ),
+    ] = "cpu",
+    reverse: Annotated[bool, typer.Option("--reverse", help="The other way round.")] = False,
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Only this agent's sessions.")
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Only this tenant's sessions.")
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state",
+            callback=_session_state,
+            help="Only sessions in this state: joining, initializing, idle, listening, "
+            "thinking, speaking.",
+        ),
+    ] = None,
+    worker: Annotated[
+        str | None, typer.Option("--worker", help="Only this worker's sessions.")
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", help="Seconds between refreshes (interactive).")
+    ] = 2.0,
+) -> None:
+    """Every running session of every live worker, live (like htop): CPU, memory, state."""
+    from openrtc.ops.top import RowFilter, TopState, read_fleet, render_table, top_document
+
+    if json_output and not once:
+        _fail("--json needs --once (the interactive view is for a terminal)", 2)
+    if not once and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        _fail("not a terminal: use --once (with --json for scripts)", 2)
+    rows_filter = RowFilter(agent=agent, tenant=tenant, state=state, worker=worker)
+    keys = _keys(namespace, redis_url)
+    if once:
+        fleet = _with_redis(redis_url, lambda r: read_fleet(r, keys))
+        if json_output:
+            _print_json(top_document(fleet, rows_filter, sort, reverse=reverse))
+            return
+        from openrtc.ops.top import fleet_header
+
+        rows = fleet.shown(rows_filter, sort, reverse=reverse)
+        typer.echo(fleet_header(fleet, len(rows)))
+        for line in render_table(rows, sort=sort, reverse=reverse):
+            typer.echo(line)
+        return
+    _top_interactive(
+        redis_url,
+        keys,
+        TopState(sort=sort, reverse=reverse, rows_filter=rows_filter),
+        interval=interval,
+        title=f"openrtc top  {namespace}@{redact_url(redis_url)}",
+    )
+
+
+def _top_interactive(redis_url: str, keys: Any, state: Any, *, interval: float, title: str) -> None:
+    """The curses view, one Redis client kept across refreshes (redis-py reconnects)."""
+    from openrtc.ops.top import Fleet, read_fleet, run_interactive
+    from openrtc.store.redis_access import misconfiguration
+    from openrtc.store.streams import REDIS_DOWN, connect_redis
+
+    client: Any = None
+
+    async def read() -> Fleet:
+        nonlocal client
+        if client is None:
+            client = connect_redis(redis_url)
+        return await read_fleet(client, keys)
+
+    def describe(exc: BaseException) -> str:
+        reason = misconfiguration(exc) or str(exc) or type(exc).__name__
+        return _without_password(reason, redis_url)
+
+    async def close() -> None:
+        if client is not None:
+            await client.aclose()
+
+    run_interactive(
+        read,
+        state=state,
+        title=title,
+        interval=interval,
+        describe_error=describe,
+        errors=REDIS_DOWN,
+        close=close,
+    )
+
+
+def _without_password(text: str, redis_url: str) -> str:
+    """``text`` with the URL's password masked, should a library ever echo it."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(redis_url).password
+    except ValueError:
+        return text
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(str(secret), "***")
+    return text
