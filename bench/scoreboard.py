@@ -106,6 +106,13 @@ BENCHES: Final = (
         ("--saves", "5"),
         "hot reload: a saved module -> the live call on the new code, both isolation modes",
     ),
+    Bench(
+        "top",
+        "top.py",
+        (),
+        ("--calls", "3", "--seconds", "8"),
+        "openrtc top's cost to a worker at 50 sessions: snapshots and loop accounting",
+    ),
     # Last: it reads the dispatch and density figures of this same run.
     Bench(
         "capacity",

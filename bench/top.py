@@ -5,8 +5,9 @@ Run from the repository root::
     .venv/bin/python bench/top.py            # 50 sessions, 5 measured calls
     .venv/bin/python bench/top.py --check    # exit 1 if the goal is missed
 
-The goal (issue 20): snapshots cost at most 1% of a worker core at 50 sessions,
-checked with a 2x margin (<= 0.5%). What a worker spends on ``top`` is two things,
+The goal (issue 20): snapshots cost at most 1% of a worker core at 50 sessions;
+checked here on all that ``top`` costs a worker, snapshots and the loop accounting
+they read, with a 1.5x margin (<= 0.67%). It is two things,
 measured apart on a throwaway ``redis-server`` and ``livekit-server``:
 
 - **snapshots**: a worker holding 50 sessions builds and writes its snapshot
@@ -63,9 +64,9 @@ from openrtc.worker.worker import Worker
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 AGENTS: Final = ROOT / "examples" / "offline_agents"
-#: Goal (share of one core at 50 sessions), checked with a 2x margin.
+#: Goal (share of one core at 50 sessions), checked with a 1.5x margin.
 GOAL: Final = 0.01
-MARGIN: Final = 2.0
+MARGIN: Final = 1.5
 SESSIONS: Final = 50
 TONE_RATE: Final = 48_000
 TONE_FRAME_MS: Final = 20
@@ -235,7 +236,10 @@ async def main(argv: list[str] | None = None) -> int:
     )
     worst = max(cost.values()) / DEFAULT_TOP_INTERVAL + accounting
     met = worst <= GOAL / MARGIN
-    print(f"  total, the costlier mode: {worst:.3%} of a core (goal <= {GOAL:.0%})")
+    print(
+        f"  total, the costlier mode: {worst:.3%} of a core "
+        f"(goal <= {GOAL:.0%}, checked at <= {GOAL / MARGIN:.2%})"
+    )
     record_figure(
         "top",
         f"top's cost to a worker at {SESSIONS} sessions (share of a core)",
@@ -243,7 +247,7 @@ async def main(argv: list[str] | None = None) -> int:
         anchor=GOAL * 100,
         anchor_label=f"goal {GOAL:.0%}",
         unit="%",
-        goal=f"<= {GOAL * 100 / MARGIN:g}% ({MARGIN:g}x margin on {GOAL:.0%})",
+        goal=f"<= {GOAL * 100 / MARGIN:.2f}% ({MARGIN:g}x margin on {GOAL:.0%})",
         met=met,
     )
     if not met:

@@ -66,7 +66,7 @@ def top_json(redis_url: str, ns: str, *args: str) -> dict[str, Any]:
     """``openrtc top --once --json``'s document."""
     done = subprocess.run(
         [sys.executable, "-m", "openrtc", "top", "--once", "--json", *args],
-        env={"OPENRTC_REDIS_URL": redis_url, "OPENRTC_NAMESPACE": ns, "PATH": "/usr/bin:/bin"},
+        env={"REDIS_URL": redis_url, "OPENRTC_NAMESPACE": ns, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
@@ -295,10 +295,14 @@ def test_a_processes_cpu_and_memory_read_from_one_proc_file() -> None:
 
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
+        mine = psutil.Process(sleeper.pid)
+        # Read once it sleeps: while it is still starting its memory grows.
+        deadline = time.monotonic() + 10
+        while mine.status() != psutil.STATUS_SLEEPING and time.monotonic() < deadline:
+            time.sleep(0.01)
         read = proc_stat(sleeper.pid)
         assert read is not None
         seconds, rss = read
-        mine = psutil.Process(sleeper.pid)
         # (The kernel's two files count resident pages a little apart.)
         assert rss == pytest.approx(mine.memory_info().rss, rel=0.2)
         assert seconds == pytest.approx(sum(mine.cpu_times()[:2]), abs=0.02)

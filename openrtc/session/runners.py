@@ -119,8 +119,9 @@ class CoroutineRunner:
         # Many sessions share this process's livekit-rtc event queue: deliver
         # each caller-audio frame to its own stream, not to all of them.
         ffi_routing.install()
-        # Each session's share of the loop, and its blocks, for ``openrtc top``.
-        install_loop_accounting()
+        if self._settings.top_interval > 0:
+            # Each session's share of the loop, and its blocks, for ``openrtc top``.
+            install_loop_accounting()
         if self._config.prewarm is not None:
             _coroutine_logger.info("prewarming agent '%s'", self._config.name)
             await anyio.to_thread.run_sync(self._config.prewarm, self._proc)
@@ -522,6 +523,8 @@ class ProcessRunner:
                             "handover": control.handover,
                             "greeted": control.greeted,
                             "observer_timeout": control.observer_timeout,
+                            # What ``openrtc top`` shows of it, unless top is off.
+                            "live": self._settings.top_interval > 0,
                             "fields": {
                                 k.decode(): base64.b64encode(v).decode()
                                 for k, v in message.encode().items()
