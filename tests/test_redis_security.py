@@ -340,6 +340,11 @@ async def test_a_call_over_tls_as_the_acl_user_works_and_leaks_no_secret(
         result = json.loads(call.stdout)
         assert result["ok"], result
         assert result["agent"] == "dental", result
+        # openrtc top reads every live worker's snapshot with the ACL's commands.
+        top = await openrtc(env, "top", "--once", "--json")
+        outputs.append(top)
+        assert top.code == 0, top
+        assert [w["agent"] for w in json.loads(top.stdout)["workers"]] == ["dental"], top
 
         # A call for an agent nobody serves: a dead letter for the dlq commands.
         lost = await openrtc(

@@ -49,7 +49,8 @@ async def read_snapshots(
     now = await redis_time(redis, keys.agents)
     pipe = redis.pipeline(transaction=False)
     for agent in names:
-        pipe.zrangebyscore(keys.workers(agent), f"({now}", "+inf")
+        # ZRANGE BYSCORE, not ZRANGEBYSCORE: the ACL grants ZRANGE (README).
+        pipe.zrange(keys.workers(agent), f"({now}", "+inf", byscore=True)
     replies = await pipe.execute()
     workers = sorted({_s(w) for reply in replies for w in reply})
     if not workers:
