@@ -72,7 +72,7 @@ async def _serve(pool: Any, config: Any, proc: Any) -> int:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_follow_the_worker, lines, control, tg, partial(_reload, pool, config.name))
         tg.start_soon(_report_joined, control)
-        if job.get("live", True):
+        if job.get("live"):
             tg.start_soon(_report_live, control.live)
         outcome = await run_session(
             message, config, access, proc, control, worker_id=job["worker_id"]
