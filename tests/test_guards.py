@@ -166,6 +166,20 @@ def test_the_failure_guard_stops_after_the_limit_tries_again_after_the_cooldown(
 
 
 @pytest.mark.unit
+def test_calls_failing_in_turn_count_once_each() -> None:
+    """Two calls fail, then the first again (its redelivery, after the second's
+    failure): two calls failed, not three (seen: "3 calls in a row failed" for two)."""
+    guard = FailureGuard(limit=3, cooldown=60.0)
+    for job in ("a", "b", "a", "b", "a"):
+        guard.record("failed", job)
+    assert guard.streak == 2
+    assert guard.refusing() is None
+    guard.record("success", "c")
+    guard.record("failed", "a")  # a new run: counted again
+    assert guard.streak == 1
+
+
+@pytest.mark.unit
 def test_off_never_refuses() -> None:
     guard = FailureGuard(limit=0, cooldown=60.0)
     for n in range(100):

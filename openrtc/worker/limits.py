@@ -53,13 +53,17 @@ def next_streak(streak: int, status: str, *, again: bool = False) -> int:
     sessions and leaves the count as it is. ``again``: the failed session's
     call is the one whose failure was counted last: a call that fails every
     delivery is the call's fault, not the worker's (``max_deliveries`` deals
-    with it), so it counts once.
+    with it), so it counts once per run.
     """
     if status == "failed":
         return streak if again else streak + 1
     if status == "success":
         return 0
     return streak
+
+
+#: Calls a run of failures remembers (a worker with the guard off may fail for days).
+_COUNTED_MAX: Final = 1024
 
 
 @dataclass(slots=True)
@@ -76,25 +80,27 @@ class FailureGuard:
     cooldown: float
     clock: Callable[[], float] = time.monotonic
     streak: int = 0
-    #: The job whose failure was counted last ("": none since the last success).
-    last_failed: str = ""
+    #: The calls whose failure this run counted (none since the last success): a
+    #: call delivered again, even after another call failed, counts once.
+    counted: set[str] = field(default_factory=set)
     #: Refusing until then (``clock``); 0: not refusing.
     until: float = 0.0
     reason: str = field(default="")
 
     def record(self, status: str, job_id: str) -> None:
         """A session of ``job_id`` ended: ``success``, ``failed`` or ``taken_over``."""
-        again = status == "failed" and job_id == self.last_failed
+        again = status == "failed" and job_id in self.counted
         self.streak = next_streak(self.streak, status, again=again)
         if status == "success":
-            self.last_failed = ""
+            self.counted.clear()
             if self.until:
                 self.until, self.reason = 0.0, ""
                 logger.info("a session succeeded: ready again")
             return
         if status != "failed" or again:
             return
-        self.last_failed = job_id
+        if len(self.counted) < _COUNTED_MAX:  # a run this long has stopped the worker
+            self.counted.add(job_id)
         if self.limit and self.streak >= self.limit:
             was = self.until > self.clock()
             self.until = self.clock() + self.cooldown
