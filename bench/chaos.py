@@ -2,26 +2,35 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/chaos.py                 # 200+ calls over several minutes
-    .venv/bin/python bench/chaos.py --short         # ~50 calls in a minute or two
+    .venv/bin/python bench/chaos.py                 # 300 calls over 8 minutes (~12 min)
+    .venv/bin/python bench/chaos.py --short         # 50 calls over 80 s (~4 min)
+    .venv/bin/python bench/chaos.py --topology sentinel   # Redis as a Sentinel pair
     .venv/bin/python bench/chaos.py --check         # exit 1 unless the guarantees hold
     .venv/bin/python bench/chaos.py --short --seed 3 --log-dir /tmp/chaos
 
 One real ``livekit-server`` and one ``redis-server`` on loopback
-(``openrtc.devtools.devstack``; Redis starts with ``appendonly yes``), two agents
+(``openrtc.devtools.devstack``; Redis starts with ``appendonly yes``; the
+services reach it through a delay proxy in a process of its own,
+``chaos_proxy.py``), or with ``--topology sentinel`` a primary, a replica and
+three Sentinels (``devstack.RedisSentinels``), two agents
 (``examples/offline_agents``: dental, restaurant), two dispatchers
 (automatic dispatch) and four workers, each its own ``python -m openrtc``
 process in its own process group: dental in coroutine and in process
-isolation, restaurant in two coroutine workers. The workers reach LiveKit
+isolation, restaurant in two coroutine workers, one of which
+(``SKEWED_SLOT``, and each of its replacements) runs with its clock
+``chaos_talk.SKEW`` (8) seconds behind (libfaketime preloaded). The workers reach LiveKit
 through a loopback TCP proxy (``openrtc.devtools.devstack.DelayProxy``) that can hold back the
 server API's requests (``POST /twirp/...``) while signalling passes untouched.
 
 Each call: this process creates a room named ``<agent>-c<n>-<hex>`` whose
-metadata names the agent, joins it as a caller (``rtc.Room``,
-``auto_subscribe=False``: no audio is decoded), waits up to
-``--answer-timeout`` for an agent, stays its planned duration, hangs up and
-deletes the room. At most ``--concurrency`` calls are up at once; the start
-times, agents, durations and every fault's target come from ``--seed``.
+metadata names the agent, joins it as a caller (``rtc.Room``, subscribed:
+an agent plays nothing to an unsubscribed room), waits up to
+``--answer-timeout`` for an agent and holds a conversation with it
+(``chaos_talk``: after the greeting, three things typed, each repeated until
+the agent notes it; at the end of the planned duration "What did I say
+first?"), then hangs up and deletes the room. At most ``--concurrency``
+calls are up at once; the start times, agents, durations and every fault's
+target come from ``--seed``.
 
 Faults, at fixed fractions of the calling period (printed with their times):
 SIGKILL of a random worker's process group (a replacement starts a second
@@ -32,7 +41,18 @@ to both job streams, a slow LiveKit API (the proxy delays each request by
 ``--slow-delay`` s for a while), Redis restarted with its AOF (same port,
 same directory), a dispatcher restarted (SIGTERM, SIGKILL after 15 s), Redis
 restarted without persistence (directory wiped, no AOF from then on), and
-the LiveKit server restarted on the same ports. A worker or dispatcher that
+the LiveKit server restarted on the same ports. Raised (issue 17): two
+rolling deploys (each worker in turn: a replacement started and registered,
+then SIGTERM to the old one's main process, which hands its calls over to
+peers and exits; each SIGTERM is a ``sigterm`` fault of its own), Redis
+restarted from an RDB snapshot (``SAVE``, ``--rdb-lag`` s of traffic, SIGKILL,
+the AOF removed: the server loads ``dump.rdb``, reads and acks since the
+snapshot forgotten), ``CLIENT KILL`` of a busy worker's liveness connection
+(its crash-detection subscription, found by client name in ``CLIENT LIST``),
+a slow Redis (every reply to the services held ``--slow-redis-delay`` s for
+a while). On the Sentinel topology the three Redis restarts and the slow
+Redis give way to two failovers (the primary SIGKILLed, the replica
+promoted, the old primary started again). A worker or dispatcher that
 exits on its own is logged and restarted.
 
 The ledger is built from the outside: the caller's view of agent
@@ -57,9 +77,16 @@ at once, 0 rooms where agents of two jobs overlap for over 3 s, 0 rooms the
 server listed with two agents, 0 accepted jobs lost across the AOF Redis
 restart (which must have compared some), 0 running calls ended by the Redis
 restart without persistence, 0 services that exited on their own, 0 garbage
-entries not dead-lettered, 0 fault steps that raised. ``--sabotage``
-runs a deliberately broken build (reconciler off, crash detection off) to
-see the checks fail.
+entries not dead-lettered, 0 fault steps that raised (a deploy's SIGTERMed
+worker that exits other than 0 too); and raised: 0 calls whose conversation
+was lost (the answer does not name the first thing said), 0 calls that
+heard the greeting other than once, 0 jobs with two live entries in one
+sample of the job streams (read whole every second), and evidence that each
+new fault acted: conversations were checked, the streams sampled, the RDB
+restart restored job entries, a deploy handed a running call over, the
+skewed worker served calls. ``--sabotage`` runs a deliberately broken build
+(reconciler off, crash detection off, checkpoints off, agents that greet on
+every takeover, duplicated job entries) to see the checks fail.
 """
 
 from __future__ import annotations
@@ -226,8 +253,8 @@ SHORT: Final = Plan(
 )
 FULL: Final = Plan(
     calls=300,
-    period=420,
-    concurrency=24,
+    period=480,
+    concurrency=20,
     min_duration=12,
     max_duration=30,
     kills=10,
@@ -258,6 +285,9 @@ class Harness:
         self.entry_samples: list[tuple[float, str, list[tuple[str, str]]]] = []
         self.entry_samples_taken = 0
         self.rdb_restored = -1
+        #: Workers a deploy replaced and SIGTERMed, until they are gone
+        #: (stopped on shutdown too: a run cut short leaves no orphan).
+        self.draining: dict[str, ServiceProcess] = {}
         self.children: dict[str, ServiceProcess] = {}
         self.incarnations: dict[str, int] = Counter()
         #: Every process log this run wrote: incarnation name -> path.
@@ -521,16 +551,17 @@ class Harness:
         talk = Talk(room)
         talk.attach()
         try:
-            await asyncio.wait_for(
-                room.connect(
-                    self.livekit.url,
-                    caller_token(self.livekit, rec.room, f"caller-{rec.n}"),
-                    # Subscribed: an agent's audio output waits for a
-                    # subscriber before it plays, and its transcript (the
-                    # conversation) follows the playout.
-                    rtc.RoomOptions(auto_subscribe=True),
-                ),
-                10,
+            # Not cancelled from here: a connect cancelled after the SDK's
+            # connect callback leaves its FFI waiting for a "ready" that never
+            # comes, and it panics and SIGTERMs this process (a loaded run
+            # died so). The SDK's own timeouts and retries bound it.
+            await room.connect(
+                self.livekit.url,
+                caller_token(self.livekit, rec.room, f"caller-{rec.n}"),
+                # Subscribed: an agent's audio output waits for a subscriber
+                # before it plays, and its transcript (the conversation)
+                # follows the playout.
+                rtc.RoomOptions(auto_subscribe=True),
             )
         except Exception as exc:
             rec.error = f"caller could not join: {type(exc).__name__}: {exc}"[:200]
@@ -767,6 +798,7 @@ class Harness:
         for slot in self.plan.deploy_slots:
             async with self.slot_locks[slot]:
                 old = self.children[slot]
+                self.draining[old.name] = old
                 self.spawn(slot)
                 up = await self.slot_up(redis, slot, limit=KILL_WAIT)
                 assert old.proc is not None
@@ -791,6 +823,7 @@ class Harness:
                 except Exception as exc:
                     fault.error = f"{type(exc).__name__}: {exc}"[:300]
                 fault.end = fault.end or time.time()
+                self.draining.pop(old.name, None)
                 self.note(fault)
 
     @staticmethod
@@ -1142,7 +1175,7 @@ class Harness:
         )
 
     def shutdown(self) -> None:
-        for child in self.children.values():
+        for child in [*self.children.values(), *self.draining.values()]:
             child.stop(grace=10)
         self.livekit.close()
         self.redis_server.close()

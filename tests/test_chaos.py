@@ -2,9 +2,12 @@
 
 ``bench/chaos.py --short --check`` starts its own ``livekit-server`` and
 ``redis-server`` (with AOF) and its own dispatchers and workers as separate
-processes, then SIGKILLs workers, restarts a dispatcher, Redis (with and
-without persistence) and LiveKit, slows the LiveKit API down and injects
-garbage entries while calls run. It runs as a subprocess so that its SIGKILLs
+processes, then SIGKILLs workers, restarts a dispatcher, Redis (with AOF,
+from an RDB snapshot, without persistence) and LiveKit, slows the LiveKit API
+and Redis down, injects garbage entries, deploys two workers (SIGTERM after a
+replacement), kills a worker's liveness connection and runs one worker 8 s
+behind, while every call holds a conversation (the conversation kept, the
+greeting heard once, one live entry per job: ``bench/chaos_ledger.py``). It runs as a subprocess so that its SIGKILLs
 and server restarts cannot touch this session's servers. The seed fixes every
 random choice (call times, agents, durations, kill targets and times); the
 guarantees are not relaxed for the test, but for time: recovery and answer
