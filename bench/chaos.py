@@ -395,7 +395,7 @@ class Harness:
             flush=True,
         )
 
-    async def wait_ready(self, redis: Redis, limit: float = 90) -> None:
+    async def wait_ready(self, redis: Redis, limit: float = 240) -> None:
         deadline = time.monotonic() + limit
         while True:
             registered = sum(
