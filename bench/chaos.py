@@ -178,8 +178,11 @@ SKEWED_SLOT: Final = "w4-restaurant-coroutine"
 DRAIN_TIMEOUT: Final = 20.0
 #: How long a caller waits for each reply before it says its line again, and
 #: how long in all for the answer to "what did I say first?".
-REPLY_WAIT: Final = 8.0
-ASK_WAIT: Final = 24.0
+#: Generous: a repeat the agent did hear queues one more reply before the next
+#: line (a loaded run at load 25-30 saw replies 10-20 s late, and repeats
+#: every 8 s pushed the answer to the question past the caller's wait).
+REPLY_WAIT: Final = 20.0
+ASK_WAIT: Final = 60.0
 #: Longest a kill waits for every worker to be up (see ``Harness.fault``).
 KILL_WAIT: Final = 60.0
 #: ``--sabotage``: a deliberately broken build (settings every service reads),
@@ -604,7 +607,7 @@ class Harness:
 
         async def talk_through() -> None:
             # Typing interrupts the agent: let it finish its greeting first.
-            await talk.wait_line(lambda line: line == GREETINGS[rec.agent], 0.0, 15.0)
+            await talk.wait_line(lambda line: line == GREETINGS[rec.agent], 0.0, 30.0)
             for thing in things_to_say(rec.n):
                 rec.said.append(thing)
                 await talk.tell(thing, reply_wait=REPLY_WAIT)
