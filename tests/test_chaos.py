@@ -7,8 +7,9 @@ from an RDB snapshot, without persistence) and LiveKit, slows the LiveKit API
 and Redis down, injects garbage entries, deploys two workers (SIGTERM after a
 replacement), kills a worker's liveness connection and runs one worker 8 s
 behind, while every call holds a conversation (the conversation kept, the
-greeting heard once, one live entry per job: ``bench/chaos_ledger.py``). It runs as a subprocess so that its SIGKILLs
-and server restarts cannot touch this session's servers. The seed fixes every
+greeting heard once, one live entry per job: ``bench/chaos_ledger.py``).
+It runs as a subprocess so that its SIGKILLs and server restarts cannot touch
+this session's servers. The seed fixes every
 random choice (call times, agents, durations, kill targets and times); the
 guarantees are not relaxed for the test, but for time: recovery and answer
 times are held to the caller's answer timeout (``--liveness-only``), since
