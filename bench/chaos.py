@@ -652,7 +652,7 @@ class Harness:
             (self.rng.uniform(0.1, 0.9) * p, "liveness-kill")
             for _ in range(self.plan.liveness_kills)
         ]
-        plan += [(f * p, "deploy") for f in (0.05, 0.52)[: self.plan.rolls]]
+        plan += [(f * p, "deploy") for f in (0.2, 0.55)[: self.plan.rolls]]
         return sorted(plan)
 
     async def run_faults(self, redis: Redis) -> None:
