@@ -610,7 +610,8 @@ class Harness:
             await talk.wait_line(lambda line: line == GREETINGS[rec.agent], 0.0, 30.0)
             for thing in things_to_say(rec.n):
                 rec.said.append(thing)
-                await talk.tell(thing, reply_wait=REPLY_WAIT)
+                if await talk.tell(thing, reply_wait=REPLY_WAIT):
+                    rec.noted.append(thing)
             await asyncio.sleep(max(0.0, until - time.monotonic()))
             rec.asked_at = time.time()
             rec.answer = await talk.ask_first(reply_wait=REPLY_WAIT, within=ASK_WAIT)

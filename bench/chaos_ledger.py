@@ -135,6 +135,9 @@ class CallRecord:
     #: final transcript lines, the reply to "what did I say first?" ("" if
     #: none came), and how many of the agent's lines were its greeting.
     said: list[str] = field(default_factory=list)
+    #: What the agent acknowledged ("Noted: ..."), in order: a line said while
+    #: no agent listened (a takeover under way) was never part of the call.
+    noted: list[str] = field(default_factory=list)
     lines: list[tuple[float, str]] = field(default_factory=list)
     answer: str = ""
     asked_at: float | None = None
@@ -606,15 +609,17 @@ def conversation_kept(rec: CallRecord) -> str:
     """Why the conversation was not kept, or "" when it was.
 
     Kept: the caller said things, asked "what did I say first?" at the end,
-    and the agent answered with the first of them.
+    and the agent answered with the first of them it had acknowledged.
     """
     if not rec.said:
         return "the caller could say nothing (no agent listened)"
+    if not rec.noted:
+        return "the agent acknowledged nothing the caller said"
     if rec.asked_at is None:
         return "the caller never got to ask what it said first"
-    if rec.answer == FIRST_REPLY.format(rec.said[0]):
+    if rec.answer == FIRST_REPLY.format(rec.noted[0]):
         return ""
-    return f"asked what it said first: {rec.answer or 'no answer'!r} (first: {rec.said[0]!r})"
+    return f"asked what it said first: {rec.answer or 'no answer'!r} (first: {rec.noted[0]!r})"
 
 
 def greeting_heard_once(rec: CallRecord) -> str:

@@ -355,8 +355,10 @@ def talked(
     answer: str | None = None,
     greetings: int = 1,
     asked: bool = True,
+    noted: tuple[str, ...] | None = None,
 ) -> Any:
     rec.said = list(said)
+    rec.noted = list(noted if noted is not None else said)
     rec.asked_at = (rec.hung_up_at or 0.0) - 1.0 if asked else None
     rec.answer = cl.FIRST_REPLY.format(said[0]) if answer is None and said else (answer or "")
     rec.greetings = greetings
@@ -394,6 +396,20 @@ DOUBLED = "jobs with two live entries at once"
         pytest.param(raised(talked(call(A), answer="")), [LOST], id="no answer at all"),
         pytest.param(raised(talked(call(A), asked=False)), [LOST], id="never asked"),
         pytest.param(raised(talked(call(A), said=())), [LOST], id="nothing could be said"),
+        pytest.param(
+            raised(talked(call(A), noted=())), [LOST], id="the agent acknowledged nothing"
+        ),
+        pytest.param(
+            # Said while no agent listened: the call's first thing is the first noted.
+            raised(talked(call(A), noted=("b", "c"), answer="You first said: b")),
+            [],
+            id="first noted, not first typed",
+        ),
+        pytest.param(
+            raised(talked(call(A), noted=("b", "c"), answer="You first said: c")),
+            [LOST],
+            id="the first noted thing forgotten",
+        ),
         pytest.param(
             raised(talked(call(A), greetings=2)), [GREETED], id="greeted again on a takeover"
         ),
