@@ -1447,6 +1447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             logs = args.log_dir
             logs.mkdir(parents=True, exist_ok=True)
+            # Process logs are opened to append, and the ledger reads them
+            # (who joined which room): a previous run's lines, with the same
+            # seeded room names, would be taken for this run's.
+            for old in [*logs.glob("*.log"), logs / "ledger.json"]:
+                old.unlink(missing_ok=True)
         # The callers' SDK (the livekit logger) reports every reconnect: to a file.
         logging.basicConfig(
             filename=logs / "harness.log",
