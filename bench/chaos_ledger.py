@@ -294,7 +294,11 @@ def blame(run: RunFacts, t: float, joins: Sequence[Join]) -> tuple[str, Fault | 
         if f.kind == "kill" and f.target == worker and f.at <= t <= f.at + BLAME_WINDOW:
             return "kill", f
     for f in run.faults:
-        if f.kind == "sigterm" and f.target == worker and f.at <= t <= (f.end or f.at) + 1:
+        # The worker serving when the SIGTERM came: the taker of a handover
+        # logs its join before the caller sees the old agent leave.
+        before = [j for j in joins if j.at <= f.at]
+        then = before[-1].worker if before else ""
+        if f.kind == "sigterm" and f.target == then and f.at <= t <= (f.end or f.at) + 1:
             return "sigterm", f
     for f in run.self_exits:
         if f.target == worker and f.at - BLAME_WINDOW <= t <= f.at + BLAME_WINDOW:

@@ -547,3 +547,12 @@ def test_the_harness_greetings_are_the_agents_own() -> None:
         assert f'greeting="{greeting}"' in (agents / f"{agent}.py").read_text()
     assert cl.FIRST_REPLY.format("x") == "You first said: x"
     assert talk.noted("x") == "Noted: x"
+
+
+def test_a_handover_whose_taker_logged_its_join_first_is_the_deploys() -> None:
+    # The chaos run's case: w3.2 SIGTERMed at 12, the taker (w4.1) logged its
+    # join at 12.8, the caller saw the old agent leave at 13.0.
+    rec = call(A, *gap(13.0, 13.05), duration=20.0)
+    joins = {ROOM: [cl.Join(11.0, "AJ_1", "w3.2"), cl.Join(12.8, "AJ_1", "w4.1")]}
+    cl.build_ledger(run(rec, fault("sigterm", 12.0, 14.0, target="w3.2"), joins=joins))
+    assert rec.outcome == "served, interrupted by sigterm", rec.detail
