@@ -1286,7 +1286,8 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
         f"conversations: {ledger.conversations_checked} calls asked what they said first"
         f" ({len(ledger.forgot)} forgot), "
         f"{len(ledger.greeted_again)} heard the greeting other than once; "
-        f"{ledger.conversations_restarted} restarted with a new job by the LiveKit restart"
+        f"{ledger.conversations_restarted} restarted with a new job by the LiveKit restart, "
+        f"{ledger.greetings_cut} greeted while LiveKit was restarting (not heard)"
     )
     print(
         f"deploys: {sum(1 for f in h.faults if f.kind == 'sigterm')} SIGTERMs, "

@@ -237,6 +237,8 @@ class Ledger:
     #: the LiveKit restart), by outcome.
     conversations_checked: int = 0
     conversations_restarted: int = 0
+    #: Calls whose agent joined, and greeted, while LiveKit was restarting.
+    greetings_cut: int = 0
     #: Calls whose worker was SIGTERMed (the rolling deploy) while they ran.
     handed_over: int = 0
 
@@ -626,9 +628,24 @@ def conversation_kept(rec: CallRecord) -> str:
     return f"asked what it said first: {rec.answer or 'no answer'!r} (first: {rec.noted[0]!r})"
 
 
-def greeting_heard_once(rec: CallRecord) -> str:
+def greeting_cut_by_livekit(run: RunFacts, rec: CallRecord) -> bool:
+    """Did the call's agent join while LiveKit was going down or coming back?
+
+    Its greeting was spoken into a server that closed the room: the caller
+    cannot hear it, and the session that takes the call on after the restart
+    knows from the checkpoint that it was said. Explained, and counted apart.
+    """
+    joined = rec.joined_at
+    return joined is not None and any(
+        f.kind == "livekit" and f.end is not None and f.at <= joined <= f.end for f in run.faults
+    )
+
+
+def greeting_heard_once(run: RunFacts, rec: CallRecord) -> str:
     """Why the greeting was not heard exactly once, or "" when it was."""
     if rec.greetings == 1:
+        return ""
+    if rec.greetings == 0 and greeting_cut_by_livekit(run, rec):
         return ""
     return "the greeting never came" if rec.greetings == 0 else f"greeted {rec.greetings} times"
 
@@ -688,7 +705,7 @@ def build_ledger(run: RunFacts) -> Ledger:
     measured = {id(r): overlaps(r) for r in run.calls}
     forgot: list[CallRecord] = []
     greeted_again: list[CallRecord] = []
-    checked = restarted = 0
+    checked = restarted = greetings_cut = 0
     for rec in run.calls:
         if not conversation_due(run, rec):
             continue
@@ -699,7 +716,9 @@ def build_ledger(run: RunFacts) -> Ledger:
         if why := conversation_kept(rec):
             forgot.append(rec)
             rec.detail = "; ".join(d for d in (rec.detail, why) if d)
-        if why := greeting_heard_once(rec):
+        if rec.greetings == 0 and greeting_cut_by_livekit(run, rec):
+            greetings_cut += 1
+        if why := greeting_heard_once(run, rec):
             greeted_again.append(rec)
             rec.detail = "; ".join(d for d in (rec.detail, why) if d)
     return Ledger(
@@ -717,6 +736,7 @@ def build_ledger(run: RunFacts) -> Ledger:
         doubled_jobs=doubled_entries(run),
         conversations_checked=checked,
         conversations_restarted=restarted,
+        greetings_cut=greetings_cut,
         handed_over=sum(handed_over(run, r) for r in run.calls),
     )
 

@@ -415,6 +415,22 @@ DOUBLED = "jobs with two live entries at once"
         ),
         pytest.param(raised(talked(call(A), greetings=0)), [GREETED], id="never greeted"),
         pytest.param(
+            # Joined (and greeted) while LiveKit was going down: explained.
+            raised(talked(call(A), greetings=0), fault("livekit", 10.5, end=14.0)),
+            [],
+            id="greeting said into the LiveKit restart",
+        ),
+        pytest.param(
+            raised(talked(call(A), greetings=0), fault("livekit", 11.5, end=14.0)),
+            [GREETED],
+            id="never greeted, joined before the LiveKit restart",
+        ),
+        pytest.param(
+            raised(talked(call(A), greetings=2), fault("livekit", 10.5, end=14.0)),
+            [GREETED],
+            id="greeted twice across the LiveKit restart",
+        ),
+        pytest.param(
             # A failed call is counted failed once, not again as a lost conversation.
             raised(talked(call(), said=())),
             ["calls failed", "conversations checked: none"],

@@ -9,9 +9,10 @@ from typing import Any
 
 import anyio
 import pytest
-from livekit.agents import llm
+from livekit.agents import Agent, AgentSession, llm
 
 from openrtc.agents.offline import offline_reply
+from openrtc.session.session import _Checkpointing
 from openrtc.store.checkpoint import (
     INTERRUPTED_OUTPUT,
     Checkpoint,
@@ -342,3 +343,34 @@ async def test_a_refused_checkpoint_is_retried_only_while_the_call_is_ours() -> 
     assert len(tries) == settled  # no more tries once it is not ours
     assert writer.refused == settled
     assert writer.written == 0
+
+
+@pytest.mark.anyio  # AgentSession() wants a running loop
+@pytest.mark.parametrize(
+    ("said", "greeted"),
+    [
+        ([], False),
+        ([("user", "hello?")], False),
+        ([("assistant", "Welcome to the line.")], True),
+        ([("user", "hello?"), ("assistant", "Welcome to the line.")], True),
+    ],
+)
+async def test_a_checkpoint_is_greeted_once_the_agent_has_spoken(
+    said: list[tuple[str, str]], greeted: bool
+) -> None:
+    """The state at the greeting's end: its words are in the history and the
+    agent listens, but the greeting's speech handle is not done yet (its done
+    callback runs a loop turn later). A handover's checkpoint taken then must
+    say the caller was greeted, or the peer greets again (seen in the chaos
+    ledger: a deploy right as a call began, the greeting heard twice)."""
+    session: AgentSession[Any] = AgentSession()
+    session.update_agent(Agent(instructions="Offline lobby."))
+    for role, text in said:
+        session.history.add_message(role=role, content=text)  # type: ignore[arg-type]
+    offered: list[bytes] = []
+    checkpointing = _Checkpointing(session, offered.append, 64 * 1024)
+    checkpointing.offer_now()
+    (data,) = offered
+    saved = Checkpoint.decode(data)
+    assert saved is not None
+    assert saved.greeted is greeted

@@ -18,11 +18,12 @@ import pytest
 from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
-from openrtc.devtools.caller import caller_in
+from openrtc.devtools.caller import Caller, caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.checkpoint import Checkpoint, CheckpointStore
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import agent_identity
 from tests.support.conversation import (
     GREETING,
     THREE_THINGS,
@@ -92,6 +93,93 @@ async def test_a_killed_session_resumes_its_conversation_without_a_second_greeti
 
             await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
             assert transcript.count(GREETING) == 1, transcript.lines
+
+
+#: A greeting that plays for ~9 s (ToneTTS: 0.15 s a word): long enough for a
+#: deploy to start and a peer to come up while the caller hears it.
+LONG_GREETING = "Welcome to the long line. " + " ".join(["please hold while we greet you"] * 10)
+
+GREETS_AT_LENGTH = f"""
+from livekit.agents import Agent
+
+from openrtc import agent_config
+from openrtc.agents.offline import OfflineLLM, ToneTTS
+
+
+@agent_config(name="lobby", llm=OfflineLLM(), tts=ToneTTS(), greeting={LONG_GREETING!r})
+class Lobby(Agent):
+    def __init__(self) -> None:
+        super().__init__(instructions="Offline lobby.")
+"""
+
+
+async def agent_speaking(caller: Caller) -> str:
+    """Until an agent in the room is speaking (its state attribute says so); its sid."""
+    found: list[str] = []
+
+    def speaking() -> bool:
+        found[:] = [
+            p.sid for p in caller.agents() if p.attributes.get("lk.agent.state") == "speaking"
+        ]
+        return bool(found)
+
+    await eventually(speaking, "an agent speaking", within=90)
+    return found[0]
+
+
+@pytest.mark.parametrize("isolation", ["coroutine", "process"])
+async def test_a_deploy_during_the_greeting_does_not_greet_the_caller_again(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    tmp_path: Path,
+    isolation: str,
+) -> None:
+    """SIGTERM while the agent is still greeting: the handover waits for the
+    turn boundary at the greeting's end, and the peer that takes the call over
+    knows the caller was greeted (seen in the chaos ledger: a deploy right as a
+    call began gave its caller the greeting twice)."""
+    (tmp_path / "lobby.py").write_text(GREETS_AT_LENGTH)
+    agent, ns = "lobby", unique("ns")
+    args = ["--isolation", isolation]
+    with worker_process_killed_on_exit(
+        livekit_server, redis_server.url, ns, *args, agent=agent, agents_dir=tmp_path
+    ) as first:
+        lk_room = await new_room(livekit_server, unique("lobby-deploy"))
+        message = job_message(livekit_server, lk_room, agent, unique("dispatcher"))
+        async with (
+            caller_in(creds(livekit_server), lk_room.name) as caller,
+            transcribing(caller) as transcript,
+            AsyncExitStack() as stack,
+        ):
+            await StreamStore(redis, Keys(ns)).enqueue([message])
+            original = await agent_speaking(caller)
+            pool = AgentPool.from_directory(tmp_path)
+            await stack.enter_async_context(
+                working(
+                    livekit_server,
+                    redis_server.url,
+                    ns,
+                    agent,
+                    pool=pool,
+                    lease=LEASE,
+                    isolation=isolation,
+                )
+            )
+            # Still greeting: the deploy's handover waits for its end.
+            assert transcript.count(LONG_GREETING) == 0, transcript.lines
+            first.send_signal(signal.SIGTERM)
+            replacement = await caller.wait_agent(within=60, other_than=original)
+            assert replacement.identity == agent_identity(message.job_id)
+            await agent_listening(caller, replacement.identity)
+            await eventually(
+                lambda: any(t.sid == replacement.sid and t.frames for t in caller.audio),
+                "audio from the new session",
+            )
+            # The replacement answers, so a greeting it would say is said by now.
+            await transcript.ask("my name is Ann", "Noted: my name is Ann")
+            assert transcript.count(LONG_GREETING) == 1, transcript.lines
+            await delete_room(livekit_server, lk_room.name)
 
 
 @pytest.mark.parametrize("isolation", ["coroutine", "process"])

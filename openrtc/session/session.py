@@ -53,7 +53,7 @@ from openrtc.session.livekit_parts import (
     RunningJobInfo,
 )
 from openrtc.settings import DEFAULT_OBSERVER_TIMEOUT, LiveKitSettings
-from openrtc.store.checkpoint import Checkpoint, mark_interrupted, plain_data
+from openrtc.store.checkpoint import Checkpoint, agent_has_spoken, mark_interrupted, plain_data
 from openrtc.wire.messages import (
     JOINED_ATTRIBUTE,
     JobMessage,
@@ -839,7 +839,7 @@ class _Checkpointing:
         cls = type(agent)
         checkpoint = Checkpoint(
             agent_class=f"{cls.__module__}:{cls.__qualname__}",
-            greeted=self.greeted,
+            greeted=self.greeted or agent_has_spoken(history),
             history=history,
             userdata=plain_data(parts.session_userdata(session)),
             state=state,

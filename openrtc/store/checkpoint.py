@@ -43,6 +43,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointStore",
     "CheckpointWriter",
+    "agent_has_spoken",
     "cut_text",
     "idempotency_key",
     "mark_interrupted",
@@ -105,6 +106,16 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value
+
+
+def agent_has_spoken(items: list[dict[str, Any]]) -> bool:
+    """The history holds something the agent said: its caller was greeted.
+
+    A greeting's words enter the history when its playout ends, a loop turn
+    before its speech handle is done; a checkpoint taken at that turn boundary
+    (a handover's) must not let the next session greet again.
+    """
+    return any(i.get("type") == "message" and i.get("role") == "assistant" for i in items)
 
 
 def mark_interrupted(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
