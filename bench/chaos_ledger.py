@@ -628,16 +628,22 @@ def conversation_kept(rec: CallRecord) -> str:
     return f"asked what it said first: {rec.answer or 'no answer'!r} (first: {rec.noted[0]!r})"
 
 
-def greeting_cut_by_livekit(run: RunFacts, rec: CallRecord) -> bool:
-    """Did the call's agent join while LiveKit was going down or coming back?
+#: Seconds from an agent's join by which its greeting has been said (session
+#: start and a one-sentence greeting, on a loaded host).
+GREETING_DUE: Final = 5.0
 
-    Its greeting was spoken into a server that closed the room: the caller
-    cannot hear it, and the session that takes the call on after the restart
-    knows from the checkpoint that it was said. Explained, and counted apart.
+
+def greeting_cut_by_livekit(run: RunFacts, rec: CallRecord) -> bool:
+    """Was the call's greeting due while LiveKit was going down or coming back?
+
+    It was spoken into a server that was closing the room: the caller cannot
+    hear it, and the session that carries the call on after the restart knows
+    from the checkpoint that it was said. Explained, and counted apart.
     """
     joined = rec.joined_at
     return joined is not None and any(
-        f.kind == "livekit" and f.end is not None and f.at <= joined <= f.end for f in run.faults
+        f.kind == "livekit" and f.end is not None and f.at - GREETING_DUE <= joined <= f.end
+        for f in run.faults
     )
 
 

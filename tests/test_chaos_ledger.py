@@ -421,9 +421,15 @@ DOUBLED = "jobs with two live entries at once"
             id="greeting said into the LiveKit restart",
         ),
         pytest.param(
-            raised(talked(call(A), greetings=0), fault("livekit", 11.5, end=14.0)),
+            # Joined 4.5 s before LiveKit went down: the greeting was due in it.
+            raised(talked(call(A), greetings=0), fault("livekit", 15.5, end=18.0)),
+            [],
+            id="greeting due as LiveKit went down",
+        ),
+        pytest.param(
+            raised(talked(call(A), greetings=0), fault("livekit", 16.5, end=18.0)),
             [GREETED],
-            id="never greeted, joined before the LiveKit restart",
+            id="never greeted, joined well before the LiveKit restart",
         ),
         pytest.param(
             raised(talked(call(A), greetings=2), fault("livekit", 10.5, end=14.0)),
