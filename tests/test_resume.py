@@ -228,6 +228,46 @@ async def test_a_deploy_hands_the_call_over_with_its_conversation(
             assert transcript.count(RESUME_LINE) == 0, transcript.lines
 
 
+async def test_a_takeover_of_a_call_never_greeted_greets_instead_of_resuming(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """A session that lost its call before its greeting was said (its worker
+    stalled past the lease while starting: seen in the chaos ledger) left a
+    checkpoint that says the caller was not greeted. The session that takes
+    the call over greets; it does not say the resume line ("Sorry, I lost you
+    for a second") to a caller it never spoke to."""
+    agent, ns = "restaurant", unique("ns")
+    keys = Keys(ns)
+    store = StreamStore(redis, keys)
+    await store.ensure_group(agent)
+    room = await new_room(livekit_server, unique("restaurant-ungreeted"))
+    message = job_message(livekit_server, room, agent, unique("dispatcher"))
+    async with (
+        caller_in(creds(livekit_server), room.name) as caller,
+        transcribing(caller) as transcript,
+    ):
+        await store.enqueue([message])
+        # A worker that read the job, saved its first checkpoint and died.
+        [delivery] = await JobConsumer(store, agent, "w-dead").read(1, 100)
+        data = Checkpoint(greeted=False).encode(64 * 1024)
+        assert data is not None
+        checkpoints = CheckpointStore(redis, keys, agent, 60)
+        assert await checkpoints.save(
+            message.job_id, data, entry_id=delivery.entry_id, consumer="w-dead"
+        )
+        async with working(livekit_server, redis_server.url, ns, agent, lease=LEASE):
+            taker = await caller.wait_agent(within=60)
+            await agent_listening(caller, taker.identity)
+            await eventually(
+                lambda: transcript.count(RESTAURANT_GREETING), "the greeting", within=30
+            )
+            # It answers, so a line it would say on starting is said by now.
+            await transcript.ask("my name is Ann", "Noted: my name is Ann")
+            assert transcript.count(RESUME_LINE) == 0, transcript.lines
+            assert transcript.count(RESTAURANT_GREETING) == 1, transcript.lines
+    await delete_room(livekit_server, room.name)
+
+
 async def test_the_termination_a_handover_causes_does_not_finish_the_call(
     livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
 ) -> None:

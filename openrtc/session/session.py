@@ -633,17 +633,24 @@ class _SessionRun:
         return None
 
     def _greet(self, session: AgentSession[Any], saved: Checkpoint | None) -> None:
-        """The greeting, or the resume line; neither when the caller was greeted already."""
+        """The greeting to a caller not greeted yet; else, on a takeover, the resume line.
+
+        A checkpoint can say "not greeted": its session lost the call before
+        the greeting was said. That caller hears the greeting, not an apology
+        from an agent it never heard.
+        """
         config, control, saving = self.config, self.control, self.saving
-        greeted = control.greeted or (saved is not None and saved.greeted)
+        greeted = control.greeted or (
+            saved is not None and (saved.greeted or agent_has_spoken(saved.history))
+        )
         if saving is not None:
             saving.greeted = greeted
-        if saved is not None and config.resume_line and not control.handover:
-            session.say(config.resume_line)
-        elif not greeted:
+        if not greeted:
             greeting = say_greeting(session, config)
             if greeting is not None and saving is not None:
                 greeting.add_done_callback(lambda _: saving.said_greeting())
+        elif saved is not None and config.resume_line and not control.handover:
+            session.say(config.resume_line)
 
     async def _observe_start(self, session: AgentSession[Any]) -> None:
         """The ``@on_session_start`` observers, with the live session and the job's context."""
