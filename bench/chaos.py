@@ -801,6 +801,10 @@ class Harness:
         """
         for slot in self.plan.deploy_slots:
             async with self.slot_locks[slot]:
+                # A replacement after a kill may still be importing: SIGTERM
+                # then kills it by Python's default action (-15) before it has
+                # a call to hand over. A deploy rolls a running release.
+                await self.slot_up(redis, slot, limit=KILL_WAIT)
                 old = self.children[slot]
                 self.draining[old.name] = old
                 self.spawn(slot)

@@ -55,6 +55,10 @@ from typing import Final
 FAILED: Final = "FAILED: "
 #: A departure this long after a fault is blamed on it.
 BLAME_WINDOW: Final = 15.0
+#: A SIGTERMed worker's session processes hand their calls over up to this long
+#: after its main process exited (process isolation: each leaves when its peer
+#: joins; seen 2.7 s after the exit in a full run).
+OUTLIVES: Final = 10.0
 #: A SIGKILLed worker's call has an agent again this soon after the kill (or
 #: after the end of an outage that overlapped it). Crash detection: p50 ~2 s.
 RECOVERY_LIMIT: Final = 6.0
@@ -300,7 +304,7 @@ def blame(run: RunFacts, t: float, joins: Sequence[Join]) -> tuple[str, Fault | 
         # logs its join before the caller sees the old agent leave.
         before = [j for j in joins if j.at <= f.at]
         then = before[-1].worker if before else ""
-        if f.kind == "sigterm" and f.target == then and f.at <= t <= (f.end or f.at) + 1:
+        if f.kind == "sigterm" and f.target == then and f.at <= t <= (f.end or f.at) + OUTLIVES:
             return "sigterm", f
     for f in run.self_exits:
         if f.target == worker and f.at - BLAME_WINDOW <= t <= f.at + BLAME_WINDOW:

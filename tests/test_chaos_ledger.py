@@ -551,6 +551,17 @@ def test_a_gap_in_a_sigterm_workers_call_is_its_deploy_and_no_other_workers() ->
     assert other.outcome == FAILED + "left and came back, no fault"
 
 
+def test_a_handover_after_the_sigterm_workers_exit_is_its_deploy() -> None:
+    # Process isolation: the worker's main process exited at 14; its session
+    # process handed the call over when the peer joined, 2.7 s later.
+    rec = call(A, *gap(16.7, 16.75), duration=20.0)
+    cl.build_ledger(run(rec, fault("sigterm", 12.0, 14.0, target="w1.1"), joins=joined("w1.1")))
+    assert rec.outcome == "served, interrupted by sigterm", rec.detail
+    late = call(A, *gap(15.0 + cl.OUTLIVES, 15.05 + cl.OUTLIVES), duration=30.0)
+    cl.build_ledger(run(late, fault("sigterm", 12.0, 14.0, target="w1.1"), joins=joined("w1.1")))
+    assert late.outcome == FAILED + "left and came back, no fault"
+
+
 def test_a_killed_liveness_connection_excuses_no_gap() -> None:
     rec = call(A, *gap(13.0, 15.0), duration=20.0)
     cl.build_ledger(run(rec, fault("liveness-kill", 12.5, target="w1.1"), joins=joined("w1.1")))
