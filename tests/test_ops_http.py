@@ -103,13 +103,24 @@ async def test_endpoints_follow_a_real_call(
             _, worker_page = await get(w, "/metrics")
             assert value(worker_page, "openrtc_sessions_running", agent="dental") == 1
             assert value(worker_page, "openrtc_session_capacity", agent="dental") == 10
-            assert value(worker_page, "openrtc_sessions_started_total", agent="dental") == 1
+            assert (
+                value(
+                    worker_page, "openrtc_sessions_started_total", agent="dental", tenant="default"
+                )
+                == 1
+            )
             await delete_room(livekit_server, room)
 
         async def succeeded() -> bool:
             _, text = await get(w, "/metrics")
             return (
-                value(text, "openrtc_sessions_ended_total", agent="dental", outcome="succeeded")
+                value(
+                    text,
+                    "openrtc_sessions_ended_total",
+                    agent="dental",
+                    tenant="default",
+                    outcome="succeeded",
+                )
                 == 1
             )
 

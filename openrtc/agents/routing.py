@@ -48,13 +48,16 @@ __all__ = [
     "ROUTER_STEP",
     "SHOWN_NAME_MAX",
     "STEP_SOURCES",
+    "MetadataKeys",
     "Route",
     "RouteRequest",
     "Router",
     "RouterFunction",
     "RoutingTable",
     "UnknownAgentError",
+    "clean_value",
     "explain_route",
+    "metadata_values",
     "resolve_agent",
     "shown_name",
     "table_for",
@@ -442,25 +445,55 @@ def _parse_object(text: str) -> Mapping[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _keys_from(metadata: Any) -> tuple[Any, Any] | None:
-    """The raw ``agent`` and ``demo`` values of one metadata source, if any."""
+class MetadataKeys(NamedTuple):
+    """Keys read from job and room metadata, with their quoted forms (for the fast skip)."""
+
+    keys: tuple[str, ...]
+    quoted: tuple[str, ...]
+
+    @classmethod
+    def of(cls, *keys: str) -> MetadataKeys:
+        return cls(keys, tuple(f'"{key}"' for key in keys))
+
+
+def metadata_values(metadata: Any, wanted: MetadataKeys) -> tuple[Any, ...] | None:
+    """The raw values of ``wanted`` keys in one metadata source (a JSON object string or a mapping).
+
+    ``None`` when the source holds no JSON object (empty, not JSON, a scalar,
+    an array, null); else one value per key, ``None`` where it is absent. The
+    one reader of job and room metadata: the agent's keys here, the tenant's
+    (:mod:`openrtc.agents.tenants`) the same way.
+    """
     if isinstance(metadata, str):
         if not metadata:
             return None
-        # Without a backslash, a JSON key "agent" or "demo" can only appear
-        # literally, so most caller metadata skips the parse entirely.
-        if '"agent"' not in metadata and '"demo"' not in metadata and "\\" not in metadata:
-            return None
+        # Without a backslash, a JSON key can only appear literally (quoted),
+        # so most caller metadata skips the parse entirely.
+        if "\\" not in metadata:
+            for quoted in wanted.quoted:
+                if quoted in metadata:
+                    break
+            else:
+                return None
         parsed = _parse_object(metadata)
         if parsed is None:
             return None
-        return parsed.get("agent"), parsed.get("demo")
+        return tuple(parsed.get(key) for key in wanted.keys)
     if isinstance(metadata, Mapping):
-        return metadata.get("agent"), metadata.get("demo")
+        return tuple(metadata.get(key) for key in wanted.keys)
     return None
 
 
-def _clean(value: object) -> str | None:
+_ROUTE_KEYS: Final = MetadataKeys.of("agent", "demo")
+
+
+def _keys_from(metadata: Any) -> tuple[Any, ...] | None:
+    """The raw ``agent`` and ``demo`` values of one metadata source, if any."""
+    return metadata_values(metadata, _ROUTE_KEYS)
+
+
+def clean_value(value: object) -> str | None:
+    """A metadata value as a name: a non-blank string, stripped; anything else is ``None``."""
     if isinstance(value, str):
         stripped = value.strip()
         if stripped:
@@ -474,10 +507,10 @@ def _from_metadata(metadata: Any, table: RoutingTable, first_step: int) -> Route
         return None
     agent_value, demo_value = keys
     step = first_step
-    name = _clean(agent_value)
+    name = clean_value(agent_value)
     if name is None:
         step += 1
-        name = _clean(demo_value)
+        name = clean_value(demo_value)
         if name is None:
             return None
     route = table._routes[step].get(name)
@@ -638,7 +671,7 @@ def explain_route(job: _JobLike, agents: RoutingTable | Iterable[str]) -> list[s
             continue
         for offset, key in enumerate(("agent", "demo")):
             value = keys[offset]
-            name = _clean(value)
+            name = clean_value(value)
             step = first_step + offset
             if name is None:
                 lines.append(f"step {step}: {where}: {_describe_value(key, value)}")

@@ -19,6 +19,7 @@ import anyio
 from livekit.protocol import agent as proto
 
 from openrtc.agents.routing import UnknownAgentError, resolve_agent
+from openrtc.agents.tenants import resolve_tenant
 from openrtc.dispatcher.context import DispatcherContext, fail_job, logger
 from openrtc.dispatcher.enqueuer import BatchEnqueuer, Pending
 from openrtc.dispatcher.ledger import Offer
@@ -58,10 +59,12 @@ class AssignmentDesk:
                     # Assigned without an offer we remember (e.g. across a
                     # reconnect): route it again from what the assignment carries.
                     now = ctx.clock()
+                    tenant = resolve_tenant(job).name
                     try:
-                        offer = Offer(job, resolve_agent(job, ctx.table), None, now, now)
+                        route = resolve_agent(job, ctx.table)
+                        offer = Offer(job, route, None, now, now, tenant=tenant)
                     except UnknownAgentError as exc:
-                        offer = Offer(job, None, exc, now, now)
+                        offer = Offer(job, None, exc, now, now, tenant=tenant)
                         ctx.handlers.start(self.dead_letter_unknown, offer)
                 if offer.error is not None:
                     ctx.handlers.start(fail_job, socket, job.id, str(offer.error))
@@ -76,6 +79,7 @@ class AssignmentDesk:
                     tracing.JOB_ID: job.id,
                     tracing.ROOM: job.room.name,
                     tracing.AGENT: offer.route.agent,
+                    tracing.TENANT: offer.tenant,
                 },
             )
             traceparent = tracing.traceparent_of(span)
@@ -94,7 +98,9 @@ class AssignmentDesk:
     ) -> None:
         """Account for one job the enqueuer wrote (or could not write)."""
         message = pending.message
-        with log_context(job_id=message.job_id, room=message.room, agent=message.agent):
+        with log_context(
+            job_id=message.job_id, room=message.room, agent=message.agent, tenant=message.tenant
+        ):
             if result is None:
                 self._not_written(pending, error)
             else:
@@ -175,6 +181,7 @@ class AssignmentDesk:
             received_at=offer.received_at,
             routed_at=offer.routed_at,
             traceparent=traceparent,
+            tenant=offer.tenant,
         )
 
     async def dead_letter_unknown(self, offer: Offer) -> None:

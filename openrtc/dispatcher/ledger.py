@@ -23,6 +23,7 @@ from typing import Any, Final
 from livekit.protocol import agent as proto
 
 from openrtc.agents.routing import Route, UnknownAgentError
+from openrtc.agents.tenants import DEFAULT_TENANT
 
 __all__ = ["JobLedger", "Offer"]
 
@@ -41,6 +42,8 @@ class Offer:
     routed_at: float
     #: The availability span (tracing on only): the enqueue's parent.
     span: Any = None
+    #: The job's tenant (:func:`openrtc.agents.tenants.resolve_tenant`).
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(slots=True)
