@@ -28,6 +28,7 @@ from openrtc.agents.tenants import (
     tenant_scope,
 )
 from openrtc.ops.logs import ContextFilter, _TextFormatter, log_context
+from openrtc.ops.monitor import TenantCount, count_tenant
 from openrtc.wire.messages import (
     TENANT_FIELD,
     JobMessage,
@@ -245,3 +246,38 @@ def test_job_entry_round_trips_its_tenant() -> None:
     message = JobMessage.decode(_entry("acme"))
     assert JobMessage.decode(message.encode()).tenant == "acme"
     assert peek_tenant({TENANT_FIELD.encode(): b"\xff\xfe"}) == DEFAULT_TENANT
+
+
+def _fields(tenant: str | None) -> dict[bytes, bytes]:
+    return {} if tenant is None else {TENANT_FIELD.encode(): tenant.encode()}
+
+
+@pytest.mark.parametrize(
+    ("entries", "last_delivered", "expected"),
+    [
+        ([], "", TenantCount()),
+        # Split at the group's last-delivered id: read (running) vs waiting.
+        (
+            [("1-0", "acme"), ("2-0", "globex"), ("3-0", "acme"), ("4-0", "acme")],
+            "2-0",
+            TenantCount(waiting=2, delivered=1, oldest_waiting_ms=3),
+        ),
+        ([("1-0", "acme"), ("1-1", "acme")], "1-0", TenantCount(1, 1, 1)),
+        # No group yet: everything waits.
+        ([("5-0", "acme")], "", TenantCount(waiting=1, oldest_waiting_ms=5)),
+        # Another tenant's entries only.
+        ([("1-0", "globex")], "0-0", TenantCount()),
+        # An entry of an older dispatcher (no field) is the default tenant's.
+        ([("1-0", None), ("2-0", "acme")], "9-0", TenantCount(delivered=1)),
+    ],
+)
+def test_count_tenant(
+    entries: list[tuple[str, str | None]], last_delivered: str, expected: TenantCount
+) -> None:
+    raw = [(entry_id, _fields(tenant)) for entry_id, tenant in entries]
+    assert count_tenant(raw, "acme", last_delivered) == expected
+
+
+def test_count_tenant_counts_the_default_tenant_s_untagged_entries() -> None:
+    raw = [("1-0", _fields(None)), ("2-0", _fields("acme")), ("3-0", _fields(DEFAULT_TENANT))]
+    assert count_tenant(raw, DEFAULT_TENANT, "1-0") == TenantCount(1, 1, 3)
