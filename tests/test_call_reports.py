@@ -210,8 +210,8 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
             async def duration_observed() -> bool:
                 _, page = await get(last_port, "/metrics")
                 line = (
-                    'openrtc_call_duration_seconds_count{agent="dental",tenant="default",'
-                    'outcome="ended"} 1.0'
+                    'openrtc_call_duration_seconds_count{agent="dental",outcome="ended",'
+                    'tenant="default"} 1.0'
                 )
                 return line in page
 

@@ -133,7 +133,9 @@ class AssignmentDesk:
                 result.entry_id,
             )
         else:
-            ctx.metrics.jobs_routed.labels(message.agent, str(pending.route.step)).inc()
+            ctx.metrics.jobs_routed.labels(
+                message.agent, str(pending.route.step), ctx.metrics.tenant_label(message.tenant)
+            ).inc()
             # The assignment arrived one enqueue timeout before the deadline.
             submitted = pending.deadline - ctx.settings.enqueue_timeout
             ctx.metrics.enqueue_latency.labels(message.agent).observe(time.monotonic() - submitted)

@@ -133,10 +133,12 @@ class DispatcherMetrics(_Common):
         )
         self.jobs_routed = Counter(
             "openrtc_jobs_routed",
-            "Jobs written to an agent's stream, by agent and routing step.",
-            ["agent", "step"],
+            "Jobs written to an agent's stream, by agent, routing step and tenant.",
+            ["agent", "step", "tenant"],
             registry=r,
         )
+        #: A job's tenant as the ``tenant`` label (bounded: openrtc.agents.tenants).
+        self.tenant_label = TenantLabels()
         self.unknown_agents = Counter(
             "openrtc_unknown_agent_jobs",
             "Jobs that named an agent nobody registered.",
