@@ -27,12 +27,15 @@ from openrtc.agents.tenants import (
     tenant_label,
     tenant_scope,
 )
+from openrtc.dispatcher.availability import _tenant_of
 from openrtc.ops.logs import ContextFilter, _TextFormatter, log_context
 from openrtc.ops.monitor import TenantCount, count_tenant
 from openrtc.wire.messages import (
     TENANT_FIELD,
     JobMessage,
+    JobStatus,
     MalformedEntry,
+    StatusEvent,
     accept_arguments,
     peek_tenant,
 )
@@ -281,3 +284,30 @@ def test_count_tenant(
 def test_count_tenant_counts_the_default_tenant_s_untagged_entries() -> None:
     raw = [("1-0", _fields(None)), ("2-0", _fields("acme")), ("3-0", _fields(DEFAULT_TENANT))]
     assert count_tenant(raw, DEFAULT_TENANT, "1-0") == TenantCount(1, 1, 3)
+
+
+def test_an_invalid_tenant_is_the_default_s_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="openrtc")
+    assert _tenant_of(job('{"agent": "dental", "tenant": "acme corp"}')) == DEFAULT_TENANT
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "job AJ_t (room r): tenant 'acme corp' in its job metadata is not a tenant name "
+        "(1-64 letters, digits, '.', '_', '-'); the call is the default tenant's"
+    )
+    caplog.clear()
+    assert _tenant_of(job("", '{"tenant": "globex"}')) == "globex"
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("tenant", "decoded"), [("acme", "acme"), ("", ""), ("a b", ""), ("x" * 200, "")]
+)
+def test_status_events_carry_the_tenant_as_a_hint(tenant: str, decoded: str) -> None:
+    fields = StatusEvent("AJ_1", JobStatus.SUCCESS, worker_id="w-1").encode()
+    if tenant:
+        fields[TENANT_FIELD.encode()] = tenant.encode()
+    assert StatusEvent.decode(fields).tenant == decoded
+    sent = StatusEvent("AJ_1", JobStatus.FAILED, tenant="acme", at=1.5)
+    assert StatusEvent.decode(sent.encode()) == sent

@@ -25,7 +25,7 @@ from openrtc.dispatcher.enqueuer import BatchEnqueuer, Pending
 from openrtc.dispatcher.ledger import Offer
 from openrtc.dispatcher.livekit_protocol import AgentSocket
 from openrtc.ops import tracing
-from openrtc.ops.logs import log_context
+from openrtc.ops.logs import add_log_context, log_context
 from openrtc.store.streams import REDIS_DOWN, EnqueueResult
 from openrtc.supervision import describe
 from openrtc.wire.messages import (
@@ -54,12 +54,15 @@ class AssignmentDesk:
         if offer is None or offer.error is not None:
             # The unusual paths log and start tasks: they get the job's log
             # context (the usual one logs nothing here, and pays nothing).
-            with log_context(job_id=job.id, room=job.room.name):
+            with log_context(
+                job_id=job.id, room=job.room.name, tenant=offer.tenant if offer else ""
+            ):
                 if offer is None:
                     # Assigned without an offer we remember (e.g. across a
                     # reconnect): route it again from what the assignment carries.
                     now = ctx.clock()
                     tenant = resolve_tenant(job).name
+                    add_log_context(tenant=tenant)
                     try:
                         route = resolve_agent(job, ctx.table)
                         offer = Offer(job, route, None, now, now, tenant=tenant)

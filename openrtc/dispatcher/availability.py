@@ -114,15 +114,18 @@ class AvailabilityDesk:
         tenant = DEFAULT_TENANT
         draining, view = ctx.draining, ctx.view
         if not draining:  # a draining dispatcher routes nothing
+            # First: the routing's own lines carry it.
+            tenant = _tenant_of(job)
+            add_log_context(tenant=tenant)
             try:
                 route = resolve_agent(job, ctx.table)
             except UnknownAgentError as exc:
                 error = exc
-            tenant = _tenant_of(job)
             if span is not None:
                 _trace_route(span, route, error)
                 span.set_attribute(tracing.TENANT, tenant)
-            add_log_context(agent=route.agent if route is not None else "", tenant=tenant)
+            if route is not None:
+                add_log_context(agent=route.agent)
         answer = answer_offer(
             route,
             error,

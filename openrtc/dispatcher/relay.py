@@ -70,7 +70,7 @@ class StatusRelay:
         try:
             # The room is not known here; the agent is, for a held job.
             agent = self._ctx.jobs.held.get(event.job_id, "")
-            with log_context(job_id=event.job_id, agent=agent):
+            with log_context(job_id=event.job_id, agent=agent, tenant=event.tenant):
                 await self._relay(event)
         except Exception:
             # Whatever one event holds, it must not stop the loop that relays

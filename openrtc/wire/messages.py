@@ -411,13 +411,18 @@ def _tenant(fields: Fields) -> str:
     return tenant
 
 
-def peek_tenant(fields: Fields) -> str:
-    """A job entry's tenant, undecoded: the default tenant's if unusable; never raises."""
+def _hint_tenant(fields: Fields) -> str:
+    """The entry's tenant field if it is a tenant name, else ``""``; never raises."""
     raw = fields.get(TENANT_FIELD.encode())
     if not isinstance(raw, bytes) or len(raw) > ID_MAX:
-        return DEFAULT_TENANT
+        return ""
     text = raw.decode(errors="replace")
-    return text if is_tenant(text) else DEFAULT_TENANT
+    return text if is_tenant(text) else ""
+
+
+def peek_tenant(fields: Fields) -> str:
+    """A job entry's tenant, undecoded: the default tenant's if unusable; never raises."""
+    return _hint_tenant(fields) or DEFAULT_TENANT
 
 
 def _hint_id(fields: Fields, name: str) -> str:
@@ -465,10 +470,13 @@ class StatusEvent:
     error: str = ""
     worker_id: str = ""
     at: float = field(default_factory=time.time)
+    #: The job's tenant, for the dispatcher's log lines (``""``: not said, or
+    #: not a tenant name; only a hint, never a reason to drop the event).
+    tenant: str = ""
 
     def encode(self) -> dict[bytes, bytes]:
         """Stream entry fields (the error bounded to :data:`ERROR_TEXT_MAX`)."""
-        return {
+        fields = {
             b"v": _VERSION,
             b"job_id": self.job_id.encode(),
             b"status": self.status.value.encode(),
@@ -476,6 +484,9 @@ class StatusEvent:
             b"worker": self.worker_id.encode(),
             b"at": f"{self.at:.6f}".encode(),
         }
+        if self.tenant:
+            fields[TENANT_FIELD.encode()] = self.tenant.encode()
+        return fields
 
     @classmethod
     def decode(cls, fields: Fields) -> StatusEvent:
@@ -497,6 +508,7 @@ class StatusEvent:
             error=bounded(_text(fields, "error", required=False)),
             worker_id=bounded(_text(fields, "worker", required=False), ID_MAX),
             at=_float(fields, "at"),
+            tenant=_hint_tenant(fields),
         )
 
 

@@ -216,7 +216,11 @@ class EntryCheck:
             ):
                 # Given up on undecoded: its dispatcher is told from the peeked ids.
                 await self._outcomes.publish(
-                    dispatcher_id, job_id, JobStatus.FAILED, f"{verdict.reason}: {verdict.error}"
+                    dispatcher_id,
+                    job_id,
+                    JobStatus.FAILED,
+                    f"{verdict.reason}: {verdict.error}",
+                    tenant=peek_tenant(claim.delivery.fields),
                 )
             return
         assert message is not None

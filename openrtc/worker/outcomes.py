@@ -300,14 +300,18 @@ class Outcomes:
 
     async def status(self, message: JobMessage, status: JobStatus, error: str) -> None:
         """Tell the job's dispatcher how it went (best effort)."""
-        await self.publish(message.dispatcher_id, message.job_id, status, error)
+        await self.publish(
+            message.dispatcher_id, message.job_id, status, error, tenant=message.tenant
+        )
 
-    async def publish(self, dispatcher_id: str, job_id: str, status: JobStatus, error: str) -> None:
+    async def publish(
+        self, dispatcher_id: str, job_id: str, status: JobStatus, error: str, *, tenant: str = ""
+    ) -> None:
         """A status event for ``dispatcher_id`` (nothing without both ids)."""
         if not dispatcher_id or not job_id:
             return
         ctx = self._ctx
-        event = StatusEvent(job_id, status, error, ctx.settings.worker_id)
+        event = StatusEvent(job_id, status, error, ctx.settings.worker_id, tenant=tenant)
         await ctx.redis(
             lambda: ctx.store.publish_status(dispatcher_id, event),
             "job %s: status %s not sent: %s",
