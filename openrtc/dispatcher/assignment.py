@@ -93,7 +93,7 @@ class AssignmentDesk:
             route=offer.route,
             span=span,
         )
-        ctx.jobs.assign(job.id, pending.message.agent)
+        ctx.jobs.assign(job.id, pending.message.agent, offer.tenant)
         self.enqueuer.submit(pending)
 
     def completed(

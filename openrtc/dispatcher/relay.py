@@ -18,7 +18,7 @@ from anyio.abc import TaskStatus
 from livekit.protocol import agent as proto
 
 from openrtc.dispatcher.context import DispatcherContext, logger, send_quietly
-from openrtc.ops.logs import log_context
+from openrtc.ops.logs import add_log_context, log_context
 from openrtc.store.streams import REDIS_DOWN
 from openrtc.supervision import describe
 from openrtc.wire.messages import JobStatus, MalformedEntry, StatusEvent
@@ -104,6 +104,7 @@ class StatusRelay:
     async def terminate(self, job_id: str) -> None:
         """LiveKit terminated the job: tell its agent's workers (a handler task)."""
         ctx = self._ctx
+        add_log_context(tenant=ctx.jobs.tenant_of(job_id))
         agent = ctx.jobs.terminated(job_id)
         if agent is None:
             logger.debug("termination for job %s that this dispatcher does not hold", job_id)
