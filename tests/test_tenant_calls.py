@@ -23,20 +23,23 @@ from livekit import api
 from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
+from openrtc.agents.tenants import DEFAULT_TENANT
 from openrtc.devtools.caller import caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.ops.logs import ContextFilter
 from openrtc.ops.metrics import count
 from openrtc.wire.keys import Keys
-from openrtc.wire.messages import RecordField
+from openrtc.wire.messages import QUEUED_AT_FIELD, TENANT_FIELD, RecordField, RecordState
 from openrtc.wire.reports import REPORT_FIELD
 from tests.support.conversation import transcribing
-from tests.support.jobs import write_agent
+from tests.support.jobs import job_message, write_agent
 from tests.support.stack import (
     creds,
+    delete_room,
     dispatcher_settings,
     dispatching,
     eventually,
+    new_room,
     unique,
     working,
 )
@@ -227,3 +230,45 @@ async def test_each_call_s_tenant_reaches_its_agent_top_status_and_report(
         "terminated by LiveKit",  # the termination
     ):
         assert any(expected in line for line in said_lines), (expected, said_lines)
+
+
+async def test_an_entry_written_before_tenants_is_served_as_the_default_tenant_s(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, tmp_path: Path
+) -> None:
+    """A rolling upgrade: an older dispatcher's entry has no ``tenant`` field (and
+    its record none either). A new worker serves it, as the default tenant's."""
+    write_agent(tmp_path, "coro_line", TENANT_AGENT.format(name="coro_line"))
+    ns, url = unique("ns"), redis_server.url
+    keys = Keys(ns)
+    room = await new_room(livekit_server, unique("old"))
+    message = job_message(livekit_server, room, "coro_line", unique("dispatcher"))
+    fields = message.encode()
+    del fields[TENANT_FIELD.encode()]
+    async with (
+        working(livekit_server, url, ns, "coro_line", pool=AgentPool.from_directory(tmp_path)),
+        caller_in(creds(livekit_server), room.name) as caller,
+        transcribing(caller) as transcript,
+    ):
+        # As the enqueue script of a version before tenants wrote it.
+        now_ms = int((await redis.time())[0]) * 1000
+        entry = await redis.xadd(keys.jobs("coro_line"), {QUEUED_AT_FIELD: now_ms, **fields})
+        await redis.hset(
+            keys.job("coro_line", message.job_id),
+            mapping={
+                RecordField.ENTRY: entry,
+                RecordField.STATE: RecordState.QUEUED,
+                RecordField.DISPATCHER: message.dispatcher_id,
+            },
+        )
+        line = "Tenant default, built for default."
+        await eventually(lambda: transcript.count(line), "the default tenant's line", within=90)
+        record = await redis.hget(keys.job("coro_line", message.job_id), RecordField.TENANT)
+        assert record == DEFAULT_TENANT.encode()
+        await delete_room(livekit_server, room.name)
+
+        async def reported() -> bool:
+            return await redis.xlen(keys.reports) == 1
+
+        await eventually(reported, "the call's report", within=30)
+    [(_, report)] = await redis.xrange(keys.reports)
+    assert json.loads(report[REPORT_FIELD])["tenant"] == DEFAULT_TENANT
