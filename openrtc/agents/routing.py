@@ -57,7 +57,7 @@ __all__ = [
     "UnknownAgentError",
     "clean_value",
     "explain_route",
-    "metadata_values",
+    "metadata_object",
     "resolve_agent",
     "shown_name",
     "table_for",
@@ -456,12 +456,13 @@ class MetadataKeys(NamedTuple):
         return cls(keys, tuple(f'"{key}"' for key in keys))
 
 
-def metadata_values(metadata: Any, wanted: MetadataKeys) -> tuple[Any, ...] | None:
-    """The raw values of ``wanted`` keys in one metadata source (a JSON object string or a mapping).
+def metadata_object(metadata: Any, wanted: MetadataKeys) -> Mapping[str, Any] | None:
+    """One metadata source (a JSON object string or a mapping) as a mapping, if it may hold
+    one of the ``wanted`` keys.
 
-    ``None`` when the source holds no JSON object (empty, not JSON, a scalar,
-    an array, null); else one value per key, ``None`` where it is absent. The
-    one reader of job and room metadata: the agent's keys here, the tenant's
+    ``None`` when it holds no JSON object (empty, not JSON, a scalar, an array,
+    null), or when its text cannot contain any of the keys. The one reader of
+    job and room metadata: the agent's keys here, the tenant's
     (:mod:`openrtc.agents.tenants`) the same way.
     """
     if isinstance(metadata, str):
@@ -470,26 +471,18 @@ def metadata_values(metadata: Any, wanted: MetadataKeys) -> tuple[Any, ...] | No
         # Without a backslash, a JSON key can only appear literally (quoted),
         # so most caller metadata skips the parse entirely.
         if "\\" not in metadata:
-            for quoted in wanted.quoted:
+            for quoted in wanted[1]:
                 if quoted in metadata:
                     break
             else:
                 return None
-        parsed = _parse_object(metadata)
-        if parsed is None:
-            return None
-        return tuple(parsed.get(key) for key in wanted.keys)
+        return _parse_object(metadata)
     if isinstance(metadata, Mapping):
-        return tuple(metadata.get(key) for key in wanted.keys)
+        return metadata
     return None
 
 
 _ROUTE_KEYS: Final = MetadataKeys.of("agent", "demo")
-
-
-def _keys_from(metadata: Any) -> tuple[Any, ...] | None:
-    """The raw ``agent`` and ``demo`` values of one metadata source, if any."""
-    return metadata_values(metadata, _ROUTE_KEYS)
 
 
 def clean_value(value: object) -> str | None:
@@ -502,15 +495,14 @@ def clean_value(value: object) -> str | None:
 
 
 def _from_metadata(metadata: Any, table: RoutingTable, first_step: int) -> Route | None:
-    keys = _keys_from(metadata)
-    if keys is None:
+    source = metadata_object(metadata, _ROUTE_KEYS)
+    if source is None:
         return None
-    agent_value, demo_value = keys
     step = first_step
-    name = clean_value(agent_value)
+    name = clean_value(source.get("agent"))
     if name is None:
         step += 1
-        name = clean_value(demo_value)
+        name = clean_value(source.get("demo"))
         if name is None:
             return None
     route = table._routes[step].get(name)

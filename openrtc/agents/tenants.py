@@ -13,7 +13,7 @@ step  source                       rule
 ====  ===========================  =========================================
 
 Metadata is read exactly as routing reads ``agent``
-(:func:`openrtc.agents.routing.metadata_values`): non-JSON, JSON that is not
+(:func:`openrtc.agents.routing.metadata_object`): non-JSON, JSON that is not
 an object, a non-string or blank value are ignored and the next source is
 read; values are stripped; names are case-sensitive.
 
@@ -40,7 +40,7 @@ from openrtc.agents.routing import (
     SOURCE_ROOM_METADATA,
     MetadataKeys,
     clean_value,
-    metadata_values,
+    metadata_object,
     shown_name,
 )
 
@@ -113,10 +113,10 @@ def resolve_tenant(job: Any) -> Tenant:
         (job.metadata, SOURCE_JOB_METADATA),
         (job.room.metadata, SOURCE_ROOM_METADATA),
     ):
-        values = metadata_values(metadata, _TENANT_KEYS)
-        if values is None:
+        source_data = metadata_object(metadata, _TENANT_KEYS)
+        if source_data is None:
             continue
-        name = clean_value(values[0])
+        name = clean_value(source_data.get("tenant"))
         if name is None:
             continue
         if is_tenant(name):
