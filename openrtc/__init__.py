@@ -6,7 +6,8 @@ subclasses registered in an :class:`AgentPool`; :func:`resolve_agent` picks
 one per job: the agents directory's ``@router`` function if it names one, else
 the six-step chain in :mod:`openrtc.agents.routing`. Functions marked
 ``@on_session_start`` / ``@on_session_end`` observe each call's start and end
-(:mod:`openrtc.agents.observers`).
+(:mod:`openrtc.agents.observers`). Agent code reads its call's tenant with
+:func:`current_tenant` (:mod:`openrtc.agents.tenants`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from openrtc.agents.observers import on_session_end, on_session_start
 from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config, router
 from openrtc.agents.reloading import pin_reload
 from openrtc.agents.routing import Route, RouteRequest, RoutingTable, resolve_agent
+from openrtc.agents.tenants import current_tenant
 from openrtc.errors import OpenRTCError
 from openrtc.store.checkpoint import idempotency_key
 
@@ -35,6 +37,7 @@ __all__ = [
     "RoutingTable",
     "__version__",
     "agent_config",
+    "current_tenant",
     "idempotency_key",
     "on_session_end",
     "on_session_start",

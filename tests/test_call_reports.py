@@ -209,7 +209,10 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
 
             async def duration_observed() -> bool:
                 _, page = await get(last_port, "/metrics")
-                line = 'openrtc_call_duration_seconds_count{agent="dental",outcome="ended"} 1.0'
+                line = (
+                    'openrtc_call_duration_seconds_count{agent="dental",outcome="ended",'
+                    'tenant="default"} 1.0'
+                )
                 return line in page
 
             await eventually(duration_observed, "the call's duration observed once, as ended")
@@ -217,7 +220,7 @@ async def test_a_call_taken_over_and_handed_over_leaves_one_report_with_all_its_
 
     assert report["job_id"] == call.message.job_id
     assert report["agent"] == "dental"
-    assert report["tenant"] == ""
+    assert report["tenant"] == "default"
     assert report["room"] == call.message.room
     assert report["outcome"] == "ended", report
     assert report["turns"] == 3
@@ -288,7 +291,7 @@ async def test_an_agent_without_checkpoints_counts_its_usage_when_the_call_ends(
         metrics = worker.metrics
         assert count(metrics.llm_tokens, kind="prompt") == usage["llm_prompt_tokens"] > 0
         assert count(metrics.llm_tokens, kind="completion") == len(reply.split())
-        assert count(metrics.llm_tokens, model="rules", tenant="") == (
+        assert count(metrics.llm_tokens, model="rules", tenant="default") == (
             usage["llm_prompt_tokens"] + usage["llm_completion_tokens"]
         )
         assert count(metrics.tts_characters) == usage["tts_characters"] > 0
@@ -577,7 +580,7 @@ async def test_a_call_given_up_is_reported_failed_with_its_last_checkpoint_s_tot
         registry = worker.metrics.registry
 
         def duration_observed() -> bool:
-            labels = {"agent": "dental", "outcome": "failed"}
+            labels = {"agent": "dental", "tenant": "default", "outcome": "failed"}
             return registry.get_sample_value("openrtc_call_duration_seconds_count", labels) == 1
 
         await eventually(duration_observed, "the given-up call's duration observed, as failed")

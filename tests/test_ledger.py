@@ -90,3 +90,24 @@ def test_offers_never_assigned_expire() -> None:
     jobs.offer(offer("new", at=50.0))
     assert jobs.expire_offers(cutoff=20.0) == ["old"]
     assert list(jobs.offers) == ["new"]
+
+
+def test_a_job_s_tenant_is_known_while_it_is_assigned_or_held_and_then_forgotten() -> None:
+    jobs = JobLedger()
+    for job_id in ("J1", "J2", "J3", "J4", "J5"):
+        jobs.assign(job_id, "dental", f"t-{job_id}")
+    assert jobs.tenant_of("J1") == "t-J1"
+    jobs.written("J1", "dental", hold=True)
+    jobs.written("J2", "dental", hold=False)  # its socket is gone: not held
+    jobs.not_written("J3", "dental")
+    assert (jobs.tenant_of("J1"), jobs.tenant_of("J2"), jobs.tenant_of("J3")) == ("t-J1", "", "")
+    assert jobs.terminated("J4") == "dental"  # still assigning: known until written
+    assert jobs.tenant_of("J4") == "t-J4"
+    jobs.written("J4", "dental", hold=True)
+    jobs.ended("J4")
+    assert jobs.terminated("J1") == "dental"
+    assert jobs.tenant_of("J1") == jobs.tenant_of("J4") == ""
+    jobs.written("J5", "dental", hold=True)
+    jobs.socket_dropped()
+    assert jobs.tenants == {}
+    assert jobs.tenant_of("unknown") == ""

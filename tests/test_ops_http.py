@@ -103,20 +103,34 @@ async def test_endpoints_follow_a_real_call(
             _, worker_page = await get(w, "/metrics")
             assert value(worker_page, "openrtc_sessions_running", agent="dental") == 1
             assert value(worker_page, "openrtc_session_capacity", agent="dental") == 10
-            assert value(worker_page, "openrtc_sessions_started_total", agent="dental") == 1
+            assert (
+                value(
+                    worker_page, "openrtc_sessions_started_total", agent="dental", tenant="default"
+                )
+                == 1
+            )
             await delete_room(livekit_server, room)
 
         async def succeeded() -> bool:
             _, text = await get(w, "/metrics")
             return (
-                value(text, "openrtc_sessions_ended_total", agent="dental", outcome="succeeded")
+                value(
+                    text,
+                    "openrtc_sessions_ended_total",
+                    agent="dental",
+                    tenant="default",
+                    outcome="succeeded",
+                )
                 == 1
             )
 
         await eventually(succeeded, "the session's success on /metrics", within=20)
         _, page = await get(d, "/metrics")
         # Routed by room metadata "agent": step 3.
-        assert value(page, "openrtc_jobs_routed_total", agent="dental", step="3") == 1
+        assert (
+            value(page, "openrtc_jobs_routed_total", agent="dental", step="3", tenant="default")
+            == 1
+        )
         assert value(page, "openrtc_enqueue_latency_seconds_count", agent="dental") == 1
         assert value(page, "openrtc_availability_answers_total", answer="accepted") == 1
         assert value(page, "openrtc_jobs_waiting", agent="dental") == 0
@@ -149,7 +163,10 @@ async def test_backlog_and_oldest_waiting_age_per_agent(
 
         page = await eventually(waiting, "a waiting restaurant job on /metrics", within=20)
         assert value(page, "openrtc_live_workers", agent="restaurant") == 0
-        assert value(page, "openrtc_jobs_routed_total", agent="restaurant", step="5") == 1
+        assert (
+            value(page, "openrtc_jobs_routed_total", agent="restaurant", step="5", tenant="default")
+            == 1
+        )
         await delete_room(livekit_server, room)
 
 

@@ -48,13 +48,16 @@ __all__ = [
     "ROUTER_STEP",
     "SHOWN_NAME_MAX",
     "STEP_SOURCES",
+    "MetadataKeys",
     "Route",
     "RouteRequest",
     "Router",
     "RouterFunction",
     "RoutingTable",
     "UnknownAgentError",
+    "clean_value",
     "explain_route",
+    "metadata_object",
     "resolve_agent",
     "shown_name",
     "table_for",
@@ -442,25 +445,48 @@ def _parse_object(text: str) -> Mapping[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _keys_from(metadata: Any) -> tuple[Any, Any] | None:
-    """The raw ``agent`` and ``demo`` values of one metadata source, if any."""
+class MetadataKeys(NamedTuple):
+    """Keys read from job and room metadata, with their quoted forms (for the fast skip)."""
+
+    keys: tuple[str, ...]
+    quoted: tuple[str, ...]
+
+    @classmethod
+    def of(cls, *keys: str) -> MetadataKeys:
+        return cls(keys, tuple(f'"{key}"' for key in keys))
+
+
+def metadata_object(metadata: Any, wanted: MetadataKeys) -> Mapping[str, Any] | None:
+    """One metadata source (a JSON object string or a mapping) as a mapping, if it may hold
+    one of the ``wanted`` keys.
+
+    ``None`` when it holds no JSON object (empty, not JSON, a scalar, an array,
+    null), or when its text cannot contain any of the keys. The one reader of
+    job and room metadata: the agent's keys here, the tenant's
+    (:mod:`openrtc.agents.tenants`) the same way.
+    """
     if isinstance(metadata, str):
         if not metadata:
             return None
-        # Without a backslash, a JSON key "agent" or "demo" can only appear
-        # literally, so most caller metadata skips the parse entirely.
-        if '"agent"' not in metadata and '"demo"' not in metadata and "\\" not in metadata:
-            return None
-        parsed = _parse_object(metadata)
-        if parsed is None:
-            return None
-        return parsed.get("agent"), parsed.get("demo")
+        # Without a backslash, a JSON key can only appear literally (quoted),
+        # so most caller metadata skips the parse entirely.
+        if "\\" not in metadata:
+            for quoted in wanted[1]:
+                if quoted in metadata:
+                    break
+            else:
+                return None
+        return _parse_object(metadata)
     if isinstance(metadata, Mapping):
-        return metadata.get("agent"), metadata.get("demo")
+        return metadata
     return None
 
 
-def _clean(value: object) -> str | None:
+_ROUTE_KEYS: Final = MetadataKeys.of("agent", "demo")
+
+
+def clean_value(value: object) -> str | None:
+    """A metadata value as a name: a non-blank string, stripped; anything else is ``None``."""
     if isinstance(value, str):
         stripped = value.strip()
         if stripped:
@@ -469,15 +495,14 @@ def _clean(value: object) -> str | None:
 
 
 def _from_metadata(metadata: Any, table: RoutingTable, first_step: int) -> Route | None:
-    keys = _keys_from(metadata)
-    if keys is None:
+    source = metadata_object(metadata, _ROUTE_KEYS)
+    if source is None:
         return None
-    agent_value, demo_value = keys
     step = first_step
-    name = _clean(agent_value)
+    name = clean_value(source.get("agent"))
     if name is None:
         step += 1
-        name = _clean(demo_value)
+        name = clean_value(source.get("demo"))
         if name is None:
             return None
     route = table._routes[step].get(name)
@@ -638,7 +663,7 @@ def explain_route(job: _JobLike, agents: RoutingTable | Iterable[str]) -> list[s
             continue
         for offset, key in enumerate(("agent", "demo")):
             value = keys[offset]
-            name = _clean(value)
+            name = clean_value(value)
             step = first_step + offset
             if name is None:
                 lines.append(f"step {step}: {where}: {_describe_value(key, value)}")

@@ -76,7 +76,8 @@ def _status_view(result: Any, namespace: str) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    table = Table(title=f"Agents (namespace {namespace!r})", title_justify="left")
+    only = f", tenant {result.tenant!r}" if result.tenant is not None else ""
+    table = Table(title=f"Agents (namespace {namespace!r}{only})", title_justify="left")
     for column in ("agent", "workers", "running/capacity", "backlog", "pending", "oldest waiting"):
         table.add_column(column)
     for agent in result.agents:
@@ -113,12 +114,17 @@ def _status_view(result: Any, namespace: str) -> Any:
             str(d.held_jobs),
             f"{d.heartbeat_age:.1f}s ago",
         )
-    footer = Text(f"dead letters: {result.dead_letters}  (openrtc dlq list)")
+    footer = Text(f"dead letters{only}: {result.dead_letters}  (openrtc dlq list)")
     return Group(table, workers, dispatchers, footer)
 
 
 def _watch_status(
-    redis_url: str, keys: Any, names: list[str], interval: float, json_output: bool
+    redis_url: str,
+    keys: Any,
+    names: list[str],
+    interval: float,
+    json_output: bool,
+    tenant: str | None = None,
 ) -> None:
     """Refresh the status every ``interval`` s until Ctrl-C (exit 0)."""
     import anyio
@@ -132,13 +138,13 @@ def _watch_status(
         try:
             if json_output:
                 while True:
-                    result = await read_status(client, keys, names)
+                    result = await read_status(client, keys, names, tenant=tenant)
                     sys.stdout.write(json.dumps(result.to_json()) + "\n")
                     sys.stdout.flush()
                     await anyio.sleep(interval)
             with Live(console=_out, auto_refresh=False, screen=False) as live:
                 while True:
-                    result = await read_status(client, keys, names)
+                    result = await read_status(client, keys, names, tenant=tenant)
                     live.update(_status_view(result, keys.namespace), refresh=True)
                     await anyio.sleep(interval)
         finally:
@@ -208,6 +214,14 @@ def status(
             help="With --check: seconds the oldest waiting call may wait.",
         ),
     ] = 10.0,
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            "--tenant",
+            help="Count only this tenant's calls (waiting, running, dead letters); "
+            "workers and dispatchers are shown whole.",
+        ),
+    ] = None,
 ) -> None:
     """Streams, backlog, pending jobs, live workers and dispatchers, dead letters."""
     from openrtc.ops.monitor import check_status, read_status, status_summary
@@ -218,9 +232,9 @@ def status(
     names = _load_pool(directory).list_agents() if directory and directory.is_dir() else []
     keys = _keys(namespace, redis_url)
     if watch:
-        _watch_status(redis_url, keys, names, interval, json_output)
+        _watch_status(redis_url, keys, names, interval, json_output, tenant)
         return
-    result = _with_redis(redis_url, lambda r: read_status(r, keys, names))
+    result = _with_redis(redis_url, lambda r: read_status(r, keys, names, tenant=tenant))
     if check:
         problems = check_status(result, max_wait=max_wait)
         if json_output:

@@ -19,12 +19,13 @@ import anyio
 from livekit.protocol import agent as proto
 
 from openrtc.agents.routing import UnknownAgentError, resolve_agent
+from openrtc.agents.tenants import resolve_tenant
 from openrtc.dispatcher.context import DispatcherContext, fail_job, logger
 from openrtc.dispatcher.enqueuer import BatchEnqueuer, Pending
 from openrtc.dispatcher.ledger import Offer
 from openrtc.dispatcher.livekit_protocol import AgentSocket
 from openrtc.ops import tracing
-from openrtc.ops.logs import log_context
+from openrtc.ops.logs import add_log_context, log_context
 from openrtc.store.streams import REDIS_DOWN, EnqueueResult
 from openrtc.supervision import describe
 from openrtc.wire.messages import (
@@ -53,15 +54,20 @@ class AssignmentDesk:
         if offer is None or offer.error is not None:
             # The unusual paths log and start tasks: they get the job's log
             # context (the usual one logs nothing here, and pays nothing).
-            with log_context(job_id=job.id, room=job.room.name):
+            with log_context(
+                job_id=job.id, room=job.room.name, tenant=offer.tenant if offer else ""
+            ):
                 if offer is None:
                     # Assigned without an offer we remember (e.g. across a
                     # reconnect): route it again from what the assignment carries.
                     now = ctx.clock()
+                    tenant = resolve_tenant(job).name
+                    add_log_context(tenant=tenant)
                     try:
-                        offer = Offer(job, resolve_agent(job, ctx.table), None, now, now)
+                        route = resolve_agent(job, ctx.table)
+                        offer = Offer(job, route, None, now, now, tenant=tenant)
                     except UnknownAgentError as exc:
-                        offer = Offer(job, None, exc, now, now)
+                        offer = Offer(job, None, exc, now, now, tenant=tenant)
                         ctx.handlers.start(self.dead_letter_unknown, offer)
                 if offer.error is not None:
                     ctx.handlers.start(fail_job, socket, job.id, str(offer.error))
@@ -76,6 +82,7 @@ class AssignmentDesk:
                     tracing.JOB_ID: job.id,
                     tracing.ROOM: job.room.name,
                     tracing.AGENT: offer.route.agent,
+                    tracing.TENANT: offer.tenant,
                 },
             )
             traceparent = tracing.traceparent_of(span)
@@ -86,7 +93,7 @@ class AssignmentDesk:
             route=offer.route,
             span=span,
         )
-        ctx.jobs.assign(job.id, pending.message.agent)
+        ctx.jobs.assign(job.id, pending.message.agent, offer.tenant)
         self.enqueuer.submit(pending)
 
     def completed(
@@ -94,7 +101,9 @@ class AssignmentDesk:
     ) -> None:
         """Account for one job the enqueuer wrote (or could not write)."""
         message = pending.message
-        with log_context(job_id=message.job_id, room=message.room, agent=message.agent):
+        with log_context(
+            job_id=message.job_id, room=message.room, agent=message.agent, tenant=message.tenant
+        ):
             if result is None:
                 self._not_written(pending, error)
             else:
@@ -127,7 +136,9 @@ class AssignmentDesk:
                 result.entry_id,
             )
         else:
-            ctx.metrics.jobs_routed.labels(message.agent, str(pending.route.step)).inc()
+            ctx.metrics.jobs_routed.labels(
+                message.agent, str(pending.route.step), ctx.metrics.tenant_label(message.tenant)
+            ).inc()
             # The assignment arrived one enqueue timeout before the deadline.
             submitted = pending.deadline - ctx.settings.enqueue_timeout
             ctx.metrics.enqueue_latency.labels(message.agent).observe(time.monotonic() - submitted)
@@ -175,6 +186,7 @@ class AssignmentDesk:
             received_at=offer.received_at,
             routed_at=offer.routed_at,
             traceparent=traceparent,
+            tenant=offer.tenant,
         )
 
     async def dead_letter_unknown(self, offer: Offer) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal, NamedTuple
 from livekit.protocol import agent as proto
 
 from openrtc.agents.routing import Route, UnknownAgentError, resolve_agent
+from openrtc.agents.tenants import DEFAULT_TENANT, Tenant, resolve_tenant
 from openrtc.dispatcher.admission import AdmissionPolicy
 from openrtc.dispatcher.context import DispatcherContext, logger
 from openrtc.dispatcher.ledger import Offer
@@ -110,14 +111,19 @@ class AvailabilityDesk:
         job = request.job
         route: Route | None = None
         error: UnknownAgentError | None = None
+        tenant = DEFAULT_TENANT
         draining, view = ctx.draining, ctx.view
         if not draining:  # a draining dispatcher routes nothing
+            # First: the routing's own lines carry it.
+            tenant = _tenant_of(job)
+            add_log_context(tenant=tenant)
             try:
                 route = resolve_agent(job, ctx.table)
             except UnknownAgentError as exc:
                 error = exc
             if span is not None:
                 _trace_route(span, route, error)
+                span.set_attribute(tracing.TENANT, tenant)
             if route is not None:
                 add_log_context(agent=route.agent)
         answer = answer_offer(
@@ -144,7 +150,7 @@ class AvailabilityDesk:
                     answer.reason,
                 )
             return response
-        offer = Offer(job, route, error, received, ctx.clock(), span)
+        offer = Offer(job, route, error, received, ctx.clock(), span, tenant)
         if error is not None:
             ctx.metrics.unknown_agents.inc()
             logger.error(
@@ -161,6 +167,22 @@ class AvailabilityDesk:
         if route is not None:
             reply.participant_attributes.update(participant_attributes(route.agent))
         return response
+
+
+def _tenant_of(job: proto.Job) -> str:
+    """The job's tenant; an invalid one is folded into the default tenant, with a warning."""
+    tenant: Tenant = resolve_tenant(job)
+    if tenant.invalid:
+        logger.warning(
+            "job %s (room %s): tenant '%s' in its %s is not a tenant name "
+            "(1-64 letters, digits, '.', '_', '-'); the call is the %s tenant's",
+            job.id,
+            job.room.name,
+            tenant.invalid,
+            tenant.source,
+            tenant.name,
+        )
+    return tenant.name
 
 
 def _trace_route(span: Any, route: Route | None, error: UnknownAgentError | None) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Final
 from livekit.protocol import agent as proto
 
 from openrtc.agents.routing import Route, UnknownAgentError
+from openrtc.agents.tenants import DEFAULT_TENANT
 
 __all__ = ["JobLedger", "Offer"]
 
@@ -41,6 +42,8 @@ class Offer:
     routed_at: float
     #: The availability span (tracing on only): the enqueue's parent.
     span: Any = None
+    #: The job's tenant (:func:`openrtc.agents.tenants.resolve_tenant`).
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(slots=True)
@@ -54,6 +57,8 @@ class JobLedger:
     held: dict[str, str] = field(default_factory=dict)
     #: Job id -> agent.
     unsure: dict[str, str] = field(default_factory=dict)
+    #: Job id -> tenant, while assigning or held: for the lines of its termination.
+    tenants: dict[str, str] = field(default_factory=dict)
 
     def offer(self, offer: Offer) -> None:
         """We answered available for ``offer.job``."""
@@ -70,19 +75,27 @@ class JobLedger:
             del self.offers[job_id]
         return stale
 
-    def assign(self, job_id: str, agent: str) -> None:
+    def assign(self, job_id: str, agent: str, tenant: str = DEFAULT_TENANT) -> None:
         """The job's entry is being written."""
         self.assigning[job_id] = agent
+        self.tenants[job_id] = tenant
+
+    def tenant_of(self, job_id: str) -> str:
+        """The tenant of a job being assigned or held (``""``: not known here)."""
+        return self.tenants.get(job_id, "")
 
     def written(self, job_id: str, agent: str, *, hold: bool) -> None:
         """The job's entry is in Redis; ``hold``: its socket is still the current one."""
         self.assigning.pop(job_id, None)
         if hold:
             self.held[job_id] = agent
+        else:
+            self.tenants.pop(job_id, None)
 
     def not_written(self, job_id: str, agent: str) -> None:
         """The write failed or timed out: it may still have landed."""
         self.assigning.pop(job_id, None)
+        self.tenants.pop(job_id, None)
         if len(self.unsure) < MAX_UNSURE:
             self.unsure[job_id] = agent
 
@@ -101,10 +114,13 @@ class JobLedger:
     def ended(self, job_id: str) -> None:
         """A final status was relayed: LiveKit is done with the job."""
         self.held.pop(job_id, None)
+        self.tenants.pop(job_id, None)
 
     def terminated(self, job_id: str) -> str | None:
         """The agent of a job LiveKit terminated, if we know the job (it is forgotten)."""
         agent = self.held.pop(job_id, None) or self.assigning.get(job_id)
+        if job_id not in self.assigning:
+            self.tenants.pop(job_id, None)
         if agent is None:
             offer = self.offers.pop(job_id, None)
             agent = offer.route.agent if offer and offer.route else None
@@ -116,6 +132,8 @@ class JobLedger:
         Returns how many were held, ``None`` when no job was known at all.
         """
         count = len(self.held) if (self.held or self.offers) else None
+        for job_id in self.held:
+            self.tenants.pop(job_id, None)
         self.held.clear()
         self.offers.clear()
         return count

@@ -18,7 +18,7 @@ from anyio.abc import TaskStatus
 from livekit.protocol import agent as proto
 
 from openrtc.dispatcher.context import DispatcherContext, logger, send_quietly
-from openrtc.ops.logs import log_context
+from openrtc.ops.logs import add_log_context, log_context
 from openrtc.store.streams import REDIS_DOWN
 from openrtc.supervision import describe
 from openrtc.wire.messages import JobStatus, MalformedEntry, StatusEvent
@@ -70,7 +70,7 @@ class StatusRelay:
         try:
             # The room is not known here; the agent is, for a held job.
             agent = self._ctx.jobs.held.get(event.job_id, "")
-            with log_context(job_id=event.job_id, agent=agent):
+            with log_context(job_id=event.job_id, agent=agent, tenant=event.tenant):
                 await self._relay(event)
         except Exception:
             # Whatever one event holds, it must not stop the loop that relays
@@ -104,6 +104,7 @@ class StatusRelay:
     async def terminate(self, job_id: str) -> None:
         """LiveKit terminated the job: tell its agent's workers (a handler task)."""
         ctx = self._ctx
+        add_log_context(tenant=ctx.jobs.tenant_of(job_id))
         agent = ctx.jobs.terminated(job_id)
         if agent is None:
             logger.debug("termination for job %s that this dispatcher does not hold", job_id)

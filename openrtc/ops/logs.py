@@ -4,7 +4,7 @@
 ``process``-isolation session child). ``fmt="json"`` writes one JSON object
 per line (python-json-logger's formatter) with ``time`` (ISO 8601, UTC),
 ``level``, ``logger``, ``message``, the exception as ``exception`` and,
-where known, ``job_id``, ``agent``, ``room``, ``worker_id`` and
+where known, ``job_id``, ``agent``, ``tenant``, ``room``, ``worker_id`` and
 ``dispatcher_id``.
 
 Those come from context variables that the code handling a job binds with
@@ -36,7 +36,7 @@ class LogFormat(StrEnum):
 
 
 #: The fields :func:`log_context` binds.
-CONTEXT_FIELDS: Final = ("job_id", "agent", "room", "worker_id", "dispatcher_id")
+CONTEXT_FIELDS: Final = ("job_id", "agent", "tenant", "room", "worker_id", "dispatcher_id")
 
 # One variable holding a small dict: binding a job is one set() and one reset(),
 # and a line outside any job costs one get().
@@ -114,7 +114,9 @@ class _TextFormatter(logging.Formatter):
         # Only the job's own fields: the process id is in every line of the
         # process and would only lengthen it.
         tags = " ".join(
-            f"{k}={getattr(record, k)}" for k in ("job_id", "agent", "room") if hasattr(record, k)
+            f"{k}={getattr(record, k)}"
+            for k in ("job_id", "agent", "tenant", "room")
+            if hasattr(record, k)
         )
         head, sep, rest = line.partition("\n")
         return f"{head} [{tags}]{sep}{rest}"

@@ -20,7 +20,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from openrtc import __version__
 from openrtc.agents.routing import ROUTER_FALLTHROUGH_REASONS, Router
-from openrtc.wire.reports import NO_TENANT, CallTally
+from openrtc.agents.tenants import TenantLabels
+from openrtc.wire.reports import CallTally
 
 __all__ = ["DispatcherMetrics", "WorkerMetrics", "count"]
 
@@ -132,10 +133,12 @@ class DispatcherMetrics(_Common):
         )
         self.jobs_routed = Counter(
             "openrtc_jobs_routed",
-            "Jobs written to an agent's stream, by agent and routing step.",
-            ["agent", "step"],
+            "Jobs written to an agent's stream, by agent, routing step and tenant.",
+            ["agent", "step", "tenant"],
             registry=r,
         )
+        #: A job's tenant as the ``tenant`` label (bounded: openrtc.agents.tenants).
+        self.tenant_label = TenantLabels()
         self.unknown_agents = Counter(
             "openrtc_unknown_agent_jobs",
             "Jobs that named an agent nobody registered.",
@@ -283,13 +286,14 @@ class WorkerMetrics(_Common):
             labels,
             registry=r,
         )
+        # Per call, so by tenant too (bounded: openrtc.agents.tenants.TenantLabels).
         self.sessions_started = Counter(
-            "openrtc_sessions_started", "Sessions started.", labels, registry=r
+            "openrtc_sessions_started", "Sessions started.", [*labels, "tenant"], registry=r
         )
         self.sessions_ended = Counter(
             "openrtc_sessions_ended",
             "Sessions ended, by outcome: succeeded, failed, taken_over (another worker has it).",
-            [*labels, "outcome"],
+            [*labels, "tenant", "outcome"],
             registry=r,
         )
         self.reclaims = Counter(
@@ -332,7 +336,9 @@ class WorkerMetrics(_Common):
         self._define_usage()
         self.agent = agent
         self.handed_over = self.handovers.labels(agent)
-        self.started = self.sessions_started.labels(agent)
+        #: A call's tenant as its metrics' ``tenant`` label: its own for the
+        #: first :data:`~openrtc.agents.tenants.TENANT_LABELS_MAX`, then ``other``.
+        self.tenant_label = TenantLabels()
         self.reclaimed = self.reclaims.labels(agent)
         self.renewals_failed = self.lease_renewals_failed.labels(agent)
         self.lost = self.leases_lost.labels(agent)
@@ -340,8 +346,8 @@ class WorkerMetrics(_Common):
     def _define_usage(self) -> None:
         """Calls' usage, turn latency and duration (issue 20).
 
-        ``tenant`` is empty until calls carry one (bounded: a tenant per
-        customer, not per call); ``model`` takes the few models an agent uses.
+        ``tenant`` is the call's tenant (bounded by :attr:`tenant_label`);
+        ``model`` takes the few models an agent uses.
         """
         r = self.registry
         usage = ["agent", "tenant"]
@@ -381,16 +387,24 @@ class WorkerMetrics(_Common):
         self.call_duration = Histogram(
             "openrtc_call_duration_seconds",
             "Calls' durations, observed once per call with its report, by the report's outcome.",
-            ["agent", "outcome"],
+            ["agent", "tenant", "outcome"],
             buckets=_CALL_BUCKETS,
             registry=r,
         )
 
-    def ended(self, outcome: str) -> None:
-        """Count a session's end: ``succeeded``, ``failed`` or ``taken_over``."""
-        self.sessions_ended.labels(self.agent, outcome).inc()
+    def started(self, tenant: str) -> None:
+        """Count a session's start, for a call of ``tenant``."""
+        self.sessions_started.labels(self.agent, self.tenant_label(tenant)).inc()
 
-    def count_usage(self, counted: CallTally, now: CallTally, tenant: str = NO_TENANT) -> CallTally:
+    def ended(self, outcome: str, tenant: str) -> None:
+        """Count a session's end: ``succeeded``, ``failed`` or ``taken_over``."""
+        self.sessions_ended.labels(self.agent, self.tenant_label(tenant), outcome).inc()
+
+    def observe_call(self, tenant: str, outcome: str, duration: float) -> None:
+        """A call's duration, once per call (with its report)."""
+        self.call_duration.labels(self.agent, self.tenant_label(tenant), outcome).observe(duration)
+
+    def count_usage(self, counted: CallTally, now: CallTally, tenant: str) -> CallTally:
         """Count what ``now`` (a call's tally) holds beyond ``counted``; the new ``counted``.
 
         ``counted``: the tally this worker counted last for the session, or
@@ -398,6 +412,7 @@ class WorkerMetrics(_Common):
         """
         new = now.since(counted)
         agent = self.agent
+        tenant = self.tenant_label(tenant)
         for model, tokens in new.llm.items():
             if tokens.prompt_tokens:
                 self.llm_tokens.labels(agent, tenant, model, "prompt").inc(tokens.prompt_tokens)

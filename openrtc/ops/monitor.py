@@ -24,17 +24,20 @@ from openrtc.settings import DEFAULT_DEDUP_TTL
 from openrtc.store.readers import PAGE, DeadLetterStream, ReportStream, StatusReader
 from openrtc.store.streams import RedisClient, StreamStore
 from openrtc.wire.keys import Keys
-from openrtc.wire.messages import SIGNATURE_FIELD, ForgedEntry, replay_entry
+from openrtc.wire.messages import SIGNATURE_FIELD, ForgedEntry, peek_tenant, replay_entry
 from openrtc.wire.reports import REPORT_FIELD
 from openrtc.wire.signing import SigningKeys, sign_job, verify_report
 
 __all__ = [
+    "TENANT_SCAN_MAX",
     "AgentStatus",
     "DeadLetter",
     "DeadLetterStats",
     "Replay",
     "StackStatus",
+    "TenantCount",
     "check_status",
+    "count_tenant",
     "dead_letter_stats",
     "dead_letter_tail",
     "follow_dead_letters",
@@ -49,6 +52,12 @@ __all__ = [
 ]
 
 _SECRET_MARKERS: Final = ("token", "secret", "password", "turn_password")
+
+#: ``status --tenant`` reads at most this many entries of each job stream, and
+#: of the dead letters (newest first): a tenant's calls are counted from the
+#: entries themselves (the tenant is a field of each), and a stream is bounded
+#: by admission, not by a tenant. Past it the counts say they are partial.
+TENANT_SCAN_MAX: Final = 10_000
 
 
 def _s(value: Any) -> str:
@@ -110,6 +119,14 @@ class AgentStatus:
     oldest_waiting_age: float | None = None
     consumers: int = 0
     workers: list[WorkerInfo] = field(default_factory=list)
+    #: With ``status --tenant``: that tenant's calls read by a worker (running,
+    #: or being started); the stream figures above are that tenant's too.
+    tenant_running: int | None = None
+    #: The workers group's last-delivered entry id (``""``: no group yet).
+    last_delivered: str = ""
+    #: With ``status --tenant``: the stream was longer than :data:`TENANT_SCAN_MAX`
+    #: entries; the tenant's figures count the first ones only.
+    partial: bool = False
 
     @property
     def capacity(self) -> int:
@@ -117,6 +134,8 @@ class AgentStatus:
 
     @property
     def running(self) -> int:
+        if self.tenant_running is not None:
+            return self.tenant_running
         return sum(w.running for w in self.workers)
 
 
@@ -142,6 +161,8 @@ class StackStatus:
     agents: list[AgentStatus]
     dispatchers: list[DispatcherInfo]
     dead_letters: int
+    #: Set by ``status --tenant``: every call figure is this tenant's.
+    tenant: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready, with the derived totals included."""
@@ -152,22 +173,33 @@ class StackStatus:
         return data
 
 
-async def read_status(redis: RedisClient, keys: Keys, agents: Iterable[str] = ()) -> StackStatus:
+async def read_status(
+    redis: RedisClient, keys: Keys, agents: Iterable[str] = (), *, tenant: str | None = None
+) -> StackStatus:
     """Read the whole picture: every agent that has a stream, plus ``agents``.
 
-    Ages are by Redis's clock, as the heartbeats and entry ids they are taken from.
+    Ages are by Redis's clock, as the heartbeats and entry ids they are taken
+    from. With ``tenant``, the calls counted (waiting, running, dead) are that
+    tenant's only; workers and dispatchers are shared, and shown whole.
     """
     reader = StatusReader(redis, keys)
     now = await reader.now()
     names = list(dict.fromkeys([*agents, *sorted(await reader.known_agents())]))
+    statuses = [await _agent_status(reader, keys, name, now) for name in names]
+    dead_letters = await reader.dead_letter_count()
+    if tenant is not None:
+        for status in statuses:
+            await _tenant_status(reader, status, tenant, now)
+        dead_letters = await _tenant_dead_letters(reader, tenant)
     return StackStatus(
         namespace=keys.namespace,
-        agents=[await _agent_status(reader, keys, name, now) for name in names],
+        agents=statuses,
         dispatchers=[
             _dispatcher_info(dispatcher_id, raw, now)
             for dispatcher_id, raw in await reader.live_records(keys.dispatchers, keys.dispatcher)
         ],
-        dead_letters=await reader.dead_letter_count(),
+        dead_letters=dead_letters,
+        tenant=tenant,
     )
 
 
@@ -179,6 +211,7 @@ async def _agent_status(reader: StatusReader, keys: Keys, name: str, now: float)
         status.pending = stream.group.pending
         status.consumers = stream.group.consumers
         status.backlog = stream.group.backlog
+        status.last_delivered = stream.group.last_delivered
     if stream.oldest_waiting_ms is not None:
         status.oldest_waiting_age = max(0.0, now - stream.oldest_waiting_ms / 1000)
     for worker_id, raw in await reader.live_records(keys.workers(name), keys.worker):
@@ -195,6 +228,79 @@ async def _agent_status(reader: StatusReader, keys: Keys, name: str, now: float)
             )
         )
     return status
+
+
+@dataclass
+class TenantCount:
+    """One tenant's entries among a job stream's (:func:`count_tenant`)."""
+
+    #: Not read by any worker yet.
+    waiting: int = 0
+    #: Read by a worker: running, or being started (pending in the group).
+    delivered: int = 0
+    #: The id time (ms) of its oldest waiting entry.
+    oldest_waiting_ms: int | None = None
+
+
+def count_tenant(
+    entries: Iterable[tuple[str, Mapping[bytes, bytes]]], tenant: str, last_delivered: str
+) -> TenantCount:
+    """Count ``tenant``'s entries, oldest first, split at the group's last-delivered id.
+
+    A job stream holds only waiting and pending entries (workers delete what
+    they acknowledge): those after ``last_delivered`` wait, the others were
+    read. An entry without a tenant (an older dispatcher's) is the default
+    tenant's, as workers serve it.
+    """
+    count = TenantCount()
+    last = _entry_order(last_delivered or "0-0")
+    for entry_id, fields in entries:
+        if peek_tenant(fields) != tenant:
+            continue
+        if _entry_order(entry_id) > last:
+            count.waiting += 1
+            if count.oldest_waiting_ms is None:
+                count.oldest_waiting_ms = _entry_order(entry_id)[0]
+        else:
+            count.delivered += 1
+    return count
+
+
+async def _tenant_status(
+    reader: StatusReader, status: AgentStatus, tenant: str, now: float
+) -> None:
+    """Make ``status``'s call figures ``tenant``'s, from its stream's entries."""
+    entries: list[tuple[str, Mapping[bytes, bytes]]] = []
+    after = ""
+    while len(entries) < TENANT_SCAN_MAX:
+        page = await reader.job_entries(status.agent, after=after, count=PAGE)
+        entries.extend(page)
+        if len(page) < PAGE:
+            break
+        after = page[-1][0]
+    status.partial = len(entries) >= TENANT_SCAN_MAX and status.length > len(entries)
+    count = count_tenant(entries[:TENANT_SCAN_MAX], tenant, status.last_delivered)
+    status.length = count.waiting + count.delivered
+    status.backlog = count.waiting
+    status.pending = count.delivered
+    status.tenant_running = count.delivered
+    status.oldest_waiting_age = (
+        None if count.oldest_waiting_ms is None else max(0.0, now - count.oldest_waiting_ms / 1000)
+    )
+
+
+async def _tenant_dead_letters(reader: StatusReader, tenant: str) -> int:
+    """How many of the newest :data:`TENANT_SCAN_MAX` dead letters are ``tenant``'s."""
+    found = scanned = 0
+    before = ""
+    while scanned < TENANT_SCAN_MAX:
+        page = await reader.dead_letters(before=before, count=PAGE)
+        scanned += len(page)
+        found += sum(1 for _, fields in page if peek_tenant(fields) == tenant)
+        if len(page) < PAGE:
+            break
+        before = page[-1][0]
+    return found
 
 
 def _dispatcher_info(dispatcher_id: str, raw: Mapping[str, str], now: float) -> DispatcherInfo:
@@ -226,6 +332,8 @@ class DeadLetter:
     fields: dict[str, Any]
     #: For ``unknown-agent``: the name the job asked for (``agent`` is empty).
     requested_agent: str = ""
+    #: The call's tenant (``""`` in a letter written before calls had one).
+    tenant: str = ""
 
     def summary(self) -> dict[str, Any]:
         """The one-line view (no payload)."""
@@ -265,6 +373,7 @@ def _decode_entry(entry_id: Any, raw: Mapping[bytes, bytes]) -> DeadLetter:
         dead_at=_float(fields.get("dead_at")),
         fields=fields,
         requested_agent=fields.get("requested_agent", ""),
+        tenant=fields.get("tenant", ""),
     )
 
 

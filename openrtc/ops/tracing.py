@@ -56,6 +56,7 @@ _provider: TracerProvider | None = None
 JOB_ID: Final = "openrtc.job_id"
 AGENT: Final = "openrtc.agent"
 ROOM: Final = "openrtc.room"
+TENANT: Final = "openrtc.tenant"
 
 
 def configure(provider: TracerProvider, *, set_global: bool = False) -> None:

@@ -40,6 +40,7 @@ from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, ll
 from openrtc.agents.observers import Observer, observe, starts_call
 from openrtc.agents.registry import AgentConfig, redact_numbers
 from openrtc.agents.reloading import is_pinned
+from openrtc.agents.tenants import tenant_scope
 from openrtc.errors import AgentBuildError
 from openrtc.ops.logs import log_context
 from openrtc.session import live
@@ -359,8 +360,17 @@ async def run_session(
     """
     # Its tasks' loop time is the session's, as every line they log names the job.
     live.attribute_to(control.live)
-    with log_context(
-        job_id=message.job_id, agent=message.agent, room=message.room, worker_id=worker_id
+    # The agent's code reads the call's tenant (openrtc.current_tenant()), in
+    # this process or in a session process alike: both run the session here.
+    with (
+        log_context(
+            job_id=message.job_id,
+            agent=message.agent,
+            tenant=message.tenant,
+            room=message.room,
+            worker_id=worker_id,
+        ),
+        tenant_scope(message.tenant),
     ):
         return await _run_session(message, config, access, proc, control, worker_id=worker_id)
 

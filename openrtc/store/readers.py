@@ -82,6 +82,20 @@ class StatusReader:
     async def dead_letter_count(self) -> int:
         return int(await self._redis.xlen(self._keys.dead_letter))
 
+    async def job_entries(self, agent: str, *, after: str = "", count: int = PAGE) -> list[Entry]:
+        """A page of an agent's job stream, oldest first, after entry id ``after``."""
+        page: Any = await self._redis.xrange(
+            self._keys.jobs(agent), min=f"({after}" if after else "-", count=count
+        )
+        return _entries(page)
+
+    async def dead_letters(self, *, before: str = "", count: int = PAGE) -> list[Entry]:
+        """A page of the dead letters, newest first, before entry id ``before``."""
+        page: Any = await self._redis.xrevrange(
+            self._keys.dead_letter, max=f"({before}" if before else "+", count=count
+        )
+        return _entries(page)
+
 
 class DeadLetterStream:
     """The dead-letter stream's entries, raw: read, paged, followed, deleted by id."""

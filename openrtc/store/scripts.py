@@ -76,7 +76,8 @@ end
 # KEYS: job record hash, job stream. ARGV: record ttl (s), dispatcher id,
 # the entry's field/value pairs as one MessagePack array of raw strings
 # (:func:`pack_fields`): one argument instead of ~34 makes redis-py's command
-# packing, the largest cost of a dispatcher's job, five times cheaper.
+# packing, the largest cost of a dispatcher's job, five times cheaper; the
+# job's tenant (for its record).
 # Returns {1, id} when added, {0, id} when the job was already enqueued.
 # No MAXLEN: trimming would cut the oldest entries, running calls included.
 
@@ -89,7 +90,7 @@ end
 local fields = cmsgpack.unpack(ARGV[3])
 local id = redis.call('XADD', KEYS[2], '*', '{QUEUED_AT_FIELD}', now, unpack(fields))
 redis.call('HSET', KEYS[1], '{_R.ENTRY}', id, '{_R.STATE}', '{_S.QUEUED}',
-  '{_R.DISPATCHER}', ARGV[2])
+  '{_R.DISPATCHER}', ARGV[2], '{_R.TENANT}', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return {{1, id}}
 """

@@ -258,6 +258,7 @@ class StreamStore:
                     self.dedup_ttl,
                     message.dispatcher_id,
                     pack_fields(fields),
+                    message.tenant,
                 ]
                 pipe.execute_command(*args)
             if self._wait_replicas and not self.keys.cluster:

@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from livekit.protocol.agent import Job
 
 from openrtc.agents.registry import NAME_PATTERN
+from openrtc.agents.tenants import DEFAULT_TENANT, is_tenant
 
 SCHEMA_VERSION: Final = 1
 #: The ``v`` field every versioned entry carries.
@@ -73,6 +74,9 @@ TRACEPARENT_FIELD: Final = "traceparent"
 #: worker's id. The worker that reads it resumes the call from its checkpoint,
 #: as a takeover, but without a resume line (the caller lost nothing).
 HANDOVER_FIELD: Final = "handover"
+#: The call's tenant (:mod:`openrtc.agents.tenants`). An entry without it (from
+#: a dispatcher older than tenants) is the default tenant's.
+TENANT_FIELD: Final = "tenant"
 #: A job or control entry's signature (:mod:`openrtc.wire.signing`), when signing is on.
 SIGNATURE_FIELD: Final = b"sig"
 #: A W3C ``traceparent`` of version 00's shape (55 characters).
@@ -249,6 +253,8 @@ class JobMessage:
     #: The draining worker that handed this running call over (``""``: none;
     #: an unusable value is none too).
     handover_from: str = ""
+    #: The customer the call is for (:func:`openrtc.agents.tenants.resolve_tenant`).
+    tenant: str = DEFAULT_TENANT
 
     @property
     def job_id(self) -> str:
@@ -339,6 +345,7 @@ class JobMessage:
             b"received_at": f"{self.received_at:.6f}".encode(),
             b"routed_at": f"{self.routed_at:.6f}".encode(),
             b"enqueued_at": f"{enqueued:.6f}".encode(),
+            TENANT_FIELD.encode(): self.tenant.encode(),
         }
         if self.traceparent:
             fields[TRACEPARENT_FIELD.encode()] = self.traceparent.encode()
@@ -389,7 +396,33 @@ class JobMessage:
             queued_at=_millis(fields, QUEUED_AT_FIELD) / 1000,
             traceparent=_traceparent(fields),
             handover_from=_hint_id(fields, HANDOVER_FIELD),
+            tenant=_tenant(fields),
         )
+
+
+def _tenant(fields: Fields) -> str:
+    """The entry's tenant; the default tenant's when it has none (an older dispatcher's)."""
+    tenant = _text(fields, TENANT_FIELD, required=False)
+    if not tenant:
+        return DEFAULT_TENANT
+    if not is_tenant(tenant):
+        # The dispatcher writes only tenant names: this entry was not written by one.
+        raise MalformedEntry(f"field {TENANT_FIELD!r} is not a tenant name: {_shown(tenant)}")
+    return tenant
+
+
+def _hint_tenant(fields: Fields) -> str:
+    """The entry's tenant field if it is a tenant name, else ``""``; never raises."""
+    raw = fields.get(TENANT_FIELD.encode())
+    if not isinstance(raw, bytes) or len(raw) > ID_MAX:
+        return ""
+    text = raw.decode(errors="replace")
+    return text if is_tenant(text) else ""
+
+
+def peek_tenant(fields: Fields) -> str:
+    """A job entry's tenant, undecoded: the default tenant's if unusable; never raises."""
+    return _hint_tenant(fields) or DEFAULT_TENANT
 
 
 def _hint_id(fields: Fields, name: str) -> str:
@@ -437,10 +470,13 @@ class StatusEvent:
     error: str = ""
     worker_id: str = ""
     at: float = field(default_factory=time.time)
+    #: The job's tenant, for the dispatcher's log lines (``""``: not said, or
+    #: not a tenant name; only a hint, never a reason to drop the event).
+    tenant: str = ""
 
     def encode(self) -> dict[bytes, bytes]:
         """Stream entry fields (the error bounded to :data:`ERROR_TEXT_MAX`)."""
-        return {
+        fields = {
             b"v": _VERSION,
             b"job_id": self.job_id.encode(),
             b"status": self.status.value.encode(),
@@ -448,6 +484,9 @@ class StatusEvent:
             b"worker": self.worker_id.encode(),
             b"at": f"{self.at:.6f}".encode(),
         }
+        if self.tenant:
+            fields[TENANT_FIELD.encode()] = self.tenant.encode()
+        return fields
 
     @classmethod
     def decode(cls, fields: Fields) -> StatusEvent:
@@ -469,6 +508,7 @@ class StatusEvent:
             error=bounded(_text(fields, "error", required=False)),
             worker_id=bounded(_text(fields, "worker", required=False), ID_MAX),
             at=_float(fields, "at"),
+            tenant=_hint_tenant(fields),
         )
 
 
@@ -532,6 +572,9 @@ class RecordField:
     #: own: LiveKit made the room anew (a restart) and the session reconnected
     #: into it. A taker knows the call's room by it once the agent is gone.
     ROOM_SID: Final = "room_sid"
+    #: The call's tenant (:data:`TENANT_FIELD` of its entry): set by the enqueue
+    #: and again by the worker that starts it (a replayed or older entry).
+    TENANT: Final = "tenant"
 
 
 class RecordState:

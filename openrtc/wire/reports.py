@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from openrtc.agents.tenants import DEFAULT_TENANT
+
 __all__ = [
     "LATENCY_SAMPLES",
-    "NO_TENANT",
     "REPORT_FIELD",
     "TRANSCRIPT_MAX_CHARS",
     "CallOutcome",
@@ -35,9 +36,6 @@ REPORT_FIELD: Final = b"report"
 #: Latency samples kept per kind across a call (the latest): enough for a
 #: p95 of a long call, small in a checkpoint (a few KB).
 LATENCY_SAMPLES: Final = 128
-#: A call's tenant until calls carry one (the tenancy issue): reports and the
-#: usage metrics keep the field/label, so nothing downstream changes then.
-NO_TENANT: Final = ""
 #: Most transcript text a report keeps (the latest lines); one call's
 #: report must stay a small stream entry.
 TRANSCRIPT_MAX_CHARS: Final = 32 * 1024
@@ -228,8 +226,9 @@ class CallReport:
     ended_at: float
     outcome: str
     reason: str = ""
-    #: The customer the call was for; empty until calls carry a tenant.
-    tenant: str = NO_TENANT
+    #: The customer the call was for (:mod:`openrtc.agents.tenants`; empty in
+    #: reports written before calls had one).
+    tenant: str = DEFAULT_TENANT
     tally: CallTally = field(default_factory=CallTally)
     #: ``[{"role", "text"}]`` when the agent keeps transcripts (redacted); else ``None``.
     transcript: list[dict[str, str]] | None = None

@@ -25,6 +25,7 @@ from openrtc.wire.messages import (
     RecordField,
     RecordState,
     peek_job_header,
+    peek_tenant,
 )
 from openrtc.wire.signing import verify_job
 from openrtc.worker.acceptance import Action, Start, Verdict, judge, start_kind
@@ -80,7 +81,12 @@ class EntryCheck:
         """Decide what a held entry becomes: a session, a dead letter, or nothing."""
         job_id, _ = peek_job_header(claim.delivery.fields)
         # The session task started by the check inherits these.
-        with log_context(job_id=job_id, agent=self._ctx.settings.agent, room=claim.room_hint()):
+        with log_context(
+            job_id=job_id,
+            agent=self._ctx.settings.agent,
+            tenant=peek_tenant(claim.delivery.fields),
+            room=claim.room_hint(),
+        ):
             started = False
             try:
                 started = await self._check(claim)
@@ -186,6 +192,7 @@ class EntryCheck:
                     tracing.JOB_ID: message.job_id,
                     tracing.AGENT: message.agent,
                     tracing.ROOM: message.room,
+                    tracing.TENANT: message.tenant,
                     "openrtc.worker_id": settings.worker_id,
                     "openrtc.entry_id": claim.entry_id,
                     "openrtc.delivery": delivery.deliveries,
@@ -209,7 +216,11 @@ class EntryCheck:
             ):
                 # Given up on undecoded: its dispatcher is told from the peeked ids.
                 await self._outcomes.publish(
-                    dispatcher_id, job_id, JobStatus.FAILED, f"{verdict.reason}: {verdict.error}"
+                    dispatcher_id,
+                    job_id,
+                    JobStatus.FAILED,
+                    f"{verdict.reason}: {verdict.error}",
+                    tenant=peek_tenant(claim.delivery.fields),
                 )
             return
         assert message is not None
@@ -297,6 +308,7 @@ class EntryCheck:
         fields: dict[str, str | int | float] = {
             RecordField.ATTEMPT: claim.delivery.deliveries,
             RecordField.STARTED_AT: f"{ctx.clock():.6f}",
+            RecordField.TENANT: message.tenant,
         }
         ours = await ctx.redis(
             lambda: ctx.consumer.start(claim.entry_id, message.job_id, fields),

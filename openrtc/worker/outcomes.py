@@ -14,6 +14,8 @@ from typing import Any
 import anyio
 
 from openrtc.agents.observers import Observer, observe
+from openrtc.agents.tenants import DEFAULT_TENANT, tenant_scope
+from openrtc.ops.logs import log_context
 from openrtc.session.session import SessionOutcome
 from openrtc.store.checkpoint import Checkpoint
 from openrtc.wire.keys import ENDED_TTL
@@ -24,6 +26,7 @@ from openrtc.wire.messages import (
     RecordField,
     RecordState,
     StatusEvent,
+    peek_tenant,
 )
 from openrtc.wire.reports import CallOutcome, CallReport, CallTally
 from openrtc.worker.claims import Claim
@@ -53,7 +56,7 @@ class Outcomes:
             # Handed over, however the session ended: the peer has the job now
             # (its record, its entry, its checkpoint), and finishes it.
             ctx.stats.taken_over += 1
-            ctx.metrics.ended("taken_over")
+            ctx.metrics.ended("taken_over", message.tenant)
             logger.log(
                 logging.INFO if claim.handed_over else logging.WARNING,
                 "job %s: another worker took the call over (%s); stepping aside",
@@ -63,7 +66,7 @@ class Outcomes:
             return
         if outcome.status == "failed":
             ctx.stats.failed += 1
-            ctx.metrics.ended("failed")
+            ctx.metrics.ended("failed", message.tenant)
             claim.settled = True
             logger.error(
                 "job %s: session failed (delivery %d of %d): %s",
@@ -82,13 +85,13 @@ class Outcomes:
             # delivered again, to this worker or another, until the limit.
             return
         ctx.stats.succeeded += 1
-        ctx.metrics.ended("succeeded")
+        ctx.metrics.ended("succeeded", message.tenant)
         logger.info("job %s ended: %s", message.job_id, outcome.reason)
         if outcome.call is not None:
             # The call ends here: its usage since the last checkpoint (all
             # of it, for an agent without checkpoints) is counted now.
             claim.counted = ctx.metrics.count_usage(
-                claim.counted, CallTally.from_dict(outcome.call)
+                claim.counted, CallTally.from_dict(outcome.call), message.tenant
             )
         # Before the acknowledgement: a crash between the two leaves the call
         # to a peer whose session ends at once and writes it again (the
@@ -165,7 +168,11 @@ class Outcomes:
             # Given up on (a call, even one given up on before its entry was
             # decoded: then its room is not known here).
             await self.report(
-                message or job_id, CallOutcome.FAILED, f"{reason.value}: {error}", None
+                message or job_id,
+                CallOutcome.FAILED,
+                f"{reason.value}: {error}",
+                None,
+                tenant=peek_tenant(delivery.fields),
             )
         if message is not None:
             await self.status(message, JobStatus.FAILED, f"{reason}: {error}")
@@ -177,10 +184,13 @@ class Outcomes:
         outcome: str,
         reason: str,
         call: dict[str, Any] | None,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
         """Write the call's report (once per call: its marker keeps a second one out).
 
-        ``message``: the job, or only its id (an entry given up on undecoded).
+        ``message``: the job, or only its id (an entry given up on undecoded;
+        ``tenant`` is then the one its fields name).
         ``call``: the ending session's totals (its outcome's). Without them (a
         call given up) the totals are those of its last checkpoint.
         """
@@ -200,6 +210,7 @@ class Outcomes:
             job_id=job_id,
             agent=ctx.settings.agent if isinstance(message, str) else message.agent,
             room="" if isinstance(message, str) else message.room,
+            tenant=tenant if isinstance(message, str) else message.tenant,
             started_at=tally.started_at
             or (0.0 if isinstance(message, str) else message.enqueued_at),
             ended_at=ctx.clock(),
@@ -222,8 +233,8 @@ class Outcomes:
         elif added is not DOWN:
             # This write was the call's first (its marker was unset): once per
             # call, by the one writer whose report went in.
-            ctx.metrics.call_duration.labels(report.agent, outcome).observe(
-                max(0.0, report.ended_at - report.started_at)
+            ctx.metrics.observe_call(
+                report.tenant, outcome, max(0.0, report.ended_at - report.started_at)
             )
             if ctx.observers.end:
                 # In the worker's task group: settling the call (the ack, the
@@ -239,13 +250,19 @@ class Outcomes:
 
         self._observing += 1
         try:
-            await observe(
-                ctx.observers.end,
-                report,
-                bound=ctx.settings.observer_timeout,
-                failed=failed,
-                what=f"job {report.job_id}",
-            )
+            # Spawned in the worker's task group: bound again here, for its lines
+            # and for openrtc.current_tenant() in the observers.
+            with (
+                log_context(job_id=report.job_id, agent=report.agent, tenant=report.tenant),
+                tenant_scope(report.tenant),
+            ):
+                await observe(
+                    ctx.observers.end,
+                    report,
+                    bound=ctx.settings.observer_timeout,
+                    failed=failed,
+                    what=f"job {report.job_id}",
+                )
         finally:
             self._observing -= 1
             self._observed.set()
@@ -283,14 +300,18 @@ class Outcomes:
 
     async def status(self, message: JobMessage, status: JobStatus, error: str) -> None:
         """Tell the job's dispatcher how it went (best effort)."""
-        await self.publish(message.dispatcher_id, message.job_id, status, error)
+        await self.publish(
+            message.dispatcher_id, message.job_id, status, error, tenant=message.tenant
+        )
 
-    async def publish(self, dispatcher_id: str, job_id: str, status: JobStatus, error: str) -> None:
+    async def publish(
+        self, dispatcher_id: str, job_id: str, status: JobStatus, error: str, *, tenant: str = ""
+    ) -> None:
         """A status event for ``dispatcher_id`` (nothing without both ids)."""
         if not dispatcher_id or not job_id:
             return
         ctx = self._ctx
-        event = StatusEvent(job_id, status, error, ctx.settings.worker_id)
+        event = StatusEvent(job_id, status, error, ctx.settings.worker_id, tenant=tenant)
         await ctx.redis(
             lambda: ctx.store.publish_status(dispatcher_id, event),
             "job %s: status %s not sent: %s",

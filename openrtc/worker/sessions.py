@@ -59,7 +59,7 @@ class SessionSupervisor:
         assert message is not None
         assert control is not None
         self._ctx.stats.started += 1
-        self._ctx.metrics.started.inc()
+        self._ctx.metrics.started(message.tenant)
         span = _session_span(claim, message, self._ctx.settings.isolation)
         self._observing(control)
         try:
@@ -231,7 +231,9 @@ class SessionSupervisor:
             if saved:
                 # Usage is counted as it is checkpointed: what the next session
                 # resumes from is exactly what was counted, so none counts it twice.
-                claim.counted = ctx.metrics.count_usage(claim.counted, _tally_in(data))
+                claim.counted = ctx.metrics.count_usage(
+                    claim.counted, _tally_in(data), message.tenant
+                )
             return saved
 
         writer = CheckpointWriter(
@@ -263,6 +265,7 @@ def _session_span(claim: Claim, message: JobMessage, isolation: str) -> Any:
             tracing.JOB_ID: message.job_id,
             tracing.AGENT: message.agent,
             tracing.ROOM: message.room,
+            tracing.TENANT: message.tenant,
             "openrtc.isolation": isolation,
             "openrtc.takeover": claim.reclaimed,
         },

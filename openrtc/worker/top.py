@@ -21,7 +21,6 @@ import anyio
 from anyio.abc import TaskStatus
 
 from openrtc.store.top import publish_snapshot, withdraw_snapshot
-from openrtc.wire.reports import NO_TENANT
 from openrtc.wire.top import SessionRow, WorkerSnapshot
 from openrtc.worker.claims import ClaimTable
 from openrtc.worker.context import WorkerContext
@@ -114,7 +113,7 @@ class TopPublisher:
                     worker=s.worker_id,
                     started_at=round(started, 3),
                     duration_s=round(max(0.0, wall - started), 1),
-                    tenant=NO_TENANT,
+                    tenant=message.tenant,
                     state=live.state,
                     turns=live.turns,
                     latency_s=None if live.latency_s is None else round(live.latency_s, 3),
