@@ -214,6 +214,41 @@ def run_bench(bench: Bench, args: argparse.Namespace, summary: Path, logs: Path)
     }
 
 
+def recorded(runs: Sequence[dict[str, Any]], summary: str) -> list[dict[str, Any]]:
+    """The figures the benchmarks recorded (one JSON line each, ``record_figure``).
+
+    A benchmark that failed before recording any figure gets one missed row of
+    its own, so the results file shows it as well as the exit status.
+    """
+    figures = [json.loads(line) for line in summary.splitlines() if line]
+    for run in runs:
+        if run["exit"] != 0 and not any(f["bench"] == run["bench"] for f in figures):
+            figures.append(
+                {
+                    "bench": run["bench"],
+                    "figure": "no figures: the benchmark failed before reporting",
+                    "ours": None,
+                    "anchor": None,
+                    "anchor_label": "",
+                    "unit": "",
+                    "ratio": None,
+                    "goal": "",
+                    "met": False,
+                    "note": f"exit {run['exit']}, see logs/{run['bench']}.log",
+                }
+            )
+    return figures
+
+
+#: How ``latest.md`` marks a figure whose goal was missed.
+MISSED_MARK: Final = "**MISSED**"
+
+
+def missed(figure: dict[str, Any]) -> bool:
+    """Whether this recorded figure missed its goal: shown as ``MISSED_MARK``, fails the run."""
+    return figure["met"] is False
+
+
 def failures(runs: Sequence[dict[str, Any]], figures: Sequence[dict[str, Any]]) -> list[str]:
     """Why this scoreboard fails (none: it passes).
 
@@ -225,7 +260,7 @@ def failures(runs: Sequence[dict[str, Any]], figures: Sequence[dict[str, Any]]) 
     reasons += [
         f"{f['bench']}: {f['figure']} missed its goal ({f['goal'] or 'no goal text'})"
         for f in figures
-        if f["met"] is False
+        if missed(f)
     ]
     return reasons
 
@@ -256,7 +291,7 @@ def render(info: dict[str, Any], runs: list[dict[str, Any]], figures: list[dict[
             else "-"
         )
         ratio = f"{f['ratio']:.2f}x" if f["ratio"] is not None else "-"
-        met = {True: "met", False: "**MISSED**", None: "-"}[f["met"]]
+        met = MISSED_MARK if missed(f) else {True: "met", None: "-"}[f["met"]]
         figure = f["figure"] + (f" ({f['note']})" if f["note"] else "")
         lines.append(
             f"| {f['bench']} | {figure} | {_fmt(f['ours'], f['unit'])} | {anchor} | {ratio} "
@@ -294,23 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for bench in BENCHES:
             if bench.name in chosen:
                 runs.append(run_bench(bench, args, summary, logs))
-        figures = [json.loads(line) for line in summary.read_text().splitlines() if line]
-    for run in runs:
-        if run["exit"] != 0 and not any(f["bench"] == run["bench"] for f in figures):
-            figures.append(
-                {
-                    "bench": run["bench"],
-                    "figure": "no figures: the benchmark failed before reporting",
-                    "ours": None,
-                    "anchor": None,
-                    "anchor_label": "",
-                    "unit": "",
-                    "ratio": None,
-                    "goal": "",
-                    "met": False,
-                    "note": f"exit {run['exit']}, see logs/{run['bench']}.log",
-                }
-            )
+        figures = recorded(runs, summary.read_text())
     text = render(info, runs, figures)
     (args.out / "latest.md").write_text(text)
     (args.out / "latest.json").write_text(

@@ -48,8 +48,21 @@ async def test_room_metadata_routes_to_the_agents_stream(
                 api.CreateRoomRequest(name=room, metadata='{"agent": "dental"}')
             )
             found = await eventually(lambda: entries(redis, keys.jobs("dental")))
-        await anyio.sleep(0.3)  # nothing else trickles in
-        assert len(await entries(redis, keys.jobs("dental"))) == 1
+            # Nothing else for this room trickles in: a later room's entry is
+            # written after anything more this room's offer would have made.
+            marker = unique("marker")
+            await lkapi.room.create_room(
+                api.CreateRoomRequest(name=marker, metadata='{"agent": "dental"}')
+            )
+
+            async def marker_in() -> list[str]:
+                rooms = [
+                    JobMessage.decode(f).room for _, f in await entries(redis, keys.jobs("dental"))
+                ]
+                return rooms if marker in rooms else []
+
+            assert await eventually(marker_in, "the later room's entry") == [room, marker]
+        assert (dispatcher.stats.offered, dispatcher.stats.enqueued) == (2, 2)
         message = JobMessage.decode(found[0][1])
         assert message.agent == "dental"
         assert (message.step, message.source) == (3, "room metadata")
@@ -115,20 +128,45 @@ async def test_unknown_agent_goes_to_the_dead_letters_once(
     ns = unique("ns")
     keys = Keys(ns)
     room = unique("lobby")
+    assert livekit_server.log_path is not None
+    log_path = livekit_server.log_path
+
+    def server_logged_failure(job_id: str) -> bool:
+        log = log_path.read_text(errors="replace")
+        return any(
+            job_id in line and "JS_FAILED" in line and "Unknown agent" in line
+            for line in log.splitlines()
+        )
+
     # Two dispatchers: LiveKit must still hand the job to only one of them.
     async with (
-        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)),
-        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)),
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as first,
+        dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as second,
     ):
+        dispatchers = (first, second)
         async with livekit_api(livekit_server) as lkapi:
             await lkapi.room.create_room(
                 api.CreateRoomRequest(name=room, metadata='{"agent": "ghost"}')
             )
-            dead = await eventually(lambda: entries(redis, keys.dead_letter))
-        await anyio.sleep(1.0)
-    dead = await entries(redis, keys.dead_letter)
-    assert len(dead) == 1
-    fields = dead[0][1]
+            [(_, fields)] = await eventually(lambda: entries(redis, keys.dead_letter))
+            job_id = fields[b"job_id"].decode()
+            # The server ended the job (failed, with our error: it logs every
+            # job end): it is offered to no one again.
+            await eventually(
+                lambda: server_logged_failure(job_id), "the job's end in the server log"
+            )
+            # And a later room's letter comes after anything more this one made.
+            marker = unique("marker")
+            await lkapi.room.create_room(
+                api.CreateRoomRequest(name=marker, metadata='{"agent": "ghost"}')
+            )
+
+            async def marker_in() -> list[str]:
+                rooms = [f[b"room"].decode() for _, f in await entries(redis, keys.dead_letter)]
+                return rooms if marker in rooms else []
+
+            assert await eventually(marker_in, "the later room's letter") == [room, marker]
+        assert sum(d.stats.unknown_agent for d in dispatchers) == 2
     assert fields[b"reason"] == b"unknown-agent"
     assert fields[b"error"] == b"Unknown agent 'ghost' requested via room metadata."
     # The whole job entry, with no agent yet: `dlq replay --agent X` makes it X's.
@@ -138,21 +176,6 @@ async def test_unknown_agent_goes_to_the_dead_letters_once(
     assert fields[b"source"] == b"room metadata"
     for agent in ("dental", "restaurant", "support"):
         assert not await entries(redis, keys.jobs(agent))
-    # The server recorded the failure with our error (it logs every job end).
-    job_id = fields[b"job_id"].decode()
-    assert livekit_server.log_path is not None
-
-    def server_logged_failure() -> bool:
-        log = livekit_server.log_path.read_text(errors="replace")  # type: ignore[union-attr]
-        return any(
-            job_id in line and "JS_FAILED" in line and "Unknown agent" in line
-            for line in log.splitlines()
-        )
-
-    async def logged() -> bool:
-        return server_logged_failure()
-
-    await eventually(logged, within=5)
 
 
 async def test_two_dispatchers_enqueue_each_job_exactly_once(
@@ -173,11 +196,19 @@ async def test_two_dispatchers_enqueue_each_job_exactly_once(
                 return len(await entries(redis, keys.jobs("dental"))) >= len(rooms)
 
             await eventually(all_there)
-        await anyio.sleep(0.5)
-        found = [JobMessage.decode(f) for _, f in await entries(redis, keys.jobs("dental"))]
-        assert sorted(m.room for m in found) == sorted(rooms)
-        assert len({m.job_id for m in found}) == len(rooms)
-        assert first.stats.enqueued + second.stats.enqueued == len(rooms)
+            # No second entry of any room trickles in: a later room's entry is
+            # written after anything more their offers would have made.
+            marker = f"dental-marker-{uuid.uuid4().hex[:8]}"
+            await lkapi.room.create_room(api.CreateRoomRequest(name=marker))
+
+            async def marker_in() -> list[JobMessage]:
+                found = [JobMessage.decode(f) for _, f in await entries(redis, keys.jobs("dental"))]
+                return found if any(m.room == marker for m in found) else []
+
+            found = await eventually(marker_in, "the later room's entry")
+        assert sorted(m.room for m in found) == sorted([*rooms, marker])
+        assert len({m.job_id for m in found}) == len(rooms) + 1
+        assert first.stats.enqueued + second.stats.enqueued == len(rooms) + 1
 
 
 async def test_survives_livekit_and_redis_restarts(
@@ -294,7 +325,7 @@ async def test_rooms_are_still_dispatched_while_every_worker_is_busy(
     settings = dispatcher_settings(livekit_server, redis_server.url, ns, load_interval=0.2)
     with anyio.fail_after(60):
         async with (
-            dispatching(settings),
+            dispatching(settings) as dispatcher,
             working(livekit_server, redis_server.url, ns, "dental", concurrency=1) as worker,
             livekit_api(livekit_server) as lkapi,
         ):
@@ -303,7 +334,14 @@ async def test_rooms_are_still_dispatched_while_every_worker_is_busy(
             async with caller_in(creds(livekit_server), first) as caller:
                 await caller.wait_agent(within=20)
                 assert len(worker.running_jobs) == 1  # its one slot is taken
-                await anyio.sleep(1.0)  # loads refreshed and reported meanwhile
+
+                def seen_busy() -> bool:
+                    load = dispatcher.view.loads.get("dental")
+                    return load is not None and load.running == 1 and load.free == 0
+
+                # The dispatcher's view has the worker busy, and reports that
+                # (every load_interval) from then on.
+                await eventually(seen_busy, "the worker busy in the dispatcher's view")
                 second = unique("dental-queued")
                 await lkapi.room.create_room(api.CreateRoomRequest(name=second))
 

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from livekit import api
+from livekit.agents.types import ATTRIBUTE_AGENT_STATE
 from redis.asyncio import Redis
 
 from openrtc.agents.registry import AgentPool
@@ -81,14 +82,18 @@ async def test_a_room_created_while_no_dispatcher_ran_gets_its_agent(
     async with working(livekit_server, redis_server.url, ns, "dental"):
         # LiveKit decides the dispatch now, finds no agent worker, and never retries.
         await new_room(livekit_server, room)
-        async with caller_in(creds(livekit_server), room) as caller:
-            await anyio.sleep(1.0)
-            assert caller.agents() == []
-            async with reconciling(livekit_server, redis_server.url, ns) as dispatcher:
-                agent = await caller.wait_agent(within=15)
-                assert agent.attributes.get("lk.agent_name", "") == ""
-                assert dispatcher.stats.reconciled == 1
-                assert dispatcher.stats.reconcile_leader == 1
+        async with (
+            caller_in(creds(livekit_server), room) as caller,
+            reconciling(livekit_server, redis_server.url, ns) as dispatcher,
+        ):
+            agent = await caller.wait_agent(within=15)
+            assert agent.attributes.get("lk.agent_name", "") == ""
+            assert dispatcher.stats.reconciled == 1
+            assert dispatcher.stats.reconcile_leader == 1
+            # The one job LiveKit offered is the reconciler's: the room's own
+            # job was not offered again once a dispatcher was in.
+            assert dispatcher.stats.offered == 1
+            assert caller.max_agents_at_once == 1
         await delete_room(livekit_server, room)
 
 
@@ -161,14 +166,36 @@ async def test_a_room_whose_agent_ended_the_call_on_purpose_is_left_alone(
     ):
         await new_room(livekit_server, room)
         async with caller_in(creds(livekit_server), room) as caller:
-            await caller.wait_agent(within=20)
-            await eventually(lambda: len(worker.running) == 1, "the session running")
-            await anyio.sleep(1.0)  # text typed before the session listens is dropped
+            agent = await caller.wait_agent(within=20)
+
+            def listening() -> bool:
+                [participant] = [p for p in caller.agents() if p.sid == agent.sid]
+                return participant.attributes.get(ATTRIBUTE_AGENT_STATE) == "listening"
+
+            # Text typed before the session listens is dropped: its greeting said.
+            await eventually(listening, "the agent listening", within=20)
             await caller.room.local_participant.send_text("goodbye then", topic="lk.chat")
             await eventually(lambda: worker.stats.succeeded == 1, "the agent to end the call")
             await caller.wait_no_agent(within=20)
-            assert await redis.get(Keys(ns).ended(room)) is not None
-            # The caller stays, alone, well past the grace: passes look and leave it.
+            keys = Keys(ns)
+            # Marked before the job's entry is acknowledged (counted succeeded before both).
+            await eventually(lambda: redis.get(keys.ended(room)), "the room marked ended")
+
+            async def alone_as_the_reconciler_sees_it() -> bool:
+                # Its job's entry gone (no longer "queued"), and no agent in
+                # LiveKit's own list (what the reconciler reads; it can lag
+                # behind what the caller saw).
+                if await redis.xlen(keys.jobs("farewell")):
+                    return False
+                listed = await lk.room.list_participants(api.ListParticipantsRequest(room=room))
+                return all(p.kind != api.ParticipantInfo.Kind.AGENT for p in listed.participants)
+
+            async with api.LiveKitAPI(
+                livekit_server.http_url, livekit_server.api_key, livekit_server.api_secret
+            ) as lk:
+                await eventually(alone_as_the_reconciler_sees_it, "the room without its job")
+            # The caller stays, alone, well past the grace (each pass is at least
+            # the 0.3 s interval apart): passes look and leave it.
             passes = dispatcher.stats.reconcile_passes
             await eventually(
                 lambda: dispatcher.stats.reconcile_passes >= passes + 12,
@@ -201,8 +228,21 @@ async def test_a_room_whose_job_is_queued_is_not_dispatched_twice(
             assert await redis.xlen(keys.jobs("dental")) == 1
             async with working(livekit_server, redis_server.url, ns, "dental") as worker:
                 await caller.wait_agent(within=20)
-                await anyio.sleep(FAST["reconcile_grace"] + 1.0)
+                # Passes past the grace with the call served, and every entry of
+                # the stream read and started: a second job would show here.
+                passes = dispatcher.stats.reconcile_passes
+                await eventually(
+                    lambda: dispatcher.stats.reconcile_passes >= passes + 8,
+                    "reconciler passes past the grace",
+                )
+
+                async def all_read() -> bool:
+                    [group] = await redis.xinfo_groups(keys.jobs("dental"))
+                    return bool(group["lag"] == 0 and group["pending"] <= worker.stats.started)
+
+                await eventually(all_read, "every entry read by the worker")
                 assert worker.stats.started == 1
+                assert dispatcher.stats.reconciled == 0
             assert caller.max_agents_at_once == 1
             assert dispatcher.stats.offered == 1
         await delete_room(livekit_server, room)

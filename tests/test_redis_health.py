@@ -15,7 +15,7 @@ from openrtc.store.redis_health import check_durability
 from openrtc.store.streams import StreamStore
 from openrtc.wire.keys import Keys
 from tests.support.jobs import message
-from tests.support.stack import dispatcher_settings, dispatching, unique, working
+from tests.support.stack import dispatcher_settings, dispatching, eventually, unique, working
 
 pytestmark = pytest.mark.anyio
 
@@ -43,6 +43,24 @@ def durability_warnings(caplog: pytest.LogCaptureFixture, logger: str) -> list[s
     ]
 
 
+async def calls(redis: Redis, command: str) -> int:
+    """How many times the server ran ``command`` (``INFO commandstats``; "config|get")."""
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def beats(redis: Redis, record: str, count: int) -> None:
+    """Wait for ``count`` more heartbeats of a member (its record's ``heartbeat_at``)."""
+    last = await redis.hget(record, "heartbeat_at")
+    for _ in range(count):
+
+        async def moved(since: bytes | None = last) -> bytes | None:
+            now = await redis.hget(record, "heartbeat_at")
+            return now if now != since else None
+
+        last = await eventually(moved, f"a heartbeat of {record}", within=30)
+
+
 @pytest.mark.parametrize(("durable", "expected"), [(False, 1), (True, 0)])
 async def test_services_warn_once_at_start_up_about_a_redis_that_loses_jobs(
     livekit_server: LiveKitServer,
@@ -55,11 +73,27 @@ async def test_services_warn_once_at_start_up_about_a_redis_that_loses_jobs(
     caplog.set_level(logging.DEBUG, logger="openrtc")
     url = (durable_redis if durable else volatile_redis).url
     ns = unique("ns")
-    async with (
-        dispatching(dispatcher_settings(livekit_server, url, ns)),
-        working(livekit_server, url, ns, "dental"),
-    ):
-        await anyio.sleep(1.5)  # several heartbeats and membership refreshes
+    keys = Keys(ns)
+    redis = Redis.from_url(url)
+    try:
+        before = await calls(redis, "config|get")
+        async with (
+            dispatching(dispatcher_settings(livekit_server, url, ns)) as dispatcher,
+            working(livekit_server, url, ns, "dental") as worker,
+        ):
+
+            async def both_checked() -> bool:
+                # Each check reads two settings with CONFIG GET.
+                return await calls(redis, "config|get") >= before + 4
+
+            await eventually(both_checked, "both durability checks", within=30)
+            # Then more heartbeats and membership refreshes: a check run again
+            # with them would have run by now.
+            await beats(redis, keys.dispatcher(dispatcher.settings.dispatcher_id), 3)
+            await beats(redis, keys.worker(worker.settings.worker_id), 3)
+            assert await calls(redis, "config|get") == before + 4
+    finally:
+        await redis.aclose()
     for logger in ("openrtc.dispatcher", "openrtc.worker"):
         found = durability_warnings(caplog, logger)
         assert len(found) == expected, (logger, found)
@@ -106,9 +140,13 @@ async def test_enqueue_waits_for_a_replica_and_reports_a_shortfall(
         redis = Redis.from_url(primary.url)
         try:
             alone = StreamStore(redis, keys, wait_replicas=1, wait_timeout=0.3)
+            waits = await calls(redis, "wait")
             started = time.monotonic()
             (result,) = await alone.enqueue([message("dental", "dental-1")])
             assert result.outcome == "queued"  # kept on the primary
+            # It asked Redis to wait, and waited out the timeout (a lower bound:
+            # a loaded machine only lengthens it).
+            assert await calls(redis, "wait") == waits + 1
             assert time.monotonic() - started >= 0.25
             assert any("0 of 1 replicas" in r.getMessage() for r in caplog.records)
 

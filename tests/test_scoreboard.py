@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ def _load() -> ModuleType:
 
 
 board = _load()
+bench_figures = importlib.import_module("_lib.figures")  # on sys.path once the scoreboard is loaded
 
 
 def run(bench: str, code: int = 0) -> dict[str, Any]:
@@ -60,3 +62,57 @@ def test_the_scoreboard_fails_on_any_failed_run_or_missed_goal(
 ) -> None:
     reasons = board.failures(runs, figures)
     assert [r.split(":")[0] for r in reasons] == failed
+
+
+def _record(bench: str, figure: str, met: bool | None) -> None:
+    bench_figures.record_figure(
+        bench,
+        figure,
+        ours=2.0,
+        anchor=1.0,
+        anchor_label="plain",
+        unit="s",
+        goal="<= 1.5x plain" if met is not None else "",
+        met=met,
+    )
+
+
+@pytest.mark.parametrize(
+    ("goals", "exits", "failed"),
+    [
+        # Every benchmark exited 0 in each case below: the goals alone decide.
+        ({("e2e", "p50"): True, ("e2e", "p99"): None}, {"e2e": 0}, []),
+        ({("density", "PSS"): False}, {"density": 0}, ["density"]),
+        (
+            {("e2e", "p50"): True, ("recovery", "p99"): False, ("top", "cost"): False},
+            {"e2e": 0, "recovery": 0, "top": 0},
+            ["recovery", "top"],
+        ),
+        # A benchmark that died before recording: a missed row of its own, and a failed run.
+        ({("e2e", "p50"): True}, {"e2e": 0, "chaos": 1}, ["chaos", "chaos"]),
+    ],
+)
+def test_every_row_marked_missed_in_the_results_fails_the_scoreboard(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    goals: dict[tuple[str, str], bool | None],
+    exits: dict[str, int],
+    failed: list[str],
+) -> None:
+    # The path the scoreboard takes: each benchmark's record_figure lines, read back,
+    # rendered into latest.md, then the reasons main() exits 1 on.
+    summary = tmp_path / "figures.jsonl"
+    monkeypatch.setenv(bench_figures.SUMMARY_ENV, str(summary))
+    for (bench, name), met in goals.items():
+        _record(bench, name, met)
+    runs = [run(bench, code) for bench, code in exits.items()]
+    recorded = board.recorded(runs, summary.read_text() if summary.exists() else "")
+    text = board.render({"cpus": 2}, runs, recorded)
+    missed_rows = [
+        line.split("|")[1].strip() for line in text.splitlines() if board.MISSED_MARK in line
+    ]
+    reasons = board.failures(runs, recorded)
+    # Each MISSED row is a reason to fail (and a failed run is one more).
+    assert sorted(r.split(":")[0] for r in reasons) == failed
+    assert set(missed_rows) <= {r.split(":")[0] for r in reasons}
+    assert len(missed_rows) == sum(1 for r in reasons if "missed its goal" in r)

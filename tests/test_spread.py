@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from contextlib import AsyncExitStack
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.wire.keys import Keys
-from openrtc.worker.worker import READ_BLOCK_MS, Worker
+from openrtc.worker.worker import Worker
 from tests.support.stack import (
     HoldingRunner,
     delete_room,
@@ -102,14 +103,23 @@ async def test_thirty_calls_spread_over_three_workers(
             await delete_rooms(livekit_server, rooms)
 
 
+def deferrals(caplog: pytest.LogCaptureFixture, reason: str) -> int:
+    """How many times a worker logged leaving the next job to a peer, for ``reason``."""
+    return sum(
+        r.getMessage().startswith(f"leaving the next job to a peer: {reason}")
+        for r in caplog.records
+    )
+
+
 async def test_a_worker_above_its_cpu_threshold_leaves_calls_to_peers_unless_all_are(
-    livekit_server: LiveKitServer, redis_server: RedisServer
+    livekit_server: LiveKitServer, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A threshold of 0.001 is always exceeded: the "hot" worker's CPU state is
     # certain whatever else this machine runs.
     ns = unique("ns")
     rooms = [unique(f"dental-hot-{i}") for i in range(8)]
     runner = HoldingRunner()
+    caplog.set_level(logging.DEBUG, logger="openrtc.worker")
     try:
         async with (
             dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)),
@@ -121,9 +131,12 @@ async def test_a_worker_above_its_cpu_threshold_leaves_calls_to_peers_unless_all
             async with working(
                 livekit_server, redis_server.url, ns, "dental", concurrency=2, runner=runner
             ) as cool:
-                await eventually(lambda: hot._peers, "the hot worker to see its peer")
-                # A read it began while it was alone ends within READ_BLOCK_MS.
-                await anyio.sleep(READ_BLOCK_MS / 1000 + 0.5)
+                # A pass after the read it began alone: it leaves the next job to the peer.
+                await eventually(
+                    lambda: deferrals(caplog, "CPU above threshold"),
+                    "the hot worker deferring",
+                    within=30,
+                )
                 for room in rooms[:2]:
                     await new_room(livekit_server, room)
                 await eventually(lambda: cool.stats.started == 2, "the cool worker's two calls")
@@ -139,7 +152,10 @@ async def test_a_worker_above_its_cpu_threshold_leaves_calls_to_peers_unless_all
 
 
 async def test_a_peer_that_shows_room_but_never_reads_strands_no_call(
-    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A frozen peer's free slots make the worker defer, never wait for good.
 
@@ -149,6 +165,7 @@ async def test_a_peer_that_shows_room_but_never_reads_strands_no_call(
     keys = Keys(ns)
     rooms = [unique(f"dental-frozen-{i}") for i in range(3)]
     runner = HoldingRunner()
+    caplog.set_level(logging.DEBUG, logger="openrtc.worker")
     frozen = "worker-frozen"
     # A peer alive by its heartbeat, with free slots, that never reads (frozen).
     await redis.hset(keys.worker(frozen), mapping={"agent": "dental", "capacity": 10})
@@ -159,11 +176,15 @@ async def test_a_peer_that_shows_room_but_never_reads_strands_no_call(
             working(livekit_server, redis_server.url, ns, "dental", runner=runner) as worker,
         ):
             await eventually(lambda: frozen in worker._peers, "the worker to see the frozen peer")
-            await anyio.sleep(READ_BLOCK_MS / 1000 + 0.5)  # a read begun alone has ended
             for n, room in enumerate(rooms, 1):
                 await new_room(livekit_server, room)
-                # The worker holds more than the frozen peer: it defers, then reads.
-                await eventually(lambda n=n: worker.stats.started == n, f"call {n}", within=10)
+                # From the second call the worker holds more than the frozen
+                # peer: it defers, then reads.
+                await eventually(lambda n=n: worker.stats.started == n, f"call {n}", within=30)
+            # It did defer before each call after the first (the policy, not a
+            # read begun before it saw the peer, made them wait).
+            for held in (1, 2):
+                assert deferrals(caplog, f"holding {held} while a peer with room holds 0")
     finally:
         runner.end_all()
         await delete_rooms(livekit_server, rooms)

@@ -479,7 +479,10 @@ async def test_the_worker_survives_a_redis_restart(
         async with working(livekit_server, server.url, ns, "dental") as worker:
             worker_id = worker.settings.worker_id
             await anyio.to_thread.run_sync(server.stop)
-            await anyio.sleep(1.5)  # the worker's reads, renewals and beats fail meanwhile
+            # Down until the worker has seen it (its reads, renewals and beats fail).
+            await eventually(
+                lambda: "Redis unreachable" in caplog.text, "the worker to see the outage"
+            )
             await anyio.to_thread.run_sync(server.start)
 
             redis = connect_redis(server.url)

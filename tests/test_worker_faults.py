@@ -21,6 +21,7 @@ import anyio
 import pytest
 from livekit import api
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.caller import Caller, caller_in
@@ -28,7 +29,7 @@ from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.settings import LiveKitSettings
 from openrtc.store.streams import StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
-from openrtc.wire.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, agent_identity
+from openrtc.wire.messages import ROOM_CREATED_ATTRIBUTE, JobMessage, RecordField, agent_identity
 from openrtc.worker.worker import ROOM_CHECK_TIMEOUT
 from tests.support.faults import slow_api
 from tests.support.jobs import AGENT_HEADER, job_message, write_agent
@@ -43,7 +44,7 @@ from tests.support.stack import (
     unique,
     working,
 )
-from tests.support.waits import pending_on
+from tests.support.waits import pending_on, reclaim_sweeps
 
 pytestmark = pytest.mark.anyio
 
@@ -60,6 +61,26 @@ async def jobs_pending_on(redis: Redis, stream: str, consumer: str) -> set[str]:
         for _, fields in await redis.xrange(stream, entry_id, entry_id):
             jobs.add(fields[b"job_id"].decode())
     return jobs
+
+
+async def renewals(redis: Redis, stream: str, consumer: str, count: int) -> None:
+    """Wait for ``count`` renewals of the entries pending on ``consumer``.
+
+    A renewal re-claims every held entry (``XCLAIM``), so their longest idle
+    time drops: each drop is one renewal seen.
+    """
+    last: int | None = None
+    seen = 0
+    with anyio.fail_after(60):
+        while seen < count:
+            rows = await redis.xpending_range(
+                stream, WORKERS_GROUP, "-", "+", 1000, consumername=consumer
+            )
+            idle = max((int(r["time_since_delivered"]) for r in rows), default=None)
+            if idle is not None and last is not None and idle < last:
+                seen += 1
+            last = idle
+            await anyio.sleep(0.05)
 
 
 # -- Redis restarts under running calls -------------------------------------------
@@ -91,19 +112,28 @@ async def test_running_calls_go_on_through_a_redis_restart(
             agents = [await c.wait_agent(within=20) for c in callers]
 
             await anyio.to_thread.run_sync(server.stop)
-            await anyio.sleep(1.0)  # renewals fail meanwhile
+            await anyio.sleep(1.0)  # the outage: renewals fail meanwhile
             await anyio.to_thread.run_sync(server.start)
-            await anyio.sleep(lease * 3)  # several renewals after Redis is back
+            job_ids = {m.job_id for m in messages}
+            me = worker.settings.worker_id
+
+            async def known_again() -> bool:
+                try:
+                    return await jobs_pending_on(redis, stream, me) == job_ids
+                except ResponseError:  # NOGROUP: not made again yet (restarted empty)
+                    return False
+
+            # Redis knows them again, as this worker's (a crash of it now is
+            # still recovered); then renewals of them, each of which would
+            # have made the worker step aside from a call it no longer held.
+            await eventually(known_again, "the calls pending on the worker again", within=30)
+            await renewals(redis, stream, me, 3)
 
             # Every call went on: nobody stepped aside, nobody left.
-            job_ids = {m.job_id for m in messages}
             assert set(worker.running_jobs) == job_ids
             assert worker.stats.taken_over == 0
             for caller, agent in zip(callers, agents, strict=True):
                 assert [a.sid for a in caller.agents()] == [agent.sid]
-            # And Redis knows them again, as this worker's: a crash of it now is
-            # still recovered.
-            me = worker.settings.worker_id
             assert await jobs_pending_on(redis, stream, me) == job_ids
             for message in messages:
                 record = await redis.hgetall(keys.job("dental", message.job_id))
@@ -183,7 +213,11 @@ async def test_a_slow_livekit_api_never_lets_held_entries_lapse(
                         return slow.stats.started + peer.stats.started >= 2
 
                     await eventually(both_started, "both jobs started", within=20)
-                    await anyio.sleep(lease * 2)  # a double start would show by now
+                    # Two reclaim sweeps since: a sweep claims every entry idle
+                    # past the lease, so a double start would show by now.
+                    await reclaim_sweeps(redis, keys, "dental", 2)
+                    rows = await redis.xpending_range(stream, WORKERS_GROUP, "-", "+", 10)
+                    assert [r["times_delivered"] for r in rows] == [1, 1]
                     assert proxy.requests_delayed >= 2
                     assert slow.stats.started == 2, "the slow worker lost a held entry"
                     assert peer.stats.started == 0, "a held entry was taken over"
@@ -438,14 +472,16 @@ async def test_a_livekit_restart_leaves_one_agent_per_room(
 
                 # The old session's reconnect comes within seconds, if at all;
                 # its agent may overlap the new one only until its room's new
-                # sid is known.
-                agents: list[str] = []
+                # sid is known. Settled when the worker runs one session and
+                # its agent is alone in the room: an ended session rejoins nothing.
                 async with api.LiveKitAPI(server.http_url, server.api_key, server.api_secret) as lk:
-                    for _ in range(20):
-                        await anyio.sleep(0.5)
+
+                    async def one_session_alone() -> bool:
                         agents = await agents_in(lk, room.name)
-                assert len(agents) == 1, agents
-                assert worker.running_jobs == [agents[0].removeprefix("agent-")]
+                        running = worker.running_jobs
+                        return len(running) == 1 and agents == [agent_identity(running[0])]
+
+                    await eventually(one_session_alone, "one session, its agent alone", within=30)
                 await delete_room(server, room.name)
 
 
@@ -755,12 +791,20 @@ async def test_a_call_moved_by_rolling_deploys_is_never_given_up(
         async with caller_in(creds(livekit_server), room.name) as caller:
             await StreamStore(redis, keys).enqueue([message])
             seen = ""
-            for _deploy in range(3):  # each worker is replaced in turn, as a rollout does
+            record = keys.job("dental", message.job_id)
+            for deploy in range(3):  # each worker is replaced in turn, as a rollout does
                 async with working(livekit_server, redis_server.url, ns, "dental", **options) as w:
                     agent = await caller.wait_agent(within=20, other_than=seen)
                     seen = agent.sid
                     assert w.running_jobs == [message.job_id]
-                    await anyio.sleep(lease * 2)  # running well for a while
+
+                    async def healthy(delivery: int = deploy + 1) -> bool:
+                        # Its session lived a lease on this delivery: running well.
+                        return (
+                            await redis.hget(record, RecordField.HEALTHY) == str(delivery).encode()
+                        )
+
+                    await eventually(healthy, "the call marked healthy", within=30)
                     w.request_stop()  # the drain times out: the call is left to a peer
             assert await redis.xlen(keys.dead_letter) == 0
             async with working(livekit_server, redis_server.url, ns, "dental", **options) as last:
