@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -411,22 +411,13 @@ def _tenant(fields: Fields) -> str:
     return tenant
 
 
-def _hint_tenant(fields: Fields) -> str:
-    """The entry's tenant field if it is a tenant name, else ``""``; never raises."""
-    raw = fields.get(TENANT_FIELD.encode())
-    if not isinstance(raw, bytes) or len(raw) > ID_MAX:
-        return ""
-    text = raw.decode(errors="replace")
-    return text if is_tenant(text) else ""
-
-
 def peek_tenant(fields: Fields) -> str:
     """A job entry's tenant, undecoded: the default tenant's if unusable; never raises."""
     return _hint_tenant(fields) or DEFAULT_TENANT
 
 
-def _hint_id(fields: Fields, name: str) -> str:
-    """An optional id field that is only a hint: ``""`` when absent or not an id (:func:`_is_id`).
+def _hint_id(fields: Fields, name: str, valid: Callable[[str], bool] = _is_id) -> str:
+    """An optional field that is only a hint: ``""`` when absent or not ``valid`` (an id).
 
     Never refuses the entry, and never raises: bytes past :data:`ID_MAX` are
     not decoded, and bytes that are not UTF-8 are read with replacement
@@ -436,7 +427,12 @@ def _hint_id(fields: Fields, name: str) -> str:
     if not isinstance(raw, bytes) or len(raw) > ID_MAX:
         return ""
     text = raw.decode(errors="replace")
-    return text if _is_id(text) else ""
+    return text if valid(text) else ""
+
+
+def _hint_tenant(fields: Fields) -> str:
+    """The entry's tenant field if it is a tenant name, else ``""``; never raises."""
+    return _hint_id(fields, TENANT_FIELD, is_tenant)
 
 
 def _traceparent(fields: Fields) -> str:
