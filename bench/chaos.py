@@ -2,26 +2,35 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/chaos.py                 # 200+ calls over several minutes
-    .venv/bin/python bench/chaos.py --short         # ~50 calls in a minute or two
+    .venv/bin/python bench/chaos.py                 # 300 calls over 8 minutes (~12 min)
+    .venv/bin/python bench/chaos.py --short         # 50 calls over 80 s (~4 min)
+    .venv/bin/python bench/chaos.py --topology sentinel   # Redis as a Sentinel pair
     .venv/bin/python bench/chaos.py --check         # exit 1 unless the guarantees hold
     .venv/bin/python bench/chaos.py --short --seed 3 --log-dir /tmp/chaos
 
 One real ``livekit-server`` and one ``redis-server`` on loopback
-(``openrtc.devtools.devstack``; Redis starts with ``appendonly yes``), two agents
+(``openrtc.devtools.devstack``; Redis starts with ``appendonly yes``; the
+services reach it through a delay proxy in a process of its own,
+``chaos_proxy.py``), or with ``--topology sentinel`` a primary, a replica and
+three Sentinels (``devstack.RedisSentinels``), two agents
 (``examples/offline_agents``: dental, restaurant), two dispatchers
 (automatic dispatch) and four workers, each its own ``python -m openrtc``
 process in its own process group: dental in coroutine and in process
-isolation, restaurant in two coroutine workers. The workers reach LiveKit
+isolation, restaurant in two coroutine workers, one of which
+(``SKEWED_SLOT``, and each of its replacements) runs with its clock
+``chaos_talk.SKEW`` (8) seconds behind (libfaketime preloaded). The workers reach LiveKit
 through a loopback TCP proxy (``openrtc.devtools.devstack.DelayProxy``) that can hold back the
 server API's requests (``POST /twirp/...``) while signalling passes untouched.
 
 Each call: this process creates a room named ``<agent>-c<n>-<hex>`` whose
-metadata names the agent, joins it as a caller (``rtc.Room``,
-``auto_subscribe=False``: no audio is decoded), waits up to
-``--answer-timeout`` for an agent, stays its planned duration, hangs up and
-deletes the room. At most ``--concurrency`` calls are up at once; the start
-times, agents, durations and every fault's target come from ``--seed``.
+metadata names the agent, joins it as a caller (``rtc.Room``, subscribed:
+an agent plays nothing to an unsubscribed room), waits up to
+``--answer-timeout`` for an agent and holds a conversation with it
+(``chaos_talk``: after the greeting, three things typed, each repeated until
+the agent notes it; at the end of the planned duration "What did I say
+first?"), then hangs up and deletes the room. At most ``--concurrency``
+calls are up at once; the start times, agents, durations and every fault's
+target come from ``--seed``.
 
 Faults, at fixed fractions of the calling period (printed with their times):
 SIGKILL of a random worker's process group (a replacement starts a second
@@ -32,7 +41,18 @@ to both job streams, a slow LiveKit API (the proxy delays each request by
 ``--slow-delay`` s for a while), Redis restarted with its AOF (same port,
 same directory), a dispatcher restarted (SIGTERM, SIGKILL after 15 s), Redis
 restarted without persistence (directory wiped, no AOF from then on), and
-the LiveKit server restarted on the same ports. A worker or dispatcher that
+the LiveKit server restarted on the same ports. Raised (issue 17): two
+rolling deploys (each worker in turn: a replacement started and registered,
+then SIGTERM to the old one's main process, which hands its calls over to
+peers and exits; each SIGTERM is a ``sigterm`` fault of its own), Redis
+restarted from an RDB snapshot (``SAVE``, ``--rdb-lag`` s of traffic, SIGKILL,
+the AOF removed: the server loads ``dump.rdb``, reads and acks since the
+snapshot forgotten), ``CLIENT KILL`` of a busy worker's liveness connection
+(its crash-detection subscription, found by client name in ``CLIENT LIST``),
+a slow Redis (every reply to the services held ``--slow-redis-delay`` s for
+a while). On the Sentinel topology the three Redis restarts and the slow
+Redis give way to two failovers (the primary SIGKILLed, the replica
+promoted, the old primary started again). A worker or dispatcher that
 exits on its own is logged and restarted.
 
 The ledger is built from the outside: the caller's view of agent
@@ -57,9 +77,16 @@ at once, 0 rooms where agents of two jobs overlap for over 3 s, 0 rooms the
 server listed with two agents, 0 accepted jobs lost across the AOF Redis
 restart (which must have compared some), 0 running calls ended by the Redis
 restart without persistence, 0 services that exited on their own, 0 garbage
-entries not dead-lettered, 0 fault steps that raised. ``--sabotage``
-runs a deliberately broken build (reconciler off, crash detection off) to
-see the checks fail.
+entries not dead-lettered, 0 fault steps that raised (a deploy's SIGTERMed
+worker that exits other than 0 too); and raised: 0 calls whose conversation
+was lost (the answer does not name the first thing said), 0 calls that
+heard the greeting other than once, 0 jobs with two live entries in one
+sample of the job streams (read whole every second), and evidence that each
+new fault acted: conversations were checked, the streams sampled, the RDB
+restart restored job entries, a deploy handed a running call over, the
+skewed worker served calls. ``--sabotage`` runs a deliberately broken build
+(reconciler off, crash detection off, checkpoints off, agents that greet on
+every takeover, duplicated job entries) to see the checks fail.
 """
 
 from __future__ import annotations
@@ -72,6 +99,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -105,7 +133,16 @@ from chaos_ledger import (  # noqa: E402
     build_ledger,
     guarantees,
 )
-from e2e import JOINED_LINE  # noqa: E402
+from chaos_proxy import RedisProxy  # noqa: E402
+from chaos_talk import (  # noqa: E402
+    GREETINGS,
+    SABOTAGE_AGENTS,
+    SKEW,
+    Talk,
+    count_greetings,
+    faketime_env,
+    things_to_say,
+)
 from livekit import api, rtc  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
@@ -113,10 +150,12 @@ from openrtc.devtools.devstack import (  # noqa: E402
     API_REQUEST,
     DelayProxy,
     LiveKitServer,
+    RedisSentinels,
     RedisServer,
     delay_proxy,
 )
 from openrtc.errors import ConfigError  # noqa: E402
+from openrtc.store.streams import connect_redis  # noqa: E402
 from openrtc.wire.keys import Keys  # noqa: E402
 from openrtc.wire.messages import RecordField, RecordState  # noqa: E402
 
@@ -133,6 +172,17 @@ WORKERS: Final = (
     ("w4-restaurant-coroutine", "restaurant", "coroutine", 10),
 )
 DISPATCHERS: Final = ("d1", "d2")
+#: The worker slot whose clock is SKEW seconds behind (libfaketime), replacements too.
+SKEWED_SLOT: Final = "w4-restaurant-coroutine"
+#: A worker's drain timeout: a deploy's SIGTERM hands its calls over within it.
+DRAIN_TIMEOUT: Final = 20.0
+#: How long a caller waits for each reply before it says its line again, and
+#: how long in all for the answer to "what did I say first?".
+#: Generous: a repeat the agent did hear queues one more reply before the next
+#: line (a loaded run at load 25-30 saw replies 10-20 s late, and repeats
+#: every 8 s pushed the answer to the question past the caller's wait).
+REPLY_WAIT: Final = 20.0
+ASK_WAIT: Final = 60.0
 #: Longest a kill waits for every worker to be up (see ``Harness.fault``).
 KILL_WAIT: Final = 60.0
 #: ``--sabotage``: a deliberately broken build (settings every service reads),
@@ -140,10 +190,22 @@ KILL_WAIT: Final = 60.0
 SABOTAGE: Final[dict[str, dict[str, str]]] = {
     "reconciler-off": {"OPENRTC_RECONCILE_INTERVAL": "0"},
     "crash-detection-off": {"OPENRTC_CRASH_DETECTION": "false"},
+    # A takeover resumes with no history (the conversation-kept check).
+    "checkpoint-off": {"OPENRTC_CHECKPOINT_MAX_BYTES": "0"},
+    # Agents that greet again when they resume (``chaos_talk.SABOTAGE_AGENTS``).
+    "greeting-on-takeover": {},
+    # The harness XADDs a copy of some live job entries (a broken write-back).
+    "duplicate-entry": {},
 }
 LOG_TIME: Final = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 UNAVAILABLE: Final = re.compile(
     r"job (\S+) \(room (\S+)\) for agent '[^']*' answered unavailable: (.*)"
+)
+#: The worker's INFO line once its agent is in the room (openrtc/worker/worker.py);
+#: e2e's JOINED_LINE, but a worker whose clock is behind logs a negative wait.
+JOINED_LINE: Final = re.compile(
+    r"job (?P<job>\S+): agent '[^']*' joined room (?P<room>\S+) as \S+ "
+    r"\((?P<ms>-?\d+) ms after enqueue\)"
 )
 NOT_ENQUEUED: Final = re.compile(r"job (\S+) \(room (\S+)\): openrtc: could not enqueue (.*)")
 
@@ -171,13 +233,35 @@ class Plan:
     max_duration: float
     kills: int
     slow_for: float
+    #: The worker slots each rolling deploy goes through, in order.
+    deploy_slots: tuple[str, ...] = tuple(w[0] for w in WORKERS)
+    #: Rolling deploys (SIGTERM of every worker in turn, a replacement first).
+    rolls: int = 2
+    #: CLIENT KILLs of a busy worker's liveness connection.
+    liveness_kills: int = 2
 
 
 SHORT: Final = Plan(
-    calls=50, period=80, concurrency=12, min_duration=8, max_duration=20, kills=3, slow_for=12
+    calls=50,
+    period=80,
+    concurrency=12,
+    min_duration=12,
+    max_duration=22,
+    kills=3,
+    slow_for=10,
+    rolls=1,
+    # A small deploy: the process-isolation worker and a restaurant one.
+    deploy_slots=("w2-dental-process", "w3-restaurant-coroutine"),
+    liveness_kills=1,
 )
 FULL: Final = Plan(
-    calls=220, period=300, concurrency=20, min_duration=5, max_duration=30, kills=10, slow_for=30
+    calls=300,
+    period=480,
+    concurrency=20,
+    min_duration=12,
+    max_duration=30,
+    kills=10,
+    slow_for=30,
 )
 
 
@@ -190,9 +274,23 @@ class Harness:
         # Kills run beside the other faults: their own choices, so the seed
         # fixes them whatever the interleaving.
         self.kill_rng = random.Random(f"{args.seed}-kills")
+        self.sentinel = args.topology == "sentinel"
         self.redis_server = RedisServer(log_path=logs / "redis.log", appendonly=True)
+        self.sentinels = RedisSentinels(log_dir=logs) if self.sentinel else None
         self.livekit = LiveKitServer(log_path=logs / "livekit.log")
         self.proxy: DelayProxy | None = None
+        #: In front of Redis for every service (single topology): slowed for a window.
+        self.redis_proxy: RedisProxy | None = None
+        self.agents_dir = AGENTS_DIR
+        #: One change of a worker slot at a time (a kill, a deploy's step).
+        self.slot_locks = {slot: asyncio.Lock() for slot, *_ in WORKERS}
+        #: Job-stream samples that held a job twice, and how many were taken.
+        self.entry_samples: list[tuple[float, str, list[tuple[str, str]]]] = []
+        self.entry_samples_taken = 0
+        self.rdb_restored = -1
+        #: Workers a deploy replaced and SIGTERMed, until they are gone
+        #: (stopped on shutdown too: a run cut short leaves no orphan).
+        self.draining: dict[str, ServiceProcess] = {}
         self.children: dict[str, ServiceProcess] = {}
         self.incarnations: dict[str, int] = Counter()
         #: Every process log this run wrote: incarnation name -> path.
@@ -215,14 +313,26 @@ class Harness:
     # -- processes ---------------------------------------------------------------
 
     def env(self, livekit_url: str) -> dict[str, str]:
-        env = service_env(livekit_url, self.livekit, self.redis_server.url, NAMESPACE)
+        env = service_env(livekit_url, self.livekit, self.service_redis_url, NAMESPACE)
         # A deliberately broken build, to show the ledger catches it.
         env.update(SABOTAGE.get(self.args.sabotage, {}))
         return env
 
+    @property
+    def redis_url(self) -> str:
+        """Redis as the harness reaches it (directly)."""
+        return self.sentinels.url if self.sentinels is not None else self.redis_server.url
+
+    @property
+    def service_redis_url(self) -> str:
+        """Redis as services reach it: through the delay proxy on a single server."""
+        if self.redis_proxy is not None:
+            return self.redis_proxy.redis_url
+        return self.redis_url
+
     def argv(self, slot: str) -> tuple[list[str], str]:
         python = [sys.executable, "-m", "openrtc"]
-        agents_dir = ["--agents-dir", str(AGENTS_DIR)]
+        agents_dir = ["--agents-dir", str(self.agents_dir)]
         if slot in DISPATCHERS:
             return [*python, "dispatcher", *agents_dir], self.livekit.url
         assert self.proxy is not None
@@ -230,7 +340,7 @@ class Harness:
             if name == slot:
                 argv = [*python, "worker", "--agent", agent, *agents_dir]
                 argv += ["--isolation", isolation, "--concurrency", str(concurrency)]
-                argv += ["--drain-timeout", "5"]
+                argv += ["--drain-timeout", f"{DRAIN_TIMEOUT:g}"]
                 return argv, self.proxy.url
         raise KeyError(slot)
 
@@ -239,7 +349,10 @@ class Harness:
         name = f"{slot}.{self.incarnations[slot]}"
         argv, url = self.argv(slot)
         path = self.logs / f"{name}.log"
-        child = ServiceProcess(name, argv, self.env(url), path)
+        env = self.env(url)
+        if slot == SKEWED_SLOT:
+            env.update(faketime_env(f"-{SKEW:g}s"))
+        child = ServiceProcess(name, argv, env, path)
         child.start()
         self.children[slot] = child
         self.process_logs[name] = path
@@ -285,7 +398,7 @@ class Harness:
             flush=True,
         )
 
-    async def wait_ready(self, redis: Redis, limit: float = 90) -> None:
+    async def wait_ready(self, redis: Redis, limit: float = 240) -> None:
         deadline = time.monotonic() + limit
         while True:
             registered = sum(
@@ -438,14 +551,20 @@ class Harness:
         room.on("participant_disconnected", on_leave)
         room.on("track_published", on_audio)
         room.on("disconnected", on_disconnected)
+        talk = Talk(room)
+        talk.attach()
         try:
-            await asyncio.wait_for(
-                room.connect(
-                    self.livekit.url,
-                    caller_token(self.livekit, rec.room, f"caller-{rec.n}"),
-                    rtc.RoomOptions(auto_subscribe=False),
-                ),
-                10,
+            # Not cancelled from here: a connect cancelled after the SDK's
+            # connect callback leaves its FFI waiting for a "ready" that never
+            # comes, and it panics and SIGTERMs this process (a loaded run
+            # died so). The SDK's own timeouts and retries bound it.
+            await room.connect(
+                self.livekit.url,
+                caller_token(self.livekit, rec.room, f"caller-{rec.n}"),
+                # Subscribed: an agent's audio output waits for a subscriber
+                # before it plays, and its transcript (the conversation)
+                # follows the playout.
+                rtc.RoomOptions(auto_subscribe=True),
             )
         except Exception as exc:
             rec.error = f"caller could not join: {type(exc).__name__}: {exc}"[:200]
@@ -468,12 +587,40 @@ class Harness:
                     await asyncio.wait_for(changed.wait(), min(left, 1.0))
             if present:
                 rec.joined_at = rec.events[0].at
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), rec.duration)
+                await self.converse(rec, talk, lost)
         finally:
             rec.hung_up_at = time.time()
+            rec.lines = list(talk.lines)
+            rec.greetings = count_greetings(rec.lines, rec.agent)
+            await talk.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(room.disconnect(), 10)
+
+    async def converse(self, rec: CallRecord, talk: Talk, lost: asyncio.Event) -> None:
+        """The call's conversation: after the greeting, three things said (each until
+        the agent notes it), then at the planned end "what did I say first?".
+
+        The call lasts its planned duration, or as long as the conversation
+        takes; a caller the server disconnected stops at once.
+        """
+        until = time.monotonic() + rec.duration
+
+        async def talk_through() -> None:
+            # Typing interrupts the agent: let it finish its greeting first.
+            await talk.wait_line(lambda line: line == GREETINGS[rec.agent], 0.0, 30.0)
+            for thing in things_to_say(rec.n):
+                rec.said.append(thing)
+                if await talk.tell(thing, reply_wait=REPLY_WAIT):
+                    rec.noted.append(thing)
+            await asyncio.sleep(max(0.0, until - time.monotonic()))
+            rec.asked_at = time.time()
+            rec.answer = await talk.ask_first(reply_wait=REPLY_WAIT, within=ASK_WAIT)
+
+        async with asyncio.TaskGroup() as tg:
+            talking = tg.create_task(talk_through())
+            dropped = tg.create_task(lost.wait())
+            talking.add_done_callback(lambda _: dropped.cancel())
+            dropped.add_done_callback(lambda _: talking.cancel())
 
     # -- faults -------------------------------------------------------------------
 
@@ -483,13 +630,30 @@ class Harness:
         fixed = [
             (0.15, "garbage"),
             (0.22, "slow-api"),
-            (0.42, "redis-aof"),
             (0.50, "dispatcher"),
-            (0.62, "redis-no-persistence"),
             (0.82, "livekit"),
         ]
+        if self.sentinel:
+            # Redis is the Sentinels' pair: its primary killed twice (there and back).
+            fixed += [(0.42, "sentinel-failover"), (0.64, "sentinel-failover")]
+        else:
+            fixed += [
+                (0.32, "slow-redis"),
+                (0.42, "redis-aof"),
+                (0.56, "redis-rdb"),
+                (0.66, "redis-no-persistence"),
+            ]
+        if self.args.sabotage == "duplicate-entry":
+            fixed.append((0.28, "duplicate-entry"))
         kills = sorted(self.rng.uniform(0.08, 0.95) for _ in range(self.plan.kills))
         plan = [(f * p, kind) for f, kind in fixed] + [(f * p, "kill") for f in kills]
+        # Liveness kills at seeded times; deploys start at fixed fractions
+        # (each rolls through every worker, one at a time).
+        plan += [
+            (self.rng.uniform(0.1, 0.9) * p, "liveness-kill")
+            for _ in range(self.plan.liveness_kills)
+        ]
+        plan += [(f * p, "deploy") for f in (0.2, 0.55)[: self.plan.rolls]]
         return sorted(plan)
 
     async def run_faults(self, redis: Redis) -> None:
@@ -499,13 +663,18 @@ class Harness:
         their times meanwhile.
         """
         plan = self.schedule()
+        own = ("kill", "deploy", "liveness-kill")
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._run_faults([f for f in plan if f[1] == "kill"], redis))
-            tg.create_task(self._run_faults([f for f in plan if f[1] != "kill"], redis))
+            for kind in own:
+                tg.create_task(self._run_faults([f for f in plan if f[1] == kind], redis))
+            tg.create_task(self._run_faults([f for f in plan if f[1] not in own], redis))
 
     async def _run_faults(self, plan: list[tuple[float, str]], redis: Redis) -> None:
         for offset, kind in plan:
             await asyncio.sleep(max(0.0, self.t0 + offset - time.time()))
+            if kind == "deploy":
+                await self.deploy(redis)
+                continue
             fault = Fault(time.time(), kind)
             self.faults.append(fault)
             try:
@@ -524,13 +693,32 @@ class Harness:
             waited = await self.workers_ready(redis, limit=KILL_WAIT)
             choices = await self.busy_workers(redis) or [w[0] for w in WORKERS]
             slot = self.kill_rng.choice(choices)
-            fault.at = time.time()
-            fault.target = self.kill(slot)
-            fault.detail = "SIGKILL to its process group; replacement in 1s" + (
-                f" (held {waited:.1f}s until every worker was up)" if waited >= 0.5 else ""
+            async with self.slot_locks[slot]:
+                fault.at = time.time()
+                fault.target = self.kill(slot)
+                fault.detail = "SIGKILL to its process group; replacement in 1s" + (
+                    f" (held {waited:.1f}s until every worker was up)" if waited >= 0.5 else ""
+                )
+                await asyncio.sleep(1.0)
+                self.spawn(slot)
+        elif fault.kind == "liveness-kill":
+            await self.kill_liveness(fault, redis)
+        elif fault.kind == "slow-redis":
+            assert self.redis_proxy is not None
+            self.redis_proxy.delay(self.args.slow_redis_delay)
+            await asyncio.sleep(self.plan.slow_for)
+            self.redis_proxy.delay(0.0)
+            fault.target = "redis (through the proxy)"
+            fault.detail = (
+                f"every Redis reply to the services delayed {self.args.slow_redis_delay:g}s "
+                f"for {self.plan.slow_for:g}s"
             )
-            await asyncio.sleep(1.0)
-            self.spawn(slot)
+        elif fault.kind == "redis-rdb":
+            await self.restart_from_snapshot(fault, redis)
+        elif fault.kind == "sentinel-failover":
+            await self.failover(fault)
+        elif fault.kind == "duplicate-entry":
+            fault.detail = await self.duplicate_entries(redis)
         elif fault.kind == "dispatcher":
             slot = self.rng.choice(DISPATCHERS)
             child = self.children[slot]
@@ -600,6 +788,186 @@ class Harness:
                 + ("" if registered else " (NOT ALL within 30s)")
             )
         fault.end = time.time()
+
+    async def deploy(self, redis: Redis) -> None:
+        """A rolling deploy: each worker in turn gets a replacement, then SIGTERM.
+
+        As an orchestrator does it: the new process first, registered, then
+        SIGTERM to the old one's main process only (it drains: its calls are
+        handed over to peers at a turn boundary), SIGKILL to what is left of
+        its group once it exited or after its drain timeout and 20 s. Each
+        SIGTERM is a fault of its own (kind ``sigterm``), explaining a gap
+        only in the calls of that worker.
+        """
+        for slot in self.plan.deploy_slots:
+            async with self.slot_locks[slot]:
+                # A replacement after a kill may still be importing: SIGTERM
+                # then kills it by Python's default action (-15) before it has
+                # a call to hand over. A deploy rolls a running release.
+                await self.slot_up(redis, slot, limit=KILL_WAIT)
+                old = self.children[slot]
+                self.draining[old.name] = old
+                self.spawn(slot)
+                up = await self.slot_up(redis, slot, limit=KILL_WAIT)
+                assert old.proc is not None
+                proc = old.proc
+                fault = Fault(time.time(), "sigterm", old.name)
+                self.faults.append(fault)
+                try:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGTERM)
+                    started = time.monotonic()
+                    code = await asyncio.to_thread(self._wait_exit, proc, DRAIN_TIMEOUT + 20)
+                    fault.end = time.time()
+                    await asyncio.to_thread(old.stop, 0)
+                    fault.detail = (
+                        f"deploy: {self.children[slot].name} "
+                        + ("up" if up else "NOT registered within 60s")
+                        + f" first; SIGTERM, exited after {time.monotonic() - started:.1f}s"
+                        + (f" with code {code}" if code is not None else " (SIGKILLed: no exit)")
+                    )
+                    if code != 0:
+                        fault.error = f"the SIGTERMed worker exited with code {code}"
+                except Exception as exc:
+                    fault.error = f"{type(exc).__name__}: {exc}"[:300]
+                fault.end = fault.end or time.time()
+                self.draining.pop(old.name, None)
+                self.note(fault)
+
+    @staticmethod
+    def _wait_exit(proc: Any, limit: float) -> int | None:
+        try:
+            return int(proc.wait(limit))
+        except Exception:
+            return None
+
+    async def slot_up(self, redis: Redis, slot: str, limit: float) -> bool:
+        """Wait (at most ``limit`` s) until the slot's current process is registered."""
+        agent = next(a for s, a, _, _ in WORKERS if s == slot)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            child = self.children[slot]
+            with contextlib.suppress(Exception):
+                if await self.worker_id(redis, agent, child.pid):
+                    return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def worker_id(self, redis: Redis, agent: str, pid: int) -> str:
+        """The worker id whose record names process ``pid``, or ""."""
+        members: Any = await redis.zrange(KEYS.workers(agent), 0, -1)
+        for member in members:
+            record: Any = await redis.hgetall(KEYS.worker(member.decode()))
+            if record.get(b"pid") == str(pid).encode():
+                return str(member.decode())
+        return ""
+
+    async def kill_liveness(self, fault: Fault, redis: Redis) -> None:
+        """CLIENT KILL of a busy worker's liveness connection (its crash-detection
+        subscription): the worker lives, so none of its calls may be taken from it."""
+        choices = await self.busy_workers(redis) or [w[0] for w in WORKERS]
+        slot = self.rng.choice(choices)
+        async with self.slot_locks[slot]:
+            child = self.children[slot]
+            agent = next(a for s, a, _, _ in WORKERS if s == slot)
+            wid = await self.worker_id(redis, agent, child.pid)
+            fault.target = child.name
+            raw: Any = await redis.execute_command("CLIENT", "LIST")  # type: ignore[no-untyped-call]
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            killed = []
+            for line in text.splitlines():
+                info = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+                subscribed = int(info.get("sub", 0)) + int(info.get("ssub", 0)) > 0
+                if wid and info.get("name") == f"openrtc:{wid}" and subscribed:
+                    await redis.execute_command("CLIENT", "KILL", "ID", info["id"])  # type: ignore[no-untyped-call]
+                    killed.append(info["id"])
+            if not killed:
+                raise RuntimeError(f"no liveness connection of {child.name} ({wid or 'no id'})")
+            fault.detail = f"CLIENT KILL ID {', '.join(killed)} (its liveness subscription)"
+
+    async def restart_from_snapshot(self, fault: Fault, redis: Redis) -> None:
+        """Redis restarted from an RDB snapshot taken seconds before (Debian's default
+        persistence): what happened since, reads and acks included, is gone."""
+        fault.target = "redis (RDB snapshot)"
+        await redis.execute_command("SAVE")  # type: ignore[no-untyped-call]
+        snapped = await self.snapshot(redis)
+        await asyncio.sleep(self.args.rdb_lag)
+        await asyncio.to_thread(self.redis_server.kill)
+        data = self.redis_server.data_dir
+        assert data is not None
+        shutil.rmtree(data / "appendonlydir", ignore_errors=True)
+        # No AOF from now on: the server loads dump.rdb, as Debian's would.
+        self.redis_server.appendonly = False
+        await asyncio.sleep(self.args.redis_down)
+        await asyncio.to_thread(self.redis_server.start)
+        after = await self.snapshot(redis)
+        self.rdb_restored = len(set(snapped) & set(after))
+        fault.detail = (
+            f"SAVE, {self.args.rdb_lag:g}s of traffic, SIGKILL, down {self.args.redis_down:g}s, "
+            f"restarted from dump.rdb: {len(snapped)} job entries in the snapshot, "
+            f"{self.rdb_restored} restored"
+        )
+
+    async def failover(self, fault: Fault) -> None:
+        """SIGKILL the Sentinels' primary; wait until they promote the replica; start
+        the old primary again (the Sentinels make it a replica of the new one)."""
+        sentinels = self.sentinels
+        assert sentinels is not None
+        port = await asyncio.to_thread(sentinels.primary_port)
+        victim = next(
+            s for s in (sentinels.primary, sentinels.replica) if s is not None and s.port == port
+        )
+        fault.target = f"redis primary :{port}"
+        await asyncio.to_thread(victim.kill)
+        deadline = time.monotonic() + 60
+        new = port
+        while new == port and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                new = await asyncio.to_thread(sentinels.primary_port)
+        promoted = time.time()
+        await asyncio.to_thread(victim.start)
+        if new == port:
+            raise RuntimeError("the Sentinels promoted no replica within 60s")
+        fault.detail = (
+            f"SIGKILL; :{new} promoted {promoted - fault.at:.1f}s later; old primary restarted"
+        )
+
+    async def duplicate_entries(self, redis: Redis) -> str:
+        """``--sabotage duplicate-entry``: a copy of some live job entries (a broken
+        write-back would leave one), to see the entries check catch it."""
+        copies = 0
+        for agent in AGENTS:
+            entries: Any = await redis.xrange(KEYS.jobs(agent), "-", "+", count=3)
+            for entry_id, fields in entries:
+                if f"{KEYS.jobs(agent)} {entry_id.decode()}" in self.garbage:
+                    continue
+                await redis.xadd(KEYS.jobs(agent), fields)
+                copies += 1
+        return f"SABOTAGE: {copies} live job entries XADDed a second time"
+
+    async def sample_entries(self, redis: Redis) -> None:
+        """Every job entry in the streams, every second: a job must never have two."""
+        while True:
+            await asyncio.sleep(1.0)
+            for agent in AGENTS:
+                stream = KEYS.jobs(agent)
+                try:
+                    entries: Any = await redis.xrange(stream, "-", "+", count=2000)
+                except Exception:
+                    continue  # Redis is down: next round
+                self.entry_samples_taken += 1
+                seen: list[tuple[str, str]] = []
+                for entry_id, raw in entries:
+                    eid = entry_id.decode()
+                    if f"{stream} {eid}" in self.garbage:
+                        continue
+                    job = raw.get(b"job_id", b"").decode(errors="replace")
+                    if job:
+                        seen.append((eid, job))
+                jobs = [job for _, job in seen]
+                if len(jobs) != len(set(jobs)):
+                    self.entry_samples.append((time.time(), stream, seen))
 
     async def workers_ready(self, redis: Redis, limit: float) -> float:
         """Wait (at most ``limit`` s) until every worker slot's current process is registered.
@@ -694,7 +1062,8 @@ class Harness:
                 variants.append(bad_utf8)
             for fields in variants:
                 entry_id = await redis.xadd(stream, fields)  # type: ignore[arg-type]
-                self.garbage[f"{stream} {entry_id.decode()}"] = stream
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                self.garbage[f"{stream} {eid}"] = stream
                 count += 1
         return f"{count} garbage entries XADDed to {', '.join(KEYS.jobs(a) for a in AGENTS)}"
 
@@ -710,14 +1079,28 @@ class Harness:
         self.calls.sort(key=lambda c: c.planned_start)
 
     async def run(self) -> None:
-        self.redis_server.start()
+        if self.args.sabotage == "greeting-on-takeover":
+            self.agents_dir = self.logs / "sabotaged-agents"
+            self.agents_dir.mkdir(exist_ok=True)
+            for name, source in SABOTAGE_AGENTS.items():
+                (self.agents_dir / f"{name}.py").write_text(source)
+        if self.sentinels is not None:
+            await asyncio.to_thread(self.sentinels.start)
+        else:
+            self.redis_server.start()
         self.livekit.start()
         self.livekit_up.set()
-        async with delay_proxy(self.livekit.port, request_prefix=API_REQUEST) as self.proxy:
+        async with contextlib.AsyncExitStack() as stack:
+            self.proxy = await stack.enter_async_context(
+                delay_proxy(self.livekit.port, request_prefix=API_REQUEST)
+            )
+            if self.sentinels is None:
+                self.redis_proxy = RedisProxy(self.redis_server.port, self.logs / "redis-proxy.log")
+                stack.callback(self.redis_proxy.close)
             await self._run()
 
     async def _run(self) -> None:
-        redis = Redis.from_url(self.redis_server.url, socket_timeout=5)
+        redis = connect_redis(self.redis_url)
         for slot in DISPATCHERS:
             self.spawn(slot)
         for slot, *_ in WORKERS:
@@ -741,6 +1124,7 @@ class Harness:
                         tg.create_task(self.supervise()),
                         tg.create_task(self.tail_streams(redis)),
                         tg.create_task(self.sample(lk)),
+                        tg.create_task(self.sample_entries(redis)),
                     ]
                     faults = tg.create_task(self.run_faults(redis))
                     await calls
@@ -775,12 +1159,17 @@ class Harness:
             self_exits=self.self_exits,
             dead=self.dead,
             accepted=self.accepted,
-            joins=worker_joins(self.process_logs),
+            joins=worker_joins(self.process_logs, {SKEWED_SLOT: SKEW}),
             refused=refusals(self.process_logs),
             garbage=self.garbage_state,
             garbage_injected=len(self.garbage),
             aof_checked=self.aof_checked,
             aof_lost=self.aof_lost,
+            raised=True,
+            entry_samples=self.entry_samples,
+            entry_samples_taken=self.entry_samples_taken,
+            rdb_restored=self.rdb_restored,
+            skewed_slot=SKEWED_SLOT,
             t0=self.t0,
             **(
                 # Every outcome rule holds; only the time bounds become liveness.
@@ -794,26 +1183,34 @@ class Harness:
         )
 
     def shutdown(self) -> None:
-        for child in self.children.values():
+        for child in [*self.children.values(), *self.draining.values()]:
             child.stop(grace=10)
         self.livekit.close()
         self.redis_server.close()
+        if self.sentinels is not None:
+            self.sentinels.close()
 
 
 # --- the ledger ----------------------------------------------------------------
 
 
-def worker_joins(process_logs: dict[str, Path]) -> dict[str, list[Join]]:
-    """Room -> every agent join a worker logged for it, in time order."""
+def worker_joins(
+    process_logs: dict[str, Path], behind: dict[str, float] | None = None
+) -> dict[str, list[Join]]:
+    """Room -> every agent join a worker logged for it, in time order.
+
+    ``behind``: slot -> seconds its clock is behind (its log times are moved on by that).
+    """
     joins: dict[str, list[Join]] = {}
     for name, path in process_logs.items():
         if not name.startswith("w"):
             continue
+        skew = (behind or {}).get(name.rsplit(".", 1)[0], 0.0)
         for line in path.read_text(errors="replace").splitlines():
             m = JOINED_LINE.search(line)
             t = log_time(line)
             if m and t is not None:
-                joins.setdefault(m["room"], []).append(Join(t, m["job"], name))
+                joins.setdefault(m["room"], []).append(Join(t + skew, m["job"], name))
     for items in joins.values():
         items.sort(key=lambda j: j.at)
     return joins
@@ -843,10 +1240,15 @@ def grep_logs(process_logs: dict[str, Path], needles: Sequence[str], limit: int 
 
 
 def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
-    print(f"chaos ledger: {len(h.calls)} calls, seed {h.args.seed}, {wall:.0f}s wall")
     print(
-        f"  livekit-server + redis-server on loopback; dispatchers {', '.join(DISPATCHERS)}; "
+        f"chaos ledger: {len(h.calls)} calls, seed {h.args.seed}, {wall:.0f}s wall, "
+        f"topology {h.args.topology}"
+    )
+    redis_desc = "Redis Sentinel pair" if h.sentinel else "redis-server (behind a delay proxy)"
+    print(
+        f"  livekit-server + {redis_desc} on loopback; dispatchers {', '.join(DISPATCHERS)}; "
         + "; ".join(f"{w} ({a}, {i}, {c} slots)" for w, a, i, c in WORKERS)
+        + f"; {SKEWED_SLOT}'s clock {SKEW:g}s behind (libfaketime)"
         + (f"; SABOTAGED: {h.args.sabotage}" if h.args.sabotage else "")
     )
     print(
@@ -884,6 +1286,18 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
         f"garbage entries: {run.garbage_injected} injected; "
         + ", ".join(f"{k} {v}" for k, v in run.garbage.items())
     )
+    print(
+        f"conversations: {ledger.conversations_checked} calls asked what they said first"
+        f" ({len(ledger.forgot)} forgot), "
+        f"{len(ledger.greeted_again)} heard the greeting other than once; "
+        f"{ledger.conversations_restarted} restarted with a new job by the LiveKit restart, "
+        f"{ledger.greetings_cut} greeted while LiveKit was restarting (not heard)"
+    )
+    print(
+        f"deploys: {sum(1 for f in h.faults if f.kind == 'sigterm')} SIGTERMs, "
+        f"{ledger.handed_over} calls handed over by one; job streams sampled "
+        f"{run.entry_samples_taken} times, {len(ledger.doubled_jobs)} jobs seen twice"
+    )
     print()
     checks = guarantees(run, ledger)
     print("guarantees")
@@ -920,6 +1334,8 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
         ("two agents of one job", ledger.double_rooms),
         ("agents of two jobs overlapping", ledger.overlap_rooms),
         ("listed by the server with two agents", ledger.sampled_double_rooms),
+        ("conversation lost", ledger.forgot),
+        ("greeting heard other than once", ledger.greeted_again),
     ):
         if not recs:
             continue
@@ -930,10 +1346,14 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
                 print(f"    caller saw {e.kind} {e.identity} {e.sid} at {e.at - h.t0:.1f}s")
             for s in rec.double_sample[:3]:
                 print(f"    server list at {s}")
+            for at, said in rec.lines[:12]:
+                print(f"    agent said at {at - h.t0:.1f}s: {said[:100]}")
             for line in grep_logs(h.process_logs, [rec.room, *rec.job_ids]):
                 print(f"    {line}")
         if len(recs) > h.args.evidence:
             print(f"  ... {len(recs) - h.args.evidence} more in {h.logs / 'ledger.json'}")
+    for job, where in list(ledger.doubled_jobs.items())[: h.args.evidence]:
+        print(f"\njob {job} had two live entries: {where}")
     if h.aof_lost:
         print(f"\nlost across the AOF restart: {', '.join(h.aof_lost[:10])}")
     for f in h.self_exits:
@@ -983,6 +1403,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--redis-down", type=float, default=2.0, help="seconds Redis is down per restart"
     )
+    parser.add_argument(
+        "--topology",
+        choices=("single", "sentinel"),
+        default="single",
+        help="one Redis server (restarts with AOF, from an RDB snapshot, without persistence; "
+        "slowed through a proxy), or a Sentinel pair whose primary is killed twice",
+    )
+    parser.add_argument(
+        "--slow-redis-delay",
+        type=float,
+        default=0.2,
+        help="seconds each Redis reply to the services is held in the slow-Redis window",
+    )
+    parser.add_argument(
+        "--rdb-lag",
+        type=float,
+        default=3.0,
+        help="seconds of traffic between the RDB snapshot and the Redis SIGKILL",
+    )
     parser.add_argument("--evidence", type=int, default=8, help="failed calls to show evidence for")
     parser.add_argument("--check", action="store_true", help="exit 1 unless every guarantee holds")
     parser.add_argument(
@@ -1013,6 +1452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             logs = args.log_dir
             logs.mkdir(parents=True, exist_ok=True)
+            # Process logs are opened to append, and the ledger reads them
+            # (who joined which room): a previous run's lines, with the same
+            # seeded room names, would be taken for this run's.
+            for old in [*logs.glob("*.log"), logs / "ledger.json"]:
+                old.unlink(missing_ok=True)
         # The callers' SDK (the livekit logger) reports every reconnect: to a file.
         logging.basicConfig(
             filename=logs / "harness.log",

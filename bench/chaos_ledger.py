@@ -30,6 +30,18 @@ outside the restart, a drop, a recovery later than its bound, an answer later
 than :data:`ANSWER_LIMIT` (or the end of a fault that explains it), a served
 call that ended early or without agent audio, a caller the server
 disconnected outside the restart.
+
+The raised ledger (``RunFacts.raised``: every call holds a conversation, the
+job streams are sampled) adds three verdicts per run, each a check of
+``--check``: the conversation kept (asked "what did I say first?" at the end,
+the agent names the first thing said: :func:`conversation_kept`), the
+greeting heard exactly once (:func:`greeting_heard_once`), and no job with
+two live entries at once in any sample of the job streams
+(:func:`doubled_entries`). A call whose agent was replaced by a new *job*
+after the LiveKit restart (LiveKit keeps no rooms: the reconciler dispatches
+the recreated room afresh) is the one named exception, checked from its
+evidence (two job ids, the restart within the call): its new agent greets
+and knows nothing said before.
 """
 
 from __future__ import annotations
@@ -43,6 +55,10 @@ from typing import Final
 FAILED: Final = "FAILED: "
 #: A departure this long after a fault is blamed on it.
 BLAME_WINDOW: Final = 15.0
+#: A SIGTERMed worker's session processes hand their calls over up to this long
+#: after its main process exited (process isolation: each leaves when its peer
+#: joins; seen 2.7 s after the exit in a full run).
+OUTLIVES: Final = 10.0
 #: A SIGKILLed worker's call has an agent again this soon after the kill (or
 #: after the end of an outage that overlapped it). Crash detection: p50 ~2 s.
 RECOVERY_LIMIT: Final = 6.0
@@ -59,7 +75,22 @@ MAX_OVERLAP: Final = 3.0
 #: A served call lasts its planned duration, less this (timer granularity).
 DURATION_SLACK: Final = 0.5
 #: Faults that may hold up a recovery: Redis or LiveKit away, or slow.
-OUTAGES: Final = frozenset({"redis-aof", "redis-no-persistence", "livekit", "slow-api"})
+OUTAGES: Final = frozenset(
+    {
+        "redis-aof",
+        "redis-rdb",
+        "redis-no-persistence",
+        "sentinel-failover",
+        "slow-redis",
+        "livekit",
+        "slow-api",
+    }
+)
+#: Faults that excuse nothing in a call they did not target: a worker's
+#: SIGTERM (a deploy) explains a gap only in the calls of that worker (as a
+#: kill does), and a killed liveness connection explains none (its worker
+#: lives: its calls are never taken from it).
+TARGETED: Final = frozenset({"kill", "sigterm", "liveness-kill"})
 #: Faults that may hold up an answer: the outages, a dispatcher restart, a
 #: kill of the worker the job went to.
 ANSWER_FAULTS: Final = OUTAGES | {"dispatcher", "kill"}
@@ -103,6 +134,18 @@ class CallRecord:
     sampled: list[tuple[float, list[tuple[str, str]]]] = field(default_factory=list)
     samples: int = 0
     job_ids: list[str] = field(default_factory=list)
+    #: The conversation (the raised ledger): what the caller typed, in order
+    #: (each thing once, however often it had to repeat it), the agent's
+    #: final transcript lines, the reply to "what did I say first?" ("" if
+    #: none came), and how many of the agent's lines were its greeting.
+    said: list[str] = field(default_factory=list)
+    #: What the agent acknowledged ("Noted: ..."), in order: a line said while
+    #: no agent listened (a takeover under way) was never part of the call.
+    noted: list[str] = field(default_factory=list)
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    answer: str = ""
+    asked_at: float | None = None
+    greetings: int = 0
     # Filled in by the ledger.
     outcome: str = ""
     detail: str = ""
@@ -154,6 +197,18 @@ class RunFacts:
     #: Job entries compared across the AOF Redis restart, and those lost.
     aof_checked: int = 0
     aof_lost: list[str] = field(default_factory=list)
+    #: The raised ledger: calls held conversations and the job streams were
+    #: sampled, so their checks apply (table rows of the plain ledger leave it off).
+    raised: bool = False
+    #: Samples of the job streams that showed one job with two entries:
+    #: (wall time, stream, [(entry id, job id)] of that sample); and how many
+    #: samples were taken in all.
+    entry_samples: list[tuple[float, str, list[tuple[str, str]]]] = field(default_factory=list)
+    entry_samples_taken: int = 0
+    #: Job entries the Redis snapshot restart (RDB) restored (-1: no such
+    #: restart in this run); the slot of the worker whose clock was behind.
+    rdb_restored: int = -1
+    skewed_slot: str = ""
     t0: float = 0.0
     #: The time bounds this run is held to: the benchmark's goals by default;
     #: the test suite's run holds recovery and answers to liveness bounds only
@@ -177,6 +232,19 @@ class Ledger:
     nonaof_ended: list[CallRecord]
     recovery: list[float]
     answer: list[float]
+    #: The raised ledger's verdicts: calls whose conversation was lost, calls
+    #: that heard the greeting other than once, jobs seen with two live entries.
+    forgot: list[CallRecord] = field(default_factory=list)
+    greeted_again: list[CallRecord] = field(default_factory=list)
+    doubled_jobs: dict[str, str] = field(default_factory=dict)
+    #: Calls whose conversation was checked, and those exempt (a new job after
+    #: the LiveKit restart), by outcome.
+    conversations_checked: int = 0
+    conversations_restarted: int = 0
+    #: Calls whose agent joined, and greeted, while LiveKit was restarting.
+    greetings_cut: int = 0
+    #: Calls whose worker was SIGTERMed (the rolling deploy) while they ran.
+    handed_over: int = 0
 
 
 def overlaps(rec: CallRecord) -> tuple[bool, float]:
@@ -231,13 +299,20 @@ def blame(run: RunFacts, t: float, joins: Sequence[Join]) -> tuple[str, Fault | 
     for f in run.faults:
         if f.kind == "kill" and f.target == worker and f.at <= t <= f.at + BLAME_WINDOW:
             return "kill", f
+    for f in run.faults:
+        # The worker serving when the SIGTERM came: the taker of a handover
+        # logs its join before the caller sees the old agent leave.
+        before = [j for j in joins if j.at <= f.at]
+        then = before[-1].worker if before else ""
+        if f.kind == "sigterm" and f.target == then and f.at <= t <= (f.end or f.at) + OUTLIVES:
+            return "sigterm", f
     for f in run.self_exits:
         if f.target == worker and f.at - BLAME_WINDOW <= t <= f.at + BLAME_WINDOW:
             return "worker exited on its own", f
     recent = [
         f
         for f in run.faults
-        if f.at - 1 <= t <= (f.end or f.at) + BLAME_WINDOW and f.kind != "kill"
+        if f.at - 1 <= t <= (f.end or f.at) + BLAME_WINDOW and f.kind not in TARGETED
     ]
     if recent:
         f = recent[-1]
@@ -510,6 +585,115 @@ def sampled_doubles(run: RunFacts, rec: CallRecord) -> list[str]:
     return bad
 
 
+#: What the offline LLM answers to "what did I say first?" (openrtc.agents.offline).
+FIRST_REPLY: Final = "You first said: {}"
+
+
+def restarted_by_livekit(run: RunFacts, rec: CallRecord) -> bool:
+    """Was this call's agent replaced by a new job across the LiveKit restart?
+
+    LiveKit keeps no room across its restart: the caller's SDK recreates the
+    room, the reconciler dispatches it as a new job, whose agent greets and
+    knows nothing said to the old one. Only with the evidence: the restart
+    happened while the call was up and the room saw agents of two jobs.
+    """
+    restart = next((f for f in run.faults if f.kind == "livekit"), None)
+    if restart is None or rec.created_at is None:
+        return False
+    end = rec.caller_lost_at or rec.hung_up_at or restart.at
+    return rec.created_at <= restart.at <= end and len(set(rec.job_ids)) >= 2
+
+
+def conversation_due(run: RunFacts, rec: CallRecord) -> bool:
+    """Does this call's conversation count: a raised run, a call that succeeded with an
+    agent to the end (not one the LiveKit restart cut, not one never placed)?"""
+    return (
+        run.raised
+        and rec.joined_at is not None
+        and not rec.outcome.startswith(FAILED)
+        and not rec.outcome.startswith(("cut by", "not placed"))
+    )
+
+
+def conversation_kept(rec: CallRecord) -> str:
+    """Why the conversation was not kept, or "" when it was.
+
+    Kept: the caller said things, asked "what did I say first?" at the end,
+    and the agent answered with the first of them it had acknowledged.
+    """
+    if not rec.said:
+        return "the caller could say nothing (no agent listened)"
+    if not rec.noted:
+        return "the agent acknowledged nothing the caller said"
+    if rec.asked_at is None:
+        return "the caller never got to ask what it said first"
+    if rec.answer == FIRST_REPLY.format(rec.noted[0]):
+        return ""
+    return f"asked what it said first: {rec.answer or 'no answer'!r} (first: {rec.noted[0]!r})"
+
+
+#: Seconds from an agent's join by which its greeting has been said (session
+#: start and a one-sentence greeting, on a loaded host).
+GREETING_DUE: Final = 5.0
+
+
+def greeting_cut_by_livekit(run: RunFacts, rec: CallRecord) -> bool:
+    """Was the call's greeting due while LiveKit was going down or coming back?
+
+    It was spoken into a server that was closing the room: the caller cannot
+    hear it, and the session that carries the call on after the restart knows
+    from the checkpoint that it was said. Explained, and counted apart.
+    """
+    joined = rec.joined_at
+    return joined is not None and any(
+        f.kind == "livekit" and f.end is not None and f.at - GREETING_DUE <= joined <= f.end
+        for f in run.faults
+    )
+
+
+def greeting_heard_once(run: RunFacts, rec: CallRecord) -> str:
+    """Why the greeting was not heard exactly once, or "" when it was."""
+    if rec.greetings == 1:
+        return ""
+    if rec.greetings == 0 and greeting_cut_by_livekit(run, rec):
+        return ""
+    return "the greeting never came" if rec.greetings == 0 else f"greeted {rec.greetings} times"
+
+
+def doubled_entries(run: RunFacts) -> dict[str, str]:
+    """Job id -> the first sample of the job streams that held two entries of it.
+
+    A job never has two live entries: an acknowledged one is deleted, a
+    handover's release and a write-back each replace theirs in one script.
+    """
+    out: dict[str, str] = {}
+    for t, stream, entries in run.entry_samples:
+        ids: dict[str, list[str]] = {}
+        for entry_id, job in entries:
+            ids.setdefault(job, []).append(entry_id)
+        for job, found in ids.items():
+            if len(found) > 1 and job not in out:
+                out[job] = f"{t - run.t0:.1f}s {stream}: {', '.join(found)}"
+    return out
+
+
+def handed_over(run: RunFacts, rec: CallRecord) -> bool:
+    """Was this call's worker SIGTERMed (a deploy) while it served it, and did a new
+    agent (a new participant) take the call on?"""
+    joins = run.joins.get(rec.room, [])
+    end = rec.caller_lost_at or rec.hung_up_at or 0.0
+    for f in run.faults:
+        if f.kind != "sigterm" or not (rec.joined_at or end) <= f.at <= end:
+            continue
+        serving = [j for j in joins if j.at <= f.at]
+        if not serving or serving[-1].worker != f.target:
+            continue
+        before = {e.sid for e in rec.events if e.at <= f.at}
+        if any(e.kind == "join" and e.at > f.at and e.sid not in before for e in rec.events):
+            return True
+    return False
+
+
 def build_ledger(run: RunFacts) -> Ledger:
     """Every call's outcome (set on each record) and the run's counts."""
     nonaof = next((f for f in run.faults if f.kind == "redis-no-persistence"), None)
@@ -529,6 +713,24 @@ def build_ledger(run: RunFacts) -> Ledger:
                 nonaof_ended.append(rec)
         outcomes[rec.outcome] += 1
     measured = {id(r): overlaps(r) for r in run.calls}
+    forgot: list[CallRecord] = []
+    greeted_again: list[CallRecord] = []
+    checked = restarted = greetings_cut = 0
+    for rec in run.calls:
+        if not conversation_due(run, rec):
+            continue
+        if restarted_by_livekit(run, rec):
+            restarted += 1
+            continue
+        checked += 1
+        if why := conversation_kept(rec):
+            forgot.append(rec)
+            rec.detail = "; ".join(d for d in (rec.detail, why) if d)
+        if rec.greetings == 0 and greeting_cut_by_livekit(run, rec):
+            greetings_cut += 1
+        if why := greeting_heard_once(run, rec):
+            greeted_again.append(rec)
+            rec.detail = "; ".join(d for d in (rec.detail, why) if d)
     return Ledger(
         outcomes=outcomes,
         failed=failed,
@@ -539,6 +741,13 @@ def build_ledger(run: RunFacts) -> Ledger:
         nonaof_ended=nonaof_ended,
         recovery=recovery,
         answer=answer,
+        forgot=forgot,
+        greeted_again=greeted_again,
+        doubled_jobs=doubled_entries(run),
+        conversations_checked=checked,
+        conversations_restarted=restarted,
+        greetings_cut=greetings_cut,
+        handed_over=sum(handed_over(run, r) for r in run.calls),
     )
 
 
@@ -570,4 +779,39 @@ def guarantees(run: RunFacts, ledger: Ledger) -> list[tuple[str, int]]:
         ("workers or dispatchers that exited on their own", len(run.self_exits)),
         (f"garbage entries not dead-lettered (of {run.garbage_injected})", not_dead_lettered),
         ("fault steps that raised", sum(1 for f in run.faults if f.error)),
+    ] + (raised_checks(run, ledger) if run.raised else [])
+
+
+def raised_checks(run: RunFacts, ledger: Ledger) -> list[tuple[str, int]]:
+    """The raised ledger's checks: the conversation, the greeting, the entries, and
+    that each new fault had something to act on."""
+    deploy = any(f.kind == "sigterm" for f in run.faults)
+    skewed_joins = sum(
+        1
+        for joins in run.joins.values()
+        for j in joins
+        if run.skewed_slot and j.worker.startswith(f"{run.skewed_slot}.")
+    )
+    return [
+        (
+            f"calls whose conversation was lost (of {ledger.conversations_checked} asked "
+            '"what did I say first?")',
+            len(ledger.forgot),
+        ),
+        ("calls that heard the greeting other than once", len(ledger.greeted_again)),
+        (
+            f"jobs with two live entries at once (of {run.entry_samples_taken} stream samples)",
+            len(ledger.doubled_jobs),
+        ),
+        ("conversations checked: none", int(ledger.conversations_checked == 0)),
+        ("job streams never sampled", int(run.entry_samples_taken == 0)),
+        ("Redis snapshot (RDB) restart that restored no job entry", int(run.rdb_restored == 0)),
+        (
+            "rolling deploy that handed no running call over",
+            int(deploy and ledger.handed_over == 0),
+        ),
+        (
+            "worker with its clock 8 s behind joined no call",
+            int(bool(run.skewed_slot) and skewed_joins == 0),
+        ),
     ]

@@ -341,3 +341,251 @@ def test_two_jobs_overlapping_past_the_bound_fail() -> None:
     assert [b for b in broken(run(rec)) if "two jobs at once" in b]
     short = call(A, (12.0, "join", "agent-AJ_2", "PA_9"), (13.0, "leave", "agent-AJ_2", "PA_9"))
     assert not [b for b in broken(run(short)) if "two jobs at once" in b]
+
+
+# -- the raised ledger: conversations, greetings, entries, the new faults -----------------
+
+FIRST = "my name is caller 1"
+
+
+def talked(
+    rec: Any,
+    *,
+    said: tuple[str, ...] = (FIRST, "b", "c"),
+    answer: str | None = None,
+    greetings: int = 1,
+    asked: bool = True,
+    noted: tuple[str, ...] | None = None,
+) -> Any:
+    rec.said = list(said)
+    rec.noted = list(noted if noted is not None else said)
+    rec.asked_at = (rec.hung_up_at or 0.0) - 1.0 if asked else None
+    rec.answer = cl.FIRST_REPLY.format(said[0]) if answer is None and said else (answer or "")
+    rec.greetings = greetings
+    return rec
+
+
+def raised(rec: Any, *faults: Any, **kw: Any) -> Any:
+    kw.setdefault("entry_samples_taken", 100)
+    return cl.RunFacts(calls=[rec], faults=list(faults), raised=True, **kw)
+
+
+LOST = "calls whose conversation was lost"
+GREETED = "calls that heard the greeting other than once"
+DOUBLED = "jobs with two live entries at once"
+
+
+@pytest.mark.parametrize(
+    ("facts", "failing"),
+    [
+        pytest.param(raised(talked(call(A))), [], id="kept, greeted once"),
+        pytest.param(
+            raised(
+                talked(call(A, *gap(30.0, 32.0), duration=30.0)),
+                fault("kill", 29.0, target="w1.1"),
+                joins=joined("w1.1"),
+            ),
+            [],
+            id="kept across a kill's takeover",
+        ),
+        pytest.param(
+            raised(talked(call(A), answer="You first said: b")),
+            [LOST],
+            id="the takeover forgot the first thing (checkpoint off)",
+        ),
+        pytest.param(raised(talked(call(A), answer="")), [LOST], id="no answer at all"),
+        pytest.param(raised(talked(call(A), asked=False)), [LOST], id="never asked"),
+        pytest.param(raised(talked(call(A), said=())), [LOST], id="nothing could be said"),
+        pytest.param(
+            raised(talked(call(A), noted=())), [LOST], id="the agent acknowledged nothing"
+        ),
+        pytest.param(
+            # Said while no agent listened: the call's first thing is the first noted.
+            raised(talked(call(A), noted=("b", "c"), answer="You first said: b")),
+            [],
+            id="first noted, not first typed",
+        ),
+        pytest.param(
+            raised(talked(call(A), noted=("b", "c"), answer="You first said: c")),
+            [LOST],
+            id="the first noted thing forgotten",
+        ),
+        pytest.param(
+            raised(talked(call(A), greetings=2)), [GREETED], id="greeted again on a takeover"
+        ),
+        pytest.param(raised(talked(call(A), greetings=0)), [GREETED], id="never greeted"),
+        pytest.param(
+            # Joined (and greeted) while LiveKit was going down: explained.
+            raised(talked(call(A), greetings=0), fault("livekit", 10.5, end=14.0)),
+            [],
+            id="greeting said into the LiveKit restart",
+        ),
+        pytest.param(
+            # Joined 4.5 s before LiveKit went down: the greeting was due in it.
+            raised(talked(call(A), greetings=0), fault("livekit", 15.5, end=18.0)),
+            [],
+            id="greeting due as LiveKit went down",
+        ),
+        pytest.param(
+            raised(talked(call(A), greetings=0), fault("livekit", 16.5, end=18.0)),
+            [GREETED],
+            id="never greeted, joined well before the LiveKit restart",
+        ),
+        pytest.param(
+            raised(talked(call(A), greetings=2), fault("livekit", 10.5, end=14.0)),
+            [GREETED],
+            id="greeted twice across the LiveKit restart",
+        ),
+        pytest.param(
+            # A failed call is counted failed once, not again as a lost conversation.
+            raised(talked(call(), said=())),
+            ["calls failed", "conversations checked: none"],
+            id="no agent: failed, not also forgotten",
+        ),
+        pytest.param(
+            raised(
+                talked(
+                    call(
+                        A,
+                        (16.0, "leave", "agent-AJ_1", "PA_1"),
+                        (18.0, "join", "agent-AJ_2", "PA_2"),
+                        duration=20.0,
+                        job_ids=["AJ_1", "AJ_2"],
+                    ),
+                    answer="You first said: b",
+                    greetings=2,
+                ),
+                fault("livekit", 15.0, end=17.0),
+            ),
+            ["conversations checked: none"],
+            id="a new job after the LiveKit restart: named, not checked",
+        ),
+        pytest.param(
+            raised(
+                talked(
+                    call(
+                        A,
+                        (16.0, "leave", "agent-AJ_1", "PA_1"),
+                        (18.0, "join", "agent-AJ_1", "PA_2"),
+                        duration=20.0,
+                        job_ids=["AJ_1"],
+                    ),
+                    greetings=2,
+                ),
+                fault("livekit", 15.0, end=17.0),
+            ),
+            [GREETED],
+            id="the same job after the LiveKit restart: checked",
+        ),
+        pytest.param(
+            raised(
+                talked(call(A)),
+                entry_samples=[(12.0, "jobs", [("1-0", "AJ_1"), ("2-0", "AJ_1")])],
+            ),
+            [DOUBLED],
+            id="a sample with two entries of one job",
+        ),
+        pytest.param(
+            raised(
+                talked(call(A)),
+                entry_samples=[(12.0, "jobs", [("1-0", "AJ_1"), ("2-0", "AJ_2")])],
+            ),
+            [],
+            id="two jobs, one entry each",
+        ),
+        pytest.param(
+            raised(talked(call(A)), entry_samples_taken=0),
+            ["job streams never sampled"],
+            id="no sample taken",
+        ),
+        pytest.param(
+            raised(talked(call(A)), rdb_restored=0),
+            ["RDB"],
+            id="the snapshot restart restored nothing",
+        ),
+        pytest.param(
+            raised(talked(call(A)), fault("sigterm", 12.0, 14.0, target="w9.1")),
+            ["rolling deploy that handed no running call over"],
+            id="a deploy that handed nothing over",
+        ),
+        pytest.param(
+            raised(
+                # LiveKit removes the old participant as the new one (same
+                # identity) joins: the caller sees a leave, then the join.
+                talked(call(A, *gap(13.0, 13.3), duration=20.0)),
+                fault("sigterm", 12.0, 14.0, target="w1.1"),
+                joins=joined("w1.1"),
+            ),
+            [],
+            id="a deploy that handed a call over",
+        ),
+        pytest.param(
+            raised(talked(call(A)), skewed_slot="w4", joins=joined("w1.1")),
+            ["clock 8 s behind joined no call"],
+            id="the skewed worker took nothing",
+        ),
+        pytest.param(
+            raised(talked(call(A)), skewed_slot="w4", joins=joined("w4.2")),
+            [],
+            id="the skewed worker served",
+        ),
+    ],
+)
+def test_each_raised_check_fails_on_its_own(facts: Any, failing: list[str]) -> None:
+    assert sorted({f for f in failing for b in broken(facts) if f in b}) == sorted(failing)
+    assert len(broken(facts)) == len(failing), broken(facts)
+
+
+def test_the_plain_ledger_rows_are_not_held_to_the_raised_checks() -> None:
+    assert broken(run(call(A))) == []
+
+
+def test_a_gap_in_a_sigterm_workers_call_is_its_deploy_and_no_other_workers() -> None:
+    gone = call(A, *gap(13.0, 15.0), duration=20.0)
+    mine = run(gone, fault("sigterm", 12.0, 14.0, target="w1.1"), joins=joined("w1.1"))
+    cl.build_ledger(mine)
+    assert gone.outcome == "served, interrupted by sigterm", gone.detail
+    other = call(A, *gap(13.0, 15.0), duration=20.0)
+    theirs = run(other, fault("sigterm", 12.0, 14.0, target="w2.1"), joins=joined("w1.1"))
+    cl.build_ledger(theirs)
+    assert other.outcome == FAILED + "left and came back, no fault"
+
+
+def test_a_handover_after_the_sigterm_workers_exit_is_its_deploy() -> None:
+    # Process isolation: the worker's main process exited at 14; its session
+    # process handed the call over when the peer joined, 2.7 s later.
+    rec = call(A, *gap(16.7, 16.75), duration=20.0)
+    cl.build_ledger(run(rec, fault("sigterm", 12.0, 14.0, target="w1.1"), joins=joined("w1.1")))
+    assert rec.outcome == "served, interrupted by sigterm", rec.detail
+    late = call(A, *gap(15.0 + cl.OUTLIVES, 15.05 + cl.OUTLIVES), duration=30.0)
+    cl.build_ledger(run(late, fault("sigterm", 12.0, 14.0, target="w1.1"), joins=joined("w1.1")))
+    assert late.outcome == FAILED + "left and came back, no fault"
+
+
+def test_a_killed_liveness_connection_excuses_no_gap() -> None:
+    rec = call(A, *gap(13.0, 15.0), duration=20.0)
+    cl.build_ledger(run(rec, fault("liveness-kill", 12.5, target="w1.1"), joins=joined("w1.1")))
+    assert rec.outcome == FAILED + "left and came back, no fault"
+
+
+def test_the_harness_greetings_are_the_agents_own() -> None:
+    spec = importlib.util.spec_from_file_location("chaos_talk_under_test", BENCH / "chaos_talk.py")
+    assert spec is not None
+    assert spec.loader is not None
+    talk = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = talk  # dataclasses look their module up
+    spec.loader.exec_module(talk)
+    agents = BENCH.parent / "examples" / "offline_agents"
+    for agent, greeting in talk.GREETINGS.items():
+        assert f'greeting="{greeting}"' in (agents / f"{agent}.py").read_text()
+    assert cl.FIRST_REPLY.format("x") == "You first said: x"
+    assert talk.noted("x") == "Noted: x"
+
+
+def test_a_handover_whose_taker_logged_its_join_first_is_the_deploys() -> None:
+    # The chaos run's case: w3.2 SIGTERMed at 12, the taker (w4.1) logged its
+    # join at 12.8, the caller saw the old agent leave at 13.0.
+    rec = call(A, *gap(13.0, 13.05), duration=20.0)
+    joins = {ROOM: [cl.Join(11.0, "AJ_1", "w3.2"), cl.Join(12.8, "AJ_1", "w4.1")]}
+    cl.build_ledger(run(rec, fault("sigterm", 12.0, 14.0, target="w3.2"), joins=joins))
+    assert rec.outcome == "served, interrupted by sigterm", rec.detail
