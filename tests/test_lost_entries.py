@@ -33,7 +33,7 @@ from tests.support.conversation import (
 from tests.support.jobs import job_message
 from tests.support.processes import worker_process_killed_on_exit
 from tests.support.stack import creds, delete_room, eventually, new_room, unique, working
-from tests.support.waits import pending_on
+from tests.support.waits import pending_on, reclaim_sweeps
 
 pytestmark = pytest.mark.anyio
 
@@ -246,6 +246,75 @@ async def test_a_peer_reading_a_restored_entry_does_not_displace_the_live_sessio
             assert peer.stats.started == 0
             assert peer.stats.dead_lettered == 0
             assert len(await job_entries(redis, stream, message.job_id)) == 1
+            await delete_room(livekit_server, room.name)
+
+
+async def test_a_peer_busy_through_a_redis_outage_does_not_take_a_live_call_by_its_idle_time(
+    livekit_server: LiveKitServer, tmp_path: Path
+) -> None:
+    """Redis is down for longer than a lease: every entry's idle time (kept in
+    the pending list, Redis's clock) now says its holder stopped renewing. The
+    peer's slots were all busy through the outage, so its intake never saw it;
+    once a slot frees, its reclaim must still wait a lease for the live holder
+    (paused a few seconds, as a slow reconnect) to renew, not take the call
+    (seen in the raised chaos ledger: a second greeting, the conversation gone)."""
+    ns, lease = unique("ns"), 12.0
+    keys = Keys(ns)
+    stream = keys.jobs("dental")
+    server = RedisServer(log_path=tmp_path / "redis.log")
+    with server, anyio.fail_after(BUDGET):
+        redis = connect_redis(server.url)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(redis.aclose)
+            store = StreamStore(redis, keys)
+            await store.ensure_group("dental")
+            room = await new_room(livekit_server, unique("dental-idle"))
+            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            first = stack.enter_context(
+                worker_process_killed_on_exit(
+                    livekit_server, server.url, ns, "--lease", str(lease), "--concurrency", "1"
+                )
+            )
+            await store.enqueue([message])
+            original = await caller.wait_agent(within=90)
+            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            await three_things_said(transcript, redis, keys.checkpoint("dental", message.job_id))
+
+            # The peer's one slot busy with a call of its own (the first is full).
+            peer = await stack.enter_async_context(
+                working(livekit_server, server.url, ns, "dental", lease=lease, concurrency=1)
+            )
+            other_room = await new_room(livekit_server, unique("dental-busy"))
+            other = job_message(livekit_server, other_room, "dental", unique("dispatcher"))
+            other_caller = await stack.enter_async_context(
+                caller_in(creds(livekit_server), other_room.name)
+            )
+            await store.enqueue([other])
+            await other_caller.wait_agent(within=30)
+            assert peer.stats.started == 1
+
+            first.send_signal(signal.SIGSTOP)
+            await redis.save()
+            server.stop()
+            await anyio.sleep(lease + 1)  # the outage: every entry idle past a lease
+            await anyio.to_thread.run_sync(server.start)
+            # The peer's call ends: a slot frees while the holder is still away.
+            await delete_room(livekit_server, other_room.name)
+            await eventually(
+                lambda: other.job_id not in peer.running_jobs, "the peer's call over", within=30
+            )
+            await anyio.sleep(2.0)  # the holder away a little longer (a slow reconnect)
+            first.send_signal(signal.SIGCONT)
+
+            # A reclaim sweep after the holder is back (the peer's lease wait over) leaves it.
+            await reclaim_sweeps(redis, keys, "dental", 2)
+            assert peer.stats.started == 1
+            assert len(await job_entries(redis, stream, message.job_id)) == 1
+            await transcript.ask(RECALL, ANSWER, within=30)
+            assert [a.sid for a in caller.agents()] == [original.sid]
+            assert transcript.count(GREETING) == 1, transcript.lines
             await delete_room(livekit_server, room.name)
 
 

@@ -86,8 +86,12 @@ class WorkerContext:
     #: Redis's clock minus this host's. Writer: the heartbeat.
     redis_clock_offset: float = 0.0
     #: After Redis comes back from an outage every holder's entries look idle for
-    #: the outage's length: no reclaiming before this (monotonic). Writer: the intake.
+    #: the outage's length: no reclaiming before this (monotonic). Writer:
+    #: :meth:`redis_up`, a lease after any step saw Redis answer again.
     reclaim_after: float = 0.0
+    #: A step saw Redis fail and none has seen it answer since. Writers:
+    #: :meth:`redis_down`, :meth:`redis_up`.
+    redis_away: bool = False
     #: Taking no new jobs, handing running calls over. Writer: the drainer.
     draining: bool = False
     #: The worker's task group: checks and sessions run in it. Writer: ``Worker._run``.
@@ -106,12 +110,27 @@ class WorkerContext:
         self.tg.start_soon(func, *args)
 
     def redis_up(self) -> None:
-        """Redis answered: say so once (log, ``/readyz``) after an outage."""
+        """Redis answered: say so once (log, ``/readyz``) after an outage.
+
+        And reclaim nothing for a lease: through the outage every holder's
+        entries aged in the pending list (a restart, a snapshot restored, a
+        failover: Redis's idle times ran while nobody could renew), and a live
+        holder may reconnect a little after this worker. Whichever step sees it
+        first, so a worker whose slots were all busy (no intake passes) waits too.
+        """
+        if self.redis_away:
+            self.redis_away = False
+            self.reclaim_after = max(self.reclaim_after, time.monotonic() + self.settings.lease)
         self.redis_state.set("connected", redact_url(self.settings.redis_url))
 
     def redis_down(self, exc: BaseException) -> None:
         """Redis did not answer: say so once (log, ``/readyz``)."""
+        self.redis_away = True
         self.redis_state.set("unreachable", describe(exc), level=logging.ERROR)
+
+    def may_reclaim(self) -> bool:
+        """May this worker take entries from peers now (not in or just after an outage)?"""
+        return not self.redis_away and time.monotonic() >= self.reclaim_after
 
     async def redis(
         self,
@@ -130,13 +149,14 @@ class WorkerContext:
             failed: logged (at ``level``) when Redis did not answer, ``%``-formatted
                 with ``log_args`` and then the error (the last ``%s``); empty: silent.
             within: seconds (default :attr:`step_timeout`; ``math.inf``: unbounded).
-            outage: also record Redis as unreachable (:meth:`redis_down`).
+            outage: also record Redis as unreachable (:meth:`redis_down`) and, once it
+                answers, as reachable (:meth:`redis_up`).
             passthrough: errors raised as they are (e.g. a refused command, which
                 ``REDIS_DOWN`` would take for an outage).
         """
         try:
             with anyio.fail_after(self.step_timeout if within is None else within):
-                return await call()
+                result = await call()
         except passthrough:
             raise
         except REDIS_DOWN as exc:
@@ -145,14 +165,21 @@ class WorkerContext:
             if failed:
                 logger.log(level, failed, *log_args, exc)
             return DOWN
+        if outage:
+            self.redis_up()
+        return result
 
     async def until_redis(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``await func(*args)``, again and again (backing off) until Redis answers."""
         attempt = 0
         while True:
             try:
-                return await func(*args)
+                result = await func(*args)
             except REDIS_DOWN as exc:
                 self.redis_down(exc)
                 await anyio.sleep(backoff_delay(attempt, 0.1, 2.0))
                 attempt += 1
+            else:
+                if attempt:
+                    self.redis_up()
+                return result

@@ -9,7 +9,6 @@ subscription and is left to the lease.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Final
 
@@ -53,13 +52,13 @@ class CrashWatch:
         refused = False
         while True:
             await anyio.sleep(CRASH_CHECK_INTERVAL)
-            if time.monotonic() < ctx.reclaim_after:
+            if not ctx.may_reclaim():
                 continue
             # Also when full (or draining): the pass records this worker's
             # free slots, by which peers share a crashed worker's calls.
             free = 0 if ctx.draining else max(0, self._claims.free)
             try:
-                # An outage is the intake's to report (it waits a lease after one).
+                # Not an outage step: the heartbeat, intake and lease keeper report those.
                 deliveries = await ctx.redis(
                     partial(ctx.consumer.reclaim_crashed, grace, free, CRASH_CHECK_INTERVAL),
                     passthrough=(RefusedCommand,),

@@ -17,7 +17,7 @@ from anyio.abc import TaskStatus
 
 from openrtc.store.membership import Presence, live_members, redis_time
 from openrtc.worker.claims import ClaimTable
-from openrtc.worker.context import DOWN, WorkerContext, logger
+from openrtc.worker.context import WorkerContext, logger
 from openrtc.worker.spread import CpuLoad
 
 __all__ = ["Heartbeat", "PeerView"]
@@ -52,12 +52,8 @@ class Heartbeat:
         task_status.started()
         while True:
             await anyio.sleep(interval)
-            answer = await self._ctx.redis(
-                self._every_beat, within=max(1.0, interval * 2), outage=True
-            )
-            if answer is not DOWN:
-                # Also when the intake does not read (all slots busy).
-                self._ctx.redis_up()
+            # Outages seen here too: the intake does not read while every slot is busy.
+            await self._ctx.redis(self._every_beat, within=max(1.0, interval * 2), outage=True)
 
     async def _every_beat(self) -> None:
         await self.beat()

@@ -3,7 +3,8 @@
 Each delivered entry goes to the entry check (:mod:`openrtc.worker.entry_check`). With
 live peers a worker reads one entry at a time, and only when
 :func:`openrtc.worker.spread.decide` says it is the one to take it. The intake also
-reports Redis outages, and after one waits a lease before reclaiming anything.
+reports Redis outages; after one it reclaims nothing for a lease
+(:meth:`openrtc.worker.context.WorkerContext.redis_up`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ class Intake:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         ctx, claims = self._ctx, self._claims
-        outage = False
         self._last_forget = time.monotonic()
         task_status.started()
         while not ctx.draining:
@@ -62,13 +62,8 @@ class Intake:
                 continue
             read = await ctx.redis(self._pass, within=math.inf, outage=True)
             if read is DOWN:
-                outage = True
                 await anyio.sleep(0.5)
                 continue
-            if outage:
-                outage = False
-                ctx.reclaim_after = time.monotonic() + ctx.settings.lease
-            ctx.redis_up()
             deliveries, deferred = read
             if deferred:
                 # A less loaded peer reads the next entry; look again soon,
@@ -83,7 +78,7 @@ class Intake:
         ctx = self._ctx
         deliveries: list[Delivery] = []
         now = time.monotonic()
-        if now - self._last_reclaim >= RECLAIM_INTERVAL and now >= ctx.reclaim_after:
+        if now - self._last_reclaim >= RECLAIM_INTERVAL and ctx.may_reclaim():
             self._last_reclaim = now
             wanted = self._claims.free
             deliveries = await ctx.consumer.reclaim(ctx.settings.lease, wanted)
