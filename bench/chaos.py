@@ -130,8 +130,10 @@ from chaos_ledger import (  # noqa: E402
     Join,
     Ledger,
     RunFacts,
+    ServerSpan,
     build_ledger,
     guarantees,
+    server_spans,
 )
 from chaos_proxy import RedisProxy  # noqa: E402
 from chaos_talk import (  # noqa: E402
@@ -1151,6 +1153,14 @@ class Harness:
             out["still in the stream" if still else "gone, no dead letter"] += 1
         return out
 
+    def server_spans(self) -> dict[str, ServerSpan]:
+        """Every participant's span as the LiveKit server logged it (both its lives)."""
+        log = self.livekit.log_path
+        if log is None or not log.exists():
+            return {}
+        with log.open(errors="replace") as lines:
+            return server_spans(lines)
+
     def facts(self) -> RunFacts:
         """What this run saw, for the ledger (``chaos_ledger``, pure)."""
         return RunFacts(
@@ -1170,6 +1180,7 @@ class Harness:
             entry_samples_taken=self.entry_samples_taken,
             rdb_restored=self.rdb_restored,
             skewed_slot=SKEWED_SLOT,
+            server_spans=self.server_spans(),
             t0=self.t0,
             **(
                 # Every outcome rule holds; only the time bounds become liveness.

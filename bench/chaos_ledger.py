@@ -46,9 +46,11 @@ and knows nothing said before.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Final
 
 #: The prefix of every outcome ``--check`` refuses.
@@ -209,6 +211,8 @@ class RunFacts:
     #: restart in this run); the slot of the worker whose clock was behind.
     rdb_restored: int = -1
     skewed_slot: str = ""
+    #: Agent participants as the LiveKit server logged them (:func:`server_spans`).
+    server_spans: dict[str, ServerSpan] = field(default_factory=dict)
     t0: float = 0.0
     #: The time bounds this run is held to: the benchmark's goals by default;
     #: the test suite's run holds recovery and answers to liveness bounds only
@@ -247,7 +251,52 @@ class Ledger:
     handed_over: int = 0
 
 
-def overlaps(rec: CallRecord) -> tuple[bool, float]:
+@dataclass(frozen=True)
+class ServerSpan:
+    """An agent participant as the LiveKit server logged it (unix s; None: not logged)."""
+
+    active: float | None = None
+    audio: float | None = None
+    closed: float | None = None
+
+
+#: The LiveKit server's log messages that bound a participant's span.
+_SPAN_MESSAGES: Final = {
+    "participant active": "active",
+    "mediaTrack published": "audio",
+    "participant closing": "closed",
+}
+
+
+def server_spans(lines: Iterable[str]) -> dict[str, ServerSpan]:
+    """Participant sid -> its span, from the LiveKit server's log (its development
+    format: ISO time, level, logger, source, message, JSON fields; tab-separated).
+
+    The server is the authority on what a caller could hear: it forwards an
+    agent's audio from its publication until it closes it. The caller's own
+    view of joins and leaves can lag it by seconds on a loaded host (its
+    signal connection stalled after a LiveKit restart: a chaos run saw a
+    leave 5.6 s after the server closed that participant).
+    """
+    found: dict[str, dict[str, float]] = {}
+    for line in lines:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) < 6 or (what := _SPAN_MESSAGES.get(parts[4])) is None:
+            continue
+        try:
+            fields = json.loads(parts[5])
+            at = datetime.fromisoformat(parts[0].replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        sid = fields.get("participantID") if isinstance(fields, dict) else None
+        if not isinstance(sid, str) or (what == "audio" and fields.get("kind") != "audio"):
+            continue
+        # The first publication, the first close (a resume is not a new span).
+        found.setdefault(sid, {}).setdefault(what, at)
+    return {sid: ServerSpan(**times) for sid, times in found.items()}
+
+
+def overlaps(rec: CallRecord, spans: Mapping[str, ServerSpan] | None = None) -> tuple[bool, float]:
     """From the caller's view: were two sessions of one job present at once, and
     the longest stretch (s) in which the caller could hear two or more agents.
 
@@ -256,14 +305,16 @@ def overlaps(rec: CallRecord) -> tuple[bool, float]:
     the agent it replaces leaves as soon as it is connected (a chaos run saw
     4.5 s "together" of which the server had them both active 0.13 s). An
     agent whose publication the caller never saw counts from its join.
+    Where the server logged the participant (``spans``), its times win.
     """
+    spans = spans or {}
     first_audio: dict[str, float] = {}
     for a in rec.audio:
         first_audio[a.sid] = min(a.at, first_audio.get(a.sid, a.at))
     present: dict[str, str] = {}
     same_job = False
     # (from, to) during which each agent participant was audible.
-    spans: list[tuple[float, float]] = []
+    audible: list[tuple[float, float]] = []
     joined: dict[str, float] = {}
     for event in sorted(rec.events, key=lambda e: e.at):
         if event.kind == "join":
@@ -273,23 +324,34 @@ def overlaps(rec: CallRecord) -> tuple[bool, float]:
             present.pop(event.sid, None)
             if event.sid in joined:
                 start = max(joined.pop(event.sid), first_audio.get(event.sid, 0.0))
-                spans.append((start, event.at))
+                audible.append(_as_server_saw(event.sid, start, event.at, spans))
         identities = list(present.values())
         same_job = same_job or len(identities) != len(set(identities))
     for sid, at in joined.items():
         start = max(at, first_audio.get(sid, 0.0))
-        spans.append((start, max(start, rec.hung_up_at or start)))
-    edges = sorted([(a, 1) for a, b in spans if b > a] + [(b, -1) for a, b in spans if b > a])
+        audible.append(_as_server_saw(sid, start, max(start, rec.hung_up_at or start), spans))
+    edges = sorted([(a, 1) for a, b in audible if b > a] + [(b, -1) for a, b in audible if b > a])
     longest = 0.0
-    audible = 0
+    heard = 0
     since = 0.0
     for t, step in edges:
-        audible += step
-        if step == 1 and audible == 2:
+        heard += step
+        if step == 1 and heard == 2:
             since = t
-        elif step == -1 and audible == 1:
+        elif step == -1 and heard == 1:
             longest = max(longest, t - since)
     return same_job, longest
+
+
+def _as_server_saw(
+    sid: str, start: float, end: float, spans: Mapping[str, ServerSpan]
+) -> tuple[float, float]:
+    """The caller's (start, end) of an agent, with the server's times where it logged them."""
+    span = spans.get(sid)
+    if span is None:
+        return start, end
+    begin = span.audio if span.audio is not None else span.active
+    return (start if begin is None else begin), (end if span.closed is None else span.closed)
 
 
 def blame(run: RunFacts, t: float, joins: Sequence[Join]) -> tuple[str, Fault | None]:
@@ -619,7 +681,10 @@ def conversation_kept(rec: CallRecord) -> str:
     """Why the conversation was not kept, or "" when it was.
 
     Kept: the caller said things, asked "what did I say first?" at the end,
-    and the agent answered with the first of them it had acknowledged.
+    and the agent answered with the first of them it had acknowledged, or
+    with one the caller said before it: an acknowledgement the caller never
+    heard (its transcript lost in a LiveKit restart, a takeover's join) may
+    still have been heard by the agent. Forgetting shows as a later thing.
     """
     if not rec.said:
         return "the caller could say nothing (no agent listened)"
@@ -627,7 +692,8 @@ def conversation_kept(rec: CallRecord) -> str:
         return "the agent acknowledged nothing the caller said"
     if rec.asked_at is None:
         return "the caller never got to ask what it said first"
-    if rec.answer == FIRST_REPLY.format(rec.noted[0]):
+    first = rec.said.index(rec.noted[0]) if rec.noted[0] in rec.said else 0
+    if rec.answer in {FIRST_REPLY.format(thing) for thing in rec.said[: first + 1]}:
         return ""
     return f"asked what it said first: {rec.answer or 'no answer'!r} (first: {rec.noted[0]!r})"
 
@@ -712,7 +778,7 @@ def build_ledger(run: RunFacts) -> Ledger:
             if nonaof is not None and rec.outcome.endswith(f"dropped after {nonaof.kind}"):
                 nonaof_ended.append(rec)
         outcomes[rec.outcome] += 1
-    measured = {id(r): overlaps(r) for r in run.calls}
+    measured = {id(r): overlaps(r, run.server_spans) for r in run.calls}
     forgot: list[CallRecord] = []
     greeted_again: list[CallRecord] = []
     checked = restarted = greetings_cut = 0

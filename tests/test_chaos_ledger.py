@@ -336,6 +336,50 @@ def test_a_newcomer_is_heard_from_its_audio_not_its_join() -> None:
     assert cl.overlaps(rec) == (False, 4.5)
 
 
+def test_the_server_s_times_win_over_the_callers_lagging_view() -> None:
+    # The clean-clone run's case: the caller saw the old job's agent leave
+    # 5.6 s after the server had closed it (the caller's signal stalled after
+    # the LiveKit restart); the server is what the caller hears.
+    rec = call(A, (12.0, "join", "agent-AJ_2", "PA_9"), (18.0, "leave", "agent-AJ_1", "PA_1"))
+    assert cl.overlaps(rec) == (False, 6.0)
+    closed = {"PA_1": cl.ServerSpan(active=11.0, closed=12.4)}
+    assert cl.overlaps(rec, closed) == (False, pytest.approx(0.4))
+    # The server closed it late too: the overlap stands, by the server's times.
+    late = {"PA_1": cl.ServerSpan(active=11.0, closed=17.0), "PA_9": cl.ServerSpan(audio=12.5)}
+    assert cl.overlaps(rec, late) == (False, pytest.approx(4.5))
+    assert [b for b in broken(run(rec, server_spans=late)) if "two jobs at once" in b]
+    assert not [b for b in broken(run(rec, server_spans=closed)) if "two jobs at once" in b]
+
+
+SERVER_LOG = [
+    "2026-12-07T20:44:51.582Z\tINFO\tlivekit\tservice/roommanager.go:433\tstarting RTC session"
+    '\t{"participantID": "PA_1"}',
+    "2026-12-07T20:44:53.261Z\tINFO\tlivekit\trtc/room.go:1272\tparticipant active"
+    '\t{"room": "r", "participantID": "PA_1"}',
+    "2026-12-07T20:44:53.500Z\tINFO\tlivekit.pub\trtc/participant.go:2362\tmediaTrack published"
+    '\t{"participantID": "PA_1", "kind": "video"}',
+    "2026-12-07T20:44:53.723Z\tINFO\tlivekit.pub\trtc/participant.go:2362\tmediaTrack published"
+    '\t{"participantID": "PA_1", "kind": "audio"}',
+    "2026-12-07T20:44:54.148Z\tINFO\tlivekit\trtc/participant.go:1475\tparticipant closing"
+    '\t{"participantID": "PA_1", "reason": "CLIENT_REQUEST_LEAVE"}',
+    "2026-12-07T20:44:55.000Z\tINFO\tlivekit\trtc/participant.go:1475\tparticipant closing"
+    '\t{"participantID": "PA_1"}',
+    "2026-12-07T20:44:55.000Z\tINFO\tlivekit\tx.go:1\tparticipant closing\tnot json",
+    "garbage line",
+    '2026-12-07T20:44:56.000Z\tINFO\tlivekit\trtc/room.go:1272\tparticipant active\t{"x": 1}',
+]
+
+
+def test_server_spans_are_read_from_the_livekit_log() -> None:
+    base = 1796676291.582  # 2026-12-07T20:44:51.582Z
+    spans = cl.server_spans(SERVER_LOG)
+    assert list(spans) == ["PA_1"]
+    span = spans["PA_1"]
+    assert span.active == pytest.approx(base + 1.679)
+    assert span.audio == pytest.approx(base + 2.141)  # the audio track, not the video
+    assert span.closed == pytest.approx(base + 2.566)  # the first close
+
+
 def test_two_jobs_overlapping_past_the_bound_fail() -> None:
     rec = call(A, (12.0, "join", "agent-AJ_2", "PA_9"), (12.0 + 3.5, "leave", "agent-AJ_2", "PA_9"))
     assert [b for b in broken(run(rec)) if "two jobs at once" in b]
@@ -409,6 +453,18 @@ DOUBLED = "jobs with two live entries at once"
             raised(talked(call(A), noted=("b", "c"), answer="You first said: c")),
             [LOST],
             id="the first noted thing forgotten",
+        ),
+        pytest.param(
+            # Its acknowledgement unheard (a LiveKit restart ate the transcript),
+            # yet the agent heard it: kept.
+            raised(talked(call(A), noted=("b", "c"), answer=f"You first said: {FIRST}")),
+            [],
+            id="named a thing said before the first acknowledgement heard",
+        ),
+        pytest.param(
+            raised(talked(call(A), said=(FIRST, "b"), noted=("b",), answer="You first said: c")),
+            [LOST],
+            id="named something never said",
         ),
         pytest.param(
             raised(talked(call(A), greetings=2)), [GREETED], id="greeted again on a takeover"
