@@ -621,8 +621,10 @@ def sampled_doubles(run: RunFacts, rec: CallRecord) -> list[str]:
     Two agents in a room are never right, but for one stretch: after the
     LiveKit restart the old job's agent may overlap the new one until it
     sees it (bounded by MAX_OVERLAP, as the caller's view is). Any other
-    list with two agents fails, and so does the same pair listed over
-    longer than that bound (less a sampling period).
+    list with two agents fails, and so does the same pair together longer
+    than that bound: by the server's log where it has both (from the later
+    activation to the earlier close), else by the lists (over the bound less
+    a sampling period, as the lists are a second apart).
     """
     restart = next((f for f in run.faults if f.kind == "livekit"), None)
     pairs: dict[frozenset[str], list[float]] = {}
@@ -639,12 +641,29 @@ def sampled_doubles(run: RunFacts, rec: CallRecord) -> list[str]:
             continue
         pairs.setdefault(frozenset(sid for _, sid in agents), []).append(t)
     for pair, times in pairs.items():
+        if (together := _together(pair, run.server_spans)) is not None:
+            if together > MAX_OVERLAP:
+                bad.append(
+                    f"{together:.1f}s together after the LiveKit restart (server log): "
+                    f"{', '.join(sorted(pair))}"
+                )
+            continue
         if max(times) - min(times) > MAX_OVERLAP - SAMPLE_PERIOD:
             bad.append(
                 f"{min(times) - run.t0:.1f}-{max(times) - run.t0:.1f}s after the LiveKit "
                 f"restart: {', '.join(sorted(pair))}"
             )
     return bad
+
+
+def _together(pair: frozenset[str], spans: Mapping[str, ServerSpan]) -> float | None:
+    """How long the server had both participants active (None: it did not log both spans)."""
+    found = [spans.get(sid) for sid in pair]
+    if len(found) != 2 or any(s is None or s.active is None or s.closed is None for s in found):
+        return None
+    starts = [s.active for s in found if s is not None and s.active is not None]
+    ends = [s.closed for s in found if s is not None and s.closed is not None]
+    return max(0.0, min(ends) - max(starts))
 
 
 #: What the offline LLM answers to "what did I say first?" (openrtc.agents.offline).

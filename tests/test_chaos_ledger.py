@@ -322,6 +322,28 @@ def test_two_agents_in_a_server_list_fail(times: list[float], restart: Any, fail
     assert (DOUBLE_LISTED in broken(facts)) == fails
 
 
+@pytest.mark.parametrize(
+    ("closed", "fails"),
+    [
+        # Listed 2.2 s apart (three lists), together 2.3 s by the server's log.
+        (42.3, False),
+        # Listed once, together 3.5 s by the log.
+        (43.5, True),
+    ],
+)
+def test_the_server_log_decides_how_long_two_listed_agents_were_together(
+    closed: float, fails: bool
+) -> None:
+    rec = call(A, duration=60.0)
+    rec.sampled = [(40.0, TWO), (41.1, TWO), (42.2, TWO)] if not fails else [(41.0, TWO)]
+    spans = {
+        "PA_1": cl.ServerSpan(active=20.0, closed=closed),
+        "PA_9": cl.ServerSpan(active=40.0, audio=41.0, closed=59.0),
+    }
+    facts = run(rec, fault("livekit", 30.0, end=35.0), server_spans=spans)
+    assert (DOUBLE_LISTED in broken(facts)) == fails
+
+
 def test_a_newcomer_is_heard_from_its_audio_not_its_join() -> None:
     # The chaos run's case: the new job's agent announced at 12, publishing
     # only at 16.6 (a loaded host), the old one gone at 16.5: never two heard.
