@@ -727,12 +727,17 @@ def greeting_cut_by_livekit(run: RunFacts, rec: CallRecord) -> bool:
 
     It was spoken into a server that was closing the room: the caller cannot
     hear it, and the session that carries the call on after the restart knows
-    from the checkpoint that it was said. Explained, and counted apart.
+    from the checkpoint that it was said. Explained, and counted apart. Any
+    agent's join counts, not only the first: a session killed before its
+    greeting leaves it to the one that takes the call over.
     """
-    joined = rec.joined_at
-    return joined is not None and any(
-        f.kind == "livekit" and f.end is not None and f.at - GREETING_DUE <= joined <= f.end
+    joins = [e.at for e in rec.events if e.kind == "join"]
+    if rec.joined_at is not None:
+        joins.append(rec.joined_at)
+    return any(
+        f.kind == "livekit" and f.end is not None and f.at - GREETING_DUE <= at <= f.end
         for f in run.faults
+        for at in joins
     )
 
 

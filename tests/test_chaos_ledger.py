@@ -499,6 +499,18 @@ DOUBLED = "jobs with two live entries at once"
             id="greeting said into the LiveKit restart",
         ),
         pytest.param(
+            # Killed before its greeting; the session that took the call over
+            # joined as LiveKit went down and greeted into it.
+            raised(
+                talked(call(A, *gap(12.0, 16.0), duration=30.0), greetings=0),
+                fault("kill", 12.0, target="w1.1"),
+                fault("livekit", 20.0, end=22.0),
+                joins=joined("w1.1"),
+            ),
+            [],
+            id="the taker's greeting said into the LiveKit restart",
+        ),
+        pytest.param(
             # Joined 4.5 s before LiveKit went down: the greeting was due in it.
             raised(talked(call(A), greetings=0), fault("livekit", 15.5, end=18.0)),
             [],
