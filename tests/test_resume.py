@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from openrtc.agents.registry import AgentPool
 from openrtc.devtools.caller import Caller, caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
+from openrtc.settings import LiveKitSettings
 from openrtc.store.checkpoint import Checkpoint, CheckpointStore
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
@@ -32,6 +33,7 @@ from tests.support.conversation import (
     three_things_said,
     transcribing,
 )
+from tests.support.faults import slow_api
 from tests.support.jobs import job_message
 from tests.support.processes import LEASE, children_of, worker_process_killed_on_exit
 from tests.support.stack import (
@@ -180,6 +182,64 @@ async def test_a_deploy_during_the_greeting_does_not_greet_the_caller_again(
             await transcript.ask("my name is Ann", "Noted: my name is Ann")
             assert transcript.count(LONG_GREETING) == 1, transcript.lines
             await delete_room(livekit_server, lk_room.name)
+
+
+@pytest.mark.parametrize("isolation", ["coroutine", "process"])
+async def test_a_line_said_while_a_handover_is_under_way_is_not_answered_and_forgotten(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis, isolation: str
+) -> None:
+    """From the handover's last checkpoint until the peer joins, the old session
+    is still in the room. A line the caller says then must not be answered by
+    it: the peer resumes from that checkpoint and would never know what was
+    acknowledged (seen in the chaos ledger: "Noted: my name is caller 15"
+    from the old agent, then "You first said:" the second thing from the new
+    one). Unanswered, the caller says it again to the peer, which keeps it."""
+    ns = unique("ns")
+    thing = THREE_THINGS[0]
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            working(livekit_server, redis_server.url, ns, "dental", isolation=isolation)
+        )
+        call = await stack.enter_async_context(
+            greeted_call(livekit_server, redis, ns, "dental", "dental-gap", GREETING)
+        )
+        caller, transcript = call.caller, call.transcript
+        # The peer checks the room for seconds before it joins: a wide gap.
+        proxy = await stack.enter_async_context(slow_api(livekit_server.port, 4.0))
+        await stack.enter_async_context(
+            working(
+                livekit_server,
+                redis_server.url,
+                ns,
+                "dental",
+                isolation=isolation,
+                via=LiveKitSettings(proxy.url, livekit_server.api_key, livekit_server.api_secret),
+            )
+        )
+        await wait_member(redis, call.keys, "dental", 2)
+        first.request_stop()
+        await eventually(lambda: first.stats.handed_over == 1, "the handover", within=30)
+        await transcript.say(thing)
+        peer_in = anyio.Event()
+
+        async def wait_peer() -> None:
+            await caller.wait_agent(within=60, other_than=call.original.sid)
+            peer_in.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_peer)
+            await eventually(
+                lambda: peer_in.is_set() or transcript.count(f"Noted: {thing}") > 0,
+                "the peer, or an answer from the old agent",
+                within=60,
+            )
+        replacement = next(a for a in caller.agents() if a.sid != call.original.sid)
+        await agent_listening(caller, replacement.identity)
+        if not transcript.count(f"Noted: {thing}"):
+            await transcript.ask(thing, f"Noted: {thing}")  # as a person repeats the unheard
+        await transcript.ask("what did I say first?", f"You first said: {thing}")
+        assert transcript.count(f"Noted: {thing}") == 1, transcript.lines
+        await delete_room(livekit_server, call.message.room)
 
 
 @pytest.mark.parametrize("isolation", ["coroutine", "process"])

@@ -149,7 +149,8 @@ def _reload(pool: Any, agent: str) -> Any:
 async def _follow_the_worker(
     lines: _Lines, control: Any, tg: anyio.abc.TaskGroup, reload: Callable[[], Any]
 ) -> None:
-    """The worker's commands (stop, handover, reload); its death stops the session."""
+    """The worker's commands (stop, handover and its call-off, reload); its death stops
+    the session."""
     while True:
         line = await lines.next()
         if line is None:  # our worker died: leave the room now
@@ -162,6 +163,8 @@ async def _follow_the_worker(
             control.ask_handover()
             # Each ask is answered (again after a handover that went nowhere).
             tg.start_soon(_report_handover_ready, control.handover_ready)
+        elif command.get("handover_off"):
+            control.call_off_handover()
         elif command.get("reload") and (config := reload()) is not None:
             control.ask_reload(config)
 

@@ -29,6 +29,7 @@ from livekit.agents.job import (
     _JobContextVar,
 )
 from livekit.agents.utils import http_context
+from livekit.agents.voice.room_io import types as room_io_types
 
 __all__ = [
     "PARTS",
@@ -42,6 +43,7 @@ __all__ = [
     "close_http_context",
     "console_mode_until_toggled",
     "current_job",
+    "default_text_input",
     "local_console",
     "new_job_context",
     "room_sid",
@@ -79,6 +81,7 @@ _CONTEXT: Final = "livekit.agents.job.JobContext"
 _HTTP: Final = "livekit.agents.utils.http_context"
 _SESSION: Final = "livekit.agents.voice.agent_session.AgentSession"
 _EVENTS: Final = "livekit.agents.voice.events"
+_ROOM_IO_TYPES: Final = "livekit.agents.voice.room_io.types"
 _LEGACY_CLI: Final = "livekit.agents.cli._legacy"
 _CONSOLE: Final = "livekit.agents.cli.cli.AgentsConsole"
 
@@ -136,6 +139,13 @@ PARTS: Final[tuple[Part, ...]] = (
     Part(_HTTP, "_new_session_ctx", "callable", "the session's HTTP client, as a job gets one"),
     Part(_HTTP, "_close_http_ctx", "callable", "closes that client at the session's end"),
     Part(_SESSION, "_userdata", "instance", "checkpointed and restored as set (no getter raise)"),
+    Part(
+        _ROOM_IO_TYPES,
+        "_default_text_input_cb",
+        "callable",
+        "a caller's typed line, answered as livekit-agents does (when not paused)",
+        ("sess", "ev"),
+    ),
     Part(
         _EVENTS,
         "EventTypes",
@@ -269,6 +279,11 @@ async def close_http_context() -> None:
 def room_sid(room: rtc.Room) -> str:
     """The room's sid, kept current by the server's updates (no public event)."""
     return room._info.sid
+
+
+async def default_text_input(session: AgentSession[Any], event: Any) -> None:
+    """What livekit-agents does with a caller's typed line (interrupt, then reply)."""
+    await room_io_types._default_text_input_cb(sess=session, ev=event)
 
 
 def session_userdata(session: AgentSession[Any]) -> Any:

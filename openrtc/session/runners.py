@@ -554,6 +554,11 @@ class ProcessRunner:
                             anyio.BrokenResourceError, anyio.ClosedResourceError
                         ):
                             await child.send({"handover": True})
+                        await control.wait_handover_off()
+                        with contextlib.suppress(
+                            anyio.BrokenResourceError, anyio.ClosedResourceError
+                        ):
+                            await child.send({"handover_off": True})
 
                 tg.start_soon(forward_stop)
                 tg.start_soon(forward_handover)

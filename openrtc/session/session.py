@@ -188,6 +188,7 @@ class SessionControl:
     #: and its last checkpoint was offered: the call can go to a peer now.
     handover_ready: anyio.Event = field(default_factory=anyio.Event)
     _handover_asked: anyio.Event = field(default_factory=anyio.Event)
+    _handover_off: anyio.Event = field(default_factory=anyio.Event)
     #: The agent's reloaded configuration (hot reload), once :meth:`ask_reload` was asked.
     reloaded: AgentConfig | None = None
     _reload_asked: anyio.Event = field(default_factory=anyio.Event)
@@ -223,12 +224,23 @@ class SessionControl:
         """
         if self.handover_ready.is_set():
             self.handover_ready = anyio.Event()
+        self._handover_off.set()  # a new ask: the previous handover, if any, is over
+        self._handover_off = anyio.Event()
         self._handover_asked.set()
 
     async def wait_handover_asked(self) -> None:
         """Until a handover is asked; each ask is answered once."""
         await self._handover_asked.wait()
         self._handover_asked = anyio.Event()
+
+    def call_off_handover(self) -> None:
+        """The asked handover went nowhere (not released, or Redis lost the released
+        entry): the session takes turns again until it is asked anew."""
+        self._handover_off.set()
+
+    async def wait_handover_off(self) -> None:
+        """Until the current handover is called off (see :meth:`call_off_handover`)."""
+        await self._handover_off.wait()
 
     def ask_reload(self, config: AgentConfig) -> None:
         """Move the call to ``config``'s (reloaded) code at its next turn boundary."""
@@ -539,6 +551,7 @@ class _SessionRun:
         self.usage: _CallUsage | None = None
         #: This session is its call's first (set once its checkpoint is read).
         self.starts_call = False
+        self.inputs = _Inputs(message.job_id)
 
     async def serve(self) -> SessionOutcome:
         """Build, join, start and run the session until its end; how it ended."""
@@ -632,7 +645,7 @@ class _SessionRun:
         try:
             await _announce(self.room, self.message.job_id)
             self.watch.changed()
-            await session.start(agent=agent, room=self.room)
+            await session.start(agent=agent, room=self.room, room_options=self.inputs.options())
             self._greet(session, saved)
         except Exception as exc:
             if self.end.replaced:
@@ -718,15 +731,26 @@ class _SessionRun:
                 await anyio.sleep(ROOM_SID_POLL)
 
     async def _get_ready_for_a_handover(self, session: AgentSession[Any]) -> None:
-        """On each handover ask: wait for a turn boundary, offer the last checkpoint."""
+        """On each handover ask: wait for a turn boundary, stop taking turns, offer
+        the last checkpoint; take turns again if the handover is called off.
+
+        The peer resumes from that checkpoint and joins seconds later: a line
+        this session answered meanwhile would be acknowledged to the caller and
+        unknown to the agent that carries the call on. Unanswered, the caller
+        says it again to the peer.
+        """
         while True:  # asked again when Redis lost the handed-over entry
             await self.control.wait_handover_asked()
             # Between turns, so the peer's checkpoint has the whole last one.
             with anyio.move_on_after(HANDOVER_TURN_WAIT):
                 await _turn_boundary(session)
+            self.inputs.pause(session)
             if self.saving is not None:
                 self.saving.offer_now()
             self.control.handover_ready.set()
+            await self.control.wait_handover_off()
+            self.inputs.resume(session)
+            logger.info("job %s: handover called off; the call goes on here", self.message.job_id)
 
     async def _move_to_reloaded_code(self, session: AgentSession[Any]) -> None:
         """On each hot reload of the agent's code: move the call to it at a turn boundary.
@@ -784,6 +808,37 @@ class _SessionRun:
     async def close(self) -> None:
         reason = self.end.reason if self.end.is_set() else "worker stopping"
         await _close(self.ctx, self.room, self.session, reason or "", leave_first=self.end.replaced)
+
+
+class _Inputs:
+    """The caller's audio and typed lines into the session, which a handover pauses."""
+
+    def __init__(self, job_id: str) -> None:
+        self._job_id = job_id
+        self._paused = False
+        self._audio_was_on = False
+
+    def options(self) -> voice.room_io.RoomOptions:
+        """The room options the session starts with: typed lines through :meth:`_text`."""
+        return voice.room_io.RoomOptions(
+            text_input=voice.room_io.TextInputOptions(text_input_cb=self._text)
+        )
+
+    async def _text(self, session: AgentSession[Any], event: voice.room_io.TextInputEvent) -> None:
+        if self._paused:
+            logger.info("job %s: a typed line while handing over; left to the peer", self._job_id)
+            return
+        await parts.default_text_input(session, event)
+
+    def pause(self, session: AgentSession[Any]) -> None:
+        self._paused = True
+        self._audio_was_on = session.input.audio_enabled
+        session.input.set_audio_enabled(False)
+
+    def resume(self, session: AgentSession[Any]) -> None:
+        self._paused = False
+        if self._audio_was_on:
+            session.input.set_audio_enabled(True)
 
 
 class _Checkpointing:

@@ -161,6 +161,10 @@ class Drainer:
         ctx, message, control = self._ctx, claim.message, claim.control
         if message is None or control is None:
             return False
+        # The session stops taking turns once ready: what it answered from then
+        # on the peer would not know. Called off only if the call stays here
+        # (Redis lost the released entry: :meth:`_take_back`); after a failed
+        # release a peer takes the call over after the lease, from this checkpoint.
         control.ask_handover()
         with anyio.move_on_after(HANDOVER_TURN_WAIT + HANDOVER_SLACK):
             await control.handover_ready.wait()
@@ -233,6 +237,8 @@ class Drainer:
         self._claims.rename(claim, old, new)
         claim.released = ""
         claim.settled = claim.handed_over = claim.asked = False
+        if claim.control is not None:
+            claim.control.call_off_handover()  # it takes turns again until asked anew
         logger.warning(
             "job %s: Redis lost the handed-over entry %s before a peer took the call; "
             "written back as ours (%s), handed over again when a peer has room",
