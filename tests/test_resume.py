@@ -44,7 +44,7 @@ from tests.support.stack import (
     unique,
     working,
 )
-from tests.support.waits import wait_member
+from tests.support.waits import pending_on, wait_member
 
 pytestmark = pytest.mark.anyio
 
@@ -240,6 +240,58 @@ async def test_a_line_said_while_a_handover_is_under_way_is_not_answered_and_for
         await transcript.ask("what did I say first?", f"You first said: {thing}")
         assert transcript.count(f"Noted: {thing}") == 1, transcript.lines
         await delete_room(livekit_server, call.message.room)
+
+
+async def test_a_crashed_worker_s_call_given_back_by_a_draining_peer_is_taken_over_at_once(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """A worker crashes; a peer claims its call, and is SIGTERMed while it checks
+    the room. Draining, it gives the entry back unstarted. The call runs (its
+    record says so, its dead agent is still listed): the worker that reads the
+    entry must take it over from its checkpoint at once, not take it for a
+    lost read and wait a lease for a worker that is dead (seen in the chaos
+    ledger: 12 s without an agent). Leases here are a minute long: only the
+    handed-back entry can bring the call back within the bound."""
+    ns, lease = unique("ns"), 60.0
+    with worker_process_killed_on_exit(
+        livekit_server, redis_server.url, ns, "--lease", str(lease), agent="dental"
+    ) as first:
+        async with AsyncExitStack() as stack:
+            call = await stack.enter_async_context(
+                greeted_call(livekit_server, redis, ns, "dental", "dental-giveback", GREETING)
+            )
+            caller, transcript = call.caller, call.transcript
+            await three_things_said(transcript, redis, call.key)
+            proxy = await stack.enter_async_context(slow_api(livekit_server.port, 4.0))
+            draining = await stack.enter_async_context(
+                working(
+                    livekit_server,
+                    redis_server.url,
+                    ns,
+                    "dental",
+                    lease=lease,
+                    via=LiveKitSettings(
+                        proxy.url, livekit_server.api_key, livekit_server.api_secret
+                    ),
+                )
+            )
+            await wait_member(redis, call.keys, "dental", 2)
+            first.kill()
+            stream = call.keys.jobs("dental")
+
+            async def claimed() -> bool:
+                return bool(await pending_on(redis, stream, draining.settings.worker_id))
+
+            await eventually(claimed, "the peer claiming the crashed worker's call", within=30)
+            draining.request_stop()  # while its room check waits on the slow API
+            await stack.enter_async_context(
+                working(livekit_server, redis_server.url, ns, "dental", lease=lease)
+            )
+            replacement = await caller.wait_agent(within=30, other_than=call.original.sid)
+            await agent_listening(caller, replacement.identity)
+            await transcript.ask("what did I say first?", f"You first said: {THREE_THINGS[0]}")
+            assert transcript.count(GREETING) == 1, transcript.lines
+            await delete_room(livekit_server, call.message.room)
 
 
 @pytest.mark.parametrize("isolation", ["coroutine", "process"])

@@ -149,7 +149,7 @@ class EntryCheck:
                 # by that worker's write-back, or reclaimed after a lease.
                 claim.settled = True
             else:
-                await self._outcomes.release(claim, message)
+                await self._outcomes.release(claim, message, takeover=claim.start is Start.TAKEOVER)
             return False
         if room not in ("live", OURS_IN_ROOM):
             _log_no_join(message, room)

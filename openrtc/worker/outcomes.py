@@ -277,14 +277,20 @@ class Outcomes:
         while self._observing:
             await self._observed.wait()
 
-    async def release(self, claim: Claim, message: JobMessage) -> None:
-        """Hand an unstarted entry back to the stream, for a peer to read at once."""
+    async def release(self, claim: Claim, message: JobMessage, *, takeover: bool = False) -> None:
+        """Hand an unstarted entry back to the stream, for a peer to read at once.
+
+        ``takeover``: the entry is of a call that runs without a worker (its own
+        crashed or lost it). Given back as a handover, the peer takes it over
+        from its checkpoint at once; as a plain new entry it would read as a
+        lost read of a live worker and wait a lease for one that is dead.
+        """
         ctx = self._ctx
         claim.settled = True
         # Not released: still pending on us and no longer renewed, a peer
         # reclaims it after the lease.
         new_id = await ctx.redis(
-            lambda: ctx.consumer.release(claim.entry_id, message.job_id),
+            lambda: ctx.consumer.release(claim.entry_id, message.job_id, handover=takeover),
             "job %s: not released (%s); left to the lease",
             message.job_id,
         )
