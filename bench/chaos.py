@@ -158,7 +158,7 @@ from openrtc.devtools.devstack import (  # noqa: E402
 )
 from openrtc.errors import ConfigError  # noqa: E402
 from openrtc.store.streams import connect_redis  # noqa: E402
-from openrtc.wire.keys import Keys  # noqa: E402
+from openrtc.wire.keys import WORKERS_GROUP, Keys  # noqa: E402
 from openrtc.wire.messages import RecordField, RecordState  # noqa: E402
 
 AGENTS: Final = ("dental", "restaurant")
@@ -696,6 +696,7 @@ class Harness:
             choices = await self.busy_workers(redis) or [w[0] for w in WORKERS]
             slot = self.kill_rng.choice(choices)
             async with self.slot_locks[slot]:
+                fault.jobs = await self.held_jobs(redis, slot)
                 fault.at = time.time()
                 fault.target = self.kill(slot)
                 fault.detail = "SIGKILL to its process group; replacement in 1s" + (
@@ -854,6 +855,25 @@ class Harness:
                     return True
             await asyncio.sleep(0.5)
         return False
+
+    async def held_jobs(self, redis: Redis, slot: str) -> list[str]:
+        """The jobs the slot's worker holds now (its pending entries), best effort."""
+        agent = next(a for s, a, _, _ in WORKERS if s == slot)
+        with contextlib.suppress(Exception):
+            wid = await self.worker_id(redis, agent, self.children[slot].pid)
+            if not wid:
+                return []
+            stream = KEYS.jobs(agent)
+            rows: Any = await redis.xpending_range(
+                stream, WORKERS_GROUP, "-", "+", 1000, consumername=wid
+            )
+            jobs = []
+            for row in rows:
+                for _id, fields in await redis.xrange(stream, row["message_id"], row["message_id"]):
+                    if job := fields.get(b"job_id"):
+                        jobs.append(job.decode())
+            return jobs
+        return []
 
     async def worker_id(self, redis: Redis, agent: str, pid: int) -> str:
         """The worker id whose record names process ``pid``, or ""."""

@@ -166,6 +166,8 @@ class Fault:
     #: The exception that stopped this fault step, if one did: a step that
     #: failed checked nothing.
     error: str = ""
+    #: A kill: the jobs the worker held (its pending entries) when it was killed.
+    jobs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -457,9 +459,26 @@ def _restart_window(restart: Fault | None, t: float | None) -> bool:
     return restart.at - 1 <= t <= (restart.end or restart.at) + REDISPATCH_BOUND
 
 
+def joins_of(run: RunFacts, rec: CallRecord) -> list[Join]:
+    """The worker joins of this call's room, in time order: those the workers
+    logged, and a killed worker that held one of the call's jobs.
+
+    A worker killed between its agent's join and its own "joined" line (a
+    connect takes seconds on a loaded host) logged nothing, yet its agent
+    was the caller's: its kill explains the gap that follows.
+    """
+    joins = list(run.joins.get(rec.room, []))
+    for f in run.faults:
+        for job in f.jobs if f.kind == "kill" else ():
+            logged = any(j.job == job and j.worker == f.target and j.at <= f.at for j in joins)
+            if job in rec.job_ids and not logged:
+                joins.append(Join(f.at - 0.001, job, f.target))
+    return sorted(joins, key=lambda j: j.at)
+
+
 def classify(run: RunFacts, rec: CallRecord) -> tuple[str, str, list[float]]:
     """One call's outcome, the detail that backs it, and its recovery times (s)."""
-    room_joins = run.joins.get(rec.room, [])
+    room_joins = joins_of(run, rec)
     dead = sorted({d.get("reason", "?") for d in run.dead if d.get("room") == rec.room})
     restart = next((f for f in run.faults if f.kind == "livekit"), None)
     end = rec.caller_lost_at or rec.hung_up_at or 0.0
@@ -770,7 +789,7 @@ def doubled_entries(run: RunFacts) -> dict[str, str]:
 def handed_over(run: RunFacts, rec: CallRecord) -> bool:
     """Was this call's worker SIGTERMed (a deploy) while it served it, and did a new
     agent (a new participant) take the call on?"""
-    joins = run.joins.get(rec.room, [])
+    joins = joins_of(run, rec)
     end = rec.caller_lost_at or rec.hung_up_at or 0.0
     for f in run.faults:
         if f.kind != "sigterm" or not (rec.joined_at or end) <= f.at <= end:

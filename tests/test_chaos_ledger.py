@@ -97,6 +97,16 @@ CASES: list[tuple[str, Any, str]] = [
         "recovered",
     ),
     (
+        # Killed before it logged its join (the connect still finishing): the
+        # jobs it held say whose agent the caller had.
+        "recovered, its worker killed before it logged the join",
+        run(
+            call(A, *gap(33.0, 33.05), duration=30.0, job_ids=["AJ_1"]),
+            fault("kill", 29.0, target="w1.1", jobs=["AJ_1"]),
+        ),
+        "recovered",
+    ),
+    (
         "a late recovery explained by a Redis outage overlapping it",
         run(
             call(A, *gap(30.0, 40.0), duration=40.0),
