@@ -17,6 +17,7 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskStatus
 
+from openrtc.agents.tenants import CredentialError
 from openrtc.ops import tracing
 from openrtc.session.runners import SessionRunner
 from openrtc.session.session import AGENT_NOT_BUILT, SessionControl, SessionOutcome
@@ -29,10 +30,12 @@ from openrtc.worker.claims import Claim, ClaimTable
 from openrtc.worker.context import DOWN, WorkerContext, logger
 from openrtc.worker.outcomes import Outcomes
 
-__all__ = ["PROCESS_DIED", "SessionSupervisor"]
+__all__ = ["PROCESS_DIED", "TENANT_CREDENTIALS", "SessionSupervisor"]
 
 #: A session whose process died this way is started again by its own worker.
 PROCESS_DIED: Final = "session process died"
+#: A session's outcome reason when its tenant's credentials could not be resolved.
+TENANT_CREDENTIALS: Final = "tenant credentials unavailable"
 
 _no_span: Final = contextlib.nullcontext()
 
@@ -108,21 +111,33 @@ class SessionSupervisor:
             if writer is not None:
                 watch.start_soon(writer.run)
             try:
-                with tracing.use_span(span) if span is not None else _no_span:
-                    outcome = await self.runner.run(
-                        message, control, worker_id=self._ctx.settings.worker_id
-                    )
-            except Exception as exc:  # a runner bug must not take the worker down
-                logger.exception("job %s: the session runner failed", message.job_id)
-                outcome = SessionOutcome(
-                    "failed", "session runner error", f"{type(exc).__name__}: {exc}"
-                )
+                # The tenants file as it is now, credentials resolved here, now:
+                # this call keeps them whatever the file says later.
+                control.tenant = self._ctx.tenants.for_tenant(message.tenant).resolve()
+            except CredentialError as exc:
+                # The line names the reference, never a value.
+                logger.error("job %s: %s", message.job_id, exc)
+                outcome = SessionOutcome("failed", TENANT_CREDENTIALS, str(exc))
+            else:
+                outcome = await self._run_in_runner(message, control, span)
             if writer is not None and outcome.status == "failed":
                 # The next delivery resumes from it: the last turn counts.
                 with anyio.move_on_after(self._ctx.step_timeout):
                     await writer.flush()
             watch.cancel_scope.cancel()
         return outcome
+
+    async def _run_in_runner(
+        self, message: JobMessage, control: SessionControl, span: Any
+    ) -> SessionOutcome:
+        try:
+            with tracing.use_span(span) if span is not None else _no_span:
+                return await self.runner.run(
+                    message, control, worker_id=self._ctx.settings.worker_id
+                )
+        except Exception as exc:  # a runner bug must not take the worker down
+            logger.exception("job %s: the session runner failed", message.job_id)
+            return SessionOutcome("failed", "session runner error", f"{type(exc).__name__}: {exc}")
 
     async def _mark_joined(
         self, claim: Claim, message: JobMessage, control: SessionControl, span: Any

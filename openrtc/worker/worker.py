@@ -27,6 +27,9 @@ under one task group:
    (state, turns, latency, CPU, memory, loop blocks) published for ``openrtc top``.
 9. **reloader** (``reloader.py``, with ``--reload``): a saved agent module
    serves new calls, and live calls move to it at their next turn boundary.
+10. **tenants watcher** (``tenants_watch.py``, with a tenants file): a changed
+    ``tenants.toml`` applies to new calls; an invalid one is logged, the last
+    good one stays.
 
 Not loops: the **entry check** (``entry_check.py``: each held entry checked,
 concurrently, into a session or a dead letter), the **room check** (``rooms.py``)
@@ -47,8 +50,10 @@ living worker's calls never are.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -70,6 +75,7 @@ from openrtc.store.streams import (
     RedisClient,
     StreamStore,
 )
+from openrtc.tenant_file import TenantsError, find_tenants_file, load_tenants, reference_problems
 from openrtc.wire.messages import JobMessage
 from openrtc.wire.signing import log_signing
 from openrtc.worker.claims import ClaimTable
@@ -88,6 +94,7 @@ from openrtc.worker.reloader import Reloader
 from openrtc.worker.rooms import ROOM_CHECK_TIMEOUT, RoomCheck
 from openrtc.worker.sessions import SessionSupervisor
 from openrtc.worker.spread import CpuLoad
+from openrtc.worker.tenants_watch import TenantsWatcher
 from openrtc.worker.top import TopPublisher
 
 __all__ = ["READ_BLOCK_MS", "ROOM_CHECK_TIMEOUT", "Step", "Worker", "WorkerStats"]
@@ -130,6 +137,12 @@ class Worker:
         self.config.build()
         self.ctx = ctx = _context(settings, self.config, redis, clock)
         ctx.observers = pool.observers
+        # Checked before anything connects: every problem one line (TenantsError).
+        self.tenants_path = _tenants_path(settings, self.config)
+        if self.tenants_path is not None:
+            ctx.tenants = load_tenants(self.tenants_path)
+            if problems := reference_problems(ctx.tenants, os.environ):
+                raise TenantsError(problems)
         self.keys, self.store, self.consumer = ctx.keys, ctx.store, ctx.consumer
         self.checkpoints, self.stats, self.metrics = ctx.checkpoints, ctx.stats, ctx.metrics
         self._presence = Presence(
@@ -141,7 +154,7 @@ class Worker:
         )
         if runner is None:
             if settings.isolation == "process":
-                runner = ProcessRunner(self.config, settings)
+                runner = ProcessRunner(self.config, settings, hidden_env=ctx.tenants.env_names())
             else:
                 runner = CoroutineRunner(self.config, settings)
         self.runner = runner
@@ -181,6 +194,10 @@ class Worker:
                     "there is nothing to reload."
                 )
             self.reloader = Reloader(self.pool, self.config.source_path.parent, [self])
+        self.tenants_watcher: TenantsWatcher | None = None
+        if self.tenants_path is not None:
+            hidden = runner.hidden_env if isinstance(runner, ProcessRunner) else None
+            self.tenants_watcher = TenantsWatcher(ctx, self.tenants_path, hidden_env=hidden)
 
     @property
     def steps(self) -> list[Step]:
@@ -197,6 +214,7 @@ class Worker:
             self.guards.run,
             self.top.run,
             *([self.reloader.run] if self.reloader is not None else []),
+            *([self.tenants_watcher.run] if self.tenants_watcher is not None else []),
         ]
 
     # -- public surface ------------------------------------------------------
@@ -353,6 +371,12 @@ class Worker:
         await self.rooms.aclose()
         if self.store.owns_redis:
             await ctx.redis_client.aclose()
+
+
+def _tenants_path(settings: WorkerSettings, config: AgentConfig) -> Path | None:
+    """The tenants file: ``--tenants``, else the agents directory's ``tenants.toml``."""
+    agents_dir = config.source_path.parent if config.source_path is not None else None
+    return find_tenants_file(settings.tenants_file, agents_dir)
 
 
 def _context(
