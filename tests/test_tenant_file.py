@@ -188,7 +188,7 @@ ERRORS: list[tuple[str, str, list[str]]] = [
         [f"{A}: credentials.K: file: must be an absolute path, not 'keys/acme'"],
     ),
     (
-        "several problems: one line each, in file order",
+        "several problems: one line each",
         '[tenants.acme]\nmax_sessions = -1\nover_cap = 3\n[tenants.beta]\nllm = ""\n',
         [
             f"{A}: max_sessions: must be at least 1 and at most 1000000, not -1",

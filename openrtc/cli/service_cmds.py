@@ -603,6 +603,7 @@ def start(
     default_greeting: DefaultGreeting = None,
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
+    tenants: TenantsFile = None,
 ) -> None:
     """A dispatcher and a worker per agent in one process (openrtc 0.20.1's `start`).
 
@@ -625,6 +626,7 @@ def start(
                 namespace=namespace,
                 concurrency=concurrency,
                 isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
+                tenants_file=str(tenants) if tenants is not None else "",
                 **signing,
             )
             for name in pool.list_agents()
