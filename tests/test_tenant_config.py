@@ -47,7 +47,7 @@ pytestmark = pytest.mark.anyio
 AGENT = """
 import hashlib
 
-from livekit.agents import Agent
+from livekit.agents import Agent, function_tool
 
 import openrtc
 from openrtc import agent_config
@@ -66,6 +66,11 @@ class Configured(Agent):
         if "KEY" in settings.credential_names:
             key = hashlib.sha256(settings.credential("KEY").encode()).hexdigest()[:12]
         self.session.say(f"Tenant {{settings.name}}: llm {{llm}}, key {{key}}.")
+
+    @function_tool
+    async def book_table(self, party_size: int) -> str:
+        '''Book a table.'''
+        return f"table for {{party_size}}, {{openrtc.tenant_settings().config.greeting}}"
 """
 
 TENANTS = """
@@ -267,6 +272,11 @@ async def test_a_changed_file_serves_the_next_call_and_an_invalid_one_is_refused
         await eventually(reloaded, "the edit applied", within=30)
         _, second = await call(stack, livekit_server, redis, ns, "reloaded", "acme")
         await heard(second, "Welcome back to Acme.")
+        # The live call keeps the settings it started with; the new one has the new.
+        await first.ask("book a table for 2", "Done: table for 2, Welcome to Acme.", within=60)
+        await second.ask(
+            "book a table for 3", "Done: table for 3, Welcome back to Acme.", within=60
+        )
 
         literal = secrets.token_hex(16)
         tenants.write_text(
@@ -346,3 +356,27 @@ def test_a_reference_that_does_not_resolve_stops_the_worker(tmp_path: Path) -> N
     assert raised.value.lines == [
         f"{tmp_path / 'tenants.toml'}: tenant 'acme': credentials.K: env:NOT_SET_HERE is not set"
     ]
+
+
+def test_tenants_check_shows_references_never_values(tmp_path: Path) -> None:
+    write_agent(tmp_path, "checked", AGENT.format(name="checked"))
+    (tmp_path / "tenants.toml").write_text(TENANTS.format(greeting=ACME_GREETING))
+    secret = secrets.token_hex(16)
+    done = subprocess.run(
+        [sys.executable, "-m", "openrtc", "tenants", "check", str(tmp_path)],
+        env={"PATH": "/usr/bin:/bin", "ACME_KEY": secret},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{tmp_path / 'tenants.toml'}: 1 tenant(s), valid",
+        "[acme]",
+        "  llm: openrtc/rules",
+        f"  greeting: {ACME_GREETING}",
+        "  credentials: KEY=env:ACME_KEY",
+        "  over_cap: wait",
+        "  breaker: failure_ratio=0.5, min_sessions=5, window=60.0, cooldown=30.0",
+    ]
+    assert secret not in done.stdout + done.stderr

@@ -41,13 +41,19 @@ class TenantsWatcher:
     """Reads the tenants file again when it changes (a worker step)."""
 
     def __init__(
-        self, ctx: WorkerContext, path: Path, *, hidden_env: frozenset[str] | None = None
+        self,
+        ctx: WorkerContext,
+        path: Path,
+        loaded: bytes | None,
+        *,
+        hidden_env: frozenset[str] | None = None,
     ) -> None:
         self._ctx = ctx
         self._path = path.absolute()
         #: ``process`` isolation: the variables its session processes started without.
         self._hidden_env = hidden_env
-        self._last = self._read()
+        #: The content in force (read before it was checked at start-up).
+        self._last = loaded
 
     def _read(self) -> bytes | None:
         try:

@@ -139,7 +139,10 @@ class Worker:
         ctx.observers = pool.observers
         # Checked before anything connects: every problem one line (TenantsError).
         self.tenants_path = _tenants_path(settings, self.config)
+        self._tenants_read: bytes | None = None
         if self.tenants_path is not None:
+            # Read before it is checked: an edit in between is a change to the watcher.
+            self._tenants_read = _read(self.tenants_path)
             ctx.tenants = load_tenants(self.tenants_path)
             if problems := reference_problems(ctx.tenants, os.environ):
                 raise TenantsError(problems)
@@ -197,7 +200,9 @@ class Worker:
         self.tenants_watcher: TenantsWatcher | None = None
         if self.tenants_path is not None:
             hidden = runner.hidden_env if isinstance(runner, ProcessRunner) else None
-            self.tenants_watcher = TenantsWatcher(ctx, self.tenants_path, hidden_env=hidden)
+            self.tenants_watcher = TenantsWatcher(
+                ctx, self.tenants_path, self._tenants_read, hidden_env=hidden
+            )
 
     @property
     def steps(self) -> list[Step]:
@@ -377,6 +382,13 @@ def _tenants_path(settings: WorkerSettings, config: AgentConfig) -> Path | None:
     """The tenants file: ``--tenants``, else the agents directory's ``tenants.toml``."""
     agents_dir = config.source_path.parent if config.source_path is not None else None
     return find_tenants_file(settings.tenants_file, agents_dir)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None  # load_tenants says why, in one line
 
 
 def _context(
