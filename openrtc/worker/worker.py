@@ -60,6 +60,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from openrtc.agents.registry import AgentConfig, AgentPool
+from openrtc.agents.tenants import TenantsConfig
 from openrtc.errors import ConfigError
 from openrtc.ops.http import OpsServer, ops_server, serving
 from openrtc.ops.logs import log_context
@@ -135,17 +136,19 @@ class Worker:
         # Built once now: an agent whose constructor raises fails the worker
         # at start-up (AgentBuildError, one line), never each call in its room.
         self.config.build()
-        self.ctx = ctx = _context(settings, self.config, redis, clock)
-        ctx.observers = pool.observers
-        # Checked before anything connects: every problem one line (TenantsError).
+        # Checked before any client is made: every problem one line (TenantsError).
         self.tenants_path = _tenants_path(settings, self.config)
         self._tenants_read: bytes | None = None
+        tenants = TenantsConfig()
         if self.tenants_path is not None:
             # Read before it is checked: an edit in between is a change to the watcher.
             self._tenants_read = _read(self.tenants_path)
-            ctx.tenants = load_tenants(self.tenants_path)
-            if problems := reference_problems(ctx.tenants, os.environ):
+            tenants = load_tenants(self.tenants_path)
+            if problems := reference_problems(tenants, os.environ):
                 raise TenantsError(problems)
+        self.ctx = ctx = _context(settings, self.config, redis, clock)
+        ctx.observers = pool.observers
+        ctx.tenants = tenants
         self.keys, self.store, self.consumer = ctx.keys, ctx.store, ctx.consumer
         self.checkpoints, self.stats, self.metrics = ctx.checkpoints, ctx.stats, ctx.metrics
         self._presence = Presence(
