@@ -30,7 +30,10 @@ the call over.
 
 A child needs a room, not the API: the parent mints the job's room token and
 sends it with its own LiveKit URL; the API key and secret never reach the
-zygote's or a child's environment or stdin. Anything else a child prints on
+zygote's or a child's environment or stdin. Tenants' credentials neither: the
+zygote starts without any variable a ``tenants.toml`` credential references
+(``hidden_env``), and each child gets its own call's tenant's settings, values
+resolved by the worker, on its job line (docs/tenants.md). Anything else a child prints on
 stdout (agent code may ``print``) is skipped.
 """
 
