@@ -34,7 +34,7 @@ from openrtc.session.runners import ProcessRunner, _Child
 from openrtc.store.streams import StreamStore
 from openrtc.tenant_file import TenantsError
 from openrtc.wire.keys import Keys
-from openrtc.wire.messages import JobMessage
+from openrtc.wire.messages import JobMessage, RecordField
 from openrtc.worker.worker import Worker
 from tests.support.conversation import Transcript, transcribing
 from tests.support.jobs import job_message, write_agent
@@ -380,3 +380,36 @@ def test_tenants_check_shows_references_never_values(tmp_path: Path) -> None:
         "  breaker: failure_ratio=0.5, min_sessions=5, window=60.0, cooldown=30.0",
     ]
     assert secret not in done.stdout + done.stderr
+
+
+async def test_a_credential_gone_since_start_up_fails_that_tenant_s_call_naming_it(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Resolved when each call starts: a variable removed since the worker started
+    fails the session (not the worker), with the reference named, never a value."""
+    monkeypatch.setenv("ACME_KEY", secrets.token_hex(16))
+    pool = AgentPool.from_directory(agents_dir(tmp_path, "unkeyed"))
+    ns = unique("ns")
+    async with AsyncExitStack() as stack:
+        worker = await stack.enter_async_context(
+            working(livekit_server, redis_server.url, ns, "unkeyed", pool=pool)
+        )
+        monkeypatch.delenv("ACME_KEY")
+        job, _ = await call(stack, livekit_server, redis, ns, "unkeyed", "acme")
+        record = Keys(ns).job("unkeyed", job.job_id)
+
+        async def failed() -> bool:
+            return await redis.hget(record, RecordField.LAST_ERROR) is not None
+
+        await eventually(failed, "the session failed", within=60)
+        assert await redis.hget(record, RecordField.LAST_ERROR) == (
+            b"tenant 'acme': credentials.KEY: env:ACME_KEY is not set"
+        )
+        assert worker.stats.failed >= 1
+        # The default tenant's calls go on.
+        _, default = await call(stack, livekit_server, redis, ns, "unkeyed", "default")
+        await heard(default, "Tenant default: llm none, key none.")

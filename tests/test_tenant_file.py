@@ -356,3 +356,68 @@ def test_the_file_is_found_like_the_agents(tmp_path: Path) -> None:
     other.write_text("[tenants.acme]\n")
     assert find_tenants_file(other, tmp_path) == other
     assert list(load_tenants(other).tenants) == ["acme"]
+
+
+# -- the worker's reload of the file (no servers: the watcher's apply) ----------
+
+
+def test_the_watcher_applies_a_valid_change_and_keeps_the_last_good_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from openrtc.worker.tenants_watch import TenantsWatcher
+
+    monkeypatch.setenv("ACME_KEY", SECRET)
+    path = tmp_path / "tenants.toml"
+    path.write_text('[tenants.acme]\ngreeting = "One."\n')
+    ctx = SimpleNamespace(tenants=load_tenants(path))
+    # Process isolation: its session processes started without ACME_KEY only.
+    watcher = TenantsWatcher(
+        ctx,  # type: ignore[arg-type]
+        path,
+        path.read_bytes(),
+        hidden_env=frozenset({"ACME_KEY"}),
+    )
+    assert not watcher.apply()  # nothing changed
+
+    path.write_text(
+        '[tenants.acme]\ngreeting = "Two."\n[tenants.acme.credentials]\nK = "env:ACME_KEY"\n'
+    )
+    assert watcher.apply()
+    assert ctx.tenants.tenants["acme"].greeting == "Two."
+
+    def refused(text: str) -> list[str]:
+        caplog.clear()
+        path.write_text(text)
+        assert not watcher.apply()
+        assert ctx.tenants.tenants["acme"].greeting == "Two."  # the last good one
+        return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+    last_good = f"the last good tenants file stays in force ({path})"
+    assert refused('[tenants.acme]\ngreeting = "Three."\nmax_sessions = 0\n') == [
+        f"tenants file not reloaded: {path}: tenant 'acme': max_sessions: must be at least 1 "
+        "and at most 1000000, not 0",
+        last_good,
+    ]
+    assert refused('[tenants.acme.credentials]\nK = "env:UNSET_HERE"\n') == [
+        f"tenants file not reloaded: {path}: tenant 'acme': credentials.K: env:UNSET_HERE "
+        "is not set",
+        f"tenants file not reloaded: {path}: env:UNSET_HERE: a credential variable the "
+        "session processes were started with (they would all hold it); restart the worker "
+        "to use it",
+        last_good,
+    ]
+    monkeypatch.setenv("HOME_KEY", "x")
+    assert refused('[tenants.acme.credentials]\nK = "env:HOME_KEY"\n')[0] == (
+        f"tenants file not reloaded: {path}: env:HOME_KEY: a credential variable the "
+        "session processes were started with (they would all hold it); restart the worker "
+        "to use it"
+    )
+    caplog.clear()
+    path.unlink()
+    assert not watcher.apply()
+    assert ctx.tenants.tenants["acme"].greeting == "Two."
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tenants file {path} is gone; the last good one stays in force"
+    ]
