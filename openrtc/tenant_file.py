@@ -22,6 +22,7 @@ bounds in :data:`openrtc.settings.NUMBERS` (``tenant.*``). The typed result is
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -287,8 +288,6 @@ def reference_problems(config: TenantsConfig, environ: Mapping[str, str]) -> lis
     """One line per credential reference that could not be resolved here now: an
     unset variable, a file that is not there or not readable. Nothing is read
     or kept: a start-up check, in the process that will resolve them."""
-    import os
-
     problems = []
     for tenant in config.tenants.values():
         for name, ref in tenant.credentials.items():

@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterator, Mapping, Set
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
@@ -394,7 +394,7 @@ class TenantsConfig:
         default = self.tenants.get(DEFAULT_TENANT)
         if default is None:
             return TenantConfig(tenant)
-        return _renamed(default, tenant)
+        return replace(default, name=tenant)
 
     def env_names(self) -> frozenset[str]:
         """Every variable an ``env:`` credential reference names, of any tenant."""
@@ -404,12 +404,6 @@ class TenantsConfig:
             for ref in config.credentials.values()
             if ref.scheme == "env"
         )
-
-
-def _renamed(config: TenantConfig, name: str) -> TenantConfig:
-    from dataclasses import replace
-
-    return replace(config, name=name)
 
 
 _settings: ContextVar[TenantSettings | None] = ContextVar("openrtc_tenant_settings", default=None)

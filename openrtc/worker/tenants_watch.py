@@ -21,6 +21,7 @@ every session process would inherit it. A restart applies it.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import anyio
@@ -87,7 +88,7 @@ class TenantsWatcher:
         except TenantsError as exc:
             self._refuse(exc.lines)
             return False
-        problems = reference_problems(config, _environ())
+        problems = reference_problems(config, os.environ)
         problems += self._new_hidden(config)
         if problems:
             self._refuse(problems)
@@ -113,9 +114,3 @@ class TenantsWatcher:
         for line in lines:
             logger.error("tenants file not reloaded: %s", line)
         logger.error("the last good tenants file stays in force (%s)", self._path)
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
