@@ -50,10 +50,10 @@ async def lifecycle(
     """
     job = message("dental", unique("dental"))
     await store.enqueue([job])
-    [delivery] = await consumer.read(1, 100)  # its record with it, or checked by the start
+    [delivery] = await consumer.read(1, 100)  # its record is checked by the start
     running = (job.dispatcher_id, StatusEvent(job.job_id, JobStatus.RUNNING))
-    start = consumer.start if delivery.record is not None else consumer.start_unread
-    assert await start(delivery.entry_id, job.job_id, {RecordField.ATTEMPT: 1}, status=running)
+    fields = {RecordField.ATTEMPT: 1}
+    assert await consumer.start_unread(delivery.entry_id, job.job_id, fields, status=running)
     before = CountingConnection.sent
     renewal = await consumer.renew({delivery.entry_id: job.job_id}, {delivery.entry_id: 1})
     assert renewal == Renewal([], [])
@@ -78,13 +78,8 @@ async def test_one_call_costs_at_most_four_round_trips(redis_server: RedisServer
         keys = Keys(unique("ns"))
         store = StreamStore(redis, keys)
         await store.ensure_group("dental")
-        warm = JobConsumer(store, "dental", "w-warm")
-        for _ in range(2):  # both reads' paths once: the scripts loaded, a connection open
-            await lifecycle(redis, keys, store, warm)
-        # A worker's first read blocks (its entry's record is checked by the
-        # start); its next, after a read that filled its count, is the read's
-        # script (the record with the entry), as when entries wait.
         consumer = JobConsumer(store, "dental", "w-1")
+        await lifecycle(redis, keys, store, consumer)  # the scripts loaded, a connection open
         counts: list[int] = []
         for _ in range(2):
             CountingConnection.sent = 0
@@ -101,7 +96,7 @@ async def test_one_call_costs_at_most_four_round_trips(redis_server: RedisServer
             StatusEvent.decode(f).status for _, f in events if f[b"job_id"] == job.job_id.encode()
         ]
         assert ours == [JobStatus.RUNNING, JobStatus.SUCCESS]
-        assert await redis.xlen(keys.reports) == 4  # one per call
+        assert await redis.xlen(keys.reports) == 3  # one per call
         assert await redis.get(keys.ended(job.room)) == b"RM_x"
         assert max(counts) <= GOAL, f"{counts} round trips for one call (goal {GOAL})"
     finally:
@@ -110,16 +105,15 @@ async def test_one_call_costs_at_most_four_round_trips(redis_server: RedisServer
 
 
 async def test_the_call_s_steps_on_a_cluster(redis_cluster: RedisCluster) -> None:
-    """The same steps under Redis Cluster: the read's script reads records in the
-    stream's slot; the report and the ended mark (other slots) go a round trip
-    before the acknowledgement."""
+    """The same steps under Redis Cluster: the report and the ended mark (other
+    slots than the agent's) go a round trip before the acknowledgement."""
     redis = connect_redis(redis_cluster.url)
     try:
         keys = Keys(unique("ns"), cluster=True)
         store = StreamStore(redis, keys)
         await store.ensure_group("dental")
         consumer = JobConsumer(store, "dental", "w-1")
-        for _ in range(2):  # a blocking read, then the read's script
+        for _ in range(2):
             job, _ = await lifecycle(redis, keys, store, consumer)
             record = await consumer.job_record(job.job_id)
             assert (record[RecordField.STATE], record[RecordField.HEALTHY]) == ("done", "1")
@@ -129,3 +123,27 @@ async def test_the_call_s_steps_on_a_cluster(redis_cluster: RedisCluster) -> Non
         assert await redis.xlen(keys.status("d-1")) == 4
     finally:
         await redis.aclose()
+
+
+async def test_a_first_delivery_s_record_is_checked_by_its_start(redis: Redis) -> None:
+    """A first delivery is judged without its record (no round trip of its own):
+    its start marks it only while the record is as the enqueue wrote it, and
+    says so otherwise (the worker then reads it and judges again)."""
+    keys = Keys(unique("ns"))
+    store = StreamStore(redis, keys)
+    await store.ensure_group("dental")
+    consumer = JobConsumer(store, "dental", "w-1")
+    jobs = [message("dental", unique("dental")) for _ in range(4)]
+    await store.enqueue(jobs)
+    terminated, restored, remade, fresh = await consumer.read(4, 100)
+    await store.publish_termination("dental", jobs[0].job_id, "livekit")
+    await redis.hset(keys.job("dental", jobs[1].job_id), mapping={"state": "running"})
+    await redis.hset(keys.job("dental", jobs[2].job_id), mapping={"room_sid": "RM_new"})
+    for delivery, job in zip((terminated, restored, remade), jobs, strict=False):
+        assert await consumer.start_unread(delivery.entry_id, job.job_id) is None
+        assert (await consumer.job_record(job.job_id)).get(RecordField.WORKER) is None
+    assert await consumer.start_unread(fresh.entry_id, jobs[3].job_id) is True
+    assert (await consumer.job_record(jobs[3].job_id))[RecordField.STATE] == "running"
+    # Not ours: False, as start says.
+    other = JobConsumer(store, "dental", "w-2")
+    assert await other.start_unread(fresh.entry_id, jobs[3].job_id) is False

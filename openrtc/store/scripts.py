@@ -150,11 +150,11 @@ return {{lost, forgotten}}
 # worker wrote the call back meanwhile: RENEW): then nobody joins.
 # A worker whose read Redis forgot tells a stray reader (record not naming it)
 # from a successor (named) by this mark.
-# Judged without its record (a first delivery brought by a blocking read: its
-# record is as the enqueue wrote it, unless something happened since), the
-# record is looked at here instead of in a round trip of its own: one that is
-# not as enqueued (running or done, terminated, a room made anew) is left
-# unmarked, and 2 returned: the worker reads it and judges the entry again.
+# Judged without its record (a first delivery: its record is as the enqueue
+# wrote it, unless something happened since), the record is looked at here
+# instead of in a round trip of its own: one that is not as enqueued (running
+# or done, terminated, a room made anew) is left unmarked, and 2 returned: the
+# worker reads it and judges the entry again.
 START: Final = f"""
 {PENDING_ON}
 if not pending_on(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
@@ -165,36 +165,6 @@ end
 redis.call('HSET', KEYS[2], '{_R.STATE}', '{_S.RUNNING}', '{_R.WORKER}', ARGV[2], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
-"""
-
-# KEYS: job stream. ARGV: group, consumer, count, the record key of the empty
-# job id (the prefix of every record key of this agent: one slot with the
-# stream), the job id field, the longest job id.
-# A read of new entries (XREADGROUP without BLOCK: a script never blocks) with
-# each entry's job record, in one round trip: the record is what the worker
-# judges the entry by, so reading it apart cost a round trip per call. The
-# record key is made here from the entry's job id (a key not named in KEYS,
-# yet in the stream's slot: the prefix carries the agent's hash tag).
-# Returns {{id, fields, record}, ...}; record is {} for an entry with no (or
-# too long a) job id. NOGROUP is raised as XREADGROUP raises it.
-READ: Final = """
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
-  'STREAMS', KEYS[1], '>')
-if not reply then return {} end
-local out, longest = {}, tonumber(ARGV[6])
-for i, e in ipairs(reply[1][2]) do
-  local f, rec = e[2], {}
-  for j = 1, #f, 2 do
-    if f[j] == ARGV[5] then
-      if #f[j + 1] > 0 and #f[j + 1] <= longest then
-        rec = redis.call('HGETALL', ARGV[4] .. f[j + 1])
-      end
-      break
-    end
-  end
-  out[i] = {e[1], f, rec}
-end
-return out
 """
 
 # KEYS: job stream, job record, the job's checkpoint. ARGV: group, entry id,
@@ -617,7 +587,6 @@ class Scripts:
     redeliver: AsyncScript
     write_back: AsyncScript
     start: AsyncScript
-    read: AsyncScript
     finish: AsyncScript
     release: AsyncScript
     released: AsyncScript
@@ -650,7 +619,6 @@ def register(redis: Redis) -> Scripts:
         redeliver=redis.register_script(REDELIVER),
         write_back=redis.register_script(WRITE_BACK),
         start=redis.register_script(START),
-        read=redis.register_script(READ),
         finish=redis.register_script(FINISH),
         release=redis.register_script(RELEASE),
         released=redis.register_script(RELEASED),

@@ -43,8 +43,6 @@ from openrtc.store.scripts import pack_fields, register
 from openrtc.wire.keys import ENDED_TTL, WORKERS_GROUP, Keys
 from openrtc.wire.messages import (
     HANDOVER_FIELD,
-    ID_MAX,
-    JOB_ID_FIELD,
     ControlEvent,
     DeadReason,
     JobMessage,
@@ -428,6 +426,25 @@ class StreamStore:
         """Send a job status event to the dispatcher that holds the job's socket."""
         await self.pipelined(self.status_commands(dispatcher_id, event))
 
+    async def read_status(
+        self, dispatcher_id: str, after: bytes, *, count: int, block_ms: int, trim: bool = False
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The dispatcher's status events after ``after``, waiting up to ``block_ms``.
+
+        ``trim``: the events up to ``after`` (relayed) are trimmed in the same
+        round trip, before the read: a trim of its own cost a round trip per
+        batch relayed.
+        """
+        key = self.keys.status(dispatcher_id)
+        if trim:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xtrim(key, minid=after)
+            pipe.xread({key: after}, count=count, block=block_ms)
+            _, reply = await pipe.execute()
+        else:
+            reply = await self.redis.xread({key: after}, count=count, block=block_ms)
+        return list(reply[0][1]) if reply else []
+
     async def publish_termination(self, agent: str, job_id: str, reason: str) -> None:
         """Tell ``agent``'s workers that LiveKit terminated ``job_id``.
 
@@ -469,8 +486,8 @@ class Delivery:
     entry_id: str
     fields: dict[bytes, bytes]
     deliveries: int
-    #: The job's record as read with the entry (the read's script), decoded;
-    #: ``None`` when it was not (a reclaim, a blocking read): read it apart.
+    #: The job's record, decoded, once read for this delivery (``None``: not
+    #: read; a first delivery is judged without it, see :meth:`JobConsumer.start_unread`).
     record: dict[str, str] | None = None
 
 
@@ -493,25 +510,16 @@ class JobConsumer:
         self.consumer = consumer
         self.stream = store.keys.jobs(agent)
         self._scripts = store.scripts
-        #: Entries may be waiting: the last read filled its count. The next
-        #: read is then the script's (entries with their records, one round
-        #: trip, never blocking); else a blocking XREADGROUP (it wakes one
-        #: reader per entry), whose entries come without their records: a
-        #: first delivery's is checked by the start (:meth:`start_unread`).
-        self._backlog = False
 
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
-        """New entries (never delivered before), at most ``count``; with their job
-        records (``Delivery.record``) when entries were waiting.
+        """New entries (never delivered before), at most ``count``.
 
+        Without their job records: a first delivery's record is as the
+        enqueue wrote it unless something happened since, which the start
+        checks (:meth:`start_unread`) instead of a read of its own.
         A missing group (Redis restarted empty) is created again from ``0``.
         """
         try:
-            if self._backlog:
-                got = await self._read_with_records(count)
-                if got:
-                    self._backlog = len(got) >= count
-                    return got
             reply: Any = await self.redis.xreadgroup(
                 WORKERS_GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms
             )
@@ -521,32 +529,9 @@ class JobConsumer:
             await self.store.ensure_group(self.agent)
             return []
         if not reply:
-            self._backlog = False
             return []
-        entries = _entries(reply)
-        self._backlog = len(entries) >= count
-        return [Delivery(_text(entry_id), dict(fields or {}), 1) for entry_id, fields in entries]
-
-    async def _read_with_records(self, count: int) -> list[Delivery]:
-        rows = await self._scripts.read(
-            keys=[self.stream],
-            args=[
-                WORKERS_GROUP,
-                self.consumer,
-                count,
-                self.store.keys.job(self.agent, ""),
-                JOB_ID_FIELD,
-                ID_MAX,
-            ],
-        )
         return [
-            Delivery(
-                _text(entry_id),
-                dict(zip(flat[::2], flat[1::2], strict=True)),
-                1,
-                decode_job_record(dict(zip(record[::2], record[1::2], strict=True))),
-            )
-            for entry_id, flat, record in rows
+            Delivery(_text(entry_id), dict(fields or {}), 1) for entry_id, fields in _entries(reply)
         ]
 
     async def reclaim(self, min_idle: float, count: int) -> list[Delivery]:

@@ -61,8 +61,6 @@ Fields = Mapping[bytes, bytes]
 ERROR_TEXT_MAX: Final = 1000
 #: The longest job id or dispatcher id taken from an entry (LiveKit's are ~15).
 ID_MAX: Final = 128
-#: The field of a job entry naming its job id (the key of its record).
-JOB_ID_FIELD: Final = b"job_id"
 #: Timestamps as ``encode`` writes them (``%.6f``): no exponent, nan or inf.
 _NUMBER: Final = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 #: Anything past this is no unix time (the year 5138).
@@ -620,7 +618,7 @@ def peek_job_header(fields: Fields) -> tuple[str, str]:
             return ""
         return text if text.isprintable() else ""
 
-    return peek(JOB_ID_FIELD), peek(b"dispatcher")
+    return peek(b"job_id"), peek(b"dispatcher")
 
 
 class DeadReason(StrEnum):

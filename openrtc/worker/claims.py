@@ -42,8 +42,8 @@ class Claim:
     #: Another worker owns the entry now: never start it, step aside if running.
     #: Lease keeper (renewal said so), entry check (its start said so, or a retry).
     lost: bool = False
-    #: Entry check: judged without its job record (a first delivery from a
-    #: blocking read); its start checks the record (``start_unread``).
+    #: Entry check: judged without its job record (a first delivery); its
+    #: start checks the record (``start_unread``).
     record_assumed: bool = False
     #: Lease keeper: its record marked healthy (its session lived a lease).
     healthy_marked: bool = False

@@ -187,10 +187,10 @@ class EntryCheck:
         job_id, _ = peek_job_header(delivery.fields)
         record = delivery.record
         if record is None and delivery.deliveries == 1 and job_id:
-            # A first delivery from a blocking read: its record is as the
-            # enqueue wrote it but for what the start checks (running, done,
-            # terminated, a room made anew), which then has it read and the
-            # entry judged again: no round trip of its own on the way in.
+            # A first delivery: its record is as the enqueue wrote it but for
+            # what the start checks (running, done, terminated, a room made
+            # anew), which then has it read and the entry judged again: no
+            # round trip of its own on the way in.
             record, claim.record_assumed = {}, True
         elif record is None:
             record = await self._job_record(job_id)
