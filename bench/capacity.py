@@ -898,6 +898,25 @@ def lifecycle_totals(
     )
 
 
+def alone_round_trips(
+    rows: Sequence[tuple[str, Cost | None, Cost | None]],
+) -> tuple[float, float] | None:
+    """Round trips of one call alone, enqueue to end, before and now.
+
+    Its enqueue is a round trip of its own (not 1/50 of one), and the
+    dispatcher's status reads (the last row) are left apart.
+    """
+    if not rows:
+        return None
+
+    def column(which: int) -> float:
+        costs = [row[which] for row in rows]
+        trips = sum(c.round_trips for c in costs[1:-1] if isinstance(c, Cost))
+        return round(trips) + 1
+
+    return column(1), column(2)
+
+
 def print_lifecycle(rows: Sequence[tuple[str, Cost | None, Cost | None]]) -> None:
     """One call's Redis steps side by side: before issue 22's folding, and now."""
     if not rows:
@@ -919,14 +938,12 @@ def print_lifecycle(rows: Sequence[tuple[str, Cost | None, Cost | None]]) -> Non
     total0 = Cost(cpu0, cmd0, rt0)
     total1 = Cost(cpu1, cmd1, rt1)
     print(f"    {'per call':46} {cell(total0)}   {cell(total1)}")
-    # One call alone: its enqueue is a round trip of its own (not 1/50 of one).
-    first = rows[0]
-    alone0 = rt0 - (first[1].round_trips if first[1] else 0) + 1
-    alone1 = rt1 - (first[2].round_trips if first[2] else 0) + 1
+    alone = alone_round_trips(rows)
+    assert alone is not None
     relay0 = rows[-1][1].round_trips if rows[-1][1] else 0.0
     relay1 = rows[-1][2].round_trips if rows[-1][2] else 0.0
     print(
-        f"    one call alone, enqueue to end: {alone0 - relay0:.0f} -> {alone1 - relay1:.0f} "
+        f"    one call alone, enqueue to end: {alone[0]:.0f} -> {alone[1]:.0f} "
         f"round trips (+ the dispatcher's status reads: {relay0:.0f} -> {relay1:.0f}); "
         f"Redis CPU {_us(cpu0)} -> {_us(cpu1)} per call "
         f"({100 * cpu1 / cpu0:.0f}% of before)"
@@ -1140,6 +1157,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         met=None,
         note=f"{redis.costs.per_call_second:.1f} us per call-second",
     )
+    alone = alone_round_trips(redis.lifecycle)
+    if alone is not None:
+        (trips0, trips1), (cpu0, cpu1) = (
+            alone,
+            (
+                lifecycle_totals(redis.lifecycle, 1)[1],
+                lifecycle_totals(redis.lifecycle, 2)[1],
+            ),
+        )
+        record_figure(
+            "capacity",
+            "Redis round trips of one call, enqueue to end",
+            ours=trips1,
+            anchor=trips0,
+            anchor_label="before issue 22",
+            unit="round trips",
+            goal="<= 4",
+            met=trips1 <= 4,
+            note="the dispatcher's status reads apart (one per event when calls come alone)",
+        )
+        record_figure(
+            "capacity",
+            "Redis CPU per call, share of before",
+            ours=cpu1 / cpu0 if cpu0 > 0 else None,
+            anchor=None,
+            anchor_label="",
+            unit="x",
+            goal="<= 0.33",
+            met=cpu0 > 0 and cpu1 / cpu0 <= 1 / 3,
+            note=f"{cpu0:.0f} -> {cpu1:.0f} us per call, calls one at a time (this run)",
+        )
     for row in rows:
         hosts = f"{row.hosts} hosts" if row.hosts is not None else "hosts: no density figure"
         record_figure(

@@ -111,6 +111,11 @@ class EntryCheck:
     async def _check(self, claim: Claim) -> bool:
         """Checks an entry and starts its session; False when it did not start one."""
         verdict, message, record = await self._decide(claim)
+        if claim.record_assumed and verdict.action is not Action.START:
+            # Judged without its record and not to be started as it stands (an
+            # old entry, restored by a Redis that lost a read, may be a running
+            # call's): what its record says counts, so it is read now.
+            return await self._check_again(claim)
         remade_sid = (record or {}).get(RecordField.ROOM_SID, "")
         room: str | None = None
         if verdict.reason is DeadReason.EXPIRED and message is not None:
