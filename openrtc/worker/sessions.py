@@ -23,7 +23,7 @@ from openrtc.session.runners import SessionRunner
 from openrtc.session.session import AGENT_NOT_BUILT, SessionControl, SessionOutcome
 from openrtc.store.checkpoint import Checkpoint, CheckpointWriter
 from openrtc.store.streams import Delivery
-from openrtc.wire.messages import JobMessage, JobStatus, RecordField
+from openrtc.wire.messages import JobMessage, RecordField
 from openrtc.wire.reports import CallTally
 from openrtc.worker.acceptance import Start
 from openrtc.worker.claims import Claim, ClaimTable
@@ -67,19 +67,14 @@ class SessionSupervisor:
         self._observing(control)
         try:
             writer = await self._checkpointing(claim, message, control)
-            async with anyio.create_task_group() as tg:
-                # Off the join's critical path: the session connects meanwhile.
-                # (The record was marked before: EntryCheck.mark_started.)
-                tg.start_soon(self._outcomes.status, message, JobStatus.RUNNING, "")
-                outcome = await self._run_session(claim, message, control, writer, span)
+            # (The record was marked and the RUNNING status sent before, in
+            # one round trip: EntryCheck._mark_started.)
+            outcome = await self._run_session(claim, message, control, writer, span)
             if span is not None:
                 _trace_outcome(span, outcome)
                 span = None
+            # A call that ends here has its checkpoint deleted with its entry.
             await self._outcomes.settle(claim, message, outcome)
-            if writer is not None and outcome.status == "success" and not claim.handed_over:
-                await self._ctx.redis(
-                    lambda: self._ctx.checkpoints.delete(message.job_id), within=math.inf
-                )
         finally:
             if span is not None:  # cancelled
                 span.end()
@@ -155,17 +150,8 @@ class SessionSupervisor:
             message.accept.identity,
             (ctx.clock() - message.enqueued_at) * 1000,
         )
-        # A session that lived a lease is no crash loop: the deliveries
-        # so far were takeovers of a working call, not failures.
-        await anyio.sleep(ctx.settings.lease)
-        await ctx.redis(
-            lambda: ctx.consumer.update_record(
-                message.job_id, {RecordField.HEALTHY: claim.delivery.deliveries}
-            ),
-            "job %s: record not updated: %s",
-            message.job_id,
-            within=math.inf,
-        )
+        # A session that lived a lease is no crash loop: the lease keeper's
+        # next renewal after a lease from now marks its record healthy.
 
     async def _record_room_sids(
         self, message: JobMessage, sids: anyio.abc.ObjectReceiveStream[str]
