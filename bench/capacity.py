@@ -380,10 +380,25 @@ def run_bench(script: str, args: Sequence[str], found: Found) -> None:
 
 @dataclass(frozen=True)
 class Cost:
-    """One phase: Redis main-thread CPU and command time, per unit."""
+    """One phase: Redis main-thread CPU and command time, per unit; round trips per unit."""
 
     cpu_us: float
     command_us: float
+    round_trips: float = 0.0
+
+
+def counting_connection() -> type[Any]:
+    """A redis-py connection class counting the requests sent: one per round trip."""
+    from redis.asyncio.connection import Connection
+
+    class Counting(Connection):
+        sent = 0
+
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            Counting.sent += 1
+            await super().send_packed_command(command, check_health)
+
+    return Counting
 
 
 async def main_thread_cpu(redis: Any) -> float:
@@ -413,8 +428,10 @@ def command_usec(stats: dict[str, Any]) -> float:
 class Meter:
     """Measures phases on one Redis: CPU of its main thread, idle cost subtracted."""
 
-    def __init__(self, admin: Any) -> None:
+    def __init__(self, admin: Any, counter: Any = None) -> None:
         self.admin = admin
+        #: The measured client's connection class (:func:`counting_connection`).
+        self.counter = counter
         self.idle_us_per_s = 0.0
 
     async def calibrate(self, seconds: float = 1.0) -> None:
@@ -425,12 +442,14 @@ class Meter:
 
     async def phase(self, units: float, body: Callable[[], Awaitable[None]]) -> Cost:
         await self.admin.config_resetstat()
+        sent = self.counter.sent if self.counter else 0
         before, t0 = await main_thread_cpu(self.admin), time.monotonic()
         await body()
         after, t1 = await main_thread_cpu(self.admin), time.monotonic()
+        trips = (self.counter.sent - sent) if self.counter else 0
         stats = await self.admin.info("commandstats")
         cpu = max(0.0, after - before - self.idle_us_per_s * (t1 - t0))
-        return Cost(cpu / units, command_usec(stats) / units)
+        return Cost(cpu / units, command_usec(stats) / units, trips / units)
 
 
 @dataclass
@@ -438,6 +457,8 @@ class RedisReport:
     costs: RedisCosts
     commands: RedisCosts  # the same terms by command time
     phases: dict[str, Cost]
+    #: One call's steps: (step, before issue 22's folding, now); None: no such step.
+    lifecycle: list[tuple[str, Cost | None, Cost | None]]
     anchor_rps: float | None
     anchor_xadd: Cost | None
     anchor_pipeline: int
@@ -470,16 +491,16 @@ async def redis_benchmark_anchor(
 
 
 async def measure_redis(
-    jobs: int, lease: float, heartbeat: float, anchor_n: int, pipeline: int
+    jobs: int, lease: float, heartbeat: float, anchor_n: int, pipeline: int, repeats: int = 2
 ) -> RedisReport:
     from livekit.protocol import agent as proto
     from livekit.protocol import models
-    from redis.asyncio import Redis
+    from redis.asyncio import ConnectionPool, Redis
 
     from openrtc.devtools.devstack import RedisServer
     from openrtc.settings import DEFAULT_DEDUP_TTL
     from openrtc.store.membership import Presence, read_agent_loads
-    from openrtc.store.streams import RECLAIM_SWEEP, JobConsumer, StreamStore
+    from openrtc.store.streams import RECLAIM_SWEEP, JobConsumer, ReportWrite, StreamStore
     from openrtc.wire.keys import Keys
     from openrtc.wire.messages import (
         JobMessage,
@@ -489,13 +510,16 @@ async def measure_redis(
         StatusEvent,
         accept_arguments,
     )
+    from openrtc.wire.reports import CallReport
 
     server = RedisServer()
     server.start()
     admin = Redis(host="127.0.0.1", port=server.port)
-    redis = Redis(host="127.0.0.1", port=server.port)
+    counter = counting_connection()
+    pool = ConnectionPool(host="127.0.0.1", port=server.port, connection_class=counter)
+    redis = Redis(connection_pool=pool)
     try:
-        meter = Meter(admin)
+        meter = Meter(admin, counter)
         await meter.calibrate()
         anchor_rps, anchor_xadd = await redis_benchmark_anchor(
             server.port, meter, anchor_n, pipeline
@@ -529,65 +553,152 @@ async def measure_redis(
                     routed_at=now,
                 )
             )
-        consumer = JobConsumer(store, agent, "worker-1")
         phases: dict[str, Cost] = {}
-        mem0 = int((await admin.info("memory"))["used_memory"])
+        job_ids = [m.job_id for m in messages]
+        reports = [
+            CallReport(m.job_id, agent, m.room, now, now + 60, "ended", tenant=m.tenant)
+            for m in messages
+        ]
 
-        async def enqueue() -> None:
+        def event(job_id: str, status: JobStatus) -> StatusEvent:
+            return StatusEvent(job_id, status, "", "worker-1")
+
+        async def enqueue(store: StreamStore) -> None:
             for start in range(0, jobs, 50):  # the dispatcher pipelines a burst
                 await store.enqueue(messages[start : start + 50])
 
-        await store.enqueue([])  # loads the script outside the phase
-        await redis.script_load(store.scripts.enqueue.script)
-        phases["enqueue (script, pipelined)"] = await meter.phase(jobs, enqueue)
-        deliveries: list[Any] = []
+        async def before_steps() -> dict[str, Cost]:
+            """One call's steps as the code made them until issue 22, one round trip each."""
+            old = StreamStore(redis, Keys("cap-before"))
+            await old.ensure_group(agent)
+            reader = JobConsumer(old, agent, "worker-1")
+            read: list[str] = []
 
-        async def read() -> None:  # worst case: one read per job
-            while len(deliveries) < jobs:
-                deliveries.extend(await consumer.read(1, 100))
-
-        phases["worker read (XREADGROUP)"] = await meter.phase(jobs, read)
-        job_ids = [m.job_id for m in messages]
-
-        async def record_read() -> None:
-            for job_id in job_ids:
-                await consumer.job_record(job_id)
-
-        phases["record read (HGETALL)"] = await meter.phase(jobs, record_read)
-
-        async def updates() -> None:  # running, healthy, done
-            for job_id in job_ids:
-                await consumer.update_record(
-                    job_id,
-                    {
-                        RecordField.STATE: RecordState.RUNNING,
-                        RecordField.WORKER: "worker-1",
-                        RecordField.ATTEMPT: 1,
-                    },
-                )
-                await consumer.update_record(job_id, {RecordField.HEALTHY: 1})
-                await consumer.update_record(job_id, {RecordField.STATE: RecordState.DONE})
-
-        phases["record updates (3 x HSET+EXPIRE)"] = await meter.phase(jobs, updates)
-
-        async def statuses() -> None:  # RUNNING and SUCCESS, each read by the dispatcher
-            last: Any = "0-0"
-            for job_id in job_ids:
-                for status in (JobStatus.RUNNING, JobStatus.SUCCESS):
-                    await store.publish_status(
-                        dispatcher_id, StatusEvent(job_id, status, "", "worker-1")
+            async def reads() -> None:  # worst case: one read per job, then its record
+                while len(read) < jobs:
+                    reply: Any = await redis.xreadgroup(
+                        "workers", "worker-1", {old.keys.jobs(agent): ">"}, count=1, block=100
                     )
-                    reply = await redis.xread({keys.status(dispatcher_id): last}, count=256)
+                    for entry_id, _ in reply[0][1]:
+                        read.append(entry_id.decode())
+                        await reader.job_record(job_ids[len(read) - 1])
+
+            async def starts() -> None:
+                for entry_id, job_id in zip(read, job_ids, strict=True):
+                    await reader.start(entry_id, job_id, {RecordField.ATTEMPT: 1})
+                    await old.publish_status(dispatcher_id, event(job_id, JobStatus.RUNNING))
+
+            async def healthy() -> None:
+                for job_id in job_ids:
+                    await reader.update_record(job_id, {RecordField.HEALTHY: 1})
+
+            async def ends() -> None:
+                for entry_id, job_id, report in zip(read, job_ids, reports, strict=True):
+                    await old.add_report(report, maxlen=100_000, max_age=3600)
+                    await reader.ack(entry_id)
+                    await reader.update_record(job_id, {RecordField.STATE: RecordState.DONE})
+                    await old.publish_status(dispatcher_id, event(job_id, JobStatus.SUCCESS))
+                    await redis.delete(old.keys.checkpoint(agent, job_id))
+
+            async def relay() -> None:  # a status read and a trim per event (calls alone)
+                key, last = old.keys.status(dispatcher_id), b"0-0"
+                for _ in range(2 * jobs):
+                    reply: Any = await redis.xread({key: last}, count=1, block=100)
                     last = reply[0][1][-1][0]
+                    await redis.xtrim(key, minid=last)
 
-        phases["status events (2 x XADD+EXPIRE, XREAD)"] = await meter.phase(jobs, statuses)
+            return {
+                "enqueue": await meter.phase(jobs, lambda: enqueue(old)),
+                "read": await meter.phase(jobs, reads),
+                "start": await meter.phase(jobs, starts),
+                "healthy": await meter.phase(jobs, healthy),
+                "end": await meter.phase(jobs, ends),
+                "relay": await meter.phase(jobs, relay),
+            }
 
-        async def acks() -> None:
-            for d in deliveries:
-                await consumer.ack(d.entry_id)
+        async def now_steps() -> dict[str, Cost]:
+            """One call's steps as the code makes them now."""
+            await store.ensure_group(agent)
+            consumer = JobConsumer(store, agent, "worker-1")
+            deliveries: list[Any] = []
 
-        phases["ack (MULTI XACK XDEL EXEC)"] = await meter.phase(jobs, acks)
-        await redis.delete(keys.status(dispatcher_id))
+            async def reads() -> None:  # worst case: one read per job
+                while len(deliveries) < jobs:
+                    deliveries.extend(await consumer.read(1, 100))
+
+            async def starts() -> None:  # the record checked by the start
+                for d, job_id in zip(deliveries, job_ids, strict=True):
+                    running = (dispatcher_id, event(job_id, JobStatus.RUNNING))
+                    fields = {RecordField.ATTEMPT: 1}
+                    await consumer.start_unread(d.entry_id, job_id, fields, status=running)
+
+            async def renewals(marked: bool) -> None:
+                for d, job_id in zip(deliveries, job_ids, strict=True):
+                    marks = {d.entry_id: 1} if marked else None
+                    await consumer.renew({d.entry_id: job_id}, marks)
+
+            async def ends() -> None:
+                for d, job_id, report in zip(deliveries, job_ids, reports, strict=True):
+                    await consumer.end(
+                        d.entry_id,
+                        job_id,
+                        checkpoint=True,
+                        status=(dispatcher_id, event(job_id, JobStatus.SUCCESS)),
+                        report=ReportWrite(report, 100_000, 3600),
+                    )
+
+            async def relay() -> None:  # the trim rides the next read
+                last, relayed = b"0-0", False
+                for _ in range(2 * jobs):
+                    got = await store.read_status(
+                        dispatcher_id, last, count=1, block_ms=100, trim=relayed
+                    )
+                    last, relayed = got[-1][0], True
+
+            steps = {
+                "enqueue": await meter.phase(jobs, lambda: enqueue(store)),
+                "read": await meter.phase(jobs, reads),
+                "start": await meter.phase(jobs, starts),
+            }
+            # The healthy mark rides the renewal a running call has anyway: its
+            # cost is what the mark adds to one, and no round trip.
+            plain = await meter.phase(jobs, lambda: renewals(False))
+            mark = await meter.phase(jobs, lambda: renewals(True))
+            steps["healthy"] = Cost(
+                max(0.0, mark.cpu_us - plain.cpu_us),
+                max(0.0, mark.command_us - plain.command_us),
+            )
+            steps["end"] = await meter.phase(jobs, ends)
+            steps["relay"] = await meter.phase(jobs, relay)
+            return steps
+
+        def least(runs: list[dict[str, Cost]]) -> dict[str, Cost]:
+            # The least of the repeats: others' processes on a shared machine
+            # only ever add to a phase's CPU.
+            return {
+                name: min((run[name] for run in runs), key=lambda c: c.cpu_us) for name in runs[0]
+            }
+
+        await redis.script_load(store.scripts.enqueue.script)
+        befores, nows = [], []
+        for _ in range(repeats):  # interleaved: a noisy spell hits both columns alike
+            await admin.flushdb()
+            befores.append(await before_steps())
+            await admin.flushdb()
+            mem0 = int((await admin.info("memory"))["used_memory"])
+            nows.append(await now_steps())
+        before, after = least(befores), least(nows)
+        lifecycle_rows: list[tuple[str, Cost | None, Cost | None]] = [
+            ("enqueue (script, pipelined by 50)", before["enqueue"], after["enqueue"]),
+            ("worker read (+ the job's record before)", before["read"], after["read"]),
+            ("start + RUNNING status", before["start"], after["start"]),
+            ("healthy mark (now on the renewal)", before["healthy"], after["healthy"]),
+            ("end: report, ack, record, checkpoint, SUCCESS", before["end"], after["end"]),
+            ("dispatcher: 2 status reads (+ trims)", before["relay"], after["relay"]),
+        ]
+        for name, cost in after.items():
+            phases[f"call: {name}"] = cost
+        await redis.delete(keys.status(dispatcher_id), keys.reports)
         mem1 = int((await admin.info("memory"))["used_memory"])
         record_bytes = max(0.0, (mem1 - mem0) / jobs)
 
@@ -691,17 +802,7 @@ async def measure_redis(
         phases["dispatcher refresh, per live worker"] = per_worker_view
 
         def build(get: Callable[[Cost], float]) -> RedisCosts:
-            per_job = sum(
-                get(phases[k])
-                for k in (
-                    "enqueue (script, pipelined)",
-                    "worker read (XREADGROUP)",
-                    "record read (HGETALL)",
-                    "record updates (3 x HSET+EXPIRE)",
-                    "status events (2 x XADD+EXPIRE, XREAD)",
-                    "ack (MULTI XACK XDEL EXEC)",
-                )
-            )
+            per_job = sum(get(now) for _, _, now in lifecycle_rows if now is not None)
             per_call = get(renew_entry) * 3 / lease + get(sweep_entry) / (lease * RECLAIM_SWEEP)
             per_worker = (
                 get(phases["worker heartbeat (+TIME)"]) / heartbeat
@@ -726,9 +827,11 @@ async def measure_redis(
             anchor_rps=anchor_rps,
             anchor_xadd=anchor_xadd,
             anchor_pipeline=pipeline,
+            lifecycle=lifecycle_rows,
         )
     finally:
         await redis.aclose()
+        await pool.aclose()
         await admin.aclose()
         server.close()
 
@@ -782,6 +885,73 @@ def _us(value: float) -> str:
     return f"{value:,.1f} us" if value < 100 else f"{value:,.0f} us"
 
 
+def lifecycle_totals(
+    rows: Sequence[tuple[str, Cost | None, Cost | None]], which: int
+) -> tuple[float, float, float]:
+    """Round trips, CPU and command time per call of one column (1: before, 2: now)."""
+    costs = [row[which] for row in rows]
+    got = [c for c in costs if isinstance(c, Cost)]
+    return (
+        sum(c.round_trips for c in got),
+        sum(c.cpu_us for c in got),
+        sum(c.command_us for c in got),
+    )
+
+
+def alone_round_trips(
+    rows: Sequence[tuple[str, Cost | None, Cost | None]],
+) -> tuple[float, float] | None:
+    """Round trips of one call alone, enqueue to end, before and now.
+
+    Its enqueue is a round trip of its own (not 1/50 of one), and the
+    dispatcher's status reads (the last row) are left apart.
+    """
+    if not rows:
+        return None
+
+    def column(which: int) -> float:
+        costs = [row[which] for row in rows]
+        trips = sum(c.round_trips for c in costs[1:-1] if isinstance(c, Cost))
+        return round(trips) + 1
+
+    return column(1), column(2)
+
+
+def print_lifecycle(rows: Sequence[tuple[str, Cost | None, Cost | None]]) -> None:
+    """One call's Redis steps side by side: before issue 22's folding, and now."""
+    if not rows:
+        return
+    print(
+        "  one call's Redis steps, per call (round trips, Redis CPU, command time), "
+        "before issue 22 and now:"
+    )
+    print(f"    {'step':46} {'before':>28}   {'now':>28}")
+
+    def cell(c: Cost | None) -> str:
+        if c is None:
+            return f"{'-':>28}"
+        return f"{c.round_trips:5.2f} rt {_us(c.cpu_us):>10} ({_us(c.command_us):>8})"
+
+    for name, old, new in rows:
+        print(f"    {name:46} {cell(old)}   {cell(new)}")
+    (rt0, cpu0, cmd0), (rt1, cpu1, cmd1) = lifecycle_totals(rows, 1), lifecycle_totals(rows, 2)
+    total0 = Cost(cpu0, cmd0, rt0)
+    total1 = Cost(cpu1, cmd1, rt1)
+    print(f"    {'per call':46} {cell(total0)}   {cell(total1)}")
+    alone = alone_round_trips(rows)
+    assert alone is not None
+    relay0 = rows[-1][1].round_trips if rows[-1][1] else 0.0
+    relay1 = rows[-1][2].round_trips if rows[-1][2] else 0.0
+    print(
+        f"    one call alone, enqueue to end: {alone[0]:.0f} -> {alone[1]:.0f} "
+        f"round trips (+ the dispatcher's status reads: {relay0:.0f} -> {relay1:.0f}); "
+        f"Redis CPU {_us(cpu0)} -> {_us(cpu1)} per call "
+        f"({100 * cpu1 / cpu0:.0f}% of before)"
+        if cpu0 > 0
+        else ""
+    )
+
+
 def report(args: argparse.Namespace, redis: RedisReport, found: Found) -> list[Row]:
     c, k = redis.costs, redis.commands
     print()
@@ -801,6 +971,7 @@ def report(args: argparse.Namespace, redis: RedisReport, found: Found) -> list[R
     print("  openrtc's operations, Redis main-thread CPU per unit (command time beside it):")
     for name, cost in redis.phases.items():
         print(f"    {name:52} {_us(cost.cpu_us):>10}  ({_us(cost.command_us)})")
+    print_lifecycle(redis.lifecycle)
     print(f"  per job (enqueue -> ack; dead letters ~0):  {_us(c.per_job):>10}  ({_us(k.per_job)})")
     print(
         f"  per running call per second (renewal every {args.lease:g}/3 s, reclaim sweep):"
@@ -920,6 +1091,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lease", type=float, default=5.0, help="worker lease, s (5)")
     parser.add_argument("--jobs", type=int, default=1000, help="jobs driven through Redis (1000)")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of one call's steps, before and now, the least kept (2)",
+    )
+    parser.add_argument(
         "--anchor-ops", type=int, default=100_000, help="redis-benchmark XADDs (100000)"
     )
     parser.add_argument("--pipeline", type=int, default=50, help="redis-benchmark -P (50)")
@@ -950,7 +1127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     print("capacity: Redis costs of openrtc's operations, then the model", flush=True)
     found = gather(args)
-    redis = asyncio.run(measure_redis(args.jobs, args.lease, 1.0, args.anchor_ops, args.pipeline))
+    redis = asyncio.run(
+        measure_redis(args.jobs, args.lease, 1.0, args.anchor_ops, args.pipeline, args.repeats)
+    )
     rows = report(args, redis, found)
     sizing = args.sizing
     jobs, calls = one_master(Figures(redis.costs, 1.0, None, None), sizing, args.call_minutes * 60)
@@ -978,6 +1157,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         met=None,
         note=f"{redis.costs.per_call_second:.1f} us per call-second",
     )
+    alone = alone_round_trips(redis.lifecycle)
+    if alone is not None:
+        (trips0, trips1), (cpu0, cpu1) = (
+            alone,
+            (
+                lifecycle_totals(redis.lifecycle, 1)[1],
+                lifecycle_totals(redis.lifecycle, 2)[1],
+            ),
+        )
+        record_figure(
+            "capacity",
+            "Redis round trips of one call, enqueue to end",
+            ours=trips1,
+            anchor=trips0,
+            anchor_label="before issue 22",
+            unit="round trips",
+            goal="<= 4",
+            met=trips1 <= 4,
+            note="the dispatcher's status reads apart (one per event when calls come alone)",
+        )
+        record_figure(
+            "capacity",
+            "Redis CPU per call, share of before",
+            ours=cpu1 / cpu0 if cpu0 > 0 else None,
+            anchor=None,
+            anchor_label="",
+            unit="x",
+            goal="<= 0.33",
+            met=cpu0 > 0 and cpu1 / cpu0 <= 1 / 3,
+            note=f"{cpu0:.0f} -> {cpu1:.0f} us per call, calls one at a time (this run)",
+        )
     for row in rows:
         hosts = f"{row.hosts} hosts" if row.hosts is not None else "hosts: no density figure"
         record_figure(

@@ -7,7 +7,8 @@ one per job: the agents directory's ``@router`` function if it names one, else
 the six-step chain in :mod:`openrtc.agents.routing`. Functions marked
 ``@on_session_start`` / ``@on_session_end`` observe each call's start and end
 (:mod:`openrtc.agents.observers`). Agent code reads its call's tenant with
-:func:`current_tenant` (:mod:`openrtc.agents.tenants`).
+:func:`current_tenant`, and its tenant's ``tenants.toml`` entry (provider
+overrides, credentials) with :func:`tenant_settings` (:mod:`openrtc.agents.tenants`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from openrtc.agents.observers import on_session_end, on_session_start
 from openrtc.agents.registry import AgentConfig, AgentPool, ProviderValue, agent_config, router
 from openrtc.agents.reloading import pin_reload
 from openrtc.agents.routing import Route, RouteRequest, RoutingTable, resolve_agent
-from openrtc.agents.tenants import current_tenant
+from openrtc.agents.tenants import TenantSettings, current_tenant, tenant_settings
 from openrtc.errors import OpenRTCError
 from openrtc.store.checkpoint import idempotency_key
 
@@ -35,6 +36,7 @@ __all__ = [
     "Route",
     "RouteRequest",
     "RoutingTable",
+    "TenantSettings",
     "__version__",
     "agent_config",
     "current_tenant",
@@ -44,4 +46,5 @@ __all__ = [
     "pin_reload",
     "resolve_agent",
     "router",
+    "tenant_settings",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "WorkerSettings",
     "check_numbers",
     "default_of",
+    "number_problem",
     "redact_url",
 ]
 
@@ -250,6 +251,15 @@ NUMBERS: Final[Mapping[str, Bound]] = {
         flag="--checkpoint-max-bytes",
         env="OPENRTC_CHECKPOINT_MAX_BYTES",
     ),
+    # A tenant's entry in tenants.toml (openrtc.tenant_file): named by its key
+    # there. Caps and breaker thresholds are carried for the fleet-wide caps and
+    # breakers (issue 21 items 3 and 5), which enforce them.
+    "tenant.max_sessions": Bound(1, 1_000_000),
+    "tenant.max_sessions_per_agent": Bound(1, 1_000_000),
+    "tenant.breaker.failure_ratio": Bound(0, 1, above=True),
+    "tenant.breaker.min_sessions": Bound(1, 100_000),
+    "tenant.breaker.window": Bound(1, _DAY, unit="seconds"),
+    "tenant.breaker.cooldown": Bound(1, _DAY, unit="seconds"),
     # Commands (not services).
     "interval": Bound(0.1, 3600, unit="seconds", flag="--interval"),
     "max_wait": Bound(0, _DAY, unit="seconds", flag="--max-wait", env="OPENRTC_MAX_WAIT"),
@@ -273,9 +283,16 @@ def check_numbers(values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        bound = NUMBERS[name]
-        if not bound.admits(value):
-            raise SettingError(f"{bound.label(name)} must be {bound.rule()}, not {value}")
+        if (problem := number_problem(name, value)) is not None:
+            raise SettingError(f"{NUMBERS[name].label(name)} {problem}")
+
+
+def number_problem(name: str, value: float) -> str | None:
+    """``must be <rule>, not <value>`` when ``value`` is outside ``name``'s
+    :data:`NUMBERS` bounds, else ``None`` (for callers that name the setting
+    their own way: a key of ``tenants.toml``)."""
+    bound = NUMBERS[name]
+    return None if bound.admits(value) else f"must be {bound.rule()}, not {value}"
 
 
 def default_of(settings: type, name: str) -> Any:
@@ -490,6 +507,9 @@ class WorkerSettings:
     #: own): a saved agent module serves new calls, and moves live ones at their
     #: next turn boundary, with their conversation.
     reload: bool = False
+    #: The tenants file (``--tenants``, ``OPENRTC_TENANTS``); ``""``: the agents
+    #: directory's ``tenants.toml`` if there is one (openrtc.tenant_file).
+    tenants_file: str = ""
     #: A worker that took a call over ignores LiveKit's termination of the
     #: replaced participant for this long (it is caused by the takeover itself).
     takeover_grace: float = 10.0

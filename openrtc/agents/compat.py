@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ENV",
     "LIST_SCHEMA_VERSION",
+    "OFFLINE_LLM",
     "OFFLINE_TTS",
     "export_provider_defaults",
     "list_payload",
@@ -49,6 +50,8 @@ DEFAULT_ENV: Final = {
 #: tone TTS (:mod:`openrtc.agents.tone_tts`): an agent runs with no cloud key, and a
 #: provider default given as a string can select it.
 OFFLINE_TTS: Final = "openrtc/tones"
+#: The same for the offline rule-based LLM (:class:`openrtc.agents.offline.OfflineLLM`).
+OFFLINE_LLM: Final = "openrtc/rules"
 
 
 def provider_defaults_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, str | None]:
@@ -80,6 +83,10 @@ def resolve_provider(value: ProviderValue | None) -> ProviderValue | None:
         from openrtc.agents.tone_tts import ToneTTS
 
         return ToneTTS()
+    if isinstance(value, str) and value.strip() == OFFLINE_LLM:
+        from openrtc.agents.offline import OfflineLLM
+
+        return OfflineLLM()
     return value
 
 

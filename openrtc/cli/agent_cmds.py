@@ -1,4 +1,4 @@
-"""``openrtc list`` and ``openrtc route``: the agents directory, read offline."""
+"""``openrtc list``, ``route`` and ``tenants check``: the agents directory, read offline."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from openrtc.cli.app import (
     DefaultStt,
     DefaultTts,
     JsonFlag,
+    TenantsFile,
     _agents_dir,
     _Checked,
     _defaults,
@@ -122,3 +123,50 @@ def route(
     typer.echo(f"step:  {result.step} ({how})")
     for line in explain_route(job, pool.routing_table):
         typer.echo(f"  {line}")
+
+
+tenants = typer.Typer(help="The tenants file (tenants.toml).", no_args_is_help=True)
+app.add_typer(tenants, name="tenants")
+
+
+@tenants.command("check", cls=_Checked)
+def tenants_check(
+    agents_dir_arg: AgentsDirPositional = None,
+    agents_dir: AgentsDir = Path("agents"),
+    tenants_file: TenantsFile = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Check the tenants file as a worker does at start-up, and show each tenant's settings.
+
+    Credentials are shown as their references (env:VAR, file:/path), never
+    resolved. Run it where the workers run: an unset variable or unreadable
+    file is an error, as it is for them. Exit 1 on any problem, one line each.
+    """
+    import os
+
+    from openrtc.errors import OpenRTCError
+    from openrtc.tenant_file import find_tenants_file, load_tenants, reference_problems
+
+    directory = _agents_dir(agents_dir_arg, agents_dir)
+    try:
+        path = find_tenants_file(tenants_file, directory)
+        if path is None:
+            _fail(f"no tenants file: {directory / 'tenants.toml'} does not exist (or --tenants)")
+        config = load_tenants(path)
+    except OpenRTCError as exc:
+        _fail(str(exc))
+    if problems := reference_problems(config, os.environ):
+        _fail("\n".join(problems))
+    rows = [tenant.describe() for tenant in config.tenants.values()]
+    if json_output:
+        _print_json({"file": str(path), "tenants": rows})
+        return
+    typer.echo(f"{path}: {len(rows)} tenant(s), valid")
+    for row in rows:
+        typer.echo(f"[{row['tenant']}]")
+        for key, value in row.items():
+            if key == "tenant" or value is None or value == {}:
+                continue
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            typer.echo(f"  {key}: {value}")

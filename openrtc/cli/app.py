@@ -116,6 +116,15 @@ AgentsDir = Annotated[
     ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+TenantsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--tenants",
+        envvar="OPENRTC_TENANTS",
+        help="The tenants file (providers, greeting, credentials by reference, caps per "
+        "tenant). Default: tenants.toml in the agents directory, if there is one.",
+    ),
+]
 # The agents directory may also come first, as `openrtc list ./agents` (openrtc 0.20.1).
 AgentsDirPositional = Annotated[
     Path | None,
@@ -214,7 +223,9 @@ def _defaults(
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    # A message of several problems (a tenants file's) is one error line each.
+    for line in message.splitlines() or [""]:
+        typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code)
 
 

@@ -29,6 +29,7 @@ from openrtc.cli.app import (
     RedisUrl,
     RequireSigning,
     SigningKeyFile,
+    TenantsFile,
     _agents_dir,
     _Checked,
     _defaults,
@@ -532,6 +533,7 @@ def worker(
     session_memory_limit_mb: SessionMemoryLimitMb = None,
     max_consecutive_failures: MaxConsecutiveFailures = _worker_default("max_consecutive_failures"),
     failure_cooldown: FailureCooldown = _worker_default("failure_cooldown"),
+    tenants: TenantsFile = None,
 ) -> None:
     """Consume one agent's stream and run its sessions in their rooms."""
     from openrtc.worker.worker import Worker
@@ -573,6 +575,7 @@ def worker(
             session_memory_limit_mb=session_memory_limit_mb,
             max_consecutive_failures=max_consecutive_failures,
             failure_cooldown=failure_cooldown,
+            tenants_file=str(tenants) if tenants is not None else "",
         )
         return Worker(settings, pool)
 
@@ -600,6 +603,7 @@ def start(
     default_greeting: DefaultGreeting = None,
     signing_key_file: SigningKeyFile = None,
     require_signing: RequireSigning = False,
+    tenants: TenantsFile = None,
 ) -> None:
     """A dispatcher and a worker per agent in one process (openrtc 0.20.1's `start`).
 
@@ -622,6 +626,7 @@ def start(
                 namespace=namespace,
                 concurrency=concurrency,
                 isolation="process" if isolation is IsolationMode.PROCESS else "coroutine",
+                tenants_file=str(tenants) if tenants is not None else "",
                 **signing,
             )
             for name in pool.list_agents()

@@ -9,7 +9,6 @@ job's agent, whose workers end the session.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Final
 
@@ -43,23 +42,25 @@ class StatusRelay:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Relay this dispatcher's status stream until cancelled (Redis outages waited out)."""
         ctx = self._ctx
-        key = ctx.keys.status(ctx.settings.dispatcher_id)
+        me = ctx.settings.dispatcher_id
         last_id = b"0-0"
+        # The events relayed are trimmed by the next read's round trip.
+        relayed = False
         task_status.started()
         while True:
             try:
-                replies: Any = await ctx.redis.xread({key: last_id}, count=_BATCH, block=1000)
+                entries = await ctx.store.read_status(
+                    me, last_id, count=_BATCH, block_ms=1000, trim=relayed
+                )
             except REDIS_DOWN as exc:
                 ctx.redis_state.set("unreachable", describe(exc), level=logging.ERROR)
                 await anyio.sleep(1)
                 continue
-            if not replies:
-                continue
-            for entry_id, fields in replies[0][1]:
+            relayed = False
+            for entry_id, fields in entries:
                 last_id = entry_id
+                relayed = True
                 await self._relay_entry(entry_id, fields)
-            with contextlib.suppress(*REDIS_DOWN):
-                await ctx.redis.xtrim(key, minid=last_id)
 
     async def _relay_entry(self, entry_id: Any, fields: Any) -> None:
         try:

@@ -114,6 +114,7 @@ class _Lines:
 
 def _session_of(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     """The job's message, room access and session control, from the worker's first line."""
+    from openrtc.agents.tenants import TenantSettings
     from openrtc.session.session import RoomAccess, SessionControl
     from openrtc.wire.messages import JobMessage
 
@@ -132,6 +133,8 @@ def _session_of(job: dict[str, Any]) -> tuple[Any, Any, Any]:
     if "observer_timeout" in job:
         control.observer_timeout = float(job["observer_timeout"])
     control.observer_failed = lambda hook: _emit({"observer_failed": hook})
+    if job.get("tenant"):
+        control.tenant = TenantSettings.from_wire(job["tenant"])
     return message, access, control
 
 

@@ -30,7 +30,10 @@ the call over.
 
 A child needs a room, not the API: the parent mints the job's room token and
 sends it with its own LiveKit URL; the API key and secret never reach the
-zygote's or a child's environment or stdin. Anything else a child prints on
+zygote's or a child's environment or stdin. Tenants' credentials neither: the
+zygote starts without any variable a ``tenants.toml`` credential references
+(``hidden_env``), and each child gets its own call's tenant's settings, values
+resolved by the worker, on its job line (docs/tenants.md). Anything else a child prints on
 stdout (agent code may ``print``) is skipped.
 """
 
@@ -385,11 +388,21 @@ class _Zygote:
 class ProcessRunner:
     """Runs each session in a child forked from a warm zygote; keeps a pool of idle ones."""
 
-    def __init__(self, config: AgentConfig, settings: WorkerSettings) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        settings: WorkerSettings,
+        *,
+        hidden_env: frozenset[str] = frozenset(),
+    ) -> None:
         if config.source_path is None:
             raise ValueError("process isolation needs agents discovered from a directory")
         self._config = config
         self._settings = settings
+        #: Variables no session process inherits: the tenants' credentials
+        #: (``env:`` references). A child gets its own tenant's values on its
+        #: socket with its job, so no process holds another tenant's.
+        self.hidden_env = hidden_env
         self._exits = _Exits(self._poke)
         self._zygote = _Zygote(self._command(), self._env(), self._exits)
         self._idle: list[_Child] = []
@@ -408,7 +421,11 @@ class ProcessRunner:
         ]
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in PARENT_ONLY_ENV}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in PARENT_ONLY_ENV and k not in self.hidden_env
+        }
         env["LIVEKIT_URL"] = self._settings.livekit.url
         env.update(child_env())  # the child logs as this worker does
         return env
@@ -525,6 +542,10 @@ class ProcessRunner:
                             "observer_timeout": control.observer_timeout,
                             # What ``openrtc top`` shows of it, unless top is off.
                             "live": self._settings.top_interval > 0,
+                            # Its own tenant's settings and credentials, and no one else's.
+                            "tenant": (
+                                control.tenant.to_wire() if control.tenant is not None else None
+                            ),
                             "fields": {
                                 k.decode(): base64.b64encode(v).decode()
                                 for k, v in message.encode().items()

@@ -25,6 +25,7 @@ credential and an entry never decides where one is sent (docs/delivery.md,
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import sys
@@ -40,7 +41,13 @@ from livekit.agents import Agent, AgentSession, CloseReason, ToolCallStarted, ll
 from openrtc.agents.observers import Observer, observe, starts_call
 from openrtc.agents.registry import AgentConfig, redact_numbers
 from openrtc.agents.reloading import is_pinned
-from openrtc.agents.tenants import tenant_scope
+from openrtc.agents.tenants import (
+    TenantConfig,
+    TenantSettings,
+    tenant_scope,
+    tenant_settings,
+    tenant_settings_scope,
+)
 from openrtc.errors import AgentBuildError
 from openrtc.ops.logs import log_context
 from openrtc.session import live
@@ -73,6 +80,7 @@ __all__ = [
     "room_access",
     "run_session",
     "say_greeting",
+    "with_tenant",
 ]
 
 logger = logging.getLogger("openrtc.session")
@@ -208,6 +216,9 @@ class SessionControl:
     observer_failed: Callable[[str], None] | None = None
     #: What ``openrtc top`` shows of the session; written by it (or its process's lines).
     live: LiveState = field(default_factory=LiveState)
+    #: The call's tenant's settings, credentials resolved (``tenants.toml``), fixed
+    #: when the call starts here; ``None``: no overrides (no tenants file).
+    tenant: TenantSettings | None = field(default=None, repr=False)
 
     def stop(self, reason: str, *, takeover: bool = False) -> None:
         """End the session (idempotent; the first reason wins)."""
@@ -296,6 +307,24 @@ def new_agent_session(config: AgentConfig, proc: JobProcess) -> AgentSession[Any
     )
 
 
+def with_tenant(config: AgentConfig, tenant: TenantConfig) -> AgentConfig:
+    """``config`` with the tenant's provider and greeting overrides (``tenants.toml``).
+
+    A provider the tenant names replaces the agent's (provider strings are
+    made providers as the agent's are); ``greeting = ""`` silences the greeting.
+    """
+    from openrtc.agents.compat import resolve_provider
+
+    changes: dict[str, Any] = {
+        key: resolve_provider(value)
+        for key, value in (("stt", tenant.stt), ("llm", tenant.llm), ("tts", tenant.tts))
+        if value is not None
+    }
+    if tenant.greeting is not None:
+        changes["greeting"] = tenant.greeting or None
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def say_greeting(session: AgentSession[Any], config: AgentConfig) -> voice.SpeechHandle | None:
     """The agent's greeting, said now; ``None`` when it has none."""
     return session.say(config.greeting) if config.greeting else None
@@ -372,8 +401,11 @@ async def run_session(
     """
     # Its tasks' loop time is the session's, as every line they log names the job.
     live.attribute_to(control.live)
-    # The agent's code reads the call's tenant (openrtc.current_tenant()), in
-    # this process or in a session process alike: both run the session here.
+    # The agent's code reads the call's tenant (openrtc.current_tenant()) and its
+    # settings (openrtc.tenant_settings()), in this process or in a session
+    # process alike: both run the session here.
+    tenant = control.tenant or TenantSettings(TenantConfig(message.tenant))
+    config = with_tenant(config, tenant.config)
     with (
         log_context(
             job_id=message.job_id,
@@ -383,6 +415,7 @@ async def run_session(
             worker_id=worker_id,
         ),
         tenant_scope(message.tenant),
+        tenant_settings_scope(tenant),
     ):
         return await _run_session(message, config, access, proc, control, worker_id=worker_id)
 
@@ -781,7 +814,8 @@ class _SessionRun:
                     exc,
                 )
                 continue
-            self.config = config
+            # The call keeps its tenant's overrides (those it started with).
+            self.config = with_tenant(config, tenant_settings().config)
             session.update_agent(agent)
             with anyio.move_on_after(MOVE_TIMEOUT):
                 await running.wait()

@@ -97,9 +97,13 @@ return {{1, id}}
 
 
 # KEYS: job stream, then the job record of each entry id (same order).
-# ARGV: group, consumer, entry ids...
+# ARGV: group, consumer, record ttl (s), then for each entry its id and its
+# healthy mark ('' for none).
 # Renews this consumer's claim on each entry it still owns (XCLAIM ... JUSTID
-# resets the idle time without counting a delivery). Returns {lost, forgotten}:
+# resets the idle time without counting a delivery), and writes the healthy
+# mark (a session that lived a lease: RecordField.HEALTHY) on the record of
+# each one it owns: the mark rides the renewal that runs anyway, never a round
+# trip of its own. Returns {lost, forgotten}:
 # - lost: another worker owns the entry now, or its record says the job moved
 #   on (another worker ran it, or it is done): this worker must step aside.
 # - forgotten: Redis lost this worker's read (a restart without persistence
@@ -110,14 +114,18 @@ return {{1, id}}
 #   the worker writes it back, deleting the stray copy.
 RENEW: Final = f"""
 local lost, forgotten = {{}}, {{}}
-for i = 3, #ARGV do
-  local id = ARGV[i]
+for k = 1, (#ARGV - 3) / 2 do
+  local id, mark, record = ARGV[2 + 2 * k], ARGV[3 + 2 * k], KEYS[k + 1]
   local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], id, id, 1)
   local owner = ok and p[1] and p[1][2] or false
   if owner == ARGV[2] then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+    if mark ~= '' then
+      redis.call('HSET', record, '{_R.HEALTHY}', mark)
+      redis.call('EXPIRE', record, ARGV[3])
+    end
   else
-    local rec = redis.call('HMGET', KEYS[i - 1], '{_R.WORKER}', '{_R.STATE}')
+    local rec = redis.call('HMGET', record, '{_R.WORKER}', '{_R.STATE}')
     if owner then
       if p[1][4] == 1 and rec[1] ~= owner then
         table.insert(forgotten, id)
@@ -135,17 +143,43 @@ return {{lost, forgotten}}
 """
 
 # KEYS: job stream, job record. ARGV: group, consumer, entry id, record ttl
-# (s), then the record's field/value pairs. The last step before a session
-# joins its room: marks the job running on this consumer, only while the
-# entry is pending on it. Returns 1 when marked, 0 when the entry is not ours
-# (a live worker wrote the call back meanwhile: RENEW): then nobody joins.
+# (s), '1' if the entry was judged without its record ('' if with it), then
+# the record's field/value pairs. The last step before a session joins its
+# room: marks the job running on this consumer, only while the entry is
+# pending on it. Returns 1 when marked, 0 when the entry is not ours (a live
+# worker wrote the call back meanwhile: RENEW): then nobody joins.
 # A worker whose read Redis forgot tells a stray reader (record not naming it)
 # from a successor (named) by this mark.
+# Judged without its record (a first delivery: its record is as the enqueue
+# wrote it, unless something happened since), the record is looked at here
+# instead of in a round trip of its own: one that is not as enqueued (running
+# or done, terminated, a room made anew) is left unmarked, and 2 returned: the
+# worker reads it and judges the entry again.
 START: Final = f"""
 {PENDING_ON}
 if not pending_on(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[2], '{_R.STATE}', '{_S.RUNNING}', '{_R.WORKER}', ARGV[2], unpack(ARGV, 5))
+if ARGV[5] == '1' then
+  local rec = redis.call('HMGET', KEYS[2], '{_R.STATE}', '{_R.TERMINATED}', '{_R.ROOM_SID}')
+  if (rec[1] and rec[1] ~= '{_S.QUEUED}') or rec[2] or rec[3] then return 2 end
+end
+redis.call('HSET', KEYS[2], '{_R.STATE}', '{_S.RUNNING}', '{_R.WORKER}', ARGV[2], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# KEYS: job stream, job record, the job's checkpoint. ARGV: group, entry id,
+# record ttl (s), '1' to delete the checkpoint ('' to keep it).
+# The end of a job in one step: its entry acknowledged and deleted (a job
+# stream holds only waiting and running calls), its record marked done, and
+# (a call that ended here) its checkpoint deleted: nobody resumes an
+# acknowledged call. Unfenced, like the XACK and XDEL it replaces: only a
+# worker that settled the entry as its own calls it.
+FINISH: Final = f"""
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], '{_R.STATE}', '{_S.DONE}')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if ARGV[4] == '1' then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
@@ -553,6 +587,7 @@ class Scripts:
     redeliver: AsyncScript
     write_back: AsyncScript
     start: AsyncScript
+    finish: AsyncScript
     release: AsyncScript
     released: AsyncScript
     forget_consumers: AsyncScript
@@ -584,6 +619,7 @@ def register(redis: Redis) -> Scripts:
         redeliver=redis.register_script(REDELIVER),
         write_back=redis.register_script(WRITE_BACK),
         start=redis.register_script(START),
+        finish=redis.register_script(FINISH),
         release=redis.register_script(RELEASE),
         released=redis.register_script(RELEASED),
         forget_consumers=redis.register_script(FORGET_CONSUMERS),

@@ -24,6 +24,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
@@ -39,7 +40,7 @@ from openrtc.settings import (
 )
 from openrtc.store.redis_url import client_from_url, is_cluster_url
 from openrtc.store.scripts import pack_fields, register
-from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.keys import ENDED_TTL, WORKERS_GROUP, Keys
 from openrtc.wire.messages import (
     HANDOVER_FIELD,
     ControlEvent,
@@ -59,6 +60,7 @@ __all__ = [
     "GroupRow",
     "RedisClient",
     "RefusedCommand",
+    "ReportWrite",
     "StreamStore",
     "connect_redis",
     "service_keys",
@@ -357,6 +359,13 @@ class StreamStore:
         Signed like job entries when the store signs. The stream keeps about
         ``maxlen`` reports, none older than ``max_age`` seconds.
         """
+        keys, args = self.report_arguments(ReportWrite(report, maxlen, max_age))
+        added = await self.scripts.add_report(keys=keys, args=args)
+        return _text(added) if added else None
+
+    def report_arguments(self, write: ReportWrite) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV of :data:`openrtc.store.scripts.ADD_REPORT` for ``write``."""
+        report = write.report
         fields: dict[bytes, bytes] = {REPORT_FIELD: report.encode()}
         if self.signing is not None:
             fields = sign_report(self.signing, fields)
@@ -364,21 +373,77 @@ class StreamStore:
         # only come while the job is still known (a redelivery, a peer's
         # takeover), and a marker per call for the stream's whole age would
         # cost more than the reports.
-        flat: list[Any] = [max(1, self.dedup_ttl), maxlen, max(1, int(max_age * 1000))]
+        flat: list[Any] = [
+            max(1, self.dedup_ttl),
+            write.maxlen,
+            max(1, int(write.max_age * 1000)),
+        ]
         for key, value in fields.items():
             flat += [key, value]
-        added = await self.scripts.add_report(
-            keys=[self.keys.report_seen(report.job_id), self.keys.reports], args=flat
-        )
-        return _text(added) if added else None
+        return [self.keys.report_seen(report.job_id), self.keys.reports], flat
+
+    def status_commands(self, dispatcher_id: str, event: StatusEvent) -> list[tuple[Any, ...]]:
+        """The commands of one status event (XADD, the stream's expiry), to pipeline."""
+        key = self.keys.status(dispatcher_id)
+        flat = [part for pair in event.encode().items() for part in pair]
+        return [
+            ("XADD", key, "MAXLEN", "~", SIDE_STREAM_MAXLEN, "*", *flat),
+            ("EXPIRE", key, self.status_ttl),
+        ]
+
+    async def pipelined(
+        self, commands: Sequence[tuple[Any, ...]], scripts: Sequence[AsyncScript] = ()
+    ) -> list[Any]:
+        """Send ``commands`` in one round trip (no MULTI: none needs the others' atomicity).
+
+        ``scripts``: those whose ``EVALSHA`` is among the commands. If Redis
+        lost its script cache (a restart, SCRIPT FLUSH), they are loaded and
+        the refused commands sent again, in their order (a repeated status
+        event or ack would be harmless; these ran once). Raises the first
+        error reply.
+        """
+        replies = await self._send(commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            for script in scripts:
+                await self.redis.script_load(script.script)
+            again = await self._send([commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def publish_status(self, dispatcher_id: str, event: StatusEvent) -> None:
         """Send a job status event to the dispatcher that holds the job's socket."""
+        await self.pipelined(self.status_commands(dispatcher_id, event))
+
+    async def read_status(
+        self, dispatcher_id: str, after: bytes, *, count: int, block_ms: int, trim: bool = False
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The dispatcher's status events after ``after``, waiting up to ``block_ms``.
+
+        ``trim``: the events up to ``after`` (relayed) are trimmed in the same
+        round trip, before the read: a trim of its own cost a round trip per
+        batch relayed.
+        """
         key = self.keys.status(dispatcher_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(key, dict[Any, Any](event.encode()), maxlen=SIDE_STREAM_MAXLEN, approximate=True)
-        pipe.expire(key, self.status_ttl)
-        await pipe.execute()
+        if trim:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xtrim(key, minid=after)
+            pipe.xread({key: after}, count=count, block=block_ms)
+            _, reply = await pipe.execute()
+        else:
+            reply = await self.redis.xread({key: after}, count=count, block=block_ms)
+        return list(reply[0][1]) if reply else []
 
     async def publish_termination(self, agent: str, job_id: str, reason: str) -> None:
         """Tell ``agent``'s workers that LiveKit terminated ``job_id``.
@@ -421,6 +486,18 @@ class Delivery:
     entry_id: str
     fields: dict[bytes, bytes]
     deliveries: int
+    #: The job's record, decoded, once read for this delivery (``None``: not
+    #: read; a first delivery is judged without it, see :meth:`JobConsumer.start_unread`).
+    record: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportWrite:
+    """A call's report to add (once per call) as a job ends: :meth:`JobConsumer.end`."""
+
+    report: CallReport
+    maxlen: int
+    max_age: float
 
 
 class JobConsumer:
@@ -437,6 +514,9 @@ class JobConsumer:
     async def read(self, count: int, block_ms: int) -> list[Delivery]:
         """New entries (never delivered before), at most ``count``.
 
+        Without their job records: a first delivery's record is as the
+        enqueue wrote it unless something happened since, which the start
+        checks (:meth:`start_unread`) instead of a read of its own.
         A missing group (Redis restarted empty) is created again from ``0``.
         """
         try:
@@ -586,18 +666,28 @@ class JobConsumer:
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         return Delivery(_text(new_id), fields, int(deliveries))
 
-    async def renew(self, held: Mapping[str, str]) -> Renewal:
+    async def renew(
+        self, held: Mapping[str, str], healthy: Mapping[str, int] | None = None
+    ) -> Renewal:
         """Extend the lease on the entries in ``held`` (entry id -> job id).
 
-        Says which entries another worker took (step aside) and which Redis
-        forgot (write them back with :meth:`write_back`).
+        ``healthy``: entry id -> the mark (``RecordField.HEALTHY``, its
+        delivery count) its record gets, if the entry is still ours: a session
+        that lived a lease. Says which entries another worker took (step
+        aside) and which Redis forgot (write them back with :meth:`write_back`).
         """
         if not held:
             return Renewal([], [])
         ids = list(held)
+        marks = healthy or {}
         records = [self.store.keys.job(self.agent, held[i]) for i in ids]
+        pairs: list[Any] = []
+        for entry_id in ids:
+            mark = marks.get(entry_id)
+            pairs += [entry_id, "" if mark is None else mark]
         lost, forgotten = await self._scripts.renew(
-            keys=[self.stream, *records], args=[WORKERS_GROUP, self.consumer, *ids]
+            keys=[self.stream, *records],
+            args=[WORKERS_GROUP, self.consumer, self.store.dedup_ttl, *pairs],
         )
         return Renewal([_text(x) for x in lost], [_text(x) for x in forgotten])
 
@@ -623,20 +713,126 @@ class JobConsumer:
         return _text(entry_id)
 
     async def start(
-        self, entry_id: str, job_id: str, fields: Mapping[str, str | int | float] | None = None
+        self,
+        entry_id: str,
+        job_id: str,
+        fields: Mapping[str, str | int | float] | None = None,
+        *,
+        status: tuple[str, StatusEvent] | None = None,
     ) -> bool:
         """Mark the job running here, if its entry is still pending on this consumer.
 
         The last step before joining: ``False`` means another worker has the
         call (a live worker wrote back the entry this one read as new).
         ``fields``: more of the record's (:class:`~openrtc.wire.messages.RecordField`).
+        ``status``: (dispatcher id, event) sent in the same round trip (the
+        RUNNING event; the status stream is the dispatcher's slot, not the
+        agent's, so it is pipelined beside the script, not inside it). It is
+        sent whatever the mark's answer: when the entry is not ours, another
+        worker runs the call, and its dispatcher drops a second RUNNING.
         """
+        return bool(await self._start(entry_id, job_id, fields, status, fresh=False))
+
+    async def start_unread(
+        self,
+        entry_id: str,
+        job_id: str,
+        fields: Mapping[str, str | int | float] | None = None,
+        *,
+        status: tuple[str, StatusEvent] | None = None,
+    ) -> bool | None:
+        """:meth:`start` for an entry judged without its record (``Delivery.record`` ``None``).
+
+        ``None``: not marked, the record is not as the enqueue wrote it (the
+        call ran, was terminated, its room made anew): read it and judge the
+        entry again. See :data:`openrtc.store.scripts.START`.
+        """
+        marked = await self._start(entry_id, job_id, fields, status, fresh=True)
+        return None if marked == 2 else bool(marked)
+
+    async def _start(
+        self,
+        entry_id: str,
+        job_id: str,
+        fields: Mapping[str, str | int | float] | None,
+        status: tuple[str, StatusEvent] | None,
+        *,
+        fresh: bool,
+    ) -> int:
         flat: list[Any] = [part for pair in (fields or {}).items() for part in pair]
-        marked = await self._scripts.start(
-            keys=[self.stream, self.store.keys.job(self.agent, job_id)],
-            args=[WORKERS_GROUP, self.consumer, entry_id, self.store.dedup_ttl, *flat],
+        keys = [self.stream, self.store.keys.job(self.agent, job_id)]
+        args = [
+            WORKERS_GROUP,
+            self.consumer,
+            entry_id,
+            self.store.dedup_ttl,
+            "1" if fresh else "",
+            *flat,
+        ]
+        script = self._scripts.start
+        if status is None:
+            return int(await script(keys=keys, args=args))
+        replies = await self.store.pipelined(
+            [_evalsha(script, keys, args), *self.store.status_commands(*status)], [script]
         )
-        return bool(marked)
+        return int(replies[0])
+
+    async def end(
+        self,
+        entry_id: str,
+        job_id: str,
+        *,
+        checkpoint: bool = False,
+        status: tuple[str, StatusEvent] | None = None,
+        report: ReportWrite | None = None,
+        ended: tuple[str, str] | None = None,
+    ) -> str | None:
+        """The job is done with, in one round trip: what ended it, then :data:`FINISH`.
+
+        In this order, each safe to send again: the call's ``report`` (once
+        per call), the ``ended`` mark (room, sid: the agent ended the call, the
+        reconciler leaves the room alone), then the entry acknowledged and
+        deleted, the record marked done, the ``checkpoint`` deleted if asked,
+        and the ``status`` event (dispatcher id, event). The report and the
+        mark come before the acknowledgement: a crash between leaves the call
+        to a peer, never a call without its report. On one Redis a pipeline
+        keeps that order; under Redis Cluster their keys are other slots, on
+        other nodes, so they are a round trip before the rest.
+
+        Returns the report's entry id when this write added it (``None``: no
+        report, or the call had one already).
+        """
+        store = self.store
+        first: list[tuple[Any, ...]] = []
+        if report is not None:
+            keys, args = store.report_arguments(report)
+            first.append(_evalsha(self._scripts.add_report, keys, args))
+        if ended is not None:
+            room, sid = ended
+            first.append(("SET", store.keys.ended(room), sid, "EX", ENDED_TTL))
+        finish = self._scripts.finish
+        rest: list[tuple[Any, ...]] = [
+            _evalsha(
+                finish,
+                [
+                    self.stream,
+                    store.keys.job(self.agent, job_id),
+                    store.keys.checkpoint(self.agent, job_id),
+                ],
+                [WORKERS_GROUP, entry_id, store.dedup_ttl, "1" if checkpoint else ""],
+            )
+        ]
+        if status is not None:
+            rest += store.status_commands(*status)
+        scripts = [finish, self._scripts.add_report]
+        if first and store.keys.cluster:
+            replies = await store.pipelined(first, scripts)
+            await store.pipelined(rest, scripts)
+        else:
+            replies = await store.pipelined([*first, *rest], scripts)
+        if report is None or not replies[0]:
+            return None
+        return _text(replies[0])
 
     async def released(
         self, entry_id: str, job_id: str
@@ -722,6 +918,12 @@ class JobConsumer:
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.store.dedup_ttl)
         await pipe.execute()
+
+
+def _evalsha(script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+    """An EVALSHA command to pipeline (redis-py's Script in a pipeline would add a
+    SCRIPT EXISTS round trip): :meth:`StreamStore.pipelined` loads it if Redis lost it."""
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _entries(reply: Any) -> list[tuple[Any, Any]]:

@@ -42,6 +42,11 @@ class Claim:
     #: Another worker owns the entry now: never start it, step aside if running.
     #: Lease keeper (renewal said so), entry check (its start said so, or a retry).
     lost: bool = False
+    #: Entry check: judged without its job record (a first delivery); its
+    #: start checks the record (``start_unread``).
+    record_assumed: bool = False
+    #: Lease keeper: its record marked healthy (its session lived a lease).
+    healthy_marked: bool = False
     #: Being acknowledged, dead-lettered or released: no more renewals.
     #: Outcomes, entry check, drainer (a handover; cleared by a take-back).
     settled: bool = False

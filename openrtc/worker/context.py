@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from openrtc.agents.observers import Observers
 from openrtc.agents.registry import AgentConfig
+from openrtc.agents.tenants import TenantsConfig
 from openrtc.ops.metrics import WorkerMetrics
 from openrtc.settings import WorkerSettings, redact_url
 from openrtc.store.checkpoint import CheckpointStore
@@ -98,6 +99,9 @@ class WorkerContext:
     tg: TaskGroup | None = None
     #: The run of failed sessions, and whether it stops the intake. Writer: the outcomes.
     failures: FailureGuard = field(default_factory=lambda: FailureGuard(0, 0.0))
+    #: The tenants file as last read well (a call takes its tenant's entry when its
+    #: session starts). Writers: ``Worker.__init__``, then the tenants watcher.
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
 
     @property
     def step_timeout(self) -> float:

@@ -8,6 +8,7 @@ others. The decision is :func:`openrtc.worker.acceptance.judge`'s; here are its 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -110,6 +111,11 @@ class EntryCheck:
     async def _check(self, claim: Claim) -> bool:
         """Checks an entry and starts its session; False when it did not start one."""
         verdict, message, record = await self._decide(claim)
+        if claim.record_assumed and verdict.action is not Action.START:
+            # Judged without its record and not to be started as it stands (an
+            # old entry, restored by a Redis that lost a read, may be a running
+            # call's): what its record says counts, so it is read now.
+            return await self._check_again(claim)
         remade_sid = (record or {}).get(RecordField.ROOM_SID, "")
         room: str | None = None
         if verdict.reason is DeadReason.EXPIRED and message is not None:
@@ -126,6 +132,11 @@ class EntryCheck:
         # API delays calls, it does not let their leases lapse.
         if room is None:
             room = await self._rooms.check(message, remade_sid)
+        if claim.record_assumed and room == OURS_IN_ROOM:
+            # Delivered as new, yet the job's agent is in the room: what its
+            # record says decides how to start (a contested start waits a
+            # lease), so it is read now.
+            return await self._check_again(claim)
         if claim.lost:
             logger.warning(
                 "job %s: another worker took the entry while its room was checked; not joining",
@@ -153,10 +164,21 @@ class EntryCheck:
             return False
         if room not in ("live", OURS_IN_ROOM):
             _log_no_join(message, room)
-            await self._outcomes.finish(claim, message)
-            await self._outcomes.status(message, JobStatus.SUCCESS, "")
+            await self._outcomes.finish(claim, message, JobStatus.SUCCESS)
             return False
         return await self._start(claim, message, room)
+
+    async def _check_again(self, claim: Claim) -> bool:
+        """:meth:`_check` once more, with the job's record read (it was judged without)."""
+        job_id, _ = peek_job_header(claim.delivery.fields)
+        record = await self._job_record(job_id)
+        claim.record_assumed = False
+        if record is None:
+            logger.error("job %s: its record could not be read; retried later", job_id)
+            claim.lost = True  # not renewed: reclaimed after the lease
+            return False
+        claim.delivery = dataclasses.replace(claim.delivery, record=record)
+        return await self._check(claim)
 
     async def _decide(
         self, claim: Claim
@@ -168,7 +190,15 @@ class EntryCheck:
         """
         settings, delivery = self._ctx.settings, claim.delivery
         job_id, _ = peek_job_header(delivery.fields)
-        record = await self._job_record(job_id)
+        record = delivery.record
+        if record is None and delivery.deliveries == 1 and job_id:
+            # A first delivery: its record is as the enqueue wrote it but for
+            # what the start checks (running, done, terminated, a room made
+            # anew), which then has it read and the entry judged again: no
+            # round trip of its own on the way in.
+            record, claim.record_assumed = {}, True
+        elif record is None:
+            record = await self._job_record(job_id)
         message: JobMessage | MalformedEntry | None = None
         verdict = self._judge(delivery, message, record)
         if verdict.action is Action.DECODE:
@@ -183,7 +213,7 @@ class EntryCheck:
         if not isinstance(message, JobMessage):
             return verdict, None, record
         claim.message = message
-        if tracing.enabled:
+        if tracing.enabled and claim.span is None:
             claim.span = tracing.start_span(
                 "openrtc.worker.claim",
                 parent=message.traceparent,
@@ -229,12 +259,15 @@ class EntryCheck:
             claim.lost = True  # not renewed: reclaimed after the lease
             return
         logger.info("job %s was %s; not joining", message.job_id, verdict.error)
-        await self._outcomes.finish(claim, message)
-        await self._outcomes.status(message, JobStatus.SUCCESS, "")
+        await self._outcomes.finish(claim, message, JobStatus.SUCCESS)
 
     async def _start(self, claim: Claim, message: JobMessage, room: str) -> bool:
         """Mark the job started here and start its session; False if no longer ours."""
-        if not await self._mark_started(claim):
+        ours = await self._mark_started(claim, running=True)
+        if ours is None:
+            # Its record is not as enqueued (judged without it): judged again.
+            return await self._check_again(claim)
+        if not ours:
             logger.warning(
                 "job %s: its entry is no longer ours (another worker serves the call); not joining",
                 message.job_id,
@@ -298,9 +331,12 @@ class EntryCheck:
             return False
         return True
 
-    async def _mark_started(self, claim: Claim) -> bool:
+    async def _mark_started(self, claim: Claim, *, running: bool = False) -> bool | None:
         """The job's record says it runs here (its entry still ours); False if not ours.
 
+        ``running``: the RUNNING status event goes in the same round trip.
+        ``None``: the entry was judged without its record, and the record is
+        not as enqueued (:meth:`JobConsumer.start_unread`): not marked.
         With Redis unreachable it is assumed ours: nobody else can take it meanwhile.
         """
         ctx, message = self._ctx, claim.message
@@ -310,11 +346,17 @@ class EntryCheck:
             RecordField.STARTED_AT: f"{ctx.clock():.6f}",
             RecordField.TENANT: message.tenant,
         }
+        status = self._outcomes.event(message, JobStatus.RUNNING) if running else None
+        start = ctx.consumer.start_unread if claim.record_assumed else ctx.consumer.start
         ours = await ctx.redis(
-            lambda: ctx.consumer.start(claim.entry_id, message.job_id, fields),
+            lambda: start(claim.entry_id, message.job_id, fields, status=status),
             "job %s: record not updated: %s",
             message.job_id,
         )
+        if ours is None:
+            return None
+        # Marked (or assumed so): a later mark (Redis lost our read) is plain.
+        claim.record_assumed = False
         if ours is DOWN:
             return True
         if not ours:

@@ -9,6 +9,7 @@ and the call goes on.
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 
 import anyio
@@ -40,11 +41,30 @@ class LeaseKeeper:
             }
             if not held:
                 continue
-            renewal = await ctx.redis(partial(ctx.consumer.renew, held), outage=True)
+            healthy = self._healthy()
+            renewal = await ctx.redis(partial(ctx.consumer.renew, held, healthy), outage=True)
             if renewal is DOWN:
                 ctx.metrics.renewals_failed.inc(len(held))
                 continue
+            for entry_id in healthy.keys() - {*renewal.lost, *renewal.forgotten}:
+                claim = self._claims.get(entry_id)
+                if claim is not None:
+                    claim.healthy_marked = True
             await self._apply(renewal)
+
+    def _healthy(self) -> dict[str, int]:
+        """Entry id -> its delivery count, for each session that lived a lease unmarked.
+
+        A session that lived a lease is no crash loop: the deliveries so far
+        were takeovers of a working call, not failures. Its record says so
+        (``RecordField.HEALTHY``) by the renewal, not a round trip of its own.
+        """
+        now, lease = time.monotonic(), self._ctx.settings.lease
+        return {
+            c.entry_id: c.delivery.deliveries
+            for c in self._claims
+            if c.renewable and c.joined_at and not c.healthy_marked and now - c.joined_at >= lease
+        }
 
     async def _apply(self, renewal: Renewal) -> None:
         """Step aside from calls another worker took; write back those Redis forgot."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import Any
 
 import anyio
@@ -18,13 +19,12 @@ from openrtc.agents.tenants import DEFAULT_TENANT, tenant_scope
 from openrtc.ops.logs import log_context
 from openrtc.session.session import SessionOutcome
 from openrtc.store.checkpoint import Checkpoint
-from openrtc.wire.keys import ENDED_TTL
+from openrtc.store.streams import ReportWrite
 from openrtc.wire.messages import (
     DeadReason,
     JobMessage,
     JobStatus,
     RecordField,
-    RecordState,
     StatusEvent,
     peek_tenant,
 )
@@ -93,29 +93,28 @@ class Outcomes:
             claim.counted = ctx.metrics.count_usage(
                 claim.counted, CallTally.from_dict(outcome.call), message.tenant
             )
-        # Before the acknowledgement: a crash between the two leaves the call
-        # to a peer whose session ends at once and writes it again (the
-        # report's marker keeps it to one), never a call without a report.
-        await self.report(
+        report = await self._report_of(
             message,
             CallOutcome.AGENT_ENDED if outcome.ended_by_agent else CallOutcome.ENDED,
             outcome.reason,
             outcome.call,
         )
-        if outcome.ended_by_agent:
-            await self._mark_ended(message)
-        await self.finish(claim, message)
-        await self.status(message, JobStatus.SUCCESS, "")
-
-    async def _mark_ended(self, message: JobMessage) -> None:
-        """The agent ended the call on purpose: the reconciler leaves its room alone.
-
-        Written before the acknowledgement: a crash between the two leaves the
-        call to a peer, never the room to a new dispatch.
-        """
-        ctx = self._ctx
-        key, sid = ctx.keys.ended(message.room), message.job.room.sid or message.room
-        await ctx.until_redis(lambda: ctx.redis_client.set(key, sid, ex=ENDED_TTL))
+        # The report, and the room's ended mark when the agent ended the call
+        # on purpose (the reconciler leaves its room alone), go before the
+        # acknowledgement, in its round trip: a crash between leaves the call
+        # to a peer whose session ends at once and writes them again (the
+        # report's marker keeps it to one), never a call without a report or
+        # a room to a new dispatch. Its checkpoint goes with the entry.
+        ended = (message.room, message.job.room.sid or message.room)
+        added = await self.finish(
+            claim,
+            message,
+            JobStatus.SUCCESS,
+            report=report,
+            ended=ended if outcome.ended_by_agent else None,
+            checkpoint=claim.writer is not None,
+        )
+        self._reported(report, added)
 
     async def _released_lost(self, claim: Claim) -> bool:
         """Whether Redis lost the entry this claim's call was handed over as."""
@@ -125,21 +124,42 @@ class Outcomes:
         where = await self._ctx.redis(lambda: self._ctx.consumer.released(released, job_id))
         return where == "forgotten"
 
-    async def finish(self, claim: Claim, message: JobMessage) -> None:
-        """The job is done with: acknowledge (and delete) its entry, mark its record."""
-        ctx = self._ctx
+    async def finish(
+        self,
+        claim: Claim,
+        message: JobMessage,
+        status: JobStatus | None = None,
+        *,
+        report: CallReport | None = None,
+        ended: tuple[str, str] | None = None,
+        checkpoint: bool = False,
+    ) -> str | None:
+        """The job is done with, in one round trip (:meth:`JobConsumer.end`).
+
+        Its entry acknowledged and deleted, its record marked done; before
+        them its ``report`` and the room's ``ended`` mark (room, sid), after
+        them its ``checkpoint`` deleted and the ``status`` event told its
+        dispatcher. Returns the report's entry id if this write added it.
+        """
+        ctx, settings = self._ctx, self._ctx.settings
         # Settled first: a renewal racing the ack must not take the vanished
         # entry for one Redis forgot and write it back.
         claim.settled = True
-        await ctx.until_redis(ctx.consumer.ack, claim.entry_id)
-        await ctx.redis(
-            lambda: ctx.consumer.update_record(
-                message.job_id, {RecordField.STATE: RecordState.DONE}
-            ),
-            "job %s: record not updated: %s",
-            message.job_id,
-            within=math.inf,
+        write = (
+            ReportWrite(report, settings.report_maxlen, settings.report_max_age)
+            if report is not None
+            else None
         )
+        end = partial(
+            ctx.consumer.end,
+            claim.entry_id,
+            message.job_id,
+            checkpoint=checkpoint,
+            status=self.event(message, status) if status is not None else None,
+            report=write,
+            ended=ended,
+        )
+        return await ctx.until_redis(end)
 
     async def dead_letter(
         self,
@@ -195,6 +215,30 @@ class Outcomes:
         call given up) the totals are those of its last checkpoint.
         """
         ctx = self._ctx
+        report = await self._report_of(message, outcome, reason, call, tenant=tenant)
+        settings = ctx.settings
+        added = await ctx.redis(
+            lambda: ctx.store.add_report(
+                report, maxlen=settings.report_maxlen, max_age=settings.report_max_age
+            ),
+            "job %s: call report not written: %s",
+            report.job_id,
+            within=math.inf if outcome != CallOutcome.FAILED else None,
+        )
+        if added is not DOWN:
+            self._reported(report, added)
+
+    async def _report_of(
+        self,
+        message: JobMessage | str,
+        outcome: str,
+        reason: str,
+        call: dict[str, Any] | None,
+        *,
+        tenant: str = DEFAULT_TENANT,
+    ) -> CallReport:
+        """The call's report (see :meth:`report`), not yet written."""
+        ctx = self._ctx
         job_id = message if isinstance(message, str) else message.job_id
         if call is None:
             stored = await ctx.redis(
@@ -206,7 +250,7 @@ class Outcomes:
             call = saved.call if saved is not None else None
         tally = CallTally.from_dict(call)
         transcript = _transcript(call.get("transcript") if call else None)
-        report = CallReport(
+        return CallReport(
             job_id=job_id,
             agent=ctx.settings.agent if isinstance(message, str) else message.agent,
             room="" if isinstance(message, str) else message.room,
@@ -219,27 +263,22 @@ class Outcomes:
             tally=tally,
             transcript=transcript,
         )
-        settings = ctx.settings
-        added = await ctx.redis(
-            lambda: ctx.store.add_report(
-                report, maxlen=settings.report_maxlen, max_age=settings.report_max_age
-            ),
-            "job %s: call report not written: %s",
-            job_id,
-            within=math.inf if outcome != CallOutcome.FAILED else None,
-        )
+
+    def _reported(self, report: CallReport, added: str | None) -> None:
+        """The report's write answered: ``added`` its entry id, ``None`` if the call had one."""
+        ctx = self._ctx
         if added is None:
-            logger.info("job %s: the call has its report already", job_id)
-        elif added is not DOWN:
-            # This write was the call's first (its marker was unset): once per
-            # call, by the one writer whose report went in.
-            ctx.metrics.observe_call(
-                report.tenant, outcome, max(0.0, report.ended_at - report.started_at)
-            )
-            if ctx.observers.end:
-                # In the worker's task group: settling the call (the ack, the
-                # status) does not wait for the end observers.
-                ctx.spawn(self._observe_end, report)
+            logger.info("job %s: the call has its report already", report.job_id)
+            return
+        # This write was the call's first (its marker was unset): once per
+        # call, by the one writer whose report went in.
+        ctx.metrics.observe_call(
+            report.tenant, report.outcome, max(0.0, report.ended_at - report.started_at)
+        )
+        if ctx.observers.end:
+            # In the worker's task group: settling the call (the ack, the
+            # status) does not wait for the end observers.
+            ctx.spawn(self._observe_end, report)
 
     async def _observe_end(self, report: CallReport) -> None:
         ctx = self._ctx
@@ -309,6 +348,17 @@ class Outcomes:
         await self.publish(
             message.dispatcher_id, message.job_id, status, error, tenant=message.tenant
         )
+
+    def event(
+        self, message: JobMessage, status: JobStatus, error: str = ""
+    ) -> tuple[str, StatusEvent] | None:
+        """A status event of ``message`` and the dispatcher to send it to (``None``: nobody)."""
+        if not message.dispatcher_id or not message.job_id:
+            return None
+        event = StatusEvent(
+            message.job_id, status, error, self._ctx.settings.worker_id, tenant=message.tenant
+        )
+        return message.dispatcher_id, event
 
     async def publish(
         self, dispatcher_id: str, job_id: str, status: JobStatus, error: str, *, tenant: str = ""

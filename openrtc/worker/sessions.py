@@ -17,22 +17,25 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskStatus
 
+from openrtc.agents.tenants import CredentialError
 from openrtc.ops import tracing
 from openrtc.session.runners import SessionRunner
 from openrtc.session.session import AGENT_NOT_BUILT, SessionControl, SessionOutcome
 from openrtc.store.checkpoint import Checkpoint, CheckpointWriter
 from openrtc.store.streams import Delivery
-from openrtc.wire.messages import JobMessage, JobStatus, RecordField
+from openrtc.wire.messages import JobMessage, RecordField
 from openrtc.wire.reports import CallTally
 from openrtc.worker.acceptance import Start
 from openrtc.worker.claims import Claim, ClaimTable
 from openrtc.worker.context import DOWN, WorkerContext, logger
 from openrtc.worker.outcomes import Outcomes
 
-__all__ = ["PROCESS_DIED", "SessionSupervisor"]
+__all__ = ["PROCESS_DIED", "TENANT_CREDENTIALS", "SessionSupervisor"]
 
 #: A session whose process died this way is started again by its own worker.
 PROCESS_DIED: Final = "session process died"
+#: A session's outcome reason when its tenant's credentials could not be resolved.
+TENANT_CREDENTIALS: Final = "tenant credentials unavailable"
 
 _no_span: Final = contextlib.nullcontext()
 
@@ -64,19 +67,14 @@ class SessionSupervisor:
         self._observing(control)
         try:
             writer = await self._checkpointing(claim, message, control)
-            async with anyio.create_task_group() as tg:
-                # Off the join's critical path: the session connects meanwhile.
-                # (The record was marked before: EntryCheck.mark_started.)
-                tg.start_soon(self._outcomes.status, message, JobStatus.RUNNING, "")
-                outcome = await self._run_session(claim, message, control, writer, span)
+            # (The record was marked and the RUNNING status sent before, in
+            # one round trip: EntryCheck._mark_started.)
+            outcome = await self._run_session(claim, message, control, writer, span)
             if span is not None:
                 _trace_outcome(span, outcome)
                 span = None
+            # A call that ends here has its checkpoint deleted with its entry.
             await self._outcomes.settle(claim, message, outcome)
-            if writer is not None and outcome.status == "success" and not claim.handed_over:
-                await self._ctx.redis(
-                    lambda: self._ctx.checkpoints.delete(message.job_id), within=math.inf
-                )
         finally:
             if span is not None:  # cancelled
                 span.end()
@@ -108,21 +106,33 @@ class SessionSupervisor:
             if writer is not None:
                 watch.start_soon(writer.run)
             try:
-                with tracing.use_span(span) if span is not None else _no_span:
-                    outcome = await self.runner.run(
-                        message, control, worker_id=self._ctx.settings.worker_id
-                    )
-            except Exception as exc:  # a runner bug must not take the worker down
-                logger.exception("job %s: the session runner failed", message.job_id)
-                outcome = SessionOutcome(
-                    "failed", "session runner error", f"{type(exc).__name__}: {exc}"
-                )
+                # The tenants file as it is now, credentials resolved here, now:
+                # this call keeps them whatever the file says later.
+                control.tenant = self._ctx.tenants.for_tenant(message.tenant).resolve()
+            except CredentialError as exc:
+                # The line names the reference, never a value.
+                logger.error("job %s: %s", message.job_id, exc)
+                outcome = SessionOutcome("failed", TENANT_CREDENTIALS, str(exc))
+            else:
+                outcome = await self._run_in_runner(message, control, span)
             if writer is not None and outcome.status == "failed":
                 # The next delivery resumes from it: the last turn counts.
                 with anyio.move_on_after(self._ctx.step_timeout):
                     await writer.flush()
             watch.cancel_scope.cancel()
         return outcome
+
+    async def _run_in_runner(
+        self, message: JobMessage, control: SessionControl, span: Any
+    ) -> SessionOutcome:
+        try:
+            with tracing.use_span(span) if span is not None else _no_span:
+                return await self.runner.run(
+                    message, control, worker_id=self._ctx.settings.worker_id
+                )
+        except Exception as exc:  # a runner bug must not take the worker down
+            logger.exception("job %s: the session runner failed", message.job_id)
+            return SessionOutcome("failed", "session runner error", f"{type(exc).__name__}: {exc}")
 
     async def _mark_joined(
         self, claim: Claim, message: JobMessage, control: SessionControl, span: Any
@@ -140,17 +150,8 @@ class SessionSupervisor:
             message.accept.identity,
             (ctx.clock() - message.enqueued_at) * 1000,
         )
-        # A session that lived a lease is no crash loop: the deliveries
-        # so far were takeovers of a working call, not failures.
-        await anyio.sleep(ctx.settings.lease)
-        await ctx.redis(
-            lambda: ctx.consumer.update_record(
-                message.job_id, {RecordField.HEALTHY: claim.delivery.deliveries}
-            ),
-            "job %s: record not updated: %s",
-            message.job_id,
-            within=math.inf,
-        )
+        # A session that lived a lease is no crash loop: the lease keeper's
+        # next renewal after a lease from now marks its record healthy.
 
     async def _record_room_sids(
         self, message: JobMessage, sids: anyio.abc.ObjectReceiveStream[str]

@@ -27,6 +27,9 @@ under one task group:
    (state, turns, latency, CPU, memory, loop blocks) published for ``openrtc top``.
 9. **reloader** (``reloader.py``, with ``--reload``): a saved agent module
    serves new calls, and live calls move to it at their next turn boundary.
+10. **tenants watcher** (``tenants_watch.py``, with a tenants file): a changed
+    ``tenants.toml`` applies to new calls; an invalid one is logged, the last
+    good one stays.
 
 Not loops: the **entry check** (``entry_check.py``: each held entry checked,
 concurrently, into a session or a dead letter), the **room check** (``rooms.py``)
@@ -47,14 +50,17 @@ living worker's calls never are.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from openrtc.agents.registry import AgentConfig, AgentPool
+from openrtc.agents.tenants import TenantsConfig
 from openrtc.errors import ConfigError
 from openrtc.ops.http import OpsServer, ops_server, serving
 from openrtc.ops.logs import log_context
@@ -70,6 +76,7 @@ from openrtc.store.streams import (
     RedisClient,
     StreamStore,
 )
+from openrtc.tenant_file import TenantsError, find_tenants_file, load_tenants, reference_problems
 from openrtc.wire.messages import JobMessage
 from openrtc.wire.signing import log_signing
 from openrtc.worker.claims import ClaimTable
@@ -88,6 +95,7 @@ from openrtc.worker.reloader import Reloader
 from openrtc.worker.rooms import ROOM_CHECK_TIMEOUT, RoomCheck
 from openrtc.worker.sessions import SessionSupervisor
 from openrtc.worker.spread import CpuLoad
+from openrtc.worker.tenants_watch import TenantsWatcher
 from openrtc.worker.top import TopPublisher
 
 __all__ = ["READ_BLOCK_MS", "ROOM_CHECK_TIMEOUT", "Step", "Worker", "WorkerStats"]
@@ -128,8 +136,19 @@ class Worker:
         # Built once now: an agent whose constructor raises fails the worker
         # at start-up (AgentBuildError, one line), never each call in its room.
         self.config.build()
+        # Checked before any client is made: every problem one line (TenantsError).
+        self.tenants_path = _tenants_path(settings, self.config)
+        self._tenants_read: bytes | None = None
+        tenants = TenantsConfig()
+        if self.tenants_path is not None:
+            # Read before it is checked: an edit in between is a change to the watcher.
+            self._tenants_read = _read(self.tenants_path)
+            tenants = load_tenants(self.tenants_path)
+            if problems := reference_problems(tenants, os.environ):
+                raise TenantsError(problems)
         self.ctx = ctx = _context(settings, self.config, redis, clock)
         ctx.observers = pool.observers
+        ctx.tenants = tenants
         self.keys, self.store, self.consumer = ctx.keys, ctx.store, ctx.consumer
         self.checkpoints, self.stats, self.metrics = ctx.checkpoints, ctx.stats, ctx.metrics
         self._presence = Presence(
@@ -141,7 +160,7 @@ class Worker:
         )
         if runner is None:
             if settings.isolation == "process":
-                runner = ProcessRunner(self.config, settings)
+                runner = ProcessRunner(self.config, settings, hidden_env=ctx.tenants.env_names())
             else:
                 runner = CoroutineRunner(self.config, settings)
         self.runner = runner
@@ -181,6 +200,12 @@ class Worker:
                     "there is nothing to reload."
                 )
             self.reloader = Reloader(self.pool, self.config.source_path.parent, [self])
+        self.tenants_watcher: TenantsWatcher | None = None
+        if self.tenants_path is not None:
+            hidden = runner.hidden_env if isinstance(runner, ProcessRunner) else None
+            self.tenants_watcher = TenantsWatcher(
+                ctx, self.tenants_path, self._tenants_read, hidden_env=hidden
+            )
 
     @property
     def steps(self) -> list[Step]:
@@ -197,6 +222,7 @@ class Worker:
             self.guards.run,
             self.top.run,
             *([self.reloader.run] if self.reloader is not None else []),
+            *([self.tenants_watcher.run] if self.tenants_watcher is not None else []),
         ]
 
     # -- public surface ------------------------------------------------------
@@ -353,6 +379,19 @@ class Worker:
         await self.rooms.aclose()
         if self.store.owns_redis:
             await ctx.redis_client.aclose()
+
+
+def _tenants_path(settings: WorkerSettings, config: AgentConfig) -> Path | None:
+    """The tenants file: ``--tenants``, else the agents directory's ``tenants.toml``."""
+    agents_dir = config.source_path.parent if config.source_path is not None else None
+    return find_tenants_file(settings.tenants_file, agents_dir)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None  # load_tenants says why, in one line
 
 
 def _context(
