@@ -353,3 +353,108 @@ async def test_rooms_are_still_dispatched_while_every_worker_is_busy(
                 await eventually(queued, within=10)
                 await delete_room(livekit_server, second)
                 await delete_room(livekit_server, first)
+
+
+async def _entries_by_room(redis: Redis, keys: Keys) -> dict[str, list[JobMessage]]:
+    found: dict[str, list[JobMessage]] = {}
+    for _, fields in await entries(redis, keys.jobs("dental")):
+        message = JobMessage.decode(fields)
+        found.setdefault(message.room, []).append(message)
+    return found
+
+
+async def test_the_real_server_offers_a_job_answered_unavailable_to_the_other_dispatcher(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """``available=false``: LiveKit tries the other registered dispatcher (docs: LIVEKIT.md).
+
+    One dispatcher rejects every job (``when_no_worker='reject'``, no worker
+    alive), the other queues them. LiveKit picks one at random for each room;
+    rooms are made until the rejecting one was asked twice: each of those
+    rooms is still enqueued, once, by the other.
+    """
+    ns = unique("ns")
+    keys = Keys(ns)
+    rooms: list[str] = []
+    with anyio.fail_after(120):
+        async with (
+            dispatching(
+                dispatcher_settings(livekit_server, redis_server.url, ns, when_no_worker="reject")
+            ) as rejecting,
+            dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as queueing,
+            livekit_api(livekit_server) as lkapi,
+        ):
+            while rejecting.stats.rejected < 2 and len(rooms) < 40:
+                room = unique("dental-unavailable")
+                rooms.append(room)
+                await lkapi.room.create_room(api.CreateRoomRequest(name=room))
+
+                async def enqueued(room: str = room) -> bool:
+                    return room in await _entries_by_room(redis, keys)
+
+                await eventually(enqueued, f"room {room} enqueued", within=30)
+            found = await _entries_by_room(redis, keys)
+            print(
+                f"\n{len(rooms)} rooms; the rejecting dispatcher asked "
+                f"{rejecting.stats.offered} times, the other {queueing.stats.offered}"
+            )
+            assert rejecting.stats.rejected >= 2
+            assert rejecting.stats.offered == rejecting.stats.rejected
+            assert rejecting.stats.enqueued == 0
+            assert queueing.stats.offered == len(rooms)
+            assert sorted(found) == sorted(rooms)
+            assert all(len(messages) == 1 for messages in found.values())
+            assert {m.dispatcher_id for ms in found.values() for m in ms} == {
+                queueing.settings.dispatcher_id
+            }
+
+
+async def test_the_real_server_offers_nothing_to_a_draining_dispatcher(
+    livekit_server: LiveKitServer, redis_server: RedisServer, redis: Redis
+) -> None:
+    """A draining dispatcher reports ``WS_FULL`` (``draining``): LiveKit offers it no job.
+
+    Two dispatchers; one is put in its drain's state (what ``request_stop``
+    does first, before it waits for its in-flight work and closes the
+    socket). Offers that reach it before its next status report are answered
+    unavailable and go to the other. Rooms are made until twelve in a row were
+    offered to the other only (a server that ignored ``WS_FULL`` would pick
+    the draining one for each with even odds), and every room is enqueued
+    once, by the other.
+    """
+    ns = unique("ns")
+    keys = Keys(ns)
+    rooms: list[str] = []
+    with anyio.fail_after(150):
+        async with (
+            dispatching(
+                dispatcher_settings(livekit_server, redis_server.url, ns, load_interval=0.2)
+            ) as draining,
+            dispatching(dispatcher_settings(livekit_server, redis_server.url, ns)) as other,
+            livekit_api(livekit_server) as lkapi,
+        ):
+            draining._ctx.draining = True  # its drain's first step, the socket kept open
+            in_a_row = 0
+            while in_a_row < 12 and len(rooms) < 60:
+                asked = draining.stats.offered
+                room = unique("dental-draining")
+                rooms.append(room)
+                await lkapi.room.create_room(api.CreateRoomRequest(name=room))
+
+                async def enqueued(room: str = room) -> bool:
+                    return room in await _entries_by_room(redis, keys)
+
+                await eventually(enqueued, f"room {room} enqueued", within=30)
+                in_a_row = in_a_row + 1 if draining.stats.offered == asked else 0
+            found = await _entries_by_room(redis, keys)
+            print(
+                f"\n{len(rooms)} rooms; the draining dispatcher asked "
+                f"{draining.stats.offered} times, the other {other.stats.offered}"
+            )
+            assert in_a_row == 12
+            assert draining.stats.enqueued == 0
+            assert sorted(found) == sorted(rooms)
+            assert all(len(messages) == 1 for messages in found.values())
+            assert {m.dispatcher_id for ms in found.values() for m in ms} == {
+                other.settings.dispatcher_id
+            }

@@ -9,6 +9,7 @@ the room's participants, the worker's counters and its /metrics page.
 
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
 
@@ -224,3 +225,58 @@ async def test_a_frozen_worker_past_its_lease_steps_aside_for_the_peer_that_took
                     frozen.send_signal(signal.SIGCONT)
                     frozen.kill()
                     frozen.wait(10)
+
+
+@pytest.mark.parametrize("grace", [600.0, 0.01], ids=["within-grace", "past-grace"])
+async def test_a_termination_right_after_a_takeover_is_ignored_for_takeover_grace(
+    livekit_server: LiveKitServer,
+    redis_server: RedisServer,
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+    grace: float,
+) -> None:
+    """``takeover_grace``: the takeover's own join makes LiveKit terminate the job.
+
+    A worker that died holding the entry (read by a consumer that never renews
+    it); a peer takes the call over after the lease. The termination LiveKit
+    relays when that join removes the dead worker's participant is ignored
+    within ``takeover_grace`` of joining; past it, a termination ends the call.
+    """
+    caplog.set_level(logging.INFO, logger="openrtc")
+    ns = unique("ns")
+    keys = Keys(ns)
+    store = StreamStore(redis, keys)
+    room = await new_room(livekit_server, unique("dental-takeover-grace"))
+    message = job_message(livekit_server, room, "dental", "d")
+    await store.ensure_group("dental")
+    await store.enqueue([message])
+    # Delivered to a worker that died with it.
+    await redis.xreadgroup(WORKERS_GROUP, "w-gone", {keys.jobs("dental"): ">"}, count=1)
+    runner = HoldingRunner()
+    with anyio.fail_after(120):
+        async with working(
+            livekit_server,
+            redis_server.url,
+            ns,
+            "dental",
+            lease=1.0,
+            runner=runner,
+            takeover_grace=grace,
+        ) as peer:
+            await eventually(lambda: peer.running_jobs == [message.job_id], "the takeover")
+            assert peer.stats.reclaimed == 1
+            [control] = runner.controls
+            # Its join is timed from here (the takeover_grace's start).
+            joined = f"job {message.job_id}: agent 'dental' joined room"
+            await eventually(lambda: joined in caplog.text, "the peer's session joined")
+            await store.publish_termination("dental", message.job_id, "livekit")
+            if grace > 1:
+                line = f"job {message.job_id}: termination caused by our takeover; ignored"
+                await eventually(lambda: line in caplog.text, "the termination ignored")
+                assert not control.stopping
+                assert peer.running_jobs == [message.job_id]
+                runner.end_all()
+            else:
+                await eventually(lambda: not peer.running_jobs, "the call ended", within=30)
+                assert control.stop_reason == "terminated by LiveKit"
+    await delete_room(livekit_server, room.name)
