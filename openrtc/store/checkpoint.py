@@ -431,6 +431,8 @@ class CheckpointWriter:
         self._label = label
         self._allowed = allowed
         self._pending: bytes | None = None
+        #: The last checkpoint written: Redis may lose it (see :meth:`rewrite`).
+        self._last: bytes | None = None
         self._wake = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -443,6 +445,16 @@ class CheckpointWriter:
         self._pending = data
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
+
+    def rewrite(self) -> None:
+        """Write the last checkpoint again (unless a newer one is on its way).
+
+        For a Redis that lost it with everything else (a restart without
+        persistence): the session writes only on change, and a crash before
+        its next turn would leave its taker nothing to resume from.
+        """
+        if self._pending is None and self._last is not None:
+            self.offer(self._last)
 
     async def run(self) -> None:
         """Write until cancelled."""
@@ -475,6 +487,7 @@ class CheckpointWriter:
                         logger.info("%s: checkpoints written again", self._label)
                     attempt = 0
                     self.written += 1
+                    self._last = data
                     if self._pending is None:
                         self._idle.set()
                     continue

@@ -239,6 +239,8 @@ class Drainer:
         claim.settled = claim.handed_over = claim.asked = False
         if claim.control is not None:
             claim.control.call_off_handover()  # it takes turns again until asked anew
+        if claim.writer is not None:
+            claim.writer.rewrite()  # gone with the entry
         logger.warning(
             "job %s: Redis lost the handed-over entry %s before a peer took the call; "
             "written back as ours (%s), handed over again when a peer has room",

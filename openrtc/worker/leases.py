@@ -100,6 +100,8 @@ class LeaseKeeper:
             await ctx.redis(lambda: ctx.consumer.ack(new), within=math.inf)
             return
         self._claims.rename(claim, old, new)
+        if claim.writer is not None:
+            claim.writer.rewrite()  # gone with the entry
         logger.warning(
             "job %s: Redis had lost its entry (restarted without persistence?); "
             "written back as %s, the call goes on",
