@@ -93,6 +93,9 @@ class WorkerContext:
     #: A step saw Redis fail and none has seen it answer since. Writers:
     #: :meth:`redis_down`, :meth:`redis_up`.
     redis_away: bool = False
+    #: Outages Redis came back from (:meth:`redis_up`): it may have come back
+    #: with less than it had (a snapshot, a failover, no persistence).
+    outages: int = 0
     #: Taking no new jobs, handing running calls over. Writer: the drainer.
     draining: bool = False
     #: The worker's task group: checks and sessions run in it. Writer: ``Worker._run``.
@@ -124,6 +127,7 @@ class WorkerContext:
         """
         if self.redis_away:
             self.redis_away = False
+            self.outages += 1
             self.reclaim_after = max(self.reclaim_after, time.monotonic() + self.settings.lease)
         self.redis_state.set("connected", redact_url(self.settings.redis_url))
 

@@ -28,6 +28,7 @@ class LeaseKeeper:
     def __init__(self, ctx: WorkerContext, claims: ClaimTable) -> None:
         self._ctx = ctx
         self._claims = claims
+        self._outages = ctx.outages
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         ctx = self._ctx
@@ -51,6 +52,20 @@ class LeaseKeeper:
                 if claim is not None:
                     claim.healthy_marked = True
             await self._apply(renewal)
+            if ctx.outages != self._outages:
+                self._outages = ctx.outages
+                self._write_checkpoints_again()
+
+    def _write_checkpoints_again(self) -> None:
+        """After an outage, every running call's last checkpoint again.
+
+        Redis may be back with an older one (a snapshot, the lost tail of an
+        AOF, a replica behind) or none: sessions write only on change, and a
+        crash before a call's next turn would resume its taker from that.
+        """
+        for claim in self._claims:
+            if claim.writer is not None and not claim.settled:
+                claim.writer.rewrite()
 
     def _healthy(self) -> dict[str, int]:
         """Entry id -> its delivery count, for each session that lived a lease unmarked.
