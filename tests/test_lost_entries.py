@@ -11,21 +11,27 @@ agent, one greeting, the conversation kept, and one entry per job.
 from __future__ import annotations
 
 import signal
-from contextlib import AsyncExitStack
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
 from redis.asyncio import Redis
 
-from openrtc.devtools.caller import caller_in
+from openrtc.devtools.caller import AgentSighting, Caller, caller_in
 from openrtc.devtools.devstack import LiveKitServer, RedisServer
 from openrtc.store.membership import live_members
 from openrtc.store.streams import JobConsumer, StreamStore, connect_redis
 from openrtc.wire.keys import WORKERS_GROUP, Keys
+from openrtc.wire.messages import JobMessage
+from openrtc.worker.worker import Worker
 from tests.support.conversation import (
     GREETING,
     THREE_THINGS,
+    Transcript,
     agent_listening,
     three_things_said,
     transcribing,
@@ -318,6 +324,72 @@ async def test_a_peer_busy_through_a_redis_outage_does_not_take_a_live_call_by_i
             await delete_room(livekit_server, room.name)
 
 
+@dataclass
+class TalkingCall:
+    """A call on its own Redis, served by a worker process, three things said."""
+
+    server: RedisServer
+    redis: Redis
+    keys: Keys
+    message: JobMessage
+    caller: Caller
+    transcript: Transcript
+    original: AgentSighting
+    first: subprocess.Popen[bytes]
+
+    @property
+    def checkpoint_key(self) -> str:
+        return self.keys.checkpoint("dental", self.message.job_id)
+
+    async def checkpoint_written_again(self) -> None:
+        async def has_it() -> bool:
+            data = await self.redis.get(self.checkpoint_key)
+            return data is not None and THREE_THINGS[0].encode() in data
+
+        await eventually(has_it, "the checkpoint written again", within=30)
+
+    async def killed_and_taken_over(self, stack: AsyncExitStack, livekit: LiveKitServer) -> Worker:
+        """A peer up, the first worker SIGKILLed: the peer resumes and knows the first thing."""
+        ns = self.keys.namespace
+        peer = await stack.enter_async_context(working(livekit, self.server.url, ns, "dental"))
+        await wait_member(self.redis, self.keys, "dental", 2)
+        self.first.kill()
+        replacement = await self.caller.wait_agent(within=60, other_than=self.original.sid)
+        await agent_listening(self.caller, replacement.identity)
+        await self.transcript.ask(RECALL, ANSWER, within=30)
+        assert self.transcript.count(GREETING) == 1, self.transcript.lines
+        await delete_room(livekit, self.message.room)
+        return peer
+
+
+@asynccontextmanager
+async def talking_call(
+    livekit: LiveKitServer, tmp_path: Path, room: str, *, before_talk: bool = False
+) -> AsyncIterator[TalkingCall]:
+    """``before_talk``: ``SAVE`` a snapshot after the greeting, before a word is said."""
+    keys = Keys(unique("ns"))
+    server = RedisServer(log_path=tmp_path / "redis.log")
+    with server, anyio.fail_after(BUDGET):
+        redis = connect_redis(server.url)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(redis.aclose)
+            lk_room = await new_room(livekit, unique(room))
+            message = job_message(livekit, lk_room, "dental", unique("dispatcher"))
+            caller = await stack.enter_async_context(caller_in(creds(livekit), lk_room.name))
+            transcript = await stack.enter_async_context(transcribing(caller))
+            first = stack.enter_context(
+                worker_process_killed_on_exit(livekit, server.url, keys.namespace)
+            )
+            await StreamStore(redis, keys).enqueue([message])
+            original = await caller.wait_agent(within=90)
+            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
+            call = TalkingCall(server, redis, keys, message, caller, transcript, original, first)
+            if before_talk:
+                await redis.save()
+            await three_things_said(transcript, redis, call.checkpoint_key)
+            yield call
+
+
 async def test_a_call_written_back_after_redis_lost_everything_writes_its_checkpoint_again(
     livekit_server: LiveKitServer, tmp_path: Path
 ) -> None:
@@ -326,47 +398,16 @@ async def test_a_call_written_back_after_redis_lost_everything_writes_its_checkp
     checkpoint must be written again at once, not at the next turn: a crash
     before that turn would leave the taker nothing (seen in the chaos ledger:
     killed 3 s after the wipe, the taker greeted again and knew nothing)."""
-    ns = unique("ns")
-    keys = Keys(ns)
-    server = RedisServer(log_path=tmp_path / "redis.log")
-    with server, anyio.fail_after(BUDGET):
-        redis = connect_redis(server.url)
-        async with AsyncExitStack() as stack:
-            stack.push_async_callback(redis.aclose)
-            store = StreamStore(redis, keys)
-            room = await new_room(livekit_server, unique("dental-wiped"))
-            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-            key = keys.checkpoint("dental", message.job_id)
-            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
-            transcript = await stack.enter_async_context(transcribing(caller))
-            first = stack.enter_context(
-                worker_process_killed_on_exit(livekit_server, server.url, ns)
-            )
-            await store.enqueue([message])
-            original = await caller.wait_agent(within=90)
-            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
-            await three_things_said(transcript, redis, key)
-
-            server.stop()
-            server.wipe()
-            await anyio.to_thread.run_sync(server.start)
-
-            async def written_again() -> bool:
-                data = await redis.get(key)
-                return data is not None and THREE_THINGS[0].encode() in data
-
-            await eventually(written_again, "the checkpoint written again", within=30)
-            peer = await stack.enter_async_context(
-                working(livekit_server, server.url, ns, "dental")
-            )
-            await wait_member(redis, keys, "dental", 2)
-            first.kill()
-            replacement = await caller.wait_agent(within=60, other_than=original.sid)
-            await agent_listening(caller, replacement.identity)
-            await transcript.ask(RECALL, ANSWER, within=30)
-            assert transcript.count(GREETING) == 1, transcript.lines
-            assert peer.stats.started == 1
-            await delete_room(livekit_server, room.name)
+    async with (
+        talking_call(livekit_server, tmp_path, "dental-wiped") as call,
+        AsyncExitStack() as stack,
+    ):
+        call.server.stop()
+        call.server.wipe()
+        await anyio.to_thread.run_sync(call.server.start)
+        await call.checkpoint_written_again()
+        peer = await call.killed_and_taken_over(stack, livekit_server)
+        assert peer.stats.started == 1
 
 
 async def test_a_call_s_checkpoint_restored_stale_from_a_snapshot_is_written_again(
@@ -378,43 +419,15 @@ async def test_a_call_s_checkpoint_restored_stale_from_a_snapshot_is_written_aga
     outage; a crash before its next turn would resume the taker from the
     snapshot's. (A restart too quick for any step to fail is not seen: the
     client reconnects on its own. Said in docs/delivery.md.)"""
-    ns = unique("ns")
-    keys = Keys(ns)
-    server = RedisServer(log_path=tmp_path / "redis.log")
-    with server, anyio.fail_after(BUDGET):
-        redis = connect_redis(server.url)
-        async with AsyncExitStack() as stack:
-            stack.push_async_callback(redis.aclose)
-            store = StreamStore(redis, keys)
-            room = await new_room(livekit_server, unique("dental-stale"))
-            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
-            key = keys.checkpoint("dental", message.job_id)
-            caller = await stack.enter_async_context(caller_in(creds(livekit_server), room.name))
-            transcript = await stack.enter_async_context(transcribing(caller))
-            first = stack.enter_context(
-                worker_process_killed_on_exit(livekit_server, server.url, ns)
-            )
-            await store.enqueue([message])
-            original = await caller.wait_agent(within=90)
-            await eventually(lambda: transcript.count(GREETING), "the greeting", within=20)
-            await redis.save()  # before a word of the caller's
-            await three_things_said(transcript, redis, key)
-            server.stop()
-            await anyio.sleep(2.0)  # down long enough for the worker's steps to see it
-            await anyio.to_thread.run_sync(server.start)
-
-            async def written_again() -> bool:
-                data = await redis.get(key)
-                return data is not None and THREE_THINGS[0].encode() in data
-
-            await eventually(written_again, "the checkpoint written again", within=30)
-            await stack.enter_async_context(working(livekit_server, server.url, ns, "dental"))
-            await wait_member(redis, keys, "dental", 2)
-            first.kill()
-            replacement = await caller.wait_agent(within=60, other_than=original.sid)
-            await agent_listening(caller, replacement.identity)
-            await transcript.ask(RECALL, ANSWER, within=30)
-            await delete_room(livekit_server, room.name)
+    async with (
+        talking_call(livekit_server, tmp_path, "dental-stale", before_talk=True) as call,
+        AsyncExitStack() as stack,
+    ):
+        call.server.stop()
+        await anyio.sleep(2.0)  # down long enough for the worker's steps to see it
+        await anyio.to_thread.run_sync(call.server.start)
+        await call.checkpoint_written_again()
+        await call.killed_and_taken_over(stack, livekit_server)
 
 
 async def test_a_handed_over_entry_lost_before_a_peer_reads_it_is_handed_over_again(
