@@ -102,6 +102,51 @@ async def test_renewal_tells_a_stray_read_of_our_entry_from_a_successor(
     assert (await live.renew({new: job})).lost == [new]
 
 
+async def test_a_takeover_redis_forgot_is_written_back_not_left_to_the_dead_holder(
+    livekit_server: LiveKitServer, tmp_path: Path
+) -> None:
+    """A worker dies; a peer takes its call over (delivery 2); Redis comes back
+    from a snapshot taken before the takeover, naming the dead worker as the
+    entry's holder and in the record. The peer's renewal must call the entry
+    forgotten (write it back as its own), not lost to a worker that is dead
+    (seen in the chaos ledger: the taker stepped aside, nobody served the
+    call, the reconciler dispatched a new job: a second greeting, the
+    conversation gone)."""
+    keys = Keys(unique("ns"))
+    server = RedisServer(log_path=tmp_path / "redis.log")
+    with server, anyio.fail_after(BUDGET):
+        redis = connect_redis(server.url)
+        try:
+            store = StreamStore(redis, keys)
+            await store.ensure_group("dental")
+            stream = keys.jobs("dental")
+            room = await new_room(livekit_server, unique("dental-deadholder"))
+            message = job_message(livekit_server, room, "dental", unique("dispatcher"))
+            job = message.job_id
+            dead, taker = (
+                JobConsumer(store, "dental", "w-dead"),
+                JobConsumer(store, "dental", "w-taker"),
+            )
+            await store.enqueue([message])
+            [held] = await dead.read(1, 100)
+            assert await dead.start(held.entry_id, job)
+            await redis.save()  # the snapshot: the dead worker holds the call
+            taken = await redis.xclaim(stream, WORKERS_GROUP, "w-taker", 0, [held.entry_id])
+            assert len(taken) == 1
+            assert await taker.start(held.entry_id, job)
+            await anyio.to_thread.run_sync(restart, server)
+            renewal = await taker.renew({held.entry_id: job}, deliveries={held.entry_id: 2})
+            assert (renewal.lost, renewal.forgotten) == ([], [held.entry_id])
+            # A successor that took the call from the taker (delivery 3) is never
+            # written back over.
+            await redis.xclaim(stream, WORKERS_GROUP, "w-dead", 0, [held.entry_id])
+            await redis.xclaim(stream, WORKERS_GROUP, "w-next", 0, [held.entry_id])
+            renewal = await taker.renew({held.entry_id: job}, deliveries={held.entry_id: 2})
+            assert renewal.lost == [held.entry_id]
+        finally:
+            await redis.aclose()
+
+
 async def test_a_released_entry_is_present_moved_or_forgotten(
     livekit_server: LiveKitServer, redis: Redis
 ) -> None:

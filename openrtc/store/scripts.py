@@ -97,8 +97,9 @@ return {{1, id}}
 
 
 # KEYS: job stream, then the job record of each entry id (same order).
-# ARGV: group, consumer, record ttl (s), then for each entry its id and its
-# healthy mark ('' for none).
+# ARGV: group, consumer, record ttl (s), then for each entry its id, its
+# healthy mark ('' for none) and the delivery count this consumer claimed it
+# with (0: unknown).
 # Renews this consumer's claim on each entry it still owns (XCLAIM ... JUSTID
 # resets the idle time without counting a delivery), and writes the healthy
 # mark (a session that lived a lease: RecordField.HEALTHY) on the record of
@@ -110,12 +111,16 @@ return {{1, id}}
 #   or from a snapshot taken before the read, a failover that dropped the last
 #   writes): nobody owns the entry and the record does not say it moved on, or
 #   another worker read the restored entry as new (delivery 1) and has not
-#   started it (the record does not name it: START). The call is still ours;
-#   the worker writes it back, deleting the stray copy.
+#   started it (the record does not name it: START), or the holder Redis
+#   names has it by fewer deliveries than this consumer claimed it with (Redis
+#   came back from before this worker's takeover: that holder is the one it
+#   took the call from). The call is still ours; the worker writes it back,
+#   deleting the stray copy.
 RENEW: Final = f"""
 local lost, forgotten = {{}}, {{}}
-for k = 1, (#ARGV - 3) / 2 do
-  local id, mark, record = ARGV[2 + 2 * k], ARGV[3 + 2 * k], KEYS[k + 1]
+for k = 1, (#ARGV - 3) / 3 do
+  local id, mark, record = ARGV[1 + 3 * k], ARGV[2 + 3 * k], KEYS[k + 1]
+  local mine = tonumber(ARGV[3 + 3 * k]) or 0
   local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], id, id, 1)
   local owner = ok and p[1] and p[1][2] or false
   if owner == ARGV[2] then
@@ -127,7 +132,7 @@ for k = 1, (#ARGV - 3) / 2 do
   else
     local rec = redis.call('HMGET', record, '{_R.WORKER}', '{_R.STATE}')
     if owner then
-      if p[1][4] == 1 and rec[1] ~= owner then
+      if (p[1][4] == 1 and rec[1] ~= owner) or p[1][4] < mine then
         table.insert(forgotten, id)
       else
         table.insert(lost, id)

@@ -667,24 +667,31 @@ class JobConsumer:
         return Delivery(_text(new_id), fields, int(deliveries))
 
     async def renew(
-        self, held: Mapping[str, str], healthy: Mapping[str, int] | None = None
+        self,
+        held: Mapping[str, str],
+        healthy: Mapping[str, int] | None = None,
+        *,
+        deliveries: Mapping[str, int] | None = None,
     ) -> Renewal:
         """Extend the lease on the entries in ``held`` (entry id -> job id).
 
         ``healthy``: entry id -> the mark (``RecordField.HEALTHY``, its
         delivery count) its record gets, if the entry is still ours: a session
-        that lived a lease. Says which entries another worker took (step
-        aside) and which Redis forgot (write them back with :meth:`write_back`).
+        that lived a lease. ``deliveries``: entry id -> the delivery count this
+        worker claimed it with (a pending entry that names another holder with
+        fewer is from before that claim: Redis lost it). Says which entries
+        another worker took (step aside) and which Redis forgot (write them
+        back with :meth:`write_back`).
         """
         if not held:
             return Renewal([], [])
         ids = list(held)
-        marks = healthy or {}
+        marks, counts = healthy or {}, deliveries or {}
         records = [self.store.keys.job(self.agent, held[i]) for i in ids]
         pairs: list[Any] = []
         for entry_id in ids:
             mark = marks.get(entry_id)
-            pairs += [entry_id, "" if mark is None else mark]
+            pairs += [entry_id, "" if mark is None else mark, counts.get(entry_id, 0)]
         lost, forgotten = await self._scripts.renew(
             keys=[self.stream, *records],
             args=[WORKERS_GROUP, self.consumer, self.store.dedup_ttl, *pairs],

@@ -43,7 +43,10 @@ class LeaseKeeper:
             if not held:
                 continue
             healthy = self._healthy()
-            renewal = await ctx.redis(partial(ctx.consumer.renew, held, healthy), outage=True)
+            counts = {c.entry_id: c.delivery.deliveries for c in self._claims if c.renewable}
+            renewal = await ctx.redis(
+                partial(ctx.consumer.renew, held, healthy, deliveries=counts), outage=True
+            )
             if renewal is DOWN:
                 ctx.metrics.renewals_failed.inc(len(held))
                 continue
