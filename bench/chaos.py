@@ -241,6 +241,10 @@ class Plan:
     rolls: int = 2
     #: CLIENT KILLs of a busy worker's liveness connection.
     liveness_kills: int = 2
+    #: The raised ledger (issue 17): deploys, the snapshot restart, a slow
+    #: Redis, a skewed clock, liveness kills, and the conversation checks.
+    #: ``--classic`` turns it off.
+    raised: bool = True
 
 
 SHORT: Final = Plan(
@@ -352,7 +356,7 @@ class Harness:
         argv, url = self.argv(slot)
         path = self.logs / f"{name}.log"
         env = self.env(url)
-        if slot == SKEWED_SLOT:
+        if slot == SKEWED_SLOT and self.plan.raised:
             env.update(faketime_env(f"-{SKEW:g}s"))
         child = ServiceProcess(name, argv, env, path)
         child.start()
@@ -639,12 +643,9 @@ class Harness:
             # Redis is the Sentinels' pair: its primary killed twice (there and back).
             fixed += [(0.42, "sentinel-failover"), (0.64, "sentinel-failover")]
         else:
-            fixed += [
-                (0.32, "slow-redis"),
-                (0.42, "redis-aof"),
-                (0.56, "redis-rdb"),
-                (0.66, "redis-no-persistence"),
-            ]
+            fixed += [(0.42, "redis-aof"), (0.66, "redis-no-persistence")]
+            if self.plan.raised:
+                fixed += [(0.32, "slow-redis"), (0.56, "redis-rdb")]
         if self.args.sabotage == "duplicate-entry":
             fixed.append((0.28, "duplicate-entry"))
         kills = sorted(self.rng.uniform(0.08, 0.95) for _ in range(self.plan.kills))
@@ -1189,17 +1190,17 @@ class Harness:
             self_exits=self.self_exits,
             dead=self.dead,
             accepted=self.accepted,
-            joins=worker_joins(self.process_logs, {SKEWED_SLOT: SKEW}),
+            joins=worker_joins(self.process_logs, {SKEWED_SLOT: SKEW} if self.plan.raised else {}),
             refused=refusals(self.process_logs),
             garbage=self.garbage_state,
             garbage_injected=len(self.garbage),
             aof_checked=self.aof_checked,
             aof_lost=self.aof_lost,
-            raised=True,
+            raised=self.plan.raised,
             entry_samples=self.entry_samples,
             entry_samples_taken=self.entry_samples_taken,
             rdb_restored=self.rdb_restored,
-            skewed_slot=SKEWED_SLOT,
+            skewed_slot=SKEWED_SLOT if self.plan.raised else "",
             server_spans=self.server_spans(),
             t0=self.t0,
             **(
@@ -1279,7 +1280,8 @@ def report(h: Harness, run: RunFacts, ledger: Ledger, wall: float) -> bool:
     print(
         f"  livekit-server + {redis_desc} on loopback; dispatchers {', '.join(DISPATCHERS)}; "
         + "; ".join(f"{w} ({a}, {i}, {c} slots)" for w, a, i, c in WORKERS)
-        + f"; {SKEWED_SLOT}'s clock {SKEW:g}s behind (libfaketime)"
+        + (f"; {SKEWED_SLOT}'s clock {SKEW:g}s behind (libfaketime)" if h.plan.raised else "")
+        + ("" if h.plan.raised else "; CLASSIC: no deploys, snapshot, slow Redis, skew")
         + (f"; SABOTAGED: {h.args.sabotage}" if h.args.sabotage else "")
     )
     print(
@@ -1468,12 +1470,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run a deliberately broken build (to see the checks fail)",
     )
     parser.add_argument("--log-dir", type=Path, default=None, help="keep logs and ledger.json here")
+    parser.add_argument(
+        "--classic",
+        action="store_true",
+        help="the ledger before the raised one: no deploys, snapshot restart, slow Redis, "
+        "skewed clock or liveness kill, no conversation checks (the suite's run until the "
+        "raised short run holds)",
+    )
     args = parser.parse_args(argv)
     base = SHORT if args.short else FULL
     plan = Plan(
         **{
             **asdict(base),
             **{k: v for k, v in (("calls", args.calls), ("period", args.period)) if v},
+            **({"raised": False, "rolls": 0, "liveness_kills": 0} if args.classic else {}),
         }
     )
 
