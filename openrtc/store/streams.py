@@ -398,18 +398,18 @@ class StreamStore:
 
         ``scripts``: those whose ``EVALSHA`` is among the commands. If Redis
         lost its script cache (a restart, SCRIPT FLUSH), they are loaded and
-        the refused commands sent again, in their order (a repeated status
-        event or ack would be harmless; these ran once). Raises the first
-        error reply.
+        the first refused command sent again with every one after it, so the
+        order holds (the end's SUCCESS event after its acknowledgement); each
+        is safe to repeat (a status event again, a report once per call).
+        Raises the first error reply.
         """
         replies = await self._send(commands)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             for script in scripts:
                 await self.redis.script_load(script.script)
-            again = await self._send([commands[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
+            first = missing[0]
+            replies[first:] = await self._send(commands[first:])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
