@@ -35,15 +35,12 @@ class LeaseKeeper:
         task_status.started()
         while True:
             await anyio.sleep(ctx.step_timeout)
-            held = {
-                c.entry_id: c.message.job_id if c.message else ""
-                for c in self._claims
-                if c.renewable
-            }
-            if not held:
+            renewable = [c for c in self._claims if c.renewable]
+            if not renewable:
                 continue
+            held = {c.entry_id: c.message.job_id if c.message else "" for c in renewable}
+            counts = {c.entry_id: c.delivery.deliveries for c in renewable}
             healthy = self._healthy()
-            counts = {c.entry_id: c.delivery.deliveries for c in self._claims if c.renewable}
             renewal = await ctx.redis(
                 partial(ctx.consumer.renew, held, healthy, deliveries=counts), outage=True
             )
